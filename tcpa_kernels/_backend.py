@@ -1,0 +1,34 @@
+"""Backend choice shared by every public function: "auto" | "triton" | "torch".
+
+On a machine without CUDA the Triton interpreter is the only way to run the kernels, so importing
+``tcpa_kernels`` there sets ``TRITON_INTERPRET=1`` (unless the user set it) before any kernel is
+decorated. On a CUDA machine, run CPU tensors through the kernels by exporting TRITON_INTERPRET=1
+before starting Python.
+"""
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Return "triton" or "torch" for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
+        raise ValueError(
+            f"backend='triton' got tensors on {device}; Triton runs them only under the interpreter: "
+            "export TRITON_INTERPRET=1 before Python starts (or use backend='torch')"
+        )
+    return backend

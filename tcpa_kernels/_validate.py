@@ -1,0 +1,47 @@
+"""Argument checks that name the argument, what was expected and what was received."""
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name, t, *, ndim=None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name}: expected {ndim}-d tensor, got {describe(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {describe(t)}")
+
+
+def check_same(name, t, ref_name, ref, *, shape=None):
+    """t must share ref's dtype and device, and have ``shape`` if given."""
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (as {ref_name}), got {describe(t)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {describe(t)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {describe(t)}")
+
+
+def check_attention_inputs(q, k, v, prompt_k, prompt_v, float_dtypes):
+    """Validate q/k/v [B,H,N,D] and prompt_k/prompt_v [H,P,D] or [B,H,P,D]; return (B, H, N, P, D)."""
+    check_tensor("q", q, ndim=4, dtypes=float_dtypes)
+    B, H, N, D = q.shape
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    check_same("k", k, "q", q, shape=q.shape)
+    check_same("v", v, "q", q, shape=q.shape)
+    check_tensor("prompt_k", prompt_k, ndim=(3, 4))
+    check_tensor("prompt_v", prompt_v, ndim=(3, 4))
+    P = prompt_k.shape[-2]
+    lead = (H,) if prompt_k.dim() == 3 else (B, H)
+    check_same("prompt_k", prompt_k, "q", q, shape=(*lead, P, D))
+    check_same("prompt_v", prompt_v, "prompt_k", prompt_k, shape=prompt_k.shape)
+    if P < 1:
+        raise ValueError(f"prompt_k: expected at least one prompt (P >= 1), got {describe(prompt_k)}")
+    return B, H, N, P, D

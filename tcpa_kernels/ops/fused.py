@@ -1,0 +1,75 @@
+"""``TCPAAttention``: top-k prompt selection fused with prompt-augmented attention.
+
+The op takes the matching scores ``[B, N, Pc+Pi]`` instead of a mask. A Triton kernel turns each token's
+scores into one 64-bit selection word (top-k of its own pool), and the attention kernels read that word
+per query row: neither a ``[B, N, P]`` mask nor a ``[B, H, N, N+P]`` tensor is ever built.
+"""
+
+import torch
+
+from tcpa_kernels._validate import check_tensor, describe
+from tcpa_kernels.ops._function import run_backward, run_forward
+from tcpa_kernels.ops.match_prompts import FLOAT_DTYPES, check_pool_config
+from tcpa_kernels.ops.selection import Selection, topk_bits
+from tcpa_kernels.ops.tcpa_attention import prepare_attention
+
+
+class TCPAAttention(torch.autograd.Function):
+    """Fused top-k selection + TCPA attention (TCPA_SPEC.md §2-§3).
+
+    ``TCPAAttention.apply(q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img,
+    prompt_len_cls, prompt_len_img, num_prefix_tokens, scale, renormalize, backend, deterministic)``
+    returns ``(out, bits)``.
+
+    q, k, v ``[B, H, N, D]``; prompt_k/prompt_v ``[H, P, D]`` or ``[B, H, P, D]`` with
+    ``P = pool_cls*prompt_len_cls + (E-pool_cls)*prompt_len_img`` (CLS-pool prompts first); scores
+    ``[B, N, E]`` with the ``pool_cls`` CLS-pool columns first (cosine matching scores, or random numbers
+    for random selection). ``backend`` is "triton" or "torch" (resolved). ``out`` is ``[B, H, N, D]``;
+    ``bits`` (int64 ``[B, N]``, bit e = pool entry e selected, not differentiable) feeds
+    :func:`tcpa_kernels.matching_loss`. Use the validated wrapper :func:`tcpa_fused_attention`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img, prompt_len_cls,
+                prompt_len_img, num_prefix_tokens, scale, renormalize, backend, deterministic):
+        bits = topk_bits(scores, num_prefix_tokens=num_prefix_tokens, pool_cls=pool_cls, k_cls=topk_cls,
+                         k_img=topk_img, backend=backend)  # [B, N] int64
+        selection = Selection(bits=bits, pool_cls=pool_cls, len_cls=prompt_len_cls, len_img=prompt_len_img)
+        out = run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, selection, scale, renormalize, deterministic)
+        ctx.mark_non_differentiable(bits)
+        return out, bits
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_bits):
+        return (*run_backward(ctx, grad_out), *([None] * 11))
+
+
+def tcpa_fused_attention(q, k, v, prompt_k, prompt_v, scores, *, pool_cls, topk_cls, topk_img, prompt_len_cls=1,
+                         prompt_len_img=1, num_prefix_tokens=1, scale=None, renormalize=False, backend="auto",
+                         deterministic=True):
+    """Validated entry to :class:`TCPAAttention`: each token attends to the prompts of its top-k pool entries.
+
+    Args:
+        q, k, v, prompt_k, prompt_v, scale, renormalize, backend, deterministic: as in ``tcpa_attention``.
+        scores: ``[B, N, E]`` matching scores (``tcpa_kernels.match_scores``), CLS-pool columns first.
+        pool_cls: number of CLS-pool entries (the image pool has ``E - pool_cls``).
+        topk_cls, topk_img, prompt_len_cls, prompt_len_img, num_prefix_tokens: as in ``match_prompts``.
+
+    Returns:
+        ``(out [B, H, N, D], bits int64 [B, N])``; ties in scores go to the lower entry index.
+    """
+    backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale)
+    check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
+    E = scores.shape[-1]
+    if scores.device != q.device or tuple(scores.shape[:2]) != (B, N) or not 1 <= pool_cls < E:
+        raise ValueError(f"scores: expected shape ({B}, {N}, pool_cls + pool_img) with 1 <= pool_cls={pool_cls} < E "
+                         f"on {q.device}, got {describe(scores)}")
+    check_pool_config("scores ", pool_cls, E - pool_cls, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
+                      num_prefix_tokens, N)
+    expected_p = pool_cls * prompt_len_cls + (E - pool_cls) * prompt_len_img
+    if P != expected_p:
+        raise ValueError(f"prompt_k: expected P = {pool_cls}*{prompt_len_cls} + {E - pool_cls}*{prompt_len_img} = "
+                         f"{expected_p} prompts, got {describe(prompt_k)}")
+    return TCPAAttention.apply(q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img, prompt_len_cls,
+                               prompt_len_img, num_prefix_tokens, scale, bool(renormalize), backend,
+                               bool(deterministic))

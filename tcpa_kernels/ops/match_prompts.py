@@ -1,0 +1,91 @@
+"""``match_prompts``: cosine matching of tokens against the pool keys and top-k selection (TCPA_SPEC.md §2)."""
+
+import torch
+
+from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels._validate import check_same, check_tensor, describe
+from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection, entry_selection, topk_bits
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_pool_config(name_prefix, pool_cls, pool_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
+                      num_prefix_tokens, num_tokens):
+    """Validate pool sizes / top-k / prompt lengths / prefix count (name_prefix: '' or 'scores ')."""
+    for name, value, lo, hi in (
+        ("topk_cls", topk_cls, 1, pool_cls),
+        ("topk_img", topk_img, 1, pool_img),
+        ("prompt_len_cls", prompt_len_cls, 1, None),
+        ("prompt_len_img", prompt_len_img, 1, None),
+        ("num_prefix_tokens", num_prefix_tokens, 0, num_tokens),
+    ):
+        if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+            raise ValueError(f"{name}: expected {bound}, got {value!r}")
+    if pool_cls + pool_img > MAX_POOL_ENTRIES:
+        raise ValueError(f"{name_prefix}pool sizes: expected pool_cls + pool_img <= {MAX_POOL_ENTRIES} (one "
+                         f"64-bit selection word per token), got {pool_cls} + {pool_img}")
+
+
+def match_scores(x, keys_cls, keys_img):
+    """Cosine similarity of every token with every key of both pools: [B, N, Pc + Pi] (differentiable).
+
+    Computed as (x @ normalize(keys).T) / |x| so no normalised copy of x ([B, N, C]) is allocated.
+    """
+    keys = torch.nn.functional.normalize(torch.cat([keys_cls, keys_img]).to(x.dtype), dim=-1)  # [E, C]
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)  # [B, N, 1]
+    return (x @ keys.T) / norms
+
+
+def matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img):
+    """mean(1 - s_topk) over prefix tokens + the same over patch tokens, from selection words.
+
+    scores: [B, N, E] (differentiable), bits: int64 [B, N]. A token group that is empty adds 0.
+    """
+    B, N, E = scores.shape
+    picked = scores * entry_selection(bits, E).to(scores.dtype)  # [B, N, E], E <= 64
+    loss = scores.new_zeros((), dtype=torch.float32)
+    for tokens, k in ((slice(0, num_prefix_tokens), topk_cls), (slice(num_prefix_tokens, N), topk_img)):
+        n_picked = B * (tokens.stop - tokens.start) * k
+        if n_picked:
+            loss = loss + 1 - picked[:, tokens].sum(dtype=torch.float32) / n_picked
+    return loss
+
+
+def validate_match_inputs(x, keys_cls, keys_img):
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, keys in (("keys_cls", keys_cls), ("keys_img", keys_img)):
+        check_tensor(name, keys, ndim=2, dtypes=FLOAT_DTYPES)
+        if keys.device != x.device or keys.shape[1] != x.shape[2] or keys.shape[0] < 1:
+            raise ValueError(f"{name}: expected shape (pool >= 1, {x.shape[2]}) on {x.device}, got {describe(keys)}")
+    check_same("keys_img", keys_img, "keys_cls", keys_cls)
+
+
+def match_prompts(x, keys_cls, keys_img, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
+                  num_prefix_tokens=1, backend="auto"):
+    """Per-token top-k prompt selection by cosine matching.
+
+    Args:
+        x: ``[B, N, C]`` block input (residual stream before norm1); prefix tokens first.
+        keys_cls: ``[Pc, C]`` keys of the CLS pool (used by the first ``num_prefix_tokens`` tokens).
+        keys_img: ``[Pi, C]`` keys of the image pool (used by the patch tokens). Pc + Pi <= 64.
+        topk_cls, topk_img: entries each prefix / patch token selects (1..pool size).
+        prompt_len_cls, prompt_len_img: prompt tokens per pool entry (Lc, Li).
+        num_prefix_tokens: CLS + register/distillation tokens at the start of the sequence.
+        backend: "auto" | "triton" | "torch" (the top-k runs as a Triton kernel on the triton backend).
+
+    Returns:
+        ``(prompt_mask, matching_loss)``: bool ``[B, N, Pc*Lc + Pi*Li]`` and a scalar differentiable in x and
+        the keys. Ties in the scores go to the lower entry index.
+    """
+    validate_match_inputs(x, keys_cls, keys_img)
+    pool_cls, pool_img = keys_cls.shape[0], keys_img.shape[0]
+    check_pool_config("", pool_cls, pool_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
+                      num_prefix_tokens, x.shape[1])
+    backend = resolve_backend(backend, x.device)
+    scores = match_scores(x, keys_cls, keys_img)  # [B, N, E]
+    bits = topk_bits(scores, num_prefix_tokens=num_prefix_tokens, pool_cls=pool_cls, k_cls=topk_cls,
+                     k_img=topk_img, backend=backend)
+    P = pool_cls * prompt_len_cls + pool_img * prompt_len_img
+    mask = Selection(bits=bits, pool_cls=pool_cls, len_cls=prompt_len_cls, len_img=prompt_len_img).rows(0, x.shape[1], P)
+    return mask, matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img)

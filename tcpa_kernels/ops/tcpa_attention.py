@@ -1,0 +1,60 @@
+"""``tcpa_attention``: prompt-augmented attention with an explicit boolean prompt mask (TCPA_SPEC.md §3)."""
+
+import torch
+
+from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels._validate import KERNEL_DTYPES, check_attention_inputs, check_tensor, describe
+from tcpa_kernels.ops._attention_kernels import default_scale
+from tcpa_kernels.ops._function import run_backward, run_forward
+from tcpa_kernels.ops.selection import Selection
+
+TORCH_DTYPES = (*KERNEL_DTYPES, torch.float64)
+MAX_KERNEL_HEAD_DIM = 128
+
+
+class _MaskedTCPAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prompt_k, prompt_v, prompt_mask, scale, renormalize, backend, deterministic):
+        return run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, Selection(mask=prompt_mask), scale,
+                           renormalize, deterministic)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*run_backward(ctx, grad_out), None, None, None, None, None)
+
+
+def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale):
+    """Validate the attention tensors; return (backend, scale, (B, H, N, P, D))."""
+    backend = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+    dims = check_attention_inputs(q, k, v, prompt_k, prompt_v, KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES)
+    if backend == "triton" and dims[-1] > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(f"q: head dim must be <= {MAX_KERNEL_HEAD_DIM} for backend='triton', got {describe(q)}; "
+                         "use backend='torch'")
+    return backend, default_scale(dims[-1]) if scale is None else float(scale), dims
+
+
+def tcpa_attention(q, k, v, prompt_k, prompt_v, prompt_mask, *, scale=None, renormalize=False, backend="auto",
+                   deterministic=True):
+    """Prompt-augmented attention of N query tokens over [P prompts ; N tokens] keys.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` queries, keys and values of the real tokens (fp16/bf16/fp32; fp64 on the
+            torch backend). Any b/h/n strides are read in place when q, k, v share them (timm's fused qkv).
+        prompt_k, prompt_v: ``[H, P, D]`` prompt keys/values shared by the batch, or ``[B, H, P, D]``.
+        prompt_mask: bool ``[B, N, P]``; True where token n may use prompt p.
+        scale: score scale, default ``1/sqrt(D)``.
+        renormalize: False (default, the published method): unselected prompts stay in the softmax
+            normaliser but contribute no value. True: ordinary masked softmax.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        deterministic: shared-prompt gradients by a fixed-order reduction (True) or fp32 atomics (False).
+
+    Returns:
+        ``[B, H, N, D]`` in q's dtype; differentiable in q, k, v, prompt_k, prompt_v.
+    """
+    backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale)
+    check_tensor("prompt_mask", prompt_mask, ndim=3, dtypes=(torch.bool,))
+    if prompt_mask.device != q.device or tuple(prompt_mask.shape) != (B, N, P):
+        raise ValueError(f"prompt_mask: expected bool shape {(B, N, P)} on {q.device}, got {describe(prompt_mask)}")
+    return _MaskedTCPAFunction.apply(q, k, v, prompt_k, prompt_v, prompt_mask, scale, bool(renormalize), backend,
+                                     bool(deterministic))
+
