@@ -87,5 +87,6 @@ def match_prompts(x, keys_cls, keys_img, *, topk_cls, topk_img, prompt_len_cls=1
     bits = topk_bits(scores, num_prefix_tokens=num_prefix_tokens, pool_cls=pool_cls, k_cls=topk_cls,
                      k_img=topk_img, backend=backend)
     P = pool_cls * prompt_len_cls + pool_img * prompt_len_img
-    mask = Selection(bits=bits, pool_cls=pool_cls, len_cls=prompt_len_cls, len_img=prompt_len_img).rows(0, x.shape[1], P)
+    selection = Selection(bits=bits, pool_cls=pool_cls, len_cls=prompt_len_cls, len_img=prompt_len_img)
+    mask = selection.rows(0, x.shape[1], P)
     return mask, matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img)

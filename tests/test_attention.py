@@ -1,0 +1,110 @@
+"""tcpa_attention (explicit mask): every backend vs the fp64 reference, output and all five gradients.
+
+On CPU the "triton" backend runs the real kernels under TRITON_INTERPRET=1.
+"""
+
+import pytest
+import torch
+
+import tcpa_kernels as tk
+from reference import tcpa_attention_ref
+from tests.conftest import DEVICE, assert_matches_reference, attention_inputs, fp64
+
+BACKENDS = ["triton", "torch"]
+# (B, H, N, P, D): odd shapes on purpose (N=1, N=7, P=1, D=80, several query blocks)
+SHAPES = [(2, 2, 7, 5, 16), (1, 1, 1, 1, 32), (2, 1, 70, 3, 64), (1, 2, 9, 36, 80), (1, 1, 17, 66, 128)]
+
+
+def _check(backend, shape, dtype, renormalize, shared, mask_p=0.5, seed=0):
+    tensors, mask = attention_inputs(*shape, dtype=dtype, shared=shared, seed=seed, mask_p=mask_p)
+    ref_tensors = fp64(tensors)
+    ref = tcpa_attention_ref(*ref_tensors, mask, renormalize=renormalize)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, ref_tensors, grad_out)
+    out = tk.tcpa_attention(*tensors, mask, renormalize=renormalize, backend=backend)
+    assert out.dtype == dtype and out.shape == ref.shape
+    grads = torch.autograd.grad(out, tensors, grad_out.to(dtype))
+    assert_matches_reference(out, grads, ref, ref_grads, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+def test_fp32_matches_reference(backend, shape, renormalize, shared, poison_buffers):
+    _check(backend, shape, torch.float32, renormalize, shared)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+def test_fp16_matches_reference(backend, renormalize, shared, poison_buffers):
+    _check(backend, (2, 2, 19, 6, 32), torch.float16, renormalize, shared)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_p", [0.0, 1.0], ids=["no_prompt_selected", "all_selected"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_empty_and_full_masks(backend, mask_p, renormalize):
+    _check(backend, (2, 2, 11, 4, 16), torch.float32, renormalize, True, mask_p=mask_p)
+
+
+def test_torch_backend_fp64_tight():
+    _check("torch", (2, 2, 7, 5, 16), torch.float64, False, True)
+
+
+def test_timm_style_strided_views_read_in_place():
+    """q, k, v as views of one fused qkv tensor [B, N, 3, H, D] (timm's layout), not contiguous."""
+    B, N, H, D, P = 2, 9, 2, 16, 4
+    qkv = torch.randn(B, N, 3, H, D, device=DEVICE).permute(2, 0, 3, 1, 4).requires_grad_()
+    pk, pv = torch.randn(2, H, P, D, device=DEVICE, requires_grad=True).unbind(0)
+    mask = torch.rand(B, N, P, device=DEVICE) < 0.5
+    for backend in BACKENDS:
+        out = tk.tcpa_attention(*qkv.unbind(0), pk, pv, mask, backend=backend)
+        ref = tcpa_attention_ref(*qkv.double().unbind(0), pk.double(), pv.double(), mask)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unselected_prompt_gets_key_gradient_but_no_value_gradient(backend):
+    tensors, mask = attention_inputs(1, 1, 5, 3, 16, shared=True)
+    mask[:, :, 1] = False  # prompt 1 used by nobody
+    for renormalize, key_grad_nonzero in ((False, True), (True, False)):
+        out = tk.tcpa_attention(*tensors, mask, renormalize=renormalize, backend=backend)
+        _, _, _, dpk, dpv = torch.autograd.grad(out.sum(), tensors)
+        assert (dpv[:, 1] == 0).all()
+        assert bool((dpk[:, 1] != 0).any()) == key_grad_nonzero
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_only_for_some_inputs(backend):
+    tensors, mask = attention_inputs(1, 2, 6, 3, 16)
+    q, k, v, pk, pv = tensors
+    k.requires_grad_(False)
+    pv.requires_grad_(False)
+    out = tk.tcpa_attention(q, k, v, pk, pv, mask, backend=backend)
+    dq, dv, dpk = torch.autograd.grad(out.sum(), (q, v, pk))
+    ref_tensors = fp64(tensors)
+    ref = tcpa_attention_ref(*ref_tensors, mask)
+    rdq, rdv, rdpk = torch.autograd.grad(ref.sum(), (ref_tensors[0], ref_tensors[2], ref_tensors[3]))
+    for g, rg in ((dq, rdq), (dv, rdv), (dpk, rdpk)):
+        torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4)
+
+
+def test_atomic_and_deterministic_prompt_reductions_agree():
+    tensors, mask = attention_inputs(3, 2, 10, 4, 16)
+    grads = []
+    for deterministic in (True, False):
+        out = tk.tcpa_attention(*tensors, mask, backend="triton", deterministic=deterministic)
+        grads.append(torch.autograd.grad(out.sum(), tensors[3:]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_batch():
+    tensors, mask = attention_inputs(0, 2, 5, 3, 16)
+    for backend in BACKENDS:
+        out = tk.tcpa_attention(*tensors, mask, backend=backend)
+        assert out.shape == (0, 2, 5, 16)
+        grads = torch.autograd.grad(out.sum(), tensors)
+        assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in tensors]

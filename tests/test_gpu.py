@@ -1,0 +1,55 @@
+"""GPU-only checks: bf16, large shapes, atomic vs deterministic reductions, bitwise determinism."""
+
+import pytest
+import torch
+
+import tcpa_kernels as tk
+from reference import tcpa_attention_ref
+from tests.conftest import assert_matches_reference, attention_inputs, fp64, requires_cuda
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("D", [32, 64, 80, 128])
+def test_bf16_matches_reference(renormalize, shared, D):
+    tensors, mask = attention_inputs(2, 3, 197, 36, D, dtype=torch.bfloat16, shared=shared)
+    ref_tensors = fp64(tensors)
+    ref = tcpa_attention_ref(*ref_tensors, mask, renormalize=renormalize)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, ref_tensors, grad_out)
+    out = tk.tcpa_attention(*tensors, mask, renormalize=renormalize, backend="triton")
+    assert_matches_reference(out, torch.autograd.grad(out, tensors, grad_out.bfloat16()), ref, ref_grads,
+                             torch.bfloat16)
+
+
+def test_vit_b_shapes_fp16():
+    tensors, mask = attention_inputs(16, 12, 197, 36, 64, dtype=torch.float16)
+    ref_tensors = fp64(tensors)
+    ref = tcpa_attention_ref(*ref_tensors, mask)
+    grad_out = torch.randn_like(ref)
+    out = tk.tcpa_attention(*tensors, mask, backend="triton")
+    assert_matches_reference(out, torch.autograd.grad(out, tensors, grad_out.half()), ref,
+                             torch.autograd.grad(ref, ref_tensors, grad_out), torch.float16)
+
+
+def test_large_batch_head_grid():
+    """B*H = 70,000 programs on grid axis 0 (beyond the 65,535 limit of axes 1 and 2)."""
+    tensors, mask = attention_inputs(7000, 10, 5, 2, 32, dtype=torch.float16)
+    out = tk.tcpa_attention(*tensors, mask, backend="triton")
+    ref = tk.tcpa_attention(*tensors, mask, backend="torch")
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=1e-2)
+
+
+def test_atomic_vs_deterministic_and_bitwise_repeatability():
+    tensors, mask = attention_inputs(32, 12, 197, 36, 64, dtype=torch.bfloat16)
+    grad_out = torch.randn(32, 12, 197, 64, device="cuda", dtype=torch.bfloat16)
+    runs = {}
+    for deterministic in (True, True, False):
+        out = tk.tcpa_attention(*tensors, mask, backend="triton", deterministic=deterministic)
+        runs.setdefault(deterministic, []).append(torch.autograd.grad(out, tensors, grad_out))
+    for a, b in zip(*runs[True]):
+        assert torch.equal(a, b)  # deterministic mode: bitwise identical
+    for a, b in zip(runs[True][0], runs[False][0]):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
