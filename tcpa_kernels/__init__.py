@@ -8,7 +8,24 @@ from tcpa_kernels import _backend  # noqa: F401  (sets TRITON_INTERPRET=1 on mac
 from tcpa_kernels.ops.fused import TCPAAttention, tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import match_prompts, match_scores, matching_loss
 from tcpa_kernels.ops.tcpa_attention import tcpa_attention
+from tcpa_kernels.vit import (
+    PromptState,
+    TCPAConfig,
+    VPTConfig,
+    apply_tcpa,
+    apply_vpt,
+    get_matching_loss,
+    load_prompts,
+    remove_prompts,
+    remove_tcpa,
+    save_prompts,
+    set_selection,
+    trainable_parameters,
+)
 
 __version__ = "0.1.0"
-__all__ = ["tcpa_attention", "match_prompts", "match_scores", "matching_loss", "TCPAAttention",
-           "tcpa_fused_attention"]
+__all__ = [
+    "tcpa_attention", "match_prompts", "match_scores", "matching_loss", "TCPAAttention", "tcpa_fused_attention",
+    "apply_tcpa", "apply_vpt", "remove_prompts", "remove_tcpa", "get_matching_loss", "set_selection",
+    "trainable_parameters", "save_prompts", "load_prompts", "TCPAConfig", "VPTConfig", "PromptState",
+]

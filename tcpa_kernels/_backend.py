@@ -7,17 +7,22 @@ before starting Python.
 """
 
 import os
+import sys
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Triton's own @jit helpers (tl.zeros, tl.argmax, ...) are bound to interpreter mode when triton is imported,
+# so the switch only works if no one imported triton before us (``import timm`` does).
+_TRITON_IMPORTED_WITHOUT_INTERPRETER = "triton" in sys.modules and not interpreter_enabled()
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -26,9 +31,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
+    if backend == "triton" and device.type != "cuda" and (_TRITON_IMPORTED_WITHOUT_INTERPRETER
+                                                          or not interpreter_enabled()):
         raise ValueError(
-            f"backend='triton' got tensors on {device}; Triton runs them only under the interpreter: "
-            "export TRITON_INTERPRET=1 before Python starts (or use backend='torch')"
+            f"backend='triton' got tensors on {device}; Triton runs them only under its interpreter, which must "
+            "be on before triton is first imported (timm imports it): export TRITON_INTERPRET=1 before Python "
+            "starts, or import tcpa_kernels before timm (or use backend='torch')"
         )
     return backend

@@ -37,7 +37,7 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
     k, v, pk, pv = k.to(cd), v.to(cd), _prompts4(prompt_k).to(cd), _prompts4(prompt_v).to(cd)
-    out = torch.empty_like(q)
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=cd, device=q.device)
     step = _chunk_rows(B, H, N, P)
     for start in range(0, N, step):
@@ -63,7 +63,7 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
     cd = _compute_dtype(q.dtype)
     k, v, pk, pv = k.to(cd), v.to(cd), _prompts4(prompt_k).to(cd), _prompts4(prompt_v).to(cd)
     dq = torch.empty((B, H, N, D), dtype=cd, device=q.device)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = torch.zeros_like(dq), torch.zeros_like(dq)
     dpk = torch.zeros((B, H, P, D), dtype=cd, device=q.device)
     dpv = torch.zeros_like(dpk)
     step = _chunk_rows(B, H, N, P)

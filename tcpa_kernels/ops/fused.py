@@ -8,9 +8,9 @@ per query row: neither a ``[B, N, P]`` mask nor a ``[B, H, N, N+P]`` tensor is e
 import torch
 
 from tcpa_kernels._validate import check_tensor, describe
-from tcpa_kernels.ops._function import run_backward, run_forward
+from tcpa_kernels.ops._function import run_backward, run_forward, topk_bits_op
 from tcpa_kernels.ops.match_prompts import FLOAT_DTYPES, check_pool_config
-from tcpa_kernels.ops.selection import Selection, topk_bits
+from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import prepare_attention
 
 
@@ -32,8 +32,7 @@ class TCPAAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img, prompt_len_cls,
                 prompt_len_img, num_prefix_tokens, scale, renormalize, backend, deterministic):
-        bits = topk_bits(scores, num_prefix_tokens=num_prefix_tokens, pool_cls=pool_cls, k_cls=topk_cls,
-                         k_img=topk_img, backend=backend)  # [B, N] int64
+        bits = topk_bits_op(scores.detach(), num_prefix_tokens, pool_cls, topk_cls, topk_img, backend)  # [B, N] int64
         selection = Selection(bits=bits, pool_cls=pool_cls, len_cls=prompt_len_cls, len_img=prompt_len_img)
         out = run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, selection, scale, renormalize, deterministic)
         ctx.mark_non_differentiable(bits)

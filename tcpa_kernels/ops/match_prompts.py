@@ -44,11 +44,12 @@ def matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img):
     """
     B, N, E = scores.shape
     picked = scores * entry_selection(bits, E).to(scores.dtype)  # [B, N, E], E <= 64
-    loss = scores.new_zeros((), dtype=torch.float32)
+    acc_dtype = torch.promote_types(scores.dtype, torch.float32)
+    loss = scores.new_zeros((), dtype=acc_dtype)
     for tokens, k in ((slice(0, num_prefix_tokens), topk_cls), (slice(num_prefix_tokens, N), topk_img)):
         n_picked = B * (tokens.stop - tokens.start) * k
         if n_picked:
-            loss = loss + 1 - picked[:, tokens].sum(dtype=torch.float32) / n_picked
+            loss = loss + 1 - picked[:, tokens].sum(dtype=acc_dtype) / n_picked
     return loss
 
 

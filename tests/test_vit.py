@@ -1,0 +1,221 @@
+"""apply_tcpa / apply_vpt on small timm ViTs built without weights."""
+
+import copy
+
+import pytest
+import torch
+from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
+
+import tcpa_kernels as tk
+from reference.vit import tcpa_vit_forward_ref, vpt_vit_forward_ref
+
+TCPA_KW = dict(pool_size_cls=3, pool_size_img=5, topk_cls=2, topk_img=3, prompt_len_cls=2, prompt_len_img=1)
+REF_KW = dict(topk_cls=2, topk_img=3, prompt_len_cls=2, prompt_len_img=1)
+
+
+def small_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=7)
+    return VisionTransformer(**(args | kw)).eval()
+
+
+def images(B=2, seed=1, size=16):
+    return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def layer_params(model):
+    names = ("tcpa_keys_cls", "tcpa_keys_img", "tcpa_prompts_cls", "tcpa_prompts_img")
+    return [tuple(getattr(blk, n) for n in names) for blk in model.blocks]
+
+
+VARIANTS = {
+    "cls": {},
+    "registers_qknorm_layerscale": dict(reg_tokens=2, qk_norm=True, init_values=0.1),
+    "no_class_token": dict(class_token=False, global_pool="avg"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tcpa_model_matches_reference_fp64(variant):
+    model = tk.apply_tcpa(small_vit(**VARIANTS[variant]).double(), backend="torch", num_classes=4, **TCPA_KW)
+    x = images().double()
+    logits = model(x)
+    loss = logits.square().sum() + tk.get_matching_loss(model)
+    params = tk.trainable_parameters(model)
+    grads = torch.autograd.grad(loss, params)
+
+    ref_logits, ref_match = tcpa_vit_forward_ref(model, x, layer_params(model), **REF_KW)
+    ref_grads = torch.autograd.grad(ref_logits.square().sum() + ref_match, params, allow_unused=True)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(tk.get_matching_loss(model), ref_match, atol=1e-10, rtol=1e-9)
+    for p, g, rg in zip(params, grads, ref_grads):
+        torch.testing.assert_close(g, torch.zeros_like(p) if rg is None else rg, atol=1e-9, rtol=1e-7)
+
+
+def test_triton_backend_equals_torch_backend():
+    x = images()
+    results = []
+    for backend in ("torch", "triton"):
+        model = tk.apply_tcpa(small_vit(), backend=backend, **TCPA_KW)  # same seed: same prompts and keys
+        logits = model(x)
+        loss = logits.square().sum() + tk.get_matching_loss(model)
+        results.append((logits, torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_frozen_backbone_state_dict_and_remove():
+    model = small_vit()
+    x = images()
+    original_logits = model(x)
+    original_keys = set(model.state_dict())
+    tk.apply_tcpa(model, backend="torch", **TCPA_KW)
+    assert original_keys <= set(model.state_dict())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.{n}" for i in range(2) for n in
+                         ("tcpa_keys_cls", "tcpa_keys_img", "tcpa_prompts_cls", "tcpa_prompts_img")} | {
+                         "head.weight", "head.bias"}
+    (model(x).sum() + tk.get_matching_loss(model)).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (name in trainable), name
+    assert model.blocks[0].tcpa_keys_cls.shape == (3, 32) and model.blocks[1].tcpa_prompts_cls.shape == (3, 2, 32)
+    assert model.blocks[0].tcpa_keys_cls.abs().max() <= 1.0  # uniform(-1, 1)
+    tk.remove_prompts(model)
+    assert set(model.state_dict()) == original_keys
+    assert torch.equal(model(x), original_logits)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_train_mode_keeps_backbone_eval_and_prompt_dropout_follows():
+    model = tk.apply_tcpa(small_vit(drop_path_rate=0.5), backend="torch", prompt_dropout=0.5, **TCPA_KW)
+    model.train()
+    assert model.training and not any(m.training for m in model.modules() if m is not model)
+    x = images()
+    assert not torch.equal(model(x), model(x))  # prompt dropout active
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_random_selection():
+    model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
+    x = images()
+    topk_logits = model(x)
+    tk.set_selection(model, "random")
+    torch.manual_seed(0)
+    a = model(x)
+    assert tk.get_matching_loss(model).item() == 0.0
+    torch.manual_seed(0)
+    assert torch.equal(model(x), a) and not torch.equal(a, topk_logits)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        tk.set_selection(model, "greedy")
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tk.apply_tcpa(small_vit(), backend="torch", num_classes=3, **TCPA_KW)
+    with torch.no_grad():
+        for p in tk.trainable_parameters(model):
+            p.add_(0.1)
+    path = tmp_path / "prompts.safetensors"
+    tk.save_prompts(model, path)
+    fresh = tk.load_prompts(small_vit(), path)  # a plain timm model with the same backbone weights
+    x = images()
+    assert torch.equal(fresh(x), model(x))
+    other = tk.apply_tcpa(small_vit(), backend="torch", **(TCPA_KW | dict(pool_size_img=6)))
+    with pytest.raises(ValueError, match="path: checkpoint holds tcpa"):
+        tk.load_prompts(other, path)
+
+
+def test_grad_checkpointing_same_gradients():
+    x = images()
+    grads = []
+    for checkpointing in (False, True):
+        model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        torch.manual_seed(3)  # prompt dropout: the recomputation must replay the same mask
+        loss = model(x).square().sum() + tk.get_matching_loss(model)
+        grads.append(torch.autograd.grad(loss, tk.trainable_parameters(model)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph():
+    """fullgraph=True: the prompted attention (custom ops) compiles without a graph break."""
+    model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
+    x = images()
+    eager = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    (out.sum() + tk.get_matching_loss(model)).backward()
+    assert model.blocks[0].tcpa_prompts_img.grad is not None
+
+
+def test_custom_ops_opcheck():
+    from tcpa_kernels.ops._function import attention_bwd, attention_fwd, topk_bits_op
+
+    q, k, v = torch.randn(3, 2, 2, 5, 16).unbind(0)
+    pk, pv = torch.randn(2, 2, 4, 16).unbind(0)
+    mask = torch.rand(2, 5, 4) < 0.5
+    torch.library.opcheck(attention_fwd, (q, k, v, pk, pv, mask, 0, 1, 1, 0.25, False, "torch"))
+    out, lse = attention_fwd(q, k, v, pk, pv, mask, 0, 1, 1, 0.25, False, "torch")
+    torch.library.opcheck(attention_bwd, (torch.randn_like(out), q, k, v, pk, pv, out, lse, mask, 0, 1, 1, 0.25,
+                                          False, "torch", True, [True, False, True, True, False]))
+    torch.library.opcheck(topk_bits_op, (torch.rand(2, 5, 6), 1, 2, 1, 2, "torch"))
+
+
+def test_autocast_bf16_runs():
+    model = tk.apply_tcpa(small_vit(qk_norm=True), backend="torch", **TCPA_KW)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images())
+        loss = out.float().square().mean() + tk.get_matching_loss(model)
+    loss.backward()
+    assert torch.isfinite(model.blocks[1].tcpa_prompts_img.grad).all()
+
+
+@pytest.mark.parametrize("deep", [True, False])
+def test_vpt_matches_reference(deep):
+    model = tk.apply_vpt(small_vit(reg_tokens=1).double(), num_prompts=3, deep=deep, num_classes=5)
+    x = images().double()
+    logits = model(x)
+    prompts = [getattr(blk, "vpt_prompts", None) for blk in model.blocks]
+    assert (prompts[1] is not None) == deep
+    ref = vpt_vit_forward_ref(model, x, prompts)
+    torch.testing.assert_close(logits, ref, atol=1e-10, rtol=1e-9)
+    grads = torch.autograd.grad(logits.sum(), tk.trainable_parameters(model))
+    ref_grads = torch.autograd.grad(ref.sum(), tk.trainable_parameters(model))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+def test_deit_distilled():
+    import timm
+
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=2)
+    assert model.num_prefix_tokens == 2
+    tk.apply_tcpa(model.eval(), backend="torch", num_classes=3, **TCPA_KW)
+    out = model(images(size=32))
+    assert out.shape == (2, 3)
+    params = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head_dist.weight"} <= params
+
+
+def test_clear_errors():
+    with pytest.raises(TypeError, match="model: expected a timm VisionTransformer"):
+        tk.apply_tcpa(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match=r"model.blocks\[0\]: .* got ResPostBlock"):
+        tk.apply_tcpa(small_vit(block_fn=ResPostBlock))
+    with pytest.raises(TypeError, match=r"got ParallelScalingBlock"):
+        tk.apply_vpt(small_vit(block_fn=ParallelScalingBlock), num_prompts=2)
+    model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
+    with pytest.raises(ValueError, match="model: already has tcpa prompts"):
+        tk.apply_vpt(model, num_prompts=2)
+    with pytest.raises(ValueError, match="attn_mask/is_causal"):
+        model(images(), is_causal=True)
+    with pytest.raises(ValueError, match="topk_img: expected an int in \\[1, 5\\], got 9"):
+        tk.apply_tcpa(small_vit(), **(TCPA_KW | dict(topk_img=9)))
+    with pytest.raises(ValueError, match="model: expected a model patched"):
+        tk.get_matching_loss(small_vit())
+    copy.deepcopy(model)  # a patched model can be copied (e.g. for EMA)
