@@ -21,8 +21,11 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.fused import tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import check_pool_config, match_scores, matching_loss
+from tcpa_kernels.ops.selection import Selection
 
 SELECTION_MODES = ("topk", "random")
 TCPA_PARAMS = ("tcpa_keys_cls", "tcpa_keys_img", "tcpa_prompts_cls", "tcpa_prompts_img")
@@ -41,6 +44,7 @@ class TCPAConfig:
     renormalize: bool = False
     num_classes: int | None = None
     backend: str = "auto"
+    attention: str = "fused"
 
     @property
     def num_prompts(self):
@@ -108,6 +112,40 @@ def _reject_attn_mask(attn_mask, is_causal):
                          f"attn_mask={None if attn_mask is None else tuple(attn_mask.shape)}, is_causal={is_causal}")
 
 
+def _fused_attention(blk, x, h, scores, prompts, state, cfg):
+    """TCPA attention through the fused op: prompt K/V [H, P, D] computed once. Returns (out, bits)."""
+    q, k, v = _project_qkv(blk.attn, h)  # [B, H, N, D]
+    _, prompt_k, prompt_v = _project_qkv(blk.attn, blk.norm1(prompts)[None])  # [1, H, P, D]
+    dtype = v.dtype  # q_norm/k_norm may return fp32 under autocast
+    return tcpa_fused_attention(
+        q.to(dtype), k.to(dtype), v, prompt_k[0].to(dtype), prompt_v[0], scores, pool_cls=cfg.pool_size_cls,
+        topk_cls=cfg.topk_cls, topk_img=cfg.topk_img, prompt_len_cls=cfg.prompt_len_cls,
+        prompt_len_img=cfg.prompt_len_img, num_prefix_tokens=state.num_prefix_tokens,
+        renormalize=cfg.renormalize, backend=cfg.backend)
+
+
+def _dense_attention(blk, x, h, scores, prompts, state, cfg):
+    """Official-style TCPA, the baseline the fused op is measured against: prompts concatenated into the
+    sequence, eager softmax over [P+N] x [P+N], a dense float mask [B, H, P+N, P+N] multiplied after it (or
+    -inf before it when renormalize). Returns (out of the N real tokens [B, H, N, D], bits)."""
+    B, N, _ = x.shape
+    P = prompts.shape[0]
+    bits = topk_bits_op(scores.detach(), state.num_prefix_tokens, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
+                        resolve_backend(cfg.backend, x.device))
+    selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
+                          len_img=cfg.prompt_len_img)
+    seq = torch.cat([blk.norm1(prompts)[None].expand(B, -1, -1).to(h.dtype), h], dim=1)  # [B, P+N, C]
+    q, k, v = _project_qkv(blk.attn, seq)  # [B, H, P+N, D]
+    scores_qk = (q * blk.attn.scale) @ k.transpose(-1, -2)  # [B, H, P+N, P+N]
+    dense_mask = torch.ones(B, blk.attn.num_heads, P + N, P + N, dtype=scores_qk.dtype, device=x.device)
+    dense_mask[:, :, P:, :P] = selection.rows(0, N, P)[:, None].to(dense_mask.dtype)
+    if cfg.renormalize:
+        probs = scores_qk.masked_fill(dense_mask == 0, float("-inf")).softmax(-1)
+    else:
+        probs = scores_qk.softmax(-1) * dense_mask
+    return (probs @ v)[:, :, P:], bits
+
+
 def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
     """Pre-norm block with TCPA attention (TCPA_SPEC.md §4). x [B, N, C] -> [B, N, C]."""
     _reject_attn_mask(attn_mask, is_causal)
@@ -123,14 +161,8 @@ def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
     prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)  # one mask for the batch
 
     h = self.norm1(x)
-    q, k, v = _project_qkv(self.attn, h)  # [B, H, N, D]
-    _, prompt_k, prompt_v = _project_qkv(self.attn, self.norm1(prompts)[None])  # [1, H, P, D]
-    dtype = v.dtype  # q_norm/k_norm may return fp32 under autocast
-    out, bits = tcpa_fused_attention(
-        q.to(dtype), k.to(dtype), v, prompt_k[0].to(dtype), prompt_v[0], scores, pool_cls=cfg.pool_size_cls,
-        topk_cls=cfg.topk_cls, topk_img=cfg.topk_img, prompt_len_cls=cfg.prompt_len_cls,
-        prompt_len_img=cfg.prompt_len_img, num_prefix_tokens=state.num_prefix_tokens,
-        renormalize=cfg.renormalize, backend=cfg.backend)
+    attention = _fused_attention if cfg.attention == "fused" else _dense_attention
+    out, bits = attention(self, x, h, scores, prompts, state, cfg)
     state.layer_losses[layer.index] = (
         matching_loss(scores, bits, state.num_prefix_tokens, cfg.topk_cls, cfg.topk_img)
         if state.selection == "topk" else x.new_zeros(()))
@@ -208,7 +240,8 @@ def _attach(model, method, config, make_params):
 
 
 def apply_tcpa(model, *, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, prompt_len_cls=1,
-               prompt_len_img=1, prompt_dropout=0.1, renormalize=False, num_classes=None, backend="auto"):
+               prompt_len_img=1, prompt_dropout=0.1, renormalize=False, num_classes=None, backend="auto",
+               attention="fused"):
     """Make ``model`` (a timm VisionTransformer) a TCPA model in place and return it.
 
     Args:
@@ -219,14 +252,19 @@ def apply_tcpa(model, *, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_i
         renormalize: False = post-softmax mask as published; True = masked softmax.
         num_classes: replace the classification head with a new one of this many classes (None: keep it).
         backend: "auto" | "triton" | "torch" for the attention and selection kernels.
+        attention: "fused" (this library's op) or "dense" (the published implementation's dense
+            [B, H, P+N, P+N] mask, kept as the comparison baseline for benchmarks; same math).
 
     Each block gets keys ``tcpa_keys_cls [Pc, C]``, ``tcpa_keys_img [Pi, C]`` and prompts
     ``tcpa_prompts_cls [Pc, Lc, C]``, ``tcpa_prompts_img [Pi, Li, C]``, initialised uniform(-1, 1) as
     published. The backbone is frozen and stays in eval mode; prompts, keys and the head train.
     """
     config = TCPAConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
-                        float(prompt_dropout), bool(renormalize), num_classes, backend)
+                        float(prompt_dropout), bool(renormalize), num_classes, backend, attention)
     _check_model(model)
+    if attention not in ("fused", "dense"):
+        raise ValueError(f"attention: expected 'fused' or 'dense', got {attention!r}")
+    resolve_backend(backend, next(model.parameters()).device)
     for name, value in (("pool_size_cls", pool_size_cls), ("pool_size_img", pool_size_img)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")

@@ -219,3 +219,18 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="model: expected a model patched"):
         tk.get_matching_loss(small_vit())
     copy.deepcopy(model)  # a patched model can be copied (e.g. for EMA)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_dense_official_style_baseline_equals_fused(renormalize):
+    x = images()
+    results = []
+    for attention in ("fused", "dense"):
+        model = tk.apply_tcpa(small_vit(reg_tokens=1), backend="torch", attention=attention, renormalize=renormalize,
+                              **TCPA_KW)
+        logits = model(x)
+        loss = logits.square().sum() + tk.get_matching_loss(model)
+        results.append((logits, torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

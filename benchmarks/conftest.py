@@ -1,0 +1,78 @@
+"""pytest-benchmark setup: GPU shapes on CUDA, a small CPU configuration otherwise (and it says so).
+
+Every benchmark puts its figures in ``benchmark.extra_info`` and in a session summary written at the end:
+``benchmarks/results/<device>.json`` on CUDA (commit it), ``.benchmarks/cpu-summary.json`` on CPU.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import tcpa_kernels  # noqa: F401  (before timm: sets TRITON_INTERPRET on CPU-only machines)
+from tcpa_kernels import bench
+
+DEVICE = bench.default_device()
+ON_GPU = DEVICE.type == "cuda"
+SUMMARY = {"environment": bench.environment(DEVICE), "memory_metric": bench.memory_metric(DEVICE),
+           "configuration": "gpu" if ON_GPU else "cpu-smoke (no CUDA: small shapes, PyTorch backend; not GPU figures)",
+           "results": []}
+
+
+def pytest_report_header(config):
+    return f"tcpa_kernels benchmarks on {SUMMARY['environment']['device']}: {SUMMARY['configuration']}"
+
+
+def run_benchmark(benchmark, step, name, figures_fn, **info):
+    """Time ``step`` with pytest-benchmark (CUDA synchronised inside), then record figures_fn(median_ms)."""
+    def synced():
+        step()
+        if ON_GPU:
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=20 if ON_GPU else 3, iterations=1, warmup_rounds=2 if ON_GPU else 1)
+    ms = benchmark.stats.stats.median * 1e3
+    figures = {"name": name, **info, **figures_fn(ms)}
+    benchmark.extra_info.update(SUMMARY["environment"] | {k: v for k, v in figures.items() if k != "name"})
+    SUMMARY["results"].append(figures)
+    return figures
+
+
+def spec_ratios(results):
+    """TCPA_SPEC.md §6 ratios from the results: fused / baseline, time and memory, side by side in one run."""
+    by_name = {r["name"]: r for r in results}
+    ratios = {}
+    for r in results:
+        kind = r["name"].split("/", 1)[0]
+        method, what = r["name"].rsplit("/", 2)[-2:]
+        if method != "tcpa_fused":
+            continue
+        baselines = ("sdpa_no_mask", "sdpa_bool_mask") if kind == "op" else ("no_prompts", "vpt_deep", "tcpa_dense")
+        for base in baselines:
+            other = by_name.get(r["name"].replace(f"/tcpa_fused/{what}", f"/{base}/{what}"))
+            if other and other["ms"]:
+                memory = r["memory_mb"] / other["memory_mb"] if other["memory_mb"] > 0 else None
+                ratios[f"{r['name']} vs {base}"] = {"time": r["ms"] / other["ms"], "memory": memory}
+    return ratios
+
+
+def pytest_sessionfinish(session):
+    if not SUMMARY["results"]:
+        return
+    SUMMARY["ratios_fused_over_baseline"] = spec_ratios(SUMMARY["results"])
+    if ON_GPU:
+        slug = re.sub(r"[^a-z0-9]+", "-", SUMMARY["environment"]["device"].lower()).strip("-")
+        path = Path(__file__).parent / "results" / f"{slug}.json"
+    else:
+        path = Path(".benchmarks") / "cpu-summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    path.write_text(json.dumps(SUMMARY, indent=2))
+
+
+@pytest.fixture
+def record(benchmark):
+    return lambda step, name, figures_fn, **info: run_benchmark(benchmark, step, name, figures_fn, **info)

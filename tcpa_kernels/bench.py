@@ -1,0 +1,257 @@
+"""Measurement harness shared by ``benchmarks/`` and the profiling CLI (``python -m tcpa_kernels.profile``).
+
+Time: on CUDA ``triton.testing.do_bench`` (median ms, CUDA-synchronised); on CPU the median of
+``time.perf_counter`` over repetitions. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated``
+above what was allocated before the call; on CPU, where PyTorch keeps no allocator statistics, the bytes of
+tensors saved for backward (the activation memory a training step holds), reported as such.
+
+Op FLOPs (the formula ``tflops`` uses): forward 4*B*H*N*(N+P)*D (QK^T and PV), backward 2.5x forward
+(five matmuls instead of two, the FlashAttention convention), forward+backward 3.5x forward.
+Op bytes (the formula ``gbps`` uses), forward: q, k, v, out at B*H*N*D elements each, prompt K/V at
+2*H*P*D, selection at 8*B*N (one word per token); backward: twice q/k/v/out plus dO, dq, dk, dv.
+"""
+
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+import tcpa_kernels as tk
+from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels.ops.selection import Selection, topk_bits
+
+MODEL_METHODS = ("no_prompts", "vpt_deep", "tcpa_dense", "tcpa_fused")
+OP_METHODS = ("tcpa_fused", "sdpa_no_mask", "sdpa_bool_mask", "flex_attention", "reference")
+OP_MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+def environment(device):
+    """Device name, versions: stored next to every figure."""
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda if device.type == "cuda" else None}
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def time_ms(fn, device, reps=10, warmup=2):
+    """Median wall time of fn() in ms (CUDA-synchronised)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(50, reps * 10), return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_memory_mb(fn, device):
+    """CUDA: peak allocated MB during fn() above the allocation before it. CPU: MB saved for backward."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
+
+
+def memory_metric(device):
+    return "cuda_peak_allocated_mb" if device.type == "cuda" else "cpu_saved_for_backward_mb"
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def build_model(method, *, model_name, img_size, pool_size, topk, num_classes=100, device, backend="auto"):
+    """A timm ViT without pretrained weights, prompted by ``method`` (one of MODEL_METHODS).
+
+    VPT-deep gets the same number of prompt tokens as TCPA's two pools (2 * pool_size). ``no_prompts`` is the
+    frozen ViT with a new head and a gradient required at the patch-embedding output, so the backward pass
+    crosses every block as in prompt tuning.
+    """
+    import timm
+
+    model = timm.create_model(model_name, pretrained=False, img_size=img_size, num_classes=num_classes)
+    model = model.to(device).eval()
+    if method == "no_prompts":
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        model.patch_embed.register_forward_hook(lambda module, args, out: out.requires_grad_())
+    elif method == "vpt_deep":
+        tk.apply_vpt(model, num_prompts=2 * pool_size, deep=True)
+    elif method in ("tcpa_dense", "tcpa_fused"):
+        tk.apply_tcpa(model, pool_size_cls=pool_size, pool_size_img=pool_size, topk_cls=topk, topk_img=topk,
+                      attention=method.split("_")[1], backend=backend)
+    else:
+        raise ValueError(f"method: expected one of {MODEL_METHODS}, got {method!r}")
+    return model
+
+
+def _autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def train_step(model, images, labels, dtype):
+    """One training step closure: forward (+ matching loss for TCPA), backward, AdamW step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    prompted = hasattr(model, "prompt_state")
+
+    def step():
+        with _autocast(images.device, dtype):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            if prompted:
+                loss = loss + 0.01 * tk.get_matching_loss(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def inference_step(model, images, dtype):
+    def step():
+        with torch.no_grad(), _autocast(images.device, dtype):
+            model(images)
+
+    return step
+
+
+def measure_model(method, *, model_name, img_size, batch_size, pool_size, topk, dtype, device, reps=5):
+    """Train-step and inference time (ms) and training memory of one prompted model."""
+    model = build_model(method, model_name=model_name, img_size=img_size, pool_size=pool_size, topk=topk,
+                        device=device)
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, 100, (batch_size,), device=device)
+    step = train_step(model, images, labels, dtype)
+    step()  # allocate optimizer state before measuring
+    result = {"train_ms": time_ms(step, device, reps), "train_memory_mb": peak_memory_mb(step, device),
+              "inference_ms": time_ms(inference_step(model, images, dtype), device, reps)}
+    del model, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ op
+
+
+def op_flops(B, H, N, P, D, mode):
+    forward = 4 * B * H * N * (N + P) * D
+    return forward * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
+
+
+def op_bytes(B, H, N, P, D, mode, element_size):
+    forward = element_size * (4 * B * H * N * D + 2 * H * P * D) + 8 * B * N
+    return forward * {"fwd": 1.0, "bwd": 2.0, "fwd_bwd": 3.0}[mode] + (
+        element_size * 4 * B * H * N * D if mode != "fwd" else 0)
+
+
+def op_inputs(B, H, N, P, D, dtype, device):
+    """q/k/v [B,H,N,D], shared prompt K/V [H,P,D] (leaves needing grad), scores [B,N,P] (one entry per prompt)."""
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    pk, pv = (torch.randn(H, P, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    scores = torch.rand(B, N, P, device=device)
+    return (q, k, v, pk, pv), scores
+
+
+def op_forward(method, tensors, scores, topk):
+    """A forward closure of one op method over the same inputs. Methods without an equivalent return None."""
+    q, k, v, pk, pv = tensors
+    B, H, N, D = q.shape
+    P = pk.shape[1]
+    pool_cls = max(1, P // 2)
+    topk_cls, topk_img = min(topk, pool_cls), min(topk, P - pool_cls)
+    F = torch.nn.functional
+
+    def full_kv():
+        return torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+
+    def bool_mask():  # the selection as an SDPA/Flex mask [B, 1, N, P+N] (equivalent to renormalize=True)
+        bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=pool_cls, k_cls=topk_cls, k_img=topk_img,
+                         backend=resolve_backend("auto", q.device))
+        sel = Selection(bits=bits, pool_cls=pool_cls).rows(0, N, P)
+        return torch.cat([sel, sel.new_ones(B, N, N)], -1)[:, None]
+
+    if method == "tcpa_fused":
+        return lambda: tk.tcpa_fused_attention(q, k, v, pk, pv, scores, pool_cls=pool_cls, topk_cls=topk_cls,
+                                               topk_img=topk_img)[0]
+    if method == "sdpa_no_mask":
+        return lambda: F.scaled_dot_product_attention(q, *full_kv())
+    if method == "sdpa_bool_mask":
+        mask = bool_mask()
+        return lambda: F.scaled_dot_product_attention(q, *full_kv(), attn_mask=mask)
+    if method == "flex_attention":
+        if q.device.type != "cuda":
+            return None
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        sel = bool_mask()[:, 0]  # [B, N, P+N]
+        block_mask = create_block_mask(lambda b, h, qi, ki: sel[b, qi, ki], B, None, N, N + P, device=q.device)
+        flex = torch.compile(flex_attention)
+        return lambda: flex(q, *full_kv(), block_mask=block_mask)
+    if method == "reference":
+        from reference import tcpa_attention_ref
+
+        mask = bool_mask()[:, 0, :, :P]
+        return lambda: tcpa_attention_ref(q, k, v, pk, pv, mask)
+    raise ValueError(f"method: expected one of {OP_METHODS}, got {method!r}")
+
+
+def op_step(forward, tensors, mode):
+    """Closure timing ``mode`` of an op: forward only, backward only (graph kept), or both."""
+    if mode == "fwd":
+        return forward
+    if mode == "fwd_bwd":
+        def forward_backward():
+            out = forward()
+            return torch.autograd.grad(out, tensors, torch.ones_like(out))
+
+        return forward_backward
+    out = forward()
+    grad = torch.ones_like(out)
+    return lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True)
+
+
+def make_op_step(method, mode, *, B, H, N, P, D, topk, dtype, device):
+    """The closure running ``mode`` of op ``method`` on fresh inputs; None when it has no equivalent here."""
+    tensors, scores = op_inputs(B, H, N, P, D, dtype, device)
+    forward = op_forward(method, tensors, scores, topk)
+    return None if forward is None else op_step(forward, tensors, mode)
+
+
+def op_figures(ms, step, mode, *, B, H, N, P, D, dtype, device):
+    """Median ms, TFLOP/s and GB/s (formulas in the module docstring) and the step's memory."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return {"ms": ms, "tflops": op_flops(B, H, N, P, D, mode) / (ms * 1e-3) / 1e12,
+            "gbps": op_bytes(B, H, N, P, D, mode, element_size) / (ms * 1e-3) / 1e9,
+            "memory_mb": peak_memory_mb(step, device)}
+
+
+def ratio(a, b):
+    return a / b if b else math.nan

@@ -1,0 +1,47 @@
+"""The profiling CLI and the benchmark harness on a tiny CPU setting (figures are not checked: never assert on time)."""
+
+import json
+
+import pytest
+import torch
+
+from tcpa_kernels import bench, profile
+
+
+def test_cli_writes_table_json_and_plot(tmp_path, capsys):
+    args = ["--device", "cpu", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2",
+            "--pool-size", "3", "--topk", "2", "--reps", "1", "--sweep-batch", "1", "2", "--sweep-pool", "2",
+            "--sweep-img", "--out", str(tmp_path)]
+    assert profile.main(args) == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert set(result["main"]) == set(bench.MODEL_METHODS)
+    assert {"device", "torch", "triton"} <= set(result["environment"])
+    assert result["memory_metric"] == "cpu_saved_for_backward_mb"
+    assert len(result["sweep"]) == 3 * len(bench.MODEL_METHODS)
+    assert set(result["ratios"]) == {"no_prompts", "vpt_deep", "tcpa_dense"}
+    for figures in result["main"].values():
+        assert figures["train_ms"] > 0 and figures["train_memory_mb"] > 0 and figures["inference_ms"] > 0
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "tcpa_fused" in table and "fused/this time" in table
+
+
+def test_dense_baseline_saves_more_for_backward_than_fused():
+    """The memory accounting itself: the dense [B,H,P+N,P+N] mask path must hold more activations."""
+    figures = {m: bench.measure_model(m, model_name="vit_tiny_patch16_224", img_size=32, batch_size=2, pool_size=4,
+                                      topk=2, dtype=torch.float32, device=torch.device("cpu"), reps=1)
+               for m in ("tcpa_dense", "tcpa_fused")}
+    assert figures["tcpa_dense"]["train_memory_mb"] > figures["tcpa_fused"]["train_memory_mb"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--model", "not_a_model"], "--model: expected a timm model name"),
+    (["--batch-size", "0"], "--batch-size: expected a positive int"),
+    (["--topk", "30"], "--topk: expected 1 <= topk <= --pool-size (18), got 30"),
+    (["--device", "tpu"], "--device: expected auto, cpu or cuda"),
+])
+def test_cli_bad_arguments_exit_2(bad, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        profile.main(["--device", "cpu", *bad] if "--device" not in bad else bad)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
