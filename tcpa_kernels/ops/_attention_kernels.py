@@ -57,23 +57,50 @@ def _grad_scores(b_p, b_dp, b_delta, sel, IS_PROMPT: tl.constexpr, RENORMALIZE: 
 
 
 @triton.jit
+def _query_block(H, N, D, stride_b, stride_h, pstride_b, pstride_h, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """This program's (batch*head, query block): ids, int64 base offsets of q/k/v and prompts, row/dim offsets."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_d = tl.arange(0, D_PAD)
+    m_md = m_m[:, None] & (o_d < D)[None, :]
+    return i_bh, i_b, i_b * stride_b + i_h * stride_h, i_b * pstride_b + i_h * pstride_h, o_m, m_m, o_d, m_md
+
+
+@triton.jit
+def _key_block(b_q, K_BASE, V_BASE, stride_kn, start_n, n_keys, qk_scale,
+               MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D,
+               IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Keys start_n.. of one range for a query block: k, v [BN, D_PAD]; scores [BM, BN] in log2 units, -inf past
+    n_keys; selection (bool [BM, BN] for prompts, the column mask [1, BN] for tokens)."""
+    o_d = tl.arange(0, D_PAD)
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    m_n = o_n < n_keys
+    m_kv = m_n[:, None] & (o_d < D)[None, :]
+    b_k = tl.load(K_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, D_PAD]
+    b_v = tl.load(V_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+    b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    sel = m_n[None, :]
+    if IS_PROMPT:
+        sel = _load_selection(MASK, BITS, i_b, o_m, o_n, m_m, m_n, N, P, n_cls_prompts, pool_cls, len_cls, len_img,
+                              MASK_MODE)
+    return b_k, b_v, b_s, sel
+
+
+@triton.jit
 def _fwd_key_range(acc, m_i, l_i, b_q, K_BASE, V_BASE, stride_kn, n_keys, qk_scale,
                    MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D,
                    IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    o_d = tl.arange(0, D_PAD)
-    m_d = o_d < D
     for start_n in range(0, n_keys, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < n_keys
-        m_kv = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(K_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, D_PAD]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        sel = m_n[None, :]
+        b_k, b_v, b_s, sel = _key_block(b_q, K_BASE, V_BASE, stride_kn, start_n, n_keys, qk_scale, MASK, BITS, i_b,
+                                        o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D, IS_PROMPT,
+                                        MASK_MODE, BLOCK_N, D_PAD, PRECISION)
         if IS_PROMPT:
-            sel = _load_selection(MASK, BITS, i_b, o_m, o_n, m_m, m_n, N, P, n_cls_prompts, pool_cls,
-                                  len_cls, len_img, MASK_MODE)
             if RENORMALIZE:
                 b_s = tl.where(sel, b_s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(b_s, 1))
@@ -81,7 +108,6 @@ def _fwd_key_range(acc, m_i, l_i, b_q, K_BASE, V_BASE, stride_kn, n_keys, qk_sca
         b_p = tl.exp2(b_s - m_new[:, None])  # [BM, BN]
         l_i = l_i * alpha + tl.sum(b_p, 1)  # every prompt counts in the normaliser
         b_p = tl.where(sel, b_p, 0.0)  # only selected prompts reach the output
-        b_v = tl.load(V_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -93,16 +119,8 @@ def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
                 H, N, P, D, qk_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                 MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    qkv_base = i_b * stride_b + i_h * stride_h
-    prompt_base = i_b * pstride_b + i_h * pstride_h
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_d = tl.arange(0, D_PAD)
-    m_md = m_m[:, None] & (o_d < D)[None, :]
+    i_bh, i_b, qkv_base, prompt_base, o_m, m_m, o_d, m_md = _query_block(
+        H, N, D, stride_b, stride_h, pstride_b, pstride_h, BLOCK_M, D_PAD)
     b_q = tl.load(Q + qkv_base + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -124,21 +142,12 @@ def _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, K_BASE, V_BASE, stride_kn
                       MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D,
                       IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
                       BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    o_d = tl.arange(0, D_PAD)
-    m_d = o_d < D
     for start_n in range(0, n_keys, BLOCK_N):
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < n_keys
-        m_kv = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(K_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, D_PAD]
-        b_v = tl.load(V_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BM, BN]
+        b_k, b_v, b_s, sel = _key_block(b_q, K_BASE, V_BASE, stride_kn, start_n, n_keys, qk_scale, MASK, BITS, i_b,
+                                        o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D, IS_PROMPT,
+                                        MASK_MODE, BLOCK_N, D_PAD, PRECISION)
+        b_p = tl.exp2(b_s - b_lse[:, None])  # [BM, BN], 0 past n_keys
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-        sel = m_n[None, :]
-        if IS_PROMPT:
-            sel = _load_selection(MASK, BITS, i_b, o_m, o_n, m_m, m_n, N, P, n_cls_prompts, pool_cls,
-                                  len_cls, len_img, MASK_MODE)
         b_pv, b_ds = _grad_scores(b_p, b_dp, b_delta, sel, IS_PROMPT, RENORMALIZE)
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
     return b_dq
@@ -150,16 +159,8 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ,
                    H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                    MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    qkv_base = i_b * stride_b + i_h * stride_h
-    prompt_base = i_b * pstride_b + i_h * pstride_h
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_d = tl.arange(0, D_PAD)
-    m_md = m_m[:, None] & (o_d < D)[None, :]
+    i_bh, i_b, qkv_base, prompt_base, o_m, m_m, o_d, m_md = _query_block(
+        H, N, D, stride_b, stride_h, pstride_b, pstride_h, BLOCK_M, D_PAD)
     p_rows = i_bh * N * D + o_m[:, None] * D + o_d[None, :]  # contiguous [B, H, N, D] tensors
     b_q = tl.load(Q + qkv_base + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
     b_do = tl.load(DO + p_rows, mask=m_md, other=0.0)
@@ -321,7 +322,7 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
         grads[1], grads[2] = dk, dv
     if needs_grad[3] or needs_grad[4]:
         shared = prompt_k.dim() == 3
-        atomic = shared and not deterministic
+        atomic = shared and not (deterministic or torch.are_deterministic_algorithms_enabled())
         if atomic:  # fp32 atomics straight into [H, P, D]
             dpk = torch.zeros((H, P, D), dtype=torch.float32, device=q.device)
             dstrides = (0, P * D, D)

@@ -6,6 +6,7 @@ per query row: neither a ``[B, N, P]`` mask nor a ``[B, H, N, N+P]`` tensor is e
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from tcpa_kernels._validate import check_tensor, describe
 from tcpa_kernels.ops._function import run_backward, run_forward, topk_bits_op
@@ -39,6 +40,7 @@ class TCPAAttention(torch.autograd.Function):
         return out, bits
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_bits):
         return (*run_backward(ctx, grad_out), *([None] * 11))
 

@@ -1,6 +1,7 @@
 """``tcpa_attention``: prompt-augmented attention with an explicit boolean prompt mask (TCPA_SPEC.md §3)."""
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._validate import KERNEL_DTYPES, check_attention_inputs, check_tensor, describe
@@ -10,6 +11,7 @@ from tcpa_kernels.ops.selection import Selection
 
 TORCH_DTYPES = (*KERNEL_DTYPES, torch.float64)
 MAX_KERNEL_HEAD_DIM = 128
+INT32_LIMIT = 2**31
 
 
 class _MaskedTCPAFunction(torch.autograd.Function):
@@ -19,6 +21,7 @@ class _MaskedTCPAFunction(torch.autograd.Function):
                            renormalize, deterministic)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         return (*run_backward(ctx, grad_out), None, None, None, None, None)
 
@@ -30,6 +33,12 @@ def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale):
     if backend == "triton" and dims[-1] > MAX_KERNEL_HEAD_DIM:
         raise ValueError(f"q: head dim must be <= {MAX_KERNEL_HEAD_DIM} for backend='triton', got {describe(q)}; "
                          "use backend='torch'")
+    B, H, N, P, D = dims
+    # offsets inside one (batch, head) slice are int32 in the kernels (the slice base is int64)
+    largest_in_slice = max(N * max(q.stride(2), k.stride(2), v.stride(2), D), P * D, N * P)
+    if backend == "triton" and largest_in_slice >= INT32_LIMIT:
+        raise ValueError(f"q: one (batch, head) slice spans {largest_in_slice} elements, the kernels index it with "
+                         f"int32 (< {INT32_LIMIT}); got {describe(q)}, prompts P={P}; use backend='torch'")
     return backend, default_scale(dims[-1]) if scale is None else float(scale), dims
 
 

@@ -1,0 +1,20 @@
+"""The kernels compile with Triton's real compiler for sm_90 (cubin), not only run in the interpreter."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+
+def test_every_kernel_variant_compiles_for_sm90():
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    script = [sys.executable, str(root / "tests" / "compile_sm90.py")]
+    full = os.environ.get("TCPA_COMPILE_ALL") == "1"  # the whole matrix: ~12 minutes
+    result = subprocess.run(script + (["--all"] if full else []), env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("shared=") == (24 if full else 3) * 5 + 1
