@@ -112,7 +112,7 @@ def _reject_attn_mask(attn_mask, is_causal):
                          f"attn_mask={None if attn_mask is None else tuple(attn_mask.shape)}, is_causal={is_causal}")
 
 
-def _fused_attention(blk, x, h, scores, prompts, state, cfg):
+def _fused_attention(blk, h, scores, prompts, state, cfg):
     """TCPA attention through the fused op: prompt K/V [H, P, D] computed once. Returns (out, bits)."""
     q, k, v = _project_qkv(blk.attn, h)  # [B, H, N, D]
     _, prompt_k, prompt_v = _project_qkv(blk.attn, blk.norm1(prompts)[None])  # [1, H, P, D]
@@ -124,20 +124,20 @@ def _fused_attention(blk, x, h, scores, prompts, state, cfg):
         renormalize=cfg.renormalize, backend=cfg.backend)
 
 
-def _dense_attention(blk, x, h, scores, prompts, state, cfg):
+def _dense_attention(blk, h, scores, prompts, state, cfg):
     """Official-style TCPA, the baseline the fused op is measured against: prompts concatenated into the
     sequence, eager softmax over [P+N] x [P+N], a dense float mask [B, H, P+N, P+N] multiplied after it (or
     -inf before it when renormalize). Returns (out of the N real tokens [B, H, N, D], bits)."""
-    B, N, _ = x.shape
+    B, N, _ = h.shape
     P = prompts.shape[0]
     bits = topk_bits_op(scores.detach(), state.num_prefix_tokens, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
-                        resolve_backend(cfg.backend, x.device))
+                        resolve_backend(cfg.backend, h.device))
     selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
                           len_img=cfg.prompt_len_img)
     seq = torch.cat([blk.norm1(prompts)[None].expand(B, -1, -1).to(h.dtype), h], dim=1)  # [B, P+N, C]
     q, k, v = _project_qkv(blk.attn, seq)  # [B, H, P+N, D]
     scores_qk = (q * blk.attn.scale) @ k.transpose(-1, -2)  # [B, H, P+N, P+N]
-    dense_mask = torch.ones(B, blk.attn.num_heads, P + N, P + N, dtype=scores_qk.dtype, device=x.device)
+    dense_mask = torch.ones(B, blk.attn.num_heads, P + N, P + N, dtype=scores_qk.dtype, device=h.device)
     dense_mask[:, :, P:, :P] = selection.rows(0, N, P)[:, None].to(dense_mask.dtype)
     if cfg.renormalize:
         probs = scores_qk.masked_fill(dense_mask == 0, float("-inf")).softmax(-1)
@@ -162,7 +162,7 @@ def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
 
     h = self.norm1(x)
     attention = _fused_attention if cfg.attention == "fused" else _dense_attention
-    out, bits = attention(self, x, h, scores, prompts, state, cfg)
+    out, bits = attention(self, h, scores, prompts, state, cfg)
     state.layer_losses[layer.index] = (
         matching_loss(scores, bits, state.num_prefix_tokens, cfg.topk_cls, cfg.topk_img)
         if state.selection == "topk" else x.new_zeros(()))

@@ -272,11 +272,12 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     if out.numel() == 0:
         return out, lse
     cfg = _config(N, D, q.dtype)
+    sel_args = selection.kernel_args()
     grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
     _fwd_kernel[grid](
-        q, k, v, prompt_k, prompt_v, *selection.kernel_args()[:2], out, lse,
+        q, k, v, prompt_k, prompt_v, *sel_args[:2], out, lse,
         q.stride(0), q.stride(1), q.stride(2), *_prompt_strides(prompt_k),
-        H, N, P, D, scale * LOG2E, *selection.kernel_args()[2:],
+        H, N, P, D, scale * LOG2E, *sel_args[2:],
         MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, **cfg,
     )
     return out, lse
@@ -291,7 +292,8 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cfg = _config(N, D, q.dtype)
-    sel_ptrs, sel_ints = selection.kernel_args()[:2], selection.kernel_args()[2:]
+    sel_args = selection.kernel_args()
+    sel_ptrs, sel_ints = sel_args[:2], sel_args[2:]
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2))
     pstrides = _prompt_strides(prompt_k)
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
