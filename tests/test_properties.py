@@ -175,3 +175,33 @@ def test_int32_bound_is_checked_up_front():
     with pytest.raises(ValueError, match=r"q: one \(batch, head\) slice spans .* int32"):
         prepare_attention(qkv, qkv, qkv, prompts, prompts, "triton", None)
     assert prepare_attention(qkv, qkv, qkv, prompts, prompts, "torch", None)[0] == "torch"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_transposed_and_sliced_views(backend):
+    """q from a [B,H,D,N] tensor transposed (unit stride on N, not D), k a slice of a longer sequence, v with a
+    different stride set: the kernels copy such layouts once and give the reference's answer."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 2, 16, 7, generator=g).to(DEVICE).transpose(-1, -2).requires_grad_()
+    k_long = torch.randn(2, 2, 11, 16, generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(2, 7, 2, 16, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    pk, pv = (torch.randn(2, 3, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    mask = (torch.rand(2, 7, 3, generator=g) < 0.5).to(DEVICE)
+    tensors = [q, k_long, v, pk, pv]
+    out = tk.tcpa_attention(q, k_long[:, :, 2:9], v, pk, pv, mask, backend=backend)
+    ref_tensors = fp64(tensors)
+    rq, rk, rv, rpk, rpv = ref_tensors
+    ref = tcpa_attention_ref(rq, rk[:, :, 2:9], rv, rpk, rpv, mask)
+    _compare(out, tensors, ref, ref_tensors, torch.float32)
+
+
+def test_mixed_devices_are_a_clear_error():
+    tensors, _ = _inputs(1, 1, 4, 2, 16, torch.float32, True, 0)
+    q, k, v, pk, pv = (t.detach() for t in tensors)
+    mask = torch.ones(1, 4, 2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k: expected device .* \(as q\), got .*device meta"):
+        tk.tcpa_attention(q, k.to("meta"), v, pk, pv, mask, backend="torch")
+    with pytest.raises(ValueError, match=r"prompt_v: expected device .*, got .*device meta"):
+        tk.tcpa_attention(q, k, v, pk, pv.to("meta"), mask, backend="torch")
+    with pytest.raises(ValueError, match=r"prompt_mask: expected bool shape \(1, 4, 2\) on .*, got .*device meta"):
+        tk.tcpa_attention(q, k, v, pk, pv, mask.to("meta"), backend="torch")
