@@ -4,8 +4,6 @@ The backend implementations sit behind ``torch.library`` custom ops so ``torch.c
 kernel launch as one opaque node (no graph break, no tracing into Triton or the interpreter).
 """
 
-
-
 import torch
 from torch import Tensor
 
@@ -79,6 +77,3 @@ def run_backward(ctx, grad_out):
     needs_grad = list(ctx.needs_input_grad[:5])
     grads = attention_bwd(grad_out, *ctx.saved_tensors, *ctx.config, needs_grad)
     return [g if need else None for g, need in zip(grads, needs_grad)]
-
-
-
