@@ -20,8 +20,6 @@ contiguous, o/do/dq/dk/dv contiguous [B, H, N, D], lse/delta [B*H, N] fp32.
 Offsets of the (batch, head) base are int64; the grid puts batch*head on axis 0 (up to 2^31-1).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -337,7 +335,3 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
             dpk, dpv = dpk.sum(0), dpv.sum(0)
         grads[3], grads[4] = dpk.to(prompt_k.dtype), dpv.to(prompt_v.dtype)
     return [g if need else None for g, need in zip(grads, needs_grad)]
-
-
-def default_scale(D):
-    return 1.0 / math.sqrt(D)

@@ -1,11 +1,12 @@
 """``tcpa_attention``: prompt-augmented attention with an explicit boolean prompt mask (TCPA_SPEC.md §3)."""
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._validate import KERNEL_DTYPES, check_attention_inputs, check_tensor, describe
-from tcpa_kernels.ops._attention_kernels import default_scale
 from tcpa_kernels.ops._function import run_backward, run_forward
 from tcpa_kernels.ops.selection import Selection
 
@@ -39,7 +40,7 @@ def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale):
     if backend == "triton" and largest_in_slice >= INT32_LIMIT:
         raise ValueError(f"q: one (batch, head) slice spans {largest_in_slice} elements, the kernels index it with "
                          f"int32 (< {INT32_LIMIT}); got {describe(q)}, prompts P={P}; use backend='torch'")
-    return backend, default_scale(dims[-1]) if scale is None else float(scale), dims
+    return backend, 1.0 / math.sqrt(dims[-1]) if scale is None else float(scale), dims
 
 
 def tcpa_attention(q, k, v, prompt_k, prompt_v, prompt_mask, *, scale=None, renormalize=False, backend="auto",
