@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import tcpa_kernels as tk
 from tcpa_kernels import data
+from tcpa_kernels.vit import load_trainable, read_trainable, save_trainable
 
 METHODS = ("tcpa", "vpt", "linear", "full")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,35 +159,25 @@ def checkpoint_meta(args, num_classes, classes):
             "num_classes": num_classes, "classes": classes, "prompt_args": {k: getattr(args, k) for k in PROMPT_ARGS}}
 
 
-def save_checkpoint(model, path, meta):
-    from safetensors.torch import save_file
-
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(path), metadata={"tcpa_finetune": json.dumps(meta)})
+CHECKPOINT_KEY = "tcpa_finetune"
 
 
 def load_checkpoint(path, args):
     """Rebuild the model a checkpoint was trained with (backbone from --weights) and load its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("tcpa_finetune", "null") or "null")
-        tensors = {k: f.get_tensor(k) for k in f.keys()} if meta else {}
-    if meta is None:
-        args.error(f"--checkpoint: {path} was not written by tcpa_kernels.finetune")
+    try:
+        meta, tensors = read_trainable(path, CHECKPOINT_KEY)
+    except ValueError as error:
+        args.error(f"--checkpoint: {error}")
     mismatch = {k: (meta[k], getattr(args, k)) for k in ("model", "model_kwargs", "img_size")
                 if meta[k] != getattr(args, k)}
     if mismatch:
         args.error(f"--checkpoint: trained with another config: {{name: (checkpoint, given)}} = {mismatch}")
     model = build_model(meta["model"], meta["model_kwargs"], meta["img_size"], meta["num_classes"], meta["method"],
                         meta["prompt_args"], args.weights)
-    params = dict(model.named_parameters())
-    unknown = [k for k in tensors if k not in params or params[k].shape != tensors[k].shape]
-    if unknown:
-        args.error(f"--checkpoint: tensors that do not fit the model: {unknown[:3]}")
-    with torch.no_grad():
-        for k, t in tensors.items():
-            params[k].copy_(t)
+    try:
+        load_trainable(model, tensors)
+    except ValueError as error:
+        args.error(f"--checkpoint: {error}")
     return model, meta
 
 
@@ -313,7 +304,7 @@ def train(args):
         if not args.quiet:
             print(json.dumps(history[-1]))
 
-    save_checkpoint(model, out / "checkpoint.safetensors", checkpoint_meta(args, len(classes), classes))
+    save_trainable(model, out / "checkpoint.safetensors", CHECKPOINT_KEY, checkpoint_meta(args, len(classes), classes))
     write_logs(history, out, args)
     summary = {"method": args.method, "val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"],
                "epoch_s_mean": sum(h["epoch_s"] for h in history) / len(history),

@@ -370,45 +370,27 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def trained_state_dict(model):
-    """{state_dict key: tensor} of the trainable parameters only."""
-    _state(model)
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_prompts(model, path):
-    """Save only the trained parts (prompts, keys, head) and the config to a safetensors file."""
+def save_trainable(model, path, key, meta):
+    """A safetensors file of the model's trainable parameters, with ``meta`` as JSON under metadata ``key``."""
     from safetensors.torch import save_file
 
-    state = _state(model)
-    meta = {"method": state.method, "config": dataclasses.asdict(state.config)}
-    tensors = {name: t.contiguous().cpu() for name, t in trained_state_dict(model).items()}
-    save_file(tensors, str(path), metadata={"tcpa_kernels": json.dumps(meta)})
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(path), metadata={key: json.dumps(meta)})
 
 
-def read_prompt_checkpoint(path):
-    """(method, config dict, tensors) of a file written by save_prompts."""
+def read_trainable(path, key):
+    """(meta, tensors) of a save_trainable file; ValueError when it has no ``key`` metadata."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("tcpa_kernels")
+        meta = (f.metadata() or {}).get(key)
         if meta is None:
-            raise ValueError(f"path: {path} is not a tcpa_kernels prompt checkpoint (no 'tcpa_kernels' metadata)")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    meta = json.loads(meta)
-    return meta["method"], meta["config"], tensors
+            raise ValueError(f"path: {path} is not a {key} checkpoint (no '{key}' metadata)")
+        return json.loads(meta), {name: f.get_tensor(name) for name in f.keys()}
 
 
-def load_prompts(model, path):
-    """Load a save_prompts checkpoint. A plain timm model is patched first with the saved config; a model
-    patched with another config is rejected. Returns the model."""
-    method, config, tensors = read_prompt_checkpoint(path)
-    if not hasattr(model, "prompt_state"):
-        (apply_tcpa if method == "tcpa" else apply_vpt)(model, **config)
-    state = _state(model)
-    if state.method != method or dataclasses.asdict(state.config) != config:
-        raise ValueError(f"path: checkpoint holds {method} {config}, model has {state.method} "
-                         f"{dataclasses.asdict(state.config)}")
+def load_trainable(model, tensors):
+    """Copy tensors into the model's trainable parameters; ValueError unless the keys and shapes match exactly."""
     params = dict(model.named_parameters())
     expected = {name for name, p in params.items() if p.requires_grad}
     if set(tensors) != expected:
@@ -419,4 +401,24 @@ def load_prompts(model, path):
             if params[name].shape != t.shape:
                 raise ValueError(f"path: {name} has shape {tuple(t.shape)}, model expects {tuple(params[name].shape)}")
             params[name].copy_(t)
+
+
+def save_prompts(model, path):
+    """Save only the trained parts (prompts, keys, head) and the config to a safetensors file."""
+    state = _state(model)
+    save_trainable(model, path, "tcpa_kernels", {"method": state.method, "config": dataclasses.asdict(state.config)})
+
+
+def load_prompts(model, path):
+    """Load a save_prompts checkpoint. A plain timm model is patched first with the saved config; a model
+    patched with another config is rejected. Returns the model."""
+    meta, tensors = read_trainable(path, "tcpa_kernels")
+    method, config = meta["method"], meta["config"]
+    if not hasattr(model, "prompt_state"):
+        (apply_tcpa if method == "tcpa" else apply_vpt)(model, **config)
+    state = _state(model)
+    if state.method != method or dataclasses.asdict(state.config) != config:
+        raise ValueError(f"path: checkpoint holds {method} {config}, model has {state.method} "
+                         f"{dataclasses.asdict(state.config)}")
+    load_trainable(model, tensors)
     return model
