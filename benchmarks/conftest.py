@@ -5,7 +5,6 @@ Every benchmark puts its figures in ``benchmark.extra_info`` and in a session su
 """
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -64,8 +63,7 @@ def pytest_sessionfinish(session):
         return
     SUMMARY["ratios_fused_over_baseline"] = spec_ratios(SUMMARY["results"])
     if ON_GPU:
-        slug = re.sub(r"[^a-z0-9]+", "-", SUMMARY["environment"]["device"].lower()).strip("-")
-        path = Path(__file__).parent / "results" / f"{slug}.json"
+        path = Path(__file__).parent / "results" / f"{bench.device_slug(DEVICE)}.json"
     else:
         path = Path(".benchmarks") / "cpu-summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)

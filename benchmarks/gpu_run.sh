@@ -1,17 +1,39 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (for the device tool: `bash benchmarks/gpu_run.sh`).
-# The GPU image has torch and triton but no internet: the package is used from the tree (PYTHONPATH=.).
-# Results land in benchmarks/results/ (and are copied to $OUT when set) -- commit them with the device name.
+# Everything that needs a GPU, in stages that each fit one device call (10 minutes; at most 8 files come back):
+#   bash benchmarks/gpu_run.sh tests     GPU test suite and the numerics table
+#   bash benchmarks/gpu_run.sh bench     pytest benchmarks/ --benchmark-only (op and model level, §6 ratios)
+#   bash benchmarks/gpu_run.sh profile   the profiling CLI at its GPU defaults (table, JSON, PNG)
+#   bash benchmarks/gpu_run.sh tune      time the kernels' candidate launch configurations (benchmarks/tune.py)
+# No argument runs every stage. The GPU image has torch, triton and timm but no internet: the package is used from
+# the tree (PYTHONPATH=.). Results land in benchmarks/results/ and in $OUT when set: commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out" benchmarks/results
-pip install --no-deps -q timm safetensors 2>/dev/null || true   # only if missing and reachable
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -m pytest tests -q -x 2>&1 | tail -n 30 | tee "$out/gpu-tests.log"
-python benchmarks/numerics.py --out benchmarks/results 2>&1 | tail -n 20
-python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$out/pytest-benchmark.json" 2>&1 | tail -n 5
-python -m tcpa_kernels.profile --out "$out/profile" 2>&1 | tail -n 12
-cp benchmarks/results/*.json benchmarks/results/*.md "$out/" 2>/dev/null || true
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(tests bench profile tune)
+
+for stage in "${stages[@]}"; do
+  echo "== $stage"
+  case "$stage" in
+    tests)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+      timeout 420 python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -n 30
+      timeout 120 python benchmarks/numerics.py --out benchmarks/results 2>&1 | tail -n 20
+      cp benchmarks/results/numerics-*.json benchmarks/results/numerics-*.md "$out/" 2>/dev/null ;;
+    bench)
+      timeout 540 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$out/pytest-benchmark.json" 2>&1 | tee "$out/bench.log" | tail -n 15
+      for f in benchmarks/results/*.json; do
+        case "$f" in *numerics-*|*tune-*) ;; *) cp "$f" "$out/" ;; esac
+      done ;;
+    profile)
+      timeout 540 python -m tcpa_kernels.profile --out "$out/profile" 2>&1 | tail -n 20 ;;
+    tune)
+      timeout 540 python benchmarks/tune.py 2>&1 | tee "$out/tune.log" | tail -n 12
+      cp benchmarks/results/tune-*.json "$out/" 2>/dev/null ;;
+    *)
+      echo "unknown stage $stage (tests | bench | profile | tune)" >&2; exit 2 ;;
+  esac
+done

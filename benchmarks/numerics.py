@@ -10,7 +10,6 @@ On CPU the "triton" rows are the real kernels under the Triton interpreter (nump
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def main():
                              "renormalize": renormalize, "errors": errs})
                 print(backend, dtype, renormalize, {k: f"{v['max_rel']:.1e}" for k, v in errs.items()}, flush=True)
     env = bench.environment(device)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    slug = bench.device_slug(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "shape_BHNPD": args.shape, "triton_interpreter": device.type != "cuda",

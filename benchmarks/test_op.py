@@ -8,13 +8,13 @@ import torch
 from benchmarks.conftest import DEVICE, ON_GPU
 from tcpa_kernels import bench
 
-# (label, B, H, N, P, D, topk)
+# (label, B, H, N, P, D, topk): topk pool entries per token; P = 200 uses entries of 4 prompt tokens (50 entries)
 GPU_SHAPES = [
     ("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # TCPA_SPEC.md §6
     ("vit_s_b256_n197_p36_k10", 256, 6, 197, 36, 64, 10),
-    ("vit_l_b32_n577_p200_k100", 32, 16, 577, 200, 64, 100),
+    ("vit_l_b32_n577_p200_l4_k12", 32, 16, 577, 200, 64, 12),
     ("vit_b_b32_n577_p36_k1", 32, 12, 577, 36, 64, 1),
-    ("vit_b_b64_n197_p200_k50", 64, 12, 197, 200, 64, 50),
+    ("vit_b_b64_n197_p200_l4_k25", 64, 12, 197, 200, 64, 25),
 ]
 CPU_SHAPES = [("cpu_smoke_b2_n65_p8_k2", 2, 3, 65, 8, 64, 2)]
 SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES

@@ -38,4 +38,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "be on before triton is first imported (timm imports it): export TRITON_INTERPRET=1 before Python "
             "starts, or import tcpa_kernels before timm (or use backend='torch')"
         )
+    if backend == "triton" and device.type != "cuda":
+        _check_interpreter_numpy()
     return backend
+
+
+def _check_interpreter_numpy():
+    """Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses (fixed in 3.7)."""
+    import numpy
+    import triton
+
+    version = lambda text: tuple(int(part) for part in text.split(".")[:2])
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise RuntimeError(f"backend='triton' on CPU runs the Triton interpreter, which in triton "
+                           f"{triton.__version__} fails with numpy {numpy.__version__}: install numpy<2.4 or "
+                           "triton>=3.7 (or use backend='torch')")

@@ -13,6 +13,7 @@ Op bytes (the formula ``gbps`` uses), forward: q, k, v, out at B*H*N*D elements 
 
 import math
 import platform
+import re
 import statistics
 import time
 
@@ -20,7 +21,7 @@ import torch
 
 import tcpa_kernels as tk
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels.ops.selection import Selection, topk_bits
+from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection, topk_bits
 
 MODEL_METHODS = ("no_prompts", "vpt_deep", "tcpa_dense", "tcpa_fused")
 OP_METHODS = ("tcpa_fused", "sdpa_no_mask", "sdpa_bool_mask", "flex_attention", "reference")
@@ -34,6 +35,11 @@ def environment(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "cuda": torch.version.cuda if device.type == "cuda" else None}
+
+
+def device_slug(device):
+    """The device name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", environment(device)["device"].lower()).strip("-")
 
 
 def default_device():
@@ -172,35 +178,45 @@ def op_bytes(B, H, N, P, D, mode, element_size):
         element_size * 4 * B * H * N * D if mode != "fwd" else 0)
 
 
+def op_pool_layout(P):
+    """(entries per pool, prompt length) of P prompt tokens: two equal pools (CLS, image) of at most
+    MAX_POOL_ENTRIES entries in all, each entry the shortest run of prompt tokens that allows it."""
+    length = next((n for n in range(1, P + 1) if P % (2 * n) == 0 and P // n <= MAX_POOL_ENTRIES), None)
+    if length is None:
+        raise ValueError(f"P: expected an even number of prompt tokens, got {P}")
+    return P // (2 * length), length
+
+
 def op_inputs(B, H, N, P, D, dtype, device):
-    """q/k/v [B,H,N,D], shared prompt K/V [H,P,D] (leaves needing grad), scores [B,N,P] (one entry per prompt)."""
+    """q/k/v [B,H,N,D], shared prompt K/V [H,P,D] (leaves needing grad), scores [B,N,E] (E pool entries)."""
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     pk, pv = (torch.randn(H, P, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-    scores = torch.rand(B, N, P, device=device)
+    scores = torch.rand(B, N, 2 * op_pool_layout(P)[0], device=device)
     return (q, k, v, pk, pv), scores
 
 
 def op_forward(method, tensors, scores, topk):
-    """A forward closure of one op method over the same inputs. Methods without an equivalent return None."""
+    """A forward closure of one op method over the same inputs; each token selects its ``topk`` entries
+    (capped at the pool size) of its pool. Methods without an equivalent return None."""
     q, k, v, pk, pv = tensors
     B, H, N, D = q.shape
     P = pk.shape[1]
-    pool_cls = max(1, P // 2)
-    topk_cls, topk_img = min(topk, pool_cls), min(topk, P - pool_cls)
+    pool, length = op_pool_layout(P)
+    topk = min(topk, pool)
     F = torch.nn.functional
 
     def full_kv():
         return torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
 
     def bool_mask():  # the selection as an SDPA/Flex mask [B, 1, N, P+N] (equivalent to renormalize=True)
-        bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=pool_cls, k_cls=topk_cls, k_img=topk_img,
+        bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=pool, k_cls=topk, k_img=topk,
                          backend=resolve_backend("auto", q.device))
-        sel = Selection(bits=bits, pool_cls=pool_cls).rows(0, N, P)
+        sel = Selection(bits=bits, pool_cls=pool, len_cls=length, len_img=length).rows(0, N, P)
         return torch.cat([sel, sel.new_ones(B, N, N)], -1)[:, None]
 
     if method == "tcpa_fused":
-        return lambda: tk.tcpa_fused_attention(q, k, v, pk, pv, scores, pool_cls=pool_cls, topk_cls=topk_cls,
-                                               topk_img=topk_img)[0]
+        return lambda: tk.tcpa_fused_attention(q, k, v, pk, pv, scores, pool_cls=pool, topk_cls=topk, topk_img=topk,
+                                               prompt_len_cls=length, prompt_len_img=length)[0]
     if method == "sdpa_no_mask":
         return lambda: F.scaled_dot_product_attention(q, *full_kv())
     if method == "sdpa_bool_mask":

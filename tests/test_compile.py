@@ -1,4 +1,5 @@
-"""The kernels compile with Triton's real compiler for sm_90 (cubin), not only run in the interpreter."""
+"""The kernels compile with Triton's real compiler for sm_90 (cubin), not only run in the interpreter, and at
+ViT-shape arguments ptxas fits them in registers (no spills) at the library's launch configurations."""
 
 import os
 import subprocess
@@ -16,5 +17,5 @@ def test_every_kernel_variant_compiles_for_sm90():
     script = [sys.executable, str(root / "tests" / "compile_sm90.py")]
     full = os.environ.get("TCPA_COMPILE_ALL") == "1"  # the whole matrix: ~12 minutes
     result = subprocess.run(script + (["--all"] if full else []), env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("shared=") == (24 if full else 3) * 5 + 1
+    assert result.returncode == 0, result.stderr[-3000:]  # includes: no register spills at ViT-shape arguments
+    assert result.stdout.count("'registers'") == (24 if full else 3) * 5 + 1

@@ -80,3 +80,21 @@ def test_fused_errors():
         tk.tcpa_fused_attention(q, k, v, pk, pv, torch.rand(2, 5, 5), **kw)
     with pytest.raises(ValueError, match="topk_img: expected an int in"):
         tk.tcpa_fused_attention(q, k, v, pk, pv, torch.rand(2, 5, 6), **(kw | dict(topk_img=5)))
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, fails", [("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False),
+                                                                   ("3.7.0", "2.4.1", False)])
+def test_interpreter_numpy_incompatibility_is_named(monkeypatch, triton_version, numpy_version, fails):
+    """Triton 3.6's interpreter breaks on numpy >= 2.4: say so instead of an interpreter TypeError."""
+    import numpy
+    import triton
+
+    from tcpa_kernels._backend import resolve_backend
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if fails:
+        with pytest.raises(RuntimeError, match=f"triton {triton_version} fails with numpy {numpy_version}"):
+            resolve_backend("triton", torch.device("cpu"))
+    else:
+        assert resolve_backend("triton", torch.device("cpu")) == "triton"

@@ -234,12 +234,36 @@ def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, KEYS, VALS, DKEYS, DVALS, MASK, BITS,
 # launchers
 
 
-def _config(N, D, dtype):
-    """Block sizes and warps. Untuned: no GPU measurement yet (issue #5)."""
-    block = min(64, max(16, triton.next_power_of_2(N)))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, by operand class and padded head dim (64 stands for
+# 16..64). Chosen offline from the sm_90 compile report (`python benchmarks/tune.py --offline`,
+# docs/sm90-resources.md): large tiles that ptxas fits in registers without spilling. fp32 runs exact (ieee)
+# dots on CUDA cores, whose register cost forces small tiles. Not yet timed on a GPU: `benchmarks/tune.py`
+# times the alternatives there (issue #5).
+LAUNCH_CONFIGS = {
+    ("16-bit", 64): {"fwd": (64, 64, 4, 3), "bwd_dq": (64, 64, 4, 3), "bwd_dkdv": (64, 64, 4, 3)},
+    ("16-bit", 128): {"fwd": (64, 64, 8, 3), "bwd_dq": (64, 64, 8, 3), "bwd_dkdv": (64, 32, 8, 3)},
+    ("fp32", 64): {"fwd": (64, 32, 8, 2), "bwd_dq": (64, 32, 8, 2), "bwd_dkdv": (32, 32, 4, 1)},
+    ("fp32", 128): {"fwd": (16, 64, 4, 2), "bwd_dq": (16, 64, 4, 2), "bwd_dkdv": (16, 32, 4, 1)},
+}
+
+
+def operand_class(dtype):
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def config_key(D, dtype):
+    """The LAUNCH_CONFIGS entry of head dim D and operand dtype."""
+    return operand_class(dtype), max(64, triton.next_power_of_2(D))
+
+
+def launch_config(kernel, N, D, dtype):
+    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd_dq' | 'bwd_dkdv') for N tokens of head dim D.
+    Blocks shrink to the sequence (at least 16, the smallest tl.dot)."""
     d_pad = max(16, triton.next_power_of_2(D))
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    return dict(BLOCK_M=block, BLOCK_N=block, D_PAD=d_pad, PRECISION=precision, num_warps=4)
+    block_m, block_n, num_warps, num_stages = LAUNCH_CONFIGS[config_key(D, dtype)][kernel]
+    rows = max(16, triton.next_power_of_2(N))
+    return dict(BLOCK_M=min(block_m, rows), BLOCK_N=min(block_n, rows), D_PAD=d_pad,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
 
 
 def _strided_qkv(q, k, v):
@@ -269,7 +293,7 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    cfg = _config(N, D, q.dtype)
+    cfg = launch_config("fwd", N, D, q.dtype)
     sel_args = selection.kernel_args()
     grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
     _fwd_kernel[grid](
@@ -289,7 +313,6 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
     grad_out = grad_out.contiguous()
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    cfg = _config(N, D, q.dtype)
     sel_args = selection.kernel_args()
     sel_ptrs, sel_ints = sel_args[:2], sel_args[2:]
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2))
@@ -301,12 +324,15 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
     if dq.numel() == 0:
         return [torch.zeros_like(t) if need else None for t, need in zip((q, k, v, prompt_k, prompt_v), needs_grad)]
 
+    cfg = launch_config("bwd_dq", N, D, q.dtype)
     _bwd_dq_kernel[(B * H, triton.cdiv(N, cfg["BLOCK_M"]))](
         q, k, v, prompt_k, prompt_v, *sel_ptrs, out, grad_out, lse, delta, dq,
         *qkv_strides, *pstrides, H, N, P, D, scale * LOG2E, scale, *sel_ints, **flags, **cfg,
     )
     if needs_grad[0]:
         grads[0] = dq
+
+    cfg = launch_config("bwd_dkdv", N, D, q.dtype)
 
     def dkdv(keys, vals, dkeys, dvals, dstrides, n_keys, is_prompt, atomic):
         kstrides = qkv_strides if not is_prompt else (*pstrides, D)

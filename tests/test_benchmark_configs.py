@@ -1,0 +1,41 @@
+"""The GPU benchmark configurations are valid: every op shape and model that benchmarks/ and the tuning script
+run on a GPU builds and runs one step here on CPU, at batch 1 and one head (PyTorch backend), so that a GPU
+session is not spent finding a configuration error. Figures are not checked."""
+
+import pytest
+import torch
+
+from benchmarks import test_model, test_op, tune
+from tcpa_kernels import bench, profile
+
+CPU = torch.device("cpu")
+GPU_OP_SHAPES = {s[0]: s for s in test_op.GPU_SHAPES + tune.GPU_SHAPES}
+
+
+@pytest.mark.parametrize("method", [m for m in bench.OP_METHODS if m != "flex_attention"])  # Flex: CUDA only
+@pytest.mark.parametrize("label", sorted(GPU_OP_SHAPES))
+def test_gpu_op_shape_runs(label, method):
+    _, _, _, N, P, D, topk = GPU_OP_SHAPES[label]
+    step = bench.make_op_step(method, "fwd_bwd", B=1, H=1, N=N, P=P, D=D, topk=topk, dtype=torch.float32, device=CPU)
+    grads = step()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("method", bench.MODEL_METHODS)
+@pytest.mark.parametrize("model_name, img_size", sorted({(m, s) for m, s, _ in test_model.GPU_MODELS}
+                                                        | {(profile.CUDA_DEFAULTS["model"], s)
+                                                           for s in profile.CUDA_DEFAULTS["sweep_img"]}))
+def test_gpu_model_runs(model_name, img_size, method):
+    pool_size = max(profile.CUDA_DEFAULTS["sweep_pool"])  # the largest pools any GPU run asks for
+    model = bench.build_model(method, model_name=model_name, img_size=img_size, pool_size=pool_size, topk=10,
+                              device=CPU)
+    bench.train_step(model, torch.randn(1, 3, img_size, img_size), torch.tensor([3]), torch.float32)()
+
+
+def test_tuning_procedure_runs_and_candidates_agree(tmp_path):
+    """benchmarks/tune.py's GPU procedure at its CPU smoke shape: every candidate gives the table's result."""
+    report = tune.main(["--smoke", "--out", str(tmp_path)])
+    assert [path.name for path in tmp_path.iterdir()] == [f"tune-{bench.device_slug(CPU)}.json"]
+    for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+        rows = report["shapes"][0]["kernels"][kernel]["candidates"]
+        assert len(rows) >= 2 and all(row.get("ok") for row in rows), rows
