@@ -1,7 +1,6 @@
 """pytest-benchmark setup: GPU shapes on CUDA, a small CPU configuration otherwise (and it says so).
 
-Every benchmark puts its figures in ``benchmark.extra_info`` and in a session summary written at the end:
-``benchmarks/results/<device>.json`` on CUDA (commit it), ``.benchmarks/cpu-summary.json`` on CPU.
+Every benchmark puts its figures in ``benchmark.extra_info`` and in a session summary (``write_summary``).
 """
 
 import json
@@ -19,6 +18,7 @@ ON_GPU = DEVICE.type == "cuda"
 SUMMARY = {"environment": bench.environment(DEVICE), "memory_metric": bench.memory_metric(DEVICE),
            "configuration": "gpu" if ON_GPU else "cpu-smoke (no CUDA: small shapes, PyTorch backend; not GPU figures)",
            "results": []}
+SUMMARY_PATH = []  # set once the tests are collected
 
 
 def pytest_report_header(config):
@@ -37,6 +37,7 @@ def run_benchmark(benchmark, step, name, figures_fn, **info):
     figures = {"name": name, **info, **figures_fn(ms)}
     benchmark.extra_info.update(SUMMARY["environment"] | {k: v for k, v in figures.items() if k != "name"})
     SUMMARY["results"].append(figures)
+    write_summary()
     return figures
 
 
@@ -58,17 +59,20 @@ def spec_ratios(results):
     return ratios
 
 
-def pytest_sessionfinish(session):
-    if not SUMMARY["results"]:
-        return
+def pytest_collection_finish(session):
+    """Name the summary after the levels collected: ``<device>-op``, ``<device>-model`` or ``<device>-model-op``."""
+    levels = "-".join(sorted({item.module.__name__.rsplit("_", 1)[-1] for item in session.items}))
+    folder = Path(__file__).parent / "results" if ON_GPU else Path(".benchmarks")
+    SUMMARY_PATH.append(folder / f"{bench.device_slug(DEVICE)}-{levels}.json")
+
+
+def write_summary():
+    """The summary so far, rewritten after every benchmark (a run cut short still leaves its figures):
+    ``benchmarks/results/`` on CUDA (commit it), ``.benchmarks/`` on CPU."""
     SUMMARY["ratios_fused_over_baseline"] = spec_ratios(SUMMARY["results"])
-    if ON_GPU:
-        path = Path(__file__).parent / "results" / f"{bench.device_slug(DEVICE)}.json"
-    else:
-        path = Path(".benchmarks") / "cpu-summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     SUMMARY["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    path.write_text(json.dumps(SUMMARY, indent=2))
+    SUMMARY_PATH[-1].parent.mkdir(parents=True, exist_ok=True)
+    SUMMARY_PATH[-1].write_text(json.dumps(SUMMARY, indent=2))
 
 
 @pytest.fixture

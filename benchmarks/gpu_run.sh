@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in stages that each fit one device call (10 minutes; at most 8 files come back):
-#   bash benchmarks/gpu_run.sh tests     GPU test suite and the numerics table
-#   bash benchmarks/gpu_run.sh bench     pytest benchmarks/ --benchmark-only (op and model level, §6 ratios)
-#   bash benchmarks/gpu_run.sh profile   the profiling CLI at its GPU defaults (table, JSON, PNG)
-#   bash benchmarks/gpu_run.sh tune      time the kernels' candidate launch configurations (benchmarks/tune.py)
+#   bash benchmarks/gpu_run.sh tests         GPU test suite and the numerics table
+#   bash benchmarks/gpu_run.sh bench-op      pytest benchmarks/test_op.py --benchmark-only (op level, §6 ratios)
+#   bash benchmarks/gpu_run.sh bench-model   pytest benchmarks/test_model.py --benchmark-only (train step, §6)
+#   bash benchmarks/gpu_run.sh profile       the profiling CLI at its GPU defaults (table, JSON, PNG)
+#   bash benchmarks/gpu_run.sh tune          time the kernels' candidate launch configurations (benchmarks/tune.py)
 # No argument runs every stage. The GPU image has torch, triton and timm but no internet: the package is used from
 # the tree (PYTHONPATH=.). Results land in benchmarks/results/ and in $OUT when set: commit them.
 set -uo pipefail
@@ -12,7 +13,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/results}"
 mkdir -p "$out" benchmarks/results
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests bench profile tune)
+[ ${#stages[@]} -gt 0 ] || stages=(tests bench-op bench-model profile tune)
 
 for stage in "${stages[@]}"; do
   echo "== $stage"
@@ -22,18 +23,17 @@ for stage in "${stages[@]}"; do
       timeout 420 python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -n 30
       timeout 120 python benchmarks/numerics.py --out benchmarks/results 2>&1 | tail -n 20
       cp benchmarks/results/numerics-*.json benchmarks/results/numerics-*.md "$out/" 2>/dev/null ;;
-    bench)
-      timeout 540 python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-        --benchmark-json="$out/pytest-benchmark.json" 2>&1 | tee "$out/bench.log" | tail -n 15
-      for f in benchmarks/results/*.json; do
-        case "$f" in *numerics-*|*tune-*) ;; *) cp "$f" "$out/" ;; esac
-      done ;;
+    bench-op|bench-model)
+      level="${stage#bench-}"
+      timeout 540 python -m pytest "benchmarks/test_$level.py" --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$out/pytest-benchmark-$level.json" 2>&1 | tee "$out/bench-$level.log" | tail -n 15
+      cp benchmarks/results/*-"$level".json "$out/" 2>/dev/null ;;
     profile)
       timeout 540 python -m tcpa_kernels.profile --out "$out/profile" 2>&1 | tail -n 20 ;;
     tune)
       timeout 540 python benchmarks/tune.py 2>&1 | tee "$out/tune.log" | tail -n 12
       cp benchmarks/results/tune-*.json "$out/" 2>/dev/null ;;
     *)
-      echo "unknown stage $stage (tests | bench | profile | tune)" >&2; exit 2 ;;
+      echo "unknown stage $stage (tests | bench-op | bench-model | profile | tune)" >&2; exit 2 ;;
   esac
 done
