@@ -15,7 +15,8 @@ def test_every_kernel_variant_compiles_for_sm90():
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
     script = [sys.executable, str(root / "tests" / "compile_sm90.py")]
-    full = os.environ.get("TCPA_COMPILE_ALL") == "1"  # the whole matrix: ~12 minutes
+    full = os.environ.get("TCPA_COMPILE_ALL") == "1"  # the whole matrix: ~5 minutes
     result = subprocess.run(script + (["--all"] if full else []), env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]  # includes: no register spills at ViT-shape arguments
+    # the script fails on spills at ViT-shape arguments and on shared memory an sm_90 block cannot have
+    assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("'registers'") == (24 if full else 3) * 5 + 1
