@@ -19,6 +19,7 @@ SUMMARY = {"environment": bench.environment(DEVICE), "memory_metric": bench.memo
            "configuration": "gpu" if ON_GPU else "cpu-smoke (no CUDA: small shapes, PyTorch backend; not GPU figures)",
            "results": []}
 SUMMARY_PATH = []  # set once the tests are collected
+MODEL_DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # autocast dtype of the model-level benchmarks
 
 
 def pytest_report_header(config):
@@ -73,6 +74,20 @@ def write_summary():
     SUMMARY["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
     SUMMARY_PATH[-1].parent.mkdir(parents=True, exist_ok=True)
     SUMMARY_PATH[-1].write_text(json.dumps(SUMMARY, indent=2))
+
+
+def bench_model(record, name, method, model_name, img_size, batch, kind, pool_size=18, topk=10):
+    """Time and peak memory of one prompted model's train step or inference (top-k clamped to the pool)."""
+    model = bench.build_model(method, model_name=model_name, img_size=img_size, pool_size=pool_size,
+                              topk=min(topk, pool_size), device=DEVICE)
+    images = torch.randn(batch, 3, img_size, img_size, device=DEVICE)
+    labels = torch.randint(0, 100, (batch,), device=DEVICE)
+    step = (bench.train_step(model, images, labels, MODEL_DTYPE) if kind == "train"
+            else bench.inference_step(model, images, MODEL_DTYPE))
+    step()  # optimizer state allocated before anything is measured
+    record(step, name, lambda ms: {"ms": ms, "memory_mb": bench.peak_memory_mb(step, DEVICE)},
+           model=model_name, batch=batch, img_size=img_size, pool_size=pool_size, method=method, kind=kind,
+           dtype=str(MODEL_DTYPE))
 
 
 @pytest.fixture

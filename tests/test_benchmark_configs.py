@@ -5,7 +5,7 @@ session is not spent finding a configuration error. Figures are not checked."""
 import pytest
 import torch
 
-from benchmarks import test_model, test_op, tune
+from benchmarks import test_model, test_op, test_sweep, tune
 from tcpa_kernels import bench, profile
 
 CPU = torch.device("cpu")
@@ -21,12 +21,17 @@ def test_gpu_op_shape_runs(label, method):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+GPU_MODEL_SETTINGS = sorted({(m, s) for m, s, _ in test_model.GPU_MODELS}
+                            | {(profile.CUDA_DEFAULTS["model"], s) for s in profile.CUDA_DEFAULTS["sweep_img"]}
+                            | {(test_sweep.GPU_BASE["model_name"], v) for a, v, _ in test_sweep.GPU_AXES
+                               if a == "img_size"})
+GPU_POOL_SIZES = profile.CUDA_DEFAULTS["sweep_pool"] + [v for a, v, _ in test_sweep.GPU_AXES if a == "pool_size"]
+
+
 @pytest.mark.parametrize("method", bench.MODEL_METHODS)
-@pytest.mark.parametrize("model_name, img_size", sorted({(m, s) for m, s, _ in test_model.GPU_MODELS}
-                                                        | {(profile.CUDA_DEFAULTS["model"], s)
-                                                           for s in profile.CUDA_DEFAULTS["sweep_img"]}))
+@pytest.mark.parametrize("model_name, img_size", GPU_MODEL_SETTINGS)
 def test_gpu_model_runs(model_name, img_size, method):
-    pool_size = max(profile.CUDA_DEFAULTS["sweep_pool"])  # the largest pools any GPU run asks for
+    pool_size = max(GPU_POOL_SIZES)  # the largest pools any GPU run asks for
     model = bench.build_model(method, model_name=model_name, img_size=img_size, pool_size=pool_size, topk=10,
                               device=CPU)
     bench.train_step(model, torch.randn(1, 3, img_size, img_size), torch.tensor([3]), torch.float32)()
