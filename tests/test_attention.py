@@ -36,10 +36,11 @@ def test_fp32_matches_reference(backend, shape, renormalize, shared, poison_buff
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 2, 19, 6, 32), (1, 2, 70, 5, 128)], ids=str)  # both 16-bit LAUNCH_CONFIGS
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
-def test_fp16_matches_reference(backend, renormalize, shared, poison_buffers):
-    _check(backend, (2, 2, 19, 6, 32), torch.float16, renormalize, shared)
+def test_fp16_matches_reference(backend, shape, renormalize, shared, poison_buffers):
+    _check(backend, shape, torch.float16, renormalize, shared)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
