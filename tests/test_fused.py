@@ -95,3 +95,16 @@ def test_fused_selection_equals_match_prompts_mask():
     out, bits = tk.tcpa_fused_attention(*tensors, scores, pool_cls=pc, backend="triton", **kw)
     torch.testing.assert_close(out, tk.tcpa_attention(*tensors, mask, backend="triton"))
     torch.testing.assert_close(tk.matching_loss(scores, bits, 1, 2, 3), loss)
+
+
+def test_match_scores_ignores_autocast():
+    """Under autocast the scores stay in x's dtype and backward keeps x itself, not a 16-bit copy of it."""
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    kc, ki = torch.randn(3, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = tk.match_scores(x, kc, ki)  # [B, N, 7]
+    assert scores.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in saved), [t.dtype for t in saved]
+    torch.testing.assert_close(scores, tk.match_scores(x, kc, ki))

@@ -30,11 +30,15 @@ def check_pool_config(name_prefix, pool_cls, pool_img, topk_cls, topk_img, promp
 def match_scores(x, keys_cls, keys_img):
     """Cosine similarity of every token with every key of both pools: [B, N, Pc + Pi] (differentiable).
 
-    Computed as (x @ normalize(keys).T) / |x| so no normalised copy of x ([B, N, C]) is allocated.
+    Computed as (x @ normalize(keys).T) / |x| so no normalised copy of x ([B, N, C]) is allocated, in x's own
+    dtype even under autocast: the fp32 residual stream is then the tensor saved for backward, which norm1
+    saves anyway, where autocast would save an extra bf16 copy of x in every layer. The selection also ranks
+    the scores at x's precision.
     """
-    keys = torch.nn.functional.normalize(torch.cat([keys_cls, keys_img]).to(x.dtype), dim=-1)  # [E, C]
-    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)  # [B, N, 1]
-    return (x @ keys.T) / norms
+    with torch.autocast(x.device.type, enabled=False):
+        keys = torch.nn.functional.normalize(torch.cat([keys_cls, keys_img]).to(x.dtype), dim=-1)  # [E, C]
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)  # [B, N, 1]
+        return (x @ keys.T) / norms
 
 
 def matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img):
