@@ -3,7 +3,8 @@
 Time: on CUDA ``triton.testing.do_bench`` (median ms, CUDA-synchronised); on CPU the median of
 ``time.perf_counter`` over repetitions. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated``
 above what was allocated before the call; on CPU, where PyTorch keeps no allocator statistics, the bytes of
-tensors saved for backward (the activation memory a training step holds), reported as such.
+tensors saved for backward that the call allocated (the activation memory a training step holds; parameters
+and inputs it saves are left out as on CUDA), reported as such.
 
 Op FLOPs (the formula ``tflops`` uses): forward 4*B*H*N*(N+P)*D (QK^T and PV), backward 2.5x forward
 (five matmuls instead of two, the FlashAttention convention), forward+backward 3.5x forward.
@@ -18,6 +19,8 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import tcpa_kernels as tk
 from tcpa_kernels._backend import resolve_backend
@@ -74,16 +77,33 @@ def peak_memory_mb(fn, device):
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    seen = {}
+    saved = {}  # storage address -> bytes
 
     def pack(t):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _NewStorages() as new, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(seen.values()) / 2**20
+    return sum(nbytes for address, nbytes in saved.items() if address in new.addresses) / 2**20
+
+
+class _NewStorages(TorchDispatchMode):
+    """Addresses of the storages ops allocate while active. Storages that existed before (parameters, inputs)
+    are left out, as CUDA's peak above the allocation before the call leaves them out."""
+
+    def __init__(self):
+        super().__init__()
+        self.addresses = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        # views, in-place and out= ops return their inputs' storage
+        self.addresses.update(t.untyped_storage().data_ptr() for t in tree_leaves(out)
+                              if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs)
+        return out
 
 
 def memory_metric(device):

@@ -115,10 +115,13 @@ def _reject_attn_mask(attn_mask, is_causal):
 def _fused_attention(blk, h, scores, prompts, state, cfg):
     """TCPA attention through the fused op: prompt K/V [H, P, D] computed once. Returns (out, bits)."""
     q, k, v = _project_qkv(blk.attn, h)  # [B, H, N, D]
-    _, prompt_k, prompt_v = _project_qkv(blk.attn, blk.norm1(prompts)[None])  # [1, H, P, D]
+    # Prompt K/V in the parameters' dtype: under autocast the 16-bit copy of the frozen W_qkv cast for this GEMM
+    # would be saved for backward a second time in every layer; the parameter itself costs nothing to save.
+    with torch.autocast(h.device.type, enabled=False):
+        _, prompt_k, prompt_v = _project_qkv(blk.attn, blk.norm1(prompts)[None])  # [1, H, P, D]
     dtype = v.dtype  # q_norm/k_norm may return fp32 under autocast
     return tcpa_fused_attention(
-        q.to(dtype), k.to(dtype), v, prompt_k[0].to(dtype), prompt_v[0], scores, pool_cls=cfg.pool_size_cls,
+        q.to(dtype), k.to(dtype), v, prompt_k[0].to(dtype), prompt_v[0].to(dtype), scores, pool_cls=cfg.pool_size_cls,
         topk_cls=cfg.topk_cls, topk_img=cfg.topk_img, prompt_len_cls=cfg.prompt_len_cls,
         prompt_len_img=cfg.prompt_len_img, num_prefix_tokens=state.num_prefix_tokens,
         renormalize=cfg.renormalize, backend=cfg.backend)

@@ -34,6 +34,17 @@ def test_dense_baseline_saves_more_for_backward_than_fused():
     assert figures["tcpa_dense"]["train_memory_mb"] > figures["tcpa_fused"]["train_memory_mb"]
 
 
+def test_cpu_memory_counts_only_what_the_call_allocates():
+    """Saved tensors that existed before the call (parameters, inputs) are left out, as on CUDA; views of them
+    too; tensors the call allocates and saves are counted at their storage size."""
+    weight = torch.nn.Parameter(torch.randn(256, 256))  # 256 KiB
+    x = torch.randn(256, 256, requires_grad=True)
+    cpu = torch.device("cpu")
+    assert bench.peak_memory_mb(lambda: (weight * x).sum(), cpu) == 0
+    assert bench.peak_memory_mb(lambda: (weight.t() @ x).sum(), cpu) == 0
+    assert bench.peak_memory_mb(lambda: (weight.exp() * x).sum(), cpu) == 0.25  # exp's output, saved twice
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--model", "not_a_model"], "--model: expected a timm model name"),
     (["--batch-size", "0"], "--batch-size: expected a positive int"),
