@@ -243,7 +243,7 @@ def op_forward(method, tensors, scores, topk):
         mask = bool_mask()
         return lambda: F.scaled_dot_product_attention(q, *full_kv(), attn_mask=mask)
     if method == "flex_attention":
-        if q.device.type != "cuda":
+        if q.device.type != "cuda" and q.requires_grad:  # FlexAttention has no backward on CPU
             return None
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
