@@ -84,25 +84,29 @@ def peak_memory_mb(fn, device):
         saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with _NewStorages() as new, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with NewAllocations() as new, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(nbytes for address, nbytes in saved.items() if address in new.addresses) / 2**20
 
 
-class _NewStorages(TorchDispatchMode):
-    """Addresses of the storages ops allocate while active. Storages that existed before (parameters, inputs)
-    are left out, as CUDA's peak above the allocation before the call leaves them out."""
+class NewAllocations(TorchDispatchMode):
+    """The tensors ops allocate while active: their storage addresses and the largest shape. Storages that existed
+    before (parameters, inputs) are not among them, as CUDA's peak above the allocation before a call leaves
+    them out; nor are views, in-place and out= results, which return their inputs' storage."""
 
     def __init__(self):
         super().__init__()
         self.addresses = set()
+        self.largest = ()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        # views, in-place and out= ops return their inputs' storage
-        self.addresses.update(t.untyped_storage().data_ptr() for t in tree_leaves(out)
-                              if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.addresses.add(t.untyped_storage().data_ptr())
+                if t.numel() > math.prod(self.largest):
+                    self.largest = tuple(t.shape)
         return out
 
 

@@ -1,14 +1,14 @@
 """TCPA_SPEC §6, op peak memory: the Triton op allocates no tensor of size B*H*N*(N+P), in the forward or the
-backward; it never materialises attention probabilities or a dense mask. Every tensor an aten op returns
-while the op runs (kernel outputs are allocated through torch) is recorded by a dispatch mode."""
+backward; it never materialises attention probabilities or a dense mask. Every tensor an aten op allocates
+while the op runs (kernel outputs are allocated through torch) is recorded by a dispatch mode
+(``bench.NewAllocations``, which also gives the CPU memory figure of the benchmarks)."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import tcpa_kernels as tk
 from reference import tcpa_attention_ref
+from tcpa_kernels import bench
 from tests.conftest import DEVICE, attention_inputs
 
 B, H, N, D = 2, 2, 48, 16
@@ -16,28 +16,12 @@ POOL_CLS, POOL_IMG, LEN_CLS, LEN_IMG = 4, 8, 2, 4
 P = POOL_CLS * LEN_CLS + POOL_IMG * LEN_IMG  # 40 > D: a [B, H, N, P] tensor is larger than q
 
 
-class LargestAllocation(TorchDispatchMode):
-    """Shape of the largest tensor any op returns while active (views and in-place results included: they
-    are never larger than what they alias)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shape = ()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.numel() > torch.Size(self.shape).numel():
-                self.shape = tuple(t.shape)
-        return out
-
-
 def largest_allocation(fn, tensors):
     """Largest tensor allocated by fn()'s forward and backward."""
-    with LargestAllocation() as mode:
+    with bench.NewAllocations() as allocations:
         out = fn()
         torch.autograd.grad(out, tensors, torch.ones_like(out))
-    return mode.shape
+    return allocations.largest
 
 
 def explicit_mask(tensors, mask):
