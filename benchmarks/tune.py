@@ -103,17 +103,13 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke):
 
     from tcpa_kernels import bench
     from tcpa_kernels.ops import _attention_kernels as kernels
-    from tcpa_kernels.ops.selection import Selection, topk_bits
 
     label, B, H, N, P, D, topk = shape
     device = bench.default_device()
     tensors, scores = bench.op_inputs(B, H, N, P, D, dtype, device)
     tensors = [t.detach() for t in tensors]
     grad_out = torch.randn_like(tensors[0])
-    pool, length = bench.op_pool_layout(P)
-    bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=pool, k_cls=min(topk, pool), k_img=min(topk, pool),
-                     backend="triton")
-    selection = Selection(bits=bits, pool_cls=pool, len_cls=length, len_img=length)
+    selection = bench.op_selection(scores, P, topk)
     scale = D**-0.5
     out, lse = kernels.attention_forward(*tensors, selection, scale, False)
     steps = {"fwd": lambda: kernels.attention_forward(*tensors, selection, scale, False),

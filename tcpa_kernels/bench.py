@@ -219,6 +219,15 @@ def op_inputs(B, H, N, P, D, dtype, device):
     return (q, k, v, pk, pv), scores
 
 
+def op_selection(scores, P, topk):
+    """The op benchmarks' selection: one CLS token, each token's ``topk`` entries (capped at the pool size) of
+    its pool in op_pool_layout(P)."""
+    pool, length = op_pool_layout(P)
+    bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=pool, k_cls=min(topk, pool), k_img=min(topk, pool),
+                     backend=resolve_backend("auto", scores.device))
+    return Selection(bits=bits, pool_cls=pool, len_cls=length, len_img=length)
+
+
 def op_forward(method, tensors, scores, topk):
     """A forward closure of one op method over the same inputs; each token selects its ``topk`` entries
     (capped at the pool size) of its pool. Methods without an equivalent return None."""
@@ -233,9 +242,7 @@ def op_forward(method, tensors, scores, topk):
         return torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
 
     def bool_mask():  # the selection as an SDPA/Flex mask [B, 1, N, P+N] (equivalent to renormalize=True)
-        bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=pool, k_cls=topk, k_img=topk,
-                         backend=resolve_backend("auto", q.device))
-        sel = Selection(bits=bits, pool_cls=pool, len_cls=length, len_img=length).rows(0, N, P)
+        sel = op_selection(scores, P, topk).rows(0, N, P)
         return torch.cat([sel, sel.new_ones(B, N, N)], -1)[:, None]
 
     if method == "tcpa_fused":
