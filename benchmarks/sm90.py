@@ -20,9 +20,8 @@ from tcpa_kernels.ops import _attention_kernels as kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-# integer arguments that are multiples of 16 at ViT shapes (head dim 64: strides are multiples of D)
-_ALIGNED_INTS = {"D", "stride_b", "stride_h", "stride_n", "pstride_b", "pstride_h", "kstride_b", "kstride_h",
-                 "kstride_n", "dstride_b", "dstride_h", "dstride_n"}
+# integer arguments that are multiples of 16 at ViT shapes (head dim 64: every stride is a multiple of D)
+_ALIGNED_INTS = {"D", *(f"{prefix}stride_{dim}" for prefix in ("", "p", "o", "do", "d", "dp") for dim in "bhn")}
 KERNELS = {"fwd": kernels._fwd_kernel, "bwd_dq": kernels._bwd_dq_kernel, "bwd_dkdv": kernels._bwd_dkdv_kernel}
 
 
@@ -30,14 +29,15 @@ def _tool(name, *args):
     return subprocess.run([os.path.join(_BIN, name), *args], capture_output=True, text=True, check=True).stdout
 
 
-def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=True):
+def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=True, prompt_dtype=None):
     """Compile one attention kernel variant ('fwd' | 'bwd_dq' | 'bwd_dkdv') to a cubin; dtype: 'bf16' | 'fp16' |
-    'fp32' of q/k/v/out (the dK/dV launch for prompt keys, IS_PROMPT, writes fp32). Returns ptxas's figures."""
+    'fp32' of q/k/v/out, prompt_dtype that of the prompt K/V (default: dtype; prompt gradients are fp32).
+    Returns ptxas's figures."""
     mask_type = "*u8" if constexprs["MASK_MODE"] == 0 else "*i64"
-    grad_type = "*fp32" if constexprs.get("IS_PROMPT") else f"*{dtype}"
-    pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "PK", "PV", "O", "DO", "DQ", "KEYS", "VALS")}
-    pointers |= {"MASK": mask_type, "BITS": mask_type, "LSE": "*fp32", "DELTA": "*fp32", "DKEYS": grad_type,
-                 "DVALS": grad_type}
+    prompt_type = f"*{prompt_dtype or dtype}"
+    pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    pointers |= {"PK": prompt_type, "PV": prompt_type, "MASK": mask_type, "BITS": mask_type, "LSE": "*fp32",
+                 "DELTA": "*fp32", "DPK": "*fp32", "DPV": "*fp32"}
     return compile_fn(KERNELS[kernel], pointers, constexprs, num_warps, num_stages, aligned)
 
 

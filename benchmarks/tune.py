@@ -25,8 +25,7 @@ CANDIDATES = {
     "fp32": [(64, 64, 4, 3), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1), (32, 32, 4, 2), (16, 64, 4, 2),
              (16, 32, 4, 2), (16, 32, 4, 1)],
 }
-KERNEL_LAUNCHES = [("fwd", {}), ("bwd_dq", {}), ("bwd_dkdv", dict(IS_PROMPT=False, ATOMIC=False)),
-                   ("bwd_dkdv", dict(IS_PROMPT=True, ATOMIC=True))]
+KERNEL_LAUNCHES = [("fwd", {}), ("bwd_dq", {}), ("bwd_dkdv", dict(ATOMIC=False))]  # dk/dv: token then prompt blocks
 # (label, B, H, N, P, D, topk) at which candidates are timed on a GPU
 GPU_SHAPES = [("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # TCPA_SPEC.md §6
               ("vit_l_b32_n577_p200_l4_k12", 32, 16, 577, 200, 64, 12)]
@@ -50,9 +49,8 @@ def _compile_one(job):
         figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages)
     except Exception as error:  # e.g. out of shared memory: reported, not fatal
         figures = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
-    launch = kernel + ("_prompts" if extra.get("IS_PROMPT") else "_tokens" if kernel == "bwd_dkdv" else "")
     in_table = kernels.LAUNCH_CONFIGS[(operand, d_pad)][kernel] == candidate
-    return {"operand": operand, "d_pad": d_pad, "kernel": launch, "config": list(candidate), "in_table": in_table,
+    return {"operand": operand, "d_pad": d_pad, "kernel": kernel, "config": list(candidate), "in_table": in_table,
             **figures}
 
 

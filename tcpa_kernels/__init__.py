@@ -1,12 +1,17 @@
 """tcpa_kernels: fused Triton kernels for Token Coordinated Prompt Attention (TCPA, ICML 2025).
 
 Public API (TCPA_SPEC.md §5): ``tcpa_attention``, ``match_prompts``, ``TCPAAttention`` /
-``tcpa_fused_attention``, ``match_scores``, ``matching_loss``.
+``tcpa_fused_attention``, ``match_scores``, ``matching_loss``; the lean model-level pair ``match_select``
+(matching, top-k and loss terms in one op) and ``tcpa_packed_attention`` (on timm's packed qkv, with a
+``Selection``).
 """
 
 from tcpa_kernels import _backend  # noqa: F401  (sets TRITON_INTERPRET=1 on machines without CUDA first)
 from tcpa_kernels.ops.fused import TCPAAttention, tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import match_prompts, match_scores, matching_loss
+from tcpa_kernels.ops.match_select import match_select
+from tcpa_kernels.ops.packed import tcpa_packed_attention
+from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import tcpa_attention
 from tcpa_kernels.vit import (
     PromptState,
@@ -25,7 +30,8 @@ from tcpa_kernels.vit import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "tcpa_attention", "match_prompts", "match_scores", "matching_loss", "TCPAAttention", "tcpa_fused_attention",
+    "tcpa_attention", "match_prompts", "match_scores", "matching_loss", "match_select", "tcpa_packed_attention",
+    "Selection", "TCPAAttention", "tcpa_fused_attention",
     "apply_tcpa", "apply_vpt", "remove_prompts", "remove_tcpa", "get_matching_loss", "set_selection",
     "trainable_parameters", "save_prompts", "load_prompts", "TCPAConfig", "VPTConfig", "PromptState",
 ]

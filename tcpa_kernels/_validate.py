@@ -3,6 +3,8 @@
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)
+MAX_POOL_ENTRIES = 64  # one int64 selection word per token
 
 
 def describe(t: torch.Tensor) -> str:
@@ -45,3 +47,30 @@ def check_attention_inputs(q, k, v, prompt_k, prompt_v, float_dtypes):
     if P < 1:
         raise ValueError(f"prompt_k: expected at least one prompt (P >= 1), got {describe(prompt_k)}")
     return B, H, N, P, D
+
+
+def check_pool_config(name_prefix, pool_cls, pool_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
+                      num_prefix_tokens, num_tokens):
+    """Validate pool sizes / top-k / prompt lengths / prefix count (name_prefix: '' or 'scores ')."""
+    for name, value, lo, hi in (
+        ("topk_cls", topk_cls, 1, pool_cls),
+        ("topk_img", topk_img, 1, pool_img),
+        ("prompt_len_cls", prompt_len_cls, 1, None),
+        ("prompt_len_img", prompt_len_img, 1, None),
+        ("num_prefix_tokens", num_prefix_tokens, 0, num_tokens),
+    ):
+        if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+            raise ValueError(f"{name}: expected {bound}, got {value!r}")
+    if pool_cls + pool_img > MAX_POOL_ENTRIES:
+        raise ValueError(f"{name_prefix}pool sizes: expected pool_cls + pool_img <= {MAX_POOL_ENTRIES} (one "
+                         f"64-bit selection word per token), got {pool_cls} + {pool_img}")
+
+
+def validate_match_inputs(x, keys_cls, keys_img):
+    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, keys in (("keys_cls", keys_cls), ("keys_img", keys_img)):
+        check_tensor(name, keys, ndim=2, dtypes=FLOAT_DTYPES)
+        if keys.device != x.device or keys.shape[1] != x.shape[2] or keys.shape[0] < 1:
+            raise ValueError(f"{name}: expected shape (pool >= 1, {x.shape[2]}) on {x.device}, got {describe(keys)}")
+    check_same("keys_img", keys_img, "keys_cls", keys_cls)

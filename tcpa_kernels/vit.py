@@ -22,9 +22,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels._prompt_kv import layer_prompts, step_prompt_kv
+from tcpa_kernels._validate import check_pool_config
 from tcpa_kernels.ops._function import topk_bits_op
-from tcpa_kernels.ops.fused import tcpa_fused_attention
-from tcpa_kernels.ops.match_prompts import check_pool_config, match_scores, matching_loss
+from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
+from tcpa_kernels.ops.match_select import match_fwd
+from tcpa_kernels.ops.packed import tcpa_packed_attention
 from tcpa_kernels.ops.selection import Selection
 
 SELECTION_MODES = ("topk", "random")
@@ -68,7 +71,13 @@ class PromptState:
     num_prefix_tokens: int
     selection: str = "topk"
     training: bool = False
-    layer_losses: dict = dataclasses.field(default_factory=dict)
+    layer_terms: dict = dataclasses.field(default_factory=dict)  # layer -> matching-loss terms of the last forward
+    blocks: list = dataclasses.field(default_factory=list)  # the prompted blocks, in order
+    step_inputs: list | tuple = ()  # per layer, this forward: prompt K/V [2, H, P, D] (fused) or tokens [P, C]
+    kv: list = dataclasses.field(default_factory=list)  # prompt K/V kept without autograd ...
+    kv_key: tuple | None = None  # ... while these parameters are unchanged
+    weights: tuple = ()  # folded prompt-K/V weights of a frozen backbone ...
+    weights_key: tuple | None = None  # ... while these parameters are unchanged
     original_heads: dict = dataclasses.field(default_factory=dict)
     original_num_classes: int = 0
     original_requires_grad: dict = dataclasses.field(default_factory=dict)
@@ -76,7 +85,9 @@ class PromptState:
     @property
     def matching_loss(self):
         """Sum over layers of the matching loss of the last forward (0 for VPT or random selection)."""
-        return sum(self.layer_losses.values(), torch.zeros(()))
+        if not self.layer_terms:
+            return torch.zeros(())
+        return torch.cat([terms.flatten() for terms in self.layer_terms.values()]).sum()
 
 
 @dataclasses.dataclass
@@ -98,9 +109,8 @@ def _project_qkv(attn, h):
 
 
 def _finish_attention(attn, out, h):
-    """timm Attention after the softmax: out [B, H, N, D] -> [B, N, C] through norm, gate, proj."""
-    B, H, N, D = out.shape
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, H * D))
+    """timm Attention after the softmax: out [B, N, C] -> [B, N, C] through norm, gate, proj."""
+    out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(h).sigmoid()
     return attn.proj_drop(attn.proj(out))
@@ -112,31 +122,26 @@ def _reject_attn_mask(attn_mask, is_causal):
                          f"attn_mask={None if attn_mask is None else tuple(attn_mask.shape)}, is_causal={is_causal}")
 
 
-def _fused_attention(blk, h, scores, prompts, state, cfg):
-    """TCPA attention through the fused op: prompt K/V [H, P, D] computed once. Returns (out, bits)."""
-    q, k, v = _project_qkv(blk.attn, h)  # [B, H, N, D]
-    # Prompt K/V in the parameters' dtype: under autocast the 16-bit copy of the frozen W_qkv cast for this GEMM
-    # would be saved for backward a second time in every layer; the parameter itself costs nothing to save.
-    with torch.autocast(h.device.type, enabled=False):
-        _, prompt_k, prompt_v = _project_qkv(blk.attn, blk.norm1(prompts)[None])  # [1, H, P, D]
-    dtype = v.dtype  # q_norm/k_norm may return fp32 under autocast
-    return tcpa_fused_attention(
-        q.to(dtype), k.to(dtype), v, prompt_k[0].to(dtype), prompt_v[0].to(dtype), scores, pool_cls=cfg.pool_size_cls,
-        topk_cls=cfg.topk_cls, topk_img=cfg.topk_img, prompt_len_cls=cfg.prompt_len_cls,
-        prompt_len_img=cfg.prompt_len_img, num_prefix_tokens=state.num_prefix_tokens,
-        renormalize=cfg.renormalize, backend=cfg.backend)
+def _fused_attention(blk, h, selection, prompt_kv, cfg):
+    """TCPA attention through the fused op, on the packed qkv projection. h [B, N, C], prompt_kv [2, H, P, D]
+    -> [B, N, C]: no layout copy on either side of the op."""
+    attn = blk.attn
+    B, N, _ = h.shape
+    qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        # qk_norm: a LayerNorm over D, the same on [B, N, H, D] as on timm's [B, H, N, D]; one restacking copy
+        qkv = torch.stack([attn.q_norm(qkv[:, :, 0]).to(qkv.dtype), attn.k_norm(qkv[:, :, 1]).to(qkv.dtype),
+                           qkv[:, :, 2]], dim=2)
+    return tcpa_packed_attention(qkv, prompt_kv, selection, scale=attn.scale, renormalize=cfg.renormalize,
+                                 backend=resolve_backend(cfg.backend, h.device))
 
 
-def _dense_attention(blk, h, scores, prompts, state, cfg):
+def _dense_attention(blk, h, selection, prompts, cfg):
     """Official-style TCPA, the baseline the fused op is measured against: prompts concatenated into the
     sequence, eager softmax over [P+N] x [P+N], a dense float mask [B, H, P+N, P+N] multiplied after it (or
-    -inf before it when renormalize). Returns (out of the N real tokens [B, H, N, D], bits)."""
+    -inf before it when renormalize). Returns the output of the N real tokens [B, N, C]."""
     B, N, _ = h.shape
     P = prompts.shape[0]
-    bits = topk_bits_op(scores.detach(), state.num_prefix_tokens, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
-                        resolve_backend(cfg.backend, h.device))
-    selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
-                          len_img=cfg.prompt_len_img)
     seq = torch.cat([blk.norm1(prompts)[None].expand(B, -1, -1).to(h.dtype), h], dim=1)  # [B, P+N, C]
     q, k, v = _project_qkv(blk.attn, seq)  # [B, H, P+N, D]
     scores_qk = (q * blk.attn.scale) @ k.transpose(-1, -2)  # [B, H, P+N, P+N]
@@ -146,7 +151,25 @@ def _dense_attention(blk, h, scores, prompts, state, cfg):
         probs = scores_qk.masked_fill(dense_mask == 0, float("-inf")).softmax(-1)
     else:
         probs = scores_qk.softmax(-1) * dense_mask
-    return (probs @ v)[:, :, P:], bits
+    return (probs @ v)[:, :, P:].transpose(1, 2).reshape(B, N, -1)
+
+
+def _select(self, x, state, cfg):
+    """(selection words [B, N], matching-loss terms [B, N] or None) of the block input x [B, N, C]."""
+    B, N, _ = x.shape
+    backend = resolve_backend(cfg.backend, x.device)
+    if state.selection == "random":  # a random k-subset per token, no matching loss
+        scores = torch.rand(B, N, cfg.pool_size_cls + cfg.pool_size_img, device=x.device)
+        return topk_bits_op(scores, state.num_prefix_tokens, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
+                            backend), None
+    if cfg.attention == "dense":  # the published code's matching: a scores tensor, top-k, loss from it
+        scores = match_scores(x, self.tcpa_keys_cls, self.tcpa_keys_img)  # [B, N, Pc+Pi]
+        bits = topk_bits_op(scores.detach(), state.num_prefix_tokens, cfg.pool_size_cls, cfg.topk_cls,
+                            cfg.topk_img, backend)
+        return bits, matching_loss(scores, bits, state.num_prefix_tokens, cfg.topk_cls, cfg.topk_img)[None]
+    terms, bits = match_fwd(x, self.tcpa_keys_cls, self.tcpa_keys_img, state.num_prefix_tokens, cfg.topk_cls,
+                            cfg.topk_img, backend)
+    return bits, terms
 
 
 def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
@@ -154,21 +177,17 @@ def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
     _reject_attn_mask(attn_mask, is_causal)
     layer = self._prompt_layer
     state, cfg = layer.state, layer.state.config
-    B, N, _ = x.shape
-    num_entries = cfg.pool_size_cls + cfg.pool_size_img
-    if state.selection == "random":
-        scores = torch.rand(B, N, num_entries, device=x.device)  # random k-subset per token
-    else:
-        scores = match_scores(x, self.tcpa_keys_cls, self.tcpa_keys_img)  # [B, N, Pc+Pi]
-    prompts = torch.cat([self.tcpa_prompts_cls.flatten(0, 1), self.tcpa_prompts_img.flatten(0, 1)])  # [P, C]
-    prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)  # one mask for the batch
-
+    if layer.index == 0:  # parameter-only work of every layer, once per forward
+        state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else layer_prompts(state).unbind(0)
+        state.layer_terms = {}
+    bits, terms = _select(self, x, state, cfg)
+    if terms is not None:
+        state.layer_terms[layer.index] = terms
+    selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
+                          len_img=cfg.prompt_len_img)
     h = self.norm1(x)
     attention = _fused_attention if cfg.attention == "fused" else _dense_attention
-    out, bits = attention(self, h, scores, prompts, state, cfg)
-    state.layer_losses[layer.index] = (
-        matching_loss(scores, bits, state.num_prefix_tokens, cfg.topk_cls, cfg.topk_img)
-        if state.selection == "topk" else x.new_zeros(()))
+    out = attention(self, h, selection, state.step_inputs[layer.index], cfg)  # [B, N, C]
     x = x + self.drop_path1(self.ls1(_finish_attention(self.attn, out, h)))
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -218,7 +237,8 @@ def _check_model(model):
 
 def _attach(model, method, config, make_params):
     """Freeze the backbone, add per-block parameters from make_params(i, block), patch forwards and head."""
-    state = PromptState(method=method, config=config, num_prefix_tokens=model.num_prefix_tokens)
+    state = PromptState(method=method, config=config, num_prefix_tokens=model.num_prefix_tokens,
+                        blocks=list(model.blocks))
     state.original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     model.requires_grad_(False)
     forward = _tcpa_block_forward if method == "tcpa" else _vpt_block_forward

@@ -4,9 +4,9 @@ at the launch configurations the library uses (LAUNCH_CONFIGS). Run as a script 
 1 if a variant compiled with ViT-shape (aligned) arguments spills registers, or if any needs more shared memory
 than an sm_90 block can have (which would fail at launch on the GPU).
 
-Default: a subset in which every constexpr branch appears (each dtype, mask encoding, softmax mode, head-dim
-bucket, atomic and deterministic reductions, aligned and general arguments), ~20 s on 2 cores.
-``--all``: the full matrix, aligned (24 variants, ~5 minutes)."""
+Default: a subset in which every constexpr branch appears (each dtype, fp32 prompts with 16-bit q, mask encoding,
+softmax mode, head-dim bucket, atomic and deterministic prompt gradients, aligned and general arguments), ~20 s on
+2 cores. ``--all``: the full matrix, aligned (40 variants, ~5 minutes)."""
 
 import itertools
 import os
@@ -18,32 +18,45 @@ import torch  # noqa: E402
 
 from benchmarks import sm90  # noqa: E402
 from tcpa_kernels.ops import _attention_kernels as kernels  # noqa: E402
-from tcpa_kernels.ops import selection  # noqa: E402
+from tcpa_kernels.ops import match_select, selection  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# (dtype, mask mode, renormalize, head dim, aligned arguments)
-SUBSET = [("bf16", 1, False, 128, True), ("fp32", 0, True, 64, True), ("fp16", 1, True, 40, False)]
-FULL = [(*v, True) for v in itertools.product(DTYPES, (0, 1), (False, True), (64, 128))]
+# (dtype of q/k/v, dtype of the prompt K/V, mask mode, renormalize, head dim, aligned arguments)
+SUBSET = [("bf16", "fp32", 1, False, 128, True), ("fp32", "fp32", 0, True, 64, True),
+          ("fp16", "fp16", 1, True, 40, False)]
+FULL = [(dtype, prompt_dtype, *v, True) for dtype in DTYPES for prompt_dtype in dict.fromkeys((dtype, "fp32"))
+        for v in itertools.product((0, 1), (False, True), (64, 128))]
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
-LAUNCHES = [("fwd", {}), ("bwd_dq", {}), ("bwd_dkdv", dict(IS_PROMPT=False, ATOMIC=False)),
-            ("bwd_dkdv", dict(IS_PROMPT=True, ATOMIC=False)), ("bwd_dkdv", dict(IS_PROMPT=True, ATOMIC=True))]
-
+LAUNCHES = [("fwd", {}), ("bwd_dq", {}), ("bwd_dkdv", dict(ATOMIC=False)), ("bwd_dkdv", dict(ATOMIC=True))]
 
 def main(variants):
     rejected = []
-    for dtype, mask_mode, renormalize, head_dim, aligned in variants:
+    for dtype, prompt_dtype, mask_mode, renormalize, head_dim, aligned in variants:
         for kernel, extra in LAUNCHES:
             cfg = kernels.launch_config(kernel, 1024, head_dim, DTYPES[dtype])
             num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             constexprs = cfg | dict(MASK_MODE=mask_mode, RENORMALIZE=renormalize, **extra)
-            figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned)
-            line = f"{kernel} {dtype} D={head_dim} aligned={aligned} {constexprs} warps={num_warps} " \
-                   f"stages={num_stages} {figures}"
+            figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned, prompt_dtype)
+            line = f"{kernel} {dtype} prompts={prompt_dtype} D={head_dim} aligned={aligned} {constexprs} " \
+                   f"warps={num_warps} stages={num_stages} {figures}"
             print(line, flush=True)
             if (aligned and figures["spill_ops"]) or figures["shared_bytes"] > SM90_MAX_SHARED:
                 rejected.append(line)
     print(sm90.compile_fn(selection._topk_bits_kernel, {"SCORES": "*fp32", "BITS": "*i64"},
                           dict(BLOCK_T=32, E_PAD=64)), flush=True)
+    # matching on the fp32 residual stream (x) with fp32 keys, 64 pool entries, as the library launches it
+    pointers = {"X": "*fp32", "KEYS_CLS": "*fp32", "KEYS_IMG": "*fp32", "BITS": "*i64", "TERMS": "*fp32",
+                "DTERMS": "*fp32", "DX": "*fp32", "DKEYS_PARTIAL": "*fp32"}
+    for name, kernel, extra in (("fwd", match_select._match_fwd_kernel, {}),
+                                ("bwd", match_select._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True))):
+        launch = dict(match_select.LAUNCH[name])
+        num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
+        constexprs = launch | extra | dict(E_PAD=64)
+        figures = sm90.compile_fn(kernel, pointers, constexprs, num_warps, num_stages)
+        line = f"match_{name} {constexprs} warps={num_warps} stages={num_stages} {figures}"
+        print(line, flush=True)
+        if figures["spill_ops"] or figures["shared_bytes"] > SM90_MAX_SHARED:
+            rejected.append(line)
     if rejected:
         print("register spills at ViT-shape arguments, or more shared memory than sm_90 has:\n"
               + "\n".join(rejected), file=sys.stderr)

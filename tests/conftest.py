@@ -29,6 +29,17 @@ def attention_inputs(B, H, N, P, D, *, dtype=torch.float32, shared=True, device=
     return tensors, mask
 
 
+def random_selection(B, N, P, pool_cls, len_cls, len_img, *, seed=0, device=DEVICE):
+    """Selection in bits mode: random int64 words [B, N] over the pool entries of P prompts laid out as
+    [pool_cls entries of len_cls tokens ; entries of len_img tokens]. ``.rows(0, N, P)`` is its [B, N, P] mask."""
+    from tcpa_kernels.ops.selection import Selection
+
+    entries = pool_cls + -(-(P - pool_cls * len_cls) // len_img)
+    picked = torch.rand(B, N, entries, generator=torch.Generator().manual_seed(seed)) < 0.5
+    bits = (picked.long() << torch.arange(entries)).sum(-1)  # distinct powers of two: sum == or
+    return Selection(bits=bits.to(device), pool_cls=pool_cls, len_cls=len_cls, len_img=len_img)
+
+
 def fp64(tensors):
     return [t.detach().double().requires_grad_() for t in tensors]
 
@@ -65,7 +76,7 @@ class _PoisonedTorch:
 
 @pytest.fixture
 def poison_buffers(monkeypatch):
-    from tcpa_kernels.ops import _attention_kernels, selection
+    from tcpa_kernels.ops import _attention_kernels, _function, _torch_attention, packed, selection
 
-    for module in (_attention_kernels, selection):
+    for module in (_attention_kernels, _function, _torch_attention, packed, selection):
         monkeypatch.setattr(module, "torch", _PoisonedTorch())

@@ -153,16 +153,11 @@ def test_torch_compile_fullgraph():
     assert model.blocks[0].tcpa_prompts_img.grad is not None
 
 
-def test_custom_ops_opcheck():
-    from tcpa_kernels.ops._function import attention_bwd, attention_fwd, topk_bits_op
+def test_topk_bits_op_opcheck():
+    """The selection op the random-selection epochs use (the attention and matching ops are opchecked in
+    test_packed.py and test_match_select.py)."""
+    from tcpa_kernels.ops._function import topk_bits_op
 
-    q, k, v = torch.randn(3, 2, 2, 5, 16).unbind(0)
-    pk, pv = torch.randn(2, 2, 4, 16).unbind(0)
-    mask = torch.rand(2, 5, 4) < 0.5
-    torch.library.opcheck(attention_fwd, (q, k, v, pk, pv, mask, 0, 1, 1, 0.25, False, "torch"))
-    out, lse = attention_fwd(q, k, v, pk, pv, mask, 0, 1, 1, 0.25, False, "torch")
-    torch.library.opcheck(attention_bwd, (torch.randn_like(out), q, k, v, pk, pv, out, lse, mask, 0, 1, 1, 0.25,
-                                          False, "torch", True, [True, False, True, True, False]))
     torch.library.opcheck(topk_bits_op, (torch.rand(2, 5, 6), 1, 2, 1, 2, "torch"))
 
 
@@ -234,3 +229,42 @@ def test_dense_official_style_baseline_equals_fused(renormalize):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_eval_reuses_prompt_kv_until_a_parameter_changes():
+    """Without autograd the per-layer prompt K/V are computed once and reused; an in-place update (an optimizer
+    step, load_state_dict) or a new model invalidates them."""
+    model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW).eval()
+    x = images()
+    with torch.no_grad():
+        first = model(x)
+        cached = list(model.prompt_state.kv)
+        assert torch.equal(model(x), first)
+        assert all(a is b for a, b in zip(model.prompt_state.kv, cached)), "recomputed although nothing changed"
+        model.blocks[1].tcpa_prompts_img.add_(torch.randn(5, 1, 32))  # in place, as an optimizer step
+        changed = model(x)
+        model.load_state_dict(copy.deepcopy(model.state_dict()) | {"blocks.0.norm1.weight": torch.zeros(32)})
+        zeroed = model(x)
+    assert not torch.allclose(changed, first) and not torch.allclose(zeroed, changed)
+    torch.testing.assert_close(zeroed, model(x))  # with autograd: computed anew from the parameters
+
+
+@pytest.mark.parametrize("case", ["unequal_norm_eps", "trainable_norm1", "frozen_weight_changed"])
+def test_prompt_kv_paths_match_reference_fp64(case):
+    """The batched prompt K/V (norm1 folded into W_qkv, kept between forwards) and its fallbacks are exact."""
+    model = tk.apply_tcpa(small_vit().double(), backend="torch", **TCPA_KW)
+    x = images().double()
+    if case == "unequal_norm_eps":  # layers no longer batch: one norm1 + linear per layer
+        model.blocks[1].norm1.eps = 1e-3
+    elif case == "trainable_norm1":  # folded weights rebuilt inside the graph: norm1 gets its gradient
+        model.blocks[1].norm1.weight.requires_grad_(True)
+    else:  # the kept folded weights must follow an in-place change of a frozen weight
+        model(x)
+        with torch.no_grad():
+            model.blocks[0].attn.qkv.weight.mul_(1.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(model(x).square().sum() + tk.get_matching_loss(model), params)
+    ref_logits, ref_match = tcpa_vit_forward_ref(model, x, layer_params(model), **REF_KW)
+    ref_grads = torch.autograd.grad(ref_logits.square().sum() + ref_match, params, allow_unused=True)
+    for p, g, rg in zip(params, grads, ref_grads):
+        torch.testing.assert_close(g, torch.zeros_like(p) if rg is None else rg, atol=1e-9, rtol=1e-7)

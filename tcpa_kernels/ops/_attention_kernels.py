@@ -10,14 +10,20 @@ Backward (FlashAttention-2 recomputation), with p = exp2(s*log2e - lse), dP = dO
   ds = p * (m*dP - delta)     renormalize=False  (unselected prompts still get a key gradient)
   ds = m*p * (dP - delta)     renormalize=True
   dv = sum_rows (m*p) dO,  dq = scale * sum ds k,  dk = scale * sum_rows ds q      (m = 1 for tokens)
+Two launches:
 - ``_bwd_dq_kernel``  per query block: computes and stores delta, then dq.
-- ``_bwd_dkdv_kernel`` per key block, launched once for token keys and once for prompt keys.
-  Prompt K/V shared by the batch ([H, P, D]) need a reduction over the batch: either per-(b, h)
-  fp32 partials summed afterwards (deterministic) or fp32 atomics into [H, P, D].
+- ``_bwd_dkdv_kernel`` per key block: axis 1 of its grid covers the token key blocks, then the prompt key blocks
+  (a runtime branch on the program id). Prompt K/V shared by the batch ([H, P, D]) need a reduction over the
+  batch: the kernel writes per-(b, h) fp32 partials that the caller sums (deterministic), or adds fp32 atomics
+  into [H, P, D].
 
-Layouts: q/k/v [B, H, N, D] with any b/h/n strides (unit stride on D), prompts [H|B, H, P, D]
-contiguous, o/do/dq/dk/dv contiguous [B, H, N, D], lse/delta [B*H, N] fp32.
-Offsets of the (batch, head) base are int64; the grid puts batch*head on axis 0 (up to 2^31-1).
+Layouts: every [B, H, N, D] operand is addressed through its own (b, h, n) strides with unit stride on D: q/k/v
+share one stride set, dq/dk/dv one, prompt K/V one ([H, P, D]: batch stride 0), prompt gradients one, o and do
+one each. So timm's fused qkv ([B, N, 3, H, D]) is read in place, o is written as [B, N, H, D] (what the output
+projection reads) and dq/dk/dv can go straight into one [B, N, 3, H, D] buffer. Prompt K/V may be stored in
+another float dtype than q (fp32 prompts with 16-bit q): they are cast to q's dtype after the load. lse/delta are
+contiguous [B*H, N] fp32. Offsets of the (batch, head) base are int64; the grid puts batch*head on axis 0
+(up to 2^31-1).
 """
 
 import torch
@@ -55,16 +61,20 @@ def _grad_scores(b_p, b_dp, b_delta, sel, IS_PROMPT: tl.constexpr, RENORMALIZE: 
 
 
 @triton.jit
-def _query_block(H, N, D, stride_b, stride_h, pstride_b, pstride_h, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
-    """This program's (batch*head, query block): ids, int64 base offsets of q/k/v and prompts, row/dim offsets."""
+def _query_block(H, N, D, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """This program's (batch*head, query block): int64 ids (i_bh, i_b, i_h), row/dim offsets and masks."""
     i_bh = tl.program_id(0).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
     o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N
     o_d = tl.arange(0, D_PAD)
     m_md = m_m[:, None] & (o_d < D)[None, :]
-    return i_bh, i_b, i_b * stride_b + i_h * stride_h, i_b * pstride_b + i_h * pstride_h, o_m, m_m, o_d, m_md
+    return i_bh, i_bh // H, i_bh % H, o_m, m_m, o_d, m_md
+
+
+@triton.jit
+def _rows(X, i_b, i_h, o_m, o_d, stride_b, stride_h, stride_n):
+    """Pointers [BLOCK, D_PAD] to rows o_m of (batch i_b, head i_h) of a [B, H, N, D] tensor (unit stride on D)."""
+    return X + i_b * stride_b + i_h * stride_h + o_m[:, None] * stride_n + o_d[None, :]
 
 
 @triton.jit
@@ -78,8 +88,9 @@ def _key_block(b_q, K_BASE, V_BASE, stride_kn, start_n, n_keys, qk_scale,
     o_n = start_n + tl.arange(0, BLOCK_N)
     m_n = o_n < n_keys
     m_kv = m_n[:, None] & (o_d < D)[None, :]
-    b_k = tl.load(K_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, D_PAD]
-    b_v = tl.load(V_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)
+    # [BN, D_PAD] in q's dtype (prompts may be stored in another float dtype)
+    b_k = tl.load(K_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0).to(b_q.dtype)
+    b_v = tl.load(V_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0).to(b_q.dtype)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
     b_s = tl.where(m_n[None, :], b_s, float("-inf"))
     sel = m_n[None, :]
@@ -113,13 +124,14 @@ def _fwd_key_range(acc, m_i, l_i, b_q, K_BASE, V_BASE, stride_kn, n_keys, qk_sca
 
 @triton.jit
 def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
-                stride_b, stride_h, stride_n, pstride_b, pstride_h,
+                stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n, ostride_b, ostride_h, ostride_n,
                 H, N, P, D, qk_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                 MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    i_bh, i_b, qkv_base, prompt_base, o_m, m_m, o_d, m_md = _query_block(
-        H, N, D, stride_b, stride_h, pstride_b, pstride_h, BLOCK_M, D_PAD)
-    b_q = tl.load(Q + qkv_base + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
+    i_bh, i_b, i_h, o_m, m_m, o_d, m_md = _query_block(H, N, D, BLOCK_M, D_PAD)
+    qkv_base = i_b * stride_b + i_h * stride_h
+    prompt_base = i_b * pstride_b + i_h * pstride_h
+    b_q = tl.load(_rows(Q, i_b, i_h, o_m, o_d, stride_b, stride_h, stride_n), mask=m_md, other=0.0)  # [BM, D_PAD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -127,11 +139,11 @@ def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
     acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, b_q, K + qkv_base, V + qkv_base, stride_n, N, qk_scale,
                                    MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
                                    len_img, D, False, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
-    acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, b_q, PK + prompt_base, PV + prompt_base, D, P, qk_scale,
+    acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, b_q, PK + prompt_base, PV + prompt_base, pstride_n, P, qk_scale,
                                    MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
                                    len_img, D, True, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
-    b_o = acc / l_i[:, None]
-    tl.store(O + i_bh * N * D + o_m[:, None] * D + o_d[None, :], b_o.to(O.dtype.element_ty), mask=m_md)
+    b_o = acc / l_i[:, None]  # [BM, D_PAD]
+    tl.store(_rows(O, i_b, i_h, o_m, o_d, ostride_b, ostride_h, ostride_n), b_o.to(O.dtype.element_ty), mask=m_md)
     tl.store(LSE + i_bh * N + o_m, m_i + tl.log2(l_i), mask=m_m)
 
 
@@ -153,16 +165,17 @@ def _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, K_BASE, V_BASE, stride_kn
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ,
-                   stride_b, stride_h, stride_n, pstride_b, pstride_h,
+                   stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n, ostride_b, ostride_h, ostride_n,
+                   dostride_b, dostride_h, dostride_n, dstride_b, dstride_h, dstride_n,
                    H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                    MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    i_bh, i_b, qkv_base, prompt_base, o_m, m_m, o_d, m_md = _query_block(
-        H, N, D, stride_b, stride_h, pstride_b, pstride_h, BLOCK_M, D_PAD)
-    p_rows = i_bh * N * D + o_m[:, None] * D + o_d[None, :]  # contiguous [B, H, N, D] tensors
-    b_q = tl.load(Q + qkv_base + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
-    b_do = tl.load(DO + p_rows, mask=m_md, other=0.0)
-    b_o = tl.load(O + p_rows, mask=m_md, other=0.0)
+    i_bh, i_b, i_h, o_m, m_m, o_d, m_md = _query_block(H, N, D, BLOCK_M, D_PAD)
+    qkv_base = i_b * stride_b + i_h * stride_h
+    prompt_base = i_b * pstride_b + i_h * pstride_h
+    b_q = tl.load(_rows(Q, i_b, i_h, o_m, o_d, stride_b, stride_h, stride_n), mask=m_md, other=0.0)  # [BM, D_PAD]
+    b_do = tl.load(_rows(DO, i_b, i_h, o_m, o_d, dostride_b, dostride_h, dostride_n), mask=m_md, other=0.0)
+    b_o = tl.load(_rows(O, i_b, i_h, o_m, o_d, ostride_b, ostride_h, ostride_n), mask=m_md, other=0.0)
     b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # [BM]
     tl.store(DELTA + i_bh * N + o_m, b_delta, mask=m_m)
     b_lse = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.0)
@@ -171,34 +184,30 @@ def _bwd_dq_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ,
     b_dq = _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, K + qkv_base, V + qkv_base, stride_n, N,
                              qk_scale, MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
                              len_img, D, False, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
-    b_dq = _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, PK + prompt_base, PV + prompt_base, D, P,
+    b_dq = _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, PK + prompt_base, PV + prompt_base, pstride_n, P,
                              qk_scale, MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
                              len_img, D, True, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
-    tl.store(DQ + p_rows, (b_dq * sm_scale).to(DQ.dtype.element_ty), mask=m_md)
+    tl.store(_rows(DQ, i_b, i_h, o_m, o_d, dstride_b, dstride_h, dstride_n), (b_dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=m_md)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, KEYS, VALS, DKEYS, DVALS, MASK, BITS,
-                     stride_b, stride_h, stride_n, kstride_b, kstride_h, kstride_n,
-                     dstride_b, dstride_h, dstride_n,
-                     H, N, P, D, n_keys, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
-                     IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                     ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV of one block of keys (token keys, or prompt keys when IS_PROMPT)."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_n = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    qkv_base = i_b * stride_b + i_h * stride_h
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _bwd_dkdv_block(Q_BH, DO_BH, LSE_BH, DELTA_BH, KEYS, VALS, DKEYS, DVALS, MASK, BITS, i_b, start_n, n_keys,
+                    stride_n, dostride_n, kstride_n, dkstride_n, N, P, D, qk_scale, sm_scale,
+                    n_cls_prompts, pool_cls, len_cls, len_img,
+                    IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of keys start_n.. of one range (token keys, or prompt keys when IS_PROMPT) over every query row.
+    The *_BH pointers and KEYS/VALS/DKEYS/DVALS point at this program's (batch, head)."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
     m_n = o_n < n_keys
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
     m_kv = m_n[:, None] & m_d[None, :]
-    p_kv = i_b * kstride_b + i_h * kstride_h + o_n[:, None] * kstride_n + o_d[None, :]
-    b_k = tl.load(KEYS + p_kv, mask=m_kv, other=0.0)  # [BN, D_PAD]
-    b_v = tl.load(VALS + p_kv, mask=m_kv, other=0.0)
+    # [BN, D_PAD] in q's dtype (prompts may be stored in another float dtype)
+    b_k = tl.load(KEYS + o_n[:, None] * kstride_n + o_d[None, :], mask=m_kv, other=0.0).to(Q_BH.dtype.element_ty)
+    b_v = tl.load(VALS + o_n[:, None] * kstride_n + o_d[None, :], mask=m_kv, other=0.0).to(Q_BH.dtype.element_ty)
 
     b_dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -206,10 +215,10 @@ def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, KEYS, VALS, DKEYS, DVALS, MASK, BITS,
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < N
         m_md = m_m[:, None] & m_d[None, :]
-        b_q = tl.load(Q + qkv_base + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)
-        b_do = tl.load(DO + i_bh * N * D + o_m[:, None] * D + o_d[None, :], mask=m_md, other=0.0)
-        b_lse = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.0)
-        b_delta = tl.load(DELTA + i_bh * N + o_m, mask=m_m, other=0.0)
+        b_q = tl.load(Q_BH + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
+        b_do = tl.load(DO_BH + o_m[:, None] * dostride_n + o_d[None, :], mask=m_md, other=0.0)
+        b_lse = tl.load(LSE_BH + o_m, mask=m_m, other=0.0)  # [BM]
+        b_delta = tl.load(DELTA_BH + o_m, mask=m_m, other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
         b_p = tl.where(m_m[:, None] & m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
@@ -221,7 +230,7 @@ def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, KEYS, VALS, DKEYS, DVALS, MASK, BITS,
         b_dv += tl.dot(tl.trans(b_pv.to(b_do.dtype)), b_do, input_precision=PRECISION)
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
 
-    p_out = i_b * dstride_b + i_h * dstride_h + o_n[:, None] * dstride_n + o_d[None, :]
+    p_out = o_n[:, None] * dkstride_n + o_d[None, :]
     if ATOMIC:
         tl.atomic_add(DKEYS + p_out, b_dk * sm_scale, mask=m_kv)
         tl.atomic_add(DVALS + p_out, b_dv, mask=m_kv)
@@ -230,8 +239,43 @@ def _bwd_dkdv_kernel(Q, DO, LSE, DELTA, KEYS, VALS, DKEYS, DVALS, MASK, BITS,
         tl.store(DVALS + p_out, b_dv.to(DVALS.dtype.element_ty), mask=m_kv)
 
 
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, DK, DV, DPK, DPV, MASK, BITS,
+                     stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n,
+                     dostride_b, dostride_h, dostride_n, dstride_b, dstride_h, dstride_n,
+                     dpstride_b, dpstride_h, dpstride_n,
+                     H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
+                     MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one block of keys: axis-1 programs cover the token key blocks (into DK/DV), then the prompt key
+    blocks (into DPK/DPV, fp32: per-(b, h) partials, or with ATOMIC atomics at batch stride 0)."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_n = tl.program_id(1)
+    n_token_blocks = tl.cdiv(N, BLOCK_N)
+    qkv_base = i_b * stride_b + i_h * stride_h
+    Q_BH = Q + qkv_base
+    DO_BH = DO + i_b * dostride_b + i_h * dostride_h
+    if i_n < n_token_blocks:
+        grad_base = i_b * dstride_b + i_h * dstride_h
+        _bwd_dkdv_block(Q_BH, DO_BH, LSE + i_bh * N, DELTA + i_bh * N, K + qkv_base, V + qkv_base, DK + grad_base,
+                        DV + grad_base, MASK, BITS, i_b, i_n * BLOCK_N, N, stride_n, dostride_n, stride_n, dstride_n,
+                        N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
+                        False, MASK_MODE, RENORMALIZE, False, BLOCK_M, BLOCK_N, D_PAD, PRECISION)
+    else:
+        prompt_base = i_b * pstride_b + i_h * pstride_h
+        grad_base = i_b * dpstride_b + i_h * dpstride_h
+        _bwd_dkdv_block(Q_BH, DO_BH, LSE + i_bh * N, DELTA + i_bh * N, PK + prompt_base, PV + prompt_base,
+                        DPK + grad_base, DPV + grad_base, MASK, BITS, i_b, (i_n - n_token_blocks) * BLOCK_N, P,
+                        stride_n, dostride_n, pstride_n, dpstride_n, N, P, D, qk_scale, sm_scale,
+                        n_cls_prompts, pool_cls, len_cls, len_img,
+                        True, MASK_MODE, RENORMALIZE, ATOMIC, BLOCK_M, BLOCK_N, D_PAD, PRECISION)
+
+
 # ----------------------------------------------------------------------------------------------
-# launchers
+# launchers: one kernel launch each. Tensors come in the layouts the kernels take (see the module docstring);
+# the custom ops in _function.py allocate the gradient buffers and do the aten work around the launches.
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, by operand class and padded head dim (64 stands for
@@ -266,98 +310,83 @@ def launch_config(kernel, N, D, dtype):
                 PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
 
 
-def _strided_qkv(q, k, v):
-    """q/k/v sharing one (b, h, n) stride set with unit stride on D, as the kernels read them.
+def _bhn_strides(name, *tensors):
+    """The (batch, head, row) strides that [B, H, N, D] tensors share ([H, N, D]: batch stride 0); D is unit-stride.
+    Empty tensors (no program reads them) may have any strides."""
+    strides = [(0, *t.stride()[:2]) if t.dim() == 3 else t.stride()[:3] for t in tensors]
+    unit_d = all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in tensors)
+    if tensors[0].numel() and (len(set(strides)) != 1 or not unit_d):
+        raise ValueError(f"{name}: expected one (batch, head, row) stride set and unit stride on D, got strides "
+                         f"{[t.stride() for t in tensors]}")
+    return strides[0]
 
-    timm's fused qkv gives exactly that (views of one [B, N, 3, H, D] tensor), so no copy is made there;
-    other layouts are copied to contiguous once.
-    """
-    if q.stride(-1) == 1 and q.stride() == k.stride() == v.stride():
-        return q, k, v
-    return q.contiguous(), k.contiguous(), v.contiguous()
 
-
-def _prompt_strides(prompt_k):
-    """(batch stride, head stride) of contiguous prompts; batch stride 0 when shared [H, P, D]."""
-    P, D = prompt_k.shape[-2:]
-    return (0 if prompt_k.dim() == 3 else prompt_k.shape[-3] * P * D), P * D
+def _launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), or nothing when the grid is empty (a zero-size dimension)."""
+    if min(grid) > 0:
+        kernel[grid](*args, **meta)
 
 
 def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize):
-    """Triton forward. Returns (out [B, H, N, D], lse [B, H, N] fp32 in log2 units)."""
-    q, k, v = _strided_qkv(q, k, v)
-    prompt_k, prompt_v = prompt_k.contiguous(), prompt_v.contiguous()
+    """One launch of ``_fwd_kernel``. q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or
+    [B, H, P, D], q's dtype or fp32) share theirs. Returns (out [B, H, N, D] in q's dtype: a transposed view of a
+    contiguous [B, N, H, D] buffer; lse [B, H, N] fp32 in log2 units)."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, H, N, D]
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse
     cfg = launch_config("fwd", N, D, q.dtype)
     sel_args = selection.kernel_args()
-    grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
-    _fwd_kernel[grid](
-        q, k, v, prompt_k, prompt_v, *sel_args[:2], out, lse,
-        q.stride(0), q.stride(1), q.stride(2), *_prompt_strides(prompt_k),
-        H, N, P, D, scale * LOG2E, *sel_args[2:],
-        MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, **cfg,
-    )
+    _launch(_fwd_kernel, (B * H, triton.cdiv(N, cfg["BLOCK_M"])),
+            q, k, v, prompt_k, prompt_v, *sel_args[:2], out, lse,
+            *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
+            *_bhn_strides("out", out), H, N, P, D, scale * LOG2E, *sel_args[2:],
+            MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, **cfg)
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize,
-                       deterministic, needs_grad):
-    """Triton backward. needs_grad = (q, k, v, prompt_k, prompt_v) flags; returns their grads or None."""
-    q, k, v = _strided_qkv(q, k, v)
-    prompt_k, prompt_v = prompt_k.contiguous(), prompt_v.contiguous()
-    grad_out = grad_out.contiguous()
+def attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, dq):
+    """One launch of ``_bwd_dq_kernel``: writes dq ([B, H, N, D], any (b, h, n) strides) and returns
+    delta = rowsum(grad_out * out) ([B, H, N] fp32). grad_out and out are read through their own strides."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    sel_args = selection.kernel_args()
-    sel_ptrs, sel_ints = sel_args[:2], sel_args[2:]
-    qkv_strides = (q.stride(0), q.stride(1), q.stride(2))
-    pstrides = _prompt_strides(prompt_k)
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    flags = dict(MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize)
-    grads = [None] * 5
-    if dq.numel() == 0:
-        return [torch.zeros_like(t) if need else None for t, need in zip((q, k, v, prompt_k, prompt_v), needs_grad)]
-
     cfg = launch_config("bwd_dq", N, D, q.dtype)
-    _bwd_dq_kernel[(B * H, triton.cdiv(N, cfg["BLOCK_M"]))](
-        q, k, v, prompt_k, prompt_v, *sel_ptrs, out, grad_out, lse, delta, dq,
-        *qkv_strides, *pstrides, H, N, P, D, scale * LOG2E, scale, *sel_ints, **flags, **cfg,
-    )
-    if needs_grad[0]:
-        grads[0] = dq
+    sel_args = selection.kernel_args()
+    _launch(_bwd_dq_kernel, (B * H, triton.cdiv(N, cfg["BLOCK_M"])),
+            q, k, v, prompt_k, prompt_v, *sel_args[:2], out, grad_out, lse, delta, dq,
+            *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
+            *_bhn_strides("out", out), *_bhn_strides("grad_out", grad_out), *_bhn_strides("dq", dq),
+            H, N, P, D, scale * LOG2E, scale, *sel_args[2:],
+            MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, **cfg)
+    return delta
 
+
+def attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta, selection, scale, renormalize,
+                            dk, dv, dprompt):
+    """One launch of ``_bwd_dkdv_kernel``: writes dk, dv ([B, H, N, D] sharing (b, h, n) strides) and the prompt
+    gradients into dprompt (fp32): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of prompts shared
+    by the batch, which the caller sums), or [2, H, P, D] zero-filled, to which the kernel adds with atomics."""
+    B, H, N, D = q.shape
+    P = prompt_k.shape[-2]
     cfg = launch_config("bwd_dkdv", N, D, q.dtype)
+    sel_args = selection.kernel_args()
+    dpk, dpv = dprompt.unbind(-4)  # [B, H, P, D] or [H, P, D]
+    _launch(_bwd_dkdv_kernel, (B * H, triton.cdiv(N, cfg["BLOCK_N"]) + triton.cdiv(P, cfg["BLOCK_N"])),
+            q, k, v, prompt_k, prompt_v, grad_out, lse, delta, dk, dv, dpk, dpv, *sel_args[:2],
+            *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
+            *_bhn_strides("grad_out", grad_out), *_bhn_strides("dk/dv", dk, dv), *_bhn_strides("dprompt", dpk, dpv),
+            H, N, P, D, scale * LOG2E, scale, *sel_args[2:],
+            MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, ATOMIC=dprompt.dim() == 4, **cfg)
 
-    def dkdv(keys, vals, dkeys, dvals, dstrides, n_keys, is_prompt, atomic):
-        kstrides = qkv_strides if not is_prompt else (*pstrides, D)
-        _bwd_dkdv_kernel[(B * H, triton.cdiv(n_keys, cfg["BLOCK_N"]))](
-            q, grad_out, lse, delta, keys, vals, dkeys, dvals, *sel_ptrs,
-            *qkv_strides, *kstrides, *dstrides, H, N, P, D, n_keys, scale * LOG2E, scale, *sel_ints,
-            IS_PROMPT=is_prompt, ATOMIC=atomic, **flags, **cfg,
-        )
 
-    if needs_grad[1] or needs_grad[2]:
-        dk, dv = torch.empty_like(dq), torch.empty_like(dq)
-        dkdv(k, v, dk, dv, (H * N * D, N * D, D), N, False, False)
-        grads[1], grads[2] = dk, dv
-    if needs_grad[3] or needs_grad[4]:
-        shared = prompt_k.dim() == 3
-        atomic = shared and not (deterministic or torch.are_deterministic_algorithms_enabled())
-        if atomic:  # fp32 atomics straight into [H, P, D]
-            dpk = torch.zeros((H, P, D), dtype=torch.float32, device=q.device)
-            dstrides = (0, P * D, D)
-        else:  # [B, H, P, D]: per-sample gradients, or per-(b, h) partials summed below
-            dpk = torch.empty((B, H, P, D), dtype=torch.float32, device=q.device)
-            dstrides = (H * P * D, P * D, D)
-        dpv = torch.zeros_like(dpk) if atomic else torch.empty_like(dpk)
-        dkdv(prompt_k, prompt_v, dpk, dpv, dstrides, P, True, atomic)
-        if shared and not atomic:
-            dpk, dpv = dpk.sum(0), dpv.sum(0)
-        grads[3], grads[4] = dpk.to(prompt_k.dtype), dpv.to(prompt_v.dtype)
-    return [g if need else None for g, need in zip(grads, needs_grad)]
+def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,
+                       needs_grad):
+    """The whole Triton backward outside autograd, through the library's two backward ops (benchmarks/tune.py
+    times it): grads of (q, k, v, prompt_k, prompt_v), None where needs_grad is False."""
+    from tcpa_kernels.ops._function import attention_grads, token_grad_buffers  # _function imports this module
+
+    dq, dk, dv = token_grad_buffers(q)
+    dprompt = attention_grads(dq, dk, dv, grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale,
+                              renormalize, "triton", deterministic)
+    return [g if need else None for g, need in zip((dq, dk, dv, *dprompt.unbind(-4)), needs_grad)]

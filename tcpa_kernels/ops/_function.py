@@ -1,7 +1,16 @@
-"""Plumbing shared by the two autograd Functions (explicit mask and fused top-k).
+"""Custom ops and autograd plumbing shared by the attention entry points (explicit mask, fused top-k, packed qkv).
 
-The backend implementations sit behind ``torch.library`` custom ops so ``torch.compile`` treats each
-kernel launch as one opaque node (no graph break, no tracing into Triton or the interpreter).
+Every custom op wraps exactly ONE kernel launch on CUDA (backend="triton"); with backend="torch" the same op runs
+the chunked PyTorch math of ``_torch_attention``. ``torch.compile`` sees each op as one opaque node (no graph
+break, no tracing into Triton or the interpreter), and the op census counts it as one launch. Whatever else the
+backward does (allocating the gradient buffers, zero-filling the atomics' target, the batch sum of prompt partials,
+casts) is plain aten outside the ops, visible to both. The backward ops write into gradient buffers their caller
+allocates (``torch.empty``, no kernel), so no op returns memory it leaves partly unwritten.
+
+Ops: ``attention_fwd`` (forward kernel), ``attention_bwd_dq`` (dq + delta kernel), ``attention_bwd_dkdv`` (dk/dv
+kernel, token and prompt keys in one grid), ``topk_bits`` (selection kernel); ``ops/packed.py`` adds
+``packed_attention_fwd``, the forward kernel for qkv in timm's [B, N, 3, H, D] layout. The kernels take strides,
+so the two backward ops serve both layouts.
 """
 
 import torch
@@ -10,45 +19,80 @@ from torch import Tensor
 from tcpa_kernels.ops import _attention_kernels, _torch_attention
 from tcpa_kernels.ops.selection import Selection, topk_bits
 
-_IMPLEMENTATIONS = {"triton": _attention_kernels, "torch": _torch_attention}
+IMPLEMENTATIONS = {"triton": _attention_kernels, "torch": _torch_attention}
 
 
-def _selection(sel: Tensor, pool_cls: int, len_cls: int, len_img: int) -> Selection:
+def accumulation_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse, delta and the prompt gradients before the cast: fp64 for fp64 on the torch backend, else fp32."""
+    return torch.float64 if backend == "torch" and dtype == torch.float64 else torch.float32
+
+
+def selection_from_op(sel: Tensor, pool_cls: int, len_cls: int, len_img: int) -> Selection:
+    """The Selection a custom op received as (sel, pool_cls, len_cls, len_img)."""
     if sel.dtype == torch.bool:
         return Selection(mask=sel)
     return Selection(bits=sel, pool_cls=pool_cls, len_cls=len_cls, len_img=len_img)
 
 
+def selection_to_op(selection: Selection) -> tuple[Tensor, int, int, int]:
+    """(sel, pool_cls, len_cls, len_img): a Selection as the custom ops take it (bool mask or int64 words)."""
+    sel = selection.mask if selection.mask is not None else selection.bits
+    return sel, selection.pool_cls, selection.len_cls, selection.len_img
+
+
 @torch.library.custom_op("tcpa_kernels::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor, sel: Tensor, pool_cls: int,
                   len_cls: int, len_img: int, scale: float, renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(out [B,H,N,D], lse [B,H,N]); sel is a bool mask [B,N,P] or int64 selection words [B,N]."""
-    return _IMPLEMENTATIONS[backend].attention_forward(q, k, v, prompt_k, prompt_v,
-                                                       _selection(sel, pool_cls, len_cls, len_img), scale, renormalize)
+    """One launch of the forward kernel: (out [B, H, N, D], a transposed view of a contiguous [B, N, H, D] buffer;
+    lse [B, H, N]). q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or [B, H, P, D]) share
+    theirs, unit stride on D; sel is a bool mask [B, N, P] or int64 selection words [B, N]."""
+    return IMPLEMENTATIONS[backend].attention_forward(q, k, v, prompt_k, prompt_v,
+                                                      selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                      renormalize)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, prompt_k, prompt_v, sel, pool_cls, len_cls, len_img, scale, renormalize, backend):
-    lse_dtype = torch.float64 if (backend == "torch" and q.dtype == torch.float64) else torch.float32
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    B, H, N, D = q.shape
+    return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=accumulation_dtype(backend, q.dtype))
 
 
-@torch.library.custom_op("tcpa_kernels::attention_bwd", mutates_args=())
-def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor, out: Tensor,
-                  lse: Tensor, sel: Tensor, pool_cls: int, len_cls: int, len_img: int, scale: float,
-                  renormalize: bool, backend: str, deterministic: bool, needs_grad: list[bool]) -> list[Tensor]:
-    """Grads of (q, k, v, prompt_k, prompt_v); an empty tensor where needs_grad is False."""
-    grads = _IMPLEMENTATIONS[backend].attention_backward(
-        grad_out, q, k, v, prompt_k, prompt_v, out, lse, _selection(sel, pool_cls, len_cls, len_img), scale,
-        renormalize, deterministic, needs_grad)
-    return [q.new_empty(0) if g is None else g for g in grads]
+@torch.library.custom_op("tcpa_kernels::attention_bwd_dq", mutates_args=("dq",))
+def attention_bwd_dq(dq: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor,
+                     out: Tensor, lse: Tensor, sel: Tensor, pool_cls: int, len_cls: int, len_img: int, scale: float,
+                     renormalize: bool, backend: str) -> Tensor:
+    """One launch of the dq kernel: writes dq ([B, H, N, D], any (b, h, n) strides with unit stride on D: slot 0 of
+    a packed [B, N, 3, H, D] gradient buffer, or its own) and returns delta = rowsum(grad_out * out) [B, H, N].
+    grad_out and out ([B, H, N, D]) are read through their own strides (unit stride on D)."""
+    return IMPLEMENTATIONS[backend].attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
+                                                          selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                          renormalize, dq)
 
 
-@attention_bwd.register_fake
-def _(grad_out, q, k, v, prompt_k, prompt_v, out, lse, sel, pool_cls, len_cls, len_img, scale, renormalize, backend,
-      deterministic, needs_grad):
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) if need else q.new_empty(0)
-            for t, need in zip((q, k, v, prompt_k, prompt_v), needs_grad)]
+@attention_bwd_dq.register_fake
+def _(dq, grad_out, q, k, v, prompt_k, prompt_v, out, lse, sel, pool_cls, len_cls, len_img, scale, renormalize,
+      backend):
+    return q.new_empty(q.shape[:3], dtype=lse.dtype)
+
+
+@torch.library.custom_op("tcpa_kernels::attention_bwd_dkdv", mutates_args=("dk", "dv", "dprompt"))
+def attention_bwd_dkdv(dk: Tensor, dv: Tensor, dprompt: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       prompt_k: Tensor, prompt_v: Tensor, lse: Tensor, delta: Tensor, sel: Tensor, pool_cls: int,
+                       len_cls: int, len_img: int, scale: float, renormalize: bool, backend: str) -> None:
+    """One launch of the dk/dv kernel (token and prompt keys in one grid): writes dk and dv ([B, H, N, D], one
+    (b, h, n) stride set; views of a packed [B, N, 3, H, D] buffer, or their own) and the prompt
+    gradients into dprompt (accumulation dtype): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of
+    shared prompts that the caller sums over the batch), or [2, H, P, D] zero-filled, which gets their batch sum
+    (atomics on CUDA; shared prompts only)."""
+    IMPLEMENTATIONS[backend].attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta,
+                                                     selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                     renormalize, dk, dv, dprompt)
+
+
+@attention_bwd_dkdv.register_fake
+def _(dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, lse, delta, sel, pool_cls, len_cls, len_img, scale,
+      renormalize, backend):
+    return None
 
 
 @torch.library.custom_op("tcpa_kernels::topk_bits", mutates_args=())
@@ -63,17 +107,70 @@ def _(scores, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
     return scores.new_empty(scores.shape[:2], dtype=torch.int64)
 
 
+def attention_grads(dq: Tensor, dk: Tensor, dv: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                    prompt_k: Tensor, prompt_v: Tensor, out: Tensor, lse: Tensor, selection: Selection, scale: float,
+                    renormalize: bool, backend: str, deterministic: bool) -> Tensor:
+    """The attention backward: the two backward ops, with the aten work between and after them.
+
+    Writes dq, dk, dv (``[B, H, N, D]`` buffers the caller allocates: views of one ``[B, N, 3, H, D]`` tensor, or
+    not; dk and dv share strides). grad_out, q, k, v, out ``[B, H, N, D]``, prompt_k/prompt_v ``[H, P, D]`` or
+    ``[B, H, P, D]``. Returns the gradients of (prompt_k, prompt_v) stacked on dim -4 (``[2, H, P, D]`` or
+    ``[B, 2, H, P, D]``) in prompt_k's dtype. Shared prompts: per-(b, h) partials summed over the batch here
+    (deterministic), or with ``deterministic=False`` (and torch's deterministic algorithms off) fp32 atomics on the
+    Triton backend.
+    """
+    if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+        grad_out = grad_out.contiguous()
+    B, H, N, D = q.shape
+    P = prompt_k.shape[-2]
+    sel = selection_to_op(selection)
+    delta = attention_bwd_dq(dq, grad_out, q, k, v, prompt_k, prompt_v, out, lse, *sel, scale, renormalize, backend)
+    shared = prompt_k.dim() == 3
+    atomic = backend == "triton" and shared and not (deterministic or torch.are_deterministic_algorithms_enabled())
+    acc_dtype = accumulation_dtype(backend, q.dtype)
+    if atomic:
+        dprompt = torch.zeros((2, H, P, D), dtype=acc_dtype, device=q.device)
+    else:
+        dprompt = torch.empty((B, 2, H, P, D), dtype=acc_dtype, device=q.device)
+    attention_bwd_dkdv(dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, lse, delta, *sel, scale, renormalize,
+                       backend)
+    if shared and not atomic:
+        dprompt = dprompt.sum(0)  # [2, H, P, D]: the deterministic reduction over the batch
+    return dprompt.to(prompt_k.dtype)
+
+
+def shared_strides(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as they are if they share one stride set with unit stride on the last dim (timm's q/k/v views of
+    one qkv tensor do), else contiguous copies: the kernels take one stride set per group."""
+    if tensors[0].stride(-1) == 1 and all(t.stride() == tensors[0].stride() for t in tensors):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def token_grad_buffers(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised dq, dk, dv for q [B, H, N, D]: transposed views of three [B, N, H, D] tensors (three, not one
+    packed tensor: no gradient of the [B, H, N, D] entry points is larger than its input)."""
+    B, H, N, D = q.shape
+    return tuple(torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2) for _ in range(3))
+
+
 def run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, selection, scale, renormalize, deterministic):
-    sel = selection.mask if selection.mask is not None else selection.bits
-    layout = (selection.pool_cls, selection.len_cls, selection.len_img)
+    """Forward of the [B, H, N, D] autograd Functions; returns out [B, H, N, D] (a transposed view of [B, N, H, D])."""
+    q, k, v = shared_strides(q, k, v)
+    prompt_k, prompt_v = shared_strides(prompt_k, prompt_v)
+    sel, *layout = selection_to_op(selection)
     out, lse = attention_fwd(q, k, v, prompt_k, prompt_v, sel, *layout, scale, renormalize, backend)
     ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, sel)
-    ctx.config = (*layout, scale, renormalize, backend, deterministic)
+    ctx.config = (layout, scale, renormalize, backend, deterministic)
     return out
 
 
 def run_backward(ctx, grad_out):
     """Grads of (q, k, v, prompt_k, prompt_v); None for inputs that need none."""
-    needs_grad = list(ctx.needs_input_grad[:5])
-    grads = attention_bwd(grad_out, *ctx.saved_tensors, *ctx.config, needs_grad)
-    return [g if need else None for g, need in zip(grads, needs_grad)]
+    q, k, v, prompt_k, prompt_v, out, lse, sel = ctx.saved_tensors
+    layout, scale, renormalize, backend, deterministic = ctx.config
+    dq, dk, dv = token_grad_buffers(q)
+    dprompt = attention_grads(dq, dk, dv, grad_out, q, k, v, prompt_k, prompt_v, out, lse,
+                              selection_from_op(sel, *layout), scale, renormalize, backend, deterministic)
+    grads = (dq, dk, dv, *dprompt.unbind(-4))
+    return [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]

@@ -1,8 +1,9 @@
 """PyTorch backend of prompt-augmented attention: the kernels' math, chunked over query tokens.
 
-Used for CPU tensors (backend="auto") and as backend="torch" anywhere. Forward saves only lse; the
-backward recomputes probabilities chunk by chunk, so memory stays O(B*H*chunk*(N+P)) instead of
-O(B*H*N*(N+P)). Works in float64 too (the kernels do not).
+Used for CPU tensors (backend="auto") and as backend="torch" anywhere. Same three functions as the Triton
+launchers (forward, dq + delta, dk/dv + prompt gradients), with the same layouts, so the custom ops serve both
+backends. Forward saves only lse; the backward recomputes probabilities chunk by chunk, so memory stays
+O(B*H*chunk*(N+P)) instead of O(B*H*N*(N+P)). Works in float64 too (the kernels do not). Always deterministic.
 """
 
 import torch
@@ -10,40 +11,48 @@ import torch
 CHUNK_ELEMENTS = 1 << 24  # scores per chunk: 64 MB in fp32
 
 
-def _chunk_rows(B, H, N, P):
-    return max(1, min(N, CHUNK_ELEMENTS // max(1, B * H * (N + P))))
-
-
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _prompts4(t):
-    return t if t.dim() == 4 else t.unsqueeze(0)  # [B|1, H, P, D]
+def _operands(k, v, prompt_k, prompt_v, cd):
+    """k, v [B, H, N, D] and prompt K/V as [B|1, H, P, D], in the compute dtype."""
+    prompts4 = lambda t: t if t.dim() == 4 else t.unsqueeze(0)
+    return k.to(cd), v.to(cd), prompts4(prompt_k).to(cd), prompts4(prompt_v).to(cd)
 
 
-def _chunk_probs(qc, k, pk, sel, lse, scale, renormalize):
-    """Probabilities of one query chunk. qc [B,H,c,D] -> p_tok [B,H,c,N], p_prompt [B,H,c,P], sel [B,1,c,P]."""
+def _chunks(selection, B, H, N, P):
+    """(start, end, selection bool [B, 1, c, P]) of the query chunks."""
+    step = max(1, min(N, CHUNK_ELEMENTS // max(1, B * H * (N + P))))
+    for start in range(0, N, step):
+        end = min(N, start + step)
+        yield start, end, selection.rows(start, end, P)[:, None]
+
+
+def _chunk_grads(qc, do, delta, k, v, pk, pv, sel, lse, scale, renormalize):
+    """One query chunk (qc, do [B, H, c, D]; delta, lse [B, H, c]): (p_tok [B, H, c, N], the probabilities that
+    weight the prompt values [B, H, c, P], ds_tok [B, H, c, N], ds_prompt [B, H, c, P])."""
+    sel = sel.to(qc.dtype)
     p_tok = torch.exp(scale * qc @ k.transpose(-1, -2) - lse[..., None])
     p_prompt = torch.exp(scale * qc @ pk.transpose(-1, -2) - lse[..., None])
     if renormalize:
         p_prompt = p_prompt * sel
-    return p_tok, p_prompt
+    ds_tok = p_tok * (do @ v.transpose(-1, -2) - delta[..., None])
+    ds_prompt = p_prompt * (sel * (do @ pv.transpose(-1, -2)) - delta[..., None])
+    return p_tok, p_prompt * sel, ds_tok, ds_prompt
 
 
 def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize):
-    """Returns (out [B, H, N, D] in q.dtype, lse [B, H, N] natural log, compute dtype)."""
+    """Returns (out [B, H, N, D] in q.dtype, a transposed view of a [B, N, H, D] buffer; lse [B, H, N] natural
+    log, compute dtype)."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
-    k, v, pk, pv = k.to(cd), v.to(cd), _prompts4(prompt_k).to(cd), _prompts4(prompt_v).to(cd)
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, cd)
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, H, N, D]
     lse = torch.empty((B, H, N), dtype=cd, device=q.device)
-    step = _chunk_rows(B, H, N, P)
-    for start in range(0, N, step):
-        end = min(N, start + step)
+    for start, end, sel in _chunks(selection, B, H, N, P):
         qc = q[:, :, start:end].to(cd)
-        sel = selection.rows(start, end, P)[:, None]  # [B, 1, c, P]
         s_tok = scale * qc @ k.transpose(-1, -2)  # [B, H, c, N]
         s_prompt = scale * qc @ pk.transpose(-1, -2)  # [B, H, c, P]
         if renormalize:
@@ -55,32 +64,44 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize,
-                       deterministic, needs_grad):
-    """Grads of (q, k, v, prompt_k, prompt_v); None where needs_grad is False. Always deterministic."""
+def attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, dq):
+    """Writes dq ([B, H, N, D], any strides); returns delta = rowsum(grad_out * out) [B, H, N] (compute dtype)."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
-    k, v, pk, pv = k.to(cd), v.to(cd), _prompts4(prompt_k).to(cd), _prompts4(prompt_v).to(cd)
-    dq = torch.empty((B, H, N, D), dtype=cd, device=q.device)
-    dk, dv = torch.zeros_like(dq), torch.zeros_like(dq)
-    dpk = torch.zeros((B, H, P, D), dtype=cd, device=q.device)
-    dpv = torch.zeros_like(dpk)
-    step = _chunk_rows(B, H, N, P)
-    for start in range(0, N, step):
-        end = min(N, start + step)
+    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, cd)
+    delta = torch.empty((B, H, N), dtype=cd, device=q.device)
+    for start, end, sel in _chunks(selection, B, H, N, P):
         qc, do = q[:, :, start:end].to(cd), grad_out[:, :, start:end].to(cd)
-        sel = selection.rows(start, end, P)[:, None].to(cd)  # [B, 1, c, P]
-        delta = (do * out[:, :, start:end].to(cd)).sum(-1, keepdim=True)  # [B, H, c, 1]
-        p_tok, p_prompt = _chunk_probs(qc, k, pk, sel, lse[:, :, start:end], scale, renormalize)
-        ds_tok = p_tok * (do @ v.transpose(-1, -2) - delta)  # [B, H, c, N]
-        ds_prompt = p_prompt * (sel * (do @ pv.transpose(-1, -2)) - delta)  # [B, H, c, P]
+        delta[:, :, start:end] = (do * out[:, :, start:end].to(cd)).sum(-1)
+        _, _, ds_tok, ds_prompt = _chunk_grads(qc, do, delta[:, :, start:end], k, v, pk, pv, sel,
+                                               lse[:, :, start:end], scale, renormalize)
         dq[:, :, start:end] = scale * (ds_tok @ k + ds_prompt @ pk)
-        dk += scale * ds_tok.transpose(-1, -2) @ qc
-        dv += p_tok.transpose(-1, -2) @ do
-        dpk += scale * ds_prompt.transpose(-1, -2) @ qc
-        dpv += (p_prompt * sel).transpose(-1, -2) @ do
-    if prompt_k.dim() == 3:
-        dpk, dpv = dpk.sum(0), dpv.sum(0)
-    grads = (dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dpk.to(prompt_k.dtype), dpv.to(prompt_v.dtype))
-    return [g if need else None for g, need in zip(grads, needs_grad)]
+    return delta
+
+
+def attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta, selection, scale, renormalize,
+                            dk, dv, dprompt):
+    """Writes dk, dv ([B, H, N, D]) and the prompt gradients into dprompt (compute dtype): [B, 2, H, P, D]
+    (per-sample gradients or per-sample partials of shared prompts), or [2, H, P, D], to which their batch sum is
+    added (as the kernel's atomics do)."""
+    B, H, N, D = q.shape
+    P = prompt_k.shape[-2]
+    cd = _compute_dtype(q.dtype)
+    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, cd)
+    acc_dk, acc_dv = torch.zeros_like(k), torch.zeros_like(v)  # [B, H, N, D]
+    acc_prompt = torch.zeros((B, 2, H, P, D), dtype=cd, device=q.device)
+    for start, end, sel in _chunks(selection, B, H, N, P):
+        qc, do = q[:, :, start:end].to(cd), grad_out[:, :, start:end].to(cd)
+        p_tok, p_prompt, ds_tok, ds_prompt = _chunk_grads(qc, do, delta[:, :, start:end], k, v, pk, pv, sel,
+                                                          lse[:, :, start:end], scale, renormalize)
+        acc_dk += scale * ds_tok.transpose(-1, -2) @ qc
+        acc_dv += p_tok.transpose(-1, -2) @ do
+        acc_prompt[:, 0] += scale * ds_prompt.transpose(-1, -2) @ qc
+        acc_prompt[:, 1] += p_prompt.transpose(-1, -2) @ do
+    dk.copy_(acc_dk)
+    dv.copy_(acc_dv)
+    if dprompt.dim() == 5:
+        dprompt.copy_(acc_prompt)
+    else:
+        dprompt.add_(acc_prompt.sum(0))

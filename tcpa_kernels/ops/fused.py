@@ -8,9 +8,8 @@ per query row: neither a ``[B, N, P]`` mask nor a ``[B, H, N, N+P]`` tensor is e
 import torch
 from torch.autograd.function import once_differentiable
 
-from tcpa_kernels._validate import check_tensor, describe
+from tcpa_kernels._validate import FLOAT_DTYPES, check_pool_config, check_tensor, describe
 from tcpa_kernels.ops._function import run_backward, run_forward, topk_bits_op
-from tcpa_kernels.ops.match_prompts import FLOAT_DTYPES, check_pool_config
 from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import prepare_attention
 

@@ -2,29 +2,9 @@
 
 import torch
 
-from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._validate import check_same, check_tensor, describe
-from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection, entry_selection, topk_bits
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_pool_config(name_prefix, pool_cls, pool_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
-                      num_prefix_tokens, num_tokens):
-    """Validate pool sizes / top-k / prompt lengths / prefix count (name_prefix: '' or 'scores ')."""
-    for name, value, lo, hi in (
-        ("topk_cls", topk_cls, 1, pool_cls),
-        ("topk_img", topk_img, 1, pool_img),
-        ("prompt_len_cls", prompt_len_cls, 1, None),
-        ("prompt_len_img", prompt_len_img, 1, None),
-        ("num_prefix_tokens", num_prefix_tokens, 0, num_tokens),
-    ):
-        if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-            bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
-            raise ValueError(f"{name}: expected {bound}, got {value!r}")
-    if pool_cls + pool_img > MAX_POOL_ENTRIES:
-        raise ValueError(f"{name_prefix}pool sizes: expected pool_cls + pool_img <= {MAX_POOL_ENTRIES} (one "
-                         f"64-bit selection word per token), got {pool_cls} + {pool_img}")
+from tcpa_kernels._validate import check_pool_config, validate_match_inputs
+from tcpa_kernels.ops.match_select import match_select
+from tcpa_kernels.ops.selection import Selection, entry_selection
 
 
 def match_scores(x, keys_cls, keys_img):
@@ -57,15 +37,6 @@ def matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img):
     return loss
 
 
-def validate_match_inputs(x, keys_cls, keys_img):
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    for name, keys in (("keys_cls", keys_cls), ("keys_img", keys_img)):
-        check_tensor(name, keys, ndim=2, dtypes=FLOAT_DTYPES)
-        if keys.device != x.device or keys.shape[1] != x.shape[2] or keys.shape[0] < 1:
-            raise ValueError(f"{name}: expected shape (pool >= 1, {x.shape[2]}) on {x.device}, got {describe(keys)}")
-    check_same("keys_img", keys_img, "keys_cls", keys_cls)
-
-
 def match_prompts(x, keys_cls, keys_img, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
                   num_prefix_tokens=1, backend="auto"):
     """Per-token top-k prompt selection by cosine matching.
@@ -84,14 +55,10 @@ def match_prompts(x, keys_cls, keys_img, *, topk_cls, topk_img, prompt_len_cls=1
         the keys. Ties in the scores go to the lower entry index.
     """
     validate_match_inputs(x, keys_cls, keys_img)
-    pool_cls, pool_img = keys_cls.shape[0], keys_img.shape[0]
-    check_pool_config("", pool_cls, pool_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
+    check_pool_config("", keys_cls.shape[0], keys_img.shape[0], topk_cls, topk_img, prompt_len_cls, prompt_len_img,
                       num_prefix_tokens, x.shape[1])
-    backend = resolve_backend(backend, x.device)
-    scores = match_scores(x, keys_cls, keys_img)  # [B, N, E]
-    bits = topk_bits(scores, num_prefix_tokens=num_prefix_tokens, pool_cls=pool_cls, k_cls=topk_cls,
-                     k_img=topk_img, backend=backend)
-    P = pool_cls * prompt_len_cls + pool_img * prompt_len_img
-    selection = Selection(bits=bits, pool_cls=pool_cls, len_cls=prompt_len_cls, len_img=prompt_len_img)
-    mask = selection.rows(0, x.shape[1], P)
-    return mask, matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img)
+    bits, terms = match_select(x, keys_cls, keys_img, topk_cls=topk_cls, topk_img=topk_img,
+                               num_prefix_tokens=num_prefix_tokens, backend=backend)  # [B, N], [B, N]
+    P = keys_cls.shape[0] * prompt_len_cls + keys_img.shape[0] * prompt_len_img
+    selection = Selection(bits=bits, pool_cls=keys_cls.shape[0], len_cls=prompt_len_cls, len_img=prompt_len_img)
+    return selection.rows(0, x.shape[1], P), terms.sum()

@@ -21,7 +21,46 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_POOL_ENTRIES = 64  # one int64 word per token
+from tcpa_kernels._validate import MAX_POOL_ENTRIES  # noqa: F401  (one int64 word per token)
+
+_INT32_MIN = tl.constexpr(-(2**31))  # below every float key
+
+
+@triton.jit
+def select_topk(b_s, m_valid, k_row, k_max):
+    """Top-k of each row among its valid entries: (bits int64 [BLOCK_T], sel bool [BLOCK_T, E_PAD]).
+
+    b_s [BLOCK_T, E_PAD] float scores, m_valid bool [BLOCK_T, E_PAD] (the row's own pool), k_row int [BLOCK_T]
+    entries to pick (<= its valid count), k_max = max(k_row). Ranks on an int32 key that orders floats like their
+    values (NaN ranks as -inf, -0.0 as +0.0) and puts invalid or picked entries strictly below every score, so a
+    row always gets exactly k_row distinct entries of its own pool, ties going to the lower entry index.
+    """
+    o_e = tl.arange(0, b_s.shape[1])
+    b_s = b_s.to(tl.float32)
+    b_s = tl.where(b_s != b_s, float("-inf"), tl.where(b_s == 0.0, 0.0, b_s))
+    b_key = b_s.to(tl.int32, bitcast=True)
+    b_key = tl.where(b_key >= 0, b_key, b_key ^ 0x7FFFFFFF)  # monotone in the float value
+    b_key = tl.where(m_valid, b_key, _INT32_MIN)
+    sel = tl.zeros(b_s.shape, dtype=tl.int1)
+    for i in range(0, k_max):
+        best = tl.argmax(b_key, axis=1, tie_break_left=True)  # [BLOCK_T]
+        picked = o_e[None, :] == best[:, None]
+        sel = sel | (picked & (i < k_row)[:, None])
+        b_key = tl.where(picked, _INT32_MIN, b_key)
+    one = tl.full(b_s.shape, 1, dtype=tl.int64)
+    bits = tl.sum(tl.where(sel, one << o_e[None, :].to(tl.int64), 0), axis=1)  # distinct powers of two
+    return bits, sel
+
+
+@triton.jit
+def own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD: tl.constexpr):
+    """For rows o_t (= b*N + n): (is_prefix [BLOCK_T], valid entries bool [BLOCK_T, E_PAD], k [BLOCK_T])."""
+    is_prefix = (o_t % N) < num_prefix_tokens
+    o_e = tl.arange(0, E_PAD)
+    lo = tl.where(is_prefix, 0, pool_cls)
+    hi = tl.where(is_prefix, pool_cls, pool_cls + pool_img)
+    m_valid = (o_e[None, :] >= lo[:, None]) & (o_e[None, :] < hi[:, None])
+    return is_prefix, m_valid, tl.where(is_prefix, k_cls, k_img)
 
 
 @triton.jit
@@ -42,25 +81,17 @@ def _topk_bits_kernel(
     i_t = tl.program_id(0).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] row = b*N + n
     m_t = o_t < n_rows
-    is_prefix = (o_t % N) < num_prefix_tokens
+    _, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD)
+    m_valid = m_valid & m_t[:, None]
     o_e = tl.arange(0, E_PAD)
-    lo = tl.where(is_prefix, 0, pool_cls)
-    hi = tl.where(is_prefix, pool_cls, pool_cls + pool_img)
-    m_valid = m_t[:, None] & (o_e[None, :] >= lo[:, None]) & (o_e[None, :] < hi[:, None])
     b_s = tl.load(SCORES + o_t[:, None] * (pool_cls + pool_img) + o_e[None, :], mask=m_valid, other=0.0)
-    b_s = tl.where(m_valid, b_s.to(tl.float32), float("-inf"))  # [BLOCK_T, E_PAD]
-    k_row = tl.where(is_prefix, k_cls, k_img)
-    b_bits = tl.zeros([BLOCK_T], dtype=tl.int64)
-    one = tl.full([BLOCK_T], 1, dtype=tl.int64)
-    for i in range(0, k_max):
-        best = tl.argmax(b_s, axis=1, tie_break_left=True)  # [BLOCK_T], lowest index among equals
-        b_bits += tl.where(i < k_row, one << best.to(tl.int64), 0)
-        b_s = tl.where(o_e[None, :] == best[:, None], float("-inf"), b_s)
+    b_bits, _ = select_topk(b_s, m_valid, k_row, k_max)
     tl.store(BITS + o_t, b_bits, mask=m_t)
 
 
 def _topk_bits_torch(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
-    """Torch twin of the kernel. scores [B, N, E] -> bits int64 [B, N]."""
+    """Torch twin of the kernel. scores [B, N, E] -> bits int64 [B, N] (NaN ranks as -inf)."""
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     weights = torch.ones(scores.shape[-1], dtype=torch.int64, device=scores.device)
     weights = torch.bitwise_left_shift(weights, torch.arange(scores.shape[-1], device=scores.device))
     bits = torch.empty(scores.shape[:2], dtype=torch.int64, device=scores.device)
@@ -71,6 +102,11 @@ def _topk_bits_torch(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
         order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
         bits[:, tokens] = weights[entries][order].sum(-1)  # distinct powers of two: sum == or
     return bits
+
+
+def max_topk(num_tokens, num_prefix_tokens, k_cls, k_img):
+    """The largest k any row of the sequence uses (the kernels' loop count)."""
+    return max(k_cls if num_prefix_tokens > 0 else 0, k_img if num_tokens > num_prefix_tokens else 0)
 
 
 def topk_bits(scores, *, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
@@ -92,7 +128,7 @@ def topk_bits(scores, *, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
     grid = (triton.cdiv(n_rows, BLOCK_T),)
     _topk_bits_kernel[grid](
         scores, bits, n_rows, N, num_prefix_tokens, pool_cls, E - pool_cls, k_cls, k_img,
-        max(k_cls if num_prefix_tokens > 0 else 0, k_img if N > num_prefix_tokens else 0),
+        max_topk(N, num_prefix_tokens, k_cls, k_img),
         BLOCK_T=BLOCK_T, E_PAD=triton.next_power_of_2(E),
     )
     return bits

@@ -27,19 +27,27 @@ class _MaskedTCPAFunction(torch.autograd.Function):
         return (*run_backward(ctx, grad_out), None, None, None, None, None)
 
 
+def check_kernel_limits(name, t, backend, dims, row_stride):
+    """The Triton backend's limits, reported against argument ``name`` (tensor t): head dim <= 128, and offsets
+    inside one (batch, head) slice within int32 (the slice base is int64) for every operand: q/k/v rows
+    ``row_stride`` apart, the [B, N, H, D] output and [B, N, 3, H, D] gradient buffers, the prompts, the mask."""
+    if backend != "triton":
+        return
+    B, H, N, P, D = dims
+    if D > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(f"{name}: head dim must be <= {MAX_KERNEL_HEAD_DIM} for backend='triton', got "
+                         f"{describe(t)}; use backend='torch'")
+    largest_in_slice = max(N * max(row_stride, 3 * H * D), P * D, N * P)
+    if largest_in_slice >= INT32_LIMIT:
+        raise ValueError(f"{name}: one (batch, head) slice spans {largest_in_slice} elements, the kernels index it "
+                         f"with int32 (< {INT32_LIMIT}); got {describe(t)}, prompts P={P}; use backend='torch'")
+
+
 def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale):
     """Validate the attention tensors; return (backend, scale, (B, H, N, P, D))."""
     backend = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
     dims = check_attention_inputs(q, k, v, prompt_k, prompt_v, KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES)
-    if backend == "triton" and dims[-1] > MAX_KERNEL_HEAD_DIM:
-        raise ValueError(f"q: head dim must be <= {MAX_KERNEL_HEAD_DIM} for backend='triton', got {describe(q)}; "
-                         "use backend='torch'")
-    B, H, N, P, D = dims
-    # offsets inside one (batch, head) slice are int32 in the kernels (the slice base is int64)
-    largest_in_slice = max(N * max(q.stride(2), k.stride(2), v.stride(2), D), P * D, N * P)
-    if backend == "triton" and largest_in_slice >= INT32_LIMIT:
-        raise ValueError(f"q: one (batch, head) slice spans {largest_in_slice} elements, the kernels index it with "
-                         f"int32 (< {INT32_LIMIT}); got {describe(q)}, prompts P={P}; use backend='torch'")
+    check_kernel_limits("q", q, backend, dims, max(q.stride(2), k.stride(2), v.stride(2)))
     return backend, 1.0 / math.sqrt(dims[-1]) if scale is None else float(scale), dims
 
 
@@ -59,7 +67,8 @@ def tcpa_attention(q, k, v, prompt_k, prompt_v, prompt_mask, *, scale=None, reno
         deterministic: shared-prompt gradients by a fixed-order reduction (True) or fp32 atomics (False).
 
     Returns:
-        ``[B, H, N, D]`` in q's dtype; differentiable in q, k, v, prompt_k, prompt_v.
+        ``[B, H, N, D]`` in q's dtype (a transposed view of a contiguous ``[B, N, H, D]`` tensor, so
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free); differentiable in q, k, v, prompt_k, prompt_v.
     """
     backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale)
     check_tensor("prompt_mask", prompt_mask, ndim=3, dtypes=(torch.bool,))

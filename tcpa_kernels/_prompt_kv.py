@@ -1,0 +1,118 @@
+"""Prompt keys/values of every layer of a TCPA model, computed once per forward (TCPA_SPEC.md §3-§4).
+
+A layer's prompt K/V are its prompt tokens (after prompt dropout) through that layer's own ``norm1``, the K/V rows
+of its ``qkv`` projection and its ``k_norm``. They depend on parameters only, so block 0 computes them for all
+layers at once instead of every block doing a few tiny ops of its own:
+
+- the prompt tokens of all layers: one ``cat`` and one dropout draw (one mask for the batch) -> ``[L, P, C]``;
+- when every ``norm1`` is a LayerNorm with the same eps and every layer the same heads (timm's ViTs): one layer
+  norm without affine and one batched GEMM, with ``norm1``'s affine folded into the K/V rows of ``W_qkv``
+  (``W'_l = W_kv,l * w_l``, ``b'_l = b_kv,l + W_kv,l @ b_l``). The folded weights ``[L, 2C, C]`` of a frozen
+  backbone are kept between forwards (about 57 MB in fp32 at ViT-B/16) and rebuilt when a weight changes; a
+  trainable ``norm1`` or ``qkv`` gets them rebuilt inside the graph every forward, so its gradients stay exact;
+- otherwise one ``norm1`` + linear per layer.
+
+Without autograd (eval under ``no_grad``) the K/V themselves are kept until a parameter changes. All of it runs in
+the parameters' dtype outside autocast: under autocast a 16-bit copy of ``W_qkv`` would be cast for these GEMMs and
+saved for backward; the attention kernels cast the prompt tiles on load instead.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _versions(tensors):
+    """Storages (replaced by ``.to()``) and versions (bumped by in-place updates: optimizer steps, loads). The
+    storage is identified by its implementation's address, which fake tensors have too (their data_ptr is 0)."""
+    return tuple((t.untyped_storage()._cdata, t._version) for t in tensors)
+
+
+def _projection_params(blocks):
+    return [p for blk in blocks for module in (blk.norm1, blk.attn.qkv, blk.attn.k_norm) for p in module.parameters()]
+
+
+def layer_prompts(state):
+    """Prompt tokens of every layer after dropout: [L, P, C] (CLS-pool prompts, then image-pool prompts)."""
+    blocks, cfg = state.blocks, state.config
+    prompts = torch.cat([t for blk in blocks for t in (blk.tcpa_prompts_cls.flatten(0, 1),
+                                                        blk.tcpa_prompts_img.flatten(0, 1))])  # [L*P, C]
+    prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)  # one mask for the batch
+    return prompts.view(len(blocks), cfg.num_prompts, -1)
+
+
+def _batchable(blocks):
+    """Every norm1 a LayerNorm with one eps, every attention the same heads: the layers batch into one GEMM."""
+    first = blocks[0]
+    return all(isinstance(blk.norm1, nn.LayerNorm) and blk.norm1.eps == first.norm1.eps
+               and (blk.attn.num_heads, blk.attn.head_dim) == (first.attn.num_heads, first.attn.head_dim)
+               for blk in blocks)
+
+
+def _folded_weights(blocks):
+    """norm1's affine folded into the K/V rows of qkv, per layer: W' [L, 2C, C], b' [L, 2C]."""
+    weights, biases = [], []
+    for blk in blocks:
+        qkv, norm = blk.attn.qkv, blk.norm1
+        C = qkv.in_features
+        weight = qkv.weight[C:]  # [2C, C]: only the K and V rows
+        bias = qkv.bias[C:] if qkv.bias is not None else weight.new_zeros(2 * C)
+        if norm.bias is not None:
+            bias = bias + weight @ norm.bias
+        if norm.weight is not None:
+            weight = weight * norm.weight
+        weights.append(weight)
+        biases.append(bias)
+    return torch.stack(weights), torch.stack(biases)
+
+
+def _kv_weights(state):
+    """The folded weights, kept between forwards while no weight trains or changes."""
+    params = _projection_params(state.blocks)
+    if any(p.requires_grad for p in params) or torch.compiler.is_compiling():  # compiled: no storage checks
+        return _folded_weights(state.blocks)
+    key = _versions(params)
+    if state.weights_key != key:
+        with torch.no_grad():
+            state.weights = _folded_weights(state.blocks)
+        state.weights_key = key
+    return state.weights
+
+
+def _k_norm(attn, kv):
+    """kv [2, H, P, D] with the block's k_norm applied to the keys (qk_norm models)."""
+    return kv if isinstance(attn.k_norm, nn.Identity) else torch.stack([attn.k_norm(kv[0]), kv[1]])
+
+
+def _all_layers_kv(state):
+    """[2, H, P, D] prompt K/V per layer (contiguous)."""
+    blocks = state.blocks
+    prompts = layer_prompts(state)  # [L, P, C]
+    L, P, C = prompts.shape
+    with torch.autocast(prompts.device.type, enabled=False):
+        if _batchable(blocks):
+            weight, bias = _kv_weights(state)  # [L, 2C, C], [L, 2C]
+            normed = F.layer_norm(prompts, (C,), eps=blocks[0].norm1.eps)  # [L, P, C]
+            kv = torch.baddbmm(bias[:, None], normed, weight.transpose(1, 2))  # [L, P, 2C]
+            H, D = blocks[0].attn.num_heads, blocks[0].attn.head_dim
+            layers = kv.view(L, P, 2, H, D).permute(0, 2, 3, 1, 4).contiguous().unbind(0)  # [2, H, P, D] each
+        else:
+            layers = []
+            for blk, layer_prompts_ in zip(blocks, prompts.unbind(0)):
+                kv = F.linear(blk.norm1(layer_prompts_), blk.attn.qkv.weight[C:],
+                              None if blk.attn.qkv.bias is None else blk.attn.qkv.bias[C:])  # [P, 2C]
+                layers.append(kv.view(P, 2, blk.attn.num_heads, -1).permute(1, 2, 0, 3).contiguous())
+        return [_k_norm(blk.attn, kv) for blk, kv in zip(blocks, layers)]
+
+
+def step_prompt_kv(state):
+    """Prompt K/V [2, H, P, D] of every layer for this forward; reused without autograd until a parameter changes."""
+    prompt_params = [p for blk in state.blocks for p in (blk.tcpa_prompts_cls, blk.tcpa_prompts_img)]
+    needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in prompt_params)
+    if state.training or needs_graph or torch.compiler.is_compiling():
+        return _all_layers_kv(state)
+    key = _versions(_projection_params(state.blocks) + prompt_params)
+    if state.kv_key != key:
+        state.kv = _all_layers_kv(state)
+        state.kv_key = key
+    return state.kv

@@ -1,0 +1,142 @@
+"""``tcpa_packed_attention``: prompt-augmented attention (TCPA_SPEC.md §3) on timm's fused qkv layout.
+
+A timm block computes ``qkv = attn.qkv(h)`` (``[B, N, 3*C]``) and its ``attn.proj`` reads ``[B, N, C]``. This
+entry reads q, k, v in place from the ``[B, N, 3, H, D]`` view of that tensor, writes the output as the
+``[B, N, H*D]`` tensor proj reads, and its backward writes dq, dk, dv straight into one ``[B, N, 3, H, D]``
+gradient buffer: no permute copy, no output transpose copy, no stack/clone of the gradients.
+
+It runs the kernels and the two backward ops of ``tcpa_attention`` (they take strides); only the forward op is
+its own (``tcpa_kernels::packed_attention_fwd``), so that autograd sees qkv and prompt_kv as single inputs.
+"""
+
+import torch
+from torch import Tensor
+
+from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels._validate import KERNEL_DTYPES, check_tensor, describe
+from tcpa_kernels.ops._function import (
+    IMPLEMENTATIONS,
+    accumulation_dtype,
+    attention_grads,
+    selection_from_op,
+    selection_to_op,
+    shared_strides,
+)
+from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection
+from tcpa_kernels.ops.tcpa_attention import TORCH_DTYPES, check_kernel_limits
+
+
+def _split_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, N, 3, H, D] -> q, k, v [B, H, N, D] views sharing one stride set."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """[B, N, H*D] -> [B, H, N, D] view."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+@torch.library.custom_op("tcpa_kernels::packed_attention_fwd", mutates_args=())
+def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, sel: Tensor, pool_cls: int, len_cls: int, len_img: int,
+                         scale: float, renormalize: bool, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
+    """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` read in place and prompt_kv ``[2, H, P, D]`` or
+    ``[B, 2, H, P, D]``: (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``). ``deterministic`` is read by the
+    backward only."""
+    out, lse = IMPLEMENTATIONS[backend].attention_forward(*_split_qkv(qkv), *prompt_kv.unbind(-4),
+                                                          selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                          renormalize)
+    return out.transpose(1, 2).flatten(2), lse  # [B, N, H*D]: a view of the contiguous [B, N, H, D] buffer
+
+
+@packed_attention_fwd.register_fake
+def _(qkv, prompt_kv, sel, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=accumulation_dtype(backend, qkv.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, prompt_kv, sel, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zeros for lse's gradient
+    ctx.save_for_backward(qkv, prompt_kv, sel, out, lse)
+    ctx.config = ((pool_cls, len_cls, len_img), scale, renormalize, backend, deterministic)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the two backward ops) and of prompt_kv."""
+    qkv, prompt_kv, sel, out, lse = ctx.saved_tensors
+    layout, scale, renormalize, backend, deterministic = ctx.config
+    H = qkv.shape[3]
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3, H, D]: dq, dk, dv go in place
+    dprompt = attention_grads(*_split_qkv(dqkv), _heads(grad_out, H), *_split_qkv(qkv), *prompt_kv.unbind(-4),
+                              _heads(out, H), lse, selection_from_op(sel, *layout), scale, renormalize, backend,
+                              deterministic)
+    return dqkv, dprompt, None, None, None, None, None, None, None, None
+
+
+packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_selection(selection, B, N, P, device):
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection: expected a tcpa_kernels.ops.selection.Selection, got {type(selection).__name__}")
+    if selection.mask is not None:
+        check_tensor("selection.mask", selection.mask, ndim=3, dtypes=(torch.bool,))
+        if selection.mask.device != device or tuple(selection.mask.shape) != (B, N, P):
+            raise ValueError(f"selection.mask: expected bool shape {(B, N, P)} on {device}, "
+                             f"got {describe(selection.mask)}")
+        return
+    if selection.bits is None:
+        raise ValueError("selection: expected a mask [B, N, P] or selection words [B, N], got neither")
+    check_tensor("selection.bits", selection.bits, ndim=2, dtypes=(torch.int64,))
+    if selection.bits.device != device or tuple(selection.bits.shape) != (B, N):
+        raise ValueError(f"selection.bits: expected int64 shape {(B, N)} on {device}, got {describe(selection.bits)}")
+    pool_cls, len_cls, len_img = selection.pool_cls, selection.len_cls, selection.len_img
+    n_cls = pool_cls * len_cls
+    valid = pool_cls >= 0 and len_cls >= 1 and len_img >= 1 and n_cls <= P
+    if not valid or pool_cls + (P - n_cls + len_img - 1) // len_img > MAX_POOL_ENTRIES:
+        raise ValueError(f"selection: expected a pool layout of P={P} prompts (pool_cls * len_cls <= P, at most "
+                         f"{MAX_POOL_ENTRIES} entries), got pool_cls={pool_cls}, len_cls={len_cls}, len_img={len_img}")
+
+
+def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, *, scale: float, renormalize: bool,
+                          backend: str, deterministic: bool = True) -> Tensor:
+    """Prompt-augmented attention of N query tokens over [P prompts ; N tokens] keys, on timm's qkv layout.
+
+    Args:
+        qkv: ``[B, N, 3, H, D]``, the view ``attn.qkv(h).view(B, N, 3, H, D)`` of timm's qkv projection (any
+            strides with unit stride on D are read in place); fp16/bf16/fp32, fp64 on the torch backend.
+        prompt_kv: prompt keys and values ``[2, H, P, D]`` shared by the batch, or ``[B, 2, H, P, D]``; fp32 or
+            qkv's dtype (the Triton kernels cast fp32 prompts to qkv's dtype after loading them: no cast copy).
+        selection: which prompts each token may use: selection words (int64 ``[B, N]``, bit e = pool entry e, with
+            the pool layout pool_cls/len_cls/len_img) or a bool mask ``[B, N, P]``.
+        scale: score scale (``attn.scale``, usually ``D ** -0.5``).
+        renormalize: False (the published method): unselected prompts stay in the softmax normaliser but add no
+            value. True: ordinary masked softmax.
+        backend: "triton" or "torch", already resolved (``tcpa_kernels._backend.resolve_backend``).
+        deterministic: shared-prompt gradients by a fixed-order reduction over the batch (True) or fp32 atomics.
+
+    Returns:
+        ``[B, N, H*D]`` contiguous, in qkv's dtype: what ``attn.proj`` reads. Differentiable in qkv (its gradient
+        is one contiguous ``[B, N, 3, H, D]`` tensor) and prompt_kv (gradient of its shape and dtype).
+    """
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend: expected 'triton' or 'torch' (resolved), got {backend!r}")
+    check_tensor("qkv", qkv, ndim=5, dtypes=KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES)
+    backend = resolve_backend(backend, qkv.device)
+    B, N, three, H, D = qkv.shape
+    if three != 3:
+        raise ValueError(f"qkv: expected shape [B, N, 3, H, D], got {describe(qkv)}")
+    check_tensor("prompt_kv", prompt_kv, ndim=(4, 5), dtypes=tuple(dict.fromkeys((torch.float32, qkv.dtype))))
+    P = prompt_kv.shape[-2]
+    lead = (2, H) if prompt_kv.dim() == 4 else (B, 2, H)
+    if prompt_kv.device != qkv.device or tuple(prompt_kv.shape) != (*lead, P, D) or P < 1:
+        raise ValueError(f"prompt_kv: expected shape {(*lead, 'P >= 1', D)} on {qkv.device} ([2, H, P, D] or "
+                         f"[B, 2, H, P, D]), got {describe(prompt_kv)}")
+    _check_selection(selection, B, N, P, qkv.device)
+    check_kernel_limits("qkv", qkv, backend, (B, H, N, P, D), qkv.stride(1))
+    (qkv,), (prompt_kv,) = shared_strides(qkv), shared_strides(prompt_kv)  # unit stride on D, else a copy
+    out, _ = packed_attention_fwd(qkv, prompt_kv, *selection_to_op(selection), float(scale), bool(renormalize), backend,
+                                  bool(deterministic))
+    return out

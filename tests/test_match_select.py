@@ -1,0 +1,183 @@
+"""match_select (matching + top-k + loss terms in one op) vs the fp64 reference: selection, loss, every gradient.
+
+Inputs are built so that every token's cosines are well separated (keys orthogonal, x a distinct mix of them plus
+noise): the top-k is then the same in fp32 and fp64, and the comparison tests the arithmetic, not tie luck.
+"""
+
+import pytest
+import torch
+
+import tcpa_kernels as tk
+from reference import match_prompts_ref
+from reference.matching import topk_entries
+from tcpa_kernels.ops import match_select as match_select_module
+from tcpa_kernels.ops.match_select import match_bwd, match_fwd, match_select
+from tcpa_kernels.ops.selection import entry_selection
+from tests.conftest import DEVICE, TOLERANCE, _PoisonedTorch
+
+BACKENDS = ["triton", "torch"]
+# (B, N, C, pool_cls, pool_img, topk_cls, topk_img, num_prefix)
+CONFIGS = [
+    (2, 9, 70, 5, 7, 2, 3, 1),
+    (1, 13, 64, 3, 6, 3, 6, 2),  # k = pool size, two prefix tokens
+    (2, 6, 48, 18, 18, 10, 10, 1),  # published pools
+    (1, 5, 40, 2, 30, 1, 1, 0),  # no prefix token, k = 1
+    (1, 3, 80, 32, 32, 5, 7, 1),  # 64 entries: bit 63 in use
+    (3, 1, 33, 4, 4, 2, 2, 1),  # only the prefix token
+]
+
+
+def separated_inputs(B, N, C, pool_cls, pool_img, dtype=torch.float32, seed=0):
+    """x [B, N, C], keys_cls [Pc, C], keys_img [Pi, C] (leaves requiring grad) whose cosines differ by >= ~1e-2."""
+    g = torch.Generator().manual_seed(seed)
+    E = pool_cls + pool_img
+    basis, _ = torch.linalg.qr(torch.randn(C, E, generator=g, dtype=torch.float64))  # [C, E] orthonormal columns
+    keys = basis.T * (0.5 + torch.rand(E, 1, generator=g, dtype=torch.float64))  # [E, C]
+    mix = torch.stack([torch.randperm(E, generator=g) for _ in range(B * N)]).view(B, N, E).double() / E
+    x = mix @ basis.T + 0.2 * torch.randn(B, N, C, generator=g, dtype=torch.float64) / C**0.5
+    return [t.to(device=DEVICE, dtype=dtype).requires_grad_() for t in (x, keys[:pool_cls], keys[pool_cls:])]
+
+
+def reference_terms(x, keys_cls, keys_img, topk_cls, topk_img, num_prefix):
+    """fp64 [B, N] loss terms from the reference's cosines and top-k rule."""
+    B, N, _ = x.shape
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    terms = x.new_zeros(B, N)
+    for tokens, keys, k in ((slice(0, num_prefix), keys_cls, topk_cls), (slice(num_prefix, N), keys_img, topk_img)):
+        cos = xn[:, tokens] @ torch.nn.functional.normalize(keys, dim=-1).T  # [B, n, pool]
+        if cos.numel():
+            sel = topk_entries(cos, k)
+            terms[:, tokens] = torch.where(sel, 1 - cos, 0).sum(-1) / (B * cos.shape[1] * k)
+    return terms
+
+
+@pytest.fixture
+def poison_match_buffers(monkeypatch):
+    monkeypatch.setattr(match_select_module, "torch", _PoisonedTorch())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_match_select_matches_reference(backend, config, dtype, poison_match_buffers):
+    B, N, C, pc, pi, kc, ki, npre = config
+    inputs = separated_inputs(B, N, C, pc, pi, dtype)
+    bits, terms = match_select(*inputs, topk_cls=kc, topk_img=ki, num_prefix_tokens=npre, backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_mask, ref_loss = match_prompts_ref(*ref_inputs, topk_cls=kc, topk_img=ki, num_prefix_tokens=npre)
+    ref_terms = reference_terms(*ref_inputs, kc, ki, npre)
+    assert torch.equal(entry_selection(bits, pc + pi), ref_mask), "selection differs from the reference"
+    atol, rtol = TOLERANCE[torch.float32]  # cosines are computed in fp32 from the (rounded) inputs
+    torch.testing.assert_close(terms.double(), ref_terms, atol=atol, rtol=rtol)
+    torch.testing.assert_close(terms.sum().double(), ref_loss, atol=atol, rtol=rtol)
+    dterms = torch.randn(B, N, dtype=torch.float64, device=DEVICE)  # a general upstream gradient, not only sum()
+    grads = torch.autograd.grad(terms, inputs, dterms.to(terms.dtype))
+    ref_grads = torch.autograd.grad(ref_terms, ref_inputs, dterms, materialize_grads=True)  # unused pool: zeros
+    atol, rtol = TOLERANCE[dtype]
+    for name, g, rg in zip(("x", "keys_cls", "keys_img"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape, name
+        torch.testing.assert_close(g.double(), rg, atol=atol * float(rg.abs().max()), rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_key_gradient_partials_accumulate_over_blocks(backend, monkeypatch):
+    """More token blocks than backward programs: each program adds its later blocks to its own partial."""
+    monkeypatch.setattr(match_select_module, "MAX_KEY_PARTIALS", 2)
+    monkeypatch.setitem(match_select_module.LAUNCH, "bwd", match_select_module.LAUNCH["bwd"] | dict(BLOCK_T=16))
+    inputs = separated_inputs(3, 29, 48, 4, 6)
+    _, terms = match_select(*inputs, topk_cls=2, topk_img=3, backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    grads = torch.autograd.grad(terms.sum(), inputs)
+    ref_grads = torch.autograd.grad(reference_terms(*ref_inputs, 2, 3, 1).sum(), ref_inputs)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=2e-5 * float(rg.abs().max()), rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_needed_gradients(backend):
+    x, kc, ki = separated_inputs(2, 7, 32, 3, 4)
+    x.requires_grad_(False)
+    _, terms = match_select(x, kc, ki, topk_cls=2, topk_img=2, backend=backend)
+    dkc, dki = torch.autograd.grad(terms.sum(), (kc, ki))
+    assert dkc.abs().sum() > 0 and dki.abs().sum() > 0
+    x.requires_grad_(True)
+    kc.requires_grad_(False)
+    ki.requires_grad_(False)
+    _, terms = match_select(x, kc, ki, topk_cls=2, topk_img=2, backend=backend)
+    (dx,) = torch.autograd.grad(terms.sum(), (x,))
+    assert dx.shape == x.shape and dx.abs().sum() > 0
+
+
+def test_backends_agree_in_float64_and_fp32():
+    inputs = separated_inputs(2, 11, 40, 6, 9)
+    bits_t, terms_t = match_select(*inputs, topk_cls=3, topk_img=4, backend="triton")
+    bits_r, terms_r = match_select(*[t.double() for t in inputs], topk_cls=3, topk_img=4, backend="torch")
+    assert terms_r.dtype == torch.float64
+    assert torch.equal(bits_t, bits_r)
+    torch.testing.assert_close(terms_t.double(), terms_r, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_finite_scores_select_k_of_their_own_pool(backend):
+    """A NaN or zero token still selects exactly k entries of its own pool, never a bit of the other pool."""
+    x, kc, ki = separated_inputs(2, 6, 32, 5, 7)
+    x = x.detach().clone()
+    x[0, 0] = float("nan")  # prefix token
+    x[0, 3] = float("nan")  # patch token
+    x[1, 2, :5] = float("inf")
+    x[1, 4] = 0.0  # all cosines 0: ties everywhere
+    bits, _ = match_select(x, kc, ki, topk_cls=2, topk_img=3, backend=backend)
+    sel = entry_selection(bits, 12)
+    assert (sel[:, :1, :5].sum(-1) == 2).all() and (sel[:, 1:, 5:].sum(-1) == 3).all()
+    assert not sel[:, :1, 5:].any() and not sel[:, 1:, :5].any()
+    # NaN scores rank lowest and ties go to the lower index: the lowest entries of the pool
+    assert bits[0, 0] == 0b11 and bits[0, 3] == 0b111 << 5 and bits[1, 4] == 0b111 << 5
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_backends_agree_on_nonfinite_rows():
+    x, kc, ki = separated_inputs(2, 6, 32, 5, 7)
+    x = x.detach().clone()
+    x[0, ::2] = float("nan")
+    x[1, 1, 3] = float("-inf")
+    bits = [match_select(x, kc, ki, topk_cls=2, topk_img=3, backend=b)[0] for b in BACKENDS]
+    assert torch.equal(*bits)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_change_matching(backend):
+    inputs = separated_inputs(2, 7, 32, 3, 4)
+    expected = match_select(*inputs, topk_cls=2, topk_img=2, backend=backend)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = match_select(*inputs, topk_cls=2, topk_img=2, backend=backend)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert got[1].dtype == torch.float32
+
+
+def test_match_prompts_is_match_select_with_a_mask():
+    inputs = separated_inputs(2, 9, 40, 4, 5)
+    mask, loss = tk.match_prompts(*inputs, topk_cls=2, topk_img=3, prompt_len_cls=2, prompt_len_img=1)
+    ref_mask, ref_loss = match_prompts_ref(*[t.detach().double() for t in inputs], topk_cls=2, topk_img=3,
+                                           prompt_len_cls=2, prompt_len_img=1)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_pass_opcheck(backend):
+    x, kc, ki = separated_inputs(2, 5, 32, 3, 4)
+    torch.library.opcheck(match_fwd, (x, kc, ki, 1, 2, 2, backend))
+    _, bits = match_fwd(x, kc, ki, 1, 2, 2, backend)
+    dterms = torch.randn(2, 5)
+    torch.library.opcheck(match_bwd, (dterms, x.detach(), kc.detach(), ki.detach(), bits, 1, 2, 2, backend, True, True))
+
+
+def test_errors_name_the_argument():
+    x, kc, ki = separated_inputs(1, 4, 32, 3, 4)
+    with pytest.raises(TypeError, match="x: backend='triton'.*float64"):
+        match_select(x.double(), kc.double(), ki.double(), topk_cls=1, topk_img=1, backend="triton")
+    with pytest.raises(ValueError, match="topk_img: expected an int in \\[1, 4\\], got 5"):
+        match_select(x, kc, ki, topk_cls=1, topk_img=5)
+    with pytest.raises(ValueError, match="keys_img: expected shape \\(pool >= 1, 32\\)"):
+        match_select(x, kc, ki[:, :16], topk_cls=1, topk_img=1)
