@@ -147,7 +147,9 @@ def _autocast(device, dtype):
 
 
 def train_step(model, images, labels, dtype):
-    """One training step closure: forward (+ matching loss for TCPA), backward, AdamW step."""
+    """One training step closure in train mode (prompt dropout on; a prompted backbone stays in eval): forward
+    (+ matching loss for TCPA), backward, AdamW step."""
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     prompted = hasattr(model, "prompt_state")
@@ -165,6 +167,9 @@ def train_step(model, images, labels, dtype):
 
 
 def inference_step(model, images, dtype):
+    """One inference closure in eval mode, without autograd (prompted models reuse their prompt K/V)."""
+    model.eval()
+
     def step():
         with torch.no_grad(), _autocast(images.device, dtype):
             model(images)

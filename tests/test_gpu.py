@@ -53,3 +53,29 @@ def test_atomic_vs_deterministic_and_bitwise_repeatability():
         assert torch.equal(a, b)  # deterministic mode: bitwise identical
     for a, b in zip(runs[True][0], runs[False][0]):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_model_path_triton_equals_torch(autocast):
+    """The whole TCPA layer on CUDA (matching kernels, packed attention, batched prompt K/V) against the torch
+    backend on the same parameters: logits, matching loss and every trainable gradient (fp32, or bf16 autocast)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    results = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)  # same backbone, prompts and keys for both backends
+        model = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)
+        model = tk.apply_tcpa(model.cuda(), backend=backend, pool_size_cls=4, pool_size_img=6, topk_cls=2,
+                              topk_img=3).train()
+        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            torch.manual_seed(2)  # the same prompt dropout mask
+            logits = model(x).float()
+            loss = logits.square().mean() + tk.get_matching_loss(model)
+        results.append((logits, tk.get_matching_loss(model), torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    atol, rtol = (2e-2, 5e-2) if autocast else (1e-4, 1e-3)  # 2 layers of fp32 / bf16 arithmetic
+    (logits, match, grads), (ref_logits, ref_match, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol)
+    torch.testing.assert_close(match, ref_match, atol=atol, rtol=rtol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), rg.float(), atol=atol * float(rg.abs().max()), rtol=rtol)

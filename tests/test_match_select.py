@@ -13,7 +13,7 @@ from reference.matching import topk_entries
 from tcpa_kernels.ops import match_select as match_select_module
 from tcpa_kernels.ops.match_select import match_bwd, match_fwd, match_select
 from tcpa_kernels.ops.selection import entry_selection
-from tests.conftest import DEVICE, TOLERANCE, _PoisonedTorch
+from tests.conftest import DEVICE, TOLERANCE, _PoisonedTorch, requires_cuda
 
 BACKENDS = ["triton", "torch"]
 # (B, N, C, pool_cls, pool_img, topk_cls, topk_img, num_prefix)
@@ -56,10 +56,8 @@ def poison_match_buffers(monkeypatch):
     monkeypatch.setattr(match_select_module, "torch", _PoisonedTorch())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_match_select_matches_reference(backend, config, dtype, poison_match_buffers):
+def check_against_reference(config, dtype, backend):
+    """Selection, loss terms and the gradients of x and both pools' keys for a general upstream gradient."""
     B, N, C, pc, pi, kc, ki, npre = config
     inputs = separated_inputs(B, N, C, pc, pi, dtype)
     bits, terms = match_select(*inputs, topk_cls=kc, topk_img=ki, num_prefix_tokens=npre, backend=backend)
@@ -77,6 +75,22 @@ def test_match_select_matches_reference(backend, config, dtype, poison_match_buf
     for name, g, rg in zip(("x", "keys_cls", "keys_img"), grads, ref_grads):
         assert g.dtype == dtype and g.shape == rg.shape, name
         torch.testing.assert_close(g.double(), rg, atol=atol * float(rg.abs().max()), rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_match_select_matches_reference(backend, config, dtype, poison_match_buffers):
+    check_against_reference(config, dtype, backend)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_vit_b_layer(dtype):
+    """The compiled kernels at a ViT-B/16 layer (N=197, C=768, pools 18+18, k 10) with more token blocks than
+    backward programs, x in fp32 (the residual stream) or bf16."""
+    check_against_reference((96, 197, 768, 18, 18, 10, 10, 1), dtype, "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
