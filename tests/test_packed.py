@@ -184,13 +184,13 @@ def test_opcheck(backend):
     B, N, H, P, D = 2, 5, 2, 4, 16
     qkv = torch.randn(B, N, 3, H, D, device=DEVICE, requires_grad=True)
     prompt_kv = torch.randn(2, H, P, D, device=DEVICE, requires_grad=True)
-    sel = (random_selection(B, N, P, 2, 1, 1).bits, 2, 1, 1)
+    sel = random_selection(B, N, P, 2, 1, 1).op_args()
     for pkv in (prompt_kv, torch.randn(B, 2, H, P, D, device=DEVICE, requires_grad=True)):
         torch.library.opcheck(packed_attention_fwd, (qkv, pkv, *sel, 0.25, False, backend, True))
     q, k, v = qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
     pk, pv = prompt_kv.detach().unbind(0)
     mask = torch.rand(B, N, P, device=DEVICE) < 0.5
-    torch.library.opcheck(attention_fwd, (q, k, v, pk, pv, mask, 0, 1, 1, 0.25, True, backend))
+    torch.library.opcheck(attention_fwd, (q, k, v, pk, pv, mask, None, 0, 1, 1, 0.25, True, backend))
     out, lse = attention_fwd(q, k, v, pk, pv, *sel, 0.25, False, backend)
     grad_out = torch.randn_like(out)
     dqkv = torch.empty(B, N, 3, H, D, device=DEVICE)

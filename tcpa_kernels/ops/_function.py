@@ -27,70 +27,61 @@ def accumulation_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if backend == "torch" and dtype == torch.float64 else torch.float32
 
 
-def selection_from_op(sel: Tensor, pool_cls: int, len_cls: int, len_img: int) -> Selection:
-    """The Selection a custom op received as (sel, pool_cls, len_cls, len_img)."""
-    if sel.dtype == torch.bool:
-        return Selection(mask=sel)
-    return Selection(bits=sel, pool_cls=pool_cls, len_cls=len_cls, len_img=len_img)
-
-
-def selection_to_op(selection: Selection) -> tuple[Tensor, int, int, int]:
-    """(sel, pool_cls, len_cls, len_img): a Selection as the custom ops take it (bool mask or int64 words)."""
-    sel = selection.mask if selection.mask is not None else selection.bits
-    return sel, selection.pool_cls, selection.len_cls, selection.len_img
-
-
 @torch.library.custom_op("tcpa_kernels::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor, sel: Tensor, pool_cls: int,
-                  len_cls: int, len_img: int, scale: float, renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor, mask: Tensor | None,
+                  bits: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float, renormalize: bool,
+                  backend: str) -> tuple[Tensor, Tensor]:
     """One launch of the forward kernel: (out [B, H, N, D], a transposed view of a contiguous [B, N, H, D] buffer;
     lse [B, H, N]). q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or [B, H, P, D]) share
-    theirs, unit stride on D; sel is a bool mask [B, N, P] or int64 selection words [B, N]."""
+    theirs, unit stride on D; the selection is a bool mask [B, N, P] or int64 selection words [B, N] with their pool
+    layout (``Selection.op_args()``: the other one None)."""
     return IMPLEMENTATIONS[backend].attention_forward(q, k, v, prompt_k, prompt_v,
-                                                      selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                      Selection(mask, bits, pool_cls, len_cls, len_img), scale,
                                                       renormalize)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, prompt_k, prompt_v, sel, pool_cls, len_cls, len_img, scale, renormalize, backend):
+def _(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend):
     B, H, N, D = q.shape
     return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=accumulation_dtype(backend, q.dtype))
 
 
 @torch.library.custom_op("tcpa_kernels::attention_bwd_dq", mutates_args=("dq",))
 def attention_bwd_dq(dq: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor,
-                     out: Tensor, lse: Tensor, sel: Tensor, pool_cls: int, len_cls: int, len_img: int, scale: float,
+                     out: Tensor, lse: Tensor, mask: Tensor | None, bits: Tensor | None, pool_cls: int, len_cls: int,
+                     len_img: int, scale: float,
                      renormalize: bool, backend: str) -> Tensor:
     """One launch of the dq kernel: writes dq ([B, H, N, D], any (b, h, n) strides with unit stride on D: slot 0 of
     a packed [B, N, 3, H, D] gradient buffer, or its own) and returns delta = rowsum(grad_out * out) [B, H, N].
     grad_out and out ([B, H, N, D]) are read through their own strides (unit stride on D)."""
     return IMPLEMENTATIONS[backend].attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
-                                                          selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                          Selection(mask, bits, pool_cls, len_cls, len_img), scale,
                                                           renormalize, dq)
 
 
 @attention_bwd_dq.register_fake
-def _(dq, grad_out, q, k, v, prompt_k, prompt_v, out, lse, sel, pool_cls, len_cls, len_img, scale, renormalize,
+def _(dq, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls, len_cls, len_img, scale, renormalize,
       backend):
     return q.new_empty(q.shape[:3], dtype=lse.dtype)
 
 
 @torch.library.custom_op("tcpa_kernels::attention_bwd_dkdv", mutates_args=("dk", "dv", "dprompt"))
 def attention_bwd_dkdv(dk: Tensor, dv: Tensor, dprompt: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                       prompt_k: Tensor, prompt_v: Tensor, lse: Tensor, delta: Tensor, sel: Tensor, pool_cls: int,
-                       len_cls: int, len_img: int, scale: float, renormalize: bool, backend: str) -> None:
+                       prompt_k: Tensor, prompt_v: Tensor, lse: Tensor, delta: Tensor, mask: Tensor | None,
+                       bits: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float,
+                       renormalize: bool, backend: str) -> None:
     """One launch of the dk/dv kernel (token and prompt keys in one grid): writes dk and dv ([B, H, N, D], one
     (b, h, n) stride set; views of a packed [B, N, 3, H, D] buffer, or their own) and the prompt
     gradients into dprompt (accumulation dtype): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of
     shared prompts that the caller sums over the batch), or [2, H, P, D] zero-filled, which gets their batch sum
     (atomics on CUDA; shared prompts only)."""
     IMPLEMENTATIONS[backend].attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta,
-                                                     selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                     Selection(mask, bits, pool_cls, len_cls, len_img), scale,
                                                      renormalize, dk, dv, dprompt)
 
 
 @attention_bwd_dkdv.register_fake
-def _(dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, lse, delta, sel, pool_cls, len_cls, len_img, scale,
+def _(dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, lse, delta, mask, bits, pool_cls, len_cls, len_img, scale,
       renormalize, backend):
     return None
 
@@ -123,7 +114,7 @@ def attention_grads(dq: Tensor, dk: Tensor, dv: Tensor, grad_out: Tensor, q: Ten
         grad_out = grad_out.contiguous()
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    sel = selection_to_op(selection)
+    sel = selection.op_args()
     delta = attention_bwd_dq(dq, grad_out, q, k, v, prompt_k, prompt_v, out, lse, *sel, scale, renormalize, backend)
     shared = prompt_k.dim() == 3
     atomic = backend == "triton" and shared and not (deterministic or torch.are_deterministic_algorithms_enabled())
@@ -158,19 +149,19 @@ def run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, selection, scale, ren
     """Forward of the [B, H, N, D] autograd Functions; returns out [B, H, N, D] (a transposed view of [B, N, H, D])."""
     q, k, v = shared_strides(q, k, v)
     prompt_k, prompt_v = shared_strides(prompt_k, prompt_v)
-    sel, *layout = selection_to_op(selection)
-    out, lse = attention_fwd(q, k, v, prompt_k, prompt_v, sel, *layout, scale, renormalize, backend)
-    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, sel)
+    mask, bits, *layout = selection.op_args()
+    out, lse = attention_fwd(q, k, v, prompt_k, prompt_v, mask, bits, *layout, scale, renormalize, backend)
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, mask, bits)
     ctx.config = (layout, scale, renormalize, backend, deterministic)
     return out
 
 
 def run_backward(ctx, grad_out):
     """Grads of (q, k, v, prompt_k, prompt_v); None for inputs that need none."""
-    q, k, v, prompt_k, prompt_v, out, lse, sel = ctx.saved_tensors
+    q, k, v, prompt_k, prompt_v, out, lse, mask, bits = ctx.saved_tensors
     layout, scale, renormalize, backend, deterministic = ctx.config
     dq, dk, dv = token_grad_buffers(q)
     dprompt = attention_grads(dq, dk, dv, grad_out, q, k, v, prompt_k, prompt_v, out, lse,
-                              selection_from_op(sel, *layout), scale, renormalize, backend, deterministic)
+                              Selection(mask, bits, *layout), scale, renormalize, backend, deterministic)
     grads = (dq, dk, dv, *dprompt.unbind(-4))
     return [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]

@@ -18,8 +18,6 @@ from tcpa_kernels.ops._function import (
     IMPLEMENTATIONS,
     accumulation_dtype,
     attention_grads,
-    selection_from_op,
-    selection_to_op,
     shared_strides,
 )
 from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection
@@ -37,42 +35,43 @@ def _heads(x: Tensor, num_heads: int) -> Tensor:
 
 
 @torch.library.custom_op("tcpa_kernels::packed_attention_fwd", mutates_args=())
-def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, sel: Tensor, pool_cls: int, len_cls: int, len_img: int,
+def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, mask: Tensor | None, bits: Tensor | None, pool_cls: int,
+                         len_cls: int, len_img: int,
                          scale: float, renormalize: bool, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
     """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` read in place and prompt_kv ``[2, H, P, D]`` or
     ``[B, 2, H, P, D]``: (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``). ``deterministic`` is read by the
     backward only."""
     out, lse = IMPLEMENTATIONS[backend].attention_forward(*_split_qkv(qkv), *prompt_kv.unbind(-4),
-                                                          selection_from_op(sel, pool_cls, len_cls, len_img), scale,
+                                                          Selection(mask, bits, pool_cls, len_cls, len_img), scale,
                                                           renormalize)
     return out.transpose(1, 2).flatten(2), lse  # [B, N, H*D]: a view of the contiguous [B, N, H, D] buffer
 
 
 @packed_attention_fwd.register_fake
-def _(qkv, prompt_kv, sel, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic):
+def _(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic):
     B, N, _, H, D = qkv.shape
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=accumulation_dtype(backend, qkv.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, prompt_kv, sel, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = inputs
+    qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)  # no zeros for lse's gradient
-    ctx.save_for_backward(qkv, prompt_kv, sel, out, lse)
+    ctx.save_for_backward(qkv, prompt_kv, mask, bits, out, lse)
     ctx.config = ((pool_cls, len_cls, len_img), scale, renormalize, backend, deterministic)
 
 
 def _backward(ctx, grad_out, grad_lse):
     """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the two backward ops) and of prompt_kv."""
-    qkv, prompt_kv, sel, out, lse = ctx.saved_tensors
+    qkv, prompt_kv, mask, bits, out, lse = ctx.saved_tensors
     layout, scale, renormalize, backend, deterministic = ctx.config
     H = qkv.shape[3]
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3, H, D]: dq, dk, dv go in place
     dprompt = attention_grads(*_split_qkv(dqkv), _heads(grad_out, H), *_split_qkv(qkv), *prompt_kv.unbind(-4),
-                              _heads(out, H), lse, selection_from_op(sel, *layout), scale, renormalize, backend,
+                              _heads(out, H), lse, Selection(mask, bits, *layout), scale, renormalize, backend,
                               deterministic)
-    return dqkv, dprompt, None, None, None, None, None, None, None, None
+    return dqkv, dprompt, *([None] * 9)  # nothing for the selection, layout and flags
 
 
 packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -137,6 +136,6 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
     _check_selection(selection, B, N, P, qkv.device)
     check_kernel_limits("qkv", qkv, backend, (B, H, N, P, D), qkv.stride(1))
     (qkv,), (prompt_kv,) = shared_strides(qkv), shared_strides(prompt_kv)  # unit stride on D, else a copy
-    out, _ = packed_attention_fwd(qkv, prompt_kv, *selection_to_op(selection), float(scale), bool(renormalize), backend,
+    out, _ = packed_attention_fwd(qkv, prompt_kv, *selection.op_args(), float(scale), bool(renormalize), backend,
                                   bool(deterministic))
     return out

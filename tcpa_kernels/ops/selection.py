@@ -154,6 +154,11 @@ class Selection:
     len_cls: int = 1
     len_img: int = 1
 
+    def op_args(self) -> tuple:
+        """``(mask, bits, pool_cls, len_cls, len_img)``: a Selection as the custom ops take it (one of mask / bits
+        is None); ``Selection(*args)`` inside the op rebuilds it."""
+        return self.mask, self.bits, self.pool_cls, self.len_cls, self.len_img
+
     @property
     def mask_mode(self) -> int:
         return 0 if self.mask is not None else 1
