@@ -26,7 +26,7 @@ from tcpa_kernels._prompt_kv import layer_prompts, step_prompt_kv
 from tcpa_kernels._validate import check_pool_config
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
-from tcpa_kernels.ops.match_select import match_fwd
+from tcpa_kernels.ops.match_select import match_select, norm_match_select
 from tcpa_kernels.ops.packed import tcpa_packed_attention
 from tcpa_kernels.ops.selection import Selection
 
@@ -154,22 +154,30 @@ def _dense_attention(blk, h, selection, prompts, cfg):
     return (probs @ v)[:, :, P:].transpose(1, 2).reshape(B, N, -1)
 
 
-def _select(self, x, state, cfg):
-    """(selection words [B, N], matching-loss terms [B, N] or None) of the block input x [B, N, C]."""
+def _norm_and_select(blk, x, state, cfg):
+    """(norm1(x) [B, N, C], selection words [B, N], matching-loss terms [B, N] or None) of the block input x."""
     B, N, _ = x.shape
     backend = resolve_backend(cfg.backend, x.device)
+    n_pre, pool_cls = state.num_prefix_tokens, cfg.pool_size_cls
     if state.selection == "random":  # a random k-subset per token, no matching loss
-        scores = torch.rand(B, N, cfg.pool_size_cls + cfg.pool_size_img, device=x.device)
-        return topk_bits_op(scores, state.num_prefix_tokens, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
-                            backend), None
+        scores = torch.rand(B, N, pool_cls + cfg.pool_size_img, device=x.device)
+        return blk.norm1(x), topk_bits_op(scores, n_pre, pool_cls, cfg.topk_cls, cfg.topk_img, backend), None
     if cfg.attention == "dense":  # the published code's matching: a scores tensor, top-k, loss from it
-        scores = match_scores(x, self.tcpa_keys_cls, self.tcpa_keys_img)  # [B, N, Pc+Pi]
-        bits = topk_bits_op(scores.detach(), state.num_prefix_tokens, cfg.pool_size_cls, cfg.topk_cls,
-                            cfg.topk_img, backend)
-        return bits, matching_loss(scores, bits, state.num_prefix_tokens, cfg.topk_cls, cfg.topk_img)[None]
-    terms, bits = match_fwd(x, self.tcpa_keys_cls, self.tcpa_keys_img, state.num_prefix_tokens, cfg.topk_cls,
-                            cfg.topk_img, backend)
-    return bits, terms
+        scores = match_scores(x, blk.tcpa_keys_cls, blk.tcpa_keys_img)  # [B, N, Pc+Pi]
+        bits = topk_bits_op(scores.detach(), n_pre, pool_cls, cfg.topk_cls, cfg.topk_img, backend)
+        return blk.norm1(x), bits, matching_loss(scores, bits, n_pre, cfg.topk_cls, cfg.topk_img)[None]
+    if _fusable(blk.norm1):  # one kernel reads x for both (and one writes dx for both)
+        return norm_match_select(x, blk.norm1, blk.tcpa_keys_cls, blk.tcpa_keys_img, topk_cls=cfg.topk_cls,
+                                 topk_img=cfg.topk_img, num_prefix_tokens=n_pre, backend=backend)
+    bits, terms = match_select(x, blk.tcpa_keys_cls, blk.tcpa_keys_img, topk_cls=cfg.topk_cls, topk_img=cfg.topk_img,
+                               num_prefix_tokens=n_pre, backend=backend)
+    return blk.norm1(x), bits, terms
+
+
+def _fusable(norm):
+    """A LayerNorm over the last dim whose parameters are frozen: the matching kernels can apply it."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+            and not any(p.requires_grad for p in norm.parameters()))
 
 
 def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
@@ -180,12 +188,11 @@ def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
     if layer.index == 0:  # parameter-only work of every layer, once per forward
         state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else layer_prompts(state).unbind(0)
         state.layer_terms = {}
-    bits, terms = _select(self, x, state, cfg)
+    h, bits, terms = _norm_and_select(self, x, state, cfg)
     if terms is not None:
         state.layer_terms[layer.index] = terms
     selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
                           len_img=cfg.prompt_len_img)
-    h = self.norm1(x)
     attention = _fused_attention if cfg.attention == "fused" else _dense_attention
     out = attention(self, h, selection, state.step_inputs[layer.index], cfg)  # [B, N, C]
     x = x + self.drop_path1(self.ls1(_finish_attention(self.attn, out, h)))

@@ -44,11 +44,15 @@ def main(variants):
                 rejected.append(line)
     print(sm90.compile_fn(selection._topk_bits_kernel, {"SCORES": "*fp32", "BITS": "*i64"},
                           dict(BLOCK_T=32, E_PAD=64)), flush=True)
-    # matching on the fp32 residual stream (x) with fp32 keys, 64 pool entries, as the library launches it
-    pointers = {"X": "*fp32", "KEYS_CLS": "*fp32", "KEYS_IMG": "*fp32", "BITS": "*i64", "TERMS": "*fp32",
-                "DTERMS": "*fp32", "DX": "*fp32", "DKEYS_PARTIAL": "*fp32"}
-    for name, kernel, extra in (("fwd", match_select._match_fwd_kernel, {}),
-                                ("bwd", match_select._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True))):
+    # matching on the fp32 residual stream (x) with fp32 keys, 64 pool entries, at the library's launch
+    # configurations: alone (match_select) and fused with the block's LayerNorm (weight and bias; the model's path)
+    names = ("X", "KEYS_CLS", "KEYS_IMG", "TERMS", "NORM_W", "NORM_B", "H", "MEAN", "RSTD", "DTERMS", "DX",
+             "DKEYS_PARTIAL", "DH")
+    pointers = dict.fromkeys(names, "*fp32") | {"BITS": "*i64"}
+    for (name, kernel, extra), norm in itertools.product(
+            (("fwd", match_select._match_fwd_kernel, dict(HAS_W=True, HAS_B=True)),
+             ("bwd", match_select._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))), (False, True)):
+        extra = extra | dict(NORM=norm)
         launch = dict(match_select.LAUNCH[name])
         num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
         constexprs = launch | extra | dict(E_PAD=64)

@@ -11,7 +11,7 @@ import tcpa_kernels as tk
 from reference import match_prompts_ref
 from reference.matching import topk_entries
 from tcpa_kernels.ops import match_select as match_select_module
-from tcpa_kernels.ops.match_select import match_bwd, match_fwd, match_select
+from tcpa_kernels.ops.match_select import match_bwd, match_fwd, match_select, norm_match_select
 from tcpa_kernels.ops.selection import entry_selection
 from tests.conftest import DEVICE, TOLERANCE, _PoisonedTorch, requires_cuda
 
@@ -181,10 +181,56 @@ def test_match_prompts_is_match_select_with_a_mask():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ops_pass_opcheck(backend):
     x, kc, ki = separated_inputs(2, 5, 32, 3, 4)
-    torch.library.opcheck(match_fwd, (x, kc, ki, 1, 2, 2, backend))
-    _, bits = match_fwd(x, kc, ki, 1, 2, 2, backend)
-    dterms = torch.randn(2, 5)
-    torch.library.opcheck(match_bwd, (dterms, x.detach(), kc.detach(), ki.detach(), bits, 1, 2, 2, backend, True, True))
+    weight, bias = torch.rand(32) + 0.5, torch.randn(32)
+    for norm in ((None, None, 0.0, False), (weight, bias, 1e-6, True), (None, None, 1e-5, True)):
+        torch.library.opcheck(match_fwd, (x, kc, ki, *norm, 1, 2, 2, backend))
+    _, bits, h, mean, rstd = match_fwd(x, kc, ki, weight, bias, 1e-6, True, 1, 2, 2, backend)
+    dterms, dh = torch.randn(2, 5), torch.randn_like(h)
+    for dh_, stats in ((dh, (weight, mean, rstd)), (None, (None, mean[:0], rstd[:0]))):
+        torch.library.opcheck(match_bwd, (dterms, dh_, x.detach(), kc.detach(), ki.detach(), bits, *stats, 1, 2, 2,
+                                          backend, True, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_fused_with_matching(backend, dtype, affine, poison_match_buffers):
+    """norm_match_select = (LayerNorm(x), match_select(x)) in one op: h, selection, terms and the gradients of x
+    (through h and the terms at once) and of the keys, against F.layer_norm + the reference in fp64."""
+    B, N, C, pc, pi, kc, ki, npre = 2, 9, 70, 5, 7, 2, 3, 1
+    inputs = separated_inputs(B, N, C, pc, pi, dtype)
+    norm = torch.nn.LayerNorm(C, eps=1e-6, elementwise_affine=affine).to(DEVICE).requires_grad_(False)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    h, bits, terms = norm_match_select(inputs[0], norm, *inputs[1:], topk_cls=kc, topk_img=ki, num_prefix_tokens=npre,
+                                       backend=backend)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_h = torch.nn.functional.layer_norm(ref_inputs[0], (C,), *[None if p is None else p.double() for p in
+                                                                  (norm.weight, norm.bias)], norm.eps)
+    ref_terms = reference_terms(*ref_inputs, kc, ki, npre)
+    bits_ref, _ = match_select(*inputs, topk_cls=kc, topk_img=ki, num_prefix_tokens=npre, backend=backend)
+    assert h.dtype == dtype and torch.equal(bits, bits_ref)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(h.double(), ref_h, atol=atol, rtol=rtol)
+    torch.testing.assert_close(terms.double(), ref_terms, atol=2e-5, rtol=2e-4)
+    dh = torch.randn(B, N, C, dtype=torch.float64, device=DEVICE)
+    dterms = torch.randn(B, N, dtype=torch.float64, device=DEVICE)
+    grads = torch.autograd.grad((h, terms), inputs, (dh.to(dtype), dterms.float()), retain_graph=True)
+    ref_grads = torch.autograd.grad((ref_h, ref_terms), ref_inputs, (dh, dterms), retain_graph=True)
+    for name, g, rg in zip(("x", "keys_cls", "keys_img"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, atol=atol * float(rg.abs().max()), rtol=rtol, msg=name)
+    (dx_norm_only,) = torch.autograd.grad(h, inputs[0], dh.to(dtype))  # matching loss unused: the norm's gradient
+    (ref_dx,) = torch.autograd.grad(ref_h, ref_inputs[0], dh)
+    torch.testing.assert_close(dx_norm_only.double(), ref_dx, atol=atol * float(ref_dx.abs().max()), rtol=rtol)
+
+
+def test_fused_layer_norm_refuses_trainable_parameters():
+    x, kc, ki = separated_inputs(1, 4, 32, 3, 4)
+    norm = torch.nn.LayerNorm(32).to(DEVICE)  # weight and bias require grad
+    with pytest.raises(ValueError, match="norm_weight/norm_bias: the fused layer norm takes frozen parameters"):
+        norm_match_select(x, norm, kc, ki, topk_cls=1, topk_img=1, num_prefix_tokens=1, backend="torch")
 
 
 def test_errors_name_the_argument():
