@@ -31,6 +31,7 @@ GPU_SHAPES = [("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # TCPA_SPE
               ("vit_l_b32_n577_p200_l4_k12", 32, 16, 577, 200, 64, 12)]
 SMOKE_SHAPES = [("cpu_smoke_b1_n40_p8_k2", 1, 2, 40, 8, 32, 2)]
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks.sm90` when run as a script (compile workers inherit it)
 
 
 # ------------------------------------------------------------------------------------------ offline (sm_90)
@@ -46,7 +47,7 @@ def _compile_one(job):
                       PRECISION="ieee" if operand == "fp32" else "tf32", **extra)
     try:
         dtype = "fp32" if operand == "fp32" else "bf16"
-        figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages)
+        figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages, prompt_dtype="fp32")
     except Exception as error:  # e.g. out of shared memory: reported, not fatal
         figures = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
     in_table = kernels.LAUNCH_CONFIGS[(operand, d_pad)][kernel] == candidate
@@ -63,8 +64,9 @@ def offline(out_dir, workers):
     import triton
 
     lines = [f"# sm_90 compile report (Triton {triton.__version__}, ptxas; no GPU involved)", "",
-             "Default branch (selection bits, renormalize=False), bf16 or fp32 operands, aligned arguments as at ViT "
-             "shapes. `spills` counts LDL+STL instructions in the SASS. Produced by `python benchmarks/tune.py "
+             "Default branch (selection bits, renormalize=False), bf16 or fp32 operands with fp32 prompt K/V (as the "
+             "model passes them), aligned arguments as at ViT shapes. `spills` counts LDL+STL instructions in the "
+             "SASS. Produced by `python benchmarks/tune.py "
              "--offline`: compile-time figures, not timings. (table): the entry of LAUNCH_CONFIGS.", "",
              "| operand | D_PAD | launch | BLOCK_M×BLOCK_N, warps, stages | registers | spills | shared KB | mma |",
              "|---|---|---|---|---|---|---|---|"]

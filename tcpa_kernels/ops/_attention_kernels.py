@@ -281,11 +281,13 @@ def _bwd_dkdv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, DK, DV, DPK, DPV, MASK, BI
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, by operand class and padded head dim (64 stands for
 # 16..64). Chosen offline from the sm_90 compile report (`python benchmarks/tune.py --offline`,
 # docs/sm90-resources.md): large tiles that ptxas fits in registers without spilling. fp32 runs exact (ieee)
-# dots on CUDA cores, whose register cost forces small tiles. Not yet timed on a GPU: `benchmarks/tune.py`
-# times the alternatives there (issue #5).
+# dots on CUDA cores, whose register cost forces small tiles. With token and prompt keys in one dK/dV launch and
+# fp32 prompt K/V (what the model passes), the 16-bit D=64 dK/dV kernel spilled 12-14 at 4 warps (0 at 8) and the
+# D=128 forward and dQ kernels 16 and 64 at 64x64 tiles (0 at 64x32), under triton 3.9. Not yet timed on a GPU:
+# `benchmarks/tune.py` times the alternatives there.
 LAUNCH_CONFIGS = {
-    ("16-bit", 64): {"fwd": (64, 64, 4, 3), "bwd_dq": (64, 64, 4, 3), "bwd_dkdv": (64, 64, 4, 3)},
-    ("16-bit", 128): {"fwd": (64, 64, 8, 3), "bwd_dq": (64, 64, 8, 3), "bwd_dkdv": (64, 32, 8, 3)},
+    ("16-bit", 64): {"fwd": (64, 64, 4, 3), "bwd_dq": (64, 64, 4, 3), "bwd_dkdv": (64, 64, 8, 3)},
+    ("16-bit", 128): {"fwd": (64, 32, 8, 3), "bwd_dq": (64, 32, 8, 3), "bwd_dkdv": (64, 32, 8, 3)},
     ("fp32", 64): {"fwd": (64, 32, 8, 2), "bwd_dq": (64, 32, 8, 2), "bwd_dkdv": (32, 32, 4, 1)},
     ("fp32", 128): {"fwd": (16, 64, 4, 2), "bwd_dq": (16, 64, 4, 2), "bwd_dkdv": (16, 32, 4, 1)},
 }
