@@ -241,3 +241,11 @@ def test_errors_name_the_argument():
         match_select(x, kc, ki, topk_cls=1, topk_img=5)
     with pytest.raises(ValueError, match="keys_img: expected shape \\(pool >= 1, 32\\)"):
         match_select(x, kc, ki[:, :16], topk_cls=1, topk_img=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_order_gradients_raise(backend):
+    x, kc, ki = separated_inputs(2, 5, 32, 3, 4)
+    _, terms = match_select(x, kc, ki, topk_cls=2, topk_img=2, backend=backend)
+    with pytest.raises(RuntimeError, match="match_select: second-order gradients"):
+        torch.autograd.grad(terms.sum(), (x, kc, ki), create_graph=True)

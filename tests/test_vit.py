@@ -268,3 +268,17 @@ def test_prompt_kv_paths_match_reference_fp64(case):
     ref_grads = torch.autograd.grad(ref_logits.square().sum() + ref_match, params, allow_unused=True)
     for p, g, rg in zip(params, grads, ref_grads):
         torch.testing.assert_close(g, torch.zeros_like(p) if rg is None else rg, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("selection", ["topk", "random"])
+def test_second_order_gradients_raise(selection):
+    """A gradient penalty (create_graph=True) through the ops would miss second-order terms: refused, clearly."""
+    model = tk.set_selection(tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW), selection)
+    loss = model(images()).square().sum() + tk.get_matching_loss(model)
+    with pytest.raises(RuntimeError, match="second-order gradients \\(backward with create_graph=True\\) are not"):
+        torch.autograd.grad(loss, tk.trainable_parameters(model), create_graph=True)
+    # first order still works, also without the matching loss (the keys then get no gradient)
+    params = tk.trainable_parameters(model)
+    grads = dict(zip(map(id, params), torch.autograd.grad(model(images()).square().sum(), params, allow_unused=True)))
+    assert grads[id(model.blocks[1].tcpa_prompts_img)].abs().sum() > 0
+    assert grads[id(model.blocks[1].tcpa_keys_img)] is None

@@ -22,6 +22,14 @@ from tcpa_kernels.ops.selection import Selection, topk_bits
 IMPLEMENTATIONS = {"triton": _attention_kernels, "torch": _torch_attention}
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called first in a registered backward: the backward ops have no derivative of their own, so a backward run
+    with create_graph=True (grad mode on) would hand back gradients silently missing second-order terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: second-order gradients (backward with create_graph=True) are not supported "
+                           "through this op; compute the gradient penalty without it or detach its inputs")
+
+
 def accumulation_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
     """dtype of lse, delta and the prompt gradients before the cast: fp64 for fp64 on the torch backend, else fp32."""
     return torch.float64 if backend == "torch" and dtype == torch.float64 else torch.float32

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._validate import check_pool_config, describe, validate_match_inputs
+from tcpa_kernels.ops._function import refuse_double_backward
 from tcpa_kernels.ops.selection import _topk_bits_torch, entry_selection, max_topk, own_pool, select_topk
 
 EPS = 1e-12  # F.normalize's: norms below it are clamped
@@ -331,7 +332,7 @@ def _backward_torch(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, 
     w = _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)
     g = torch.where(entry_selection(bits, cos.shape[-1]), -(dterms.to(cos.dtype) * w[:, 0])[..., None], 0)  # [B,N,E]
     inv_x = 1 / x_norm.clamp_min(EPS)  # [B, N, 1]
-    dx = dkeys = x.new_empty(0)
+    dx, dkeys = x.new_empty(0), x.new_empty(0)  # two tensors: a custom op's outputs may not alias
     if need_dx:
         x_coef = torch.where(x_norm > EPS, (g * cos).sum(-1, keepdim=True) * inv_x * inv_x, 0)
         dx = (g @ keys_hat) * inv_x - x_coef * xc
@@ -410,6 +411,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dterms, dbits, dh, dmean, drstd):
+    refuse_double_backward("match_select")
     x, keys_cls, keys_img, bits, norm_weight, mean, rstd = ctx.saved_tensors
     dh = dh if ctx.fuse_norm else None  # without the norm, h is an empty placeholder
     need_dx, need_dkc, need_dki = ctx.needs_input_grad[:3]

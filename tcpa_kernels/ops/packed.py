@@ -18,6 +18,7 @@ from tcpa_kernels.ops._function import (
     IMPLEMENTATIONS,
     accumulation_dtype,
     attention_grads,
+    refuse_double_backward,
     shared_strides,
 )
 from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection
@@ -64,6 +65,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the two backward ops) and of prompt_kv."""
+    refuse_double_backward("tcpa_packed_attention")
     qkv, prompt_kv, mask, bits, out, lse = ctx.saved_tensors
     layout, scale, renormalize, backend, deterministic = ctx.config
     H = qkv.shape[3]
