@@ -24,7 +24,8 @@ from torch.utils._pytree import tree_leaves
 
 import tcpa_kernels as tk
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection, topk_bits
+from tcpa_kernels._validate import MAX_POOL_ENTRIES
+from tcpa_kernels.ops.selection import Selection, topk_bits
 
 MODEL_METHODS = ("no_prompts", "vpt_deep", "tcpa_dense", "tcpa_fused")
 OP_METHODS = ("tcpa_fused", "sdpa_no_mask", "sdpa_bool_mask", "flex_attention", "reference")

@@ -202,12 +202,18 @@ def test_opcheck(backend):
                                                    False, backend))
 
 
+def small_packed_call(B, P, backend):
+    """qkv [B, 5, 3, 2, 16] and prompt_kv [2, 2, P, 16] (leaves requiring grad) and the op's output on them."""
+    qkv = torch.randn(B, 5, 3, 2, 16, device=DEVICE, requires_grad=True)
+    prompt_kv = torch.randn(2, 2, P, 16, device=DEVICE, requires_grad=True)
+    out = tcpa_packed_attention(qkv, prompt_kv, random_selection(B, 5, P, 1, 1, 1), scale=0.25, renormalize=False,
+                                backend=backend)
+    return qkv, prompt_kv, out
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_batch(backend):
-    qkv = torch.randn(0, 5, 3, 2, 16, device=DEVICE, requires_grad=True)
-    prompt_kv = torch.randn(2, 2, 3, 16, device=DEVICE, requires_grad=True)
-    out = tcpa_packed_attention(qkv, prompt_kv, random_selection(0, 5, 3, 1, 1, 1), scale=0.25, renormalize=False,
-                                backend=backend)
+    qkv, prompt_kv, out = small_packed_call(0, 3, backend)
     assert out.shape == (0, 5, 32)
     dqkv, dprompt = torch.autograd.grad(out.sum(), (qkv, prompt_kv))
     assert dqkv.shape == qkv.shape and torch.equal(dprompt, torch.zeros_like(prompt_kv))
@@ -242,9 +248,6 @@ def test_argument_errors():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_order_gradients_raise(backend):
     """The backward ops have no derivative: create_graph=True would return gradients missing second-order terms."""
-    qkv = torch.randn(1, 5, 3, 2, 16, device=DEVICE, requires_grad=True)
-    prompt_kv = torch.randn(2, 2, 4, 16, device=DEVICE, requires_grad=True)
-    out = tcpa_packed_attention(qkv, prompt_kv, random_selection(1, 5, 4, 2, 1, 1), scale=0.25, renormalize=False,
-                                backend=backend)
+    qkv, prompt_kv, out = small_packed_call(1, 4, backend)
     with pytest.raises(RuntimeError, match="tcpa_packed_attention: second-order gradients"):
         torch.autograd.grad(out.square().sum(), (qkv, prompt_kv), create_graph=True)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._validate import KERNEL_DTYPES, check_tensor, describe
+from tcpa_kernels._validate import KERNEL_DTYPES, MAX_POOL_ENTRIES, check_tensor, describe
 from tcpa_kernels.ops._function import (
     IMPLEMENTATIONS,
     accumulation_dtype,
@@ -21,7 +21,7 @@ from tcpa_kernels.ops._function import (
     refuse_double_backward,
     shared_strides,
 )
-from tcpa_kernels.ops.selection import MAX_POOL_ENTRIES, Selection
+from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import TORCH_DTYPES, check_kernel_limits
 
 

@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tcpa_kernels._validate import MAX_POOL_ENTRIES  # noqa: F401  (one int64 word per token)
-
 _INT32_MIN = tl.constexpr(-(2**31))  # below every float key
 
 
