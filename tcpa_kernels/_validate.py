@@ -1,5 +1,7 @@
 """Argument checks that name the argument, what was expected and what was received."""
 
+import math
+
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,9 +61,7 @@ def check_pool_config(name_prefix, pool_cls, pool_img, topk_cls, topk_img, promp
         ("prompt_len_img", prompt_len_img, 1, None),
         ("num_prefix_tokens", num_prefix_tokens, 0, num_tokens),
     ):
-        if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-            bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
-            raise ValueError(f"{name}: expected {bound}, got {value!r}")
+        check_int(name, value, lo, hi)
     if pool_cls + pool_img > MAX_POOL_ENTRIES:
         raise ValueError(f"{name_prefix}pool sizes: expected pool_cls + pool_img <= {MAX_POOL_ENTRIES} (one "
                          f"64-bit selection word per token), got {pool_cls} + {pool_img}")
@@ -74,3 +74,28 @@ def validate_match_inputs(x, keys_cls, keys_img):
         if keys.device != x.device or keys.shape[1] != x.shape[2] or keys.shape[0] < 1:
             raise ValueError(f"{name}: expected shape (pool >= 1, {x.shape[2]}) on {x.device}, got {describe(keys)}")
     check_same("keys_img", keys_img, "keys_cls", keys_cls)
+
+
+def check_flag(name: str, value) -> bool:
+    """A bool argument: True/False only (``"False"`` or 0 would read as a different truth value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool (True or False), got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """An int argument in [lo, hi] (hi None: no upper bound); bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"an int in [{lo}, {hi}]" if hi is not None else f"an int >= {lo}"
+        raise ValueError(f"{name}: expected {bound}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_number(name: str, value, *, lo: float, hi: float, hi_open: bool = True, lo_open: bool = False) -> float:
+    """A finite real number (int or float, not bool) in the interval [lo, hi) / (lo, hi] as the flags say."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name}: expected a finite number in {interval}, got {value!r} ({type(value).__name__})")
+    return float(value)
