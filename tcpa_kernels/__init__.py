@@ -7,6 +7,7 @@ Public API (TCPA_SPEC.md §5): ``tcpa_attention``, ``match_prompts``, ``TCPAAtte
 """
 
 from tcpa_kernels import _backend  # noqa: F401  (sets TRITON_INTERPRET=1 on machines without CUDA first)
+from tcpa_kernels.checkpoint import load_prompts, save_prompts
 from tcpa_kernels.ops.fused import TCPAAttention, tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import match_prompts, match_scores, matching_loss
 from tcpa_kernels.ops.match_select import match_select
@@ -20,10 +21,8 @@ from tcpa_kernels.vit import (
     apply_tcpa,
     apply_vpt,
     get_matching_loss,
-    load_prompts,
     remove_prompts,
     remove_tcpa,
-    save_prompts,
     set_selection,
     trainable_parameters,
 )

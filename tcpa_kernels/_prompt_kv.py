@@ -12,6 +12,10 @@ layers at once instead of every block doing a few tiny ops of its own:
   trainable ``norm1`` or ``qkv`` gets them rebuilt inside the graph every forward, so its gradients stay exact;
 - otherwise one ``norm1`` + linear per layer.
 
+When some block's parameters are FSDP2 shards at block 0 (every block sharded on its own), only a block's own
+forward sees its parameters whole: then each block computes its own prompts / K/V (``own_prompts``,
+``own_prompt_kv``) and the step functions return None.
+
 Without autograd (eval under ``no_grad``) the K/V themselves are kept until a parameter changes. All of it runs in
 the parameters' dtype outside autocast: under autocast a 16-bit copy of ``W_qkv`` would be cast for these GEMMs and
 saved for backward; the attention kernels cast the prompt tiles on load instead.
@@ -20,6 +24,8 @@ saved for backward; the attention kernels cast the prompt tiles on load instead.
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tcpa_kernels._patch import is_shard
 
 
 def _versions(tensors):
@@ -32,13 +38,28 @@ def _projection_params(blocks):
     return [p for blk in blocks for module in (blk.norm1, blk.attn.qkv, blk.attn.k_norm) for p in module.parameters()]
 
 
+def _block_prompts(blk):
+    """The block's prompt tokens [P, C]: CLS-pool prompts, then image-pool prompts."""
+    return torch.cat([blk.tcpa_prompts_cls.flatten(0, 1), blk.tcpa_prompts_img.flatten(0, 1)])
+
+
+def _sharded(state):
+    """Some block parameter is an FSDP2 shard (a DTensor) now."""
+    return any(is_shard(p) for blk in state.blocks for p in blk.parameters())
+
+
 def layer_prompts(state):
-    """Prompt tokens of every layer after dropout: [L, P, C] (CLS-pool prompts, then image-pool prompts)."""
-    blocks, cfg = state.blocks, state.config
-    prompts = torch.cat([t for blk in blocks for t in (blk.tcpa_prompts_cls.flatten(0, 1),
-                                                        blk.tcpa_prompts_img.flatten(0, 1))])  # [L*P, C]
-    prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)  # one mask for the batch
-    return prompts.view(len(blocks), cfg.num_prompts, -1)
+    """Prompt tokens of every layer after dropout: [L, P, C] (one dropout mask for the batch); None when sharded."""
+    if _sharded(state):
+        return None
+    prompts = torch.cat([_block_prompts(blk) for blk in state.blocks])  # [L*P, C]
+    prompts = F.dropout(prompts, state.config.prompt_dropout, training=state.training)
+    return prompts.view(len(state.blocks), state.config.num_prompts, -1)
+
+
+def own_prompts(state, blk):
+    """One block's prompt tokens after dropout: [P, C]."""
+    return F.dropout(_block_prompts(blk), state.config.prompt_dropout, training=state.training)
 
 
 def _batchable(blocks):
@@ -97,16 +118,30 @@ def _all_layers_kv(state):
             H, D = blocks[0].attn.num_heads, blocks[0].attn.head_dim
             layers = kv.view(L, P, 2, H, D).permute(0, 2, 3, 1, 4).contiguous().unbind(0)  # [2, H, P, D] each
         else:
-            layers = []
-            for blk, layer_prompts_ in zip(blocks, prompts.unbind(0)):
-                kv = F.linear(blk.norm1(layer_prompts_), blk.attn.qkv.weight[C:],
-                              None if blk.attn.qkv.bias is None else blk.attn.qkv.bias[C:])  # [P, 2C]
-                layers.append(kv.view(P, 2, blk.attn.num_heads, -1).permute(1, 2, 0, 3).contiguous())
+            layers = [_layer_kv(blk, layer_prompts_) for blk, layer_prompts_ in zip(blocks, prompts.unbind(0))]
         return [_k_norm(blk.attn, kv) for blk, kv in zip(blocks, layers)]
 
 
+def _layer_kv(blk, prompts):
+    """prompts [P, C] through the block's norm1 and the K/V rows of its qkv: [2, H, P, D] (contiguous)."""
+    P, C = prompts.shape
+    kv = F.linear(blk.norm1(prompts), blk.attn.qkv.weight[C:],
+                  None if blk.attn.qkv.bias is None else blk.attn.qkv.bias[C:])  # [P, 2C]
+    return kv.view(P, 2, blk.attn.num_heads, -1).permute(1, 2, 0, 3).contiguous()
+
+
+def own_prompt_kv(state, blk):
+    """One block's prompt K/V [2, H, P, D] for this forward, from its own parameters."""
+    prompts = own_prompts(state, blk)
+    with torch.autocast(prompts.device.type, enabled=False):
+        return _k_norm(blk.attn, _layer_kv(blk, prompts))
+
+
 def step_prompt_kv(state):
-    """Prompt K/V [2, H, P, D] of every layer for this forward; reused without autograd until a parameter changes."""
+    """Prompt K/V [2, H, P, D] of every layer for this forward, reused without autograd until a parameter changes;
+    None when sharded."""
+    if _sharded(state):
+        return None
     prompt_params = [p for blk in state.blocks for p in (blk.tcpa_prompts_cls, blk.tcpa_prompts_img)]
     needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in prompt_params)
     if state.training or needs_graph or torch.compiler.is_compiling():

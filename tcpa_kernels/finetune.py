@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import tcpa_kernels as tk
 from tcpa_kernels import data
-from tcpa_kernels.vit import load_trainable, read_trainable, save_trainable
+from tcpa_kernels.checkpoint import load_trainable, read_trainable, save_trainable
 
 METHODS = ("tcpa", "vpt", "linear", "full")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,19 +1,20 @@
 """Turn an existing timm VisionTransformer into a TCPA or VPT-deep model, in place (TCPA_SPEC.md §1, §4).
 
 Each block keeps its own modules (``norm1``, ``attn.qkv``, ``attn.q_norm``/``k_norm``, ``attn.proj``,
-``ls1``, ``drop_path1``, MLP): the patch replaces ``block.forward`` on the instance and adds the block's
-prompt parameters next to them (``blocks.{i}.tcpa_keys_cls`` ...), so every original ``state_dict`` key
-stays. The backbone is frozen and kept in eval mode; the trainable parameters are the prompts, the keys
-and the classification head. ``remove_prompts(model)`` undoes everything.
+``ls1``, ``drop_path1``, MLP) and gets its prompt parameters next to them (``blocks.{i}.tcpa_keys_cls`` ...), so
+every original ``state_dict`` key stays. Blocks and model change class to generated subclasses of their own
+(``_patch.py``): a prompted model pickles, deep-copies and saves like any module. The backbone is frozen and kept in
+eval mode; the trainable parameters are the prompts, the keys and the classification head.
+``remove_prompts(model)`` undoes everything.
 
 Runtime state lives in ``model.prompt_state`` (a :class:`PromptState`): the selection mode
-(``set_selection``), the matching loss of the last forward (``get_matching_loss``) and the config.
+(``set_selection``), the matching loss of the last forward (``get_matching_loss``) and the config. Every entry
+point here accepts the model inside DataParallel / DistributedDataParallel / torch.compile wrappers, checks all of
+its arguments before it changes anything, and leaves the model as it was when it fails.
 """
 
 import dataclasses
-import json
 import math
-import types
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,10 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._prompt_kv import layer_prompts, step_prompt_kv
-from tcpa_kernels._validate import check_pool_config
+from tcpa_kernels._backend import BACKENDS, resolve_backend
+from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
+from tcpa_kernels._prompt_kv import layer_prompts, own_prompt_kv, own_prompts, step_prompt_kv
+from tcpa_kernels._validate import check_flag, check_int, check_number, check_pool_config
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
 from tcpa_kernels.ops.match_select import match_select, norm_match_select
@@ -31,8 +33,10 @@ from tcpa_kernels.ops.packed import tcpa_packed_attention
 from tcpa_kernels.ops.selection import Selection
 
 SELECTION_MODES = ("topk", "random")
+ATTENTION_MODES = ("fused", "dense")
 TCPA_PARAMS = ("tcpa_keys_cls", "tcpa_keys_img", "tcpa_prompts_cls", "tcpa_prompts_img")
 VPT_PARAMS = ("vpt_prompts",)
+HEADS = ("head", "head_dist")
 
 
 @dataclasses.dataclass
@@ -53,6 +57,19 @@ class TCPAConfig:
     def num_prompts(self):
         return self.pool_size_cls * self.prompt_len_cls + self.pool_size_img * self.prompt_len_img
 
+    def validate(self, model):
+        for name in ("pool_size_cls", "pool_size_img"):
+            check_int(name, getattr(self, name), 1)
+        check_pool_config("", self.pool_size_cls, self.pool_size_img, self.topk_cls, self.topk_img,
+                          self.prompt_len_cls, self.prompt_len_img, model.num_prefix_tokens, model.num_prefix_tokens)
+        _check_common(self)
+        check_flag("renormalize", self.renormalize)
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+        resolve_backend(self.backend, next(model.parameters()).device)
+
 
 @dataclasses.dataclass
 class VPTConfig:
@@ -61,26 +78,58 @@ class VPTConfig:
     prompt_dropout: float = 0.1
     num_classes: int | None = None
 
+    def validate(self, model):
+        check_int("num_prompts", self.num_prompts, 1)
+        check_flag("deep", self.deep)
+        _check_common(self)
+
+
+def _check_common(config):
+    check_number("prompt_dropout", config.prompt_dropout, lo=0.0, hi=1.0)
+    if config.num_classes is not None:
+        check_int("num_classes", config.num_classes, 0)
+
+
+def _runtime(default=None, factory=None):
+    """A PromptState field that lives for one forward or is a cache: not pickled, not deep-copied."""
+    kind = dict(default_factory=factory) if factory is not None else dict(default=default)
+    return dataclasses.field(metadata={"runtime": True}, **kind)
+
 
 @dataclasses.dataclass
 class PromptState:
-    """Runtime state of a prompted model (``model.prompt_state``); not a module, holds no parameters."""
+    """Runtime state of a prompted model (``model.prompt_state``); not a module, holds no parameters.
+
+    Between forwards it keeps only the matching-loss terms of the last forward (what ``get_matching_loss``
+    needs) and caches; pickling and ``copy.deepcopy`` drop both (the next forward rebuilds them).
+    """
 
     method: str  # "tcpa" | "vpt"
     config: TCPAConfig | VPTConfig
     num_prefix_tokens: int
     selection: str = "topk"
     training: bool = False
-    layer_terms: dict = dataclasses.field(default_factory=dict)  # layer -> matching-loss terms of the last forward
     blocks: list = dataclasses.field(default_factory=list)  # the prompted blocks, in order
-    step_inputs: list | tuple = ()  # per layer, this forward: prompt K/V [2, H, P, D] (fused) or tokens [P, C]
-    kv: list = dataclasses.field(default_factory=list)  # prompt K/V kept without autograd ...
-    kv_key: tuple | None = None  # ... while these parameters are unchanged
-    weights: tuple = ()  # folded prompt-K/V weights of a frozen backbone ...
-    weights_key: tuple | None = None  # ... while these parameters are unchanged
     original_heads: dict = dataclasses.field(default_factory=dict)
     original_num_classes: int = 0
     original_requires_grad: dict = dataclasses.field(default_factory=dict)
+    layer_terms: dict = _runtime(factory=dict)  # layer -> matching-loss terms of the last forward
+    step_inputs: list | None = _runtime()  # per layer: prompt K/V [2, H, P, D] (fused) or tokens [P, C]; None: own
+    carry: dict = _runtime(factory=dict)  # VPT-shallow: layer -> its prompt tokens' output, the next layer's prompts
+    kv: list = _runtime(factory=list)  # prompt K/V kept without autograd ...
+    kv_key: tuple | None = _runtime()  # ... while these parameters are unchanged
+    weights: tuple = _runtime(default=())  # folded prompt-K/V weights of a frozen backbone ...
+    weights_key: tuple | None = _runtime()  # ... while these parameters are unchanged
+
+    def __getstate__(self):
+        runtime = {f.name for f in dataclasses.fields(self) if f.metadata.get("runtime")}
+        return {name: value for name, value in self.__dict__.items() if name not in runtime}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("runtime"):
+                setattr(self, f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
 
     @property
     def matching_loss(self):
@@ -180,51 +229,69 @@ def _fusable(norm):
             and not any(p.requires_grad for p in norm.parameters()))
 
 
-def _tcpa_block_forward(self, x, attn_mask=None, is_causal=False):
+
+@register_mixin
+class TCPAMixin:
     """Pre-norm block with TCPA attention (TCPA_SPEC.md §4). x [B, N, C] -> [B, N, C]."""
-    _reject_attn_mask(attn_mask, is_causal)
-    layer = self._prompt_layer
-    state, cfg = layer.state, layer.state.config
-    if layer.index == 0:  # parameter-only work of every layer, once per forward
-        state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else layer_prompts(state).unbind(0)
-        state.layer_terms = {}
-    h, bits, terms = _norm_and_select(self, x, state, cfg)
-    if terms is not None:
-        state.layer_terms[layer.index] = terms
-    selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
-                          len_img=cfg.prompt_len_img)
-    attention = _fused_attention if cfg.attention == "fused" else _dense_attention
-    out = attention(self, h, selection, state.step_inputs[layer.index], cfg)  # [B, N, C]
-    x = x + self.drop_path1(self.ls1(_finish_attention(self.attn, out, h)))
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        _reject_attn_mask(attn_mask, is_causal)
+        layer = self._prompt_layer
+        state, cfg = layer.state, layer.state.config
+        if layer.index == 0:  # parameter-only work of every layer, once per forward (None: each layer its own)
+            state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else layer_prompts(state)
+            state.layer_terms = {}
+        if state.step_inputs is not None:
+            prompt_input = state.step_inputs[layer.index]
+        else:
+            prompt_input = (own_prompt_kv if cfg.attention == "fused" else own_prompts)(state, self)
+        h, bits, terms = _norm_and_select(self, x, state, cfg)
+        if terms is not None:
+            state.layer_terms[layer.index] = terms
+        selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
+                              len_img=cfg.prompt_len_img)
+        attention = _fused_attention if cfg.attention == "fused" else _dense_attention
+        out = attention(self, h, selection, prompt_input, cfg)  # [B, N, C]
+        x = x + self.drop_path1(self.ls1(_finish_attention(self.attn, out, h)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def _vpt_block_forward(self, x, attn_mask=None, is_causal=False):
-    """VPT: prompts sit after the prefix tokens as ordinary tokens (queries too), the block is unchanged.
+@register_mixin
+class VPTMixin:
+    """VPT: prompts are ordinary tokens (queries too) for the block's own forward. x [B, N, C] -> [B, N, C].
 
-    Block 0 inserts them, deep blocks replace them with their own, the last block strips them again.
+    The prompts go after the N real tokens (attention has no positions, so this is the published model) and the
+    block returns the real tokens only: features taken between blocks (``forward_intermediates``) hold no prompts.
+    Deep blocks bring their own prompts; without deep prompts the prompt tokens' output passes to the next block
+    through ``prompt_state.carry`` (per layer, so a checkpointed block recomputes with the prompts it had).
     """
-    _reject_attn_mask(attn_mask, is_causal)
-    layer = self._prompt_layer
-    state, cfg = layer.state, layer.state.config
-    n_pre, P = state.num_prefix_tokens, cfg.num_prompts
-    if hasattr(self, "vpt_prompts"):
-        prompts = self.vpt_prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, C]
-        prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)
-        rest = x[:, n_pre:] if layer.index == 0 else x[:, n_pre + P:]
-        x = torch.cat([x[:, :n_pre], prompts, rest], dim=1)
-    x = type(self).forward(self, x)  # the block's own forward: timm Attention (SDPA) over N+P tokens
-    if layer.is_last:
-        x = torch.cat([x[:, :n_pre], x[:, n_pre + P:]], dim=1)
-    return x
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        _reject_attn_mask(attn_mask, is_causal)
+        layer = self._prompt_layer
+        state, cfg = layer.state, layer.state.config
+        N = x.shape[1]
+        if "vpt_prompts" in self._parameters:
+            prompts = self.vpt_prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, C]
+            prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)
+        else:
+            prompts = state.carry[layer.index - 1]
+        x = super().forward(torch.cat([x, prompts], dim=1))  # [B, N+P, C], the block's timm Attention (SDPA)
+        if not (cfg.deep or layer.is_last):
+            state.carry[layer.index] = x[:, N:]
+        return x[:, :N]
 
 
-def _train_keep_backbone_eval(self, mode=True):
-    """model.train(mode): the frozen backbone stays in eval (no dropout / drop path); prompt dropout follows mode."""
-    nn.Module.train(self, False)
-    self.training = mode
-    self.prompt_state.training = mode
-    return self
+@register_mixin
+class PromptedMixin:
+    """``model.train(mode)``: the frozen backbone stays in eval (no dropout / drop path); prompt dropout follows."""
+
+    def train(self, mode: bool = True):
+        check_flag("mode", mode)
+        super().train(False)
+        self.training = mode
+        self.prompt_state.training = mode
+        return self
 
 
 # ------------------------------------------------------------------------------------------- patching
@@ -235,6 +302,9 @@ def _check_model(model):
         raise TypeError(f"model: expected a timm VisionTransformer (ViT, DeiT, ...), got {type(model).__name__}")
     if hasattr(model, "prompt_state"):
         raise ValueError(f"model: already has {model.prompt_state.method} prompts; call remove_prompts(model) first")
+    if is_fully_sharded(model) or any(is_fully_sharded(m) for m in model.modules()):
+        raise ValueError("model: fully_shard (FSDP2) was already applied; add prompts first, then shard, so the "
+                         "prompt parameters are sharded with the rest")
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block or not isinstance(getattr(blk, "attn", None), Attention):
             raise TypeError(
@@ -242,36 +312,80 @@ def _check_model(model):
                 f"{type(blk).__name__} (attn: {type(getattr(blk, 'attn', None)).__name__})")
 
 
+def _target(model):
+    """The model to patch: torch.compile's wrapper is looked through; data-parallel wrappers are refused because
+    they registered the parameters already."""
+    inner = unwrap(model)
+    if inner is not model and not hasattr(model, "_orig_mod"):
+        raise ValueError(f"model: add prompts before wrapping the model in {type(model).__name__} (the wrapper has "
+                         "registered its parameters already)")
+    return inner
+
+
+def _reference_param(model):
+    """A backbone parameter: the device and dtype new prompts and heads get."""
+    param = next(model.patch_embed.parameters(), None)
+    return param if param is not None else next(model.parameters())
+
+
 def _attach(model, method, config, make_params):
-    """Freeze the backbone, add per-block parameters from make_params(i, block), patch forwards and head."""
+    """Freeze the backbone, add per-block parameters from make_params(i, block), swap classes, reset the head.
+    Nothing is changed before every argument is checked; a failure on the way undoes what was done."""
+    config.validate(model)
+    ref = _reference_param(model)
     state = PromptState(method=method, config=config, num_prefix_tokens=model.num_prefix_tokens,
-                        blocks=list(model.blocks))
+                        blocks=list(model.blocks), original_num_classes=model.num_classes)
     state.original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
-    forward = _tcpa_block_forward if method == "tcpa" else _vpt_block_forward
-    depth = len(model.blocks)
-    ref = next(model.parameters())
-    for i, blk in enumerate(model.blocks):
-        for name, value in make_params(i, blk).items():
-            blk.register_parameter(name, nn.Parameter(value.to(device=ref.device, dtype=ref.dtype)))
-        blk._prompt_layer = _LayerRef(state, i, i == depth - 1)
-        blk.forward = types.MethodType(forward, blk)
-    heads = [name for name in ("head", "head_dist") if isinstance(getattr(model, name, None), nn.Module)]
-    state.original_heads = {name: getattr(model, name) for name in heads}
-    state.original_num_classes = model.num_classes
-    if config.num_classes is not None:
-        model.reset_classifier(config.num_classes)
-    for name in heads:
-        getattr(model, name).to(device=ref.device, dtype=ref.dtype).requires_grad_(True)
-    model.prompt_state = state
-    model.train = types.MethodType(_train_keep_backbone_eval, model)
-    model.train(model.training)
+    state.original_heads = {name: getattr(model, name) for name in HEADS
+                            if isinstance(getattr(model, name, None), nn.Module)}
+    new_params = [{name: nn.Parameter(value.to(device=ref.device, dtype=ref.dtype))
+                   for name, value in make_params(i, blk).items()} for i, blk in enumerate(model.blocks)]
+    mixin = TCPAMixin if method == "tcpa" else VPTMixin
+    training = model.training
+    try:
+        model.requires_grad_(False)
+        for i, (blk, params) in enumerate(zip(model.blocks, new_params)):
+            for name, param in params.items():
+                blk.register_parameter(name, param)
+            blk._prompt_layer = _LayerRef(state, i, i == len(model.blocks) - 1)
+            blk.__class__ = prompted_class(mixin, type(blk))
+        if config.num_classes is not None:
+            model.reset_classifier(config.num_classes)
+        for name in state.original_heads:
+            getattr(model, name).to(device=ref.device, dtype=ref.dtype).requires_grad_(True)
+        model.prompt_state = state
+        model.__class__ = prompted_class(PromptedMixin, type(model))
+        model.train(training)
+    except BaseException:
+        _detach(model, state, training)
+        raise
     return model
 
 
-def apply_tcpa(model, *, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, prompt_len_cls=1,
-               prompt_len_img=1, prompt_dropout=0.1, renormalize=False, num_classes=None, backend="auto",
-               attention="fused"):
+def _detach(model, state, training):
+    """Undo _attach, also a partial one: classes, parameters, heads, requires_grad flags, train mode."""
+    for blk in state.blocks:
+        for name in (*TCPA_PARAMS, *VPT_PARAMS):
+            blk._parameters.pop(name, None)
+        blk.__dict__.pop("_prompt_layer", None)
+        blk.__class__ = original_class(blk)
+    current = {name: getattr(model, name) for name in state.original_heads}
+    for name, head in state.original_heads.items():  # in the dtype/device the model was moved to meanwhile
+        like = next(current[name].parameters(), None)
+        like = like if like is not None else _reference_param(model)
+        setattr(model, name, head.to(device=like.device, dtype=like.dtype))
+    model.num_classes = state.original_num_classes
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.original_requires_grad.get(name, p.requires_grad))
+    model.__dict__.pop("prompt_state", None)
+    model.__class__ = original_class(model)
+    model.train(training)
+
+
+def apply_tcpa(model: VisionTransformer, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
+               topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
+               renormalize: bool = False, num_classes: int | None = None, backend: str = "auto",
+               attention: str = "fused") -> VisionTransformer:
     """Make ``model`` (a timm VisionTransformer) a TCPA model in place and return it.
 
     Args:
@@ -289,19 +403,10 @@ def apply_tcpa(model, *, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_i
     ``tcpa_prompts_cls [Pc, Lc, C]``, ``tcpa_prompts_img [Pi, Li, C]``, initialised uniform(-1, 1) as
     published. The backbone is frozen and stays in eval mode; prompts, keys and the head train.
     """
-    config = TCPAConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
-                        float(prompt_dropout), bool(renormalize), num_classes, backend, attention)
+    model = _target(model)
     _check_model(model)
-    if attention not in ("fused", "dense"):
-        raise ValueError(f"attention: expected 'fused' or 'dense', got {attention!r}")
-    resolve_backend(backend, next(model.parameters()).device)
-    for name, value in (("pool_size_cls", pool_size_cls), ("pool_size_img", pool_size_img)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    check_pool_config("", pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
-                      model.num_prefix_tokens, model.num_prefix_tokens)
-    if not 0.0 <= config.prompt_dropout < 1.0:
-        raise ValueError(f"prompt_dropout: expected a float in [0, 1), got {prompt_dropout!r}")
+    config = TCPAConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
+                        prompt_dropout, renormalize, num_classes, backend, attention)
     C = model.embed_dim
 
     def make_params(i, blk):
@@ -313,20 +418,18 @@ def apply_tcpa(model, *, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_i
     return _attach(model, "tcpa", config, make_params)
 
 
-def apply_vpt(model, *, num_prompts, deep=True, prompt_dropout=0.1, num_classes=None):
+def apply_vpt(model: VisionTransformer, *, num_prompts: int, deep: bool = True, prompt_dropout: float = 0.1,
+              num_classes: int | None = None) -> VisionTransformer:
     """Make ``model`` a VPT model (Jia et al. 2022) in place: the baseline TCPA is compared with.
 
-    ``num_prompts`` prompt tokens are inserted after the prefix tokens; with ``deep=True`` every block
-    replaces them with its own (``blocks.{i}.vpt_prompts [P, C]``), else only block 0 has prompts. Prompts are
-    queries too and attention is the block's own timm Attention (SDPA). Initialisation: uniform(-a, a),
-    a = sqrt(6 / (3*patch_area + C)), as in the VPT code. Dropout on prompts is per sample as in VPT.
+    ``num_prompts`` prompt tokens join the sequence; with ``deep=True`` every block replaces them with its own
+    (``blocks.{i}.vpt_prompts [P, C]``), else only block 0 has prompts. Prompts are queries too and attention is
+    the block's own timm Attention (SDPA). Initialisation: uniform(-a, a), a = sqrt(6 / (3*patch_area + C)), as
+    in the VPT code. Dropout on prompts is per sample as in VPT.
     """
+    model = _target(model)
     _check_model(model)
-    if not isinstance(num_prompts, int) or num_prompts < 1:
-        raise ValueError(f"num_prompts: expected an int >= 1, got {num_prompts!r}")
-    if not 0.0 <= float(prompt_dropout) < 1.0:
-        raise ValueError(f"prompt_dropout: expected a float in [0, 1), got {prompt_dropout!r}")
-    config = VPTConfig(num_prompts, bool(deep), float(prompt_dropout), num_classes)
+    config = VPTConfig(num_prompts, deep, prompt_dropout, num_classes)
     patch_area = math.prod(model.patch_embed.patch_size)
     bound = math.sqrt(6.0 / float(3 * patch_area + model.embed_dim))
 
@@ -338,22 +441,18 @@ def apply_vpt(model, *, num_prompts, deep=True, prompt_dropout=0.1, num_classes=
     return _attach(model, "vpt", config, make_params)
 
 
-def remove_prompts(model):
-    """Undo apply_tcpa / apply_vpt: original forwards, heads, requires_grad flags and train(); returns model."""
-    state = _state(model)
-    for blk in model.blocks:
-        for name in (*TCPA_PARAMS, *VPT_PARAMS):
-            if name in blk._parameters:
-                del blk._parameters[name]
-        del blk.forward, blk._prompt_layer
-    for name, head in state.original_heads.items():
-        setattr(model, name, head)
-    model.num_classes = state.original_num_classes
-    for name, p in model.named_parameters():
-        p.requires_grad_(state.original_requires_grad.get(name, p.requires_grad))
-    training = model.training
-    del model.train, model.prompt_state
-    return model.train(training)
+def remove_prompts(model: nn.Module) -> nn.Module:
+    """Undo apply_tcpa / apply_vpt: original classes, heads (in the model's current dtype and device),
+    requires_grad flags and train mode; returns ``model`` (wrappers are looked through)."""
+    inner = unwrap(model)
+    state = state_of(inner)
+    for i, blk in enumerate([inner, *state.blocks]):
+        if type(blk).__dict__.get("_prompted_base") is None:
+            where = "model" if i == 0 else f"model.blocks[{i - 1}]"
+            raise ValueError(f"{where}: its class was changed after the prompts were added (now "
+                             f"{type(blk).__name__}, e.g. by fully_shard); remove the prompts before that")
+    _detach(inner, state, inner.training)
+    return model
 
 
 remove_tcpa = remove_prompts
@@ -362,93 +461,30 @@ remove_tcpa = remove_prompts
 # ---------------------------------------------------------------------------------------- training API
 
 
-def _unwrap(model):
-    """The prompted model inside DDP/FSDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
-    while not hasattr(model, "prompt_state"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
-
-
-def _state(model) -> PromptState:
-    state = getattr(_unwrap(model), "prompt_state", None)
+def state_of(model) -> PromptState:
+    state = getattr(unwrap(model), "prompt_state", None)
     if not isinstance(state, PromptState):
         raise ValueError(f"model: expected a model patched by apply_tcpa/apply_vpt, got {type(model).__name__} "
                          "without prompts")
     return state
 
 
-def get_matching_loss(model):
+def get_matching_loss(model: nn.Module) -> torch.Tensor:
     """Sum over layers of the matching loss of the last forward (a scalar tensor; 0 for VPT / random)."""
-    return _state(model).matching_loss
+    return state_of(model).matching_loss
 
 
-def set_selection(model, mode):
+def set_selection(model: nn.Module, mode: str) -> nn.Module:
     """Prompt selection of a TCPA model: "topk" (cosine matching) or "random" (a random k-subset per token,
     used by the published recipe for the first epochs; no matching loss then)."""
+    state = state_of(model)
     if mode not in SELECTION_MODES:
         raise ValueError(f"mode: expected one of {SELECTION_MODES}, got {mode!r}")
-    _state(model).selection = mode
+    state.selection = mode
     return model
 
 
-def trainable_parameters(model):
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that train: prompts, keys and the classification head(s)."""
-    _state(model)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def save_trainable(model, path, key, meta):
-    """A safetensors file of the model's trainable parameters, with ``meta`` as JSON under metadata ``key``."""
-    from safetensors.torch import save_file
-
-    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(path), metadata={key: json.dumps(meta)})
-
-
-def read_trainable(path, key):
-    """(meta, tensors) of a save_trainable file; ValueError when it has no ``key`` metadata."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get(key)
-        if meta is None:
-            raise ValueError(f"path: {path} is not a {key} checkpoint (no '{key}' metadata)")
-        return json.loads(meta), {name: f.get_tensor(name) for name in f.keys()}
-
-
-def load_trainable(model, tensors):
-    """Copy tensors into the model's trainable parameters; ValueError unless the keys and shapes match exactly."""
-    params = dict(model.named_parameters())
-    expected = {name for name, p in params.items() if p.requires_grad}
-    if set(tensors) != expected:
-        raise ValueError(f"path: checkpoint keys differ from the model's trainable parameters: missing "
-                         f"{sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if params[name].shape != t.shape:
-                raise ValueError(f"path: {name} has shape {tuple(t.shape)}, model expects {tuple(params[name].shape)}")
-            params[name].copy_(t)
-
-
-def save_prompts(model, path):
-    """Save only the trained parts (prompts, keys, head) and the config to a safetensors file."""
-    state = _state(model)
-    save_trainable(model, path, "tcpa_kernels", {"method": state.method, "config": dataclasses.asdict(state.config)})
-
-
-def load_prompts(model, path):
-    """Load a save_prompts checkpoint. A plain timm model is patched first with the saved config; a model
-    patched with another config is rejected. Returns the model."""
-    meta, tensors = read_trainable(path, "tcpa_kernels")
-    method, config = meta["method"], meta["config"]
-    if not hasattr(model, "prompt_state"):
-        (apply_tcpa if method == "tcpa" else apply_vpt)(model, **config)
-    state = _state(model)
-    if state.method != method or dataclasses.asdict(state.config) != config:
-        raise ValueError(f"path: checkpoint holds {method} {config}, model has {state.method} "
-                         f"{dataclasses.asdict(state.config)}")
-    load_trainable(model, tensors)
-    return model
+    state_of(model)
+    return [p for p in unwrap(model).parameters() if p.requires_grad]

@@ -1,0 +1,105 @@
+"""Checkpoints of the trained parts only: prompts, keys and heads in a safetensors file with the config as metadata.
+
+Keys are the plain model's parameter names whatever wraps it (DataParallel, DistributedDataParallel,
+torch.compile). Under FSDP2 the shards are gathered: call ``save_prompts`` on every rank; rank 0 writes. Loading
+checks the file's config and every key and shape before it changes the model.
+"""
+
+import dataclasses
+import json
+
+import torch
+from torch import nn
+
+from tcpa_kernels._patch import is_shard, unwrap
+from tcpa_kernels.vit import apply_tcpa, apply_vpt, remove_prompts, state_of
+
+METADATA_KEY = "tcpa_kernels"
+METHODS = {"tcpa": apply_tcpa, "vpt": apply_vpt}
+
+
+def _writes() -> bool:
+    """This process writes the file: the only one, or rank 0 of an initialised process group."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_trainable(model: nn.Module, path, key: str, meta: dict) -> None:
+    """A safetensors file of the model's trainable parameters, with ``meta`` as JSON under metadata ``key``.
+    FSDP2 shards are gathered on every rank (call it on all of them); only rank 0 writes."""
+    from safetensors.torch import save_file
+
+    params = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    sharded = any(is_shard(p) for p in params.values())
+    tensors = {name: (p.full_tensor() if is_shard(p) else p).detach().contiguous().cpu() for name, p in params.items()}
+    if _writes():
+        save_file(tensors, str(path), metadata={key: json.dumps(meta)})
+    if sharded:  # a collective call anyway: every rank returns once the file is there
+        torch.distributed.barrier()
+
+
+def read_trainable(path, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, tensors) of a save_trainable file; ValueError when it has no ``key`` metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = (f.metadata() or {}).get(key)
+        if meta is None:
+            raise ValueError(f"path: {path} is not a {key} checkpoint (no '{key}' metadata)")
+        return json.loads(meta), {name: f.get_tensor(name) for name in f.keys()}
+
+
+def check_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError unless ``tensors`` has exactly the model's trainable parameter names and (full) shapes."""
+    params = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ValueError(f"path: checkpoint keys differ from the model's trainable parameters: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in tensors.items():
+        if params[name].shape != t.shape:
+            raise ValueError(f"path: {name} has shape {tuple(t.shape)}, model expects {tuple(params[name].shape)}")
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the model's trainable parameters after check_trainable (FSDP2: each rank its shard)."""
+    check_trainable(model, tensors)
+    params = dict(unwrap(model).named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            p = params[name]
+            if is_shard(p):
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(t)
+
+
+def save_prompts(model: nn.Module, path) -> None:
+    """Save only the trained parts (prompts, keys, head) and the config to a safetensors file."""
+    state = state_of(model)
+    save_trainable(model, path, METADATA_KEY, {"method": state.method, "config": dataclasses.asdict(state.config)})
+
+
+def load_prompts(model: nn.Module, path) -> nn.Module:
+    """Load a save_prompts checkpoint. A plain timm model is patched first with the saved config; a model
+    patched with another config is rejected. On any error the model is left as it was. Returns the model."""
+    meta, tensors = read_trainable(path, METADATA_KEY)
+    method, config = meta.get("method"), meta.get("config")
+    if method not in METHODS or not isinstance(config, dict):
+        raise ValueError(f"path: {path} holds no valid prompts config (method {method!r})")
+    inner = unwrap(model)
+    if hasattr(inner, "prompt_state"):
+        state = state_of(inner)
+        if state.method != method or dataclasses.asdict(state.config) != config:
+            raise ValueError(f"path: checkpoint holds {method} {config}, model has {state.method} "
+                             f"{dataclasses.asdict(state.config)}")
+        load_trainable(inner, tensors)
+        return model
+    METHODS[method](inner, **config)
+    try:
+        load_trainable(inner, tensors)
+    except BaseException:
+        remove_prompts(inner)
+        raise
+    return model
