@@ -38,9 +38,9 @@ def _projection_params(blocks):
     return [p for blk in blocks for module in (blk.norm1, blk.attn.qkv, blk.attn.k_norm) for p in module.parameters()]
 
 
-def _block_prompts(blk):
-    """The block's prompt tokens [P, C]: CLS-pool prompts, then image-pool prompts."""
-    return torch.cat([blk.tcpa_prompts_cls.flatten(0, 1), blk.tcpa_prompts_img.flatten(0, 1)])
+def _prompt_parts(blk):
+    """The block's prompt tokens: CLS-pool prompts [Pc*Lc, C], then image-pool prompts [Pi*Li, C]."""
+    return blk.tcpa_prompts_cls.flatten(0, 1), blk.tcpa_prompts_img.flatten(0, 1)
 
 
 def _sharded(state):
@@ -52,14 +52,14 @@ def layer_prompts(state):
     """Prompt tokens of every layer after dropout: [L, P, C] (one dropout mask for the batch); None when sharded."""
     if _sharded(state):
         return None
-    prompts = torch.cat([_block_prompts(blk) for blk in state.blocks])  # [L*P, C]
+    prompts = torch.cat([part for blk in state.blocks for part in _prompt_parts(blk)])  # [L*P, C], one cat
     prompts = F.dropout(prompts, state.config.prompt_dropout, training=state.training)
     return prompts.view(len(state.blocks), state.config.num_prompts, -1)
 
 
 def own_prompts(state, blk):
     """One block's prompt tokens after dropout: [P, C]."""
-    return F.dropout(_block_prompts(blk), state.config.prompt_dropout, training=state.training)
+    return F.dropout(torch.cat(_prompt_parts(blk)), state.config.prompt_dropout, training=state.training)
 
 
 def _batchable(blocks):
