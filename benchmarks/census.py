@@ -43,7 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tcpa_kernels as tk  # noqa: E402  (first: sets TRITON_INTERPRET on CPU-only machines)
+import benchmarks.interpreter  # noqa: E402, F401  (first: backend="triton" on CPU fake tensors needs the interpreter)
+import tcpa_kernels as tk  # noqa: E402
 from tcpa_kernels import bench  # noqa: E402
 
 METHODS = bench.MODEL_METHODS

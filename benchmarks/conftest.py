@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tcpa_kernels  # noqa: F401  (before timm: sets TRITON_INTERPRET on CPU-only machines)
 from tcpa_kernels import bench
 
 DEVICE = bench.default_device()

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tcpa_kernels as tk  # noqa: E402  (first: sets TRITON_INTERPRET on CPU-only machines)
+import benchmarks.interpreter  # noqa: E402, F401  (first: the Triton interpreter for the CPU "triton" rows)
+import tcpa_kernels as tk  # noqa: E402
 from reference import tcpa_attention_ref  # noqa: E402
 from tcpa_kernels import bench  # noqa: E402
 

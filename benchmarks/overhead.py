@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tcpa_kernels.ops import _attention_kernels, match_select, selection  # noqa: E402  (sets TRITON_INTERPRET)
+import benchmarks.interpreter  # noqa: E402, F401  (first: CPU tensors reach the stubbed kernels in the interpreter)
+from tcpa_kernels.ops import _attention_kernels, _match_kernels, _selection_kernels  # noqa: E402
+from tcpa_kernels.ops.match_select import match_select  # noqa: E402
 from tcpa_kernels.ops.packed import tcpa_packed_attention  # noqa: E402
 from tcpa_kernels.ops.selection import Selection  # noqa: E402
 
-KERNEL_MODULES = (_attention_kernels, match_select, selection)
+KERNEL_MODULES = (_attention_kernels, _match_kernels, _selection_kernels)
 
 
 class _NoLaunch:
@@ -37,7 +39,7 @@ class _NoLaunch:
 @contextlib.contextmanager
 def kernels_stubbed():
     """Every Triton kernel of the library's kernel modules launches nothing inside this block."""
-    import triton  # after tcpa_kernels, which switches the interpreter on for CPU tensors
+    import triton
 
     saved = [(module, name, fn) for module in KERNEL_MODULES for name, fn in vars(module).items()
              if isinstance(fn, triton.runtime.KernelInterface)]  # jit or interpreted
@@ -78,7 +80,7 @@ def match_step(B=2, N=8, C=32, pool=4):
     keys_cls, keys_img = torch.randn(pool, C, requires_grad=True), torch.randn(pool, C, requires_grad=True)
 
     def step():
-        _, terms = match_select.match_select(x, keys_cls, keys_img, topk_cls=2, topk_img=2, backend="triton")
+        _, terms = match_select(x, keys_cls, keys_img, topk_cls=2, topk_img=2, backend="triton")
         torch.autograd.grad(terms.sum(), (x, keys_cls, keys_img))
 
     return step

@@ -1,5 +1,5 @@
 """Op level: TCPA fused forward / backward / forward+backward vs SDPA on the same N+P keys (no mask), SDPA
-with the equivalent boolean mask, FlexAttention (CUDA), and the dense reference. FLOP and byte formulas:
+with the equivalent boolean mask, FlexAttention (CUDA), and the library's PyTorch backend. FLOP and byte formulas:
 ``tcpa_kernels/bench.py``."""
 
 import pytest

@@ -170,7 +170,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.offline:
         return offline(args.out or ROOT / "docs", args.workers)
-    import tcpa_kernels  # noqa: F401  (sets TRITON_INTERPRET where there is no CUDA)
+    import benchmarks.interpreter  # noqa: F401  (--smoke: CPU tensors run in the Triton interpreter)
     from tcpa_kernels import bench
 
     device = bench.default_device()

@@ -6,7 +6,6 @@ Public API (TCPA_SPEC.md §5): ``tcpa_attention``, ``match_prompts``, ``TCPAAtte
 ``Selection``).
 """
 
-from tcpa_kernels import _backend  # noqa: F401  (sets TRITON_INTERPRET=1 on machines without CUDA first)
 from tcpa_kernels.checkpoint import load_prompts, save_prompts
 from tcpa_kernels.ops.fused import TCPAAttention, tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import match_prompts, match_scores, matching_loss

@@ -12,6 +12,7 @@ Op bytes (the formula ``gbps`` uses), forward: q, k, v, out at B*H*N*D elements 
 2*H*P*D, selection at 8*B*N (one word per token); backward: twice q/k/v/out plus dO, dq, dk, dv.
 """
 
+import importlib.metadata
 import math
 import platform
 import re
@@ -28,16 +29,22 @@ from tcpa_kernels._validate import MAX_POOL_ENTRIES
 from tcpa_kernels.ops.selection import Selection, topk_bits
 
 MODEL_METHODS = ("no_prompts", "vpt_deep", "tcpa_dense", "tcpa_fused")
-OP_METHODS = ("tcpa_fused", "sdpa_no_mask", "sdpa_bool_mask", "flex_attention", "reference")
+OP_METHODS = ("tcpa_fused", "sdpa_no_mask", "sdpa_bool_mask", "flex_attention", "torch_backend")
 OP_MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+def _package_version(name):
+    """The installed version of a distribution, without importing it; None where it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def environment(device):
     """Device name, versions: stored next to every figure."""
-    import triton
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+    return {"device": name, "torch": torch.__version__, "triton": _package_version("triton"),
             "python": platform.python_version(), "cuda": torch.version.cuda if device.type == "cuda" else None}
 
 
@@ -268,11 +275,9 @@ def op_forward(method, tensors, scores, topk):
         block_mask = create_block_mask(lambda b, h, qi, ki: sel[b, qi, ki], B, None, N, N + P, device=q.device)
         flex = torch.compile(flex_attention)
         return lambda: flex(q, *full_kv(), block_mask=block_mask)
-    if method == "reference":
-        from reference import tcpa_attention_ref
-
-        mask = bool_mask()[:, 0, :, :P]
-        return lambda: tcpa_attention_ref(q, k, v, pk, pv, mask)
+    if method == "torch_backend":  # the library's own PyTorch backend, on the same selection as a [B, N, P] mask
+        mask = op_selection(scores, P, topk).rows(0, N, P)
+        return lambda: tk.tcpa_attention(q, k, v, pk, pv, mask, backend="torch")
     raise ValueError(f"method: expected one of {OP_METHODS}, got {method!r}")
 
 

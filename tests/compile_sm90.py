@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from benchmarks import sm90  # noqa: E402
 from tcpa_kernels.ops import _attention_kernels as kernels  # noqa: E402
-from tcpa_kernels.ops import match_select, selection  # noqa: E402
+from tcpa_kernels.ops import _match_kernels, _selection_kernels  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (dtype of q/k/v, dtype of the prompt K/V, mask mode, renormalize, head dim, aligned arguments)
@@ -43,7 +43,7 @@ def main(variants):
             print(line, flush=True)
             if (aligned and figures["spill_ops"]) or figures["shared_bytes"] > SM90_MAX_SHARED:
                 rejected.append(line)
-    print(sm90.compile_fn(selection._topk_bits_kernel, {"SCORES": "*fp32", "BITS": "*i64"},
+    print(sm90.compile_fn(_selection_kernels._topk_bits_kernel, {"SCORES": "*fp32", "BITS": "*i64"},
                           dict(BLOCK_T=32, E_PAD=64)), flush=True)
     # matching on the fp32 residual stream (x) with fp32 keys, 64 pool entries, at the library's launch
     # configurations: alone (match_select) and fused with the block's LayerNorm (weight and bias; the model's path)
@@ -51,10 +51,11 @@ def main(variants):
              "DKEYS_PARTIAL", "DH")
     pointers = dict.fromkeys(names, "*fp32") | {"BITS": "*i64"}
     for (name, kernel, extra), norm in itertools.product(
-            (("fwd", match_select._match_fwd_kernel, dict(HAS_W=True, HAS_B=True)),
-             ("bwd", match_select._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))), (False, True)):
+            (("fwd", _match_kernels._match_fwd_kernel, dict(HAS_W=True, HAS_B=True)),
+             ("bwd", _match_kernels._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))),
+            (False, True)):
         extra = extra | dict(NORM=norm)
-        launch = dict(match_select.LAUNCH[name])
+        launch = dict(_match_kernels.LAUNCH[name])
         num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
         constexprs = launch | extra | dict(E_PAD=64)
         figures = sm90.compile_fn(kernel, pointers, constexprs, num_warps, num_stages)

@@ -1,11 +1,14 @@
 """Shared test helpers: input factory, fp64 comparison with a per-dtype tolerance table, NaN poisoning."""
 
 import math
+import os
 
-import pytest
-import torch
+import torch  # imports no triton: whether there is a GPU is known before triton is first imported
 
-import tcpa_kernels  # noqa: F401  (sets TRITON_INTERPRET=1 before triton kernels load on CPU-only machines)
+if not torch.cuda.is_available():  # the kernels run in the Triton interpreter, which must be on before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # (atol, rtol) of a backend's result against the fp64 reference evaluated on the same (rounded) inputs.
 TOLERANCE = {
@@ -76,7 +79,7 @@ class _PoisonedTorch:
 
 @pytest.fixture
 def poison_buffers(monkeypatch):
-    from tcpa_kernels.ops import _attention_kernels, _function, _torch_attention, packed, selection
+    from tcpa_kernels.ops import _attention_kernels, _function, _selection_kernels, _torch_attention, packed, selection
 
-    for module in (_attention_kernels, _function, _torch_attention, packed, selection):
+    for module in (_attention_kernels, _function, _torch_attention, packed, selection, _selection_kernels):
         monkeypatch.setattr(module, "torch", _PoisonedTorch())

@@ -27,7 +27,7 @@ def test_gpu_op_shape_runs(label, method):
 def test_op_baselines_compute_what_they_claim():
     """Same inputs, same selection (the reference's top-k rule): SDPA with the bool mask and FlexAttention
     (forward only: no backward on CPU) equal the fp64 reference with renormalize=True, the masked softmax they
-    compute; the fused op and the dense reference equal it with TCPA's post-softmax mask."""
+    compute; the fused op and the library's PyTorch backend equal it with TCPA's post-softmax mask."""
     P, topk = 8, 2
     tensors, scores = bench.op_inputs(2, 2, 20, P, 16, torch.float32, CPU)
     tensors = [t.detach() for t in tensors]
@@ -36,7 +36,7 @@ def test_op_baselines_compute_what_they_claim():
     expected = {renormalize: tcpa_attention_ref(*fp64(tensors), mask, renormalize=renormalize).float()
                 for renormalize in (False, True)}
     for method, renormalize in [("sdpa_bool_mask", True), ("flex_attention", True), ("tcpa_fused", False),
-                                ("reference", False)]:
+                                ("torch_backend", False)]:
         out = bench.op_forward(method, tensors, scores, topk)()
         torch.testing.assert_close(out, expected[renormalize], msg=lambda m, n=method: f"{n}: {m}")
 

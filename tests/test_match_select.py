@@ -10,6 +10,7 @@ import torch
 import tcpa_kernels as tk
 from reference import match_prompts_ref
 from reference.matching import topk_entries
+from tcpa_kernels.ops import _match_kernels
 from tcpa_kernels.ops import match_select as match_select_module
 from tcpa_kernels.ops.match_select import match_bwd, match_fwd, match_select, norm_match_select
 from tcpa_kernels.ops.selection import entry_selection
@@ -53,7 +54,8 @@ def reference_terms(x, keys_cls, keys_img, topk_cls, topk_img, num_prefix):
 
 @pytest.fixture
 def poison_match_buffers(monkeypatch):
-    monkeypatch.setattr(match_select_module, "torch", _PoisonedTorch())
+    for module in (match_select_module, _match_kernels):  # the torch twin's buffers and the launchers'
+        monkeypatch.setattr(module, "torch", _PoisonedTorch())
 
 
 def check_against_reference(config, dtype, backend):
@@ -96,8 +98,8 @@ def test_gpu_vit_b_layer(dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_key_gradient_partials_accumulate_over_blocks(backend, monkeypatch):
     """More token blocks than backward programs: each program adds its later blocks to its own partial."""
-    monkeypatch.setattr(match_select_module, "MAX_KEY_PARTIALS", 2)
-    monkeypatch.setitem(match_select_module.LAUNCH, "bwd", match_select_module.LAUNCH["bwd"] | dict(BLOCK_T=16))
+    monkeypatch.setattr(_match_kernels, "MAX_KEY_PARTIALS", 2)
+    monkeypatch.setitem(_match_kernels.LAUNCH, "bwd", _match_kernels.LAUNCH["bwd"] | dict(BLOCK_T=16))
     inputs = separated_inputs(3, 29, 48, 4, 6)
     _, terms = match_select(*inputs, topk_cls=2, topk_img=3, backend=backend)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
@@ -241,11 +243,3 @@ def test_errors_name_the_argument():
         match_select(x, kc, ki, topk_cls=1, topk_img=5)
     with pytest.raises(ValueError, match="keys_img: expected shape \\(pool >= 1, 32\\)"):
         match_select(x, kc, ki[:, :16], topk_cls=1, topk_img=1)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_second_order_gradients_raise(backend):
-    x, kc, ki = separated_inputs(2, 5, 32, 3, 4)
-    _, terms = match_select(x, kc, ki, topk_cls=2, topk_img=2, backend=backend)
-    with pytest.raises(RuntimeError, match="match_select: second-order gradients"):
-        torch.autograd.grad(terms.sum(), (x, kc, ki), create_graph=True)

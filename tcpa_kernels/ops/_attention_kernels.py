@@ -30,6 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tcpa_kernels._backend import refuse_interpreter_bf16
+from tcpa_kernels.ops._function import attention_grads, token_grad_buffers
+
 LOG2E = 1.4426950408889634
 
 
@@ -323,10 +326,12 @@ def _bhn_strides(name, *tensors):
     return strides[0]
 
 
-def _launch(kernel, grid, *args, **meta):
-    """kernel[grid](*args, **meta), or nothing when the grid is empty (a zero-size dimension)."""
+def _launch(kernel, grid, q, *args, **meta):
+    """kernel[grid](q, *args, **meta), or nothing when the grid is empty (a zero-size dimension). Every attention
+    kernel takes q first and runs its dots in q's dtype: bf16 is refused off CUDA (the interpreter)."""
+    refuse_interpreter_bf16("q", q)
     if min(grid) > 0:
-        kernel[grid](*args, **meta)
+        kernel[grid](q, *args, **meta)
 
 
 def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize):
@@ -386,8 +391,6 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
                        needs_grad):
     """The whole Triton backward outside autograd, through the library's two backward ops (benchmarks/tune.py
     times it): grads of (q, k, v, prompt_k, prompt_v), None where needs_grad is False."""
-    from tcpa_kernels.ops._function import attention_grads, token_grad_buffers  # _function imports this module
-
     dq, dk, dv = token_grad_buffers(q)
     dprompt = attention_grads(dq, dk, dv, grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale,
                               renormalize, "triton", deterministic)

@@ -13,13 +13,20 @@ kernel, token and prompt keys in one grid), ``topk_bits`` (selection kernel); ``
 so the two backward ops serve both layouts.
 """
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
-from tcpa_kernels.ops import _attention_kernels, _torch_attention
+from tcpa_kernels._backend import kernels
+from tcpa_kernels.ops import _torch_attention
 from tcpa_kernels.ops.selection import Selection, topk_bits
 
-IMPLEMENTATIONS = {"triton": _attention_kernels, "torch": _torch_attention}
+
+def implementation(backend: str) -> ModuleType:
+    """The attention launchers of ``backend``: the Triton kernels (``_attention_kernels``, imported on first use) or
+    their chunked PyTorch twin; both modules have the same three functions."""
+    return _torch_attention if backend == "torch" else kernels("_attention_kernels")
 
 
 def refuse_double_backward(op: str) -> None:
@@ -43,9 +50,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: T
     lse [B, H, N]). q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or [B, H, P, D]) share
     theirs, unit stride on D; the selection is a bool mask [B, N, P] or int64 selection words [B, N] with their pool
     layout (``Selection.op_args()``: the other one None)."""
-    return IMPLEMENTATIONS[backend].attention_forward(q, k, v, prompt_k, prompt_v,
-                                                      Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                      renormalize)
+    return implementation(backend).attention_forward(q, k, v, prompt_k, prompt_v,
+                                                     Selection(mask, bits, pool_cls, len_cls, len_img), scale,
+                                                     renormalize)
 
 
 @attention_fwd.register_fake
@@ -62,9 +69,9 @@ def attention_bwd_dq(dq: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
     """One launch of the dq kernel: writes dq ([B, H, N, D], any (b, h, n) strides with unit stride on D: slot 0 of
     a packed [B, N, 3, H, D] gradient buffer, or its own) and returns delta = rowsum(grad_out * out) [B, H, N].
     grad_out and out ([B, H, N, D]) are read through their own strides (unit stride on D)."""
-    return IMPLEMENTATIONS[backend].attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
-                                                          Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                          renormalize, dq)
+    return implementation(backend).attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
+                                                         Selection(mask, bits, pool_cls, len_cls, len_img), scale,
+                                                         renormalize, dq)
 
 
 @attention_bwd_dq.register_fake
@@ -83,9 +90,9 @@ def attention_bwd_dkdv(dk: Tensor, dv: Tensor, dprompt: Tensor, grad_out: Tensor
     gradients into dprompt (accumulation dtype): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of
     shared prompts that the caller sums over the batch), or [2, H, P, D] zero-filled, which gets their batch sum
     (atomics on CUDA; shared prompts only)."""
-    IMPLEMENTATIONS[backend].attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta,
-                                                     Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                     renormalize, dk, dv, dprompt)
+    implementation(backend).attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta,
+                                                    Selection(mask, bits, pool_cls, len_cls, len_img), scale,
+                                                    renormalize, dk, dv, dprompt)
 
 
 @attention_bwd_dkdv.register_fake

@@ -6,10 +6,9 @@ per query row: neither a ``[B, N, P]`` mask nor a ``[B, H, N, N+P]`` tensor is e
 """
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from tcpa_kernels._validate import FLOAT_DTYPES, check_pool_config, check_tensor, describe
-from tcpa_kernels.ops._function import run_backward, run_forward, topk_bits_op
+from tcpa_kernels._validate import FLOAT_DTYPES, check_int, check_pool_config, check_tensor, describe
+from tcpa_kernels.ops._function import refuse_double_backward, run_backward, run_forward, topk_bits_op
 from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import prepare_attention
 
@@ -39,14 +38,16 @@ class TCPAAttention(torch.autograd.Function):
         return out, bits
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, grad_bits):
+        refuse_double_backward("tcpa_fused_attention")
         return (*run_backward(ctx, grad_out), *([None] * 11))
 
 
-def tcpa_fused_attention(q, k, v, prompt_k, prompt_v, scores, *, pool_cls, topk_cls, topk_img, prompt_len_cls=1,
-                         prompt_len_img=1, num_prefix_tokens=1, scale=None, renormalize=False, backend="auto",
-                         deterministic=True):
+def tcpa_fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor,
+                         prompt_v: torch.Tensor, scores: torch.Tensor, *, pool_cls: int, topk_cls: int, topk_img: int,
+                         prompt_len_cls: int = 1, prompt_len_img: int = 1, num_prefix_tokens: int = 1,
+                         scale: float | None = None, renormalize: bool = False, backend: str = "auto",
+                         deterministic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated entry to :class:`TCPAAttention`: each token attends to the prompts of its top-k pool entries.
 
     Args:
@@ -58,12 +59,14 @@ def tcpa_fused_attention(q, k, v, prompt_k, prompt_v, scores, *, pool_cls, topk_
     Returns:
         ``(out [B, H, N, D], bits int64 [B, N])``; ties in scores go to the lower entry index.
     """
-    backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale)
+    backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize,
+                                                        deterministic)
     check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
     E = scores.shape[-1]
-    if scores.device != q.device or tuple(scores.shape[:2]) != (B, N) or not 1 <= pool_cls < E:
-        raise ValueError(f"scores: expected shape ({B}, {N}, pool_cls + pool_img) with 1 <= pool_cls={pool_cls} < E "
-                         f"on {q.device}, got {describe(scores)}")
+    if scores.device != q.device or tuple(scores.shape[:2]) != (B, N) or E < 2:
+        raise ValueError(f"scores: expected shape ({B}, {N}, pool_cls + pool_img) on {q.device}, "
+                         f"got {describe(scores)}")
+    check_int("pool_cls", pool_cls, 1, E - 1)
     check_pool_config("scores ", pool_cls, E - pool_cls, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
                       num_prefix_tokens, N)
     expected_p = pool_cls * prompt_len_cls + (E - pool_cls) * prompt_len_img
@@ -71,5 +74,4 @@ def tcpa_fused_attention(q, k, v, prompt_k, prompt_v, scores, *, pool_cls, topk_
         raise ValueError(f"prompt_k: expected P = {pool_cls}*{prompt_len_cls} + {E - pool_cls}*{prompt_len_img} = "
                          f"{expected_p} prompts, got {describe(prompt_k)}")
     return TCPAAttention.apply(q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img, prompt_len_cls,
-                               prompt_len_img, num_prefix_tokens, scale, bool(renormalize), backend,
-                               bool(deterministic))
+                               prompt_len_img, num_prefix_tokens, scale, renormalize, backend, deterministic)

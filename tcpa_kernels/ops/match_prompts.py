@@ -1,13 +1,22 @@
 """``match_prompts``: cosine matching of tokens against the pool keys and top-k selection (TCPA_SPEC.md §2)."""
 
 import torch
+from torch import Tensor
 
-from tcpa_kernels._validate import check_pool_config, validate_match_inputs
+from tcpa_kernels._validate import (
+    FLOAT_DTYPES,
+    MAX_POOL_ENTRIES,
+    check_int,
+    check_pool_config,
+    check_tensor,
+    describe,
+    validate_match_inputs,
+)
 from tcpa_kernels.ops.match_select import match_select
 from tcpa_kernels.ops.selection import Selection, entry_selection
 
 
-def match_scores(x, keys_cls, keys_img):
+def match_scores(x: Tensor, keys_cls: Tensor, keys_img: Tensor) -> Tensor:
     """Cosine similarity of every token with every key of both pools: [B, N, Pc + Pi] (differentiable).
 
     Computed as (x @ normalize(keys).T) / |x| so no normalised copy of x ([B, N, C]) is allocated, in x's own
@@ -21,12 +30,25 @@ def match_scores(x, keys_cls, keys_img):
         return (x @ keys.T) / norms
 
 
-def matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img):
+def matching_loss(scores: Tensor, bits: Tensor, num_prefix_tokens: int, topk_cls: int, topk_img: int) -> Tensor:
     """mean(1 - s_topk) over prefix tokens + the same over patch tokens, from selection words.
 
-    scores: [B, N, E] (differentiable), bits: int64 [B, N]. A token group that is empty adds 0.
+    scores: float [B, N, E] (differentiable, E <= 64 entries), bits: int64 [B, N] selection words (bit e = entry e,
+    as ``tcpa_fused_attention`` returns them), ``num_prefix_tokens`` in [0, N], ``topk_cls``/``topk_img`` the
+    entries each prefix / patch token selected (1..E). A token group that is empty adds 0. Pure PyTorch: it has
+    second-order gradients.
     """
+    check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, E = scores.shape
+    if not 1 <= E <= MAX_POOL_ENTRIES:
+        raise ValueError(f"scores: expected shape (B, N, E) with 1 <= E <= {MAX_POOL_ENTRIES} pool entries, "
+                         f"got {describe(scores)}")
+    check_tensor("bits", bits, ndim=2, dtypes=(torch.int64,))
+    if bits.device != scores.device or tuple(bits.shape) != (B, N):
+        raise ValueError(f"bits: expected int64 shape {(B, N)} on {scores.device} (as scores), got {describe(bits)}")
+    check_int("num_prefix_tokens", num_prefix_tokens, 0, N)
+    check_int("topk_cls", topk_cls, 1, E)
+    check_int("topk_img", topk_img, 1, E)
     picked = scores * entry_selection(bits, E).to(scores.dtype)  # [B, N, E], E <= 64
     acc_dtype = torch.promote_types(scores.dtype, torch.float32)
     loss = scores.new_zeros((), dtype=acc_dtype)
@@ -37,8 +59,9 @@ def matching_loss(scores, bits, num_prefix_tokens, topk_cls, topk_img):
     return loss
 
 
-def match_prompts(x, keys_cls, keys_img, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
-                  num_prefix_tokens=1, backend="auto"):
+def match_prompts(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int, topk_img: int,
+                  prompt_len_cls: int = 1, prompt_len_img: int = 1, num_prefix_tokens: int = 1,
+                  backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Per-token top-k prompt selection by cosine matching.
 
     Args:

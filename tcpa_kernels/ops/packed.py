@@ -9,15 +9,17 @@ It runs the kernels and the two backward ops of ``tcpa_attention`` (they take st
 its own (``tcpa_kernels::packed_attention_fwd``), so that autograd sees qkv and prompt_kv as single inputs.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._validate import KERNEL_DTYPES, MAX_POOL_ENTRIES, check_tensor, describe
+from tcpa_kernels._validate import KERNEL_DTYPES, MAX_POOL_ENTRIES, check_flag, check_number, check_tensor, describe
 from tcpa_kernels.ops._function import (
-    IMPLEMENTATIONS,
     accumulation_dtype,
     attention_grads,
+    implementation,
     refuse_double_backward,
     shared_strides,
 )
@@ -42,9 +44,9 @@ def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, mask: Tensor | None, bi
     """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` read in place and prompt_kv ``[2, H, P, D]`` or
     ``[B, 2, H, P, D]``: (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``). ``deterministic`` is read by the
     backward only."""
-    out, lse = IMPLEMENTATIONS[backend].attention_forward(*_split_qkv(qkv), *prompt_kv.unbind(-4),
-                                                          Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                          renormalize)
+    out, lse = implementation(backend).attention_forward(*_split_qkv(qkv), *prompt_kv.unbind(-4),
+                                                         Selection(mask, bits, pool_cls, len_cls, len_img), scale,
+                                                         renormalize)
     return out.transpose(1, 2).flatten(2), lse  # [B, N, H*D]: a view of the contiguous [B, N, H, D] buffer
 
 
@@ -112,7 +114,7 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
             qkv's dtype (the Triton kernels cast fp32 prompts to qkv's dtype after loading them: no cast copy).
         selection: which prompts each token may use: selection words (int64 ``[B, N]``, bit e = pool entry e, with
             the pool layout pool_cls/len_cls/len_img) or a bool mask ``[B, N, P]``.
-        scale: score scale (``attn.scale``, usually ``D ** -0.5``).
+        scale: score scale, a finite number > 0 (``attn.scale``, usually ``D ** -0.5``).
         renormalize: False (the published method): unselected prompts stay in the softmax normaliser but add no
             value. True: ordinary masked softmax.
         backend: "triton" or "torch", already resolved (``tcpa_kernels._backend.resolve_backend``).
@@ -124,6 +126,9 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
     """
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend: expected 'triton' or 'torch' (resolved), got {backend!r}")
+    scale = check_number("scale", scale, lo=0.0, hi=math.inf, lo_open=True)
+    check_flag("renormalize", renormalize)
+    check_flag("deterministic", deterministic)
     check_tensor("qkv", qkv, ndim=5, dtypes=KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES)
     backend = resolve_backend(backend, qkv.device)
     B, N, three, H, D = qkv.shape
@@ -138,6 +143,5 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
     _check_selection(selection, B, N, P, qkv.device)
     check_kernel_limits("qkv", qkv, backend, (B, H, N, P, D), qkv.stride(1))
     (qkv,), (prompt_kv,) = shared_strides(qkv), shared_strides(prompt_kv)  # unit stride on D, else a copy
-    out, _ = packed_attention_fwd(qkv, prompt_kv, *selection.op_args(), float(scale), bool(renormalize), backend,
-                                  bool(deterministic))
+    out, _ = packed_attention_fwd(qkv, prompt_kv, *selection.op_args(), scale, renormalize, backend, deterministic)
     return out

@@ -13,78 +13,14 @@ Why selection is its own kernel and not fused into the attention kernel: the att
 before both. These are cost arguments; the GPU measurement is tracked in issue #5.
 
 Tie rule: among equal scores the lower entry index wins (the same as ``reference.match_prompts_ref``).
+The Triton kernels are in ``_selection_kernels.py``; ``_topk_bits_torch`` is their PyTorch twin.
 """
 
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
-_INT32_MIN = tl.constexpr(-(2**31))  # below every float key
-
-
-@triton.jit
-def select_topk(b_s, m_valid, k_row, k_max):
-    """Top-k of each row among its valid entries: (bits int64 [BLOCK_T], sel bool [BLOCK_T, E_PAD]).
-
-    b_s [BLOCK_T, E_PAD] float scores, m_valid bool [BLOCK_T, E_PAD] (the row's own pool), k_row int [BLOCK_T]
-    entries to pick (<= its valid count), k_max = max(k_row). Ranks on an int32 key that orders floats like their
-    values (NaN ranks as -inf, -0.0 as +0.0) and puts invalid or picked entries strictly below every score, so a
-    row always gets exactly k_row distinct entries of its own pool, ties going to the lower entry index.
-    """
-    o_e = tl.arange(0, b_s.shape[1])
-    b_s = b_s.to(tl.float32)
-    b_s = tl.where(b_s != b_s, float("-inf"), tl.where(b_s == 0.0, 0.0, b_s))
-    b_key = b_s.to(tl.int32, bitcast=True)
-    b_key = tl.where(b_key >= 0, b_key, b_key ^ 0x7FFFFFFF)  # monotone in the float value
-    b_key = tl.where(m_valid, b_key, _INT32_MIN)
-    sel = tl.zeros(b_s.shape, dtype=tl.int1)
-    for i in range(0, k_max):
-        best = tl.argmax(b_key, axis=1, tie_break_left=True)  # [BLOCK_T]
-        picked = o_e[None, :] == best[:, None]
-        sel = sel | (picked & (i < k_row)[:, None])
-        b_key = tl.where(picked, _INT32_MIN, b_key)
-    one = tl.full(b_s.shape, 1, dtype=tl.int64)
-    bits = tl.sum(tl.where(sel, one << o_e[None, :].to(tl.int64), 0), axis=1)  # distinct powers of two
-    return bits, sel
-
-
-@triton.jit
-def own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD: tl.constexpr):
-    """For rows o_t (= b*N + n): (is_prefix [BLOCK_T], valid entries bool [BLOCK_T, E_PAD], k [BLOCK_T])."""
-    is_prefix = (o_t % N) < num_prefix_tokens
-    o_e = tl.arange(0, E_PAD)
-    lo = tl.where(is_prefix, 0, pool_cls)
-    hi = tl.where(is_prefix, pool_cls, pool_cls + pool_img)
-    m_valid = (o_e[None, :] >= lo[:, None]) & (o_e[None, :] < hi[:, None])
-    return is_prefix, m_valid, tl.where(is_prefix, k_cls, k_img)
-
-
-@triton.jit
-def _topk_bits_kernel(
-    SCORES,  # [B*N, E] float, E = pool_cls + pool_img
-    BITS,  # [B*N] int64 (output)
-    n_rows,
-    N,
-    num_prefix_tokens,
-    pool_cls,
-    pool_img,
-    k_cls,
-    k_img,
-    k_max,
-    BLOCK_T: tl.constexpr,
-    E_PAD: tl.constexpr,
-):
-    i_t = tl.program_id(0).to(tl.int64)
-    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] row = b*N + n
-    m_t = o_t < n_rows
-    _, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD)
-    m_valid = m_valid & m_t[:, None]
-    o_e = tl.arange(0, E_PAD)
-    b_s = tl.load(SCORES + o_t[:, None] * (pool_cls + pool_img) + o_e[None, :], mask=m_valid, other=0.0)
-    b_bits, _ = select_topk(b_s, m_valid, k_row, k_max)
-    tl.store(BITS + o_t, b_bits, mask=m_t)
+from tcpa_kernels._backend import kernels
 
 
 def _topk_bits_torch(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
@@ -112,24 +48,12 @@ def topk_bits(scores, *, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
 
     scores: [B, N, pool_cls + pool_img]; prefix tokens (the first ``num_prefix_tokens``) choose their
     top ``k_cls`` among the first ``pool_cls`` columns, patch tokens their top ``k_img`` among the rest.
-    returns int64 [B, N]. Selection is not differentiable.
+    returns int64 [B, N]. Selection is not differentiable. fp64 scores take the torch twin on either backend: the
+    kernel ranks on an int32 key of the fp32 value, so fp64 scores closer than fp32's resolution would tie there.
     """
-    B, N, E = scores.shape
-    if backend == "torch":
+    if backend == "torch" or scores.dtype == torch.float64:
         return _topk_bits_torch(scores.detach(), num_prefix_tokens, pool_cls, k_cls, k_img)
-    scores = scores.detach().contiguous()
-    bits = torch.empty(B, N, dtype=torch.int64, device=scores.device)
-    n_rows = B * N
-    if n_rows == 0:
-        return bits
-    BLOCK_T = 32
-    grid = (triton.cdiv(n_rows, BLOCK_T),)
-    _topk_bits_kernel[grid](
-        scores, bits, n_rows, N, num_prefix_tokens, pool_cls, E - pool_cls, k_cls, k_img,
-        max_topk(N, num_prefix_tokens, k_cls, k_img),
-        BLOCK_T=BLOCK_T, E_PAD=triton.next_power_of_2(E),
-    )
-    return bits
+    return kernels("_selection_kernels").topk_bits(scores.detach(), num_prefix_tokens, pool_cls, k_cls, k_img)
 
 
 def entry_selection(bits, num_entries):

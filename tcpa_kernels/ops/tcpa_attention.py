@@ -3,11 +3,17 @@
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._validate import KERNEL_DTYPES, check_attention_inputs, check_tensor, describe
-from tcpa_kernels.ops._function import run_backward, run_forward
+from tcpa_kernels._validate import (
+    KERNEL_DTYPES,
+    check_attention_inputs,
+    check_flag,
+    check_number,
+    check_tensor,
+    describe,
+)
+from tcpa_kernels.ops._function import refuse_double_backward, run_backward, run_forward
 from tcpa_kernels.ops.selection import Selection
 
 TORCH_DTYPES = (*KERNEL_DTYPES, torch.float64)
@@ -22,8 +28,8 @@ class _MaskedTCPAFunction(torch.autograd.Function):
                            renormalize, deterministic)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        refuse_double_backward("tcpa_attention")
         return (*run_backward(ctx, grad_out), None, None, None, None, None)
 
 
@@ -43,16 +49,21 @@ def check_kernel_limits(name, t, backend, dims, row_stride):
                          f"with int32 (< {INT32_LIMIT}); got {describe(t)}, prompts P={P}; use backend='torch'")
 
 
-def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale):
-    """Validate the attention tensors; return (backend, scale, (B, H, N, P, D))."""
+def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize, deterministic):
+    """Validate the attention arguments; return (backend, scale, (B, H, N, P, D))."""
+    check_flag("renormalize", renormalize)
+    check_flag("deterministic", deterministic)
     backend = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
     dims = check_attention_inputs(q, k, v, prompt_k, prompt_v, KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES)
     check_kernel_limits("q", q, backend, dims, max(q.stride(2), k.stride(2), v.stride(2)))
-    return backend, 1.0 / math.sqrt(dims[-1]) if scale is None else float(scale), dims
+    if scale is None:
+        return backend, 1.0 / math.sqrt(dims[-1]), dims
+    return backend, check_number("scale", scale, lo=0.0, hi=math.inf, lo_open=True), dims
 
 
-def tcpa_attention(q, k, v, prompt_k, prompt_v, prompt_mask, *, scale=None, renormalize=False, backend="auto",
-                   deterministic=True):
+def tcpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor,
+                   prompt_mask: torch.Tensor, *, scale: float | None = None, renormalize: bool = False,
+                   backend: str = "auto", deterministic: bool = True) -> torch.Tensor:
     """Prompt-augmented attention of N query tokens over [P prompts ; N tokens] keys.
 
     Args:
@@ -60,20 +71,21 @@ def tcpa_attention(q, k, v, prompt_k, prompt_v, prompt_mask, *, scale=None, reno
             torch backend). Any b/h/n strides are read in place when q, k, v share them (timm's fused qkv).
         prompt_k, prompt_v: ``[H, P, D]`` prompt keys/values shared by the batch, or ``[B, H, P, D]``.
         prompt_mask: bool ``[B, N, P]``; True where token n may use prompt p.
-        scale: score scale, default ``1/sqrt(D)``.
+        scale: score scale (a finite number > 0), default ``1/sqrt(D)``.
         renormalize: False (default, the published method): unselected prompts stay in the softmax
             normaliser but contribute no value. True: ordinary masked softmax.
-        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+        backend: "auto" (Triton on CUDA where triton is installed, torch elsewhere), "triton" or "torch".
         deterministic: shared-prompt gradients by a fixed-order reduction (True) or fp32 atomics (False).
 
     Returns:
         ``[B, H, N, D]`` in q's dtype (a transposed view of a contiguous ``[B, N, H, D]`` tensor, so
         ``out.transpose(1, 2).reshape(B, N, H * D)`` is free); differentiable in q, k, v, prompt_k, prompt_v.
     """
-    backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale)
+    backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize,
+                                                        deterministic)
     check_tensor("prompt_mask", prompt_mask, ndim=3, dtypes=(torch.bool,))
     if prompt_mask.device != q.device or tuple(prompt_mask.shape) != (B, N, P):
         raise ValueError(f"prompt_mask: expected bool shape {(B, N, P)} on {q.device}, got {describe(prompt_mask)}")
-    return _MaskedTCPAFunction.apply(q, k, v, prompt_k, prompt_v, prompt_mask, scale, bool(renormalize), backend,
-                                     bool(deterministic))
+    return _MaskedTCPAFunction.apply(q, k, v, prompt_k, prompt_v, prompt_mask, scale, renormalize, backend,
+                                     deterministic)
 
