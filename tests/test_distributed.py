@@ -57,6 +57,7 @@ def _worker(rank, wrap, tmp):
     grads = {name: _full(g) for name, g in {"ddp": _ddp, "fsdp": _fsdp}[wrap](model, shard, tmp).items()}
     if rank == 0:
         torch.save(grads, f"{tmp}/grads.pt")
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
 
