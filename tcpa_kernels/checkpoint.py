@@ -49,8 +49,9 @@ def read_trainable(path, key: str) -> tuple[dict, dict[str, torch.Tensor]]:
         return json.loads(meta), {name: f.get_tensor(name) for name in f.keys()}
 
 
-def check_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """ValueError unless ``tensors`` has exactly the model's trainable parameter names and (full) shapes."""
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the model's trainable parameters (FSDP2: each rank its shard); ValueError, before anything
+    is copied, unless ``tensors`` has exactly their names and (full) shapes."""
     params = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
@@ -59,12 +60,6 @@ def check_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if params[name].shape != t.shape:
             raise ValueError(f"path: {name} has shape {tuple(t.shape)}, model expects {tuple(params[name].shape)}")
-
-
-def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model's trainable parameters after check_trainable (FSDP2: each rank its shard)."""
-    check_trainable(model, tensors)
-    params = dict(unwrap(model).named_parameters())
     with torch.no_grad():
         for name, t in tensors.items():
             p = params[name]

@@ -22,9 +22,9 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from tcpa_kernels._backend import BACKENDS, resolve_backend
+from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
-from tcpa_kernels._prompt_kv import layer_prompts, own_prompt_kv, own_prompts, step_prompt_kv
+from tcpa_kernels._prompt_kv import own_prompt_kv, own_prompts, step_prompt_kv, step_prompts
 from tcpa_kernels._validate import check_flag, check_int, check_number, check_pool_config
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
@@ -66,8 +66,6 @@ class TCPAConfig:
         check_flag("renormalize", self.renormalize)
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         resolve_backend(self.backend, next(model.parameters()).device)
 
 
@@ -239,7 +237,7 @@ class TCPAMixin:
         layer = self._prompt_layer
         state, cfg = layer.state, layer.state.config
         if layer.index == 0:  # parameter-only work of every layer, once per forward (None: each layer its own)
-            state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else layer_prompts(state)
+            state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else step_prompts(state)
             state.layer_terms = {}
         if state.step_inputs is not None:
             prompt_input = state.step_inputs[layer.index]
@@ -302,7 +300,7 @@ def _check_model(model):
         raise TypeError(f"model: expected a timm VisionTransformer (ViT, DeiT, ...), got {type(model).__name__}")
     if hasattr(model, "prompt_state"):
         raise ValueError(f"model: already has {model.prompt_state.method} prompts; call remove_prompts(model) first")
-    if is_fully_sharded(model) or any(is_fully_sharded(m) for m in model.modules()):
+    if any(is_fully_sharded(m) for m in model.modules()):
         raise ValueError("model: fully_shard (FSDP2) was already applied; add prompts first, then shard, so the "
                          "prompt parameters are sharded with the rest")
     for i, blk in enumerate(model.blocks):
