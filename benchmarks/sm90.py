@@ -22,7 +22,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # integer arguments that are multiples of 16 at ViT shapes (head dim 64: every stride is a multiple of D)
 _ALIGNED_INTS = {"D", *(f"{prefix}stride_{dim}" for prefix in ("", "p", "o", "do", "d", "dp") for dim in "bhn")}
-KERNELS = {"fwd": kernels._fwd_kernel, "bwd_dq": kernels._bwd_dq_kernel, "bwd_dkdv": kernels._bwd_dkdv_kernel}
+KERNELS = {"fwd": kernels._fwd_kernel, "bwd": kernels._bwd_kernel}
 
 
 def _tool(name, *args):
@@ -30,14 +30,14 @@ def _tool(name, *args):
 
 
 def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=True, prompt_dtype=None):
-    """Compile one attention kernel variant ('fwd' | 'bwd_dq' | 'bwd_dkdv') to a cubin; dtype: 'bf16' | 'fp16' |
+    """Compile one attention kernel variant ('fwd' | 'bwd') to a cubin; dtype: 'bf16' | 'fp16' |
     'fp32' of q/k/v/out, prompt_dtype that of the prompt K/V (default: dtype; prompt gradients are fp32).
     Returns ptxas's figures."""
     mask_type = "*u8" if constexprs["MASK_MODE"] == 0 else "*i64"
     prompt_type = f"*{prompt_dtype or dtype}"
     pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     pointers |= {"PK": prompt_type, "PV": prompt_type, "MASK": mask_type, "BITS": mask_type, "LSE": "*fp32",
-                 "DELTA": "*fp32", "DPK": "*fp32", "DPV": "*fp32"}
+                 "DELTA": "*fp32", "DQ_ACC": "*fp32", "DPK": "*fp32", "DPV": "*fp32"}
     return compile_fn(KERNELS[kernel], pointers, constexprs, num_warps, num_stages, aligned)
 
 

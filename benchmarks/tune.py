@@ -7,8 +7,7 @@
                                         benchmarks/results/tune-<device>.json (then edit LAUNCH_CONFIGS by hand)
   python benchmarks/tune.py --smoke     the GPU procedure on CPU (interpreter, tiny shape): checks the script only
 
-Each kernel is tuned with the others at their table entry: forward alone; dQ and dK/dV through the whole
-backward (both run in it; only the tuned one changes between candidates).
+Each kernel (forward, backward: one launch each) is timed alone, the other at its table entry.
 """
 
 import argparse
@@ -21,11 +20,12 @@ from pathlib import Path
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 CANDIDATES = {
     "16-bit": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
-               (128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3), (32, 64, 4, 3), (128, 128, 8, 2)],
+               (128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 64, 4, 3),
+               (32, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2), (128, 128, 8, 2)],
     "fp32": [(64, 64, 4, 3), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1), (32, 32, 4, 2), (16, 64, 4, 2),
-             (16, 32, 4, 2), (16, 32, 4, 1)],
+             (16, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 2, 1)],
 }
-KERNEL_LAUNCHES = [("fwd", {}), ("bwd_dq", {}), ("bwd_dkdv", dict(ATOMIC=False))]  # dk/dv: token then prompt blocks
+KERNEL_LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False))]
 # (label, B, H, N, P, D, topk) at which candidates are timed on a GPU
 GPU_SHAPES = [("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # TCPA_SPEC.md §6
               ("vit_l_b32_n577_p200_l4_k12", 32, 16, 577, 200, 64, 12)]
@@ -44,7 +44,7 @@ def _compile_one(job):
     operand, d_pad, kernel, extra, candidate = job
     block_m, block_n, num_warps, num_stages = candidate
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, MASK_MODE=1, RENORMALIZE=False,
-                      PRECISION="ieee" if operand == "fp32" else "tf32", **extra)
+                      PRECISION=kernels.DOT_PRECISION[operand], **extra)
     try:
         dtype = "fp32" if operand == "fp32" else "bf16"
         figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages, prompt_dtype="fp32")
@@ -113,12 +113,11 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke):
     scale = D**-0.5
     out, lse = kernels.attention_forward(*tensors, selection, scale, False)
     steps = {"fwd": lambda: kernels.attention_forward(*tensors, selection, scale, False),
-             "bwd": lambda: kernels.attention_backward(grad_out, *tensors, out, lse, selection, scale, False, True,
+             "bwd": lambda: kernels.backward_grads(grad_out, *tensors, out, lse, selection, scale, False, True,
                                                        (True,) * 5)}
     table = kernels.LAUNCH_CONFIGS[kernels.config_key(D, dtype)]
     report = {"shape": label, "dims": dict(B=B, H=H, N=N, P=P, D=D, topk=topk), "kernels": {}}
-    for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
-        step = steps[kernel.split("_")[0]]
+    for kernel, step in steps.items():
         current = table[kernel]
         baseline = [t.clone() for t in step()]
         rows = []

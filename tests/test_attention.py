@@ -12,7 +12,9 @@ from tests.conftest import DEVICE, assert_matches_reference, attention_inputs, f
 
 BACKENDS = ["triton", "torch"]
 # (B, H, N, P, D): odd shapes on purpose (N=1, N=7, P=1, D=80, several query blocks)
-SHAPES = [(2, 2, 7, 5, 16), (1, 1, 1, 1, 32), (2, 1, 70, 3, 64), (1, 2, 9, 36, 80), (1, 1, 17, 66, 128)]
+# odd N/P/D; N a multiple of the key tile, so that prompt-only tail tiles follow (32, 40)
+SHAPES = [(2, 2, 7, 5, 16), (1, 1, 1, 1, 32), (2, 1, 70, 3, 64), (1, 2, 9, 36, 80), (1, 1, 17, 66, 128),
+          (1, 2, 32, 40, 16)]
 
 
 def _check(backend, shape, dtype, renormalize, shared, mask_p=0.5, seed=0):
@@ -36,7 +38,8 @@ def test_fp32_matches_reference(backend, shape, renormalize, shared, poison_buff
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 2, 19, 6, 32), (1, 2, 70, 5, 128)], ids=str)  # both 16-bit LAUNCH_CONFIGS
+@pytest.mark.parametrize("shape", [(2, 2, 19, 6, 32), (1, 2, 70, 5, 128), (1, 1, 64, 70, 64)],
+                         ids=str)  # both 16-bit LAUNCH_CONFIGS; token tiles, then two prompt-only tiles
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
 def test_fp16_matches_reference(backend, shape, renormalize, shared, poison_buffers):

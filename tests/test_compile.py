@@ -15,9 +15,9 @@ def test_every_kernel_variant_compiles_for_sm90():
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
     script = [sys.executable, str(root / "tests" / "compile_sm90.py")]
-    full = os.environ.get("TCPA_COMPILE_ALL") == "1"  # the whole matrix: ~5 minutes
+    full = os.environ.get("TCPA_COMPILE_ALL") == "1"  # the whole matrix: ~10 minutes
     result = subprocess.run(script + (["--all"] if full else []), env=env, capture_output=True, text=True, timeout=1800)
     # the script fails on spills at ViT-shape arguments and on shared memory an sm_90 block cannot have
     assert result.returncode == 0, result.stderr[-3000:]
     # attention launches per variant, + top-k, + matching fwd and bwd each without and with the fused norm
-    assert result.stdout.count("'registers'") == (40 if full else 4) * 4 + 5
+    assert result.stdout.count("'registers'") == (40 if full else 4) * 3 + 5

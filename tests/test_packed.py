@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from reference import tcpa_attention_ref
-from tcpa_kernels.ops._function import attention_bwd_dkdv, attention_bwd_dq, attention_fwd
+from tcpa_kernels.ops._function import attention_bwd, attention_fwd
 from tcpa_kernels.ops.packed import packed_attention_fwd, tcpa_packed_attention
 from tcpa_kernels.ops.selection import Selection
 from tests.conftest import DEVICE, assert_matches_reference, random_selection, requires_cuda
@@ -137,7 +137,7 @@ class _OpLog(TorchDispatchMode):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
 def test_no_layout_copies_and_one_op_per_launch(backend, shared):
     """Forward + backward dispatch no stack/cat/clone/copy/cast as large as qkv's C-wide part, and exactly one
-    forward and two backward custom ops; the gradient of timm's [B, N, 3*C] output is a view of the packed one."""
+    forward and the backward custom op; the gradient of timm's [B, N, 3*C] output is a view of the packed one."""
     B, N, H, P, D = 2, 9, 2, 4, 16
     leaf = torch.randn(B, N, 3 * H * D, device=DEVICE, requires_grad=True)
     prompt_kv = torch.randn(*((2, H) if shared else (B, 2, H)), P, D, device=DEVICE, requires_grad=True)
@@ -152,8 +152,7 @@ def test_no_layout_copies_and_one_op_per_launch(backend, shared):
     large = [(op, n) for op, n in log.ops if op in copies and n >= B * N * H * D]
     assert not large, large
     custom = [str(op) for op, _ in log.ops if str(op).startswith("tcpa_kernels.")]
-    assert sorted(custom) == ["tcpa_kernels.attention_bwd_dkdv", "tcpa_kernels.attention_bwd_dq",
-                              "tcpa_kernels.packed_attention_fwd"]
+    assert sorted(custom) == ["tcpa_kernels.attention_bwd", "tcpa_kernels.packed_attention_fwd"]
     assert dleaf.shape == leaf.shape and dleaf.is_contiguous()
 
 
@@ -195,11 +194,9 @@ def test_opcheck(backend):
     grad_out = torch.randn_like(out)
     dqkv = torch.empty(B, N, 3, H, D, device=DEVICE)
     dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
-    torch.library.opcheck(attention_bwd_dq, (dq, grad_out, q, k, v, pk, pv, out, lse, *sel, 0.25, False, backend))
-    delta = attention_bwd_dq(dq, grad_out, q, k, v, pk, pv, out, lse, *sel, 0.25, False, backend)
     for dprompt in (torch.empty(B, 2, H, P, D, device=DEVICE), torch.zeros(2, H, P, D, device=DEVICE)):
-        torch.library.opcheck(attention_bwd_dkdv, (dk, dv, dprompt, grad_out, q, k, v, pk, pv, lse, delta, *sel, 0.25,
-                                                   False, backend))
+        torch.library.opcheck(attention_bwd, (dq, dk, dv, dprompt, grad_out, q, k, v, pk, pv, out, lse, *sel, 0.25,
+                                              False, backend))
 
 
 def small_packed_call(B, P, backend):

@@ -168,6 +168,18 @@ def test_int32_bound_is_checked_up_front():
     assert prepare_attention(qkv, qkv, qkv, prompts, prompts, "torch", None, False, True)[0] == "torch"
 
 
+def test_grid_bound_is_checked_up_front():
+    """B*H*ceil(N/16) forward programs on one grid axis: 2^31 or more is refused before any launch."""
+    from tcpa_kernels.ops.tcpa_attention import prepare_attention
+
+    qkv = torch.empty(2**21, 64, 16, 16, device="meta")  # 2^21 * 64 heads * 1 query block = 2^27: fits
+    prompts = torch.empty(64, 4, 16, device="meta")
+    assert prepare_attention(qkv, qkv, qkv, prompts, prompts, "triton", None, False, True)[0] == "triton"
+    qkv = torch.empty(2**21, 64, 16 * 2**4, 16, device="meta")  # 2^27 * 16 query blocks = 2^31
+    with pytest.raises(ValueError, match=r"q: B\*H\*ceil\(N/16\) = 2147483648 forward programs"):
+        prepare_attention(qkv, qkv, qkv, prompts, prompts, "triton", None, False, True)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_transposed_and_sliced_views(backend):
     """q from a [B,H,D,N] tensor transposed (unit stride on N, not D), k a slice of a longer sequence, v with a

@@ -1,29 +1,39 @@
 """Triton kernels of prompt-augmented attention (TCPA_SPEC.md §3, KERNEL_NOTES.md).
 
-Forward: one program per (batch*head, query block). Online softmax over the N token keys, then over
-the P prompt keys. Every prompt score enters the running max and the normaliser; only selected prompts
-enter the accumulator (renormalize=False). With renormalize=True unselected prompts get -inf.
-Token keys go first so the running max is finite before any all-masked prompt block is seen.
-Saves lse (log2 units) per query row.
+Keys form ONE range of N + P keys, [tokens ; prompts], cut into BLOCK_N tiles: the N // BLOCK_N full token tiles
+need no mask at all; only the tail tiles (the last N % BLOCK_N tokens, the prompts, padding past N + P) take
+bounds masks and the selection (every token key, the selected prompts). So a ViT-B/16 layer (197 tokens, 36
+prompts, 64-key tiles) runs 4 key tiles per query block, as FlashAttention does on 233 keys, and 3 of them are
+plain. Tokens go first: every tile up to the first prompt-only tile holds a token, so the running max is finite
+from the first tile on and no all-masked row needs a guard.
 
-Backward (FlashAttention-2 recomputation), with p = exp2(s*log2e - lse), dP = dO.v, delta = dO.O:
+Forward, one launch: one program per (batch*head, query block), on a 1-D grid with the query block fastest, so
+the programs that read one head's K/V run side by side and share it through L2. Online softmax over the key
+tiles. Every prompt score enters the running max and the normaliser; only selected prompts enter the
+accumulator (renormalize=False); with renormalize=True unselected prompts get -inf. Saves lse (log2 units).
+
+Backward, one launch: one program per (batch, head) (FlashAttention-2 recomputation), with
+p = exp2(s*log2e - lse), dP = dO.v, delta = dO.O:
   ds = p * (m*dP - delta)     renormalize=False  (unselected prompts still get a key gradient)
   ds = m*p * (dP - delta)     renormalize=True
   dv = sum_rows (m*p) dO,  dq = scale * sum ds k,  dk = scale * sum_rows ds q      (m = 1 for tokens)
-Two launches:
-- ``_bwd_dq_kernel``  per query block: computes and stores delta, then dq.
-- ``_bwd_dkdv_kernel`` per key block: axis 1 of its grid covers the token key blocks, then the prompt key blocks
-  (a runtime branch on the program id). Prompt K/V shared by the batch ([H, P, D]) need a reduction over the
-  batch: the kernel writes per-(b, h) fp32 partials that the caller sums (deterministic), or adds fp32 atomics
-  into [H, P, D].
+The program first computes delta for its N rows (fp32 scratch), then walks the key tiles; per tile it keeps
+K/V and the dK/dV accumulators on chip and walks the query blocks: 5 MMAs per (query block, key tile), one exp2
+per score, as FlashAttention-2's backward. Each query block's dq contribution (dS.K) is added to an fp32 scratch
+row block of this (batch, head): the first key tile stores it, the last one writes dq itself (scaled, in dq's
+dtype). Race-free by construction: every row of DELTA, the dq scratch, dq, dk and dv belongs to exactly one
+program, and a barrier (``tl.debug_barrier``: __syncthreads, which also orders global memory within the block)
+after the delta pass and after each key tile orders the program's own writes before its later reads of them.
+Prompt K/V shared by the batch ([H, P, D]) need a reduction over the batch: the kernel writes per-(b, h) fp32
+partials that the caller sums (deterministic), or adds fp32 atomics into [H, P, D].
 
 Layouts: every [B, H, N, D] operand is addressed through its own (b, h, n) strides with unit stride on D: q/k/v
 share one stride set, dq/dk/dv one, prompt K/V one ([H, P, D]: batch stride 0), prompt gradients one, o and do
 one each. So timm's fused qkv ([B, N, 3, H, D]) is read in place, o is written as [B, N, H, D] (what the output
 projection reads) and dq/dk/dv can go straight into one [B, N, 3, H, D] buffer. Prompt K/V may be stored in
-another float dtype than q (fp32 prompts with 16-bit q): they are cast to q's dtype after the load. lse/delta are
-contiguous [B*H, N] fp32. Offsets of the (batch, head) base are int64; the grid puts batch*head on axis 0
-(up to 2^31-1).
+another float dtype than q (fp32 prompts with 16-bit q): they are cast to q's dtype after the load. lse, delta
+([B*H, N]) and the dq scratch ([B*H, N, D]) are contiguous fp32. Offsets of the (batch, head) base are int64,
+offsets inside one (batch, head) int32.
 """
 
 import torch
@@ -37,181 +47,125 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_selection(MASK, BITS, i_b, o_m, o_p, m_m, m_p, N, P, n_cls_prompts, pool_cls, len_cls, len_img,
-                    MASK_MODE: tl.constexpr):
-    """bool [BLOCK_M, BLOCK_N]: may query row o_m use prompt o_p (batch i_b)?"""
+def _token_keys(K_BH, V_BH, stride_n, start_n, o_d, m_d, BLOCK_N: tl.constexpr):
+    """k, v [BLOCK_N, D_PAD] of the full token tile start_n.. (no row mask: the tile is inside N)."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    p_rows = o_n[:, None] * stride_n + o_d[None, :]
+    return tl.load(K_BH + p_rows, mask=m_d[None, :], other=0.0), tl.load(V_BH + p_rows, mask=m_d[None, :], other=0.0)
+
+
+@triton.jit
+def _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n, N, P, o_d, m_d, BLOCK_N: tl.constexpr):
+    """Tail tile start_n.. of the key range [tokens ; prompts]: k, v [BLOCK_N, D_PAD] in the token dtype (the last
+    tokens, then prompts, zeros past N + P); o_p (prompt index, 0 on token rows), is_token, is_prompt [BLOCK_N]."""
+    o_n = start_n + tl.arange(0, BLOCK_N)
+    is_token = o_n < N
+    o_p = tl.maximum(o_n - N, 0)
+    is_prompt = (o_n >= N) & (o_p < P)
+    p_tok = o_n[:, None] * stride_n + o_d[None, :]
+    p_prm = o_p[:, None] * pstride_n + o_d[None, :]
+    m_tok = is_token[:, None] & m_d[None, :]
+    m_prm = is_prompt[:, None] & m_d[None, :]
+    b_k = tl.where(is_token[:, None], tl.load(K_BH + p_tok, mask=m_tok, other=0.0),
+                   tl.load(PK_BH + p_prm, mask=m_prm, other=0.0).to(K_BH.dtype.element_ty))
+    b_v = tl.where(is_token[:, None], tl.load(V_BH + p_tok, mask=m_tok, other=0.0),
+                   tl.load(PV_BH + p_prm, mask=m_prm, other=0.0).to(V_BH.dtype.element_ty))
+    return b_k, b_v, o_p, is_token, is_prompt
+
+
+@triton.jit
+def _tail_selection(MASK, BITS, i_b, o_m, m_m, o_p, is_token, is_prompt, N, P, n_cls_prompts, pool_cls, len_cls,
+                    len_img, MASK_MODE: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_N]: may query row o_m (batch i_b) use the tail keys? Token keys always, prompts when
+    selected, nothing past N + P."""
     if MASK_MODE == 0:  # explicit bool mask [B, N, P]
         p_mask = MASK + i_b * N * P + o_m[:, None].to(tl.int64) * P + o_p[None, :]
-        sel = tl.load(p_mask, mask=m_m[:, None] & m_p[None, :], other=0) != 0
-    else:  # selection words [B, N]: bit entry(p)
-        b_bits = tl.load(BITS + i_b * N + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
-        entry = tl.where(o_p < n_cls_prompts, o_p // len_cls, pool_cls + (o_p - n_cls_prompts) // len_img)
-        sel = ((b_bits[:, None] >> entry[None, :].to(tl.int64)) & 1) != 0
-    return sel
+        picked = tl.load(p_mask, mask=m_m[:, None] & is_prompt[None, :], other=0) != 0
+    else:  # selection words [B, N]: bit entry(p), tested in 32-bit halves (64-bit shifts cost several instructions)
+        words = tl.load(BITS + i_b * N + o_m, mask=m_m, other=0)  # [BLOCK_M] int64
+        low, high = words.to(tl.int32), (words >> 32).to(tl.int32)
+        entry = tl.where(o_p < n_cls_prompts, o_p // len_cls, pool_cls + (o_p - n_cls_prompts) // len_img)  # [BN]
+        half = tl.where(entry[None, :] < 32, low[:, None], high[:, None])  # [BLOCK_M, BLOCK_N] int32
+        picked = (((half >> (entry & 31)[None, :]) & 1) != 0) & is_prompt[None, :]
+    return is_token[None, :] | picked
 
 
 @triton.jit
-def _grad_scores(b_p, b_dp, b_delta, sel, IS_PROMPT: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """(probabilities that weight the values, dS) for one [BLOCK_M, BLOCK_N] tile."""
-    b_pv = b_p
-    b_dpm = b_dp
-    if IS_PROMPT:
-        b_pv = tl.where(sel, b_p, 0.0)
-        b_dpm = tl.where(sel, b_dp, 0.0)
+def _softmax_step(acc, m_i, l_i, b_s, b_v, valid, sel, TAIL: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Fold one key tile (scores b_s [BM, BN] in log2 units, values b_v [BN, D_PAD]) into the running output
+    acc [BM, D_PAD], max m_i and sum l_i [BM]. Tail tiles: valid [BN] keys inside N + P, sel [BM, BN] (only
+    selected prompts reach the output; unselected ones stay in the normaliser unless RENORMALIZE)."""
+    if TAIL:
         if RENORMALIZE:
-            b_p = b_pv
-    return b_pv, b_p * (b_dpm - b_delta[:, None])
-
-
-@triton.jit
-def _query_block(H, N, D, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
-    """This program's (batch*head, query block): int64 ids (i_bh, i_b, i_h), row/dim offsets and masks."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < N
-    o_d = tl.arange(0, D_PAD)
-    m_md = m_m[:, None] & (o_d < D)[None, :]
-    return i_bh, i_bh // H, i_bh % H, o_m, m_m, o_d, m_md
-
-
-@triton.jit
-def _rows(X, i_b, i_h, o_m, o_d, stride_b, stride_h, stride_n):
-    """Pointers [BLOCK, D_PAD] to rows o_m of (batch i_b, head i_h) of a [B, H, N, D] tensor (unit stride on D)."""
-    return X + i_b * stride_b + i_h * stride_h + o_m[:, None] * stride_n + o_d[None, :]
-
-
-@triton.jit
-def _key_block(b_q, K_BASE, V_BASE, stride_kn, start_n, n_keys, qk_scale,
-               MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D,
-               IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Keys start_n.. of one range for a query block: k, v [BN, D_PAD]; scores [BM, BN] in log2 units, -inf past
-    n_keys; selection (bool [BM, BN] for prompts, the column mask [1, BN] for tokens)."""
-    o_d = tl.arange(0, D_PAD)
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < n_keys
-    m_kv = m_n[:, None] & (o_d < D)[None, :]
-    # [BN, D_PAD] in q's dtype (prompts may be stored in another float dtype)
-    b_k = tl.load(K_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0).to(b_q.dtype)
-    b_v = tl.load(V_BASE + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0).to(b_q.dtype)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-    b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-    sel = m_n[None, :]
-    if IS_PROMPT:
-        sel = _load_selection(MASK, BITS, i_b, o_m, o_n, m_m, m_n, N, P, n_cls_prompts, pool_cls, len_cls, len_img,
-                              MASK_MODE)
-    return b_k, b_v, b_s, sel
-
-
-@triton.jit
-def _fwd_key_range(acc, m_i, l_i, b_q, K_BASE, V_BASE, stride_kn, n_keys, qk_scale,
-                   MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D,
-                   IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    for start_n in range(0, n_keys, BLOCK_N):
-        b_k, b_v, b_s, sel = _key_block(b_q, K_BASE, V_BASE, stride_kn, start_n, n_keys, qk_scale, MASK, BITS, i_b,
-                                        o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D, IS_PROMPT,
-                                        MASK_MODE, BLOCK_N, D_PAD, PRECISION)
-        if IS_PROMPT:
-            if RENORMALIZE:
-                b_s = tl.where(sel, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        b_p = tl.exp2(b_s - m_new[:, None])  # [BM, BN]
-        l_i = l_i * alpha + tl.sum(b_p, 1)  # every prompt counts in the normaliser
-        b_p = tl.where(sel, b_p, 0.0)  # only selected prompts reach the output
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+            b_s = tl.where(sel, b_s, float("-inf"))
+        else:
+            b_s = tl.where(valid[None, :], b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    b_p = tl.exp2(b_s - m_new[:, None])  # [BM, BN]
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    if TAIL:
+        if not RENORMALIZE:
+            b_p = tl.where(sel, b_p, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
                 stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n, ostride_b, ostride_h, ostride_n,
                 H, N, P, D, qk_scale, n_cls_prompts, pool_cls, len_cls, len_img,
-                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    i_bh, i_b, i_h, o_m, m_m, o_d, m_md = _query_block(H, N, D, BLOCK_M, D_PAD)
+                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    n_query_blocks = tl.cdiv(N, BLOCK_M)
+    i_bh = (tl.program_id(0) // n_query_blocks).to(tl.int64)  # query block fastest: one head's programs adjacent
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = (tl.program_id(0) % n_query_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
     qkv_base = i_b * stride_b + i_h * stride_h
-    prompt_base = i_b * pstride_b + i_h * pstride_h
-    b_q = tl.load(_rows(Q, i_b, i_h, o_m, o_d, stride_b, stride_h, stride_n), mask=m_md, other=0.0)  # [BM, D_PAD]
+    K_BH = K + qkv_base
+    V_BH = V + qkv_base
+    PK_BH = PK + i_b * pstride_b + i_h * pstride_h
+    PV_BH = PV + i_b * pstride_b + i_h * pstride_h
+    b_q = tl.load(Q + qkv_base + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, b_q, K + qkv_base, V + qkv_base, stride_n, N, qk_scale,
-                                   MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
-                                   len_img, D, False, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
-    acc, m_i, l_i = _fwd_key_range(acc, m_i, l_i, b_q, PK + prompt_base, PV + prompt_base, pstride_n, P, qk_scale,
-                                   MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
-                                   len_img, D, True, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        b_k, b_v = _token_keys(K_BH, V_BH, stride_n, start_n, o_d, m_d, BLOCK_N)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, b_s, b_v, None, None, False, RENORMALIZE, PRECISION)
+    for start_n in range(n_full, N + P, BLOCK_N):
+        b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n, N,
+                                                        P, o_d, m_d, BLOCK_N)
+        sel = _tail_selection(MASK, BITS, i_b, o_m, m_m, o_p, is_token, is_prompt, N, P, n_cls_prompts, pool_cls,
+                              len_cls, len_img, MASK_MODE)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, b_s, b_v, is_token | is_prompt, sel, True, RENORMALIZE,
+                                      PRECISION)
     b_o = acc / l_i[:, None]  # [BM, D_PAD]
-    tl.store(_rows(O, i_b, i_h, o_m, o_d, ostride_b, ostride_h, ostride_n), b_o.to(O.dtype.element_ty), mask=m_md)
+    p_out = O + i_b * ostride_b + i_h * ostride_h + o_m[:, None] * ostride_n + o_d[None, :]
+    tl.store(p_out, b_o.to(O.dtype.element_ty), mask=m_md)
     tl.store(LSE + i_bh * N + o_m, m_i + tl.log2(l_i), mask=m_m)
 
 
 @triton.jit
-def _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, K_BASE, V_BASE, stride_kn, n_keys, qk_scale,
-                      MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D,
-                      IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    for start_n in range(0, n_keys, BLOCK_N):
-        b_k, b_v, b_s, sel = _key_block(b_q, K_BASE, V_BASE, stride_kn, start_n, n_keys, qk_scale, MASK, BITS, i_b,
-                                        o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls, len_img, D, IS_PROMPT,
-                                        MASK_MODE, BLOCK_N, D_PAD, PRECISION)
-        b_p = tl.exp2(b_s - b_lse[:, None])  # [BM, BN], 0 past n_keys
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-        b_pv, b_ds = _grad_scores(b_p, b_dp, b_delta, sel, IS_PROMPT, RENORMALIZE)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
-    return b_dq
-
-
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ,
-                   stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n, ostride_b, ostride_h, ostride_n,
-                   dostride_b, dostride_h, dostride_n, dstride_b, dstride_h, dstride_n,
-                   H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
-                   MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    i_bh, i_b, i_h, o_m, m_m, o_d, m_md = _query_block(H, N, D, BLOCK_M, D_PAD)
-    qkv_base = i_b * stride_b + i_h * stride_h
-    prompt_base = i_b * pstride_b + i_h * pstride_h
-    b_q = tl.load(_rows(Q, i_b, i_h, o_m, o_d, stride_b, stride_h, stride_n), mask=m_md, other=0.0)  # [BM, D_PAD]
-    b_do = tl.load(_rows(DO, i_b, i_h, o_m, o_d, dostride_b, dostride_h, dostride_n), mask=m_md, other=0.0)
-    b_o = tl.load(_rows(O, i_b, i_h, o_m, o_d, ostride_b, ostride_h, ostride_n), mask=m_md, other=0.0)
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # [BM]
-    tl.store(DELTA + i_bh * N + o_m, b_delta, mask=m_m)
-    b_lse = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=0.0)
-
-    b_dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    b_dq = _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, K + qkv_base, V + qkv_base, stride_n, N,
-                             qk_scale, MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
-                             len_img, D, False, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
-    b_dq = _bwd_dq_key_range(b_dq, b_q, b_do, b_lse, b_delta, PK + prompt_base, PV + prompt_base, pstride_n, P,
-                             qk_scale, MASK, BITS, i_b, o_m, m_m, N, P, n_cls_prompts, pool_cls, len_cls,
-                             len_img, D, True, MASK_MODE, RENORMALIZE, BLOCK_N, D_PAD, PRECISION)
-    tl.store(_rows(DQ, i_b, i_h, o_m, o_d, dstride_b, dstride_h, dstride_n), (b_dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=m_md)
-
-
-@triton.jit
-def _bwd_dkdv_block(Q_BH, DO_BH, LSE_BH, DELTA_BH, KEYS, VALS, DKEYS, DVALS, MASK, BITS, i_b, start_n, n_keys,
-                    stride_n, dostride_n, kstride_n, dkstride_n, N, P, D, qk_scale, sm_scale,
-                    n_cls_prompts, pool_cls, len_cls, len_img,
-                    IS_PROMPT: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                    ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV of keys start_n.. of one range (token keys, or prompt keys when IS_PROMPT) over every query row.
-    The *_BH pointers and KEYS/VALS/DKEYS/DVALS point at this program's (batch, head)."""
-    o_n = start_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < n_keys
+def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, DQ_ACC_BH, DQ_BH,
+                  stride_n, dostride_n, dstride_n, MASK, BITS, i_b, o_p, is_token, is_prompt,
+                  N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
+                  TAIL: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV [BLOCK_N, D_PAD] (fp32, unscaled dK) of key tile start_n.. (k, v on chip) over every query block;
+    adds each block's dq contribution to its fp32 scratch rows, or writes dq when start_n is the last tile."""
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
-    m_kv = m_n[:, None] & m_d[None, :]
-    # [BN, D_PAD] in q's dtype (prompts may be stored in another float dtype)
-    b_k = tl.load(KEYS + o_n[:, None] * kstride_n + o_d[None, :], mask=m_kv, other=0.0).to(Q_BH.dtype.element_ty)
-    b_v = tl.load(VALS + o_n[:, None] * kstride_n + o_d[None, :], mask=m_kv, other=0.0).to(Q_BH.dtype.element_ty)
-
     b_dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
@@ -220,60 +174,109 @@ def _bwd_dkdv_block(Q_BH, DO_BH, LSE_BH, DELTA_BH, KEYS, VALS, DKEYS, DVALS, MAS
         m_md = m_m[:, None] & m_d[None, :]
         b_q = tl.load(Q_BH + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
         b_do = tl.load(DO_BH + o_m[:, None] * dostride_n + o_d[None, :], mask=m_md, other=0.0)
-        b_lse = tl.load(LSE_BH + o_m, mask=m_m, other=0.0)  # [BM]
+        b_lse = tl.load(LSE_BH + o_m, mask=m_m, other=float("inf"))  # [BM]; rows past N get p = 0
         b_delta = tl.load(DELTA_BH + o_m, mask=m_m, other=0.0)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-        b_p = tl.where(m_m[:, None] & m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-        sel = m_n[None, :]
-        if IS_PROMPT:
-            sel = _load_selection(MASK, BITS, i_b, o_m, o_n, m_m, m_n, N, P, n_cls_prompts, pool_cls,
-                                  len_cls, len_img, MASK_MODE)
-        b_pv, b_ds = _grad_scores(b_p, b_dp, b_delta, sel, IS_PROMPT, RENORMALIZE)
+        if TAIL:
+            b_s = tl.where((is_token | is_prompt)[None, :], b_s, float("-inf"))
+            sel = _tail_selection(MASK, BITS, i_b, o_m, m_m, o_p, is_token, is_prompt, N, P, n_cls_prompts,
+                                  pool_cls, len_cls, len_img, MASK_MODE)
+            b_p = tl.exp2(b_s - b_lse[:, None])
+            b_pv = tl.where(sel, b_p, 0.0)  # the probabilities that weight the values
+        else:
+            b_p = tl.exp2(b_s - b_lse[:, None])
+            b_pv = b_p
         b_dv += tl.dot(tl.trans(b_pv.to(b_do.dtype)), b_do, input_precision=PRECISION)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+        if TAIL:
+            if RENORMALIZE:
+                b_ds = b_pv * (b_dp - b_delta[:, None])
+            else:
+                b_ds = b_p * (tl.where(sel, b_dp, 0.0) - b_delta[:, None])
+        else:
+            b_ds = b_p * (b_dp - b_delta[:, None])
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
-
-    p_out = o_n[:, None] * dkstride_n + o_d[None, :]
-    if ATOMIC:
-        tl.atomic_add(DKEYS + p_out, b_dk * sm_scale, mask=m_kv)
-        tl.atomic_add(DVALS + p_out, b_dv, mask=m_kv)
-    else:
-        tl.store(DKEYS + p_out, (b_dk * sm_scale).to(DKEYS.dtype.element_ty), mask=m_kv)
-        tl.store(DVALS + p_out, b_dv.to(DVALS.dtype.element_ty), mask=m_kv)
+        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)  # [BM, D_PAD]
+        p_acc = DQ_ACC_BH + o_m[:, None] * D + o_d[None, :]
+        if start_n > 0:
+            b_dq += tl.load(p_acc, mask=m_md, other=0.0)
+        if start_n == last_start:
+            tl.store(DQ_BH + o_m[:, None] * dstride_n + o_d[None, :], (b_dq * sm_scale).to(DQ_BH.dtype.element_ty),
+                     mask=m_md)
+        else:
+            tl.store(p_acc, b_dq, mask=m_md)
+    return b_dk, b_dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, DK, DV, DPK, DPV, MASK, BITS,
-                     stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n,
-                     dostride_b, dostride_h, dostride_n, dstride_b, dstride_h, dstride_n,
-                     dpstride_b, dpstride_h, dpstride_n,
-                     H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
-                     MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """dK, dV of one block of keys: axis-1 programs cover the token key blocks (into DK/DV), then the prompt key
-    blocks (into DPK/DPV, fp32: per-(b, h) partials, or with ATOMIC atomics at batch stride 0)."""
+def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, DV, DPK, DPV,
+                stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n, ostride_b, ostride_h, ostride_n,
+                dostride_b, dostride_h, dostride_n, dstride_b, dstride_h, dstride_n, dpstride_b, dpstride_h,
+                dpstride_n, H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
+                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Every gradient of one (batch, head): dq, dk, dv, and the prompt gradients into DPK/DPV (fp32: per-(b, h)
+    partials, or with ATOMIC atomics at batch stride 0)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    i_n = tl.program_id(1)
-    n_token_blocks = tl.cdiv(N, BLOCK_N)
+    o_d = tl.arange(0, D_PAD)
+    m_d = o_d < D
     qkv_base = i_b * stride_b + i_h * stride_h
+    grad_base = i_b * dstride_b + i_h * dstride_h
     Q_BH = Q + qkv_base
     DO_BH = DO + i_b * dostride_b + i_h * dostride_h
-    if i_n < n_token_blocks:
-        grad_base = i_b * dstride_b + i_h * dstride_h
-        _bwd_dkdv_block(Q_BH, DO_BH, LSE + i_bh * N, DELTA + i_bh * N, K + qkv_base, V + qkv_base, DK + grad_base,
-                        DV + grad_base, MASK, BITS, i_b, i_n * BLOCK_N, N, stride_n, dostride_n, stride_n, dstride_n,
-                        N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
-                        False, MASK_MODE, RENORMALIZE, False, BLOCK_M, BLOCK_N, D_PAD, PRECISION)
-    else:
-        prompt_base = i_b * pstride_b + i_h * pstride_h
-        grad_base = i_b * dpstride_b + i_h * dpstride_h
-        _bwd_dkdv_block(Q_BH, DO_BH, LSE + i_bh * N, DELTA + i_bh * N, PK + prompt_base, PV + prompt_base,
-                        DPK + grad_base, DPV + grad_base, MASK, BITS, i_b, (i_n - n_token_blocks) * BLOCK_N, P,
-                        stride_n, dostride_n, pstride_n, dpstride_n, N, P, D, qk_scale, sm_scale,
-                        n_cls_prompts, pool_cls, len_cls, len_img,
-                        True, MASK_MODE, RENORMALIZE, ATOMIC, BLOCK_M, BLOCK_N, D_PAD, PRECISION)
+    DELTA_BH = DELTA + i_bh * N
+    # delta = rowsum(dO * O) of every row, once
+    for start_m in range(0, N, BLOCK_M):
+        o_m = start_m + tl.arange(0, BLOCK_M)
+        m_md = (o_m < N)[:, None] & m_d[None, :]
+        b_do = tl.load(DO_BH + o_m[:, None] * dostride_n + o_d[None, :], mask=m_md, other=0.0)
+        b_o = tl.load(O + i_b * ostride_b + i_h * ostride_h + o_m[:, None] * ostride_n + o_d[None, :], mask=m_md,
+                      other=0.0)
+        tl.store(DELTA_BH + o_m, tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1), mask=o_m < N)
+    tl.debug_barrier()
+
+    last_start = ((N + P - 1) // BLOCK_N) * BLOCK_N
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        b_k, b_v = _token_keys(K + qkv_base, V + qkv_base, stride_n, start_n, o_d, m_d, BLOCK_N)
+        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE + i_bh * N, DELTA_BH,
+                                   DQ_ACC + i_bh * N * D, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
+                                   i_b, None, None, None, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls,
+                                   len_img, False, MASK_MODE, RENORMALIZE, BLOCK_M, BLOCK_N, D_PAD,
+                                   PRECISION)
+        p_rows = (start_n + tl.arange(0, BLOCK_N))[:, None] * dstride_n + o_d[None, :]
+        tl.store(DK + grad_base + p_rows, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_d[None, :])
+        tl.store(DV + grad_base + p_rows, b_dv.to(DV.dtype.element_ty), mask=m_d[None, :])
+        tl.debug_barrier()  # this tile's dq scratch writes before the next tile reads them
+
+    prompt_base = i_b * pstride_b + i_h * pstride_h
+    dprompt_base = i_b * dpstride_b + i_h * dpstride_h
+    for start_n in range(n_full, N + P, BLOCK_N):
+        b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K + qkv_base, V + qkv_base, PK + prompt_base,
+                                                        PV + prompt_base, stride_n, pstride_n, start_n, N, P, o_d,
+                                                        m_d, BLOCK_N)
+        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE + i_bh * N, DELTA_BH,
+                                   DQ_ACC + i_bh * N * D, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
+                                   i_b, o_p, is_token, is_prompt, N, P, D, qk_scale, sm_scale, n_cls_prompts,
+                                   pool_cls, len_cls, len_img, True, MASK_MODE, RENORMALIZE, BLOCK_M,
+                                   BLOCK_N, D_PAD, PRECISION)
+        b_dk = b_dk * sm_scale
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        p_tok = grad_base + o_n[:, None] * dstride_n + o_d[None, :]
+        m_tok = is_token[:, None] & m_d[None, :]
+        tl.store(DK + p_tok, b_dk.to(DK.dtype.element_ty), mask=m_tok)
+        tl.store(DV + p_tok, b_dv.to(DV.dtype.element_ty), mask=m_tok)
+        p_prm = dprompt_base + o_p[:, None] * dpstride_n + o_d[None, :]
+        m_prm = is_prompt[:, None] & m_d[None, :]
+        if ATOMIC:
+            tl.atomic_add(DPK + p_prm, b_dk, mask=m_prm)
+            tl.atomic_add(DPV + p_prm, b_dv, mask=m_prm)
+        else:
+            tl.store(DPK + p_prm, b_dk.to(DPK.dtype.element_ty), mask=m_prm)
+            tl.store(DPV + p_prm, b_dv.to(DPV.dtype.element_ty), mask=m_prm)
+        tl.debug_barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,18 +285,21 @@ def _bwd_dkdv_kernel(Q, K, V, PK, PV, DO, LSE, DELTA, DK, DV, DPK, DPV, MASK, BI
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, by operand class and padded head dim (64 stands for
-# 16..64). Chosen offline from the sm_90 compile report (`python benchmarks/tune.py --offline`,
-# docs/sm90-resources.md): large tiles that ptxas fits in registers without spilling. fp32 runs exact (ieee)
-# dots on CUDA cores, whose register cost forces small tiles. With token and prompt keys in one dK/dV launch and
-# fp32 prompt K/V (what the model passes), the 16-bit D=64 dK/dV kernel spilled 12-14 at 4 warps (0 at 8) and the
-# D=128 forward and dQ kernels 16 and 64 at 64x64 tiles (0 at 64x32), under triton 3.9. Not yet timed on a GPU:
-# `benchmarks/tune.py` times the alternatives there.
+# 16..64). BLOCK_N is the key tile, BLOCK_M the query block (the backward keeps a key tile's dK/dV on chip and
+# streams query blocks past it). Chosen offline from the sm_90 compile report (`python benchmarks/tune.py
+# --offline`, docs/sm90-resources.md): the largest tiles that ptxas fits in registers without spilling, with fp32
+# prompt K/V (what the model passes). The one-pass backward holds dK, dV, S, dP, dS and the dq partial at once:
+# 64x64 tiles spilled, 32x64 (8 warps) is the largest that did not at both head dims. fp32 operands run 3xTF32
+# dots (tensor cores, fp32-level accuracy): exact fp32 dots on CUDA cores spilled in the backward at every tile
+# down to 16x16. Not yet timed on a GPU: `benchmarks/tune.py` times the alternatives there.
 LAUNCH_CONFIGS = {
-    ("16-bit", 64): {"fwd": (64, 64, 4, 3), "bwd_dq": (64, 64, 4, 3), "bwd_dkdv": (64, 64, 8, 3)},
-    ("16-bit", 128): {"fwd": (64, 32, 8, 3), "bwd_dq": (64, 32, 8, 3), "bwd_dkdv": (64, 32, 8, 3)},
-    ("fp32", 64): {"fwd": (64, 32, 8, 2), "bwd_dq": (64, 32, 8, 2), "bwd_dkdv": (32, 32, 4, 1)},
-    ("fp32", 128): {"fwd": (16, 64, 4, 2), "bwd_dq": (16, 64, 4, 2), "bwd_dkdv": (16, 32, 4, 1)},
+    ("16-bit", 64): {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 8, 2)},
+    ("16-bit", 128): {"fwd": (64, 32, 8, 3), "bwd": (32, 64, 8, 2)},
+    ("fp32", 64): {"fwd": (32, 32, 4, 2), "bwd": (16, 32, 4, 1)},
+    ("fp32", 128): {"fwd": (16, 16, 4, 1), "bwd": (16, 16, 4, 1)},
 }
+# dot precision by operand dtype: 3xTF32 for fp32 (three tensor-core products per dot, error near fp32's)
+DOT_PRECISION = {"fp32": "tf32x3", "16-bit": "tf32"}
 
 
 def operand_class(dtype):
@@ -305,14 +311,14 @@ def config_key(D, dtype):
     return operand_class(dtype), max(64, triton.next_power_of_2(D))
 
 
-def launch_config(kernel, N, D, dtype):
-    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd_dq' | 'bwd_dkdv') for N tokens of head dim D.
-    Blocks shrink to the sequence (at least 16, the smallest tl.dot)."""
+def launch_config(kernel, N, P, D, dtype):
+    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd') for N tokens and P prompts of head dim D.
+    Query blocks shrink to N, key tiles to N + P (at least 16, the smallest tl.dot)."""
     d_pad = max(16, triton.next_power_of_2(D))
     block_m, block_n, num_warps, num_stages = LAUNCH_CONFIGS[config_key(D, dtype)][kernel]
-    rows = max(16, triton.next_power_of_2(N))
-    return dict(BLOCK_M=min(block_m, rows), BLOCK_N=min(block_n, rows), D_PAD=d_pad,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+    return dict(BLOCK_M=min(block_m, max(16, triton.next_power_of_2(N))),
+                BLOCK_N=min(block_n, max(16, triton.next_power_of_2(N + P))), D_PAD=d_pad,
+                PRECISION=DOT_PRECISION[operand_class(dtype)], num_warps=num_warps, num_stages=num_stages)
 
 
 def _bhn_strides(name, *tensors):
@@ -326,12 +332,12 @@ def _bhn_strides(name, *tensors):
     return strides[0]
 
 
-def _launch(kernel, grid, q, *args, **meta):
-    """kernel[grid](q, *args, **meta), or nothing when the grid is empty (a zero-size dimension). Every attention
-    kernel takes q first and runs its dots in q's dtype: bf16 is refused off CUDA (the interpreter)."""
+def _launch(kernel, programs, q, *args, **meta):
+    """kernel[(programs,)](q, *args, **meta), or nothing when there is no program (a zero-size dimension). Every
+    attention kernel takes q first and runs its dots in q's dtype: bf16 is refused off CUDA (the interpreter)."""
     refuse_interpreter_bf16("q", q)
-    if min(grid) > 0:
-        kernel[grid](q, *args, **meta)
+    if programs > 0:
+        kernel[(programs,)](q, *args, **meta)
 
 
 def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize):
@@ -342,9 +348,9 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     P = prompt_k.shape[-2]
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, H, N, D]
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    cfg = launch_config("fwd", N, D, q.dtype)
+    cfg = launch_config("fwd", N, P, D, q.dtype)
     sel_args = selection.kernel_args()
-    _launch(_fwd_kernel, (B * H, triton.cdiv(N, cfg["BLOCK_M"])),
+    _launch(_fwd_kernel, B * H * triton.cdiv(N, cfg["BLOCK_M"]),
             q, k, v, prompt_k, prompt_v, *sel_args[:2], out, lse,
             *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
             *_bhn_strides("out", out), H, N, P, D, scale * LOG2E, *sel_args[2:],
@@ -352,45 +358,33 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     return out, lse
 
 
-def attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, dq):
-    """One launch of ``_bwd_dq_kernel``: writes dq ([B, H, N, D], any (b, h, n) strides) and returns
-    delta = rowsum(grad_out * out) ([B, H, N] fp32). grad_out and out are read through their own strides."""
+def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize,
+                       dq, dk, dv, dprompt):
+    """One launch of ``_bwd_kernel``: writes dq, dk, dv ([B, H, N, D] sharing one (b, h, n)
+    stride set with unit stride on D) and the prompt gradients into dprompt (fp32): [B, 2, H, P, D]
+    (per-sample gradients, or per-(b, h) partials of prompts shared by the batch, which the caller sums), or
+    [2, H, P, D] zero-filled, to which the kernel adds with atomics. grad_out and out are read through their own
+    strides."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    cfg = launch_config("bwd_dq", N, D, q.dtype)
-    sel_args = selection.kernel_args()
-    _launch(_bwd_dq_kernel, (B * H, triton.cdiv(N, cfg["BLOCK_M"])),
-            q, k, v, prompt_k, prompt_v, *sel_args[:2], out, grad_out, lse, delta, dq,
-            *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
-            *_bhn_strides("out", out), *_bhn_strides("grad_out", grad_out), *_bhn_strides("dq", dq),
-            H, N, P, D, scale * LOG2E, scale, *sel_args[2:],
-            MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, **cfg)
-    return delta
-
-
-def attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta, selection, scale, renormalize,
-                            dk, dv, dprompt):
-    """One launch of ``_bwd_dkdv_kernel``: writes dk, dv ([B, H, N, D] sharing (b, h, n) strides) and the prompt
-    gradients into dprompt (fp32): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of prompts shared
-    by the batch, which the caller sums), or [2, H, P, D] zero-filled, to which the kernel adds with atomics."""
-    B, H, N, D = q.shape
-    P = prompt_k.shape[-2]
-    cfg = launch_config("bwd_dkdv", N, D, q.dtype)
+    cfg = launch_config("bwd", N, P, D, q.dtype)
     sel_args = selection.kernel_args()
     dpk, dpv = dprompt.unbind(-4)  # [B, H, P, D] or [H, P, D]
-    _launch(_bwd_dkdv_kernel, (B * H, triton.cdiv(N, cfg["BLOCK_N"]) + triton.cdiv(P, cfg["BLOCK_N"])),
-            q, k, v, prompt_k, prompt_v, grad_out, lse, delta, dk, dv, dpk, dpv, *sel_args[:2],
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    several_key_tiles = N + P > cfg["BLOCK_N"]
+    dq_scratch = torch.empty((B, H, N, D) if several_key_tiles else (0,), dtype=torch.float32, device=q.device)
+    _launch(_bwd_kernel, B * H,
+            q, k, v, prompt_k, prompt_v, *sel_args[:2], out, grad_out, lse, delta, dq_scratch, dq, dk, dv, dpk, dpv,
             *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
-            *_bhn_strides("grad_out", grad_out), *_bhn_strides("dk/dv", dk, dv), *_bhn_strides("dprompt", dpk, dpv),
-            H, N, P, D, scale * LOG2E, scale, *sel_args[2:],
+            *_bhn_strides("out", out), *_bhn_strides("grad_out", grad_out), *_bhn_strides("dq/dk/dv", dq, dk, dv),
+            *_bhn_strides("dprompt", dpk, dpv), H, N, P, D, scale * LOG2E, scale, *sel_args[2:],
             MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, ATOMIC=dprompt.dim() == 4, **cfg)
 
 
-def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,
-                       needs_grad):
-    """The whole Triton backward outside autograd, through the library's two backward ops (benchmarks/tune.py
-    times it): grads of (q, k, v, prompt_k, prompt_v), None where needs_grad is False."""
+def backward_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,
+                   needs_grad):
+    """The whole Triton backward outside autograd, through the library's backward op (benchmarks/tune.py times it):
+    grads of (q, k, v, prompt_k, prompt_v), None where needs_grad is False."""
     dq, dk, dv = token_grad_buffers(q)
     dprompt = attention_grads(dq, dk, dv, grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale,
                               renormalize, "triton", deterministic)

@@ -7,10 +7,10 @@ backward does (allocating the gradient buffers, zero-filling the atomics' target
 casts) is plain aten outside the ops, visible to both. The backward ops write into gradient buffers their caller
 allocates (``torch.empty``, no kernel), so no op returns memory it leaves partly unwritten.
 
-Ops: ``attention_fwd`` (forward kernel), ``attention_bwd_dq`` (dq + delta kernel), ``attention_bwd_dkdv`` (dk/dv
-kernel, token and prompt keys in one grid), ``topk_bits`` (selection kernel); ``ops/packed.py`` adds
-``packed_attention_fwd``, the forward kernel for qkv in timm's [B, N, 3, H, D] layout. The kernels take strides,
-so the two backward ops serve both layouts.
+Ops: ``attention_fwd`` (forward kernel), ``attention_bwd`` (backward kernel: dq, dk, dv and the prompt
+gradients in one launch), ``topk_bits`` (selection kernel); ``ops/packed.py`` adds ``packed_attention_fwd``, the
+forward kernel for qkv in timm's [B, N, 3, H, D] layout. The kernels take strides, so the backward op serves both
+layouts.
 """
 
 from types import ModuleType
@@ -25,7 +25,7 @@ from tcpa_kernels.ops.selection import Selection, topk_bits
 
 def implementation(backend: str) -> ModuleType:
     """The attention launchers of ``backend``: the Triton kernels (``_attention_kernels``, imported on first use) or
-    their chunked PyTorch twin; both modules have the same three functions."""
+    their chunked PyTorch twin; both modules have the same two functions."""
     return _torch_attention if backend == "torch" else kernels("_attention_kernels")
 
 
@@ -61,43 +61,24 @@ def _(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale
     return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=accumulation_dtype(backend, q.dtype))
 
 
-@torch.library.custom_op("tcpa_kernels::attention_bwd_dq", mutates_args=("dq",))
-def attention_bwd_dq(dq: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor,
-                     out: Tensor, lse: Tensor, mask: Tensor | None, bits: Tensor | None, pool_cls: int, len_cls: int,
-                     len_img: int, scale: float,
-                     renormalize: bool, backend: str) -> Tensor:
-    """One launch of the dq kernel: writes dq ([B, H, N, D], any (b, h, n) strides with unit stride on D: slot 0 of
-    a packed [B, N, 3, H, D] gradient buffer, or its own) and returns delta = rowsum(grad_out * out) [B, H, N].
-    grad_out and out ([B, H, N, D]) are read through their own strides (unit stride on D)."""
-    return implementation(backend).attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
-                                                         Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                         renormalize, dq)
+@torch.library.custom_op("tcpa_kernels::attention_bwd", mutates_args=("dq", "dk", "dv", "dprompt"))
+def attention_bwd(dq: Tensor, dk: Tensor, dv: Tensor, dprompt: Tensor, grad_out: Tensor, q: Tensor, k: Tensor,
+                  v: Tensor, prompt_k: Tensor, prompt_v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None,
+                  bits: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float, renormalize: bool,
+                  backend: str) -> None:
+    """One launch of the backward kernel: writes dq, dk and dv ([B, H, N, D] sharing one (b, h, n) stride set
+    with unit stride on D: views of a packed [B, N, 3, H, D] buffer, or their own) and the prompt gradients into
+    dprompt (accumulation dtype): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of shared prompts
+    that the caller sums over the batch), or [2, H, P, D] zero-filled, which gets their batch sum (atomics on
+    CUDA; shared prompts only). grad_out and out ([B, H, N, D]) are read through their own strides."""
+    implementation(backend).attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
+                                               Selection(mask, bits, pool_cls, len_cls, len_img), scale, renormalize,
+                                               dq, dk, dv, dprompt)
 
 
-@attention_bwd_dq.register_fake
-def _(dq, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls, len_cls, len_img, scale, renormalize,
-      backend):
-    return q.new_empty(q.shape[:3], dtype=lse.dtype)
-
-
-@torch.library.custom_op("tcpa_kernels::attention_bwd_dkdv", mutates_args=("dk", "dv", "dprompt"))
-def attention_bwd_dkdv(dk: Tensor, dv: Tensor, dprompt: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                       prompt_k: Tensor, prompt_v: Tensor, lse: Tensor, delta: Tensor, mask: Tensor | None,
-                       bits: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float,
-                       renormalize: bool, backend: str) -> None:
-    """One launch of the dk/dv kernel (token and prompt keys in one grid): writes dk and dv ([B, H, N, D], one
-    (b, h, n) stride set; views of a packed [B, N, 3, H, D] buffer, or their own) and the prompt
-    gradients into dprompt (accumulation dtype): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of
-    shared prompts that the caller sums over the batch), or [2, H, P, D] zero-filled, which gets their batch sum
-    (atomics on CUDA; shared prompts only)."""
-    implementation(backend).attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta,
-                                                    Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                    renormalize, dk, dv, dprompt)
-
-
-@attention_bwd_dkdv.register_fake
-def _(dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, lse, delta, mask, bits, pool_cls, len_cls, len_img, scale,
-      renormalize, backend):
+@attention_bwd.register_fake
+def _(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls, len_cls, len_img,
+      scale, renormalize, backend):
     return None
 
 
@@ -116,7 +97,7 @@ def _(scores, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
 def attention_grads(dq: Tensor, dk: Tensor, dv: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                     prompt_k: Tensor, prompt_v: Tensor, out: Tensor, lse: Tensor, selection: Selection, scale: float,
                     renormalize: bool, backend: str, deterministic: bool) -> Tensor:
-    """The attention backward: the two backward ops, with the aten work between and after them.
+    """The attention backward: the backward op, with the aten work before and after it.
 
     Writes dq, dk, dv (``[B, H, N, D]`` buffers the caller allocates: views of one ``[B, N, 3, H, D]`` tensor, or
     not; dk and dv share strides). grad_out, q, k, v, out ``[B, H, N, D]``, prompt_k/prompt_v ``[H, P, D]`` or
@@ -129,8 +110,6 @@ def attention_grads(dq: Tensor, dk: Tensor, dv: Tensor, grad_out: Tensor, q: Ten
         grad_out = grad_out.contiguous()
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    sel = selection.op_args()
-    delta = attention_bwd_dq(dq, grad_out, q, k, v, prompt_k, prompt_v, out, lse, *sel, scale, renormalize, backend)
     shared = prompt_k.dim() == 3
     atomic = backend == "triton" and shared and not (deterministic or torch.are_deterministic_algorithms_enabled())
     acc_dtype = accumulation_dtype(backend, q.dtype)
@@ -138,8 +117,8 @@ def attention_grads(dq: Tensor, dk: Tensor, dv: Tensor, grad_out: Tensor, q: Ten
         dprompt = torch.zeros((2, H, P, D), dtype=acc_dtype, device=q.device)
     else:
         dprompt = torch.empty((B, 2, H, P, D), dtype=acc_dtype, device=q.device)
-    attention_bwd_dkdv(dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, lse, delta, *sel, scale, renormalize,
-                       backend)
+    attention_bwd(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, *selection.op_args(), scale,
+                  renormalize, backend)
     if shared and not atomic:
         dprompt = dprompt.sum(0)  # [2, H, P, D]: the deterministic reduction over the batch
     return dprompt.to(prompt_k.dtype)

@@ -1,8 +1,8 @@
 """PyTorch backend of prompt-augmented attention: the kernels' math, chunked over query tokens.
 
-Used for CPU tensors (backend="auto") and as backend="torch" anywhere. Same three functions as the Triton
-launchers (forward, dq + delta, dk/dv + prompt gradients), with the same layouts, so the custom ops serve both
-backends. Forward saves only lse; the backward recomputes probabilities chunk by chunk, so memory stays
+Used for CPU tensors (backend="auto") and as backend="torch" anywhere. Same two functions as the Triton
+launchers (forward; backward: dq, dk, dv and the prompt gradients), with the same layouts, so the custom ops
+serve both backends. Forward saves only lse; the backward recomputes probabilities chunk by chunk, so memory stays
 O(B*H*chunk*(N+P)) instead of O(B*H*N*(N+P)). Works in float64 too (the kernels do not). Always deterministic.
 """
 
@@ -64,27 +64,11 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     return out, lse
 
 
-def attention_backward_dq(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, dq):
-    """Writes dq ([B, H, N, D], any strides); returns delta = rowsum(grad_out * out) [B, H, N] (compute dtype)."""
-    B, H, N, D = q.shape
-    P = prompt_k.shape[-2]
-    cd = _compute_dtype(q.dtype)
-    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, cd)
-    delta = torch.empty((B, H, N), dtype=cd, device=q.device)
-    for start, end, sel in _chunks(selection, B, H, N, P):
-        qc, do = q[:, :, start:end].to(cd), grad_out[:, :, start:end].to(cd)
-        delta[:, :, start:end] = (do * out[:, :, start:end].to(cd)).sum(-1)
-        _, _, ds_tok, ds_prompt = _chunk_grads(qc, do, delta[:, :, start:end], k, v, pk, pv, sel,
-                                               lse[:, :, start:end], scale, renormalize)
-        dq[:, :, start:end] = scale * (ds_tok @ k + ds_prompt @ pk)
-    return delta
-
-
-def attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta, selection, scale, renormalize,
-                            dk, dv, dprompt):
-    """Writes dk, dv ([B, H, N, D]) and the prompt gradients into dprompt (compute dtype): [B, 2, H, P, D]
-    (per-sample gradients or per-sample partials of shared prompts), or [2, H, P, D], to which their batch sum is
-    added (as the kernel's atomics do)."""
+def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize,
+                       dq, dk, dv, dprompt):
+    """Writes dq, dk, dv ([B, H, N, D], any strides) and the prompt gradients into dprompt (compute dtype):
+    [B, 2, H, P, D] (per-sample gradients or per-sample partials of shared prompts), or [2, H, P, D], to which
+    their batch sum is added (as the kernel's atomics do)."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
@@ -93,8 +77,10 @@ def attention_backward_dkdv(grad_out, q, k, v, prompt_k, prompt_v, lse, delta, s
     acc_prompt = torch.zeros((B, 2, H, P, D), dtype=cd, device=q.device)
     for start, end, sel in _chunks(selection, B, H, N, P):
         qc, do = q[:, :, start:end].to(cd), grad_out[:, :, start:end].to(cd)
-        p_tok, p_prompt, ds_tok, ds_prompt = _chunk_grads(qc, do, delta[:, :, start:end], k, v, pk, pv, sel,
-                                                          lse[:, :, start:end], scale, renormalize)
+        delta = (do * out[:, :, start:end].to(cd)).sum(-1)  # [B, H, c]
+        p_tok, p_prompt, ds_tok, ds_prompt = _chunk_grads(qc, do, delta, k, v, pk, pv, sel, lse[:, :, start:end],
+                                                          scale, renormalize)
+        dq[:, :, start:end] = scale * (ds_tok @ k + ds_prompt @ pk)
         acc_dk += scale * ds_tok.transpose(-1, -2) @ qc
         acc_dv += p_tok.transpose(-1, -2) @ do
         acc_prompt[:, 0] += scale * ds_prompt.transpose(-1, -2) @ qc

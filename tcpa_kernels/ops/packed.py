@@ -5,7 +5,7 @@ entry reads q, k, v in place from the ``[B, N, 3, H, D]`` view of that tensor, w
 ``[B, N, H*D]`` tensor proj reads, and its backward writes dq, dk, dv straight into one ``[B, N, 3, H, D]``
 gradient buffer: no permute copy, no output transpose copy, no stack/clone of the gradients.
 
-It runs the kernels and the two backward ops of ``tcpa_attention`` (they take strides); only the forward op is
+It runs the kernels and the backward op of ``tcpa_attention`` (they take strides); only the forward op is
 its own (``tcpa_kernels::packed_attention_fwd``), so that autograd sees qkv and prompt_kv as single inputs.
 """
 
@@ -66,7 +66,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the two backward ops) and of prompt_kv."""
+    """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the backward op) and of prompt_kv."""
     refuse_double_backward("tcpa_packed_attention")
     qkv, prompt_kv, mask, bits, out, lse = ctx.saved_tensors
     layout, scale, renormalize, backend, deterministic = ctx.config

@@ -34,8 +34,9 @@ class _MaskedTCPAFunction(torch.autograd.Function):
 
 
 def check_kernel_limits(name, t, backend, dims, row_stride):
-    """The Triton backend's limits, reported against argument ``name`` (tensor t): head dim <= 128, and offsets
-    inside one (batch, head) slice within int32 (the slice base is int64) for every operand: q/k/v rows
+    """The Triton backend's limits, reported against argument ``name`` (tensor t): head dim <= 128, the forward's
+    1-D grid (one program per (batch, head, query block) of at least 16 rows) within 2^31 - 1 programs, and
+    offsets inside one (batch, head) slice within int32 (the slice base is int64) for every operand: q/k/v rows
     ``row_stride`` apart, the [B, N, H, D] output and [B, N, 3, H, D] gradient buffers, the prompts, the mask."""
     if backend != "triton":
         return
@@ -43,6 +44,10 @@ def check_kernel_limits(name, t, backend, dims, row_stride):
     if D > MAX_KERNEL_HEAD_DIM:
         raise ValueError(f"{name}: head dim must be <= {MAX_KERNEL_HEAD_DIM} for backend='triton', got "
                          f"{describe(t)}; use backend='torch'")
+    programs = B * H * -(-N // 16)
+    if programs >= INT32_LIMIT:
+        raise ValueError(f"{name}: B*H*ceil(N/16) = {programs} forward programs, the grid holds < {INT32_LIMIT}; "
+                         f"got {describe(t)}; use backend='torch' or split the batch")
     largest_in_slice = max(N * max(row_stride, 3 * H * D), P * D, N * P)
     if largest_in_slice >= INT32_LIMIT:
         raise ValueError(f"{name}: one (batch, head) slice spans {largest_in_slice} elements, the kernels index it "
