@@ -295,8 +295,8 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, 
 LAUNCH_CONFIGS = {
     ("16-bit", 64): {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 8, 2)},
     ("16-bit", 128): {"fwd": (64, 32, 8, 3), "bwd": (32, 64, 8, 2)},
-    ("fp32", 64): {"fwd": (32, 32, 4, 2), "bwd": (16, 32, 4, 1)},
-    ("fp32", 128): {"fwd": (16, 16, 4, 1), "bwd": (16, 16, 4, 1)},
+    ("fp32", 64): {"fwd": (32, 32, 4, 1), "bwd": (16, 32, 4, 1)},
+    ("fp32", 128): {"fwd": (16, 16, 4, 1), "bwd": (16, 16, 8, 1)},
 }
 # dot precision by operand dtype: 3xTF32 for fp32 (three tensor-core products per dot, error near fp32's)
 DOT_PRECISION = {"fp32": "tf32x3", "16-bit": "tf32"}
