@@ -179,13 +179,12 @@ def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, 
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
         if TAIL:
             b_s = tl.where((is_token | is_prompt)[None, :], b_s, float("-inf"))
+        b_p = tl.exp2(b_s - b_lse[:, None])
+        b_pv = b_p  # the probabilities that weight the values
+        if TAIL:
             sel = _tail_selection(MASK, BITS, i_b, o_m, m_m, o_p, is_token, is_prompt, N, P, n_cls_prompts,
                                   pool_cls, len_cls, len_img, MASK_MODE)
-            b_p = tl.exp2(b_s - b_lse[:, None])
-            b_pv = tl.where(sel, b_p, 0.0)  # the probabilities that weight the values
-        else:
-            b_p = tl.exp2(b_s - b_lse[:, None])
-            b_pv = b_p
+            b_pv = tl.where(sel, b_p, 0.0)
         b_dv += tl.dot(tl.trans(b_pv.to(b_do.dtype)), b_do, input_precision=PRECISION)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
         if TAIL:
@@ -227,6 +226,8 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, 
     Q_BH = Q + qkv_base
     DO_BH = DO + i_b * dostride_b + i_h * dostride_h
     DELTA_BH = DELTA + i_bh * N
+    LSE_BH = LSE + i_bh * N
+    DQ_ACC_BH = DQ_ACC + i_bh * N * D
     # delta = rowsum(dO * O) of every row, once
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
@@ -241,8 +242,8 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, 
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         b_k, b_v = _token_keys(K + qkv_base, V + qkv_base, stride_n, start_n, o_d, m_d, BLOCK_N)
-        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE + i_bh * N, DELTA_BH,
-                                   DQ_ACC + i_bh * N * D, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
+        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
+                                   DQ_ACC_BH, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
                                    i_b, None, None, None, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls,
                                    len_img, False, MASK_MODE, RENORMALIZE, BLOCK_M, BLOCK_N, D_PAD,
                                    PRECISION)
@@ -257,8 +258,8 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, 
         b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K + qkv_base, V + qkv_base, PK + prompt_base,
                                                         PV + prompt_base, stride_n, pstride_n, start_n, N, P, o_d,
                                                         m_d, BLOCK_N)
-        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE + i_bh * N, DELTA_BH,
-                                   DQ_ACC + i_bh * N * D, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
+        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
+                                   DQ_ACC_BH, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
                                    i_b, o_p, is_token, is_prompt, N, P, D, qk_scale, sm_scale, n_cls_prompts,
                                    pool_cls, len_cls, len_img, True, MASK_MODE, RENORMALIZE, BLOCK_M,
                                    BLOCK_N, D_PAD, PRECISION)
