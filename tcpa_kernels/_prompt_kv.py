@@ -40,7 +40,7 @@ def _projection_params(blocks):
 
 def _prompt_parts(blk):
     """The block's prompt tokens: CLS-pool prompts [Pc*Lc, C], then image-pool prompts [Pi*Li, C]."""
-    return blk.tcpa_prompts_cls.flatten(0, 1), blk.tcpa_prompts_img.flatten(0, 1)
+    return blk.tcpa.prompts_cls.flatten(0, 1), blk.tcpa.prompts_img.flatten(0, 1)
 
 
 def _sharded(state):
@@ -146,7 +146,7 @@ def step_prompt_kv(state):
     None when sharded."""
     if _sharded(state):
         return None
-    prompt_params = [p for blk in state.blocks for p in (blk.tcpa_prompts_cls, blk.tcpa_prompts_img)]
+    prompt_params = [p for blk in state.blocks for p in (blk.tcpa.prompts_cls, blk.tcpa.prompts_img)]
     needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in prompt_params)
     if state.training or needs_graph or torch.compiler.is_compiling():
         return _all_layers_kv(state)

@@ -1,71 +1,59 @@
-"""Turn an existing timm VisionTransformer into a TCPA or VPT-deep model, in place (TCPA_SPEC.md §1, §4).
+"""Turn an existing timm ViT into a TCPA or VPT-deep model, in place (TCPA_SPEC.md §1, §4).
 
-Each block keeps its own modules (``norm1``, ``attn.qkv``, ``attn.q_norm``/``k_norm``, ``attn.proj``,
-``ls1``, ``drop_path1``, MLP) and gets its prompt parameters next to them (``blocks.{i}.tcpa_keys_cls`` ...), so
-every original ``state_dict`` key stays. Blocks and model change class to generated subclasses of their own
-(``_patch.py``): a prompted model pickles, deep-copies and saves like any module. The backbone is frozen and kept in
-eval mode; the trainable parameters are the prompts, the keys and the classification head.
-``remove_prompts(model)`` undoes everything.
+Supported: timm ``VisionTransformer`` (ViT, DeiT, ... with ``Block``, ``ResPostBlock``, ``ParallelThingsBlock`` or
+``ParallelScalingBlock``) and timm ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder); the block families are
+in ``tcpa_kernels/integrations``. Each block keeps its own modules and gets a ``tcpa`` submodule (a
+:class:`~tcpa_kernels.integrations.prompts.TCPAPrompts`: ``blocks.{i}.tcpa.keys_cls`` ...) or a ``vpt_prompts``
+parameter, so every original ``state_dict`` key stays. Blocks, swapped attention modules and the model change
+class to generated subclasses of their own (``_patch.py``): a prompted model pickles, deep-copies and saves like
+any module. The backbone is frozen and kept in eval mode; the trainable parameters are the prompts, the keys and
+the classification head. ``remove_prompts(model)`` undoes everything.
 
-Runtime state lives in ``model.prompt_state`` (a :class:`PromptState`): the selection mode
-(``set_selection``), the matching loss of the last forward (``get_matching_loss``) and the config. Every entry
-point here accepts the model inside DataParallel / DistributedDataParallel / torch.compile wrappers, checks all of
-its arguments before it changes anything, and leaves the model as it was when it fails.
+Runtime state lives in ``model.prompt_state`` (a :class:`PromptState`) and in the ``TCPAPrompts`` modules (the
+selection mode, ``set_selection``; the matching loss of the last forward, ``get_matching_loss``). Every entry point
+here accepts the model inside DataParallel / DistributedDataParallel / torch.compile wrappers, checks all of its
+arguments before it changes anything, and leaves the model as it was when it fails.
 """
 
 import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+import tcpa_kernels.integrations.timm_eva  # noqa: F401  (registers the Eva block families)
+import tcpa_kernels.integrations.timm_vit  # noqa: F401  (registers the VisionTransformer block families)
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
-from tcpa_kernels._prompt_kv import own_prompt_kv, own_prompts, step_prompt_kv, step_prompts
-from tcpa_kernels._validate import check_flag, check_int, check_number, check_pool_config
-from tcpa_kernels.ops._function import topk_bits_op
-from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
-from tcpa_kernels.ops.match_select import match_select, norm_match_select
-from tcpa_kernels.ops.packed import tcpa_packed_attention
-from tcpa_kernels.ops.selection import Selection
+from tcpa_kernels._validate import check_flag, check_int, check_number
+from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_sites
+from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
 
-SELECTION_MODES = ("topk", "random")
+MODELS = (VisionTransformer, Eva)
 ATTENTION_MODES = ("fused", "dense")
-TCPA_PARAMS = ("tcpa_keys_cls", "tcpa_keys_img", "tcpa_prompts_cls", "tcpa_prompts_img")
 VPT_PARAMS = ("vpt_prompts",)
 HEADS = ("head", "head_dist")
 
 
 @dataclasses.dataclass
-class TCPAConfig:
-    pool_size_cls: int = 18
-    pool_size_img: int = 18
-    topk_cls: int = 10
-    topk_img: int = 10
-    prompt_len_cls: int = 1
-    prompt_len_img: int = 1
-    prompt_dropout: float = 0.1
-    renormalize: bool = False
+class TCPAConfig(PoolConfig):
+    """A TCPA model's config: every layer's pools (:class:`PoolConfig`), the new head and the attention path."""
+
     num_classes: int | None = None
-    backend: str = "auto"
     attention: str = "fused"
 
-    @property
-    def num_prompts(self):
-        return self.pool_size_cls * self.prompt_len_cls + self.pool_size_img * self.prompt_len_img
-
     def validate(self, model):
-        for name in ("pool_size_cls", "pool_size_img"):
-            check_int(name, getattr(self, name), 1)
-        check_pool_config("", self.pool_size_cls, self.pool_size_img, self.topk_cls, self.topk_img,
-                          self.prompt_len_cls, self.prompt_len_img, model.num_prefix_tokens, model.num_prefix_tokens)
-        _check_common(self)
-        check_flag("renormalize", self.renormalize)
+        super().validate(model.num_prefix_tokens)
+        if self.num_classes is not None:
+            check_int("num_classes", self.num_classes, 0)
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
+        family = family_of(model.blocks[0])
+        if self.attention == "dense" and not family.dense:
+            raise ValueError(f"attention: 'dense' (the published implementation's baseline) is implemented for "
+                             f"timm Block only, got a model of {family.name} blocks; use 'fused'")
         resolve_backend(self.backend, next(model.parameters()).device)
 
 
@@ -80,6 +68,9 @@ class VPTConfig:
         check_int("num_prompts", self.num_prompts, 1)
         check_flag("deep", self.deep)
         _check_common(self)
+        if getattr(model, "rope", None) is not None:
+            raise ValueError(f"model: VPT on a RoPE model ({type(model).__name__} with rope) is not supported yet "
+                             "(prompts would need the rotary offset of prefix tokens); apply_tcpa supports it")
 
 
 def _check_common(config):
@@ -98,20 +89,18 @@ def _runtime(default=None, factory=None):
 class PromptState:
     """Runtime state of a prompted model (``model.prompt_state``); not a module, holds no parameters.
 
-    Between forwards it keeps only the matching-loss terms of the last forward (what ``get_matching_loss``
-    needs) and caches; pickling and ``copy.deepcopy`` drop both (the next forward rebuilds them).
+    Between forwards it keeps only caches; pickling and ``copy.deepcopy`` drop them (the next forward rebuilds
+    them). The selection mode and matching-loss terms are the ``TCPAPrompts`` modules' own.
     """
 
     method: str  # "tcpa" | "vpt"
     config: TCPAConfig | VPTConfig
     num_prefix_tokens: int
-    selection: str = "topk"
     training: bool = False
     blocks: list = dataclasses.field(default_factory=list)  # the prompted blocks, in order
     original_heads: dict = dataclasses.field(default_factory=dict)
     original_num_classes: int = 0
     original_requires_grad: dict = dataclasses.field(default_factory=dict)
-    layer_terms: dict = _runtime(factory=dict)  # layer -> matching-loss terms of the last forward
     step_inputs: list | None = _runtime()  # per layer: prompt K/V [2, H, P, D] (fused) or tokens [P, C]; None: own
     carry: dict = _runtime(factory=dict)  # VPT-shallow: layer -> its prompt tokens' output, the next layer's prompts
     kv: list = _runtime(factory=list)  # prompt K/V kept without autograd ...
@@ -129,13 +118,6 @@ class PromptState:
             if f.metadata.get("runtime"):
                 setattr(self, f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
 
-    @property
-    def matching_loss(self):
-        """Sum over layers of the matching loss of the last forward (0 for VPT or random selection)."""
-        if not self.layer_terms:
-            return torch.zeros(())
-        return torch.cat([terms.flatten() for terms in self.layer_terms.values()]).sum()
-
 
 @dataclasses.dataclass
 class _LayerRef:
@@ -144,140 +126,7 @@ class _LayerRef:
     is_last: bool
 
 
-# ----------------------------------------------------------------------------------------------- blocks
-
-
-def _project_qkv(attn, h):
-    """timm Attention's projections: h [B, S, C] -> q, k, v [B, H, S, D] (q_norm/k_norm applied)."""
-    B, S, _ = h.shape
-    qkv = attn.qkv(h).reshape(B, S, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def _finish_attention(attn, out, h):
-    """timm Attention after the softmax: out [B, N, C] -> [B, N, C] through norm, gate, proj."""
-    out = attn.norm(out)
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(h).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def _reject_attn_mask(attn_mask, is_causal):
-    if attn_mask is not None or is_causal:
-        raise ValueError("attn_mask/is_causal: prompted blocks do not take an attention mask, got "
-                         f"attn_mask={None if attn_mask is None else tuple(attn_mask.shape)}, is_causal={is_causal}")
-
-
-def _fused_attention(blk, h, selection, prompt_kv, cfg):
-    """TCPA attention through the fused op, on the packed qkv projection. h [B, N, C], prompt_kv [2, H, P, D]
-    -> [B, N, C]: no layout copy on either side of the op."""
-    attn = blk.attn
-    B, N, _ = h.shape
-    qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]
-    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-        # qk_norm: a LayerNorm over D, the same on [B, N, H, D] as on timm's [B, H, N, D]; one restacking copy
-        qkv = torch.stack([attn.q_norm(qkv[:, :, 0]).to(qkv.dtype), attn.k_norm(qkv[:, :, 1]).to(qkv.dtype),
-                           qkv[:, :, 2]], dim=2)
-    return tcpa_packed_attention(qkv, prompt_kv, selection, scale=attn.scale, renormalize=cfg.renormalize,
-                                 backend=resolve_backend(cfg.backend, h.device))
-
-
-def _dense_attention(blk, h, selection, prompts, cfg):
-    """Official-style TCPA, the baseline the fused op is measured against: prompts concatenated into the
-    sequence, eager softmax over [P+N] x [P+N], a dense float mask [B, H, P+N, P+N] multiplied after it (or
-    -inf before it when renormalize). Returns the output of the N real tokens [B, N, C]."""
-    B, N, _ = h.shape
-    P = prompts.shape[0]
-    seq = torch.cat([blk.norm1(prompts)[None].expand(B, -1, -1).to(h.dtype), h], dim=1)  # [B, P+N, C]
-    q, k, v = _project_qkv(blk.attn, seq)  # [B, H, P+N, D]
-    scores_qk = (q * blk.attn.scale) @ k.transpose(-1, -2)  # [B, H, P+N, P+N]
-    dense_mask = torch.ones(B, blk.attn.num_heads, P + N, P + N, dtype=scores_qk.dtype, device=h.device)
-    dense_mask[:, :, P:, :P] = selection.rows(0, N, P)[:, None].to(dense_mask.dtype)
-    if cfg.renormalize:
-        probs = scores_qk.masked_fill(dense_mask == 0, float("-inf")).softmax(-1)
-    else:
-        probs = scores_qk.softmax(-1) * dense_mask
-    return (probs @ v)[:, :, P:].transpose(1, 2).reshape(B, N, -1)
-
-
-def _norm_and_select(blk, x, state, cfg):
-    """(norm1(x) [B, N, C], selection words [B, N], matching-loss terms [B, N] or None) of the block input x."""
-    B, N, _ = x.shape
-    backend = resolve_backend(cfg.backend, x.device)
-    n_pre, pool_cls = state.num_prefix_tokens, cfg.pool_size_cls
-    if state.selection == "random":  # a random k-subset per token, no matching loss
-        scores = torch.rand(B, N, pool_cls + cfg.pool_size_img, device=x.device)
-        return blk.norm1(x), topk_bits_op(scores, n_pre, pool_cls, cfg.topk_cls, cfg.topk_img, backend), None
-    if cfg.attention == "dense":  # the published code's matching: a scores tensor, top-k, loss from it
-        scores = match_scores(x, blk.tcpa_keys_cls, blk.tcpa_keys_img)  # [B, N, Pc+Pi]
-        bits = topk_bits_op(scores.detach(), n_pre, pool_cls, cfg.topk_cls, cfg.topk_img, backend)
-        return blk.norm1(x), bits, matching_loss(scores, bits, n_pre, cfg.topk_cls, cfg.topk_img)[None]
-    if _fusable(blk.norm1):  # one kernel reads x for both (and one writes dx for both)
-        return norm_match_select(x, blk.norm1, blk.tcpa_keys_cls, blk.tcpa_keys_img, topk_cls=cfg.topk_cls,
-                                 topk_img=cfg.topk_img, num_prefix_tokens=n_pre, backend=backend)
-    bits, terms = match_select(x, blk.tcpa_keys_cls, blk.tcpa_keys_img, topk_cls=cfg.topk_cls, topk_img=cfg.topk_img,
-                               num_prefix_tokens=n_pre, backend=backend)
-    return blk.norm1(x), bits, terms
-
-
-def _fusable(norm):
-    """A LayerNorm over the last dim whose parameters are frozen: the matching kernels can apply it."""
-    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-            and not any(p.requires_grad for p in norm.parameters()))
-
-
-
-@register_mixin
-class TCPAMixin:
-    """Pre-norm block with TCPA attention (TCPA_SPEC.md §4). x [B, N, C] -> [B, N, C]."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        _reject_attn_mask(attn_mask, is_causal)
-        layer = self._prompt_layer
-        state, cfg = layer.state, layer.state.config
-        if layer.index == 0:  # parameter-only work of every layer, once per forward (None: each layer its own)
-            state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else step_prompts(state)
-            state.layer_terms = {}
-        if state.step_inputs is not None:
-            prompt_input = state.step_inputs[layer.index]
-        else:
-            prompt_input = (own_prompt_kv if cfg.attention == "fused" else own_prompts)(state, self)
-        h, bits, terms = _norm_and_select(self, x, state, cfg)
-        if terms is not None:
-            state.layer_terms[layer.index] = terms
-        selection = Selection(bits=bits, pool_cls=cfg.pool_size_cls, len_cls=cfg.prompt_len_cls,
-                              len_img=cfg.prompt_len_img)
-        attention = _fused_attention if cfg.attention == "fused" else _dense_attention
-        out = attention(self, h, selection, prompt_input, cfg)  # [B, N, C]
-        x = x + self.drop_path1(self.ls1(_finish_attention(self.attn, out, h)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-@register_mixin
-class VPTMixin:
-    """VPT: prompts are ordinary tokens (queries too) for the block's own forward. x [B, N, C] -> [B, N, C].
-
-    The prompts go after the N real tokens (attention has no positions, so this is the published model) and the
-    block returns the real tokens only: features taken between blocks (``forward_intermediates``) hold no prompts.
-    Deep blocks bring their own prompts; without deep prompts the prompt tokens' output passes to the next block
-    through ``prompt_state.carry`` (per layer, so a checkpointed block recomputes with the prompts it had).
-    """
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        _reject_attn_mask(attn_mask, is_causal)
-        layer = self._prompt_layer
-        state, cfg = layer.state, layer.state.config
-        N = x.shape[1]
-        if "vpt_prompts" in self._parameters:
-            prompts = self.vpt_prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, C]
-            prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)
-        else:
-            prompts = state.carry[layer.index - 1]
-        x = super().forward(torch.cat([x, prompts], dim=1))  # [B, N+P, C], the block's timm Attention (SDPA)
-        if not (cfg.deep or layer.is_last):
-            state.carry[layer.index] = x[:, N:]
-        return x[:, :N]
+# ----------------------------------------------------------------------------------------------- model
 
 
 @register_mixin
@@ -289,6 +138,8 @@ class PromptedMixin:
         super().train(False)
         self.training = mode
         self.prompt_state.training = mode
+        for prompts in prompt_modules(self):
+            prompts.training = mode
         return self
 
 
@@ -296,18 +147,24 @@ class PromptedMixin:
 
 
 def _check_model(model):
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"model: expected a timm VisionTransformer (ViT, DeiT, ...), got {type(model).__name__}")
+    if not isinstance(model, MODELS):
+        raise TypeError(f"model: expected a timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViT, DINOv3, "
+                        f"PE), got {type(model).__name__}")
     if hasattr(model, "prompt_state"):
         raise ValueError(f"model: already has {model.prompt_state.method} prompts; call remove_prompts(model) first")
     if any(is_fully_sharded(m) for m in model.modules()):
         raise ValueError("model: fully_shard (FSDP2) was already applied; add prompts first, then shard, so the "
                          "prompt parameters are sharded with the rest")
+    first = family_of(model.blocks[0])
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block or not isinstance(getattr(blk, "attn", None), Attention):
-            raise TypeError(
-                f"model.blocks[{i}]: can patch only pre-norm timm Block with fused-qkv timm Attention, got "
-                f"{type(blk).__name__} (attn: {type(getattr(blk, 'attn', None)).__name__})")
+        family = family_of(blk)
+        if family is None or unsupported_sites(blk):
+            raise TypeError(f"model.blocks[{i}]: no TCPA/VPT integration for {type(blk).__name__} (attention: "
+                            f"{[type(m).__name__ for m in blk.children()]}); supported blocks: README, 'Supported "
+                            "models'")
+        if family is not first:
+            raise TypeError(f"model.blocks[{i}]: expected every block of one family ({first.name}), got "
+                            f"{type(blk).__name__}")
 
 
 def _target(model):
@@ -326,9 +183,9 @@ def _reference_param(model):
     return param if param is not None else next(model.parameters())
 
 
-def _attach(model, method, config, make_params):
-    """Freeze the backbone, add per-block parameters from make_params(i, block), swap classes, reset the head.
-    Nothing is changed before every argument is checked; a failure on the way undoes what was done."""
+def _attach(model, method, config, make_additions):
+    """Freeze the backbone, add per-block modules/parameters from make_additions(i, block), swap classes, reset the
+    head. Nothing is changed before every argument is checked; a failure on the way undoes what was done."""
     config.validate(model)
     ref = _reference_param(model)
     state = PromptState(method=method, config=config, num_prefix_tokens=model.num_prefix_tokens,
@@ -336,17 +193,22 @@ def _attach(model, method, config, make_params):
     state.original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     state.original_heads = {name: getattr(model, name) for name in HEADS
                             if isinstance(getattr(model, name, None), nn.Module)}
-    new_params = [{name: nn.Parameter(value.to(device=ref.device, dtype=ref.dtype))
-                   for name, value in make_params(i, blk).items()} for i, blk in enumerate(model.blocks)]
-    mixin = TCPAMixin if method == "tcpa" else VPTMixin
+    additions = [{name: value.to(device=ref.device, dtype=ref.dtype) for name, value in make_additions(i, blk).items()}
+                 for i, blk in enumerate(model.blocks)]
+    family = family_of(model.blocks[0])
     training = model.training
     try:
         model.requires_grad_(False)
-        for i, (blk, params) in enumerate(zip(model.blocks, new_params)):
-            for name, param in params.items():
-                blk.register_parameter(name, param)
+        for i, (blk, added) in enumerate(zip(model.blocks, additions)):
+            for name, value in added.items():
+                if isinstance(value, nn.Module):
+                    blk.add_module(name, value)
+                else:
+                    blk.register_parameter(name, nn.Parameter(value))
             blk._prompt_layer = _LayerRef(state, i, i == len(model.blocks) - 1)
-            blk.__class__ = prompted_class(mixin, type(blk))
+            if method == "tcpa":
+                attach_sites(blk, family)
+            blk.__class__ = prompted_class(family.tcpa if method == "tcpa" else family.vpt, type(blk))
         if config.num_classes is not None:
             model.reset_classifier(config.num_classes)
         for name in state.original_heads:
@@ -361,10 +223,12 @@ def _attach(model, method, config, make_params):
 
 
 def _detach(model, state, training):
-    """Undo _attach, also a partial one: classes, parameters, heads, requires_grad flags, train mode."""
+    """Undo _attach, also a partial one: classes, added modules and parameters, heads, requires_grad flags, train
+    mode."""
     for blk in state.blocks:
-        for name in (*TCPA_PARAMS, *VPT_PARAMS):
-            blk._parameters.pop(name, None)
+        detach_sites(blk)
+        blk._modules.pop("tcpa", None)
+        blk._parameters.pop("vpt_prompts", None)
         blk.__dict__.pop("_prompt_layer", None)
         blk.__class__ = original_class(blk)
     current = {name: getattr(model, name) for name in state.original_heads}
@@ -380,11 +244,11 @@ def _detach(model, state, training):
     model.train(training)
 
 
-def apply_tcpa(model: VisionTransformer, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
+def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
                topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
                renormalize: bool = False, num_classes: int | None = None, backend: str = "auto",
-               attention: str = "fused") -> VisionTransformer:
-    """Make ``model`` (a timm VisionTransformer) a TCPA model in place and return it.
+               attention: str = "fused") -> nn.Module:
+    """Make ``model`` (a timm VisionTransformer or Eva) a TCPA model in place and return it.
 
     Args:
         pool_size_cls, pool_size_img: entries of the CLS and image prompt pools per layer (Pc, Pi; Pc+Pi <= 64).
@@ -395,35 +259,32 @@ def apply_tcpa(model: VisionTransformer, *, pool_size_cls: int = 18, pool_size_i
         num_classes: replace the classification head with a new one of this many classes (None: keep it).
         backend: "auto" | "triton" | "torch" for the attention and selection kernels.
         attention: "fused" (this library's op) or "dense" (the published implementation's dense
-            [B, H, P+N, P+N] mask, kept as the comparison baseline for benchmarks; same math).
+            [B, H, P+N, P+N] mask, kept as the comparison baseline for benchmarks; same math; timm Block only).
 
-    Each block gets keys ``tcpa_keys_cls [Pc, C]``, ``tcpa_keys_img [Pi, C]`` and prompts
-    ``tcpa_prompts_cls [Pc, Lc, C]``, ``tcpa_prompts_img [Pi, Li, C]``, initialised uniform(-1, 1) as
+    Each block gets a ``tcpa`` module (:class:`TCPAPrompts`) with keys ``keys_cls [Pc, C]``, ``keys_img [Pi, C]``
+    and prompts ``prompts_cls [Pc, Lc, C]``, ``prompts_img [Pi, Li, C]``, initialised uniform(-1, 1) as
     published. The backbone is frozen and stays in eval mode; prompts, keys and the head train.
     """
     model = _target(model)
     _check_model(model)
     config = TCPAConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
-                        prompt_dropout, renormalize, num_classes, backend, attention)
-    C = model.embed_dim
+                        prompt_dropout, renormalize, backend, num_classes, attention)
+    pools = {f.name: getattr(config, f.name) for f in dataclasses.fields(PoolConfig)}
 
-    def make_params(i, blk):
-        shapes = dict(tcpa_keys_cls=(pool_size_cls, C), tcpa_keys_img=(pool_size_img, C),
-                      tcpa_prompts_cls=(pool_size_cls, prompt_len_cls, C),
-                      tcpa_prompts_img=(pool_size_img, prompt_len_img, C))
-        return {name: torch.empty(shape).uniform_(-1.0, 1.0) for name, shape in shapes.items()}
+    def make_prompts(i, blk):
+        return {"tcpa": TCPAPrompts(model.embed_dim, num_prefix_tokens=model.num_prefix_tokens, **pools)}
 
-    return _attach(model, "tcpa", config, make_params)
+    return _attach(model, "tcpa", config, make_prompts)
 
 
-def apply_vpt(model: VisionTransformer, *, num_prompts: int, deep: bool = True, prompt_dropout: float = 0.1,
-              num_classes: int | None = None) -> VisionTransformer:
+def apply_vpt(model: nn.Module, *, num_prompts: int, deep: bool = True, prompt_dropout: float = 0.1,
+              num_classes: int | None = None) -> nn.Module:
     """Make ``model`` a VPT model (Jia et al. 2022) in place: the baseline TCPA is compared with.
 
     ``num_prompts`` prompt tokens join the sequence; with ``deep=True`` every block replaces them with its own
-    (``blocks.{i}.vpt_prompts [P, C]``), else only block 0 has prompts. Prompts are queries too and attention is
-    the block's own timm Attention (SDPA). Initialisation: uniform(-a, a), a = sqrt(6 / (3*patch_area + C)), as
-    in the VPT code. Dropout on prompts is per sample as in VPT.
+    (``blocks.{i}.vpt_prompts [P, C]``), else only block 0 has prompts. Prompts are queries too and each block runs
+    its own forward (timm's SDPA attention); not yet for RoPE models. Initialisation: uniform(-a, a),
+    a = sqrt(6 / (3*patch_area + C)), as in the VPT code. Dropout on prompts is per sample as in VPT.
     """
     model = _target(model)
     _check_model(model)
@@ -467,18 +328,30 @@ def state_of(model) -> PromptState:
     return state
 
 
+def _prompt_modules(model) -> list[TCPAPrompts]:
+    """The TCPAPrompts modules of a TCPA model (patched or hand-written); [] for a VPT model."""
+    inner = unwrap(model)
+    modules = prompt_modules(inner)
+    if not modules and not isinstance(getattr(inner, "prompt_state", None), PromptState):
+        raise ValueError(f"model: expected a model patched by apply_tcpa/apply_vpt or holding TCPAPrompts modules, "
+                         f"got {type(model).__name__} without prompts")
+    return modules
+
+
 def get_matching_loss(model: nn.Module) -> torch.Tensor:
     """Sum over layers of the matching loss of the last forward (a scalar tensor; 0 for VPT / random)."""
-    return state_of(model).matching_loss
+    terms = [m.matching_terms.flatten() for m in _prompt_modules(model) if m.matching_terms is not None]
+    return torch.cat(terms).sum() if terms else torch.zeros(())
 
 
 def set_selection(model: nn.Module, mode: str) -> nn.Module:
-    """Prompt selection of a TCPA model: "topk" (cosine matching) or "random" (a random k-subset per token,
-    used by the published recipe for the first epochs; no matching loss then)."""
-    state = state_of(model)
+    """Prompt selection of every TCPAPrompts module of the model: "topk" (cosine matching) or "random" (a random
+    k-subset per token, used by the published recipe for the first epochs; no matching loss then)."""
+    modules = _prompt_modules(model)
     if mode not in SELECTION_MODES:
         raise ValueError(f"mode: expected one of {SELECTION_MODES}, got {mode!r}")
-    state.selection = mode
+    for m in modules:
+        m.selection_mode = mode
     return model
 
 

@@ -94,8 +94,10 @@ def test_copy_keeps_no_graph_and_no_caches():
     model = trained("tcpa")
     with torch.no_grad():
         model.eval()(images())
-    state = copy.deepcopy(model).prompt_state
-    assert state.layer_terms == {} and state.step_inputs is None and state.kv == [] and state.weights == ()
+    clone = copy.deepcopy(model)
+    state = clone.prompt_state
+    assert state.step_inputs is None and state.kv == [] and state.weights == ()
+    assert all(blk.tcpa.matching_terms is None and blk.tcpa._step is None for blk in clone.blocks)
     assert model.prompt_state.kv, "the original keeps its cache"
 
 
@@ -210,7 +212,7 @@ def test_checkpoint_that_does_not_fit_leaves_model_unchanged(tmp_path):
     tk.save_prompts(source, tmp_path / "p.safetensors")
     other_width = small_vit(embed_dim=48)  # same config, keys of another shape
     before = snapshot(other_width)
-    with pytest.raises(ValueError, match=r"path: blocks.0.tcpa_keys_cls has shape \(3, 32\), model expects \(3, 48\)"):
+    with pytest.raises(ValueError, match=r"path: blocks.0.tcpa.keys_cls has shape \(3, 32\), model expects \(3, 48\)"):
         tk.load_prompts(other_width, tmp_path / "p.safetensors")
     assert_unchanged(other_width, before)
     patched = METHODS["tcpa"](small_vit(embed_dim=48))

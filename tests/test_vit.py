@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import DiffParallelScalingBlock, ResPostBlock, VisionTransformer
 
 import tcpa_kernels as tk
 from reference.vit import tcpa_vit_forward_ref, vpt_vit_forward_ref
@@ -24,8 +24,8 @@ def images(B=2, seed=1, size=16):
 
 
 def layer_params(model):
-    names = ("tcpa_keys_cls", "tcpa_keys_img", "tcpa_prompts_cls", "tcpa_prompts_img")
-    return [tuple(getattr(blk, n) for n in names) for blk in model.blocks]
+    names = ("keys_cls", "keys_img", "prompts_cls", "prompts_img")
+    return [tuple(getattr(blk.tcpa, n) for n in names) for blk in model.blocks]
 
 
 VARIANTS = {
@@ -75,13 +75,13 @@ def test_frozen_backbone_state_dict_and_remove():
     assert original_keys <= set(model.state_dict())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"blocks.{i}.{n}" for i in range(2) for n in
-                         ("tcpa_keys_cls", "tcpa_keys_img", "tcpa_prompts_cls", "tcpa_prompts_img")} | {
+                         ("tcpa.keys_cls", "tcpa.keys_img", "tcpa.prompts_cls", "tcpa.prompts_img")} | {
                          "head.weight", "head.bias"}
     (model(x).sum() + tk.get_matching_loss(model)).backward()
     for name, p in model.named_parameters():
         assert (p.grad is not None) == (name in trainable), name
-    assert model.blocks[0].tcpa_keys_cls.shape == (3, 32) and model.blocks[1].tcpa_prompts_cls.shape == (3, 2, 32)
-    assert model.blocks[0].tcpa_keys_cls.abs().max() <= 1.0  # uniform(-1, 1)
+    assert model.blocks[0].tcpa.keys_cls.shape == (3, 32) and model.blocks[1].tcpa.prompts_cls.shape == (3, 2, 32)
+    assert model.blocks[0].tcpa.keys_cls.abs().max() <= 1.0  # uniform(-1, 1)
     tk.remove_prompts(model)
     assert set(model.state_dict()) == original_keys
     assert torch.equal(model(x), original_logits)
@@ -91,7 +91,9 @@ def test_frozen_backbone_state_dict_and_remove():
 def test_train_mode_keeps_backbone_eval_and_prompt_dropout_follows():
     model = tk.apply_tcpa(small_vit(drop_path_rate=0.5), backend="torch", prompt_dropout=0.5, **TCPA_KW)
     model.train()
-    assert model.training and not any(m.training for m in model.modules() if m is not model)
+    prompts = {id(blk.tcpa) for blk in model.blocks}
+    assert model.training and all(blk.tcpa.training for blk in model.blocks)
+    assert not any(m.training for m in model.modules() if m is not model and id(m) not in prompts)
     x = images()
     assert not torch.equal(model(x), model(x))  # prompt dropout active
     model.eval()
@@ -150,7 +152,7 @@ def test_torch_compile_fullgraph():
     out = compiled(x)
     torch.testing.assert_close(out, eager)
     (out.sum() + tk.get_matching_loss(model)).backward()
-    assert model.blocks[0].tcpa_prompts_img.grad is not None
+    assert model.blocks[0].tcpa.prompts_img.grad is not None
 
 
 def test_topk_bits_op_opcheck():
@@ -167,7 +169,7 @@ def test_autocast_bf16_runs():
         out = model(images())
         loss = out.float().square().mean() + tk.get_matching_loss(model)
     loss.backward()
-    assert torch.isfinite(model.blocks[1].tcpa_prompts_img.grad).all()
+    assert torch.isfinite(model.blocks[1].tcpa.prompts_img.grad).all()
 
 
 @pytest.mark.parametrize("deep", [True, False])
@@ -200,10 +202,10 @@ def test_deit_distilled():
 def test_clear_errors():
     with pytest.raises(TypeError, match="model: expected a timm VisionTransformer"):
         tk.apply_tcpa(torch.nn.Linear(3, 3))
-    with pytest.raises(TypeError, match=r"model.blocks\[0\]: .* got ResPostBlock"):
-        tk.apply_tcpa(small_vit(block_fn=ResPostBlock))
-    with pytest.raises(TypeError, match=r"got ParallelScalingBlock"):
-        tk.apply_vpt(small_vit(block_fn=ParallelScalingBlock), num_prompts=2)
+    with pytest.raises(TypeError, match=r"model.blocks\[0\]: no TCPA/VPT integration for DiffParallelScalingBlock"):
+        tk.apply_tcpa(small_vit(block_fn=DiffParallelScalingBlock))
+    with pytest.raises(ValueError, match=r"attention: 'dense' .* timm Block only, got a model of timm ResPostBlock"):
+        tk.apply_tcpa(small_vit(block_fn=ResPostBlock), attention="dense")
     model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
     with pytest.raises(ValueError, match="model: already has tcpa prompts"):
         tk.apply_vpt(model, num_prompts=2)
@@ -241,7 +243,7 @@ def test_eval_reuses_prompt_kv_until_a_parameter_changes():
         cached = list(model.prompt_state.kv)
         assert torch.equal(model(x), first)
         assert all(a is b for a, b in zip(model.prompt_state.kv, cached)), "recomputed although nothing changed"
-        model.blocks[1].tcpa_prompts_img.add_(torch.randn(5, 1, 32))  # in place, as an optimizer step
+        model.blocks[1].tcpa.prompts_img.add_(torch.randn(5, 1, 32))  # in place, as an optimizer step
         changed = model(x)
         model.load_state_dict(copy.deepcopy(model.state_dict()) | {"blocks.0.norm1.weight": torch.zeros(32)})
         zeroed = model(x)
@@ -280,5 +282,5 @@ def test_second_order_gradients_raise(selection):
     # first order still works, also without the matching loss (the keys then get no gradient)
     params = tk.trainable_parameters(model)
     grads = dict(zip(map(id, params), torch.autograd.grad(model(images()).square().sum(), params, allow_unused=True)))
-    assert grads[id(model.blocks[1].tcpa_prompts_img)].abs().sum() > 0
-    assert grads[id(model.blocks[1].tcpa_keys_img)] is None
+    assert grads[id(model.blocks[1].tcpa.prompts_img)].abs().sum() > 0
+    assert grads[id(model.blocks[1].tcpa.keys_img)] is None

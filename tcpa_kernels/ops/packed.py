@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._validate import KERNEL_DTYPES, MAX_POOL_ENTRIES, check_flag, check_number, check_tensor, describe
+from tcpa_kernels._validate import KERNEL_DTYPES, check_flag, check_number, check_tensor, describe
 from tcpa_kernels.ops._function import (
     accumulation_dtype,
     attention_grads,
@@ -23,7 +23,7 @@ from tcpa_kernels.ops._function import (
     refuse_double_backward,
     shared_strides,
 )
-from tcpa_kernels.ops.selection import Selection
+from tcpa_kernels.ops.selection import Selection, check_selection
 from tcpa_kernels.ops.tcpa_attention import TORCH_DTYPES, check_kernel_limits
 
 
@@ -81,28 +81,6 @@ def _backward(ctx, grad_out, grad_lse):
 packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_selection(selection, B, N, P, device):
-    if not isinstance(selection, Selection):
-        raise TypeError(f"selection: expected a tcpa_kernels.ops.selection.Selection, got {type(selection).__name__}")
-    if selection.mask is not None:
-        check_tensor("selection.mask", selection.mask, ndim=3, dtypes=(torch.bool,))
-        if selection.mask.device != device or tuple(selection.mask.shape) != (B, N, P):
-            raise ValueError(f"selection.mask: expected bool shape {(B, N, P)} on {device}, "
-                             f"got {describe(selection.mask)}")
-        return
-    if selection.bits is None:
-        raise ValueError("selection: expected a mask [B, N, P] or selection words [B, N], got neither")
-    check_tensor("selection.bits", selection.bits, ndim=2, dtypes=(torch.int64,))
-    if selection.bits.device != device or tuple(selection.bits.shape) != (B, N):
-        raise ValueError(f"selection.bits: expected int64 shape {(B, N)} on {device}, got {describe(selection.bits)}")
-    pool_cls, len_cls, len_img = selection.pool_cls, selection.len_cls, selection.len_img
-    n_cls = pool_cls * len_cls
-    valid = pool_cls >= 0 and len_cls >= 1 and len_img >= 1 and n_cls <= P
-    if not valid or pool_cls + (P - n_cls + len_img - 1) // len_img > MAX_POOL_ENTRIES:
-        raise ValueError(f"selection: expected a pool layout of P={P} prompts (pool_cls * len_cls <= P, at most "
-                         f"{MAX_POOL_ENTRIES} entries), got pool_cls={pool_cls}, len_cls={len_cls}, len_img={len_img}")
-
-
 def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, *, scale: float, renormalize: bool,
                           backend: str, deterministic: bool = True) -> Tensor:
     """Prompt-augmented attention of N query tokens over [P prompts ; N tokens] keys, on timm's qkv layout.
@@ -140,7 +118,7 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
     if prompt_kv.device != qkv.device or tuple(prompt_kv.shape) != (*lead, P, D) or P < 1:
         raise ValueError(f"prompt_kv: expected shape {(*lead, 'P >= 1', D)} on {qkv.device} ([2, H, P, D] or "
                          f"[B, 2, H, P, D]), got {describe(prompt_kv)}")
-    _check_selection(selection, B, N, P, qkv.device)
+    check_selection(selection, B, N, P, qkv.device)
     check_kernel_limits("qkv", qkv, backend, (B, H, N, P, D), qkv.stride(1))
     (qkv,), (prompt_kv,) = shared_strides(qkv), shared_strides(prompt_kv)  # unit stride on D, else a copy
     out, _ = packed_attention_fwd(qkv, prompt_kv, *selection.op_args(), scale, renormalize, backend, deterministic)

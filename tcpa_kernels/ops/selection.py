@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tcpa_kernels._backend import kernels
+from tcpa_kernels._validate import MAX_POOL_ENTRIES, check_tensor, describe
 
 
 def _topk_bits_torch(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
@@ -100,3 +101,26 @@ class Selection:
         p = torch.arange(num_prompts, device=self.bits.device)
         entry = torch.where(p < n_cls, p // self.len_cls, self.pool_cls + (p - n_cls) // self.len_img)
         return (torch.bitwise_right_shift(self.bits[:, start:end, None], entry) & 1).bool()
+
+
+def check_selection(selection, B, N, P, device) -> None:
+    """ValueError/TypeError unless ``selection`` is a Selection for B x N query tokens and P prompts on device."""
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection: expected a tcpa_kernels.ops.selection.Selection, got {type(selection).__name__}")
+    if selection.mask is not None:
+        check_tensor("selection.mask", selection.mask, ndim=3, dtypes=(torch.bool,))
+        if selection.mask.device != device or tuple(selection.mask.shape) != (B, N, P):
+            raise ValueError(f"selection.mask: expected bool shape {(B, N, P)} on {device}, "
+                             f"got {describe(selection.mask)}")
+        return
+    if selection.bits is None:
+        raise ValueError("selection: expected a mask [B, N, P] or selection words [B, N], got neither")
+    check_tensor("selection.bits", selection.bits, ndim=2, dtypes=(torch.int64,))
+    if selection.bits.device != device or tuple(selection.bits.shape) != (B, N):
+        raise ValueError(f"selection.bits: expected int64 shape {(B, N)} on {device}, got {describe(selection.bits)}")
+    pool_cls, len_cls, len_img = selection.pool_cls, selection.len_cls, selection.len_img
+    n_cls = pool_cls * len_cls
+    valid = pool_cls >= 0 and len_cls >= 1 and len_img >= 1 and n_cls <= P
+    if not valid or pool_cls + (P - n_cls + len_img - 1) // len_img > MAX_POOL_ENTRIES:
+        raise ValueError(f"selection: expected a pool layout of P={P} prompts (pool_cls * len_cls <= P, at most "
+                         f"{MAX_POOL_ENTRIES} entries), got pool_cls={pool_cls}, len_cls={len_cls}, len_img={len_img}")

@@ -14,23 +14,24 @@ from tcpa_kernels._validate import (
     describe,
 )
 from tcpa_kernels.ops._function import refuse_double_backward, run_backward, run_forward
-from tcpa_kernels.ops.selection import Selection
+from tcpa_kernels.ops.selection import Selection, check_selection
 
 TORCH_DTYPES = (*KERNEL_DTYPES, torch.float64)
 MAX_KERNEL_HEAD_DIM = 128
 INT32_LIMIT = 2**31
 
 
-class _MaskedTCPAFunction(torch.autograd.Function):
+class _SelectedTCPAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prompt_k, prompt_v, prompt_mask, scale, renormalize, backend, deterministic):
-        return run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, Selection(mask=prompt_mask), scale,
-                           renormalize, deterministic)
+    def forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
+                deterministic):
+        return run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, Selection(mask, bits, pool_cls, len_cls, len_img),
+                           scale, renormalize, deterministic)
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("tcpa_attention")
-        return (*run_backward(ctx, grad_out), None, None, None, None, None)
+        return (*run_backward(ctx, grad_out), *([None] * 9))
 
 
 def check_kernel_limits(name, t, backend, dims, row_stride):
@@ -67,7 +68,7 @@ def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize, 
 
 
 def tcpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor,
-                   prompt_mask: torch.Tensor, *, scale: float | None = None, renormalize: bool = False,
+                   prompt_mask: torch.Tensor | Selection, *, scale: float | None = None, renormalize: bool = False,
                    backend: str = "auto", deterministic: bool = True) -> torch.Tensor:
     """Prompt-augmented attention of N query tokens over [P prompts ; N tokens] keys.
 
@@ -75,7 +76,9 @@ def tcpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: 
         q, k, v: ``[B, H, N, D]`` queries, keys and values of the real tokens (fp16/bf16/fp32; fp64 on the
             torch backend). Any b/h/n strides are read in place when q, k, v share them (timm's fused qkv).
         prompt_k, prompt_v: ``[H, P, D]`` prompt keys/values shared by the batch, or ``[B, H, P, D]``.
-        prompt_mask: bool ``[B, N, P]``; True where token n may use prompt p.
+        prompt_mask: bool ``[B, N, P]``, True where token n may use prompt p; or a
+            :class:`~tcpa_kernels.ops.selection.Selection` (selection words ``[B, N]`` with their pool layout, as
+            ``match_select`` returns them: no mask is built).
         scale: score scale (a finite number > 0), default ``1/sqrt(D)``.
         renormalize: False (default, the published method): unselected prompts stay in the softmax
             normaliser but contribute no value. True: ordinary masked softmax.
@@ -88,9 +91,15 @@ def tcpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: 
     """
     backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize,
                                                         deterministic)
-    check_tensor("prompt_mask", prompt_mask, ndim=3, dtypes=(torch.bool,))
-    if prompt_mask.device != q.device or tuple(prompt_mask.shape) != (B, N, P):
-        raise ValueError(f"prompt_mask: expected bool shape {(B, N, P)} on {q.device}, got {describe(prompt_mask)}")
-    return _MaskedTCPAFunction.apply(q, k, v, prompt_k, prompt_v, prompt_mask, scale, renormalize, backend,
-                                     deterministic)
+    if isinstance(prompt_mask, Selection):
+        check_selection(prompt_mask, B, N, P, q.device)
+        selection = prompt_mask
+    else:
+        check_tensor("prompt_mask", prompt_mask, ndim=3, dtypes=(torch.bool,))
+        if prompt_mask.device != q.device or tuple(prompt_mask.shape) != (B, N, P):
+            raise ValueError(f"prompt_mask: expected bool shape {(B, N, P)} on {q.device}, "
+                             f"got {describe(prompt_mask)}")
+        selection = Selection(mask=prompt_mask)
+    return _SelectedTCPAFunction.apply(q, k, v, prompt_k, prompt_v, *selection.op_args(), scale, renormalize, backend,
+                                       deterministic)
 

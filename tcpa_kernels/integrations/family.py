@@ -1,0 +1,188 @@
+"""What a block family tells ``apply_tcpa`` / ``apply_vpt``, and the block and attention mixins shared by families.
+
+A family is a block class (timm ``Block``, ``ResPostBlock``, ``EvaBlock`` ...) with:
+
+- ``tcpa``: the mixin its blocks get under TCPA. Most families use :class:`TCPABlockMixin`: the block's own forward
+  runs unchanged after ``TCPAPrompts.begin(x)`` has selected the prompts for its input, and each of its attention
+  modules (``sites``) is swapped to a TCPA attention that attends over [selected prompts ; tokens]. Families whose
+  attention is not a module of its own (timm ``ParallelScalingBlock``) or that have a leaner path (timm ``Block``)
+  bring their own block mixin.
+- ``sites(block)``: the (attention module, pre-attention transform of its input) pairs of a block; prompts go
+  through the transform, then the attention's own K/V projection (prompts as prefix tokens, without position).
+- ``vpt``: the mixin its blocks get under VPT (the prompts join the sequence, the block's own forward runs).
+- ``dense``: whether the published dense-mask baseline (``attention="dense"``) is implemented for it.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tcpa_kernels._patch import original_class, prompted_class, register_mixin
+from tcpa_kernels.integrations.prompts import TCPAPrompts
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFamily:
+    name: str
+    tcpa: type
+    vpt: type
+    sites: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] = lambda blk: []
+    dense: bool = False
+
+
+FAMILIES: dict[type, BlockFamily] = {}
+ATTENTION_MIXINS: dict[type, type] = {}  # attention class -> its TCPA attention mixin
+
+
+def register_family(block_class: type, family: BlockFamily) -> None:
+    FAMILIES[block_class] = family
+
+
+def family_of(blk: nn.Module) -> BlockFamily | None:
+    """The family of a block of exactly a registered class (a subclass may change the forward: not assumed)."""
+    return FAMILIES.get(type(blk))
+
+
+def unsupported_sites(blk: nn.Module) -> list[str]:
+    """Names of the block's attention modules no TCPA attention mixin covers."""
+    family = family_of(blk)
+    return [type(attn).__name__ for attn, _ in family.sites(blk) if type(attn) not in ATTENTION_MIXINS]
+
+
+@dataclasses.dataclass
+class Site:
+    """An attention module's link to its block's prompts (kept in the attention's ``__dict__``, not a submodule)."""
+
+    prompts: TCPAPrompts
+    prompt_norm: nn.Module  # prompt tokens [1, P, C] -> the attention's input
+
+
+def attach_sites(blk: nn.Module, family: BlockFamily) -> None:
+    """Link each attention module of the block to ``blk.tcpa`` and swap it to its TCPA attention class."""
+    for attn, prompt_norm in family.sites(blk):
+        attn.__dict__["_tcpa_site"] = Site(blk.tcpa, prompt_norm)
+        attn.__class__ = prompted_class(ATTENTION_MIXINS[type(attn)], type(attn))
+
+
+def detach_sites(blk: nn.Module) -> None:
+    """Undo ``attach_sites`` on every module of the block (also a partial attach)."""
+    for module in blk.modules():
+        if module is not blk and module.__dict__.pop("_tcpa_site", None) is not None:
+            module.__class__ = original_class(module)
+
+
+def reject_attn_mask(attn_mask, is_causal) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError("attn_mask/is_causal: prompted blocks do not take an attention mask, got "
+                         f"attn_mask={None if attn_mask is None else tuple(attn_mask.shape)}, is_causal={is_causal}")
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def attention_heads(attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None):
+    """q, k, v [B, H, S, D] of h [B, S, C] through a timm attention's projections (fused ``qkv`` with its bias or
+    EVA's separate q/v biases, or ``q_proj``/``k_proj``/``v_proj`` with grouped K/V heads), ``q_norm``/``k_norm``
+    and, when given, the rotary embedding of the tokens after ``attn.num_prefix_tokens``."""
+    B, S, _ = h.shape
+    H, D = attn.num_heads, attn.head_dim
+    if attn.qkv is not None:
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:  # EVA: q and v biases, a zero k bias
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        q, k, v = F.linear(h, attn.qkv.weight, bias).reshape(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        kv_heads = getattr(attn, "num_kv_heads", H)
+        q = attn.q_proj(h).reshape(B, S, H, D).transpose(1, 2)
+        k, v = (proj(h).reshape(B, S, kv_heads, D).transpose(1, 2) for proj in (attn.k_proj, attn.v_proj))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = (_rotate(attn, t, rope).type_as(v) for t in (q, k))
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:  # grouped-query attention: head h uses K/V head h // groups
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return q, k, v
+
+
+def _rotate(attn, t, rope):
+    from timm.layers import apply_rot_embed_cat
+
+    npt = attn.num_prefix_tokens
+    rotated = apply_rot_embed_cat(t[:, :, npt:], rope, half=getattr(attn, "rotate_half", False))
+    return torch.cat([t[:, :, :npt], rotated], dim=2)
+
+
+def attention_output(attn: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A timm attention after the softmax: out [B, N, H*D] through its norm, gate (from the input h) and proj."""
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def site_attention(attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """TCPA attention of a swapped attention module: h [B, N, C] -> [B, N, C_out]."""
+    site = attn._tcpa_site
+    q, k, v = attention_heads(attn, h, rope)  # [B, H, N, D]
+    out = site.prompts.attend(q, k, v, lambda p: attention_heads(attn, site.prompt_norm(p))[1:], scale=attn.scale)
+    return attention_output(attn, out.transpose(1, 2).flatten(2), h)
+
+
+@register_mixin
+class TCPAAttentionMixin:
+    """timm ``Attention`` attending over [selected prompts ; tokens]."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        reject_attn_mask(attn_mask, is_causal)
+        return site_attention(self, x, None)
+
+
+@register_mixin
+class TCPARopeAttentionMixin:
+    """timm ``EvaAttention`` / ``AttentionRope`` attending over [selected prompts ; tokens]; prompts get no rotation."""
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        reject_attn_mask(attn_mask, is_causal)
+        return site_attention(self, x, rope)
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+
+
+@register_mixin
+class TCPABlockMixin:
+    """A block whose own forward runs: its input selects the prompts, its swapped attention modules use them."""
+
+    def forward(self, x, *args, **kwargs):
+        reject_attn_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False))
+        self.tcpa.begin(x)
+        return super().forward(x, *args, **kwargs)
+
+
+@register_mixin
+class VPTMixin:
+    """VPT: prompts are ordinary tokens (queries too) for the block's own forward. x [B, N, C] -> [B, N, C].
+
+    The prompts go after the N real tokens (attention has no positions, so this is the published model) and the
+    block returns the real tokens only: features taken between blocks (``forward_intermediates``) hold no prompts.
+    Deep blocks bring their own prompts; without deep prompts the prompt tokens' output passes to the next block
+    through ``prompt_state.carry`` (per layer, so a checkpointed block recomputes with the prompts it had).
+    """
+
+    def forward(self, x, *args, **kwargs):
+        reject_attn_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False))
+        layer = self._prompt_layer
+        state, cfg = layer.state, layer.state.config
+        N = x.shape[1]
+        if "vpt_prompts" in self._parameters:
+            prompts = self.vpt_prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, C]
+            prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)
+        else:
+            prompts = state.carry[layer.index - 1]
+        x = super().forward(torch.cat([x, prompts], dim=1), *args, **kwargs)  # [B, N+P, C], the block's own forward
+        if not (cfg.deep or layer.is_last):
+            state.carry[layer.index] = x[:, N:]
+        return x[:, :N]

@@ -1,0 +1,195 @@
+"""``TCPAPrompts``: one layer's TCPA prompts as a module (TCPA_SPEC.md §1-§4), the piece every integration uses.
+
+It owns the layer's two prompt pools and their keys and does the layer's TCPA work around the user's attention:
+cosine matching of the block input against the keys, top-k selection per token (or a random k-subset), the
+matching-loss terms, the prompt tokens (after prompt dropout) and the fused attention op over [prompts ; tokens].
+What it needs from the attention that uses it: the queries, keys and values of the tokens, the block input, and a
+way to turn prompt tokens into keys and values (the block's own pre-attention norm and K/V projection: prompts are
+prefix tokens without position, so no rotary embedding).
+
+A hand-written ViT adds one per block and calls it in place of its softmax::
+
+    self.tcpa = TCPAPrompts(dim, num_prefix_tokens=1)                  # in the block's __init__
+    ...
+    def forward(self, x):                                              # the block, pre-norm
+        h = self.norm1(x)
+        q, k, v = self.attn.heads(h)                                   # [B, H, N, D] each
+        out = self.tcpa(q, k, v, x, lambda p: self.attn.heads(self.norm1(p))[1:])  # [B, H, N, D]
+        x = x + self.attn.proj(out.transpose(1, 2).flatten(2))
+        ...
+    loss = task_loss + matching_weight * get_matching_loss(model)      # sums every TCPAPrompts of the model
+
+Integrations that cannot call it in one place (the block computes the selection, its attention module attends)
+use the two halves: ``begin(x)`` once per block forward, then ``attend(q, k, v, project_kv, scale)``.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels._validate import check_flag, check_int, check_number, check_pool_config, check_tensor, describe
+from tcpa_kernels.ops._function import topk_bits_op
+from tcpa_kernels.ops.match_select import match_select
+from tcpa_kernels.ops.selection import Selection
+from tcpa_kernels.ops.tcpa_attention import tcpa_attention
+
+SELECTION_MODES = ("topk", "random")
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclasses.dataclass
+class PoolConfig:
+    """One layer's pools: sizes, top-k, prompt tokens per entry, prompt dropout, mask semantics, kernel backend."""
+
+    pool_size_cls: int = 18
+    pool_size_img: int = 18
+    topk_cls: int = 10
+    topk_img: int = 10
+    prompt_len_cls: int = 1
+    prompt_len_img: int = 1
+    prompt_dropout: float = 0.1
+    renormalize: bool = False
+    backend: str = "auto"
+
+    @property
+    def num_prompts(self) -> int:
+        return self.pool_size_cls * self.prompt_len_cls + self.pool_size_img * self.prompt_len_img
+
+    def validate(self, num_prefix_tokens: int) -> None:
+        for name in ("pool_size_cls", "pool_size_img"):
+            check_int(name, getattr(self, name), 1)
+        check_pool_config("", self.pool_size_cls, self.pool_size_img, self.topk_cls, self.topk_img,
+                          self.prompt_len_cls, self.prompt_len_img, num_prefix_tokens, num_prefix_tokens)
+        check_number("prompt_dropout", self.prompt_dropout, lo=0.0, hi=1.0)
+        check_flag("renormalize", self.renormalize)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
+
+
+RUNTIME = ("matching_terms", "_step")  # attributes that live for one forward: not pickled, not deep-copied
+
+
+class TCPAPrompts(nn.Module):
+    """One layer's TCPA prompt pools and the TCPA attention that uses them.
+
+    Parameters (initialised uniform(-1, 1) as published): ``keys_cls [Pc, C]``, ``keys_img [Pi, C]``,
+    ``prompts_cls [Pc, Lc, C]``, ``prompts_img [Pi, Li, C]``. The first ``num_prefix_tokens`` tokens (CLS,
+    registers) match the CLS pool, the others the image pool; each token uses the prompts of its top-k entries.
+
+    State of the last forward: ``matching_terms`` (``[B, N]`` fp32, their sum is this layer's matching loss; None
+    for random selection). ``selection_mode``: "topk" (cosine matching) or "random". Prompt dropout follows
+    ``self.training``.
+    """
+
+    def __init__(self, dim: int, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
+                 topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
+                 renormalize: bool = False, num_prefix_tokens: int = 1, backend: str = "auto",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        check_int("dim", dim, 1)
+        check_int("num_prefix_tokens", num_prefix_tokens, 0)
+        self.config = PoolConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
+                                 prompt_dropout, renormalize, backend)
+        self.config.validate(num_prefix_tokens)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.selection_mode = "topk"
+        shapes = dict(keys_cls=(pool_size_cls, dim), keys_img=(pool_size_img, dim),
+                      prompts_cls=(pool_size_cls, prompt_len_cls, dim),
+                      prompts_img=(pool_size_img, prompt_len_img, dim))
+        for name, shape in shapes.items():
+            value = torch.empty(shape, device=device, dtype=dtype).uniform_(-1.0, 1.0)
+            self.register_parameter(name, nn.Parameter(value))
+        self.matching_terms: Tensor | None = None
+        self._step: tuple[Selection, Tensor] | None = None
+
+    def __getstate__(self):
+        return {name: value for name, value in super().__getstate__().items() if name not in RUNTIME}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.matching_terms, self._step = None, None
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={self.keys_cls.shape[1]}, pools=({c.pool_size_cls}, {c.pool_size_img}), "
+                f"topk=({c.topk_cls}, {c.topk_img}), prompt_len=({c.prompt_len_cls}, {c.prompt_len_img}), "
+                f"num_prefix_tokens={self.num_prefix_tokens}")
+
+    def prompt_tokens(self) -> Tensor:
+        """This forward's prompt tokens: [P, C], CLS-pool prompts first, after prompt dropout (one mask)."""
+        tokens = torch.cat([self.prompts_cls.flatten(0, 1), self.prompts_img.flatten(0, 1)])
+        return F.dropout(tokens, self.config.prompt_dropout, training=self.training)
+
+    def selection(self, bits: Tensor) -> Selection:
+        c = self.config
+        return Selection(bits=bits, pool_cls=c.pool_size_cls, len_cls=c.prompt_len_cls, len_img=c.prompt_len_img)
+
+    def select(self, x: Tensor) -> Selection:
+        """Selection of every token of the block input x [B, N, C]; keeps the matching-loss terms."""
+        c = self.config
+        check_tensor("x", x, ndim=3)
+        if x.shape[2] != self.keys_cls.shape[1] or x.shape[1] < self.num_prefix_tokens:
+            raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {self.keys_cls.shape[1]}] (the block "
+                             f"input), got {describe(x)}")
+        backend = resolve_backend(c.backend, x.device)
+        if self.selection_mode == "random":
+            scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
+            bits = topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, c.topk_cls, c.topk_img, backend)
+            self.matching_terms = None
+        else:
+            bits, self.matching_terms = match_select(x, self.keys_cls, self.keys_img, topk_cls=c.topk_cls,
+                                                     topk_img=c.topk_img, num_prefix_tokens=self.num_prefix_tokens,
+                                                     backend=backend)
+        return self.selection(bits)
+
+    def begin(self, x: Tensor) -> None:
+        """First half of ``forward``, once per block forward: selects prompts for the block input x [B, N, C] and
+        draws this forward's prompt tokens; ``attend`` (one or more attentions of the block) uses both."""
+        self._step = (self.select(x), self.prompt_tokens())
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, project_kv: Callable[[Tensor], tuple[Tensor, Tensor]],
+               scale: float | None = None) -> Tensor:
+        """Second half of ``forward``: attention of the tokens over [selected prompts ; tokens] -> [B, H, N, D]."""
+        if self._step is None:
+            raise RuntimeError("TCPAPrompts.attend: call begin(x) with the block input first (or call the module)")
+        selection, tokens = self._step
+        prompt_k, prompt_v = project_kv(tokens[None])  # [1, H, P, D] each
+        P, H, D = tokens.shape[0], q.shape[1], q.shape[3]
+        for name, t in (("project_kv(prompts)[0]", prompt_k), ("project_kv(prompts)[1]", prompt_v)):
+            if tuple(t.shape) != (1, H, P, D):
+                raise ValueError(f"{name}: expected the prompts' keys/values [1, {H}, {P}, {D}] (heads of q), got "
+                                 f"{describe(t)}")
+        return tcpa_attention(q, k, v, prompt_k[0].to(q.dtype), prompt_v[0].to(q.dtype), selection, scale=scale,
+                              renormalize=self.config.renormalize, backend=self.config.backend)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor,
+                project_kv: Callable[[Tensor], tuple[Tensor, Tensor]], *, scale: float | None = None) -> Tensor:
+        """TCPA attention of one layer.
+
+        Args:
+            q, k, v: ``[B, H, N, D]`` the attention's queries, keys and values of the N tokens (after its q/k norms
+                and rotary embedding, if any).
+            x: ``[B, N, C]`` the block input (the residual stream before the attention's norm): matching reads it.
+            project_kv: prompt tokens ``[1, P, C]`` -> their keys and values ``[1, H, P, D]`` each, the way the
+                attention computes them for tokens: pre-attention norm, K/V projection, k norm; no position.
+            scale: score scale, default ``D ** -0.5``.
+
+        Returns:
+            ``[B, H, N, D]`` (a transposed view of a contiguous ``[B, N, H, D]`` tensor).
+        """
+        self.begin(x)
+        return self.attend(q, k, v, project_kv, scale)
+
+    def matching_loss(self) -> Tensor:
+        """This layer's matching loss of the last forward (a scalar; 0 for random selection or before a forward)."""
+        if self.matching_terms is None:
+            return self.keys_cls.new_zeros((), dtype=torch.float32)
+        return self.matching_terms.sum()
+
+
+def prompt_modules(model: nn.Module) -> list[TCPAPrompts]:
+    return [m for m in model.modules() if isinstance(m, TCPAPrompts)]

@@ -1,0 +1,132 @@
+"""Every supported timm block family: the patched model against the family's own forward on [prompts ; tokens].
+
+For each family (small models built without weights, fp64, torch backend):
+- every pool entry selected and ``renormalize=True``: the TCPA model equals the unpatched model whose blocks run on
+  [prompts ; tokens] with a per-pool attention mask through their own attention (``reference/prefix.py``);
+- top-k selection, both mask semantics: logits, matching loss and every trainable gradient equal that official-style
+  computation (the published post-softmax mask through an eager stand-in for SDPA);
+- ``remove_prompts`` gives back identical logits; ``torch.compile(fullgraph=True)`` runs without a graph break.
+"""
+
+import copy
+
+import pytest
+import torch
+from timm.models.eva import Eva
+from timm.models.vision_transformer import (
+    ParallelScalingBlock,
+    ParallelThingsBlock,
+    ResPostBlock,
+    VisionTransformer,
+)
+
+import tcpa_kernels as tk
+from reference.prefix import prefix_prompts
+
+SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=7)
+ROPE = dict(use_rot_pos_emb=True, ref_feat_shape=4, use_abs_pos_emb=False)
+
+FAMILIES = {
+    "vit_block": lambda: VisionTransformer(**SMALL, reg_tokens=1, qk_norm=True),
+    "vit_res_post_block": lambda: VisionTransformer(**SMALL, block_fn=ResPostBlock),
+    "vit_parallel_things_block": lambda: VisionTransformer(**SMALL, block_fn=ParallelThingsBlock, init_values=0.5),
+    "vit_parallel_scaling_block": lambda: VisionTransformer(**SMALL, block_fn=ParallelScalingBlock, qk_norm=True),
+    # EVA-02: RoPE, separate q/k/v projections, SwiGLU, scale norms
+    "eva02": lambda: Eva(**SMALL, **ROPE, qkv_fused=False, swiglu_mlp=True, scale_mlp=True),
+    # EVA with fused qkv and separate q/v biases, a class token and registers
+    "eva_fused_qkv_registers": lambda: Eva(**SMALL, **ROPE, num_reg_tokens=2, qkv_fused=True),
+    # DINOv3-style: AttentionRope, grouped K/V heads, registers, layer scale, dinov3 rope, half rotation
+    "eva_rope_gqa_dinov3": lambda: Eva(**(SMALL | dict(num_heads=4)), attn_type="rope", num_kv_heads=2,
+                                       qkv_fused=False, num_reg_tokens=2, init_values=0.5, use_rot_pos_emb=True,
+                                       use_abs_pos_emb=False, rope_type="dinov3", rope_rotate_half=True),
+    # Perception-Encoder-style: pre-transformer norm, gated attention, no class token (avg pool)
+    "eva_pe_gated": lambda: Eva(**SMALL, **ROPE, attn_type="rope", use_pre_transformer_norm=True, class_token=False,
+                                global_pool="avg"),
+    "eva_post_norm": lambda: Eva(**SMALL, **ROPE, use_post_norm=True),
+}
+POOLS = dict(pool_size_cls=3, pool_size_img=4, prompt_len_cls=2, prompt_len_img=1)
+LENS = dict(prompt_len_cls=2, prompt_len_img=1)
+TOPK = dict(topk_cls=2, topk_img=3)
+
+
+def plain_model(family, seed=0):
+    torch.manual_seed(seed)
+    return FAMILIES[family]().double().eval()
+
+
+def images(B=2, seed=1):
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def layer_params(model):
+    return [(b.tcpa.keys_cls, b.tcpa.keys_img, b.tcpa.prompts_cls, b.tcpa.prompts_img) for b in model.blocks]
+
+
+def prompted(family, topk, renormalize):
+    plain = plain_model(family)
+    model = tk.apply_tcpa(copy.deepcopy(plain), backend="torch", renormalize=renormalize, num_classes=5,
+                          **POOLS, **topk)
+    plain.head = model.head  # the new head, shared: its gradient is compared too
+    return plain, model
+
+
+def reference_forward(plain, model, x, topk, renormalize):
+    """Logits and matching loss of the official-style computation on the unpatched model."""
+    with prefix_prompts(plain.blocks, layer_params(model), **LENS, **topk, renormalize=renormalize,
+                        num_prefix_tokens=plain.num_prefix_tokens) as losses:
+        logits = plain(x)
+    return logits, sum(losses)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_entry_selected_equals_the_family_forward_with_a_pool_mask(family):
+    every = dict(topk_cls=POOLS["pool_size_cls"], topk_img=POOLS["pool_size_img"])
+    plain, model = prompted(family, every, renormalize=True)
+    x = images()
+    ref_logits, _ = reference_forward(plain, model, x, every, renormalize=True)
+    torch.testing.assert_close(model(x), ref_logits, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_topk_logits_loss_and_gradients_equal_fp64_official_style(family, renormalize):
+    plain, model = prompted(family, TOPK, renormalize)
+    x = images()
+    logits = model(x)
+    match = tk.get_matching_loss(model)
+    params = tk.trainable_parameters(model)
+    assert len(params) == 4 * len(model.blocks) + 2
+    grads = torch.autograd.grad(logits.square().sum() + match, params, allow_unused=True)
+
+    ref_logits, ref_match = reference_forward(plain, model, x, TOPK, renormalize)
+    ref_grads = torch.autograd.grad(ref_logits.square().sum() + ref_match, params, allow_unused=True)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(match, ref_match, atol=1e-12, rtol=1e-10)
+    assert sum(int(rg is not None and rg.abs().sum() > 0) for rg in ref_grads) >= len(params) // 2
+    for p, g, rg in zip(params, grads, ref_grads):  # None: unused (the CLS pool of a model without prefix tokens)
+        zero = torch.zeros_like(p)
+        torch.testing.assert_close(zero if g is None else g, zero if rg is None else rg, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_prompts_restores_identical_logits(family):
+    model = plain_model(family)
+    x = images()
+    before, keys = model(x), set(model.state_dict())
+    tk.apply_tcpa(model, backend="torch", **POOLS, **TOPK)
+    assert not torch.allclose(model(x), before)
+    tk.remove_prompts(model)
+    assert set(model.state_dict()) == keys
+    assert torch.equal(model(x), before)
+
+
+@pytest.mark.parametrize("family", ["vit_res_post_block", "vit_parallel_scaling_block", "eva_rope_gqa_dinov3"])
+def test_compile_fullgraph(family):
+    model = tk.apply_tcpa(plain_model(family).float(), backend="torch", **POOLS, **TOPK)
+    x = images().float()
+    eager = model(x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    (out.sum() + tk.get_matching_loss(model)).backward()
+    assert model.blocks[0].tcpa.prompts_img.grad.abs().sum() > 0
