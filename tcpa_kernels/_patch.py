@@ -47,9 +47,14 @@ def original_class(obj: nn.Module) -> type:
 def __getattr__(name: str) -> type:
     """Pickle's lookup of a generated class in a process that has not made it yet."""
     mixin_name, sep, path = name.partition("[")
-    if not sep or mixin_name not in MIXINS or not path.endswith("]"):
+    if not sep or not path.endswith("]"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     module_name, _, qualname = path[:-1].replace("/", ".").partition(":")
+    from tcpa_kernels.integrations.models import load_integrations
+
+    load_integrations(module_name)  # registers the mixins of that package's integration
+    if mixin_name not in MIXINS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     base = importlib.import_module(module_name)
     for part in qualname.split("."):
         base = getattr(base, part)

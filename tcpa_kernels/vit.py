@@ -19,22 +19,17 @@ import dataclasses
 import math
 
 import torch
-from timm.models.eva import Eva
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-import tcpa_kernels.integrations.timm_eva  # noqa: F401  (registers the Eva block families)
-import tcpa_kernels.integrations.timm_vit  # noqa: F401  (registers the VisionTransformer block families)
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
 from tcpa_kernels._validate import check_flag, check_int, check_number
 from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_sites
+from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_family
 from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
 
-MODELS = (VisionTransformer, Eva)
 ATTENTION_MODES = ("fused", "dense")
 VPT_PARAMS = ("vpt_prompts",)
-HEADS = ("head", "head_dist")
 
 
 @dataclasses.dataclass
@@ -44,13 +39,13 @@ class TCPAConfig(PoolConfig):
     num_classes: int | None = None
     attention: str = "fused"
 
-    def validate(self, model):
-        super().validate(model.num_prefix_tokens)
+    def validate(self, model, models: ModelFamily):
+        super().validate(models.num_prefix_tokens(model))
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 0)
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
-        family = family_of(model.blocks[0])
+        family = family_of(models.blocks(model)[0])
         if self.attention == "dense" and not family.dense:
             raise ValueError(f"attention: 'dense' (the published implementation's baseline) is implemented for "
                              f"timm Block only, got a model of {family.name} blocks; use 'fused'")
@@ -64,7 +59,7 @@ class VPTConfig:
     prompt_dropout: float = 0.1
     num_classes: int | None = None
 
-    def validate(self, model):
+    def validate(self, model, models: ModelFamily):
         check_int("num_prompts", self.num_prompts, 1)
         check_flag("deep", self.deep)
         _check_common(self)
@@ -146,17 +141,20 @@ class PromptedMixin:
 # ------------------------------------------------------------------------------------------- patching
 
 
-def _check_model(model):
-    if not isinstance(model, MODELS):
-        raise TypeError(f"model: expected a timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViT, DINOv3, "
-                        f"PE), got {type(model).__name__}")
+def _check_model(model) -> ModelFamily:
+    """The model's family, after checking that every block can be prompted."""
+    models = model_family(model)
+    if models is None:
+        raise TypeError(f"model: expected a {SUPPORTED} (README, 'Supported models'), got "
+                        f"{type(model).__module__}.{type(model).__name__}")
     if hasattr(model, "prompt_state"):
         raise ValueError(f"model: already has {model.prompt_state.method} prompts; call remove_prompts(model) first")
     if any(is_fully_sharded(m) for m in model.modules()):
         raise ValueError("model: fully_shard (FSDP2) was already applied; add prompts first, then shard, so the "
                          "prompt parameters are sharded with the rest")
-    first = family_of(model.blocks[0])
-    for i, blk in enumerate(model.blocks):
+    blocks = models.blocks(model)
+    first = family_of(blocks[0])
+    for i, blk in enumerate(blocks):
         family = family_of(blk)
         if family is None or unsupported_sites(blk):
             raise TypeError(f"model.blocks[{i}]: no TCPA/VPT integration for {type(blk).__name__} (attention: "
@@ -165,6 +163,7 @@ def _check_model(model):
         if family is not first:
             raise TypeError(f"model.blocks[{i}]: expected every block of one family ({first.name}), got "
                             f"{type(blk).__name__}")
+    return models
 
 
 def _target(model):
@@ -177,52 +176,52 @@ def _target(model):
     return inner
 
 
-def _reference_param(model):
+def _reference_param(blocks):
     """A backbone parameter: the device and dtype new prompts and heads get."""
-    param = next(model.patch_embed.parameters(), None)
-    return param if param is not None else next(model.parameters())
+    return next(blocks[0].parameters())
 
 
-def _attach(model, method, config, make_additions):
+def _attach(model, models, method, config, make_additions):
     """Freeze the backbone, add per-block modules/parameters from make_additions(i, block), swap classes, reset the
     head. Nothing is changed before every argument is checked; a failure on the way undoes what was done."""
-    config.validate(model)
-    ref = _reference_param(model)
-    state = PromptState(method=method, config=config, num_prefix_tokens=model.num_prefix_tokens,
-                        blocks=list(model.blocks), original_num_classes=model.num_classes)
+    config.validate(model, models)
+    blocks = list(models.blocks(model))
+    ref = _reference_param(blocks)
+    state = PromptState(method=method, config=config, num_prefix_tokens=models.num_prefix_tokens(model),
+                        blocks=blocks, original_num_classes=models.num_classes(model))
     state.original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    state.original_heads = {name: getattr(model, name) for name in HEADS
+    state.original_heads = {name: getattr(model, name) for name in models.heads
                             if isinstance(getattr(model, name, None), nn.Module)}
     additions = [{name: value.to(device=ref.device, dtype=ref.dtype) for name, value in make_additions(i, blk).items()}
-                 for i, blk in enumerate(model.blocks)]
-    family = family_of(model.blocks[0])
+                 for i, blk in enumerate(blocks)]
+    family = family_of(blocks[0])
     training = model.training
     try:
         model.requires_grad_(False)
-        for i, (blk, added) in enumerate(zip(model.blocks, additions)):
+        for i, (blk, added) in enumerate(zip(blocks, additions)):
             for name, value in added.items():
                 if isinstance(value, nn.Module):
                     blk.add_module(name, value)
                 else:
                     blk.register_parameter(name, nn.Parameter(value))
-            blk._prompt_layer = _LayerRef(state, i, i == len(model.blocks) - 1)
+            blk._prompt_layer = _LayerRef(state, i, i == len(blocks) - 1)
             if method == "tcpa":
                 attach_sites(blk, family)
             blk.__class__ = prompted_class(family.tcpa if method == "tcpa" else family.vpt, type(blk))
         if config.num_classes is not None:
-            model.reset_classifier(config.num_classes)
+            models.reset_head(model, config.num_classes)
         for name in state.original_heads:
             getattr(model, name).to(device=ref.device, dtype=ref.dtype).requires_grad_(True)
         model.prompt_state = state
         model.__class__ = prompted_class(PromptedMixin, type(model))
         model.train(training)
     except BaseException:
-        _detach(model, state, training)
+        _detach(model, models, state, training)
         raise
     return model
 
 
-def _detach(model, state, training):
+def _detach(model, models, state, training):
     """Undo _attach, also a partial one: classes, added modules and parameters, heads, requires_grad flags, train
     mode."""
     for blk in state.blocks:
@@ -234,9 +233,9 @@ def _detach(model, state, training):
     current = {name: getattr(model, name) for name in state.original_heads}
     for name, head in state.original_heads.items():  # in the dtype/device the model was moved to meanwhile
         like = next(current[name].parameters(), None)
-        like = like if like is not None else _reference_param(model)
+        like = like if like is not None else _reference_param(state.blocks)
         setattr(model, name, head.to(device=like.device, dtype=like.dtype))
-    model.num_classes = state.original_num_classes
+    models.set_num_classes(model, state.original_num_classes)
     for name, p in model.named_parameters():
         p.requires_grad_(state.original_requires_grad.get(name, p.requires_grad))
     model.__dict__.pop("prompt_state", None)
@@ -266,15 +265,17 @@ def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int 
     published. The backbone is frozen and stays in eval mode; prompts, keys and the head train.
     """
     model = _target(model)
-    _check_model(model)
+    models = _check_model(model)
     config = TCPAConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
                         prompt_dropout, renormalize, backend, num_classes, attention)
     pools = {f.name: getattr(config, f.name) for f in dataclasses.fields(PoolConfig)}
 
-    def make_prompts(i, blk):
-        return {"tcpa": TCPAPrompts(model.embed_dim, num_prefix_tokens=model.num_prefix_tokens, **pools)}
+    dim, num_prefix_tokens = models.embed_dim(model), models.num_prefix_tokens(model)
 
-    return _attach(model, "tcpa", config, make_prompts)
+    def make_prompts(i, blk):
+        return {"tcpa": TCPAPrompts(dim, num_prefix_tokens=num_prefix_tokens, **pools)}
+
+    return _attach(model, models, "tcpa", config, make_prompts)
 
 
 def apply_vpt(model: nn.Module, *, num_prompts: int, deep: bool = True, prompt_dropout: float = 0.1,
@@ -287,17 +288,17 @@ def apply_vpt(model: nn.Module, *, num_prompts: int, deep: bool = True, prompt_d
     a = sqrt(6 / (3*patch_area + C)), as in the VPT code. Dropout on prompts is per sample as in VPT.
     """
     model = _target(model)
-    _check_model(model)
+    models = _check_model(model)
     config = VPTConfig(num_prompts, deep, prompt_dropout, num_classes)
-    patch_area = math.prod(model.patch_embed.patch_size)
-    bound = math.sqrt(6.0 / float(3 * patch_area + model.embed_dim))
+    embed_dim = models.embed_dim(model)
+    bound = math.sqrt(6.0 / float(3 * models.patch_area(model) + embed_dim))
 
     def make_params(i, blk):
         if i > 0 and not deep:
             return {}
-        return {"vpt_prompts": torch.empty(num_prompts, model.embed_dim).uniform_(-bound, bound)}
+        return {"vpt_prompts": torch.empty(num_prompts, embed_dim).uniform_(-bound, bound)}
 
-    return _attach(model, "vpt", config, make_params)
+    return _attach(model, models, "vpt", config, make_params)
 
 
 def remove_prompts(model: nn.Module) -> nn.Module:
@@ -310,7 +311,7 @@ def remove_prompts(model: nn.Module) -> nn.Module:
             where = "model" if i == 0 else f"model.blocks[{i - 1}]"
             raise ValueError(f"{where}: its class was changed after the prompts were added (now "
                              f"{type(blk).__name__}, e.g. by fully_shard); remove the prompts before that")
-    _detach(inner, state, inner.training)
+    _detach(inner, model_family(inner), state, inner.training)
     return model
 
 

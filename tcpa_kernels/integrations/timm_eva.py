@@ -8,7 +8,7 @@ attention does it (after its ``num_prefix_tokens``).
 """
 
 from timm.layers import AttentionRope
-from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 
 from tcpa_kernels.integrations.family import (
@@ -19,7 +19,10 @@ from tcpa_kernels.integrations.family import (
     VPTMixin,
     register_family,
 )
+from tcpa_kernels.integrations.models import register_model
+from tcpa_kernels.integrations.timm_vit import timm_model_family
 
+register_model(Eva, timm_model_family("timm Eva"))
 ATTENTION_MIXINS[EvaAttention] = TCPARopeAttentionMixin
 ATTENTION_MIXINS[AttentionRope] = TCPARopeAttentionMixin
 register_family(EvaBlock, BlockFamily("timm EvaBlock (pre-norm, RoPE)", TCPABlockMixin, VPTMixin,

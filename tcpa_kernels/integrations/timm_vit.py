@@ -8,9 +8,17 @@ layer come from one batched GEMM per forward (``_prompt_kv``). The other blocks 
 fused attention op (``family.TCPABlockMixin``), with each layer's prompt K/V projected by its own modules.
 """
 
+import math
+
 import torch
 from timm.layers import Attention
-from timm.models.vision_transformer import Block, ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
+from timm.models.vision_transformer import (
+    Block,
+    ParallelScalingBlock,
+    ParallelThingsBlock,
+    ResPostBlock,
+    VisionTransformer,
+)
 from torch import nn
 
 from tcpa_kernels._backend import resolve_backend
@@ -27,6 +35,7 @@ from tcpa_kernels.integrations.family import (
     register_family,
     reject_attn_mask,
 )
+from tcpa_kernels.integrations.models import ModelFamily, register_model
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
 from tcpa_kernels.ops.match_select import match_select, norm_match_select
@@ -141,6 +150,20 @@ class TCPAParallelScalingMixin:
         return self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2), x_mlp
 
 
+def timm_model_family(name: str) -> ModelFamily:
+    """A timm model (``VisionTransformer``, ``Eva``): ``blocks``, ``num_prefix_tokens``, ``embed_dim``, ``head`` (and
+    DeiT's ``head_dist``), ``reset_classifier``."""
+
+    def set_num_classes(model, n):
+        model.num_classes = n
+
+    return ModelFamily(name, blocks=lambda m: m.blocks, num_prefix_tokens=lambda m: m.num_prefix_tokens,
+                       embed_dim=lambda m: m.embed_dim, patch_area=lambda m: math.prod(m.patch_embed.patch_size),
+                       heads=("head", "head_dist"), num_classes=lambda m: m.num_classes,
+                       reset_head=lambda m, n: m.reset_classifier(n), set_num_classes=set_num_classes)
+
+
+register_model(VisionTransformer, timm_model_family("timm VisionTransformer"))
 ATTENTION_MIXINS[Attention] = TCPAAttentionMixin
 register_family(Block, BlockFamily("timm Block (pre-norm)", TCPAMixin, VPTMixin, dense=True))
 register_family(ResPostBlock, BlockFamily("timm ResPostBlock (post-norm)", TCPABlockMixin, VPTMixin,

@@ -1,0 +1,69 @@
+"""What a model family tells ``apply_tcpa`` / ``apply_vpt``: where its blocks, prefix tokens and heads are.
+
+A :class:`ModelFamily` is registered per model class (``register_model``); ``model_family(model)`` finds the one of
+a model, importing the integration of the package the model's class comes from (timm, transformers, open_clip) on
+first use, so optional dependencies are imported only by people who use them. Block-level behaviour (how a block
+runs with prompts) is the block families' business (``family.py``).
+"""
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+# top-level package of a model's class -> the integration modules that register its families
+INTEGRATIONS = {
+    "timm": ("tcpa_kernels.integrations.timm_vit", "tcpa_kernels.integrations.timm_eva"),
+    "transformers": ("tcpa_kernels.integrations.hf",),
+    "open_clip": ("tcpa_kernels.integrations.open_clip",),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """How to reach into one model class.
+
+    - ``blocks(model)``: the transformer blocks, in order (every one is prompted);
+    - ``num_prefix_tokens(model)``: tokens before the patches (CLS, registers, distillation) at the blocks' input;
+    - ``embed_dim(model)``: the residual stream's width C;
+    - ``patch_area(model)``: pixels per patch (VPT's prompt initialisation);
+    - ``heads``: attribute names of the classification heads (each a module or absent);
+    - ``num_classes(model)`` / ``reset_head(model, n)``: read / replace the classes of the head(s) (``reset_head``
+      also restores ``num_classes`` when ``remove_prompts`` puts the original heads back, with ``n`` = the old count).
+    """
+
+    name: str
+    blocks: Callable[[nn.Module], nn.ModuleList]
+    num_prefix_tokens: Callable[[nn.Module], int]
+    embed_dim: Callable[[nn.Module], int]
+    patch_area: Callable[[nn.Module], int]
+    heads: tuple[str, ...]
+    num_classes: Callable[[nn.Module], int]
+    reset_head: Callable[[nn.Module, int], None]
+    set_num_classes: Callable[[nn.Module, int], None]
+
+
+MODEL_FAMILIES: dict[type, ModelFamily] = {}
+
+
+def register_model(model_class: type, family: ModelFamily) -> None:
+    MODEL_FAMILIES[model_class] = family
+
+
+def load_integrations(module_name: str) -> None:
+    """Import the integrations for classes of ``module_name``'s top-level package (no-op for other packages)."""
+    for integration in INTEGRATIONS.get(module_name.partition(".")[0], ()):
+        importlib.import_module(integration)
+
+
+def model_family(model: nn.Module) -> ModelFamily | None:
+    """The family of the nearest registered class in ``type(model)``'s MRO (subclasses keep the model layout)."""
+    load_integrations(type(model).__module__)
+    for cls in type(model).__mro__:
+        if cls in MODEL_FAMILIES:
+            return MODEL_FAMILIES[cls]
+    return None
+
+
+SUPPORTED = "timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViTs, DINOv3, PE)"
