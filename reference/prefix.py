@@ -44,46 +44,75 @@ def dense_mask(prompt_mask, renormalize):
 
 
 @contextlib.contextmanager
-def prefix_prompts(blocks, layer_params, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
-                   num_prefix_tokens=1, renormalize=False):
-    """While active, block i of ``blocks`` runs on [prompts_i ; x] with the TCPA mask of x.
+def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False):
+    """While active, block i of ``blocks`` runs on [prompts ; x] with ``attn_mask`` given by ``layer_inputs[i](x)``
+    -> (prompts [P, C], mask [B, 1, P+N, P+N] or None); its output is its last N tokens. With
+    ``post_softmax_mask`` the masks multiply the softmax (``dense_sdpa``). The blocks must be in eval mode."""
+    handles, saved = [], []
+    for blk, layer_input in zip(blocks, layer_inputs, strict=True):
+        counted = [m for m in blk.modules() if isinstance(getattr(m, "num_prefix_tokens", None), int)]  # RoPE attn
+        fused = [m for m in blk.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+        saved += [(m, "num_prefix_tokens", m.num_prefix_tokens) for m in counted]
+        saved += [(m, "fused_attn", m.fused_attn) for m in fused]
+        for m in fused:
+            m.fused_attn = True  # the SDPA call, which dense_sdpa can stand in for
+        num_prompts = []
 
-    layer_params[i] = (keys_cls [Pc, C], keys_img [Pi, C], prompts_cls [Pc, Lc, C], prompts_img [Pi, Li, C]).
-    Yields a list that receives each layer's matching loss in order. The blocks must be in eval mode.
-    """
-    losses, handles, saved = [], [], []
-    match_kw = dict(topk_cls=topk_cls, topk_img=topk_img, prompt_len_cls=prompt_len_cls,
-                    prompt_len_img=prompt_len_img, num_prefix_tokens=num_prefix_tokens)
-
-    for blk, (keys_cls, keys_img, prompts_cls, prompts_img) in zip(blocks, layer_params, strict=True):
-        prompts = torch.cat([prompts_cls.flatten(0, 1), prompts_img.flatten(0, 1)])  # [P, C]
-        P = prompts.shape[0]
-
-        def before(module, args, kwargs, prompts=prompts, keys=(keys_cls, keys_img)):
+        def before(module, args, kwargs, layer_input=layer_input, counted=counted, num_prompts=num_prompts):
             x, *rest = args
-            mask, loss = match_prompts_ref(x, *keys, **match_kw)
-            losses.append(loss)
+            prompts, mask = layer_input(x)
+            num_prompts[:] = [prompts.shape[0]]
+            for m, prefix in zip(counted, [m.num_prefix_tokens for m in counted]):
+                m.num_prefix_tokens = prefix + prompts.shape[0]  # set back after this block's forward
             seq = torch.cat([prompts[None].expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, P+N, C]
-            return (seq, *rest), kwargs | {"attn_mask": dense_mask(mask, renormalize)}
+            return (seq, *rest), kwargs | {"attn_mask": mask}
 
-        def after(module, args, kwargs, out, P=P):
-            return out[:, P:]
+        def after(module, args, kwargs, out, counted=counted, num_prompts=num_prompts):
+            for m in counted:
+                m.num_prefix_tokens -= num_prompts[0]
+            return out[:, num_prompts[0]:]
 
         handles.append(blk.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(blk.register_forward_hook(after, with_kwargs=True))
-        for m in blk.modules():
-            for name, value in (("num_prefix_tokens", P), ("fused_attn", None)):
-                if isinstance(getattr(m, name, None), bool | int):
-                    saved.append((m, name, getattr(m, name)))
-                    setattr(m, name, True if value is None else getattr(m, name) + value)
     original_sdpa = F.scaled_dot_product_attention
-    if not renormalize:
+    if post_softmax_mask:
         F.scaled_dot_product_attention = dense_sdpa
     try:
-        yield losses
+        yield
     finally:
         F.scaled_dot_product_attention = original_sdpa
         for handle in handles:
             handle.remove()
         for m, name, value in saved:
             setattr(m, name, value)
+
+
+@contextlib.contextmanager
+def prefix_prompts(blocks, layer_params, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
+                   num_prefix_tokens=1, renormalize=False):
+    """TCPA: while active, block i of ``blocks`` runs on [prompts_i ; x] with the TCPA mask of x.
+
+    layer_params[i] = (keys_cls [Pc, C], keys_img [Pi, C], prompts_cls [Pc, Lc, C], prompts_img [Pi, Li, C]).
+    Yields a list that receives each layer's matching loss in order.
+    """
+    losses = []
+    match_kw = dict(topk_cls=topk_cls, topk_img=topk_img, prompt_len_cls=prompt_len_cls,
+                    prompt_len_img=prompt_len_img, num_prefix_tokens=num_prefix_tokens)
+
+    def layer_input(keys_cls, keys_img, prompts_cls, prompts_img):
+        prompts = torch.cat([prompts_cls.flatten(0, 1), prompts_img.flatten(0, 1)])  # [P, C]
+
+        def make(x):
+            mask, loss = match_prompts_ref(x, keys_cls, keys_img, **match_kw)
+            losses.append(loss)
+            return prompts, dense_mask(mask, renormalize)
+
+        return make
+
+    with prefix_hooks(blocks, [layer_input(*params) for params in layer_params], post_softmax_mask=not renormalize):
+        yield losses
+
+
+def deep_vpt_prompts(blocks, layer_prompts):
+    """VPT-deep: while active, block i runs on [prompts_i ; x] (prompts [P, C], queries too, no mask)."""
+    return prefix_hooks(blocks, [lambda x, p=prompts: (p, None) for prompts in layer_prompts])

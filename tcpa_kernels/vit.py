@@ -63,9 +63,6 @@ class VPTConfig:
         check_int("num_prompts", self.num_prompts, 1)
         check_flag("deep", self.deep)
         _check_common(self)
-        if getattr(model, "rope", None) is not None:
-            raise ValueError(f"model: VPT on a RoPE model ({type(model).__name__} with rope) is not supported yet "
-                             "(prompts would need the rotary offset of prefix tokens); apply_tcpa supports it")
 
 
 def _check_common(config):
@@ -284,7 +281,7 @@ def apply_vpt(model: nn.Module, *, num_prompts: int, deep: bool = True, prompt_d
 
     ``num_prompts`` prompt tokens join the sequence; with ``deep=True`` every block replaces them with its own
     (``blocks.{i}.vpt_prompts [P, C]``), else only block 0 has prompts. Prompts are queries too and each block runs
-    its own forward (timm's SDPA attention); not yet for RoPE models. Initialisation: uniform(-a, a),
+    its own forward (RoPE models: the prompts get no rotation). Initialisation: uniform(-a, a),
     a = sqrt(6 / (3*patch_area + C)), as in the VPT code. Dropout on prompts is per sample as in VPT.
     """
     model = _target(model)

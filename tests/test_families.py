@@ -5,7 +5,8 @@ For each family (small models built without weights, fp64, torch backend):
   [prompts ; tokens] with a per-pool attention mask through their own attention (``reference/prefix.py``);
 - top-k selection, both mask semantics: logits, matching loss and every trainable gradient equal that official-style
   computation (the published post-softmax mask through an eager stand-in for SDPA);
-- ``remove_prompts`` gives back identical logits; ``torch.compile(fullgraph=True)`` runs without a graph break.
+- ``remove_prompts`` gives back identical logits; ``torch.compile(fullgraph=True)`` runs without a graph break;
+- VPT-deep equals the family's own forward on [prompts ; tokens] (RoPE: prompts without rotation).
 """
 
 import copy
@@ -21,7 +22,7 @@ from timm.models.vision_transformer import (
 )
 
 import tcpa_kernels as tk
-from reference.prefix import prefix_prompts
+from reference.prefix import deep_vpt_prompts, prefix_prompts
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=7)
 ROPE = dict(use_rot_pos_emb=True, ref_feat_shape=4, use_abs_pos_emb=False)
@@ -130,3 +131,20 @@ def test_compile_fullgraph(family):
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     (out.sum() + tk.get_matching_loss(model)).backward()
     assert model.blocks[0].tcpa.prompts_img.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vpt_deep_equals_the_family_forward_on_prefix_prompts(family):
+    plain = plain_model(family)
+    model = tk.apply_vpt(copy.deepcopy(plain), num_prompts=3, num_classes=5)
+    plain.head = model.head
+    x = images()
+    logits = model(x)
+    params = tk.trainable_parameters(model)
+    grads = torch.autograd.grad(logits.square().sum(), params)
+    with deep_vpt_prompts(plain.blocks, [blk.vpt_prompts for blk in model.blocks]):
+        ref_logits = plain(x)
+    ref_grads = torch.autograd.grad(ref_logits.square().sum(), params)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-9)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-9, rtol=1e-7)

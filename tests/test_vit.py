@@ -200,7 +200,7 @@ def test_deit_distilled():
 
 
 def test_clear_errors():
-    with pytest.raises(TypeError, match=r"model: expected a timm VisionTransformer .* got torch.nn.modules.linear.Linear"):
+    with pytest.raises(TypeError, match=r"model: expected a timm VisionTransformer .* got torch.nn.modules.linear"):
         tk.apply_tcpa(torch.nn.Linear(3, 3))
     with pytest.raises(TypeError, match=r"model.blocks\[0\]: no TCPA/VPT integration for DiffParallelScalingBlock"):
         tk.apply_tcpa(small_vit(block_fn=DiffParallelScalingBlock))
