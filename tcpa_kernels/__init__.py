@@ -3,10 +3,11 @@
 Public API (TCPA_SPEC.md §5): ``tcpa_attention``, ``match_prompts``, ``TCPAAttention`` /
 ``tcpa_fused_attention``, ``match_scores``, ``matching_loss``; the lean model-level pair ``match_select``
 (matching, top-k and loss terms in one op) and ``tcpa_packed_attention`` (on timm's packed qkv, with a
-``Selection``).
+``Selection``); ``TCPAPrompts``, one layer's prompts and TCPA attention as a module for hand-written ViTs.
 """
 
 from tcpa_kernels.checkpoint import load_prompts, save_prompts
+from tcpa_kernels.integrations.prompts import TCPAPrompts
 from tcpa_kernels.ops.fused import TCPAAttention, tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import match_prompts, match_scores, matching_loss
 from tcpa_kernels.ops.match_select import match_select
@@ -29,7 +30,7 @@ from tcpa_kernels.vit import (
 __version__ = "0.1.0"
 __all__ = [
     "tcpa_attention", "match_prompts", "match_scores", "matching_loss", "match_select", "tcpa_packed_attention",
-    "Selection", "TCPAAttention", "tcpa_fused_attention",
+    "Selection", "TCPAAttention", "tcpa_fused_attention", "TCPAPrompts",
     "apply_tcpa", "apply_vpt", "remove_prompts", "remove_tcpa", "get_matching_loss", "set_selection",
     "trainable_parameters", "save_prompts", "load_prompts", "TCPAConfig", "VPTConfig", "PromptState",
 ]

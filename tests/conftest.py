@@ -83,3 +83,16 @@ def poison_buffers(monkeypatch):
 
     for module in (_attention_kernels, _function, _torch_attention, packed, selection, _selection_kernels):
         monkeypatch.setattr(module, "torch", _PoisonedTorch())
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
