@@ -29,7 +29,6 @@ from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_famil
 from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
 
 ATTENTION_MODES = ("fused", "dense")
-VPT_PARAMS = ("vpt_prompts",)
 
 
 @dataclasses.dataclass
