@@ -25,7 +25,7 @@ from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
 from tcpa_kernels._validate import check_flag, check_int, check_number
 from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_sites
-from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_family
+from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_family, refusal
 from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
 
 ATTENTION_MODES = ("fused", "dense")
@@ -142,7 +142,7 @@ def _check_model(model) -> ModelFamily:
     models = model_family(model)
     if models is None:
         raise TypeError(f"model: expected a {SUPPORTED} (README, 'Supported models'), got "
-                        f"{type(model).__module__}.{type(model).__name__}")
+                        f"{type(model).__module__}.{type(model).__name__}{refusal(model)}")
     if hasattr(model, "prompt_state"):
         raise ValueError(f"model: already has {model.prompt_state.method} prompts; call remove_prompts(model) first")
     if any(is_fully_sharded(m) for m in model.modules()):
@@ -153,9 +153,9 @@ def _check_model(model) -> ModelFamily:
     for i, blk in enumerate(blocks):
         family = family_of(blk)
         if family is None or unsupported_sites(blk):
-            raise TypeError(f"model.blocks[{i}]: no TCPA/VPT integration for {type(blk).__name__} (attention: "
-                            f"{[type(m).__name__ for m in blk.children()]}); supported blocks: README, 'Supported "
-                            "models'")
+            raise TypeError(f"model.blocks[{i}]: no TCPA/VPT integration for {type(blk).__name__} (children: "
+                            f"{[type(m).__name__ for m in blk.children()]}){refusal(blk)}; supported blocks: README, "
+                            "'Supported models'")
         if family is not first:
             raise TypeError(f"model.blocks[{i}]: expected every block of one family ({first.name}), got "
                             f"{type(blk).__name__}")

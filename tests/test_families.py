@@ -148,3 +148,26 @@ def test_vpt_deep_equals_the_family_forward_on_prefix_prompts(family):
     torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-9)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("naflexvit_base_patch16_gap", "per-sample key-padding masks"),
+    ("beit_base_patch16_224", "relative-position bias"),
+    ("vit_relpos_base_patch16_224", "relative-position bias"),
+])
+def test_refused_models_say_why(name, reason):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, depth=1, img_size=32)
+    with pytest.raises(TypeError, match=f"model: expected a timm VisionTransformer .*{reason}"):
+        tk.apply_tcpa(model)
+    assert not any(p.requires_grad is False for p in model.parameters())
+
+
+def test_refused_block_says_why():
+    from timm.models.vision_transformer import DiffParallelScalingBlock
+
+    model = VisionTransformer(**SMALL, block_fn=DiffParallelScalingBlock)
+    with pytest.raises(TypeError, match=r"model.blocks\[0\]: no TCPA/VPT integration for DiffParallelScalingBlock "
+                                        r".*subtracts two softmaxes"):
+        tk.apply_vpt(model, num_prompts=2)

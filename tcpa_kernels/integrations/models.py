@@ -46,6 +46,18 @@ class ModelFamily:
 
 MODEL_FAMILIES: dict[type, ModelFamily] = {}
 
+_ADDITIVE_BIAS = ("adds a relative-position bias to every (query, key) score; the TCPA op has no additive token "
+                  "bias (and prompts would need a bias of their own)")
+# "module.Class" of a model or block -> why apply_tcpa / apply_vpt refuse it
+REFUSED = {
+    "timm.models.naflexvit.NaFlexVit": "its batches carry per-sample key-padding masks (variable token counts); "
+                                       "the TCPA op has no key-padding length",
+    "timm.models.beit.Beit": _ADDITIVE_BIAS,
+    "timm.models.vision_transformer_relpos.VisionTransformerRelPos": _ADDITIVE_BIAS,
+    "timm.models.vision_transformer.DiffParallelScalingBlock": "differential attention subtracts two softmaxes per "
+                                                               "head; the TCPA op computes one",
+}
+
 
 def register_model(model_class: type, family: ModelFamily) -> None:
     MODEL_FAMILIES[model_class] = family
@@ -64,6 +76,15 @@ def model_family(model: nn.Module) -> ModelFamily | None:
         if cls in MODEL_FAMILIES:
             return MODEL_FAMILIES[cls]
     return None
+
+
+def refusal(module: nn.Module) -> str:
+    """Why the model's or block's class is refused ("" when no reason is known)."""
+    for cls in type(module).__mro__:
+        reason = REFUSED.get(f"{cls.__module__}.{cls.__qualname__}")
+        if reason:
+            return f": {reason}"
+    return ""
 
 
 SUPPORTED = "timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViTs, DINOv3, PE)"

@@ -1,0 +1,227 @@
+"""Hugging Face ``transformers`` (v5) vision transformers: ViT, DINOv2 (with registers), the CLIP and SigLIP vision
+towers, and their image-classification models.
+
+Every layer of these models is a pre-norm block whose self-attention is a module of its own with ``q_proj``,
+``k_proj``, ``v_proj`` and an output projection, called as ``layer(hidden_states, attention_mask, **kwargs)``. Under
+TCPA the layer's own forward runs after its input has selected the prompts (``family.TCPABlockMixin``) and its
+attention module is swapped to one that attends over [selected prompts ; tokens]: the prompts go through the layer's
+pre-attention norm and the attention's own K/V projections (prefix tokens, no position embedding). Under VPT the
+layer's own forward runs on [tokens ; prompts].
+
+Prompted layers take no attention mask and return no attention weights: ``attention_mask`` and
+``output_attentions=True`` are refused with a ``ValueError`` (the SigLIP attention-pooling head and CLIP's visual
+projection are backbone modules, not classification heads). Image-classification models keep ``config.num_labels``
+(and the label names) in step with their ``classifier``.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import transformers
+from torch import nn
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPEncoderLayer,
+    CLIPForImageClassification,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
+from transformers.models.dinov2.modeling_dinov2 import (
+    Dinov2Attention,
+    Dinov2ForImageClassification,
+    Dinov2Layer,
+    Dinov2Model,
+)
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+    Dinov2WithRegistersAttention,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersLayer,
+    Dinov2WithRegistersModel,
+)
+from transformers.models.siglip.modeling_siglip import (
+    SiglipAttention,
+    SiglipEncoderLayer,
+    SiglipForImageClassification,
+    SiglipVisionModel,
+)
+from transformers.models.vit.modeling_vit import ViTAttention, ViTForImageClassification, ViTLayer, ViTModel
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+from tcpa_kernels._patch import prompted_class, register_mixin
+from tcpa_kernels._validate import describe
+from tcpa_kernels.integrations.family import ATTENTION_MIXINS, BlockFamily, TCPABlockMixin, VPTMixin, register_family
+from tcpa_kernels.integrations.models import ModelFamily, register_model
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"transformers: the TCPA integration expects transformers >= 5 (its attention-module layout), "
+                      f"got {transformers.__version__}")
+
+ORIGINAL_LABELS = "_tcpa_original_labels"  # the model's attribute that keeps config.id2label/label2id while prompted
+
+
+def reject_layer_inputs(attention_mask: torch.Tensor | None, kwargs: dict, config=None) -> None:
+    """A prompted layer's inputs: no attention mask, head mask or causal attention; no attention weights (``config``
+    given: its ``output_attentions`` is the default, as for the model)."""
+    if attention_mask is not None:
+        raise ValueError("attention_mask: prompted layers take no attention mask (the prompts change the keys), "
+                         f"expected None, got {describe(attention_mask)}")
+    if kwargs.get("head_mask") is not None:
+        raise ValueError(f"head_mask: prompted layers take no head mask, expected None, got "
+                         f"{describe(kwargs['head_mask'])}")
+    if kwargs.get("is_causal"):
+        raise ValueError(f"is_causal: prompted layers attend bidirectionally, expected False, got "
+                         f"{kwargs['is_causal']!r}")
+    if config is not None and kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        raise ValueError("output_attentions: TCPA attention returns no attention weights, expected False (argument "
+                         "and config.output_attentions), got True")
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def _heads(attn: nn.Module, h: torch.Tensor, *projections: nn.Linear) -> list[torch.Tensor]:
+    """h [B, S, C] through each projection, split into heads: [B, H, S, D] each."""
+    B, S, _ = h.shape
+    return [proj(h).view(B, S, -1, attn.head_dim).transpose(1, 2) for proj in projections]
+
+
+def site_attention(attn: nn.Module, hidden_states: torch.Tensor, out_proj: nn.Linear, scale: float) -> torch.Tensor:
+    """TCPA attention of a swapped attention module: its input hidden_states [B, N, C] -> [B, N, C]."""
+    site = attn._tcpa_site
+    q, k, v = _heads(attn, hidden_states, attn.q_proj, attn.k_proj, attn.v_proj)  # [B, H, N, D]
+    out = site.prompts.attend(q, k, v, lambda p: _heads(attn, site.prompt_norm(p), attn.k_proj, attn.v_proj),
+                              scale=scale)  # [B, H, N, D]
+    return out_proj(out.transpose(1, 2).flatten(2))  # [B, N, H*D] -> [B, N, C]
+
+
+@register_mixin
+class TCPAHFAttentionMixin:
+    """ViT / DINOv2 attention (``o_proj``, ``scaling``) over [selected prompts ; tokens]; returns (output, None) as
+    the original does without attention weights."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        reject_layer_inputs(attention_mask, kwargs, self.config)
+        return site_attention(self, hidden_states, self.o_proj, self.scaling), None
+
+
+@register_mixin
+class TCPAHFCLIPAttentionMixin:
+    """CLIP / SigLIP attention (``out_proj``, ``scale``) over [selected prompts ; tokens]; returns (output, None)
+    as the original does without attention weights."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        reject_layer_inputs(attention_mask, kwargs, self.config)
+        return site_attention(self, hidden_states, self.out_proj, self.scale), None
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+
+
+@register_mixin
+class HFVPTMixin(VPTMixin):
+    """VPT on a transformers layer: ``layer(hidden_states, attention_mask=None, **kwargs)``, no attention mask."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        reject_layer_inputs(attention_mask, kwargs)
+        return super().forward(hidden_states, None, **kwargs)
+
+
+def _sites(attention: str, norm: str) -> Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]:
+    """A layer's one site: its attention module and pre-attention norm, by attribute name."""
+    return lambda layer: [(getattr(layer, attention), getattr(layer, norm))]
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Callable[[object], int] = lambda c: 1,
+                    head_width: int = 0) -> ModelFamily:
+    """A transformers model whose layers are at ``backbone.layers`` (dotted attribute paths; ``backbone`` is the
+    vision model holding the config, "" for the model itself).
+
+    ``prefix(config)``: tokens before the patches. ``head_width``: 0 for a model without a classification head,
+    else the ``classifier``'s input width in multiples of ``hidden_size``.
+    """
+
+    def config(model):
+        return model.get_submodule(backbone).config
+
+    def num_classes(model):
+        return model.config.num_labels if head_width else 0
+
+    def reset_head(model, n):
+        if not head_width:
+            raise ValueError(f"num_classes: {type(model).__name__} has no classification head (it returns "
+                             f"features), expected None, got {n}")
+        model.__dict__.setdefault(ORIGINAL_LABELS, (model.config.id2label, model.config.label2id))
+        width = head_width * config(model).hidden_size
+        model.classifier = nn.Linear(width, n) if n > 0 else nn.Identity()  # as the model's __init__ makes it
+        model.config.num_labels = model.num_labels = n
+
+    def set_num_classes(model, n):
+        labels = model.__dict__.pop(ORIGINAL_LABELS, None)
+        if head_width and labels is not None and len(labels[0]) == n:
+            model.config.id2label, model.config.label2id = labels
+        elif head_width:
+            model.config.num_labels = n
+        if head_width:
+            model.num_labels = n
+
+    def patch_area(model):
+        size = config(model).patch_size
+        return math.prod(size) if isinstance(size, list | tuple) else size * size
+
+    return ModelFamily(name, blocks=lambda m: m.get_submodule(backbone).get_submodule(layers),
+                       num_prefix_tokens=lambda m: prefix(config(m)), embed_dim=lambda m: config(m).hidden_size,
+                       patch_area=patch_area, heads=("classifier",) if head_width else (), num_classes=num_classes,
+                       reset_head=reset_head, set_num_classes=set_num_classes)
+
+
+def register_hf_model(model_class: type, family: ModelFamily) -> None:
+    """``register_model``, and the prompted class records the outputs its base does: transformers keys a model's
+    ``output_hidden_states`` capture by the name of its class."""
+    from tcpa_kernels.vit import PromptedMixin
+
+    register_model(model_class, family)
+    dict.__setitem__(_CAN_RECORD_REGISTRY, str(prompted_class(PromptedMixin, model_class)),
+                     model_class._can_record_outputs)
+
+
+def _registers(config) -> int:
+    return 1 + config.num_register_tokens
+
+
+register_hf_model(ViTModel, hf_model_family("transformers ViTModel", "layers"))
+register_hf_model(ViTForImageClassification, hf_model_family("transformers ViTForImageClassification", "layers",
+                                                             backbone="vit", head_width=1))
+register_hf_model(Dinov2Model, hf_model_family("transformers Dinov2Model", "encoder.layer"))
+register_hf_model(Dinov2ForImageClassification, hf_model_family(
+    "transformers Dinov2ForImageClassification", "encoder.layer", backbone="dinov2", head_width=2))
+register_hf_model(Dinov2WithRegistersModel, hf_model_family("transformers Dinov2WithRegistersModel",
+                                                            "encoder.layer", prefix=_registers))
+register_hf_model(Dinov2WithRegistersForImageClassification, hf_model_family(
+    "transformers Dinov2WithRegistersForImageClassification", "encoder.layer", backbone="dinov2_with_registers",
+    prefix=_registers, head_width=2))
+register_hf_model(CLIPVisionModel, hf_model_family("transformers CLIPVisionModel", "encoder.layers"))
+register_hf_model(CLIPVisionModelWithProjection, hf_model_family("transformers CLIPVisionModelWithProjection",
+                                                                 "encoder.layers", backbone="vision_model"))
+register_hf_model(CLIPForImageClassification, hf_model_family("transformers CLIPForImageClassification",
+                                                              "encoder.layers", backbone="vision_model",
+                                                              head_width=1))
+register_hf_model(SiglipVisionModel, hf_model_family("transformers SiglipVisionModel", "encoder.layers",
+                                                     prefix=lambda c: 0))
+register_hf_model(SiglipForImageClassification, hf_model_family("transformers SiglipForImageClassification",
+                                                                "encoder.layers", backbone="vision_model",
+                                                                prefix=lambda c: 0, head_width=1))
+
+for attention_class in (ViTAttention, Dinov2Attention, Dinov2WithRegistersAttention):
+    ATTENTION_MIXINS[attention_class] = TCPAHFAttentionMixin
+for attention_class in (CLIPAttention, SiglipAttention):
+    ATTENTION_MIXINS[attention_class] = TCPAHFCLIPAttentionMixin
+for layer_class, attention, norm in ((ViTLayer, "attention", "layernorm_before"), (Dinov2Layer, "attention", "norm1"),
+                                     (Dinov2WithRegistersLayer, "attention", "norm1"),
+                                     (CLIPEncoderLayer, "self_attn", "layer_norm1"),
+                                     (SiglipEncoderLayer, "self_attn", "layer_norm1")):
+    register_family(layer_class, BlockFamily(f"transformers {layer_class.__name__} (pre-norm)", TCPABlockMixin,
+                                             HFVPTMixin, _sites(attention, norm)))
