@@ -20,18 +20,30 @@ POOLS = dict(pool_size_cls=3, pool_size_img=4, topk_cls=2, topk_img=3)
 
 def build(name):
     """The model with two blocks, at 3x3 patches where its patch embedding allows another image size."""
+    with torch.device("meta"):  # the full model's layout, without memory
+        full = timm.create_model(name, pretrained=False)
+    kwargs = dict(depth=2)
+    kv_heads = [getattr(blk.attn, "num_kv_heads", None) for blk in full.blocks[:2]]
+    if kv_heads[0] is not None:  # AttentionRope: K/V heads may be a per-block sequence (Sapiens2)
+        kwargs["num_kv_heads"] = tuple(kv_heads)
+    patch = getattr(full.patch_embed, "patch_size", None)
+    for small_image in ((3 * patch[0], 3 * patch[1]),) if patch else ():
+        try:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, img_size=small_image, **kwargs).double().eval()
+            x = images(model)
+            model(x)
+            return model, x
+        except RuntimeError:  # a convolutional stem that needs a larger image
+            pass
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, depth=2)
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is not None and getattr(model.patch_embed, "proj", None) is not None and "hybrid" not in name:
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, depth=2, img_size=(3 * patch[0], 3 * patch[1]))
-    return model.double().eval()
+    model = timm.create_model(name, pretrained=False, **kwargs).double().eval()
+    return model, images(model)
 
 
 def images(model):
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None) is not None:
+    if getattr(model.patch_embed, "img_size", None) is not None:
         size = (size[0], *model.patch_embed.img_size)
     return torch.randn(1, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -39,8 +51,7 @@ def images(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_timm_model(name):
-    plain = build(name)
-    x = images(plain)
+    plain, x = build(name)
     before = plain(x)
     model = copy.deepcopy(plain)
     tk.apply_tcpa(model, backend="torch", **POOLS)

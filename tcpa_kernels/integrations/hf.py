@@ -8,10 +8,12 @@ attention module is swapped to one that attends over [selected prompts ; tokens]
 pre-attention norm and the attention's own K/V projections (prefix tokens, no position embedding). Under VPT the
 layer's own forward runs on [tokens ; prompts].
 
-Prompted layers take no attention mask and return no attention weights: ``attention_mask`` and
-``output_attentions=True`` are refused with a ``ValueError`` (the SigLIP attention-pooling head and CLIP's visual
-projection are backbone modules, not classification heads). Image-classification models keep ``config.num_labels``
-(and the label names) in step with their ``classifier``.
+Prompted layers take no attention mask and TCPA returns no attention weights: ``attention_mask`` and (TCPA)
+``output_attentions=True`` are refused with a ``ValueError``; ``output_hidden_states`` works (the real tokens). The
+SigLIP attention-pooling head and CLIP's visual projection are backbone modules, not classification heads; models
+without a ``classifier`` take no ``num_classes``. Image-classification models keep ``config.num_labels`` (and the
+label names) in step with their ``classifier``. The frozen backbone stays in eval mode, so transformers' gradient
+checkpointing, which runs in training mode only, does not run on prompted layers.
 """
 
 import math
@@ -20,42 +22,55 @@ from collections.abc import Callable
 import torch
 import transformers
 from torch import nn
-from transformers.models.clip.modeling_clip import (
+
+if int(transformers.__version__.split(".")[0]) < 5:  # before the imports that name v5 modules
+    raise ImportError(f"transformers: the TCPA integration expects transformers >= 5 (its attention-module layout), "
+                      f"got {transformers.__version__}")
+
+from transformers.models.clip.modeling_clip import (  # noqa: E402
     CLIPAttention,
     CLIPEncoderLayer,
     CLIPForImageClassification,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
 )
-from transformers.models.dinov2.modeling_dinov2 import (
+from transformers.models.dinov2.modeling_dinov2 import (  # noqa: E402
     Dinov2Attention,
     Dinov2ForImageClassification,
     Dinov2Layer,
     Dinov2Model,
 )
-from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (  # noqa: E402
     Dinov2WithRegistersAttention,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersLayer,
     Dinov2WithRegistersModel,
 )
-from transformers.models.siglip.modeling_siglip import (
+from transformers.models.siglip.modeling_siglip import (  # noqa: E402
     SiglipAttention,
     SiglipEncoderLayer,
     SiglipForImageClassification,
     SiglipVisionModel,
 )
-from transformers.models.vit.modeling_vit import ViTAttention, ViTForImageClassification, ViTLayer, ViTModel
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+from transformers.models.vit.modeling_vit import (  # noqa: E402
+    ViTAttention,
+    ViTForImageClassification,
+    ViTLayer,
+    ViTModel,
+)
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY  # noqa: E402
 
-from tcpa_kernels._patch import prompted_class, register_mixin
-from tcpa_kernels._validate import describe
-from tcpa_kernels.integrations.family import ATTENTION_MIXINS, BlockFamily, TCPABlockMixin, VPTMixin, register_family
-from tcpa_kernels.integrations.models import ModelFamily, register_model
-
-if int(transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(f"transformers: the TCPA integration expects transformers >= 5 (its attention-module layout), "
-                      f"got {transformers.__version__}")
+from tcpa_kernels._patch import prompted_class, register_mixin  # noqa: E402
+from tcpa_kernels._validate import describe  # noqa: E402
+from tcpa_kernels.integrations.family import (  # noqa: E402
+    ATTENTION_MIXINS,
+    BlockFamily,
+    TCPABlockMixin,
+    VPTMixin,
+    register_family,
+)
+from tcpa_kernels.integrations.models import ModelFamily, register_model  # noqa: E402
+from tcpa_kernels.vit import PromptedMixin  # noqa: E402
 
 ORIGINAL_LABELS = "_tcpa_original_labels"  # the model's attribute that keeps config.id2label/label2id while prompted
 
@@ -159,14 +174,15 @@ def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Calla
         model.classifier = nn.Linear(width, n) if n > 0 else nn.Identity()  # as the model's __init__ makes it
         model.config.num_labels = model.num_labels = n
 
-    def set_num_classes(model, n):
+    def set_num_classes(model, n):  # on remove_prompts: the original count, and the labels' names when kept
+        if not head_width:
+            return
         labels = model.__dict__.pop(ORIGINAL_LABELS, None)
-        if head_width and labels is not None and len(labels[0]) == n:
+        if labels is not None and len(labels[0]) == n:
             model.config.id2label, model.config.label2id = labels
-        elif head_width:
+        else:
             model.config.num_labels = n
-        if head_width:
-            model.num_labels = n
+        model.num_labels = n
 
     def patch_area(model):
         size = config(model).patch_size
@@ -181,8 +197,6 @@ def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Calla
 def register_hf_model(model_class: type, family: ModelFamily) -> None:
     """``register_model``, and the prompted class records the outputs its base does: transformers keys a model's
     ``output_hidden_states`` capture by the name of its class."""
-    from tcpa_kernels.vit import PromptedMixin
-
     register_model(model_class, family)
     dict.__setitem__(_CAN_RECORD_REGISTRY, str(prompted_class(PromptedMixin, model_class)),
                      model_class._can_record_outputs)

@@ -87,4 +87,5 @@ def refusal(module: nn.Module) -> str:
     return ""
 
 
-SUPPORTED = "timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViTs, DINOv3, PE)"
+SUPPORTED = ("timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViTs, DINOv3, PE), an open_clip vision "
+             "tower or CLIP model")
