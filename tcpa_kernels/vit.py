@@ -24,7 +24,7 @@ from torch import nn
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
 from tcpa_kernels._validate import check_flag, check_int, check_number
-from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_sites
+from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_attentions
 from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_family, refusal
 from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
 
@@ -152,9 +152,11 @@ def _check_model(model) -> ModelFamily:
     first = family_of(blocks[0])
     for i, blk in enumerate(blocks):
         family = family_of(blk)
-        if family is None or unsupported_sites(blk):
-            raise TypeError(f"model.blocks[{i}]: no TCPA/VPT integration for {type(blk).__name__} (children: "
-                            f"{[type(m).__name__ for m in blk.children()]}){refusal(blk)}; supported blocks: README, "
+        unsupported = [blk] if family is None else unsupported_attentions(blk)
+        if unsupported:
+            reason = next((refusal(m) for m in unsupported if refusal(m)), "")
+            raise TypeError(f"model.blocks[{i}]: no TCPA/VPT integration for {type(blk).__name__} with "
+                            f"{[type(m).__name__ for m in blk.children()]}{reason}; supported blocks: README, "
                             "'Supported models'")
         if family is not first:
             raise TypeError(f"model.blocks[{i}]: expected every block of one family ({first.name}), got "

@@ -171,3 +171,19 @@ def test_refused_block_says_why():
     with pytest.raises(TypeError, match=r"model.blocks\[0\]: no TCPA/VPT integration for DiffParallelScalingBlock "
                                         r".*subtracts two softmaxes"):
         tk.apply_vpt(model, num_prompts=2)
+
+
+def test_block_with_another_attention_is_refused():
+    """timm's Block runs the lean path, which computes the attention from timm Attention's parts: another attention
+    (differential attention, or a user's subclass that may change the math) in a Block is refused, saying why."""
+    from timm.layers import Attention
+    from timm.layers.diff_attention import DiffAttention
+
+    class MyAttention(Attention):
+        pass
+
+    for attn_layer, reason in ((DiffAttention, "subtracts two softmaxes"), (MyAttention, "")):
+        model = VisionTransformer(**SMALL, attn_layer=attn_layer)
+        with pytest.raises(TypeError, match=rf"model.blocks\[0\]: no TCPA/VPT integration for Block .*{reason}"):
+            tk.apply_tcpa(model)
+        assert all(p.requires_grad for p in model.parameters())

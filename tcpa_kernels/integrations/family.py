@@ -10,6 +10,9 @@ A family is a block class (timm ``Block``, ``ResPostBlock``, ``EvaBlock`` ...) w
 - ``sites(block)``: the (attention module, pre-attention transform of its input) pairs of a block; prompts go
   through the transform, then the attention's own K/V projection (prompts as prefix tokens, without position).
 - ``vpt``: the mixin its blocks get under VPT (the prompts join the sequence, the block's own forward runs).
+- ``own_attention(block)``: for a family whose block mixin computes the attention itself from the attention
+  module's parts (timm ``Block``'s lean path), that module: it must be exactly a class of ``own_attention_types``
+  (a subclass or another attention, e.g. differential attention, may compute something else).
 - ``dense``: whether the published dense-mask baseline (``attention="dense"``) is implemented for it.
 """
 
@@ -30,6 +33,8 @@ class BlockFamily:
     tcpa: type
     vpt: type
     sites: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] = lambda blk: []
+    own_attention: Callable[[nn.Module], nn.Module | None] = lambda blk: None
+    own_attention_types: tuple[type, ...] = ()
     dense: bool = False
 
 
@@ -46,10 +51,14 @@ def family_of(blk: nn.Module) -> BlockFamily | None:
     return FAMILIES.get(type(blk))
 
 
-def unsupported_sites(blk: nn.Module) -> list[str]:
-    """Names of the block's attention modules no TCPA attention mixin covers."""
+def unsupported_attentions(blk: nn.Module) -> list[nn.Module]:
+    """The block's attention modules that neither a TCPA attention mixin nor the block's own mixin covers."""
     family = family_of(blk)
-    return [type(attn).__name__ for attn, _ in family.sites(blk) if type(attn) not in ATTENTION_MIXINS]
+    unsupported = [attn for attn, _ in family.sites(blk) if type(attn) not in ATTENTION_MIXINS]
+    own = family.own_attention(blk)
+    if own is not None and type(own) not in family.own_attention_types:
+        unsupported.append(own)
+    return unsupported
 
 
 @dataclasses.dataclass

@@ -58,7 +58,11 @@ from transformers.models.vit.modeling_vit import (  # noqa: E402
     ViTLayer,
     ViTModel,
 )
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY  # noqa: E402
+
+try:  # where transformers 5 keys the outputs a model class can record (hidden states); private, so optional
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:
+    _CAN_RECORD_REGISTRY = None
 
 from tcpa_kernels._patch import prompted_class, register_mixin  # noqa: E402
 from tcpa_kernels._validate import describe  # noqa: E402
@@ -196,10 +200,11 @@ def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Calla
 
 def register_hf_model(model_class: type, family: ModelFamily) -> None:
     """``register_model``, and the prompted class records the outputs its base does: transformers keys a model's
-    ``output_hidden_states`` capture by the name of its class."""
+    ``output_hidden_states`` capture by the name of its class (without that registry: no hidden states)."""
     register_model(model_class, family)
-    dict.__setitem__(_CAN_RECORD_REGISTRY, str(prompted_class(PromptedMixin, model_class)),
-                     model_class._can_record_outputs)
+    if _CAN_RECORD_REGISTRY is not None:
+        dict.__setitem__(_CAN_RECORD_REGISTRY, str(prompted_class(PromptedMixin, model_class)),
+                         model_class._can_record_outputs)
 
 
 def _registers(config) -> int:

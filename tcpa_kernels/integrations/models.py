@@ -48,14 +48,15 @@ MODEL_FAMILIES: dict[type, ModelFamily] = {}
 
 _ADDITIVE_BIAS = ("adds a relative-position bias to every (query, key) score; the TCPA op has no additive token "
                   "bias (and prompts would need a bias of their own)")
+_DIFFERENTIAL = "differential attention subtracts two softmaxes per head; the TCPA op computes one"
 # "module.Class" of a model or block -> why apply_tcpa / apply_vpt refuse it
 REFUSED = {
     "timm.models.naflexvit.NaFlexVit": "its batches carry per-sample key-padding masks (variable token counts); "
                                        "the TCPA op has no key-padding length",
     "timm.models.beit.Beit": _ADDITIVE_BIAS,
     "timm.models.vision_transformer_relpos.VisionTransformerRelPos": _ADDITIVE_BIAS,
-    "timm.models.vision_transformer.DiffParallelScalingBlock": "differential attention subtracts two softmaxes per "
-                                                               "head; the TCPA op computes one",
+    "timm.models.vision_transformer.DiffParallelScalingBlock": _DIFFERENTIAL,
+    "timm.layers.diff_attention.DiffAttention": _DIFFERENTIAL,
 }
 
 
@@ -79,7 +80,7 @@ def model_family(model: nn.Module) -> ModelFamily | None:
 
 
 def refusal(module: nn.Module) -> str:
-    """Why the model's or block's class is refused ("" when no reason is known)."""
+    """Why the class of a model, block or attention is refused ("" when no reason is known)."""
     for cls in type(module).__mro__:
         reason = REFUSED.get(f"{cls.__module__}.{cls.__qualname__}")
         if reason:

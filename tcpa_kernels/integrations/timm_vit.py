@@ -165,7 +165,8 @@ def timm_model_family(name: str) -> ModelFamily:
 
 register_model(VisionTransformer, timm_model_family("timm VisionTransformer"))
 ATTENTION_MIXINS[Attention] = TCPAAttentionMixin
-register_family(Block, BlockFamily("timm Block (pre-norm)", TCPAMixin, VPTMixin, dense=True))
+register_family(Block, BlockFamily("timm Block (pre-norm)", TCPAMixin, VPTMixin, own_attention=lambda blk: blk.attn,
+                                   own_attention_types=(Attention,), dense=True))
 register_family(ResPostBlock, BlockFamily("timm ResPostBlock (post-norm)", TCPABlockMixin, VPTMixin,
                                           lambda blk: [(blk.attn, nn.Identity())]))
 register_family(ParallelThingsBlock, BlockFamily("timm ParallelThingsBlock (parallel branches)", TCPABlockMixin,
