@@ -14,12 +14,9 @@ The stand-in replaces SDPA for every attention while the hooks are active: run o
 CLIP model's text tower has a causal additive mask that ``dense_sdpa`` would multiply).
 """
 
-import contextlib
-
 import torch
 
-from reference.matching import match_prompts_ref
-from reference.prefix import dense_mask, prefix_hooks
+from reference.prefix import dense_mask, prefix_prompts
 
 
 def open_clip_mask(prompt_mask, num_heads, renormalize, dtype):
@@ -32,29 +29,9 @@ def open_clip_mask(prompt_mask, num_heads, renormalize, dtype):
     return keep.to(dtype)
 
 
-@contextlib.contextmanager
-def open_clip_prefix_prompts(blocks, layer_params, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
-                             renormalize=False):
-    """TCPA: while active, open_clip block i of ``blocks`` runs on [prompts_i ; x] with the TCPA mask of x (the
-    class token is the one prefix token).
-
-    layer_params[i] = (keys_cls [Pc, C], keys_img [Pi, C], prompts_cls [Pc, Lc, C], prompts_img [Pi, Li, C]).
-    Yields a list that receives each layer's matching loss in order. The blocks must be in eval mode.
-    """
-    losses = []
-    match_kw = dict(topk_cls=topk_cls, topk_img=topk_img, prompt_len_cls=prompt_len_cls,
-                    prompt_len_img=prompt_len_img, num_prefix_tokens=1)
-
-    def layer_input(blk, keys_cls, keys_img, prompts_cls, prompts_img):
-        prompts = torch.cat([prompts_cls.flatten(0, 1), prompts_img.flatten(0, 1)])  # [P, C]
-
-        def make(x):
-            mask, loss = match_prompts_ref(x, keys_cls, keys_img, **match_kw)
-            losses.append(loss)
-            return prompts, open_clip_mask(mask, blk.attn.num_heads, renormalize, x.dtype)
-
-        return make
-
-    inputs = [layer_input(blk, *params) for blk, params in zip(blocks, layer_params, strict=True)]
-    with prefix_hooks(blocks, inputs, post_softmax_mask=not renormalize):
-        yield losses
+def open_clip_prefix_prompts(blocks, layer_params, *, renormalize=False, **match):
+    """``prefix_prompts`` with open_clip's mask convention (the class token is the one prefix token); ``match``:
+    topk_cls, topk_img, prompt_len_cls, prompt_len_img."""
+    return prefix_prompts(blocks, layer_params, **match, num_prefix_tokens=1, renormalize=renormalize,
+                          make_mask=lambda selection, blk, x: open_clip_mask(selection, blk.attn.num_heads,
+                                                                             renormalize, x.dtype))

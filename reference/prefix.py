@@ -43,11 +43,17 @@ def dense_mask(prompt_mask, renormalize):
     return keep[:, None] if renormalize else keep[:, None].double()
 
 
+def pass_attn_mask(rest, kwargs, mask):
+    """How a timm block takes the mask: ``block(x, ..., attn_mask=mask)``."""
+    return rest, kwargs | {"attn_mask": mask}
+
+
 @contextlib.contextmanager
-def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False):
-    """While active, block i of ``blocks`` runs on [prompts ; x] with ``attn_mask`` given by ``layer_inputs[i](x)``
-    -> (prompts [P, C], mask [B, 1, P+N, P+N] or None); its output is its last N tokens. With
-    ``post_softmax_mask`` the masks multiply the softmax (``dense_sdpa``). The blocks must be in eval mode."""
+def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False, pass_mask=pass_attn_mask):
+    """While active, block i of ``blocks`` runs on [prompts ; x] with the mask given by ``layer_inputs[i](x)``
+    -> (prompts [P, C], mask over [P+N] x [P+N] or None); its output is its last N tokens. ``pass_mask(rest,
+    kwargs, mask)`` -> (rest, kwargs) puts the mask into the block's arguments after x. With ``post_softmax_mask``
+    the masks multiply the softmax (``dense_sdpa``). The blocks must be in eval mode."""
     handles, saved = [], []
     for blk, layer_input in zip(blocks, layer_inputs, strict=True):
         counted = [m for m in blk.modules() if isinstance(getattr(m, "num_prefix_tokens", None), int)]  # RoPE attn
@@ -65,7 +71,8 @@ def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False):
             for m, prefix in zip(counted, [m.num_prefix_tokens for m in counted]):
                 m.num_prefix_tokens = prefix + prompts.shape[0]  # set back after this block's forward
             seq = torch.cat([prompts[None].expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, P+N, C]
-            return (seq, *rest), kwargs | {"attn_mask": mask}
+            rest, kwargs = pass_mask(rest, kwargs, mask)
+            return (seq, *rest), kwargs
 
         def after(module, args, kwargs, out, counted=counted, num_prompts=num_prompts):
             for m in counted:
@@ -89,27 +96,31 @@ def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False):
 
 @contextlib.contextmanager
 def prefix_prompts(blocks, layer_params, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
-                   num_prefix_tokens=1, renormalize=False):
+                   num_prefix_tokens=1, renormalize=False, make_mask=None, pass_mask=pass_attn_mask):
     """TCPA: while active, block i of ``blocks`` runs on [prompts_i ; x] with the TCPA mask of x.
 
     layer_params[i] = (keys_cls [Pc, C], keys_img [Pi, C], prompts_cls [Pc, Lc, C], prompts_img [Pi, Li, C]).
-    Yields a list that receives each layer's matching loss in order.
+    ``make_mask(selection [B, N, P], block, x)``: the mask in the block's convention (default ``dense_mask``);
+    ``pass_mask``: as in ``prefix_hooks``. Yields a list that receives each layer's matching loss in order.
     """
     losses = []
     match_kw = dict(topk_cls=topk_cls, topk_img=topk_img, prompt_len_cls=prompt_len_cls,
                     prompt_len_img=prompt_len_img, num_prefix_tokens=num_prefix_tokens)
 
-    def layer_input(keys_cls, keys_img, prompts_cls, prompts_img):
+    make_mask = make_mask or (lambda selection, blk, x: dense_mask(selection, renormalize))
+
+    def layer_input(blk, keys_cls, keys_img, prompts_cls, prompts_img):
         prompts = torch.cat([prompts_cls.flatten(0, 1), prompts_img.flatten(0, 1)])  # [P, C]
 
         def make(x):
-            mask, loss = match_prompts_ref(x, keys_cls, keys_img, **match_kw)
+            selection, loss = match_prompts_ref(x, keys_cls, keys_img, **match_kw)
             losses.append(loss)
-            return prompts, dense_mask(mask, renormalize)
+            return prompts, make_mask(selection, blk, x)
 
         return make
 
-    with prefix_hooks(blocks, [layer_input(*params) for params in layer_params], post_softmax_mask=not renormalize):
+    inputs = [layer_input(blk, *params) for blk, params in zip(blocks, layer_params, strict=True)]
+    with prefix_hooks(blocks, inputs, post_softmax_mask=not renormalize, pass_mask=pass_mask):
         yield losses
 
 
