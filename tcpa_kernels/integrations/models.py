@@ -88,5 +88,5 @@ def refusal(module: nn.Module) -> str:
     return ""
 
 
-SUPPORTED = ("timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViTs, DINOv3, PE), an open_clip vision "
-             "tower or CLIP model")
+SUPPORTED = ("timm VisionTransformer (ViT, DeiT, ...) or Eva (EVA-02, RoPE ViTs, DINOv3, PE), a Hugging Face ViT, "
+             "DINOv2, CLIP or SigLIP vision model, an open_clip vision tower or CLIP model")
