@@ -8,7 +8,7 @@ import torch
 
 import tcpa_kernels as tk
 from reference import tcpa_attention_ref
-from tests.conftest import DEVICE, assert_matches_reference, attention_inputs, fp64
+from tests.conftest import DEVICE, assert_matches_reference, attention_inputs, fp64, random_selection
 
 BACKENDS = ["triton", "torch"]
 # (B, H, N, P, D): odd shapes on purpose (N=1, N=7, P=1, D=80, several query blocks)
@@ -112,3 +112,20 @@ def test_zero_batch():
         assert out.shape == (0, 2, 5, 16)
         grads = torch.autograd.grad(out.sum(), tensors)
         assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_selection_words_equal_their_mask(backend, renormalize):
+    """A Selection (one int64 word per token and its pool layout, as TCPAPrompts passes it) computes what its
+    [B, N, P] mask computes: output and every gradient."""
+    tensors, _ = attention_inputs(2, 2, 9, 11, 16)
+    selection = random_selection(2, 9, 11, 3, 2, 1)  # 3 CLS entries of 2 prompts, then 5 image entries
+    results = []
+    for prompt_mask in (selection, selection.rows(0, 9, 11)):
+        out = tk.tcpa_attention(*tensors, prompt_mask, renormalize=renormalize, backend=backend)
+        results.append((out, torch.autograd.grad(out.square().sum(), tensors)))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=0, rtol=0)

@@ -13,39 +13,12 @@ import copy
 
 import pytest
 import torch
-from timm.models.eva import Eva
-from timm.models.vision_transformer import (
-    ParallelScalingBlock,
-    ParallelThingsBlock,
-    ResPostBlock,
-    VisionTransformer,
-)
+from timm.models.vision_transformer import VisionTransformer
 
 import tcpa_kernels as tk
 from reference.prefix import deep_vpt_prompts, prefix_prompts
-from tests._helpers import assert_prompted_matches_reference
+from tests._helpers import SMALL, TIMM_FAMILIES, assert_prompted_matches_reference
 
-SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=7)
-ROPE = dict(use_rot_pos_emb=True, ref_feat_shape=4, use_abs_pos_emb=False)
-
-FAMILIES = {
-    "vit_block": lambda: VisionTransformer(**SMALL, reg_tokens=1, qk_norm=True),
-    "vit_res_post_block": lambda: VisionTransformer(**SMALL, block_fn=ResPostBlock),
-    "vit_parallel_things_block": lambda: VisionTransformer(**SMALL, block_fn=ParallelThingsBlock, init_values=0.5),
-    "vit_parallel_scaling_block": lambda: VisionTransformer(**SMALL, block_fn=ParallelScalingBlock, qk_norm=True),
-    # EVA-02: RoPE, separate q/k/v projections, SwiGLU, scale norms
-    "eva02": lambda: Eva(**SMALL, **ROPE, qkv_fused=False, swiglu_mlp=True, scale_mlp=True),
-    # EVA with fused qkv and separate q/v biases, a class token and registers
-    "eva_fused_qkv_registers": lambda: Eva(**SMALL, **ROPE, num_reg_tokens=2, qkv_fused=True),
-    # DINOv3-style: AttentionRope, grouped K/V heads, registers, layer scale, dinov3 rope, half rotation
-    "eva_rope_gqa_dinov3": lambda: Eva(**(SMALL | dict(num_heads=4)), attn_type="rope", num_kv_heads=2,
-                                       qkv_fused=False, num_reg_tokens=2, init_values=0.5, use_rot_pos_emb=True,
-                                       use_abs_pos_emb=False, rope_type="dinov3", rope_rotate_half=True),
-    # Perception-Encoder-style: pre-transformer norm, gated attention, no class token (avg pool)
-    "eva_pe_gated": lambda: Eva(**SMALL, **ROPE, attn_type="rope", use_pre_transformer_norm=True, class_token=False,
-                                global_pool="avg"),
-    "eva_post_norm": lambda: Eva(**SMALL, **ROPE, use_post_norm=True),
-}
 POOLS = dict(pool_size_cls=3, pool_size_img=4, prompt_len_cls=2, prompt_len_img=1)
 LENS = dict(prompt_len_cls=2, prompt_len_img=1)
 TOPK = dict(topk_cls=2, topk_img=3)
@@ -53,7 +26,7 @@ TOPK = dict(topk_cls=2, topk_img=3)
 
 def plain_model(family, seed=0):
     torch.manual_seed(seed)
-    return FAMILIES[family]().double().eval()
+    return TIMM_FAMILIES[family]().double().eval()
 
 
 def images(B=2, seed=1):
@@ -80,7 +53,7 @@ def reference_forward(plain, model, x, topk, renormalize):
     return logits, sum(losses)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
 def test_every_entry_selected_equals_the_family_forward_with_a_pool_mask(family):
     every = dict(topk_cls=POOLS["pool_size_cls"], topk_img=POOLS["pool_size_img"])
     plain, model = prompted(family, every, renormalize=True)
@@ -90,7 +63,7 @@ def test_every_entry_selected_equals_the_family_forward_with_a_pool_mask(family)
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
 def test_topk_logits_loss_and_gradients_equal_fp64_official_style(family, renormalize):
     plain, model = prompted(family, TOPK, renormalize)
     x = images()
@@ -100,7 +73,7 @@ def test_topk_logits_loss_and_gradients_equal_fp64_official_style(family, renorm
     assert_prompted_matches_reference(model_loss, reference_forward(plain, model, x, TOPK, renormalize), params)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
 def test_remove_prompts_restores_identical_logits(family):
     model = plain_model(family)
     x = images()
@@ -124,7 +97,7 @@ def test_compile_fullgraph(family):
     assert model.blocks[0].tcpa.prompts_img.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
 def test_vpt_deep_equals_the_family_forward_on_prefix_prompts(family):
     plain = plain_model(family)
     model = tk.apply_vpt(copy.deepcopy(plain), num_prompts=3, num_classes=5)
@@ -178,3 +151,19 @@ def test_block_with_another_attention_is_refused():
         with pytest.raises(TypeError, match=rf"model.blocks\[0\]: no TCPA/VPT integration for Block .*{reason}"):
             tk.apply_tcpa(model)
         assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["vit_parallel_things_block", "eva_rope_gqa_dinov3"])
+def test_triton_kernels_equal_torch_path(family):
+    """The Triton kernels (interpreter on CPU) on a family's own forward: logits, matching loss, gradients (fp32)."""
+    results = []
+    for backend in ("torch", "triton"):
+        model = tk.apply_tcpa(plain_model(family).float(), backend=backend, **POOLS, **TOPK)
+        logits = model(images().float())
+        loss = logits.square().sum() + tk.get_matching_loss(model)
+        results.append((logits, tk.get_matching_loss(model), torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    (logits, match, grads), (ref_logits, ref_match, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(match, ref_match, atol=1e-5, rtol=1e-4)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)
