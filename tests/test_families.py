@@ -167,3 +167,18 @@ def test_triton_kernels_equal_torch_path(family):
     torch.testing.assert_close(match, ref_match, atol=1e-5, rtol=1e-4)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["vit_parallel_scaling_block", "eva_rope_gqa_dinov3"])
+def test_grad_checkpointing_same_gradients(family):
+    """A checkpointed block recomputes its selection and prompts (prompt dropout replays its mask)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tk.apply_tcpa(plain_model(family), backend="torch", prompt_dropout=0.5, **POOLS, **TOPK)
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        torch.manual_seed(3)
+        loss = model(images()).square().sum() + tk.get_matching_loss(model)
+        grads.append(torch.autograd.grad(loss, tk.trainable_parameters(model)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
