@@ -182,3 +182,21 @@ def test_grad_checkpointing_same_gradients(family):
         grads.append(torch.autograd.grad(loss, tk.trainable_parameters(model)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["eva02", "vit_parallel_scaling_block"])
+def test_pre_attention_norm_rides_on_the_matching_kernel(family, monkeypatch):
+    """Pre-norm blocks with one attention get norm1(x) from the matching kernel: no layer norm of the N tokens runs
+    for it (only norm2, the final norm and the prompts' norms), and the block input is read once for both."""
+    import torch.nn.functional as F
+
+    calls = []
+    layer_norm = F.layer_norm
+    monkeypatch.setattr(F, "layer_norm", lambda x, *a, **k: calls.append(tuple(x.shape)) or layer_norm(x, *a, **k))
+    plain, x = plain_model(family), images()
+    plain(x)
+    token_norms = sum(shape[0] == 2 for shape in calls)  # [B=2, N, C] inputs (the prompts' are [1, P, C])
+    calls.clear()
+    tk.apply_tcpa(plain, backend="torch", **POOLS, **TOPK)(x)
+    assert token_norms > len(plain.blocks)
+    assert sum(shape[0] == 2 for shape in calls) == token_norms - len(plain.blocks)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcpa_kernels._patch import original_class, prompted_class, register_mixin
-from tcpa_kernels.integrations.prompts import TCPAPrompts
+from tcpa_kernels.integrations.prompts import TCPAPrompts, fusable_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +70,28 @@ class Site:
 
 
 def attach_sites(blk: nn.Module, family: BlockFamily) -> None:
-    """Link each attention module of the block to ``blk.tcpa`` and swap it to its TCPA attention class."""
-    for attn, prompt_norm in family.sites(blk):
+    """Link each attention module of the block to ``blk.tcpa`` and swap it to its TCPA attention class.
+
+    A block with one attention whose input is a frozen LayerNorm of the block input (pre-norm) gets that norm
+    fused into the matching kernel: the norm becomes a :class:`FusedNormMixin` and ``blk._tcpa_norm`` names it."""
+    sites = family.sites(blk)
+    for attn, prompt_norm in sites:
         attn.__dict__["_tcpa_site"] = Site(blk.tcpa, prompt_norm)
         attn.__class__ = prompted_class(ATTENTION_MIXINS[type(attn)], type(attn))
+    norm = sites[0][1] if len(sites) == 1 and fusable_norm(sites[0][1]) else None
+    blk.__dict__["_tcpa_norm"] = norm
+    if norm is not None:
+        norm.__dict__["_tcpa_held"] = None
+        norm.__class__ = prompted_class(FusedNormMixin, type(norm))
 
 
 def detach_sites(blk: nn.Module) -> None:
     """Undo ``attach_sites`` on every module of the block (also a partial attach)."""
+    blk.__dict__.pop("_tcpa_norm", None)
     for module in blk.modules():
-        if module is not blk and module.__dict__.pop("_tcpa_site", None) is not None:
+        if module is not blk and "_prompted_base" in type(module).__dict__:
+            module.__dict__.pop("_tcpa_site", None)
+            module.__dict__.pop("_tcpa_held", None)
             module.__class__ = original_class(module)
 
 
@@ -162,12 +174,27 @@ class TCPARopeAttentionMixin:
 
 
 @register_mixin
+class FusedNormMixin:
+    """A block's frozen pre-attention LayerNorm whose output for this forward's block input the matching kernel has
+    computed (``TCPAPrompts.begin(x, norm)``, held in ``_tcpa_held``): called on that very tensor it returns that
+    output (once), on anything else (prompt tokens) it normalises as usual."""
+
+    def forward(self, input):
+        held, self._tcpa_held = self._tcpa_held, None
+        if held is not None and held[0] is input:
+            return held[1]
+        return super().forward(input)
+
+
+@register_mixin
 class TCPABlockMixin:
     """A block whose own forward runs: its input selects the prompts, its swapped attention modules use them."""
 
     def forward(self, x, *args, **kwargs):
         reject_attn_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False))
-        self.tcpa.begin(x)
+        h = self.tcpa.begin(x, self._tcpa_norm)  # [B, N, C] the pre-attention norm of x, or None
+        if h is not None:
+            self._tcpa_norm._tcpa_held = (x, h)
         return super().forward(x, *args, **kwargs)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._validate import check_flag, check_int, check_number, check_pool_config, check_tensor, describe
 from tcpa_kernels.ops._function import topk_bits_op
-from tcpa_kernels.ops.match_select import match_select
+from tcpa_kernels.ops.match_select import match_select, norm_match_select
 from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import tcpa_attention
 
@@ -128,28 +128,36 @@ class TCPAPrompts(nn.Module):
         c = self.config
         return Selection(bits=bits, pool_cls=c.pool_size_cls, len_cls=c.prompt_len_cls, len_img=c.prompt_len_img)
 
-    def select(self, x: Tensor) -> Selection:
-        """Selection of every token of the block input x [B, N, C]; keeps the matching-loss terms."""
+    def select(self, x: Tensor, norm: nn.Module | None = None) -> tuple[Selection, Tensor | None]:
+        """Selection of every token of the block input x [B, N, C]; keeps the matching-loss terms.
+
+        ``norm``: the block's pre-attention norm of x. When it is a frozen LayerNorm, one kernel reads x for both
+        (and one writes dx for both) and ``norm(x)`` is returned second; otherwise the second is None."""
         c = self.config
         check_tensor("x", x, ndim=3)
         if x.shape[2] != self.keys_cls.shape[1] or x.shape[1] < self.num_prefix_tokens:
             raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {self.keys_cls.shape[1]}] (the block "
                              f"input), got {describe(x)}")
         backend = resolve_backend(c.backend, x.device)
-        if self.selection_mode == "random":
+        kw = dict(topk_cls=c.topk_cls, topk_img=c.topk_img, num_prefix_tokens=self.num_prefix_tokens, backend=backend)
+        h = None
+        if self.selection_mode == "random":  # a random k-subset per token, no matching loss
             scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
             bits = topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, c.topk_cls, c.topk_img, backend)
             self.matching_terms = None
+        elif norm is not None and fusable_norm(norm):
+            h, bits, self.matching_terms = norm_match_select(x, norm, self.keys_cls, self.keys_img, **kw)
         else:
-            bits, self.matching_terms = match_select(x, self.keys_cls, self.keys_img, topk_cls=c.topk_cls,
-                                                     topk_img=c.topk_img, num_prefix_tokens=self.num_prefix_tokens,
-                                                     backend=backend)
-        return self.selection(bits)
+            bits, self.matching_terms = match_select(x, self.keys_cls, self.keys_img, **kw)
+        return self.selection(bits), h
 
-    def begin(self, x: Tensor) -> None:
+    def begin(self, x: Tensor, norm: nn.Module | None = None) -> Tensor | None:
         """First half of ``forward``, once per block forward: selects prompts for the block input x [B, N, C] and
-        draws this forward's prompt tokens; ``attend`` (one or more attentions of the block) uses both."""
-        self._step = (self.select(x), self.prompt_tokens())
+        draws this forward's prompt tokens; ``attend`` (one or more attentions of the block) uses both. Returns
+        ``norm(x)`` when ``norm`` (the pre-attention norm) was computed with the matching, else None."""
+        selection, h = self.select(x, norm)
+        self._step = (selection, self.prompt_tokens())
+        return h
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, project_kv: Callable[[Tensor], tuple[Tensor, Tensor]],
                scale: float | None = None) -> Tensor:
@@ -189,6 +197,12 @@ class TCPAPrompts(nn.Module):
         if self.matching_terms is None:
             return self.keys_cls.new_zeros((), dtype=torch.float32)
         return self.matching_terms.sum()
+
+
+def fusable_norm(norm: nn.Module) -> bool:
+    """A LayerNorm over the last dim whose parameters are frozen: the matching kernels can apply it."""
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+            and not any(p.requires_grad for p in norm.parameters()))
 
 
 def prompt_modules(model: nn.Module) -> list[TCPAPrompts]:

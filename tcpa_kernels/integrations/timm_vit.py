@@ -38,7 +38,6 @@ from tcpa_kernels.integrations.family import (
 from tcpa_kernels.integrations.models import ModelFamily, register_model
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
-from tcpa_kernels.ops.match_select import match_select, norm_match_select
 from tcpa_kernels.ops.packed import tcpa_packed_attention
 
 
@@ -74,30 +73,18 @@ def _dense_attention(blk, h, selection, prompts, cfg):
     return (probs @ v)[:, :, P:].transpose(1, 2).reshape(B, N, -1)
 
 
-def _norm_and_select(blk, x, state, cfg):
-    """(norm1(x) [B, N, C], selection words [B, N], matching-loss terms [B, N] or None) of the block input x."""
-    B, N, _ = x.shape
-    backend = resolve_backend(cfg.backend, x.device)
-    n_pre, pool_cls, prompts = state.num_prefix_tokens, cfg.pool_size_cls, blk.tcpa
-    if prompts.selection_mode == "random":  # a random k-subset per token, no matching loss
-        scores = torch.rand(B, N, pool_cls + cfg.pool_size_img, device=x.device)
-        return blk.norm1(x), topk_bits_op(scores, n_pre, pool_cls, cfg.topk_cls, cfg.topk_img, backend), None
-    if cfg.attention == "dense":  # the published code's matching: a scores tensor, top-k, loss from it
+def _norm_and_select(blk, x, cfg):
+    """(norm1(x) [B, N, C], Selection) of the block input x; the matching-loss terms stay in ``blk.tcpa``."""
+    prompts = blk.tcpa
+    if cfg.attention == "dense" and prompts.selection_mode == "topk":  # the published code's matching: a scores
+        n_pre = prompts.num_prefix_tokens                              # tensor, top-k, the loss from it
         scores = match_scores(x, prompts.keys_cls, prompts.keys_img)  # [B, N, Pc+Pi]
-        bits = topk_bits_op(scores.detach(), n_pre, pool_cls, cfg.topk_cls, cfg.topk_img, backend)
-        return blk.norm1(x), bits, matching_loss(scores, bits, n_pre, cfg.topk_cls, cfg.topk_img)[None]
-    if _fusable(blk.norm1):  # one kernel reads x for both (and one writes dx for both)
-        return norm_match_select(x, blk.norm1, prompts.keys_cls, prompts.keys_img, topk_cls=cfg.topk_cls,
-                                 topk_img=cfg.topk_img, num_prefix_tokens=n_pre, backend=backend)
-    bits, terms = match_select(x, prompts.keys_cls, prompts.keys_img, topk_cls=cfg.topk_cls, topk_img=cfg.topk_img,
-                               num_prefix_tokens=n_pre, backend=backend)
-    return blk.norm1(x), bits, terms
-
-
-def _fusable(norm):
-    """A LayerNorm over the last dim whose parameters are frozen: the matching kernels can apply it."""
-    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-            and not any(p.requires_grad for p in norm.parameters()))
+        bits = topk_bits_op(scores.detach(), n_pre, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
+                            resolve_backend(cfg.backend, x.device))
+        prompts.matching_terms = matching_loss(scores, bits, n_pre, cfg.topk_cls, cfg.topk_img)[None]
+        return blk.norm1(x), prompts.selection(bits)
+    selection, h = prompts.select(x, blk.norm1)  # a frozen LayerNorm norm1 rides on the matching kernel
+    return (blk.norm1(x) if h is None else h), selection
 
 
 @register_mixin
@@ -114,9 +101,9 @@ class TCPAMixin:
             prompt_input = state.step_inputs[layer.index]
         else:
             prompt_input = (own_prompt_kv if cfg.attention == "fused" else own_prompts)(state, self)
-        h, bits, self.tcpa.matching_terms = _norm_and_select(self, x, state, cfg)
+        h, selection = _norm_and_select(self, x, cfg)
         attention = _fused_attention if cfg.attention == "fused" else _dense_attention
-        out = attention(self, h, self.tcpa.selection(bits), prompt_input, cfg)  # [B, N, C]
+        out = attention(self, h, selection, prompt_input, cfg)  # [B, N, C]
         x = x + self.drop_path1(self.ls1(attention_output(self.attn, out, h)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -129,8 +116,8 @@ class TCPAParallelScalingMixin:
     def forward(self, x, attn_mask=None, is_causal=False):
         reject_attn_mask(attn_mask, is_causal)
         B, N, C = x.shape
-        self.tcpa.begin(x)
-        q, k, v, x_mlp = self._tcpa_heads(self.in_norm(x))  # [B, H, N, D], [B, N, hidden]
+        h = self.tcpa.begin(x, self.in_norm)  # in_norm(x) from the matching kernel when it is a frozen LayerNorm
+        q, k, v, x_mlp = self._tcpa_heads(self.in_norm(x) if h is None else h)  # [B, H, N, D], [B, N, hidden]
         out = self.tcpa.attend(q, k, v, lambda p: self._tcpa_heads(self.in_norm(p))[1:3], scale=self.scale)
         x_attn = out.transpose(1, 2).reshape(B, N, C)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
