@@ -3,8 +3,9 @@
 A family is a block class (timm ``Block``, ``ResPostBlock``, ``EvaBlock`` ...) with:
 
 - ``tcpa``: the mixin its blocks get under TCPA. Most families use :class:`TCPABlockMixin`: the block's own forward
-  runs unchanged after ``TCPAPrompts.begin(x)`` has selected the prompts for its input, and each of its attention
-  modules (``sites``) is swapped to a TCPA attention that attends over [selected prompts ; tokens]. Families whose
+  runs unchanged after ``TCPAPrompts.begin(x, norm)`` has selected the prompts for its input (and computed its
+  pre-attention LayerNorm, see ``attach_sites``), and each of its attention modules (``sites``) is swapped to a TCPA
+  attention that attends over [selected prompts ; tokens]. Families whose
   attention is not a module of its own (timm ``ParallelScalingBlock``) or that have a leaner path (timm ``Block``)
   bring their own block mixin.
 - ``sites(block)``: the (attention module, pre-attention transform of its input) pairs of a block; prompts go

@@ -20,7 +20,9 @@ A hand-written ViT adds one per block and calls it in place of its softmax::
     loss = task_loss + matching_weight * get_matching_loss(model)      # sums every TCPAPrompts of the model
 
 Integrations that cannot call it in one place (the block computes the selection, its attention module attends)
-use the two halves: ``begin(x)`` once per block forward, then ``attend(q, k, v, project_kv, scale)``.
+use the two halves: ``h = begin(x, norm)`` once per block forward, then ``attend(q, k, v, project_kv, scale)``.
+Given the block's pre-attention norm, a frozen LayerNorm, ``begin`` returns ``norm(x)`` from the matching kernel
+(one read of x for both), to be used instead of calling the norm; None otherwise.
 """
 
 import dataclasses
