@@ -7,6 +7,7 @@ checks the file's config and every key and shape before it changes the model.
 
 import dataclasses
 import json
+import re
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from tcpa_kernels._patch import is_shard, unwrap
 from tcpa_kernels.vit import apply_tcpa, apply_vpt, remove_prompts, state_of
 
 METADATA_KEY = "tcpa_kernels"
+# files of version 0.1.0 before the per-layer TCPAPrompts module: blocks.{i}.tcpa_keys_cls -> blocks.{i}.tcpa.keys_cls
+_LEGACY_NAME = re.compile(r"^(.*\.)tcpa_((?:keys|prompts)_(?:cls|img))$")
 METHODS = {"tcpa": apply_tcpa, "vpt": apply_vpt}
 
 
@@ -80,6 +83,7 @@ def load_prompts(model: nn.Module, path) -> nn.Module:
     """Load a save_prompts checkpoint. A plain timm model is patched first with the saved config; a model
     patched with another config is rejected. On any error the model is left as it was. Returns the model."""
     meta, tensors = read_trainable(path, METADATA_KEY)
+    tensors = {_LEGACY_NAME.sub(r"\1tcpa.\2", name): t for name, t in tensors.items()}
     method, config = meta.get("method"), meta.get("config")
     if method not in METHODS or not isinstance(config, dict):
         raise ValueError(f"path: {path} holds no valid prompts config (method {method!r})")

@@ -237,3 +237,19 @@ def test_train_mode_must_be_a_bool():
     model = METHODS["tcpa"](small_vit())
     with pytest.raises(TypeError, match="mode: expected a bool"):
         model.train("False")
+
+
+def test_load_prompts_reads_files_with_the_earlier_parameter_names(tmp_path):
+    """Files written before the per-layer module (blocks.{i}.tcpa_keys_cls ...) still load."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    source = METHODS["tcpa"](small_vit())
+    tk.save_prompts(source, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {name.replace("tcpa.", "tcpa_"): t for name, t in load_file(tmp_path / "new.safetensors").items()}
+    assert "blocks.0.tcpa_keys_cls" in tensors
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)  # same config, the earlier names
+    loaded = tk.load_prompts(small_vit(), tmp_path / "old.safetensors")
+    assert torch.equal(loaded(images()), source(images()))
