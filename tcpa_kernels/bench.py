@@ -125,6 +125,22 @@ def memory_metric(device):
 # --------------------------------------------------------------------------------------------- models
 
 
+def model_methods(model_name: str) -> tuple[str, ...]:
+    """The MODEL_METHODS a timm model can run (its layout read on the meta device, no memory): the published
+    dense-mask baseline exists for timm's pre-norm ``Block`` only. TypeError naming why for a model that cannot
+    be prompted."""
+    import timm
+
+    from tcpa_kernels.integrations.family import family_of
+    from tcpa_kernels.vit import _check_model
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False)
+    models = _check_model(model)
+    dense = family_of(models.blocks(model)[0]).dense
+    return tuple(m for m in MODEL_METHODS if dense or m != "tcpa_dense")
+
+
 def build_model(method, *, model_name, img_size, pool_size, topk, num_classes=100, device, backend="auto"):
     """A timm ViT without pretrained weights, prompted by ``method`` (one of MODEL_METHODS).
 

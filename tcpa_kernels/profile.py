@@ -38,7 +38,9 @@ def parse_args(argv):
     parser.add_argument("--topk", type=int, default=10, help="entries each token selects (default 10)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (fp32: no autocast)")
     parser.add_argument("--reps", type=int, help="timed repetitions per measurement")
-    parser.add_argument("--methods", nargs="+", default=list(bench.MODEL_METHODS), choices=bench.MODEL_METHODS)
+    parser.add_argument("--methods", nargs="+", choices=bench.MODEL_METHODS,
+                        help="default: all that the model can run (tcpa_dense, the published dense-mask "
+                             "implementation, exists for timm's pre-norm Block only)")
     parser.add_argument("--sweep-batch", type=int, nargs="*", help="batch sizes of the scaling sweep")
     parser.add_argument("--sweep-pool", type=int, nargs="*",
                         help="pool sizes of the scaling sweep (top-k is clamped to the pool size)")
@@ -58,6 +60,14 @@ def parse_args(argv):
 
     if not timm.is_model(args.model):
         parser.error(f"--model: expected a timm model name (see timm.list_models('vit*')), got {args.model!r}")
+    try:
+        runnable = bench.model_methods(args.model)
+    except TypeError as error:
+        parser.error(f"--model: {args.model} cannot be prompted ({error})")
+    if args.methods is None:
+        args.methods = list(runnable)
+    elif set(args.methods) - set(runnable):
+        parser.error(f"--methods: {args.model} runs {', '.join(runnable)}, got {' '.join(args.methods)}")
     for name in ("img_size", "batch_size", "pool_size", "topk", "reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")

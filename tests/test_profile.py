@@ -50,9 +50,22 @@ def test_cpu_memory_counts_only_what_the_call_allocates():
     (["--batch-size", "0"], "--batch-size: expected a positive int"),
     (["--topk", "30"], "--topk: expected 1 <= topk <= --pool-size (18), got 30"),
     (["--device", "tpu"], "--device: expected auto, cpu or cuda"),
+    (["--model", "swin_tiny_patch4_window7_224"], "--model: swin_tiny_patch4_window7_224 cannot be prompted"),
+    (["--model", "vit_small_patch16_dinov3", "--methods", "tcpa_dense"],
+     "--methods: vit_small_patch16_dinov3 runs no_prompts, vpt_deep, tcpa_fused, got tcpa_dense"),
 ])
 def test_cli_bad_arguments_exit_2(bad, message, capsys):
     with pytest.raises(SystemExit) as info:
         profile.main(["--device", "cpu", *bad] if "--device" not in bad else bad)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_on_a_model_without_the_dense_baseline(tmp_path):
+    """A DINOv3 (timm Eva) model: every method but the published dense-mask one, which exists for timm Block only."""
+    args = ["--device", "cpu", "--model", "vit_small_patch16_dinov3", "--img-size", "32", "--batch-size", "2",
+            "--pool-size", "3", "--topk", "2", "--reps", "1", "--no-sweep", "--out", str(tmp_path)]
+    assert profile.main(args) == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert list(result["main"]) == ["no_prompts", "vpt_deep", "tcpa_fused"]
+    assert set(result["ratios"]) == {"no_prompts", "vpt_deep"}
