@@ -1,8 +1,12 @@
-"""Turn an existing timm ViT into a TCPA or VPT-deep model, in place (TCPA_SPEC.md §1, §4).
+"""Turn an existing ViT into a TCPA or VPT-deep model, in place (TCPA_SPEC.md §1, §4).
 
-Supported: timm ``VisionTransformer`` (ViT, DeiT, ... with ``Block``, ``ResPostBlock``, ``ParallelThingsBlock`` or
-``ParallelScalingBlock``) and timm ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder); the block families are
-in ``tcpa_kernels/integrations``. Each block keeps its own modules and gets a ``tcpa`` submodule (a
+Supported (README, "Supported models"): timm ``VisionTransformer`` (``Block``, ``ResPostBlock``,
+``ParallelThingsBlock``, ``ParallelScalingBlock``) and ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder),
+Hugging Face ViT / DINOv2 / CLIP / SigLIP vision models, open_clip vision towers and CLIP models. A model's family
+(``integrations/models.py``) says where its blocks, prefix tokens and heads are; each block's family
+(``integrations/family.py`` and one file per package) how it runs with prompts.
+
+Each block keeps its own modules and gets a ``tcpa`` submodule (a
 :class:`~tcpa_kernels.integrations.prompts.TCPAPrompts`: ``blocks.{i}.tcpa.keys_cls`` ...) or a ``vpt_prompts``
 parameter, so every original ``state_dict`` key stays. Blocks, swapped attention modules and the model change
 class to generated subclasses of their own (``_patch.py``): a prompted model pickles, deep-copies and saves like
@@ -245,7 +249,7 @@ def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int 
                topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
                renormalize: bool = False, num_classes: int | None = None, backend: str = "auto",
                attention: str = "fused") -> nn.Module:
-    """Make ``model`` (a timm VisionTransformer or Eva) a TCPA model in place and return it.
+    """Make ``model`` (a supported ViT, README "Supported models") a TCPA model in place and return it.
 
     Args:
         pool_size_cls, pool_size_img: entries of the CLS and image prompt pools per layer (Pc, Pi; Pc+Pi <= 64).
