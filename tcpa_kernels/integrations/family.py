@@ -194,9 +194,12 @@ class TCPABlockMixin:
     def forward(self, x, *args, **kwargs):
         reject_attn_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False))
         h = self.tcpa.begin(x, self._tcpa_norm)  # [B, N, C] the pre-attention norm of x, or None
-        if h is not None:
-            self._tcpa_norm._tcpa_held = (x, h)
-        return super().forward(x, *args, **kwargs)
+        if h is None:
+            return super().forward(x, *args, **kwargs)
+        self._tcpa_norm._tcpa_held = (x, h)
+        out = super().forward(x, *args, **kwargs)
+        self._tcpa_norm._tcpa_held = None  # already so when the block called its norm on x
+        return out
 
 
 @register_mixin
