@@ -9,6 +9,8 @@ from timm.models.vision_transformer import (
     VisionTransformer,
 )
 
+import tcpa_kernels as tk
+
 
 def assert_prompted_matches_reference(model_loss, reference_loss, params):
     """A prompted model's (output, matching loss) against the fp64 official-style computation's: the outputs (atol
@@ -25,6 +27,22 @@ def assert_prompted_matches_reference(model_loss, reference_loss, params):
     for p, g, rg in zip(params, *grads):
         zero = torch.zeros_like(p)
         torch.testing.assert_close(zero if g is None else g, zero if rg is None else rg, atol=1e-9, rtol=1e-7)
+
+
+def assert_backends_agree(make_model, x, atol, rtol):
+    """``make_model(backend)`` with the Triton kernels against the torch backend on the same parameters: logits,
+    matching loss and every trainable gradient (gradients with atol relative to their largest magnitude)."""
+    results = []
+    for backend in ("triton", "torch"):
+        model = make_model(backend)
+        logits = model(x)
+        loss = logits.square().mean() + tk.get_matching_loss(model)
+        results.append((logits, tk.get_matching_loss(model), torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    (logits, match, grads), (ref_logits, ref_match, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol)
+    torch.testing.assert_close(match, ref_match, atol=atol, rtol=rtol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), rg.float(), atol=atol * float(rg.abs().max()), rtol=rtol)
 
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=7)

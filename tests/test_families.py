@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import tcpa_kernels as tk
 from reference.prefix import deep_vpt_prompts, prefix_prompts
-from tests._helpers import SMALL, TIMM_FAMILIES, assert_prompted_matches_reference
+from tests._helpers import SMALL, TIMM_FAMILIES, assert_backends_agree, assert_prompted_matches_reference
 
 POOLS = dict(pool_size_cls=3, pool_size_img=4, prompt_len_cls=2, prompt_len_img=1)
 LENS = dict(prompt_len_cls=2, prompt_len_img=1)
@@ -156,17 +156,8 @@ def test_block_with_another_attention_is_refused():
 @pytest.mark.parametrize("family", ["vit_parallel_things_block", "eva_rope_gqa_dinov3"])
 def test_triton_kernels_equal_torch_path(family):
     """The Triton kernels (interpreter on CPU) on a family's own forward: logits, matching loss, gradients (fp32)."""
-    results = []
-    for backend in ("torch", "triton"):
-        model = tk.apply_tcpa(plain_model(family).float(), backend=backend, **POOLS, **TOPK)
-        logits = model(images().float())
-        loss = logits.square().sum() + tk.get_matching_loss(model)
-        results.append((logits, tk.get_matching_loss(model), torch.autograd.grad(loss, tk.trainable_parameters(model))))
-    (logits, match, grads), (ref_logits, ref_match, ref_grads) = results
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(match, ref_match, atol=1e-5, rtol=1e-4)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-4)
+    assert_backends_agree(lambda backend: tk.apply_tcpa(plain_model(family).float(), backend=backend, **POOLS, **TOPK),
+                          images().float(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["vit_parallel_scaling_block", "eva_rope_gqa_dinov3"])

@@ -86,19 +86,12 @@ def test_lean_model_path_triton_equals_torch(autocast):
 def test_other_block_families_triton_equal_torch(family):
     """A block family's own forward around the attention op (TCPAPrompts: match_select, tcpa_attention on a
     Selection) on CUDA against the torch backend: logits, matching loss and every trainable gradient (fp32)."""
-    from tests._helpers import TIMM_FAMILIES
+    from tests._helpers import TIMM_FAMILIES, assert_backends_agree
 
-    results = []
-    for backend in ("triton", "torch"):
-        torch.manual_seed(0)
-        model = tk.apply_tcpa(TIMM_FAMILIES[family]().cuda(), backend=backend, pool_size_cls=3, pool_size_img=4,
-                              topk_cls=2, topk_img=3)
-        x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)).cuda()
-        logits = model(x)
-        loss = logits.square().mean() + tk.get_matching_loss(model)
-        results.append((logits, tk.get_matching_loss(model), torch.autograd.grad(loss, tk.trainable_parameters(model))))
-    (logits, match, grads), (ref_logits, ref_match, ref_grads) = results
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(match, ref_match, atol=1e-4, rtol=1e-3)
-    for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, atol=1e-4 * float(rg.abs().max()), rtol=1e-3)
+    def make_model(backend):
+        torch.manual_seed(0)  # the same backbone, prompts and keys for both backends
+        return tk.apply_tcpa(TIMM_FAMILIES[family]().cuda(), backend=backend, pool_size_cls=3, pool_size_img=4,
+                             topk_cls=2, topk_img=3)
+
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)).cuda()
+    assert_backends_agree(make_model, x, atol=1e-4, rtol=1e-3)
