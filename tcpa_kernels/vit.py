@@ -90,7 +90,6 @@ class PromptState:
 
     method: str  # "tcpa" | "vpt"
     config: TCPAConfig | VPTConfig
-    num_prefix_tokens: int
     training: bool = False
     blocks: list = dataclasses.field(default_factory=list)  # the prompted blocks, in order
     original_heads: dict = dataclasses.field(default_factory=dict)
@@ -189,8 +188,7 @@ def _attach(model, models, method, config, make_additions):
     config.validate(model, models)
     blocks = list(models.blocks(model))
     ref = _reference_param(blocks)
-    state = PromptState(method=method, config=config, num_prefix_tokens=models.num_prefix_tokens(model),
-                        blocks=blocks, original_num_classes=models.num_classes(model))
+    state = PromptState(method=method, config=config, blocks=blocks, original_num_classes=models.num_classes(model))
     state.original_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     state.original_heads = {name: getattr(model, name) for name in models.heads
                             if isinstance(getattr(model, name, None), nn.Module)}
