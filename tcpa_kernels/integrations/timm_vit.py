@@ -76,8 +76,9 @@ def _dense_attention(blk, h, selection, prompts, cfg):
 def _norm_and_select(blk, x, cfg):
     """(norm1(x) [B, N, C], Selection) of the block input x; the matching-loss terms stay in ``blk.tcpa``."""
     prompts = blk.tcpa
-    if cfg.attention == "dense" and prompts.selection_mode == "topk":  # the published code's matching: a scores
-        n_pre = prompts.num_prefix_tokens                              # tensor, top-k, the loss from it
+    if cfg.attention == "dense" and prompts.selection_mode == "topk":
+        # the published code's matching: a scores tensor, its top-k, the loss from it
+        n_pre = prompts.num_prefix_tokens
         scores = match_scores(x, prompts.keys_cls, prompts.keys_img)  # [B, N, Pc+Pi]
         bits = topk_bits_op(scores.detach(), n_pre, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
                             resolve_backend(cfg.backend, x.device))
