@@ -12,6 +12,9 @@ Masks: ``renormalize=True`` passes a bool mask to the family's own ``scaled_dot_
 masked softmax). ``renormalize=False`` (the published method) multiplies the softmax by a float {0, 1} mask; no
 attention kernel does that, so ``dense_sdpa`` stands in for ``torch.nn.functional.scaled_dot_product_attention``
 while the hooks are active.
+
+VFPT prompts (TCPA_SPEC.md §7) as the published code writes them: ``fft(fft(prompts, dim=-1), dim=-2).real`` of
+each layer's prompts after dropout (``fourier_prompts_ref``).
 """
 
 import contextlib
@@ -35,6 +38,20 @@ def dense_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
     return probs @ v
 
 
+def fourier_prompts_ref(prompts, fraction):
+    """prompts [..., P, C]: the first int(P * fraction) become fft(fft(., dim=-1), dim=-2).real of themselves."""
+    num_fourier = int(prompts.shape[-2] * fraction)
+    fourier = torch.fft.fft(torch.fft.fft(prompts[..., :num_fourier, :], dim=-1), dim=-2).real
+    return torch.cat([fourier, prompts[..., num_fourier:, :]], dim=-2)
+
+
+def layer_tokens(prompts, multiplier, prompt_transform, fourier_fraction):
+    """A layer's prompts [P, C] times its dropout multiplier (None: no dropout; [P, C] one mask for the batch,
+    [B, P, C] one per sample; entries 0 or 1/(1-p)), then the prompt transform: [P, C] or [B, P, C]."""
+    tokens = prompts if multiplier is None else prompts * multiplier
+    return fourier_prompts_ref(tokens, fourier_fraction) if prompt_transform == "fourier" else tokens
+
+
 def dense_mask(prompt_mask, renormalize):
     """[B, N, P] selection -> the [B, 1, P+N, P+N] attention mask over [prompts ; tokens] (prompt rows: all keys)."""
     B, N, P = prompt_mask.shape
@@ -51,9 +68,9 @@ def pass_attn_mask(rest, kwargs, mask):
 @contextlib.contextmanager
 def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False, pass_mask=pass_attn_mask):
     """While active, block i of ``blocks`` runs on [prompts ; x] with the mask given by ``layer_inputs[i](x)``
-    -> (prompts [P, C], mask over [P+N] x [P+N] or None); its output is its last N tokens. ``pass_mask(rest,
-    kwargs, mask)`` -> (rest, kwargs) puts the mask into the block's arguments after x. With ``post_softmax_mask``
-    the masks multiply the softmax (``dense_sdpa``). The blocks must be in eval mode."""
+    -> (prompts [P, C] or [B, P, C], mask over [P+N] x [P+N] or None); its output is its last N tokens.
+    ``pass_mask(rest, kwargs, mask)`` -> (rest, kwargs) puts the mask into the block's arguments after x. With
+    ``post_softmax_mask`` the masks multiply the softmax (``dense_sdpa``). The blocks must be in eval mode."""
     handles, saved = [], []
     for blk, layer_input in zip(blocks, layer_inputs, strict=True):
         counted = [m for m in blk.modules() if isinstance(getattr(m, "num_prefix_tokens", None), int)]  # RoPE attn
@@ -67,10 +84,10 @@ def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False, pass_mask=pas
         def before(module, args, kwargs, layer_input=layer_input, counted=counted, num_prompts=num_prompts):
             x, *rest = args
             prompts, mask = layer_input(x)
-            num_prompts[:] = [prompts.shape[0]]
+            num_prompts[:] = [prompts.shape[-2]]
             for m, prefix in zip(counted, [m.num_prefix_tokens for m in counted]):
-                m.num_prefix_tokens = prefix + prompts.shape[0]  # set back after this block's forward
-            seq = torch.cat([prompts[None].expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, P+N, C]
+                m.num_prefix_tokens = prefix + prompts.shape[-2]  # set back after this block's forward
+            seq = torch.cat([prompts.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, P+N, C]
             rest, kwargs = pass_mask(rest, kwargs, mask)
             return (seq, *rest), kwargs
 
@@ -96,10 +113,13 @@ def prefix_hooks(blocks, layer_inputs, *, post_softmax_mask=False, pass_mask=pas
 
 @contextlib.contextmanager
 def prefix_prompts(blocks, layer_params, *, topk_cls, topk_img, prompt_len_cls=1, prompt_len_img=1,
-                   num_prefix_tokens=1, renormalize=False, make_mask=None, pass_mask=pass_attn_mask):
+                   num_prefix_tokens=1, renormalize=False, prompt_transform="none", fourier_fraction=1.0,
+                   dropout=None, make_mask=None, pass_mask=pass_attn_mask):
     """TCPA: while active, block i of ``blocks`` runs on [prompts_i ; x] with the TCPA mask of x.
 
     layer_params[i] = (keys_cls [Pc, C], keys_img [Pi, C], prompts_cls [Pc, Lc, C], prompts_img [Pi, Li, C]).
+    ``dropout[i]``: layer i's prompt-dropout multiplier (see ``layer_tokens``), None for none; the prompt transform
+    ("none" | "fourier", with ``fourier_fraction``) follows the dropout.
     ``make_mask(selection [B, N, P], block, x)``: the mask in the block's convention (default ``dense_mask``);
     ``pass_mask``: as in ``prefix_hooks``. Yields a list that receives each layer's matching loss in order.
     """
@@ -109,21 +129,25 @@ def prefix_prompts(blocks, layer_params, *, topk_cls, topk_img, prompt_len_cls=1
 
     make_mask = make_mask or (lambda selection, blk, x: dense_mask(selection, renormalize))
 
-    def layer_input(blk, keys_cls, keys_img, prompts_cls, prompts_img):
+    def layer_input(blk, multiplier, keys_cls, keys_img, prompts_cls, prompts_img):
         prompts = torch.cat([prompts_cls.flatten(0, 1), prompts_img.flatten(0, 1)])  # [P, C]
 
         def make(x):
             selection, loss = match_prompts_ref(x, keys_cls, keys_img, **match_kw)
             losses.append(loss)
-            return prompts, make_mask(selection, blk, x)
+            return layer_tokens(prompts, multiplier, prompt_transform, fourier_fraction), make_mask(selection, blk, x)
 
         return make
 
-    inputs = [layer_input(blk, *params) for blk, params in zip(blocks, layer_params, strict=True)]
+    dropout = [None] * len(blocks) if dropout is None else dropout
+    inputs = [layer_input(blk, multiplier, *params)
+              for blk, multiplier, params in zip(blocks, dropout, layer_params, strict=True)]
     with prefix_hooks(blocks, inputs, post_softmax_mask=not renormalize, pass_mask=pass_mask):
         yield losses
 
 
-def deep_vpt_prompts(blocks, layer_prompts):
-    """VPT-deep: while active, block i runs on [prompts_i ; x] (prompts [P, C], queries too, no mask)."""
-    return prefix_hooks(blocks, [lambda x, p=prompts: (p, None) for prompts in layer_prompts])
+def deep_vpt_prompts(blocks, layer_prompts, *, prompt_transform="none", fourier_fraction=1.0):
+    """VPT-deep (VFPT with ``prompt_transform="fourier"``): while active, block i runs on [prompts_i ; x] (prompts
+    [P, C] after the transform, queries too, no mask)."""
+    tokens = [layer_tokens(prompts, None, prompt_transform, fourier_fraction) for prompts in layer_prompts]
+    return prefix_hooks(blocks, [lambda x, p=t: (p, None) for t in tokens])

@@ -4,7 +4,8 @@ A layer's prompt K/V are its prompt tokens (after prompt dropout) through that l
 of its ``qkv`` projection and its ``k_norm``. They depend on parameters only, so block 0 computes them for all
 layers at once instead of every block doing a few tiny ops of its own:
 
-- the prompt tokens of all layers: one ``cat`` and one dropout draw (one mask for the batch) -> ``[L, P, C]``;
+- the prompt tokens of all layers: one ``cat``, one dropout draw (one mask for the batch -> ``[L, P, C]``, or one
+  per sample -> ``[L, B, P, C]``, ``prompt_dropout_per_sample``) and the prompt transform (VFPT's Fourier prompts);
 - when every ``norm1`` is a LayerNorm with the same eps and every layer the same heads (timm's ViTs): one layer
   norm without affine and one batched GEMM, with ``norm1``'s affine folded into the K/V rows of ``W_qkv``
   (``W'_l = W_kv,l * w_l``, ``b'_l = b_kv,l + W_kv,l @ b_l``). The folded weights ``[L, 2C, C]`` of a frozen
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcpa_kernels._patch import is_shard
+from tcpa_kernels.integrations.prompt_tokens import drop_prompts, per_sample, transform_prompts
 
 
 def _versions(tensors):
@@ -49,21 +51,30 @@ def _sharded(state):
     return any(is_shard(blk.attn.qkv.weight) for blk in state.blocks)
 
 
-def step_prompts(state):
-    """Prompt tokens of every layer for this forward (the dense path): [L, P, C]; None when sharded."""
-    return None if _sharded(state) else layer_prompts(state)
+def step_prompts(state, batch_size):
+    """Prompt tokens of every layer for this forward (the dense path): [L, P, C] or [L, B, P, C]; None when
+    sharded."""
+    return None if _sharded(state) else layer_prompts(state, batch_size)
 
 
-def layer_prompts(state):
-    """Prompt tokens of every layer after dropout: [L, P, C] (one dropout mask for the batch)."""
+def _forward_tokens(state, prompts, batch_size):
+    """prompts [..., P, C] after prompt dropout and the prompt transform: [..., P, C], or [..., B, P, C] with a
+    dropout mask per sample."""
+    cfg = state.config
+    prompts = drop_prompts(prompts, cfg.prompt_dropout, state.training,
+                           batch_size if per_sample(cfg, state.training) else None)
+    return transform_prompts(prompts, cfg.prompt_transform, cfg.fourier_fraction)
+
+
+def layer_prompts(state, batch_size):
+    """Prompt tokens of every layer for this forward: [L, P, C], or [L, B, P, C] with a dropout mask per sample."""
     prompts = torch.cat([part for blk in state.blocks for part in _prompt_parts(blk)])  # [L*P, C], one cat
-    prompts = F.dropout(prompts, state.config.prompt_dropout, training=state.training)
-    return prompts.view(len(state.blocks), state.config.num_prompts, -1)
+    return _forward_tokens(state, prompts.view(len(state.blocks), state.config.num_prompts, -1), batch_size)
 
 
-def own_prompts(state, blk):
-    """One block's prompt tokens after dropout: [P, C]."""
-    return F.dropout(torch.cat(_prompt_parts(blk)), state.config.prompt_dropout, training=state.training)
+def own_prompts(state, blk, batch_size):
+    """One block's prompt tokens for this forward: [P, C] or [B, P, C]."""
+    return _forward_tokens(state, torch.cat(_prompt_parts(blk)), batch_size)
 
 
 def _batchable(blocks):
@@ -105,53 +116,61 @@ def _kv_weights(state):
 
 
 def _k_norm(attn, kv):
-    """kv [2, H, P, D] with the block's k_norm applied to the keys (qk_norm models)."""
-    return kv if isinstance(attn.k_norm, nn.Identity) else torch.stack([attn.k_norm(kv[0]), kv[1]])
+    """kv [..., 2, H, P, D] with the block's k_norm applied to the keys (qk_norm models)."""
+    if isinstance(attn.k_norm, nn.Identity):
+        return kv
+    k, v = kv.unbind(-4)
+    return torch.stack([attn.k_norm(k), v], dim=-4)
 
 
-def _all_layers_kv(state):
-    """[2, H, P, D] prompt K/V per layer (contiguous)."""
+def _heads_kv(kv, num_heads):
+    """K/V rows of prompt tokens [..., P, 2C] -> [..., 2, H, P, D] (contiguous)."""
+    return kv.unflatten(-1, (2, num_heads, -1)).movedim(-4, -2).contiguous()
+
+
+def _all_layers_kv(state, batch_size):
+    """Prompt K/V per layer (contiguous): [2, H, P, D], or [B, 2, H, P, D] with a dropout mask per sample."""
     blocks = state.blocks
-    prompts = layer_prompts(state)  # [L, P, C]
-    L, P, C = prompts.shape
+    prompts = layer_prompts(state, batch_size)  # [L, P, C] or [L, B, P, C]
+    L, C = prompts.shape[0], prompts.shape[-1]
     with torch.autocast(prompts.device.type, enabled=False):
         if _batchable(blocks):
             weight, bias = _kv_weights(state)  # [L, 2C, C], [L, 2C]
-            normed = F.layer_norm(prompts, (C,), eps=blocks[0].norm1.eps)  # [L, P, C]
-            kv = torch.baddbmm(bias[:, None], normed, weight.transpose(1, 2))  # [L, P, 2C]
-            H, D = blocks[0].attn.num_heads, blocks[0].attn.head_dim
-            layers = kv.view(L, P, 2, H, D).permute(0, 2, 3, 1, 4).contiguous().unbind(0)  # [2, H, P, D] each
+            normed = F.layer_norm(prompts.view(L, -1, C), (C,), eps=blocks[0].norm1.eps)  # [L, (B*)P, C]
+            kv = torch.baddbmm(bias[:, None], normed, weight.transpose(1, 2))  # [L, (B*)P, 2C]
+            layers = _heads_kv(kv.view(*prompts.shape[:-1], 2 * C), blocks[0].attn.num_heads).unbind(0)
         else:
             layers = [_layer_kv(blk, layer_prompts_) for blk, layer_prompts_ in zip(blocks, prompts.unbind(0))]
         return [_k_norm(blk.attn, kv) for blk, kv in zip(blocks, layers)]
 
 
 def _layer_kv(blk, prompts):
-    """prompts [P, C] through the block's norm1 and the K/V rows of its qkv: [2, H, P, D] (contiguous)."""
-    P, C = prompts.shape
+    """prompts [..., P, C] through the block's norm1 and the K/V rows of its qkv: [..., 2, H, P, D]
+    (contiguous)."""
+    C = prompts.shape[-1]
     kv = F.linear(blk.norm1(prompts), blk.attn.qkv.weight[C:],
-                  None if blk.attn.qkv.bias is None else blk.attn.qkv.bias[C:])  # [P, 2C]
-    return kv.view(P, 2, blk.attn.num_heads, -1).permute(1, 2, 0, 3).contiguous()
+                  None if blk.attn.qkv.bias is None else blk.attn.qkv.bias[C:])  # [..., P, 2C]
+    return _heads_kv(kv, blk.attn.num_heads)
 
 
-def own_prompt_kv(state, blk):
-    """One block's prompt K/V [2, H, P, D] for this forward, from its own parameters."""
-    prompts = own_prompts(state, blk)
+def own_prompt_kv(state, blk, batch_size):
+    """One block's prompt K/V [2, H, P, D] (or [B, 2, H, P, D]) for this forward, from its own parameters."""
+    prompts = own_prompts(state, blk, batch_size)
     with torch.autocast(prompts.device.type, enabled=False):
         return _k_norm(blk.attn, _layer_kv(blk, prompts))
 
 
-def step_prompt_kv(state):
-    """Prompt K/V [2, H, P, D] of every layer for this forward, reused without autograd until a parameter changes;
-    None when sharded."""
+def step_prompt_kv(state, batch_size):
+    """Prompt K/V [2, H, P, D] (or [B, 2, H, P, D] with a dropout mask per sample) of every layer for this
+    forward, reused without autograd until a parameter changes; None when sharded."""
     if _sharded(state):
         return None
     prompt_params = [p for blk in state.blocks for p in (blk.tcpa.prompts_cls, blk.tcpa.prompts_img)]
     needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in prompt_params)
     if state.training or needs_graph or torch.compiler.is_compiling():
-        return _all_layers_kv(state)
+        return _all_layers_kv(state, batch_size)
     key = _versions(_projection_params(state.blocks) + prompt_params)
     if state.kv_key != key:
-        state.kv = _all_layers_kv(state)
+        state.kv = _all_layers_kv(state, batch_size)
         state.kv_key = key
     return state.kv

@@ -27,9 +27,10 @@ from torch import nn
 
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
-from tcpa_kernels._validate import check_flag, check_int, check_number
+from tcpa_kernels._validate import check_flag, check_int
 from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_attentions
 from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_family, refusal
+from tcpa_kernels.integrations.prompt_tokens import check_prompt_options
 from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
 
 ATTENTION_MODES = ("fused", "dense")
@@ -61,17 +62,15 @@ class VPTConfig:
     deep: bool = True
     prompt_dropout: float = 0.1
     num_classes: int | None = None
+    prompt_transform: str = "none"
+    fourier_fraction: float = 1.0
 
     def validate(self, model, models: ModelFamily):
         check_int("num_prompts", self.num_prompts, 1)
         check_flag("deep", self.deep)
-        _check_common(self)
-
-
-def _check_common(config):
-    check_number("prompt_dropout", config.prompt_dropout, lo=0.0, hi=1.0)
-    if config.num_classes is not None:
-        check_int("num_classes", config.num_classes, 0)
+        check_prompt_options(self.prompt_dropout, self.prompt_transform, self.fourier_fraction)
+        if self.num_classes is not None:
+            check_int("num_classes", self.num_classes, 0)
 
 
 def _runtime(default=None, factory=None):
@@ -246,19 +245,26 @@ def _detach(model, models, state, training):
 def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
                topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
                renormalize: bool = False, num_classes: int | None = None, backend: str = "auto",
-               attention: str = "fused") -> nn.Module:
+               attention: str = "fused", prompt_dropout_per_sample: bool = False, prompt_transform: str = "none",
+               fourier_fraction: float = 1.0) -> nn.Module:
     """Make ``model`` (a supported ViT, README "Supported models") a TCPA model in place and return it.
 
     Args:
         pool_size_cls, pool_size_img: entries of the CLS and image prompt pools per layer (Pc, Pi; Pc+Pi <= 64).
         topk_cls, topk_img: entries each prefix / patch token selects.
         prompt_len_cls, prompt_len_img: prompt tokens per pool entry (Lc, Li).
-        prompt_dropout: dropout on the prompt tokens in training (one mask shared by the batch).
+        prompt_dropout: dropout on the prompt tokens in training (one mask shared by the batch by default).
         renormalize: False = post-softmax mask as published; True = masked softmax.
         num_classes: replace the classification head with a new one of this many classes (None: keep it).
         backend: "auto" | "triton" | "torch" for the attention and selection kernels.
         attention: "fused" (this library's op) or "dense" (the published implementation's dense
             [B, H, P+N, P+N] mask, kept as the comparison baseline for benchmarks; same math; timm Block only).
+        prompt_dropout_per_sample: one dropout mask per sample, as the published code (the prompt keys/values
+            become [B, H, P, D] in training, B times the work of the shared [H, P, D]); default one for the batch.
+        prompt_transform: "none", or "fourier" for VFPT+TCPA (the published configuration, TCPA_SPEC.md §7): each
+            layer's prompt tokens (CLS pool then image pool), after dropout, become ``fft2(prompts).real``.
+        fourier_fraction: in (0, 1], VFPT's "Fourier percentage": only the first floor(fraction * P) prompt tokens
+            are transformed (among themselves), the others pass unchanged.
 
     Each block gets a ``tcpa`` module (:class:`TCPAPrompts`) with keys ``keys_cls [Pc, C]``, ``keys_img [Pi, C]``
     and prompts ``prompts_cls [Pc, Lc, C]``, ``prompts_img [Pi, Li, C]``, initialised uniform(-1, 1) as
@@ -266,8 +272,11 @@ def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int 
     """
     model = _target(model)
     models = _check_model(model)
-    config = TCPAConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
-                        prompt_dropout, renormalize, backend, num_classes, attention)
+    config = TCPAConfig(pool_size_cls=pool_size_cls, pool_size_img=pool_size_img, topk_cls=topk_cls,
+                        topk_img=topk_img, prompt_len_cls=prompt_len_cls, prompt_len_img=prompt_len_img,
+                        prompt_dropout=prompt_dropout, renormalize=renormalize, backend=backend,
+                        prompt_dropout_per_sample=prompt_dropout_per_sample, prompt_transform=prompt_transform,
+                        fourier_fraction=fourier_fraction, num_classes=num_classes, attention=attention)
     pools = {f.name: getattr(config, f.name) for f in dataclasses.fields(PoolConfig)}
 
     dim, num_prefix_tokens = models.embed_dim(model), models.num_prefix_tokens(model)
@@ -279,17 +288,22 @@ def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int 
 
 
 def apply_vpt(model: nn.Module, *, num_prompts: int, deep: bool = True, prompt_dropout: float = 0.1,
-              num_classes: int | None = None) -> nn.Module:
+              num_classes: int | None = None, prompt_transform: str = "none",
+              fourier_fraction: float = 1.0) -> nn.Module:
     """Make ``model`` a VPT model (Jia et al. 2022) in place: the baseline TCPA is compared with.
 
     ``num_prompts`` prompt tokens join the sequence; with ``deep=True`` every block replaces them with its own
     (``blocks.{i}.vpt_prompts [P, C]``), else only block 0 has prompts. Prompts are queries too and each block runs
     its own forward (RoPE models: the prompts get no rotation). Initialisation: uniform(-a, a),
     a = sqrt(6 / (3*patch_area + C)), as in the VPT code. Dropout on prompts is per sample as in VPT.
+    ``prompt_transform="fourier"`` makes it VFPT (Visual Fourier Prompt Tuning): each block's prompts, after
+    dropout, become ``fft2(prompts).real``, only the first floor(fourier_fraction * P) of them when the fraction is
+    below 1 (VFPT's "Fourier percentage").
     """
     model = _target(model)
     models = _check_model(model)
-    config = VPTConfig(num_prompts, deep, prompt_dropout, num_classes)
+    config = VPTConfig(num_prompts=num_prompts, deep=deep, prompt_dropout=prompt_dropout, num_classes=num_classes,
+                       prompt_transform=prompt_transform, fourier_fraction=fourier_fraction)
     embed_dim = models.embed_dim(model)
     bound = math.sqrt(6.0 / float(3 * models.patch_area(model) + embed_dim))
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcpa_kernels._patch import original_class, prompted_class, register_mixin
+from tcpa_kernels.integrations.prompt_tokens import drop_prompts, transform_prompts
 from tcpa_kernels.integrations.prompts import TCPAPrompts, fusable_norm
 
 
@@ -208,7 +209,8 @@ class VPTMixin:
 
     The prompts go after the N real tokens (attention has no positions, so this is the published model) and the
     block returns the real tokens only: features taken between blocks (``forward_intermediates``) hold no prompts.
-    Deep blocks bring their own prompts; without deep prompts the prompt tokens' output passes to the next block
+    Deep blocks bring their own prompts (dropped out per sample, then VFPT's Fourier transform when configured);
+    without deep prompts the prompt tokens' output passes to the next block
     through ``prompt_state.carry`` (per layer, so a checkpointed block recomputes with the prompts it had).
     """
 
@@ -218,8 +220,8 @@ class VPTMixin:
         state, cfg = layer.state, layer.state.config
         N = x.shape[1]
         if "vpt_prompts" in self._parameters:
-            prompts = self.vpt_prompts.to(x.dtype).expand(x.shape[0], -1, -1)  # [B, P, C]
-            prompts = F.dropout(prompts, cfg.prompt_dropout, training=state.training)
+            prompts = drop_prompts(self.vpt_prompts.to(x.dtype), cfg.prompt_dropout, state.training, x.shape[0])
+            prompts = transform_prompts(prompts, cfg.prompt_transform, cfg.fourier_fraction)  # [B, P, C]
         else:
             prompts = state.carry[layer.index - 1]
         x = super().forward(torch.cat([x, prompts], dim=1), *args, **kwargs)  # [B, N+P, C], the block's own forward

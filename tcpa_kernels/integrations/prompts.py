@@ -29,11 +29,11 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._validate import check_flag, check_int, check_number, check_pool_config, check_tensor, describe
+from tcpa_kernels._validate import check_flag, check_int, check_pool_config, check_tensor, describe
+from tcpa_kernels.integrations.prompt_tokens import check_prompt_options, drop_prompts, per_sample, transform_prompts
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_select import match_select, norm_match_select
 from tcpa_kernels.ops.selection import Selection
@@ -56,6 +56,9 @@ class PoolConfig:
     prompt_dropout: float = 0.1
     renormalize: bool = False
     backend: str = "auto"
+    prompt_dropout_per_sample: bool = False
+    prompt_transform: str = "none"
+    fourier_fraction: float = 1.0
 
     @property
     def num_prompts(self) -> int:
@@ -66,7 +69,8 @@ class PoolConfig:
             check_int(name, getattr(self, name), 1)
         check_pool_config("", self.pool_size_cls, self.pool_size_img, self.topk_cls, self.topk_img,
                           self.prompt_len_cls, self.prompt_len_img, num_prefix_tokens, num_prefix_tokens)
-        check_number("prompt_dropout", self.prompt_dropout, lo=0.0, hi=1.0)
+        check_prompt_options(self.prompt_dropout, self.prompt_transform, self.fourier_fraction)
+        check_flag("prompt_dropout_per_sample", self.prompt_dropout_per_sample)
         check_flag("renormalize", self.renormalize)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
@@ -84,18 +88,24 @@ class TCPAPrompts(nn.Module):
 
     State of the last forward: ``matching_terms`` (``[B, N]`` fp32, their sum is this layer's matching loss; None
     for random selection). ``selection_mode``: "topk" (cosine matching) or "random". Prompt dropout follows
-    ``self.training``.
+    ``self.training``: one mask for the batch, or one per sample with ``prompt_dropout_per_sample`` (then the
+    prompt keys/values are ``[B, H, P, D]``). ``prompt_transform="fourier"`` turns the first
+    ``floor(fourier_fraction * P)`` prompt tokens into VFPT's Fourier prompts after dropout (``prompt_tokens``).
     """
 
     def __init__(self, dim: int, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
                  topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
                  renormalize: bool = False, num_prefix_tokens: int = 1, backend: str = "auto",
+                 prompt_dropout_per_sample: bool = False, prompt_transform: str = "none", fourier_fraction: float = 1.0,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         check_int("dim", dim, 1)
         check_int("num_prefix_tokens", num_prefix_tokens, 0)
-        self.config = PoolConfig(pool_size_cls, pool_size_img, topk_cls, topk_img, prompt_len_cls, prompt_len_img,
-                                 prompt_dropout, renormalize, backend)
+        self.config = PoolConfig(
+            pool_size_cls=pool_size_cls, pool_size_img=pool_size_img, topk_cls=topk_cls, topk_img=topk_img,
+            prompt_len_cls=prompt_len_cls, prompt_len_img=prompt_len_img, prompt_dropout=prompt_dropout,
+            renormalize=renormalize, backend=backend, prompt_dropout_per_sample=prompt_dropout_per_sample,
+            prompt_transform=prompt_transform, fourier_fraction=fourier_fraction)
         self.config.validate(num_prefix_tokens)
         self.num_prefix_tokens = num_prefix_tokens
         self.selection_mode = "topk"
@@ -121,10 +131,14 @@ class TCPAPrompts(nn.Module):
                 f"topk=({c.topk_cls}, {c.topk_img}), prompt_len=({c.prompt_len_cls}, {c.prompt_len_img}), "
                 f"num_prefix_tokens={self.num_prefix_tokens}")
 
-    def prompt_tokens(self) -> Tensor:
-        """This forward's prompt tokens: [P, C], CLS-pool prompts first, after prompt dropout (one mask)."""
+    def prompt_tokens(self, batch_size: int) -> Tensor:
+        """This forward's prompt tokens, CLS-pool prompts first, after prompt dropout and the prompt transform:
+        [P, C] shared by the batch, or [B, P, C] when dropout draws a mask per sample."""
+        c = self.config
         tokens = torch.cat([self.prompts_cls.flatten(0, 1), self.prompts_img.flatten(0, 1)])
-        return F.dropout(tokens, self.config.prompt_dropout, training=self.training)
+        tokens = drop_prompts(tokens, c.prompt_dropout, self.training,
+                              batch_size if per_sample(c, self.training) else None)
+        return transform_prompts(tokens, c.prompt_transform, c.fourier_fraction)
 
     def selection(self, bits: Tensor) -> Selection:
         c = self.config
@@ -158,7 +172,7 @@ class TCPAPrompts(nn.Module):
         draws this forward's prompt tokens; ``attend`` (one or more attentions of the block) uses both. Returns
         ``norm(x)`` when ``norm`` (the pre-attention norm) was computed with the matching, else None."""
         selection, h = self.select(x, norm)
-        self._step = (selection, self.prompt_tokens())
+        self._step = (selection, self.prompt_tokens(x.shape[0]))
         return h
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, project_kv: Callable[[Tensor], tuple[Tensor, Tensor]],
@@ -167,13 +181,16 @@ class TCPAPrompts(nn.Module):
         if self._step is None:
             raise RuntimeError("TCPAPrompts.attend: call begin(x) with the block input first (or call the module)")
         selection, tokens = self._step
-        prompt_k, prompt_v = project_kv(tokens[None])  # [1, H, P, D] each
-        P, H, D = tokens.shape[0], q.shape[1], q.shape[3]
+        shared = tokens.dim() == 2
+        prompt_k, prompt_v = project_kv(tokens[None] if shared else tokens)  # [1 or B, H, P, D] each
+        lead, P, H, D = 1 if shared else tokens.shape[0], tokens.shape[-2], q.shape[1], q.shape[3]
         for name, t in (("project_kv(prompts)[0]", prompt_k), ("project_kv(prompts)[1]", prompt_v)):
-            if tuple(t.shape) != (1, H, P, D):
-                raise ValueError(f"{name}: expected the prompts' keys/values [1, {H}, {P}, {D}] (heads of q), got "
-                                 f"{describe(t)}")
-        return tcpa_attention(q, k, v, prompt_k[0].to(q.dtype), prompt_v[0].to(q.dtype), selection, scale=scale,
+            if tuple(t.shape) != (lead, H, P, D):
+                raise ValueError(f"{name}: expected the prompts' keys/values [{lead}, {H}, {P}, {D}] (heads of q), "
+                                 f"got {describe(t)}")
+        if shared:
+            prompt_k, prompt_v = prompt_k[0], prompt_v[0]  # [H, P, D]
+        return tcpa_attention(q, k, v, prompt_k.to(q.dtype), prompt_v.to(q.dtype), selection, scale=scale,
                               renormalize=self.config.renormalize, backend=self.config.backend)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor,
@@ -184,8 +201,9 @@ class TCPAPrompts(nn.Module):
             q, k, v: ``[B, H, N, D]`` the attention's queries, keys and values of the N tokens (after its q/k norms
                 and rotary embedding, if any).
             x: ``[B, N, C]`` the block input (the residual stream before the attention's norm): matching reads it.
-            project_kv: prompt tokens ``[1, P, C]`` -> their keys and values ``[1, H, P, D]`` each, the way the
-                attention computes them for tokens: pre-attention norm, K/V projection, k norm; no position.
+            project_kv: prompt tokens ``[1, P, C]`` (``[B, P, C]`` with per-sample prompt dropout) -> their keys and
+                values ``[1, H, P, D]`` (``[B, H, P, D]``) each, the way the attention computes them for tokens:
+                pre-attention norm, K/V projection, k norm; no position.
             scale: score scale, default ``D ** -0.5``.
 
         Returns:

@@ -42,8 +42,8 @@ from tcpa_kernels.ops.packed import tcpa_packed_attention
 
 
 def _fused_attention(blk, h, selection, prompt_kv, cfg):
-    """TCPA attention through the fused op, on the packed qkv projection. h [B, N, C], prompt_kv [2, H, P, D]
-    -> [B, N, C]: no layout copy on either side of the op."""
+    """TCPA attention through the fused op, on the packed qkv projection. h [B, N, C], prompt_kv [2, H, P, D] (or
+    [B, 2, H, P, D]) -> [B, N, C]: no layout copy on either side of the op."""
     attn = blk.attn
     B, N, _ = h.shape
     qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]
@@ -56,12 +56,12 @@ def _fused_attention(blk, h, selection, prompt_kv, cfg):
 
 
 def _dense_attention(blk, h, selection, prompts, cfg):
-    """Official-style TCPA, the baseline the fused op is measured against: prompts concatenated into the
-    sequence, eager softmax over [P+N] x [P+N], a dense float mask [B, H, P+N, P+N] multiplied after it (or
-    -inf before it when renormalize). Returns the output of the N real tokens [B, N, C]."""
+    """Official-style TCPA, the baseline the fused op is measured against: prompts ([P, C] or [B, P, C])
+    concatenated into the sequence, eager softmax over [P+N] x [P+N], a dense float mask [B, H, P+N, P+N] multiplied
+    after it (or -inf before it when renormalize). Returns the output of the N real tokens [B, N, C]."""
     B, N, _ = h.shape
-    P = prompts.shape[0]
-    seq = torch.cat([blk.norm1(prompts)[None].expand(B, -1, -1).to(h.dtype), h], dim=1)  # [B, P+N, C]
+    P = prompts.shape[-2]
+    seq = torch.cat([blk.norm1(prompts).expand(B, -1, -1).to(h.dtype), h], dim=1)  # [B, P+N, C]
     q, k, v = attention_heads(blk.attn, seq)  # [B, H, P+N, D]
     scores_qk = (q * blk.attn.scale) @ k.transpose(-1, -2)  # [B, H, P+N, P+N]
     dense_mask = torch.ones(B, blk.attn.num_heads, P + N, P + N, dtype=scores_qk.dtype, device=h.device)
@@ -97,11 +97,12 @@ class TCPAMixin:
         layer = self._prompt_layer
         state, cfg = layer.state, layer.state.config
         if layer.index == 0:  # parameter-only work of every layer, once per forward (None: each layer its own)
-            state.step_inputs = step_prompt_kv(state) if cfg.attention == "fused" else step_prompts(state)
+            step = step_prompt_kv if cfg.attention == "fused" else step_prompts
+            state.step_inputs = step(state, x.shape[0])
         if state.step_inputs is not None:
             prompt_input = state.step_inputs[layer.index]
         else:
-            prompt_input = (own_prompt_kv if cfg.attention == "fused" else own_prompts)(state, self)
+            prompt_input = (own_prompt_kv if cfg.attention == "fused" else own_prompts)(state, self, x.shape[0])
         h, selection = _norm_and_select(self, x, cfg)
         attention = _fused_attention if cfg.attention == "fused" else _dense_attention
         out = attention(self, h, selection, prompt_input, cfg)  # [B, N, C]
