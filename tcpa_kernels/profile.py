@@ -11,13 +11,18 @@ PyTorch backend, not the kernels); CUDA runs ViT-B/16 at 224 px, batch 128, bf16
 
 import argparse
 import json
+import math
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from tcpa_kernels import bench
+from tcpa_kernels._validate import MAX_POOL_ENTRIES
 
+OUTPUTS = ("profile.json", "profile.png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_DEFAULTS = dict(model="vit_tiny_patch16_224", img_size=64, batch_size=8, dtype="fp32", reps=3,
                     sweep_batch=[2, 4, 8], sweep_pool=[4, 9, 18], sweep_img=[32, 64])
@@ -48,34 +53,69 @@ def parse_args(argv):
     parser.add_argument("--no-sweep", action="store_true", help="only the main comparison")
     parser.add_argument("--out", default="runs/profile", help="folder for profile.json and profile.png")
     args = parser.parse_args(argv)
+    check_args(args, parser.error)
+    return args
 
+
+def check_args(args, error):
+    """Fill in the device's defaults and check every option before any measurement: ``error`` (argparse's: exit 2)
+    names the option and the value received. Creates the output folder."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        parser.error(f"--device: expected auto, cpu or cuda (with a GPU present), got {args.device!r}")
+        error(f"--device: expected auto, cpu or cuda (with a GPU present), got {args.device!r}")
     for key, value in (CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     import timm
 
     if not timm.is_model(args.model):
-        parser.error(f"--model: expected a timm model name (see timm.list_models('vit*')), got {args.model!r}")
+        error(f"--model: expected a timm model name (see timm.list_models('vit*')), got {args.model!r}")
     try:
         runnable = bench.model_methods(args.model)
-    except TypeError as error:
-        parser.error(f"--model: {args.model} cannot be prompted ({error})")
+    except TypeError as problem:
+        error(f"--model: {args.model} cannot be prompted ({problem})")
     if args.methods is None:
         args.methods = list(runnable)
     elif set(args.methods) - set(runnable):
-        parser.error(f"--methods: {args.model} runs {', '.join(runnable)}, got {' '.join(args.methods)}")
-    for name in ("img_size", "batch_size", "pool_size", "topk", "reps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
-    if args.topk > args.pool_size:
-        parser.error(f"--topk: expected 1 <= topk <= --pool-size ({args.pool_size}), got {args.topk}")
+        error(f"--methods: {args.model} runs {', '.join(runnable)}, got {' '.join(args.methods)}")
     if args.no_sweep:
         args.sweep_batch = args.sweep_pool = args.sweep_img = []
-    return args
+
+    with torch.device("meta"):  # pixels per token side: the patch size (times the CNN stride of a hybrid ViT)
+        patch = math.lcm(*timm.create_model(args.model).patch_embed.feat_ratio(as_scalar=False))
+    positive = (lambda v: v >= 1, "a positive int")
+    most = MAX_POOL_ENTRIES // 2
+    pool = ((lambda v: 1 <= v <= most, f"an int in [1, {most}] (TCPA's two pools share {MAX_POOL_ENTRIES} entries)")
+            if any(method.startswith("tcpa") for method in args.methods) else positive)
+    image = (lambda v: v >= 1 and v % patch == 0, f"a positive multiple of {args.model}'s patch size ({patch} px)")
+    rules = dict(batch_size=positive, sweep_batch=positive, reps=positive, topk=positive, pool_size=pool,
+                 sweep_pool=pool, img_size=image, sweep_img=image)
+    for name, (valid, expected) in rules.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if not valid(v):
+                error(f"--{name.replace('_', '-')}: expected {expected}, got {v}")
+    if args.topk > args.pool_size:  # the pool sweep clamps top-k to each pool size
+        error(f"--topk: expected 1 <= topk <= --pool-size ({args.pool_size}), got {args.topk}")
+
+    with warnings.catch_warnings():  # autocast warns and disables itself for a dtype the device lacks
+        warnings.simplefilter("error", UserWarning)
+        try:
+            bench._autocast(torch.device(args.device), DTYPES[args.dtype])
+        except (RuntimeError, UserWarning) as problem:
+            error(f"--dtype: expected a dtype that {args.device} autocast supports, got {args.dtype} "
+                  f"({' '.join(str(problem).split())})")
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as problem:
+        error(f"--out: expected a writable folder, got {args.out!r} ({problem})")
+    taken = [name for name in OUTPUTS if (out / name).is_dir()]
+    if taken:
+        error(f"--out: expected {' and '.join(OUTPUTS)} to be files, got a folder {out / taken[0]}")
 
 
 def run(args):
@@ -164,15 +204,14 @@ def plot(result, path):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps(result, indent=2))
+    json_path, png_path = (Path(args.out) / name for name in OUTPUTS)  # the folder exists: check_args made it
+    json_path.write_text(json.dumps(result, indent=2))
     print(format_table(result))
     try:
-        plot(result, out / "profile.png")
-        print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
+        plot(result, png_path)
+        print(f"wrote {json_path} and {png_path}")
     except ImportError:
-        print(f"wrote {out / 'profile.json'} (install matplotlib for the plot: pip install -e '.[plot]')")
+        print(f"wrote {json_path} (install matplotlib for the plot: pip install -e '.[plot]')")
     return 0
 
 

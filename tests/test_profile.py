@@ -47,18 +47,53 @@ def test_cpu_memory_counts_only_what_the_call_allocates():
 
 @pytest.mark.parametrize("bad, message", [
     (["--model", "not_a_model"], "--model: expected a timm model name"),
-    (["--batch-size", "0"], "--batch-size: expected a positive int"),
+    (["--batch-size", "0"], "--batch-size: expected a positive int, got 0"),
+    (["--reps", "0"], "--reps: expected a positive int, got 0"),
+    (["--topk", "-1"], "--topk: expected a positive int, got -1"),
     (["--topk", "30"], "--topk: expected 1 <= topk <= --pool-size (18), got 30"),
+    (["--pool-size", "33"], "--pool-size: expected an int in [1, 32] (TCPA's two pools share 64 entries), got 33"),
+    (["--img-size", "40"], "--img-size: expected a positive multiple of vit_tiny_patch16_224's patch size (16 px), "
+                           "got 40"),
+    (["--img-size", "8"], "--img-size: expected a positive multiple of vit_tiny_patch16_224's patch size"),
+    (["--model", "vit_tiny_r_s16_p8_224", "--img-size", "48"],
+     "--img-size: expected a positive multiple of vit_tiny_r_s16_p8_224's patch size (32 px), got 48"),
+    (["--sweep-batch", "2", "0"], "--sweep-batch: expected a positive int, got 0"),
+    (["--sweep-pool", "-3"], "--sweep-pool: expected an int in [1, 32]"),
+    (["--sweep-pool", "40"], "--sweep-pool: expected an int in [1, 32] (TCPA's two pools share 64 entries), got 40"),
+    (["--sweep-img", "32", "50"], "--sweep-img: expected a positive multiple of vit_tiny_patch16_224's patch size "
+                                  "(16 px), got 50"),
+    (["--sweep-img", "0"], "--sweep-img: expected a positive multiple"),
+    (["--dtype", "fp64"], "--dtype: expected a dtype that cpu autocast supports, got fp64"),
+    (["--out", "file"], "--out: expected a writable folder, got 'file'"),
+    (["--out", "file/sub"], "--out: expected a writable folder, got 'file/sub'"),
+    (["--out", "taken"], "--out: expected profile.json and profile.png to be files, got a folder taken/profile.json"),
     (["--device", "tpu"], "--device: expected auto, cpu or cuda"),
     (["--model", "swin_tiny_patch4_window7_224"], "--model: swin_tiny_patch4_window7_224 cannot be prompted"),
     (["--model", "vit_small_patch16_dinov3", "--methods", "tcpa_dense"],
      "--methods: vit_small_patch16_dinov3 runs no_prompts, vpt_deep, tcpa_fused, got tcpa_dense"),
 ])
-def test_cli_bad_arguments_exit_2(bad, message, capsys):
+def test_cli_bad_arguments_exit_2_before_measuring(bad, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the --out cases' paths; the default --out is not created here
+    (tmp_path / "file").write_text("")
+    (tmp_path / "taken" / "profile.json").mkdir(parents=True)
+    monkeypatch.setitem(profile.DTYPES, "fp64", torch.float64)  # a dtype CPU autocast lacks
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measured before every option was checked")
+
+    monkeypatch.setattr(bench, "measure_model", measure)
     with pytest.raises(SystemExit) as info:
         profile.main(["--device", "cpu", *bad] if "--device" not in bad else bad)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_creates_the_output_folder_up_front_and_checks_only_the_sweeps_it_runs(tmp_path):
+    out = tmp_path / "a" / "b"
+    args = profile.parse_args(["--device", "cpu", "--sweep-img", "50", "--no-sweep", "--out", str(out)])
+    assert out.is_dir()
+    assert args.sweep_img == [] and args.methods == list(bench.MODEL_METHODS)
 
 
 def test_cli_on_a_model_without_the_dense_baseline(tmp_path):
