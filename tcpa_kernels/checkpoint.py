@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from tcpa_kernels._patch import is_shard, unwrap
-from tcpa_kernels.vit import apply_tcpa, apply_vpt, remove_prompts, state_of
+from tcpa_kernels.vit import TCPAConfig, VPTConfig, apply_tcpa, apply_vpt, remove_prompts, state_of
 
 METADATA_KEY = "tcpa_kernels"
 # files of version 0.1.0 before the per-layer TCPAPrompts module: blocks.{i}.tcpa_keys_cls -> blocks.{i}.tcpa.keys_cls
 _LEGACY_NAME = re.compile(r"^(.*\.)tcpa_((?:keys|prompts)_(?:cls|img))$")
-METHODS = {"tcpa": apply_tcpa, "vpt": apply_vpt}
+METHODS = {"tcpa": (apply_tcpa, TCPAConfig), "vpt": (apply_vpt, VPTConfig)}
 
 
 def _writes() -> bool:
@@ -27,16 +27,16 @@ def _writes() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def save_trainable(model: nn.Module, path, key: str, meta: dict) -> None:
-    """A safetensors file of the model's trainable parameters, with ``meta`` as JSON under metadata ``key``.
-    FSDP2 shards are gathered on every rank (call it on all of them); only rank 0 writes."""
+def save_trainable(model: nn.Module, path, metadata: dict[str, dict]) -> None:
+    """A safetensors file of the model's trainable parameters, with each value of ``metadata`` as JSON under its
+    key. FSDP2 shards are gathered on every rank (call it on all of them); only rank 0 writes."""
     from safetensors.torch import save_file
 
     params = {name: p for name, p in unwrap(model).named_parameters() if p.requires_grad}
     sharded = any(is_shard(p) for p in params.values())
     tensors = {name: (p.full_tensor() if is_shard(p) else p).detach().contiguous().cpu() for name, p in params.items()}
     if _writes():
-        save_file(tensors, str(path), metadata={key: json.dumps(meta)})
+        save_file(tensors, str(path), metadata={key: json.dumps(meta) for key, meta in metadata.items()})
     if sharded:  # a collective call anyway: every rank returns once the file is there
         torch.distributed.barrier()
 
@@ -73,20 +73,29 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(t)
 
 
-def save_prompts(model: nn.Module, path) -> None:
-    """Save only the trained parts (prompts, keys, head) and the config to a safetensors file."""
+def save_prompts(model: nn.Module, path, extra_metadata: dict[str, dict] | None = None) -> None:
+    """Save only the trained parts (prompts, keys, head) and the config to a safetensors file; ``extra_metadata``
+    (JSON-serialisable dicts by key, e.g. a training script's own record) is stored beside the config."""
     state = state_of(model)
-    save_trainable(model, path, METADATA_KEY, {"method": state.method, "config": dataclasses.asdict(state.config)})
+    extra = dict(extra_metadata or {})
+    if METADATA_KEY in extra:
+        raise ValueError(f"extra_metadata: key {METADATA_KEY!r} is the prompts config's own; use another key")
+    config = {"method": state.method, "config": dataclasses.asdict(state.config)}
+    save_trainable(model, path, {METADATA_KEY: config, **extra})
 
 
 def load_prompts(model: nn.Module, path) -> nn.Module:
     """Load a save_prompts checkpoint. A plain timm model is patched first with the saved config; a model
-    patched with another config is rejected. On any error the model is left as it was. Returns the model."""
+    patched with another config is rejected. Config fields the file lacks (it was written before they existed) take
+    their defaults. On any error the model is left as it was. Returns the model."""
     meta, tensors = read_trainable(path, METADATA_KEY)
     tensors = {_LEGACY_NAME.sub(r"\1tcpa.\2", name): t for name, t in tensors.items()}
     method, config = meta.get("method"), meta.get("config")
     if method not in METHODS or not isinstance(config, dict):
         raise ValueError(f"path: {path} holds no valid prompts config (method {method!r})")
+    apply, config_class = METHODS[method]
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+    config = {**defaults, **config}
     inner = unwrap(model)
     if hasattr(inner, "prompt_state"):
         state = state_of(inner)
@@ -95,7 +104,7 @@ def load_prompts(model: nn.Module, path) -> nn.Module:
                              f"{dataclasses.asdict(state.config)}")
         load_trainable(inner, tensors)
         return model
-    METHODS[method](inner, **config)
+    apply(inner, **config)
     try:
         load_trainable(inner, tensors)
     except BaseException:

@@ -1,118 +1,361 @@
-"""Fine-tune a timm ViT with TCPA, VPT-deep, a linear probe or full fine-tuning, offline.
+"""Fine-tune a timm ViT with TCPA, VPT-deep (or VFPT), a linear probe or full fine-tuning, offline.
 
-    python -m tcpa_kernels.finetune --data fashion-mnist --classes 5 6 7 8 9 --method tcpa \\
+Usage:
+
+    python -m tcpa_kernels.finetune --data DIR --model vit_base_patch16_224 --weights vit_b16.safetensors
+        # DIR/train/<class>/*, DIR/val/<class>/*; TCPA with the recipe below; writes runs/finetune/<time>/
+    python -m tcpa_kernels.finetune --data DIR --weights W --method vpt --prompt-transform fourier   # VFPT
+    python -m tcpa_kernels.finetune --data fashion-mnist --classes 5 6 7 8 9 --img-size 28 \\
         --model vit_tiny_patch16_224 --model-kwargs '{"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}' \\
-        --img-size 28 --weights runs/pretrain/checkpoint.safetensors --epochs 5
-    python -m tcpa_kernels.finetune --data DIR ...      # DIR/train/<class>/*, DIR/val/<class>/*
-    python -m tcpa_kernels.finetune --eval-only --checkpoint runs/finetune/checkpoint.safetensors \
-        --data ... --weights ...
+        --weights runs/pretrain/best.safetensors --epochs 10 --warmup-epochs 1 --random-epochs 1 --out runs/fm
+    python -m tcpa_kernels.finetune <the same options> --resume runs/fm      # continue after Ctrl-C
+    python -m tcpa_kernels.finetune --eval-only --checkpoint runs/fm/best.safetensors --data fashion-mnist \\
+        --weights runs/pretrain/best.safetensors
+    torchrun --nproc_per_node 4 -m tcpa_kernels.finetune --data DIR --weights W      # DDP, 4 processes
 
-Defaults follow the published recipe: AdamW, linear warm-up then cosine decay, matching-loss weight 0.01,
-random prompt selection for the first tenth of the epochs, prompt dropout 0.1, optional mixup.
-Writes ``log.csv``, ``log.json``, ``curves.png`` and ``checkpoint.safetensors`` (only the trained tensors: prompts,
-keys and head; everything for --method full) to --out.
+Defaults are the published TCPA recipe: AdamW, lr 0.004, weight decay 0.1, batch size 128, 100 epochs, 10 warm-up
+epochs then cosine decay (set every step), random prompt selection for the first 10 epochs (--random-epochs; the
+validation always selects top-k), matching-loss weight 0.01, pools of 18 + 18 entries, top-10, prompt dropout 0.1,
+mixup alpha 0.8. The published code also turns the prompts into Fourier prompts (VFPT+TCPA) with a dropout mask
+per sample: add --prompt-transform fourier --prompt-dropout-per-sample (the defaults are the library's: none, one
+mask a batch). The rest follows timm's train.py: label smoothing 0.1, cutmix off, and on ImageFolder data
+RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), flip 0.5, colour jitter 0.4, no AutoAugment, no random erasing
+(timm's create_transform). Fashion-MNIST (grey, replicated to 3 channels) gets only the flip, a batch at a time on
+tensors (data.py). Both are resized, centre-cropped and normalised with the model's pretrained data config (timm's
+resolve_data_config; --img-size overrides the input size). Full fine-tuning usually wants a lower --lr.
+
+Output (--out, default runs/finetune/<date-time>; an existing non-empty folder is refused unless resuming):
+``last.safetensors`` after every epoch, ``best.safetensors`` (best validation accuracy), ``last_state.pt`` (what
+--resume needs besides the tensors: optimizer and fp16 grad-scaler state, step, epoch, best accuracy, history, RNG
+states of torch, CUDA, python and numpy), ``log.csv`` and ``log.json`` (every epoch), ``curves.png`` (at the end).
+The checkpoints and the state are written to temp files in --out and moved into place together, so Ctrl-C (exit
+code 130) leaves the last complete epoch's files. For tcpa/vpt a checkpoint is a save_prompts file
+(``tk.load_prompts(timm.create_model(...), path)`` loads it); for linear/full it holds the trained tensors (full: all
+of them). Both carry this CLI's record (every option, classes, data config, epoch, accuracy) as JSON under the
+metadata key "tcpa_finetune".
+
+--resume takes the interrupted run's options (only --data, --weights, --workers, --device, --compile, --quiet and
+--out may differ; it writes to the run's folder) and ends with the tensors an uninterrupted run would have.
+--eval-only reads everything else from the checkpoint: it needs --data and, unless the checkpoint holds the whole
+model (full) or was trained on a --random-init backbone (rebuilt from the saved --seed), --weights.
+
+torchrun (WORLD_SIZE > 1): one process per device (nccl on CUDA, gloo on CPU), DistributedDataParallel, a
+DistributedSampler; --batch-size is the global batch, each process takes --batch-size / world size (it must
+divide). Validation is split over the processes and summed; rank 0 prints and writes.
+
+Bad options exit with code 2 and a message naming the option, before any data is read.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
+import os
+import random
 import resource
+import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 import tcpa_kernels as tk
 from tcpa_kernels import data
+from tcpa_kernels._validate import check_int, check_number
 from tcpa_kernels.checkpoint import load_trainable, read_trainable, save_trainable
 
+PROG = "tcpa-finetune"
 METHODS = ("tcpa", "vpt", "linear", "full")
+PROMPT_METHODS = ("tcpa", "vpt")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLI_KEY = "tcpa_finetune"  # safetensors metadata key of this CLI's record
+LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last_state.pt"
+# ImageFolder augmentation defaults (timm's train.py); Fashion-MNIST refuses these options
+IMAGE_FOLDER_AUGMENTATION = {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "color_jitter": 0.4, "aa": None,
+                             "reprob": 0.0}
+RESUME_FREE = ("data", "weights", "workers", "device", "compile", "quiet", "out", "resume")
+MAX_POOL_SIZE = 32  # two pools of at most 64 entries together
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="tcpa-finetune", description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name")
-    p.add_argument("--model-kwargs", default="{}", help="JSON of timm.create_model overrides (patch_size, depth, ...)")
-    p.add_argument("--weights", help="local backbone checkpoint (.safetensors, or a torch .pth/.pt state dict)")
-    p.add_argument("--data", required=True, help="ImageFolder directory with train/ and val/, or 'fashion-mnist'")
-    p.add_argument("--classes", type=int, nargs="+", help="fashion-mnist classes to use (relabelled 0..k-1)")
-    p.add_argument("--train-limit", type=int, help="use at most this many training images (fixed subset)")
-    p.add_argument("--val-limit", type=int, help="use at most this many validation images (fixed subset)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--method", choices=METHODS, default="tcpa")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 full, 1e-2 otherwise)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--random-epochs", type=int, help="TCPA: epochs of random selection first (default epochs//10)")
-    p.add_argument("--match-weight", type=float, default=0.01, help="TCPA matching-loss weight")
-    p.add_argument("--pool-size", type=int, default=18, help="TCPA entries per pool (CLS and image)")
-    p.add_argument("--topk", type=int, default=10, help="TCPA entries each token selects")
-    p.add_argument("--num-prompts", type=int, help="VPT prompts per layer (default: 2*pool-size, TCPA's budget)")
-    p.add_argument("--prompt-dropout", type=float, default=0.1)
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    p.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"), help="TCPA kernel backend")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--out", default="runs/finetune", help="output folder")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the validation split")
-    p.add_argument("--checkpoint", help="checkpoint written by this CLI (with --eval-only)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="ImageFolder directory with train/ and val/, or 'fashion-mnist'")
+    g.add_argument("--classes", type=int, nargs="+", help="fashion-mnist classes to use (relabelled 0..k-1)")
+    g.add_argument("--train-limit", type=int, help="use at most this many training images (fixed subset)")
+    g.add_argument("--val-limit", type=int, help="use at most this many validation images (fixed subset)")
+    g.add_argument("--img-size", type=int, help="input size (default: the model's pretrained config)")
+    g.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (default: vit_tiny_patch16_224)")
+    g.add_argument("--model-kwargs", default="{}", help="JSON of timm.create_model overrides (patch_size, depth, ...)")
+    g.add_argument("--weights", help="local backbone checkpoint (.safetensors, or a torch .pth/.pt state dict)")
+    g.add_argument("--random-init", action="store_true", help="train on a randomly initialised backbone (no --weights)")
+    g.add_argument("--method", choices=METHODS, default="tcpa",
+                   help="tcpa | vpt (VPT-deep; VFPT with --prompt-transform fourier) | linear | full (default: tcpa)")
+    g.add_argument("--pool-size", type=int, default=18, help="TCPA entries per pool, CLS and image (default: 18)")
+    g.add_argument("--topk", type=int, default=10, help="TCPA entries each token selects (default: 10)")
+    g.add_argument("--num-prompts", type=int, help="VPT prompts per layer (default: 2 x --pool-size, TCPA's budget)")
+    g.add_argument("--prompt-dropout", type=float, default=0.1, help="dropout on the prompts (default: 0.1)")
+    g.add_argument("--prompt-dropout-per-sample", action="store_true",
+                   help="TCPA: a prompt-dropout mask per sample (default: one per batch)")
+    g.add_argument("--prompt-transform", choices=("none", "fourier"), default="none",
+                   help="tcpa/vpt: 'fourier' passes the prompts through an FFT as VFPT does (default: none)")
+    g.add_argument("--fourier-fraction", type=float, default=1.0,
+                   help="with --prompt-transform fourier: fraction of the prompts transformed, in (0, 1] (default: 1)")
+    g.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"), help="TCPA kernel backend")
+    g = p.add_argument_group("training recipe")
+    g.add_argument("--epochs", type=int, default=100, help="(default: 100)")
+    g.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
+    g.add_argument("--lr", type=float, default=0.004, help="peak learning rate, AdamW (default: 0.004)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    g.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up, then cosine (default: 10)")
+    g.add_argument("--random-epochs", type=int, default=10,
+                   help="TCPA: epochs of random prompt selection first, < --epochs (default: 10)")
+    g.add_argument("--match-weight", type=float, default=0.01, help="TCPA matching-loss weight (default: 0.01)")
+    g.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    g = p.add_argument_group("augmentation (timm's names)")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (default: 0.5)")
+    g.add_argument("--scale", type=float, nargs=2, help="ImageFolder: RandomResizedCrop area range (default: 0.08 1)")
+    g.add_argument("--ratio", type=float, nargs=2,
+                   help="ImageFolder: RandomResizedCrop aspect range (default: 0.75 1.33)")
+    g.add_argument("--color-jitter", type=float, help="ImageFolder: colour jitter strength (default: 0.4)")
+    g.add_argument("--aa", help="ImageFolder: timm AutoAugment policy, e.g. rand-m9-mstd0.5-inc1 (default: none)")
+    g.add_argument("--reprob", type=float, help="ImageFolder: random erasing probability (default: 0)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0: off (default: 0.8)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, 0: off (default: 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="output folder (default: runs/finetune/<date-time>)")
+    g.add_argument("--resume", help="output folder or last.safetensors of an interrupted run (same options)")
+    g.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the validation split")
+    g.add_argument("--checkpoint", help="a checkpoint written by this CLI (with --eval-only)")
+    g.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype (default: none)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    return p
 
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def fail(message: str):
+    """Exit with code 2 and ``message`` (which names the option), as argparse does for its own errors."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def read_meta(path, name: str) -> dict:
+    """This CLI's record in a checkpoint (``name``: the option that gave the path)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(CLI_KEY)
+    except Exception as error:  # safetensors raises its own error type for files of another format
+        fail(f"{name}: {path} is not a safetensors file ({error})")
+    if meta is None:
+        fail(f"{name}: {path} is not a checkpoint of this CLI (no '{CLI_KEY}' metadata)")
+    return json.loads(meta)
+
+
+def resume_paths(resume: str) -> tuple[Path, Path]:
+    """(checkpoint, state file) of --resume DIR_OR_FILE."""
+    path = Path(resume)
+    path = path / LAST if path.is_dir() else path
+    return path, path.with_name(path.name.removesuffix(".safetensors") + "_state.pt")
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """Parse and check every option (exit 2 naming the first bad one); --eval-only: the checkpoint's options."""
+    args = build_parser().parse_args(argv)
+    check_options(args)
+    if args.eval_only:
+        return eval_args(args)
+    if args.resume is not None:
+        check_resume(args)
+    elif args.out is None:
+        args.out = str(Path("runs/finetune") / time.strftime("%Y%m%d-%H%M%S"))
+    if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and args.resume is None:
+        fail(f"--out: {args.out} exists and is not empty (continue a run with --resume {args.out})")
+    return args
+
+
+def check_options(args) -> None:
     import timm
 
+    def number(name, lo, hi=math.inf, **bounds):
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                try:
+                    check_number(option(name), v, lo=lo, hi=hi, **bounds)
+                except ValueError as error:
+                    fail(str(error))
+
+    def integer(name, lo, hi=None):
+        if getattr(args, name) is not None:
+            try:
+                check_int(option(name), getattr(args, name), lo, hi)
+            except ValueError as error:
+                fail(str(error))
+
     if not timm.is_model(args.model):
-        p.error(f"--model: expected a timm model name, got {args.model!r}")
+        fail(f"--model: expected a timm model name, got {args.model!r}")
     try:
         args.model_kwargs = json.loads(args.model_kwargs)
-        assert isinstance(args.model_kwargs, dict)
-    except (json.JSONDecodeError, AssertionError):
-        p.error(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
-    if args.data == "fashion-mnist":
-        if not data.fashion_mnist_available():
-            p.error(f"--data fashion-mnist: files not found under {data.FASHION_MNIST_DIR} "
-                    "(apt-get install dataset-fashion-mnist)")
-        if args.classes and not all(0 <= c < 10 for c in args.classes):
-            p.error(f"--classes: expected Fashion-MNIST classes in 0..9, got {args.classes}")
-    elif not all((Path(args.data) / split).is_dir() for split in ("train", "val")):
-        p.error(f"--data: expected 'fashion-mnist' or a directory with train/ and val/ class folders, "
-                f"got {args.data!r}")
+    except json.JSONDecodeError:
+        fail(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
+    if not isinstance(args.model_kwargs, dict) or {"img_size", "num_classes"} & set(args.model_kwargs):
+        fail(f"--model-kwargs: expected a JSON object without img_size / num_classes (use --img-size; the classes "
+             f"come from --data), got {args.model_kwargs!r}")
+    for name in ("epochs", "batch_size", "img_size", "num_prompts", "train_limit", "val_limit"):
+        integer(name, 1)
+    integer("pool_size", 1, MAX_POOL_SIZE)
+    integer("topk", 1, args.pool_size)
+    integer("workers", 0)
+    integer("random_epochs", 0)
+    integer("seed", 0, 2**32 - 1)
+    number("lr", 0.0, lo_open=True)
+    number("warmup_epochs", 0.0, args.epochs, hi_open=False)
+    for name in ("weight_decay", "match_weight", "color_jitter", "mixup", "cutmix"):
+        number(name, 0.0)
+    number("prompt_dropout", 0.0, 1.0)
+    number("smoothing", 0.0, 1.0)
+    number("fourier_fraction", 0.0, 1.0, lo_open=True, hi_open=False)
+    for name in ("hflip", "reprob"):
+        number(name, 0.0, 1.0, hi_open=False)
+    number("scale", 0.0, 1.0, lo_open=True, hi_open=False)
+    number("ratio", 0.0, lo_open=True)
+    for name in ("scale", "ratio"):
+        if getattr(args, name) is not None and getattr(args, name)[0] > getattr(args, name)[1]:
+            fail(f"{option(name)}: expected MIN MAX with MIN <= MAX, got {getattr(args, name)}")
+    if args.method == "tcpa" and args.random_epochs >= args.epochs:
+        fail(f"--random-epochs: expected fewer than --epochs ({args.epochs}) for tcpa, got {args.random_epochs}")
+    if args.prompt_dropout_per_sample and args.method != "tcpa":
+        fail(f"--prompt-dropout-per-sample: applies to --method tcpa only, got --method {args.method}")
+    if args.prompt_transform != "none" and args.method not in PROMPT_METHODS:
+        fail(f"--prompt-transform: applies to --method tcpa or vpt, got --method {args.method}")
+    if args.fourier_fraction != 1.0 and args.prompt_transform != "fourier":
+        fail(f"--fourier-fraction: applies with --prompt-transform fourier, got {args.fourier_fraction}")
+    check_data(args)
     for name in ("weights", "checkpoint"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
-            p.error(f"--{name}: file not found: {path!r}")
-    if args.eval_only and args.checkpoint is None:
-        p.error("--checkpoint: required with --eval-only")
-    for name in ("epochs", "batch_size", "img_size", "pool_size", "topk"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected a positive int, got {getattr(args, name)}")
-    if args.topk > args.pool_size:
-        p.error(f"--topk: expected <= --pool-size ({args.pool_size}), got {args.topk}")
+            fail(f"{option(name)}: file not found: {path!r}")
+    if args.eval_only != (args.checkpoint is not None):
+        fail("--checkpoint: required with --eval-only" if args.eval_only else
+             "--checkpoint: only with --eval-only (--resume continues a run)")
+    if args.eval_only and args.resume is not None:
+        fail("--resume: not with --eval-only")
+    if not args.eval_only and (args.weights is None) == (not args.random_init):
+        fail("--weights: required (a local backbone checkpoint), or --random-init to train on a random backbone"
+             if args.weights is None else "--random-init: not with --weights (one backbone)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not args.eval_only and args.batch_size % world:
+        fail(f"--batch-size: expected a multiple of the {world} processes (each takes an equal share), "
+             f"got {args.batch_size}")
+    if not args.eval_only and (args.mixup > 0 or args.cutmix > 0) and (args.batch_size // world) % 2:
+        fail(f"--batch-size: mixup/cutmix need an even batch per process, got {args.batch_size} over {world}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        p.error(f"--device: expected auto, cpu or cuda (with a GPU present), got {args.device!r}")
-    args.lr = args.lr if args.lr is not None else (1e-3 if args.method == "full" else 1e-2)
-    args.random_epochs = args.random_epochs if args.random_epochs is not None else args.epochs // 10
+        fail(f"--device: expected auto, cpu or cuda (with a GPU present), got {args.device!r}")
+    if args.img_size is None:
+        cfg = timm.models.get_pretrained_cfg(args.model)
+        args.img_size = cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
     args.num_prompts = args.num_prompts or 2 * args.pool_size
-    args.error = p.error
-    return args
+
+
+def check_data(args) -> None:
+    if args.data is None:
+        fail("--data: required (an ImageFolder directory with train/ and val/, or 'fashion-mnist')")
+    if args.data == data.FASHION_MNIST:
+        if not data.fashion_mnist_available():
+            fail(f"--data fashion-mnist: files not found under {data.FASHION_MNIST_DIR} "
+                 "(apt-get install dataset-fashion-mnist)")
+        if args.classes is not None and (not all(0 <= c < 10 for c in args.classes)
+                                         or len(set(args.classes)) != len(args.classes)):
+            fail(f"--classes: expected distinct Fashion-MNIST classes in 0..9, got {args.classes}")
+        for name in IMAGE_FOLDER_AUGMENTATION:
+            if getattr(args, name) is not None:
+                fail(f"{option(name)}: applies to ImageFolder data (Fashion-MNIST is augmented with --hflip, "
+                     f"--mixup, --cutmix, --smoothing), got {getattr(args, name)}")
+        return
+    if not all((Path(args.data) / split).is_dir() for split in ("train", "val")):
+        fail(f"--data: expected 'fashion-mnist' or a directory with train/ and val/ class folders, got {args.data!r}")
+    if args.classes is not None:
+        fail(f"--classes: applies to --data fashion-mnist (an ImageFolder's classes are its folders), "
+             f"got {args.classes}")
+    for name, default in IMAGE_FOLDER_AUGMENTATION.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    try:
+        data.timm_transform({"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.5,) * 3,
+                             "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}, augmentation(args))
+    except (AssertionError, KeyError, ValueError) as error:
+        fail(f"--aa: expected a timm auto-augment policy (e.g. rand-m9-mstd0.5-inc1), got {args.aa!r} ({error})")
+
+
+def check_resume(args) -> None:
+    """--resume: the checkpoint and its state file exist and were trained with the same options."""
+    path, state = resume_paths(args.resume)
+    for p in (path, state):
+        if not p.is_file():
+            fail(f"--resume: {p} not found (expected an output folder or a last.safetensors of this CLI)")
+    saved = read_meta(path, "--resume")["args"]
+    given = json.loads(json.dumps(vars(args)))
+    differ = [f"{option(k)} {saved.get(k)!r} (given: {v!r})" for k, v in given.items()
+              if k not in RESUME_FREE and saved.get(k) != v]
+    if differ:
+        fail(f"--resume: the checkpoint was trained with other options: {', '.join(differ)}")
+    if args.out is not None and Path(args.out).resolve() != path.parent.resolve():
+        fail(f"--out: a resumed run writes to its own folder {path.parent}, got {args.out}")
+    args.out = str(path.parent)
+
+
+def eval_args(args) -> argparse.Namespace:
+    """The options of --eval-only: the checkpoint's, with --data, --weights, --val-limit and the run options."""
+    meta = read_meta(args.checkpoint, "--checkpoint")
+    saved = meta["args"]
+    needs_weights = saved["method"] != "full" and not saved["random_init"]
+    if args.random_init:
+        fail("--random-init: not with --eval-only (the checkpoint says how its backbone was made)")
+    if needs_weights and args.weights is None:
+        fail(f"--weights: required: the checkpoint was trained on the backbone {saved['weights']!r}")
+    if not needs_weights and args.weights is not None:
+        why = "holds the whole model" if saved["method"] == "full" else "was trained on a --random-init backbone"
+        fail(f"--weights: not used: the checkpoint {why}, got {args.weights!r}")
+    if args.data != saved["data"] and data.FASHION_MNIST in (args.data, saved["data"]):
+        fail(f"--data: the checkpoint was trained on {saved['data']!r}, got {args.data!r}")
+    given = {"data": args.data, "weights": args.weights, "workers": args.workers, "device": args.device,
+             "quiet": args.quiet, "eval_only": True, "checkpoint": args.checkpoint,
+             "val_limit": args.val_limit if args.val_limit is not None else saved["val_limit"]}
+    return argparse.Namespace(**{**saved, **given, "checkpoint_meta": meta})
+
+
+def augmentation(args) -> dict:
+    """timm create_transform's training keyword arguments (Fashion-MNIST reads only hflip)."""
+    if args.data == data.FASHION_MNIST:
+        return {"hflip": args.hflip}
+    return {"hflip": args.hflip, "scale": tuple(args.scale), "ratio": tuple(args.ratio),
+            "color_jitter": args.color_jitter, "auto_augment": args.aa, "re_prob": args.reprob}
 
 
 # ------------------------------------------------------------------------------------------ model
 
 
-def load_backbone(model, path):
+def load_backbone(model: nn.Module, path) -> None:
     """Load a local state dict, skipping head tensors of another shape; every backbone key must be present."""
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -125,60 +368,55 @@ def load_backbone(model, path):
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.startswith("head")]
     if missing:
-        raise ValueError(f"--weights: {path} lacks backbone tensors of this model, e.g. {missing[:3]}")
+        fail(f"--weights: {path} lacks backbone tensors of this model, e.g. {missing[:3]}")
 
 
-def build_model(model_name, model_kwargs, img_size, num_classes, method, args, weights=None):
+def create_backbone(args) -> nn.Module:
+    """The timm model with --weights, or (--random-init) initialised from --seed so --eval-only can rebuild it."""
     import timm
 
-    model = timm.create_model(model_name, pretrained=False, img_size=img_size, num_classes=num_classes,
-                              **model_kwargs)
-    if weights is not None:
-        load_backbone(model, weights)
-    model.eval()
-    if method == "tcpa":
-        tk.apply_tcpa(model, pool_size_cls=args["pool_size"], pool_size_img=args["pool_size"], topk_cls=args["topk"],
-                      topk_img=args["topk"], prompt_dropout=args["prompt_dropout"], num_classes=num_classes,
-                      backend=args["backend"])
-    elif method == "vpt":
-        tk.apply_vpt(model, num_prompts=args["num_prompts"], prompt_dropout=args["prompt_dropout"],
+    torch.manual_seed(args.seed)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size, **args.model_kwargs)
+    if args.weights is not None:
+        load_backbone(model, args.weights)
+    return model.eval()
+
+
+def add_method(model: nn.Module, args, num_classes: int) -> nn.Module:
+    """TCPA / VPT-deep prompts and a new head, or a new head only (linear: the rest frozen)."""
+    if args.method == "tcpa":
+        tk.apply_tcpa(model, pool_size_cls=args.pool_size, pool_size_img=args.pool_size, topk_cls=args.topk,
+                      topk_img=args.topk, prompt_dropout=args.prompt_dropout,
+                      prompt_dropout_per_sample=args.prompt_dropout_per_sample,
+                      prompt_transform=args.prompt_transform, fourier_fraction=args.fourier_fraction,
+                      num_classes=num_classes, backend=args.backend)
+    elif args.method == "vpt":
+        tk.apply_vpt(model, num_prompts=args.num_prompts, deep=True, prompt_dropout=args.prompt_dropout,
+                     prompt_transform=args.prompt_transform, fourier_fraction=args.fourier_fraction,
                      num_classes=num_classes)
-    elif method == "linear":
-        model.requires_grad_(False)
-        model.reset_classifier(num_classes)
     else:
+        model.requires_grad_(args.method == "full")
         model.reset_classifier(num_classes)
     return model
 
 
-PROMPT_ARGS = ("pool_size", "topk", "num_prompts", "prompt_dropout", "backend")
+def write_checkpoint(model: nn.Module, path, method: str, meta: dict) -> None:
+    """tcpa/vpt: a save_prompts file; linear/full: the trained tensors; both with ``meta`` under CLI_KEY."""
+    if method in PROMPT_METHODS:
+        tk.save_prompts(model, path, {CLI_KEY: meta})
+    else:
+        save_trainable(model, path, {CLI_KEY: meta})
 
 
-def checkpoint_meta(args, num_classes, classes):
-    return {"model": args.model, "model_kwargs": args.model_kwargs, "img_size": args.img_size, "method": args.method,
-            "num_classes": num_classes, "classes": classes, "prompt_args": {k: getattr(args, k) for k in PROMPT_ARGS}}
-
-
-CHECKPOINT_KEY = "tcpa_finetune"
-
-
-def load_checkpoint(path, args):
-    """Rebuild the model a checkpoint was trained with (backbone from --weights) and load its tensors."""
+def load_tensors(model: nn.Module, path, method: str, name: str) -> None:
+    """Load a write_checkpoint file into ``model`` (tcpa/vpt: a plain backbone is patched by load_prompts)."""
     try:
-        meta, tensors = read_trainable(path, CHECKPOINT_KEY)
+        if method in PROMPT_METHODS:
+            tk.load_prompts(model, path)
+        else:
+            load_trainable(model, read_trainable(path, CLI_KEY)[1])
     except ValueError as error:
-        args.error(f"--checkpoint: {error}")
-    mismatch = {k: (meta[k], getattr(args, k)) for k in ("model", "model_kwargs", "img_size")
-                if meta[k] != getattr(args, k)}
-    if mismatch:
-        args.error(f"--checkpoint: trained with another config: {{name: (checkpoint, given)}} = {mismatch}")
-    model = build_model(meta["model"], meta["model_kwargs"], meta["img_size"], meta["num_classes"], meta["method"],
-                        meta["prompt_args"], args.weights)
-    try:
-        load_trainable(model, tensors)
-    except ValueError as error:
-        args.error(f"--checkpoint: {error}")
-    return model, meta
+        fail(f"{name}: {error}")
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -194,133 +432,277 @@ def _limit(ds, limit, seed):
     return subset
 
 
-def datasets(args, classes=None):
-    if args.data == "fashion-mnist":
-        train, val = (data.fashion_mnist(split, args.img_size, classes) for split in ("train", "val"))
-    else:
-        train, val = (data.image_folder(args.data, split, args.img_size) for split in ("train", "val"))
-    return _limit(train, args.train_limit, args.seed), _limit(val, args.val_limit, args.seed)
+def load_data(args, data_config: dict):
+    """(train, val, class names), limited by --train-limit / --val-limit."""
+    train, val = data.datasets(args.data, data_config, augmentation(args), args.classes)
+    if train.classes != val.classes:
+        fail(f"--data: train/ and val/ hold different classes: {train.classes} and {val.classes}")
+    return _limit(train, args.train_limit, args.seed), _limit(val, args.val_limit, args.seed), list(train.classes)
 
 
-def loader(ds, args, shuffle):
-    g = torch.Generator().manual_seed(args.seed)
-    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, generator=g,
-                                       num_workers=args.workers, drop_last=False)
+def val_loader(ds, batch_size, args, rank, world):
+    """This process's share of the validation set (every world-th image: no padding, so the counts add up)."""
+    share = torch.utils.data.Subset(ds, range(rank, len(ds), world))
+    return torch.utils.data.DataLoader(share, batch_size=batch_size, num_workers=args.workers)
 
 
 # ------------------------------------------------------------------------------------------ training
 
 
-def lr_at(step, total, warmup, peak):
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def peak_memory_mb(device):
+def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KB on Linux)
 
 
-def evaluate(model, val_loader, device, amp):
+def all_sum(values: list[float], world: int, device) -> list[float]:
+    """``values`` summed over the processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(model, loader, device, amp, method, world) -> tuple[float, float]:
+    """(loss, accuracy) over the whole validation set, with top-k selection (TCPA); the training loop sets its
+    own selection mode again at the start of each epoch."""
+    if method == "tcpa":
+        tk.set_selection(model, "topk")
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
+    loss_sum = correct = total = 0.0
     with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for images, labels in val_loader:
+        for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
             logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
             total += len(labels)
+    loss_sum, correct, total = all_sum([loss_sum, correct, total], world, device)
     return loss_sum / max(1, total), correct / max(1, total)
 
 
-def train(args):
+def rng_state() -> dict:
+    """torch (CPU, CUDA), python and numpy RNG states, as tensors and plain values (torch.load weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    numpy = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(), "numpy": numpy}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C waits until the block is done (its files are moved into place together)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def save_epoch(out: Path, writers: dict) -> None:
+    """Write each file of ``writers`` (name -> function of a path) to a temp file in ``out``, then move them all
+    into place; an interruption before the move leaves the previous files as they were."""
+    temps = {name: out / f".{name}.tmp" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(temps[name])
+        with sigint_deferred():
+            for name, temp in temps.items():
+                os.replace(temp, out / name)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); under torchrun (WORLD_SIZE > 1) the process group is set up first."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    local = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), world, torch.device(f"cuda:{local}" if device == "cuda" else "cpu")
+
+
+def train(args) -> dict:
     """Train (or, with --eval-only, evaluate); returns the summary dict also written to log.json."""
+    rank, world, device = init_distributed(args.device)
+    try:
+        return (evaluate_checkpoint if args.eval_only else fit)(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def evaluate_checkpoint(args, rank, world, device) -> dict:
+    meta = args.checkpoint_meta
+    model = create_backbone(args)
+    _, val_ds, classes = load_data(args, meta["data_config"])
+    if classes != meta["classes"]:
+        fail(f"--data: the checkpoint was trained on classes {meta['classes']}, {args.data} has {classes}")
+    if args.method not in PROMPT_METHODS:
+        add_method(model, args, len(classes))
+    load_tensors(model, args.checkpoint, args.method, "--checkpoint")
+    loader = val_loader(val_ds, meta["batch_per_process"], args, rank, world)
+    val_loss, val_acc = evaluate(model.to(device), loader, device, AMP[args.amp], args.method, world)
+    summary = {"eval_only": True, "checkpoint": args.checkpoint, "epoch": meta["epoch"], "val_loss": val_loss,
+               "val_acc": val_acc}
+    if rank == 0:
+        print(json.dumps(summary))
+    return summary
+
+
+def fit(args, rank, world, device) -> dict:
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
     from tqdm import tqdm
 
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    amp = AMP[args.amp]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_ds, val_ds = datasets(args, args.classes)
-    classes = list(train_ds.classes)
-    if args.eval_only:
-        model, meta = load_checkpoint(args.checkpoint, args)
-        if meta["classes"] != classes:
-            args.error(f"--checkpoint: trained on classes {meta['classes']}, data has {classes}")
-        val_loss, val_acc = evaluate(model.to(device), loader(val_ds, args, False), device, amp)
-        summary = {"eval_only": True, "checkpoint": args.checkpoint, "val_loss": val_loss, "val_acc": val_acc}
-        print(json.dumps(summary))
-        return summary
-
-    model = build_model(args.model, args.model_kwargs, args.img_size, len(classes), args.method, vars(args),
-                        args.weights).to(device)
+    main = rank == 0
+    seed_everything(args.seed)
+    amp, out = AMP[args.amp], Path(args.out)
+    model = create_backbone(args)
+    data_config = data.model_data_config(model, args.img_size)
+    train_ds, val_ds, classes = load_data(args, data_config)
+    model = add_method(model, args, len(classes)).to(device)
+    per_process = args.batch_size // world
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=args.seed,
+                                                  drop_last=True)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_process, sampler=sampler,
+                                               num_workers=args.workers, drop_last=True)
+    if len(train_loader) == 0:
+        fail(f"--batch-size: expected at most the {len(train_ds)} training images, got {args.batch_size}")
+    eval_loader = val_loader(val_ds, per_process, args, rank, world)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    forward = torch.compile(model) if args.compile else model
-    train_loader, val_loader = loader(train_ds, args, True), loader(val_ds, args, False)
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                  num_classes=len(classes)) if args.mixup > 0 or args.cutmix > 0 else None
+    soft_loss = SoftTargetCrossEntropy()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)  # fp16 gradients would underflow
     total_steps, warmup = args.epochs * len(train_loader), int(args.warmup_epochs * len(train_loader))
-    history, step = [], 0
-    for epoch in range(args.epochs):
+    progress = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": 0, "history": []}
+    if args.resume is not None:
+        checkpoint, state_file = resume_paths(args.resume)
+        load_tensors(model, checkpoint, args.method, "--resume")
+        state, saved = torch.load(state_file, map_location="cpu", weights_only=True), read_meta(checkpoint, "--resume")
+        if saved["classes"] != classes:
+            fail(f"--data: the run was trained on classes {saved['classes']}, {args.data} has {classes}")
+        if state["progress"]["epoch"] != saved["epoch"]:
+            fail(f"--resume: {checkpoint} and {state_file} are of different epochs")
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        progress = state["progress"]
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+    if main and not args.quiet:
+        print(f"{PROG}: {args.method} on {len(train_ds)} images, {len(classes)} classes, writing to {out}")
+    history, step, wrapped = progress["history"], progress["step"], None
+    forward = torch.compile(model) if args.compile else model
+    for epoch in range(progress["epoch"], args.epochs):
+        mode = "random" if args.method == "tcpa" and epoch < args.random_epochs else "topk"
         if args.method == "tcpa":
-            tk.set_selection(model, "random" if epoch < args.random_epochs else "topk")
+            tk.set_selection(model, mode)
+        if world > 1 and wrapped != mode:  # random selection leaves the keys without gradients: DDP must know
+            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=mode == "random")
+            forward, wrapped = torch.compile(ddp) if args.compile else ddp, mode
+        sampler.set_epoch(epoch)
         model.train()
-        start, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-        bar = tqdm(train_loader, desc=f"{args.method} epoch {epoch + 1}/{args.epochs}", disable=args.quiet)
+        start, sums = time.perf_counter(), [0.0, 0.0, 0.0]  # loss, correct, seen
+        bar = tqdm(train_loader, desc=f"{args.method} epoch {epoch + 1}/{args.epochs}", disable=args.quiet or not main)
         for images, labels in bar:
             images, labels = images.to(device), labels.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, args.lr)
-            lam, perm = 1.0, None
-            if args.mixup > 0:
-                lam = float(torch.distributions.Beta(args.mixup, args.mixup).sample())
-                perm = torch.randperm(len(labels), device=device)
-                images = lam * images + (1 - lam) * images[perm]
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = forward(images).float()
-            loss = lam * F.cross_entropy(logits, labels)
-            if perm is not None:
-                loss = loss + (1 - lam) * F.cross_entropy(logits, labels[perm])
+                if mixup is not None:
+                    images, targets = mixup(images, labels)
+                    logits = forward(images).float()
+                    loss = soft_loss(logits, targets)
+                else:
+                    logits = forward(images).float()
+                    loss = F.cross_entropy(logits, labels, label_smoothing=args.smoothing)
             if args.method == "tcpa":
                 loss = loss + args.match_weight * tk.get_matching_loss(model)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(-1) == labels).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            sums = [sums[0] + loss.item() * len(labels), sums[1] + (logits.argmax(-1) == labels).sum().item(),
+                    sums[2] + len(labels)]
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}")
         epoch_s = time.perf_counter() - start
-        val_loss, val_acc = evaluate(model, val_loader, device, amp)
+        loss_sum, correct, seen = all_sum(sums, world, device)
+        val_loss, val_acc = evaluate(model, eval_loader, device, amp, args.method, world)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                         "val_loss": val_loss, "val_acc": val_acc, "epoch_s": epoch_s,
                         "peak_memory_mb": peak_memory_mb(device)})
-        if not args.quiet:
-            print(json.dumps(history[-1]))
-
-    save_trainable(model, out / "checkpoint.safetensors", CHECKPOINT_KEY, checkpoint_meta(args, len(classes), classes))
-    write_logs(history, out, args)
-    summary = {"method": args.method, "val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"],
-               "epoch_s_mean": sum(h["epoch_s"] for h in history) / len(history),
-               "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
-               "memory_metric": "cuda_peak_allocated" if device.type == "cuda" else "process_peak_rss",
-               "trainable_parameters": sum(p.numel() for p in params), "history": history,
-               "args": {k: v for k, v in vars(args).items() if k != "error"}}
-    (out / "log.json").write_text(json.dumps(summary, indent=2))
+        improved = val_acc > progress["best_acc"]
+        progress = {"epoch": epoch + 1, "step": step, "best_acc": max(val_acc, progress["best_acc"]),
+                    "best_epoch": epoch + 1 if improved else progress["best_epoch"], "history": history}
+        if main:
+            meta = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, "classes": classes,
+                    "data_config": data_config, "batch_per_process": per_process, "args": vars(args)}
+            state = {"progress": progress, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": rng_state()}
+            writers = {LAST: partial(write_checkpoint, model, method=args.method, meta=meta),
+                       STATE: partial(torch.save, state)}
+            if improved:
+                writers[BEST] = writers[LAST]
+            save_epoch(out, writers)
+            write_logs(summarize(args, history, progress, params, device), out)
+            if not args.quiet:
+                print(json.dumps(history[-1]))
+    summary = summarize(args, history, progress, params, device)
+    if main:
+        plot_curves(summary, out)
     return summary
 
 
-def write_logs(history, out, args):
+def summarize(args, history, progress, params, device) -> dict:
+    return {"method": args.method, "val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"],
+            "best_val_acc": progress["best_acc"], "best_epoch": progress["best_epoch"],
+            "epoch_s_mean": sum(h["epoch_s"] for h in history) / len(history),
+            "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
+            "memory_metric": "cuda_peak_allocated" if device.type == "cuda" else "process_peak_rss",
+            "trainable_parameters": sum(p.numel() for p in params), "history": history, "args": vars(args)}
+
+
+def write_logs(summary: dict, out: Path) -> None:
+    """log.json (the summary) and log.csv (one row an epoch)."""
+    (out / "log.json").write_text(json.dumps(summary, indent=2))
     with open(out / "log.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer = csv.DictWriter(f, fieldnames=list(summary["history"][0]))
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(summary["history"])
+
+
+def plot_curves(summary: dict, out: Path) -> None:
+    """curves.png: loss and accuracy per epoch (needs matplotlib)."""
     try:
         import matplotlib
 
@@ -328,6 +710,7 @@ def write_logs(history, out, args):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    history = summary["history"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
     for key in ("train_loss", "val_loss"):
@@ -336,16 +719,24 @@ def write_logs(history, out, args):
         ax_acc.plot(epochs, [h[key] for h in history], marker="o", label=key)
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
-        ax.set_title(f"{args.method}: {title}")
+        ax.set_title(f"{summary['method']}: {title}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    train(args)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            last = Path(args.out) / LAST if not args.eval_only else None
+            where = (f"the last complete checkpoint is {last}; continue with the same options and --resume "
+                     f"{args.out}" if last is not None and last.exists() else "no checkpoint written")
+            print(f"{PROG}: interrupted: {where}", file=sys.stderr)
+        return 130
     return 0
 
 

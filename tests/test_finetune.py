@@ -1,19 +1,26 @@
 """The fine-tuning CLI on a tiny synthetic ImageFolder (and Fashion-MNIST when Debian's package is installed)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from tcpa_kernels import data, finetune
+import tcpa_kernels as tk
+from tcpa_kernels import checkpoint, data, finetune
 
+MODEL_KWARGS = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg"}
 # average pooling: a random (unpretrained) backbone's CLS output carries little of the image
-TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "16",
-        "--model-kwargs", json.dumps({"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                                      "global_pool": "avg"})]
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "16", "--model-kwargs", json.dumps(MODEL_KWARGS)]
+# small pools, a short schedule with one random-selection epoch, 2 steps an epoch on the 16 training images
+QUICK = ["--pool-size", "4", "--topk", "2", "--warmup-epochs", "1", "--random-epochs", "1", "--batch-size", "8"]
+NO_AUGMENTATION = ["--mixup", "0", "--smoothing", "0", "--hflip", "0", "--scale", "1", "1", "--ratio", "1", "1",
+                   "--color-jitter", "0"]
 
 
 def make_image_folder(root, per_class=(8, 4)):
@@ -38,30 +45,52 @@ def folder(tmp_path):
 @pytest.fixture
 def weights(tmp_path):
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32,
-                              depth=2, num_heads=2, num_classes=10, global_pool="avg")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, num_classes=10, **MODEL_KWARGS)
     path = tmp_path / "backbone.pth"
     torch.save(model.state_dict(), path)
     return path
 
 
-@pytest.mark.parametrize("method", ["tcpa", "vpt", "linear"])
-def test_overfits_small_batch_and_checkpoint_reloads(tmp_path, folder, weights, method):
-    out = tmp_path / method
-    common = ["--data", str(folder), "--weights", str(weights), "--batch-size", "16", "--quiet", *TINY]
-    args = ["--method", method, "--epochs", "30", "--lr", "1e-2", "--warmup-epochs", "0", "--pool-size", "4",
-            "--topk", "2", "--random-epochs", "2", "--prompt-dropout", "0", "--out", str(out), *common]
-    assert finetune.main(args) == 0
-    log = json.loads((out / "log.json").read_text())
-    losses = [h["train_loss"] for h in log["history"]]
-    assert losses[-1] < 0.5 * losses[0], losses  # one fixed batch of 16 images: it must overfit
-    assert {"log.csv", "log.json", "curves.png", "checkpoint.safetensors"} <= {p.name for p in out.iterdir()}
+def run(*args) -> int:
+    return finetune.main([str(a) for a in args])
 
-    evaluated = finetune.train(finetune.parse_args(
-        ["--eval-only", "--checkpoint", str(out / "checkpoint.safetensors"), "--out", str(tmp_path / "eval"),
-         *common]))
-    assert evaluated["val_acc"] == log["history"][-1]["val_acc"]
-    assert evaluated["val_loss"] == pytest.approx(log["history"][-1]["val_loss"], rel=1e-5)
+
+def evaluate(path, *args) -> dict:
+    return finetune.train(finetune.parse_args(["--eval-only", "--checkpoint", str(path), "--quiet",
+                                               *[str(a) for a in args]]))
+
+
+def log(out) -> dict:
+    return json.loads((out / "log.json").read_text())
+
+
+def meta(path) -> dict:
+    return checkpoint.read_trainable(path, finetune.CLI_KEY)[0]
+
+
+@pytest.mark.parametrize("method", ["tcpa", "vpt", "linear"])
+def test_overfits_small_batch_and_checkpoints_reload(tmp_path, folder, weights, method):
+    out = tmp_path / method
+    args = ["--method", method, "--epochs", "10", "--lr", "1e-2", "--warmup-epochs", "0", "--pool-size", "4",
+            "--topk", "2", "--random-epochs", "2", "--prompt-dropout", "0", "--batch-size", "16", "--out", out,
+            "--data", folder, "--weights", weights, "--quiet", *NO_AUGMENTATION, *TINY]
+    assert run(*args) == 0
+    summary = log(out)
+    losses = [h["train_loss"] for h in summary["history"]]
+    assert losses[-1] < 0.5 * losses[0], losses  # one fixed batch of 16 images: it must overfit
+    assert {p.name for p in out.iterdir()} == {"log.csv", "log.json", "curves.png", "last.safetensors",
+                                               "best.safetensors", "last_state.pt"}
+    assert meta(out / "last.safetensors")["epoch"] == 10
+    assert meta(out / "best.safetensors")["epoch"] == summary["best_epoch"]
+    # --eval-only reads the model, method, prompts, classes and data config from the checkpoint
+    for name, epoch in (("last", 10), ("best", summary["best_epoch"])):
+        evaluated = evaluate(out / f"{name}.safetensors", "--data", folder, "--weights", weights)
+        assert evaluated["val_acc"] == summary["history"][epoch - 1]["val_acc"]
+        assert evaluated["val_loss"] == pytest.approx(summary["history"][epoch - 1]["val_loss"], rel=1e-5)
+    if method != "linear":  # the same file is a save_prompts file: a plain timm model loads it
+        model = tk.load_prompts(timm.create_model("vit_tiny_patch16_224", img_size=16, **MODEL_KWARGS),
+                                out / "last.safetensors")
+        assert model.prompt_state.method == method and model.head.out_features == 2
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -71,17 +100,54 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
+def test_recipe_defaults(folder):
+    args = finetune.parse_args(["--data", str(folder), "--random-init"])
+    recipe = {"lr": 0.004, "weight_decay": 0.1, "batch_size": 128, "mixup": 0.8, "epochs": 100, "warmup_epochs": 10,
+              "random_epochs": 10, "match_weight": 0.01, "pool_size": 18, "topk": 10, "num_prompts": 36,
+              "prompt_dropout": 0.1, "method": "tcpa", "prompt_transform": "none", "fourier_fraction": 1.0,
+              "img_size": 224}  # the model's pretrained input size
+    assert {k: getattr(args, k) for k in recipe} == recipe
+    assert re.fullmatch(r"runs/finetune/\d{8}-\d{6}", args.out)
+
+
+def test_data_config_from_the_model(tmp_path, folder):
+    """Normalisation from the model's pretrained config (deit: ImageNet mean/std, bicubic, crop 0.9), the same
+    for Fashion-MNIST's tensor path as timm's PIL transform; --eval-only rebuilds a --random-init backbone."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=16, **MODEL_KWARGS)
+    config = data.model_data_config(model, 16)
+    assert config["mean"] == list(IMAGENET_DEFAULT_MEAN) and config["std"] == list(IMAGENET_DEFAULT_STD)
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    for size in (16, 40):  # down- and up-sampling
+        config = data.model_data_config(model, size)
+        ours = data.GreyTransform(config)(images)
+        theirs = torch.stack([data.timm_transform(config)(Image.fromarray(a.numpy()).convert("RGB")) for a in images])
+        assert ours.shape == theirs.shape == (4, 3, size, size)
+        assert (ours - theirs).abs().max() <= 2.01 / 255 / min(IMAGENET_DEFAULT_STD)  # PIL rounds differently
+        torch.testing.assert_close(data.GreyTransform(config, hflip=1.0)(images), ours.flip(-1))
+
+    out = tmp_path / "run"
+    deit = ["--model", "deit_tiny_patch16_224", "--img-size", "16", "--model-kwargs", json.dumps(MODEL_KWARGS)]
+    assert run("--data", folder, "--random-init", *QUICK, "--epochs", 1, "--random-epochs", 0, "--out", out, "--quiet",
+               *deit) == 0
+    saved = meta(out / "last.safetensors")
+    assert saved["data_config"] == data.model_data_config(model, 16) and saved["classes"] == ["blue", "red"]
+    assert evaluate(out / "last.safetensors", "--data", folder)["val_acc"] == log(out)["val_acc"]
+
+
 @pytest.mark.skipif(not data.fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_smoke(tmp_path):
-    ds = data.fashion_mnist("val", 16, classes=[9, 5])
+    config = {"input_size": [3, 16, 16], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3,
+              "crop_pct": 0.9, "crop_mode": "center"}
+    ds = data.fashion_mnist("val", data.GreyTransform(config), classes=[9, 5])
     assert len(ds) == 2000 and set(ds.labels.tolist()) == {0, 1} and ds.classes == ["ankle-boot", "sandal"]
     x, _ = ds[0]
     assert x.shape == (3, 16, 16) and -1.0 <= float(x.min()) and float(x.max()) <= 1.0
-    args = ["--data", "fashion-mnist", "--classes", "5", "9", "--train-limit", "64", "--val-limit", "64",
-            "--method", "tcpa", "--epochs", "1", "--batch-size", "32", "--pool-size", "3", "--topk", "2",
-            "--out", str(tmp_path), "--quiet", *TINY]
-    assert finetune.main(args) == 0
-    assert 0.0 <= json.loads((tmp_path / "log.json").read_text())["val_acc"] <= 1.0
+    out = tmp_path / "run"
+    assert run("--data", "fashion-mnist", "--classes", 5, 9, "--train-limit", 64, "--val-limit", 64, "--epochs", 1,
+               "--random-epochs", 0, "--warmup-epochs", 0, "--batch-size", 32, "--pool-size", 3, "--topk", 2,
+               "--random-init", "--out", out, "--quiet", *TINY) == 0
+    assert 0.0 <= log(out)["val_acc"] <= 1.0
+    assert evaluate(out / "best.safetensors", "--data", "fashion-mnist")["val_acc"] == log(out)["val_acc"]
 
 
 def test_read_idx_rejects_other_files(tmp_path):
@@ -91,22 +157,204 @@ def test_read_idx_rejects_other_files(tmp_path):
         data.read_idx(path)
 
 
-def test_bad_arguments_exit_2(tmp_path, folder, weights, capsys):
-    def fails(args, message):
-        with pytest.raises(SystemExit) as info:
-            finetune.main(args)
-        assert info.value.code == 2
-        assert message in capsys.readouterr().err
+def test_interrupt_then_resume_equals_uninterrupted(tmp_path, folder, weights, monkeypatch, capsys):
+    """Ctrl-C in epoch 2 keeps epoch 1's checkpoint; --resume ends with exactly the uninterrupted run's tensors.
+    Epochs 1-2 select prompts at random, validation always by top-k: --eval-only (top-k) of epoch 1's checkpoint
+    reports the val accuracy the run logged. Every kind of augmentation is on (their RNGs must resume too)."""
+    args = ["--data", folder, "--weights", weights, "--quiet", *TINY, *QUICK, "--epochs", 3, "--random-epochs", 2,
+            "--cutmix", 1.0, "--aa", "rand-m9-mstd0.5", "--reprob", 0.25]
+    modes = []
+    matching_loss = tk.get_matching_loss
+    monkeypatch.setattr(tk, "get_matching_loss", lambda m: modes.append(m.blocks[0].tcpa.selection_mode)
+                        or matching_loss(m))
+    assert run(*args, "--out", tmp_path / "a") == 0
+    assert modes == ["random"] * 4 + ["topk"] * 2  # 2 steps an epoch; validation does not change the training's mode
+    monkeypatch.undo()
 
-    fails(["--data", str(tmp_path / "missing"), *TINY], "--data: expected 'fashion-mnist' or a directory")
-    fails(["--data", str(folder), "--model", "resnet_nope"], "--model: expected a timm model name")
-    fails(["--data", str(folder), "--weights", str(tmp_path / "none.pth"), *TINY], "--weights: file not found")
-    fails(["--data", str(folder), "--eval-only", *TINY], "--checkpoint: required with --eval-only")
-    fails(["--data", str(folder), "--topk", "30", *TINY], "--topk: expected <= --pool-size (18), got 30")
-    # a checkpoint trained with another model configuration
+    lr_at, calls = finetune.lr_at, []
+
+    def interrupt_at_step_3(*a):  # the first step of epoch 2
+        calls.append(a)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return lr_at(*a)
+
+    monkeypatch.setattr(finetune, "lr_at", interrupt_at_step_3)
+    b = tmp_path / "b"
+    assert run(*args, "--out", b) == 130
+    assert f"last complete checkpoint is {b / 'last.safetensors'}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert meta(b / "last.safetensors")["epoch"] == 1 and len(log(b)["history"]) == 1
+    evaluated, logged = evaluate(b / "last.safetensors", "--data", folder, "--weights", weights), log(b)["history"][0]
+    assert evaluated["val_acc"] == logged["val_acc"]
+    assert evaluated["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5)
+
+    assert run(*args, "--out", b, "--resume", b) == 0
+    for name in ("last", "best"):
+        expected = safetensors.torch.load_file(tmp_path / "a" / f"{name}.safetensors")
+        got = safetensors.torch.load_file(b / f"{name}.safetensors")
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), name
+    assert [h["val_loss"] for h in log(b)["history"]] == [h["val_loss"] for h in log(tmp_path / "a")["history"]]
+
+
+def test_interrupt_while_writing_keeps_the_last_checkpoint(tmp_path, folder, weights, monkeypatch, capsys):
     out = tmp_path / "run"
-    finetune.main(["--data", str(folder), "--method", "linear", "--epochs", "1", "--out", str(out), "--quiet", *TINY])
-    other = TINY[:-1] + [json.dumps({"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2,
-                                     "global_pool": "avg"})]
-    fails(["--data", str(folder), "--eval-only", "--checkpoint", str(out / "checkpoint.safetensors"), *other],
-          "--checkpoint: trained with another config")
+    args = ["--method", "linear", "--epochs", 2, "--out", out, "--data", folder, "--weights", weights, "--quiet",
+            *TINY, *QUICK]
+    save_file = safetensors.torch.save_file
+
+    def interrupted_in_epoch_2(tensors, path, metadata):
+        if json.loads(metadata[finetune.CLI_KEY])["epoch"] == 2:
+            open(path, "wb").write(b"half a file")
+            raise KeyboardInterrupt
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_in_epoch_2)
+    assert run(*args) == 130
+    monkeypatch.undo()
+    assert "last complete checkpoint is" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "last.safetensors", "last_state.pt",
+                                                     "log.csv", "log.json"]  # no temp files left
+    assert meta(out / "last.safetensors")["epoch"] == 1
+    assert torch.load(out / "last_state.pt", weights_only=True)["progress"]["epoch"] == 1
+    # resuming with other model / method / recipe options is refused, naming them
+    with pytest.raises(SystemExit) as info:
+        run(*args, "--resume", out, "--method", "full", "--lr", "0.1")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--method 'linear' (given: 'full')" in err and "--lr 0.004 (given: 0.1)" in err
+    assert run(*args, "--resume", out / "last.safetensors") == 0
+    assert meta(out / "last.safetensors")["epoch"] == 2 and len(log(out)["history"]) == 2
+
+
+def test_prompt_transform_options_reach_the_library(tmp_path, folder, weights):
+    common = ["--data", folder, "--weights", weights, *QUICK, "--epochs", 1, "--random-epochs", 0, "--quiet", *TINY]
+    for method, extra in (("tcpa", ["--prompt-dropout-per-sample", "--fourier-fraction", 0.5]), ("vpt", [])):
+        out = tmp_path / method
+        assert run(*common, "--method", method, "--prompt-transform", "fourier", *extra, "--out", out) == 0
+        config = checkpoint.read_trainable(out / "last.safetensors", checkpoint.METADATA_KEY)[0]["config"]
+        assert config["prompt_transform"] == "fourier"
+        assert config["fourier_fraction"] == (0.5 if method == "tcpa" else 1.0)
+        assert config.get("prompt_dropout_per_sample", False) == (method == "tcpa")
+        assert evaluate(out / "last.safetensors", "--data", folder, "--weights", weights)["val_acc"] == \
+            log(out)["val_acc"]
+
+
+def test_load_prompts_fills_config_fields_a_file_lacks(tmp_path):
+    """A file written before a config field existed loads with the field's default; save_prompts keeps extra
+    metadata beside the config."""
+    def backbone():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", img_size=16, **MODEL_KWARGS)
+
+    model = tk.apply_tcpa(backbone(), pool_size_cls=4, pool_size_img=4, topk_cls=2, topk_img=2, num_classes=3)
+    path = tmp_path / "prompts.safetensors"
+    tk.save_prompts(model, path, {"mine": {"note": 1}})
+    assert checkpoint.read_trainable(path, "mine")[0] == {"note": 1}
+    with pytest.raises(ValueError, match="extra_metadata"):
+        tk.save_prompts(model, path, {checkpoint.METADATA_KEY: {}})
+    saved, tensors = checkpoint.read_trainable(path, checkpoint.METADATA_KEY)
+    later = ("attention", "prompt_dropout_per_sample", "prompt_transform", "fourier_fraction")  # added after 0.1.0
+    assert set(later) <= set(saved["config"])
+    old = {**saved, "config": {k: v for k, v in saved["config"].items() if k not in later}}
+    safetensors.torch.save_file(tensors, path, metadata={checkpoint.METADATA_KEY: json.dumps(old)})
+    fresh = tk.load_prompts(backbone(), path)
+    defaults = tk.TCPAConfig()
+    assert all(getattr(fresh.prompt_state.config, k) == getattr(defaults, k) for k in later)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+    tk.load_prompts(fresh, path)  # into the patched model: the filled config equals its own
+
+
+B = ["--data", "{folder}", "--weights", "{weights}"]
+BAD = [
+    ([*B, "--match-weight", "nan"], "--match-weight: expected a finite number in [0.0, inf), got nan"),
+    ([*B, "--lr", "-1"], "--lr: expected a finite number in (0.0, inf), got -1.0"),
+    ([*B, "--lr", "inf"], "--lr: expected a finite number in (0.0, inf), got inf"),
+    ([*B, "--prompt-dropout", "1.5"], "--prompt-dropout: expected a finite number in [0.0, 1.0), got 1.5"),
+    ([*B, "--val-limit", "0"], "--val-limit: expected an int >= 1, got 0"),
+    ([*B, "--train-limit", "-3"], "--train-limit: expected an int >= 1, got -3"),
+    ([*B, "--num-prompts", "0"], "--num-prompts: expected an int >= 1, got 0"),
+    ([*B, "--epochs", "0"], "--epochs: expected an int >= 1, got 0"),
+    ([*B, "--workers", "-1"], "--workers: expected an int >= 0, got -1"),
+    ([*B, "--batch-size", "0"], "--batch-size: expected an int >= 1, got 0"),
+    ([*B, "--img-size", "0"], "--img-size: expected an int >= 1, got 0"),
+    ([*B, "--seed", "-1"], "--seed: expected an int in [0, 4294967295], got -1"),
+    ([*B, "--epochs", "x"], "--epochs: invalid int value: 'x'"),
+    ([*B, "--model-kwargs", "{bad"], "--model-kwargs: expected a JSON object, got '{bad'"),
+    ([*B, "--model-kwargs", "[1]"], "--model-kwargs: expected a JSON object without img_size / num_classes"),
+    ([*B, "--model-kwargs", '{"img_size": 32}'], "--model-kwargs: expected a JSON object without img_size"),
+    ([*B, "--model", "resnet_nope"], "--model: expected a timm model name, got 'resnet_nope'"),
+    ([*B, "--method", "lora"], "--method: invalid choice: 'lora'"),
+    (["--data", "{folder}"], "--weights: required (a local backbone checkpoint), or --random-init"),
+    ([*B, "--random-init"], "--random-init: not with --weights"),
+    ([*B, "--weights", "{tmp}/none.pth"], "--weights: file not found: '{tmp}/none.pth'"),
+    ([*B, "--topk", "30"], "--topk: expected an int in [1, 18], got 30"),
+    ([*B, "--pool-size", "40"], "--pool-size: expected an int in [1, 32], got 40"),
+    ([*B, "--epochs", "5", "--warmup-epochs", "1"], "--random-epochs: expected fewer than --epochs (5) for tcpa, got"),
+    ([*B, "--random-epochs", "100"], "--random-epochs: expected fewer than --epochs (100) for tcpa, got 100"),
+    ([*B, "--random-epochs", "-1"], "--random-epochs: expected an int >= 0, got -1"),
+    ([*B, "--warmup-epochs", "-1"], "--warmup-epochs: expected a finite number in [0.0, 100], got -1.0"),
+    ([*B, "--warmup-epochs", "101"], "--warmup-epochs: expected a finite number in [0.0, 100], got 101.0"),
+    ([*B, "--prompt-transform", "fourier", "--fourier-fraction", "0"],
+     "--fourier-fraction: expected a finite number in (0.0, 1.0], got 0.0"),
+    ([*B, "--fourier-fraction", "0.5"], "--fourier-fraction: applies with --prompt-transform fourier, got 0.5"),
+    ([*B, "--prompt-transform", "wavelet"], "--prompt-transform: invalid choice: 'wavelet'"),
+    ([*B, "--method", "vpt", "--prompt-dropout-per-sample"], "--prompt-dropout-per-sample: applies to --method tcpa"),
+    ([*B, "--method", "linear", "--prompt-transform", "fourier"], "--prompt-transform: applies to --method tcpa or"),
+    ([*B, "--hflip", "2"], "--hflip: expected a finite number in [0.0, 1.0], got 2.0"),
+    ([*B, "--scale", "0.5", "0.1"], "--scale: expected MIN MAX with MIN <= MAX, got [0.5, 0.1]"),
+    ([*B, "--scale", "0", "1"], "--scale: expected a finite number in (0.0, 1.0], got 0.0"),
+    ([*B, "--ratio", "-1", "1"], "--ratio: expected a finite number in (0.0, inf), got -1.0"),
+    ([*B, "--color-jitter", "-0.1"], "--color-jitter: expected a finite number in [0.0, inf), got -0.1"),
+    ([*B, "--reprob", "1.5"], "--reprob: expected a finite number in [0.0, 1.0], got 1.5"),
+    ([*B, "--smoothing", "1"], "--smoothing: expected a finite number in [0.0, 1.0), got 1.0"),
+    ([*B, "--mixup", "-1"], "--mixup: expected a finite number in [0.0, inf), got -1.0"),
+    ([*B, "--cutmix", "nan"], "--cutmix: expected a finite number in [0.0, inf), got nan"),
+    ([*B, "--aa", "bogus-policy"], "--aa: expected a timm auto-augment policy"),
+    ([*B, "--batch-size", "7"], "--batch-size: mixup/cutmix need an even batch per process, got 7 over 1"),
+    ([*B, "--device", "tpu"], "--device: expected auto, cpu or cuda"),
+    ([*B, "--data", "{tmp}/missing"], "--data: expected 'fashion-mnist' or a directory with train/ and val/"),
+    (["--weights", "{weights}"], "--data: required"),
+    ([*B, "--classes", "1", "2"], "--classes: applies to --data fashion-mnist"),
+    ([*B, "--eval-only"], "--checkpoint: required with --eval-only"),
+    ([*B, "--checkpoint", "{weights}"], "--checkpoint: only with --eval-only"),
+    ([*B, "--eval-only", "--checkpoint", "{weights}"], "--checkpoint: {weights} is not a safetensors file"),
+    ([*B, "--resume", "{tmp}/nothing"], "--resume: {tmp}/nothing not found"),
+    ([*B, "--out", "{tmp}"], "--out: {tmp} exists and is not empty"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[4:] or a) for a, _ in BAD])
+def test_bad_arguments_exit_2(tmp_path, folder, weights, capsys, argv, message):
+    def fill(s):
+        return s.replace("{folder}", str(folder)).replace("{weights}", str(weights)).replace("{tmp}", str(tmp_path))
+
+    with pytest.raises(SystemExit) as info:
+        finetune.main(TINY + [fill(a) for a in argv])
+    assert info.value.code == 2
+    assert fill(message) in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not data.fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("argv, message", [
+    (["--aa", "rand-m9"], "--aa: applies to ImageFolder data"),
+    (["--scale", "0.5", "1"], "--scale: applies to ImageFolder data"),
+    (["--classes", "3", "11"], "--classes: expected distinct Fashion-MNIST classes in 0..9, got [3, 11]"),
+    (["--classes", "3", "3"], "--classes: expected distinct Fashion-MNIST classes in 0..9, got [3, 3]"),
+])
+def test_bad_fashion_mnist_arguments_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        finetune.main(["--data", "fashion-mnist", "--random-init", *TINY, *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_eval_only_arguments_exit_2(tmp_path, folder, weights, capsys):
+    out = tmp_path / "run"
+    assert run("--method", "linear", "--epochs", 1, "--out", out, "--data", folder, "--weights", weights, "--quiet",
+               *TINY, *QUICK) == 0
+    for argv, message in (([], "--weights: required: the checkpoint was trained on the backbone"),
+                          (["--random-init"], "--random-init: not with --eval-only")):
+        with pytest.raises(SystemExit) as info:
+            evaluate(out / "last.safetensors", "--data", folder, *argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
