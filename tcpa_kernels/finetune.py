@@ -68,7 +68,7 @@ from torch import nn
 
 import tcpa_kernels as tk
 from tcpa_kernels import data
-from tcpa_kernels._validate import check_int, check_number
+from tcpa_kernels._validate import MAX_POOL_ENTRIES, check_int, check_number
 from tcpa_kernels.checkpoint import load_trainable, read_trainable, save_trainable
 
 PROG = "tcpa-finetune"
@@ -81,7 +81,6 @@ LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last_state.pt"
 IMAGE_FOLDER_AUGMENTATION = {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "color_jitter": 0.4, "aa": None,
                              "reprob": 0.0}
 RESUME_FREE = ("data", "weights", "workers", "device", "compile", "quiet", "out", "resume")
-MAX_POOL_SIZE = 32  # two pools of at most 64 entries together
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +220,7 @@ def check_options(args) -> None:
              f"come from --data), got {args.model_kwargs!r}")
     for name in ("epochs", "batch_size", "img_size", "num_prompts", "train_limit", "val_limit"):
         integer(name, 1)
-    integer("pool_size", 1, MAX_POOL_SIZE)
+    integer("pool_size", 1, MAX_POOL_ENTRIES // 2)  # both pools take --pool-size entries
     integer("topk", 1, args.pool_size)
     integer("workers", 0)
     integer("random_epochs", 0)

@@ -55,10 +55,13 @@ def test_atomic_vs_deterministic_and_bitwise_repeatability():
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("options", [{}, dict(prompt_transform="fourier", prompt_dropout_per_sample=True)],
+                         ids=["tcpa", "vfpt_tcpa_per_sample"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_lean_model_path_triton_equals_torch(autocast):
-    """The whole TCPA layer on CUDA (matching kernels, packed attention, batched prompt K/V) against the torch
-    backend on the same parameters: logits, matching loss and every trainable gradient (fp32, or bf16 autocast)."""
+def test_lean_model_path_triton_equals_torch(autocast, options):
+    """The whole TCPA layer on CUDA (matching kernels, packed attention, batched prompt K/V; per-sample prompt K/V
+    and Fourier prompts as published) against the torch backend on the same parameters: logits, matching loss and
+    every trainable gradient (fp32, or bf16 autocast)."""
     from timm.models.vision_transformer import VisionTransformer
 
     results = []
@@ -66,7 +69,7 @@ def test_lean_model_path_triton_equals_torch(autocast):
         torch.manual_seed(0)  # same backbone, prompts and keys for both backends
         model = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)
         model = tk.apply_tcpa(model.cuda(), backend=backend, pool_size_cls=4, pool_size_img=6, topk_cls=2,
-                              topk_img=3).train()
+                              topk_img=3, **options).train()
         x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             torch.manual_seed(2)  # the same prompt dropout mask
