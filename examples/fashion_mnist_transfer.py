@@ -10,7 +10,7 @@ VFPT+TCPA (the published configuration) and VFPT+TCPA with per-sample prompt dro
    (a seed fixes the training subset, data order and initialisation for every method).
 
     apt-get install dataset-fashion-mnist
-    python examples/fashion_mnist_transfer.py                       # about an hour on a 2-core CPU
+    python examples/fashion_mnist_transfer.py                       # about 1.5 hours on a 2-core CPU
     python examples/fashion_mnist_transfer.py --seeds 0 --epochs 2  # a quick look
 
 Every run is a subprocess of ``python -m tcpa_kernels.finetune`` (its peak memory is its own); a finished run
