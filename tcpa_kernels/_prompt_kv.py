@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tcpa_kernels._patch import is_shard
-from tcpa_kernels.integrations.prompt_tokens import drop_prompts, per_sample, transform_prompts
+from tcpa_kernels.integrations.prompt_tokens import forward_tokens
 
 
 def _versions(tensors):
@@ -57,24 +57,16 @@ def step_prompts(state, batch_size):
     return None if _sharded(state) else layer_prompts(state, batch_size)
 
 
-def _forward_tokens(state, prompts, batch_size):
-    """prompts [..., P, C] after prompt dropout and the prompt transform: [..., P, C], or [..., B, P, C] with a
-    dropout mask per sample."""
-    cfg = state.config
-    prompts = drop_prompts(prompts, cfg.prompt_dropout, state.training,
-                           batch_size if per_sample(cfg, state.training) else None)
-    return transform_prompts(prompts, cfg.prompt_transform, cfg.fourier_fraction)
-
-
 def layer_prompts(state, batch_size):
     """Prompt tokens of every layer for this forward: [L, P, C], or [L, B, P, C] with a dropout mask per sample."""
     prompts = torch.cat([part for blk in state.blocks for part in _prompt_parts(blk)])  # [L*P, C], one cat
-    return _forward_tokens(state, prompts.view(len(state.blocks), state.config.num_prompts, -1), batch_size)
+    return forward_tokens(prompts.view(len(state.blocks), state.config.num_prompts, -1), state.config,
+                          state.training, batch_size)
 
 
 def own_prompts(state, blk, batch_size):
     """One block's prompt tokens for this forward: [P, C] or [B, P, C]."""
-    return _forward_tokens(state, torch.cat(_prompt_parts(blk)), batch_size)
+    return forward_tokens(torch.cat(_prompt_parts(blk)), state.config, state.training, batch_size)
 
 
 def _batchable(blocks):

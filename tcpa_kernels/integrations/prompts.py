@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._validate import check_flag, check_int, check_pool_config, check_tensor, describe
-from tcpa_kernels.integrations.prompt_tokens import check_prompt_options, drop_prompts, per_sample, transform_prompts
+from tcpa_kernels.integrations.prompt_tokens import check_prompt_options, forward_tokens
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_select import match_select, norm_match_select
 from tcpa_kernels.ops.selection import Selection
@@ -134,11 +134,8 @@ class TCPAPrompts(nn.Module):
     def prompt_tokens(self, batch_size: int) -> Tensor:
         """This forward's prompt tokens, CLS-pool prompts first, after prompt dropout and the prompt transform:
         [P, C] shared by the batch, or [B, P, C] when dropout draws a mask per sample."""
-        c = self.config
         tokens = torch.cat([self.prompts_cls.flatten(0, 1), self.prompts_img.flatten(0, 1)])
-        tokens = drop_prompts(tokens, c.prompt_dropout, self.training,
-                              batch_size if per_sample(c, self.training) else None)
-        return transform_prompts(tokens, c.prompt_transform, c.fourier_fraction)
+        return forward_tokens(tokens, self.config, self.training, batch_size)
 
     def selection(self, bits: Tensor) -> Selection:
         c = self.config
