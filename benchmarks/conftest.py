@@ -50,7 +50,8 @@ def spec_ratios(results):
         method, what = r["name"].rsplit("/", 2)[-2:]
         if method != "tcpa_fused":
             continue
-        baselines = ("sdpa_no_mask", "sdpa_bool_mask") if kind == "op" else ("no_prompts", "vpt_deep", "tcpa_dense")
+        baselines = (("sdpa_flash", "sdpa_bool_mask", "dense_eager") if kind == "op"
+                     else ("no_prompts", "vpt_deep", "tcpa_dense"))
         for base in baselines:
             other = by_name.get(r["name"].replace(f"/tcpa_fused/{what}", f"/{base}/{what}"))
             if other and other["ms"]:

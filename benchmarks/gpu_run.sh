@@ -1,41 +1,73 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in stages meant for one device call each (each cut off by timeout inside the
-# 10-minute limit; at most 8 files come back per call):
-#   bash benchmarks/gpu_run.sh tests         GPU test suite and the numerics table
-#   bash benchmarks/gpu_run.sh bench-op      pytest benchmarks/test_op.py --benchmark-only (op level, §6 ratios)
-#   bash benchmarks/gpu_run.sh bench-model   pytest benchmarks/test_model.py --benchmark-only (train step, §6)
-#   bash benchmarks/gpu_run.sh bench-sweep   pytest benchmarks/test_sweep.py --benchmark-only (batch, prompts, image)
-#   bash benchmarks/gpu_run.sh profile       the profiling CLI at its GPU defaults (table, JSON, PNG)
-#   bash benchmarks/gpu_run.sh tune          time the kernels' candidate launch configurations (benchmarks/tune.py)
-# No argument runs every stage. The GPU image has torch, triton and timm but no internet: the package is used from
-# the tree (PYTHONPATH=.). Results land in benchmarks/results/ and in $OUT when set: commit them.
+# Everything that needs a GPU, in three runs of one call each on a CUDA machine. Each run stops itself before its
+# budget (seconds, second argument; defaults below) and every step writes its figures as it goes, so a run cut
+# short keeps what it measured. Runs 1 and 2 together fit in 15 minutes of machine time.
+#   bash benchmarks/gpu_run.sh run1 [480]   correctness first, then the headline figures:
+#       nvidia-smi; the GPU-only tests (pytest -m gpu); compute-sanitizer memcheck and racecheck on one small
+#       forward+backward of every kernel (benchmarks/kernel_check.py); benchmarks/headline.py (ceilings, the op at
+#       the §6 shape against SDPA's flash/efficient/cuDNN backends and the published eager attention, the §6
+#       train-step table, profiler tables); the numerics table; then the rest of the test suite on CUDA
+#   bash benchmarks/gpu_run.sh run2 [270]   Nsight Compute on the kernels at the §6 shape, then the launch-
+#       configuration sweep (benchmarks/tune.py)
+#   bash benchmarks/gpu_run.sh run3 [540]   every benchmark shape and sweep (pytest benchmarks/ --benchmark-only),
+#       then the profiling CLI's table and PNG
+# The package is used from the tree (PYTHONPATH=.): nothing is installed. Results go to benchmarks/results/ or to
+# $RESULTS when set (at most 8 files per run); commit them under benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out" benchmarks/results
-stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(tests bench-op bench-model bench-sweep profile tune)
+# CUDA's and Nsight Compute's usual install folders, for compute-sanitizer and ncu when they are not on PATH
+PATH="$PATH:/usr/local/cuda/bin:/usr/local/cuda/compute-sanitizer$(printf ':%s' /opt/nvidia/nsight-compute/*)"
+out="${RESULTS:-benchmarks/results}"
+mkdir -p "$out"
+stage="${1:-}"
+case "$stage" in
+  run1) budget="${2:-480}" ;;
+  run2) budget="${2:-270}" ;;
+  run3) budget="${2:-540}" ;;
+  *) echo "usage: bash benchmarks/gpu_run.sh run1|run2|run3 [budget seconds]" >&2; exit 2 ;;
+esac
+end=$((SECONDS + budget))
 
-for stage in "${stages[@]}"; do
-  echo "== $stage"
-  case "$stage" in
-    tests)
-      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-      timeout 420 python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -n 30
-      timeout 120 python benchmarks/numerics.py --out benchmarks/results 2>&1 | tail -n 20
-      cp benchmarks/results/numerics-*.json benchmarks/results/numerics-*.md "$out/" 2>/dev/null ;;
-    bench-op|bench-model|bench-sweep)
-      level="${stage#bench-}"
-      timeout 540 python -m pytest "benchmarks/test_$level.py" --benchmark-only -q -p no:cacheprovider \
-        --benchmark-json="$out/pytest-benchmark-$level.json" 2>&1 | tee "$out/bench-$level.log" | tail -n 15
-      cp benchmarks/results/*-"$level".json "$out/" 2>/dev/null ;;
-    profile)
-      timeout 540 python -m tcpa_kernels.profile --out "$out/profile" 2>&1 | tail -n 20 ;;
-    tune)
-      timeout 540 python benchmarks/tune.py 2>&1 | tee "$out/tune.log" | tail -n 12
-      cp benchmarks/results/tune-*.json "$out/" 2>/dev/null ;;
-    *)
-      echo "unknown stage $stage (tests | bench-op | bench-model | bench-sweep | profile | tune)" >&2; exit 2 ;;
-  esac
-done
+# step CAP CMD...: run CMD for at most CAP seconds and never past the run's end; skipped when under 10 s are left
+step() {
+  local cap=$1 left=$((end - SECONDS))
+  shift
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 10 ]; then echo "== skipped (out of time): $*"; return 0; fi
+  echo "== [${cap}s] $*"
+  timeout --kill-after=5 "$cap" "$@"
+  echo "== exit $? after $((SECONDS - end + budget)) s"
+}
+
+case "$stage" in
+  run1)
+    {
+      nvidia-smi
+      step 150 python -m pytest tests -m gpu -q -rfE -p no:cacheprovider
+    } 2>&1 | tee "$out/gpu-tests.log"
+    # compute-sanitizer on every kernel at small shapes; the caching allocator off, so memcheck sees each
+    # allocation's real bounds
+    for tool in memcheck racecheck; do
+      step 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        --print-limit 20 python benchmarks/kernel_check.py
+    done 2>&1 | tee "$out/sanitizer.log" | tail -n 20
+    step 150 python benchmarks/headline.py --out "$out" 2>&1 | tail -n 25
+    step 40 python benchmarks/numerics.py --out "$out" 2>&1 | tail -n 5
+    step 600 python -m pytest tests -m "not gpu" -v -rfE -p no:cacheprovider 2>&1 \
+      | tee "$out/gpu-suite.log" | grep -E "FAILED|ERROR|passed|failed|== " | tail -n 25 ;;
+  run2)
+    step 120 ncu --clock-control none --profile-from-start off --target-processes all \
+      -k regex:'_fwd_kernel|_bwd_kernel|_match_fwd_kernel|_match_bwd_kernel|_topk_bits_kernel' \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+      --csv --page details --log-file "$out/ncu-spec.csv" python benchmarks/kernel_check.py --spec 2>&1 | tail -n 15
+    step 600 python benchmarks/tune.py --out "$out" 2>&1 | tee "$out/tune.log" | tail -n 8 ;;
+  run3)
+    for level in op model sweep; do
+      step 200 python -m pytest "benchmarks/test_$level.py" --benchmark-only -q -p no:cacheprovider \
+        2>&1 | tee "$out/bench-$level.log" | tail -n 6
+      cp benchmarks/results/*-"$level".json "$out/" 2>/dev/null
+    done
+    step 600 python -m tcpa_kernels.profile --out "$out" 2>&1 | tail -n 20 ;;
+esac

@@ -97,8 +97,9 @@ def _relative_error(result, baseline):
     return worst
 
 
-def _tune_shape(shape, dtype, candidates, tolerance, smoke):
-    """Time every candidate of each kernel at one shape, the others at their table entry."""
+def _tune_shape(shape, dtype, candidates, tolerance, smoke, report, save):
+    """Time every candidate of each kernel at one shape, the others at their table entry, into ``report``;
+    ``save()`` after each kernel."""
     import torch
 
     from tcpa_kernels import bench
@@ -116,7 +117,7 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke):
              "bwd": lambda: kernels.backward_grads(grad_out, *tensors, out, lse, selection, scale, False, True,
                                                        (True,) * 5)}
     table = kernels.LAUNCH_CONFIGS[kernels.config_key(D, dtype)]
-    report = {"shape": label, "dims": dict(B=B, H=H, N=N, P=P, D=D, topk=topk), "kernels": {}}
+    report |= {"shape": label, "dims": dict(B=B, H=H, N=N, P=P, D=D, topk=topk), "kernels": {}}
     for kernel, step in steps.items():
         current = table[kernel]
         baseline = [t.clone() for t in step()]
@@ -136,7 +137,7 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke):
         best = min(good, key=lambda r: r["ms"]) if good else None
         report["kernels"][kernel] = {"table": list(current), "candidates": rows, "best": best and best["config"],
                                      "speedup_over_table": best and rows[0].get("ms") and rows[0]["ms"] / best["ms"]}
-    return report
+        save()
 
 
 def timed(shapes, smoke, out_path):
@@ -149,9 +150,15 @@ def timed(shapes, smoke, out_path):
     candidates = CANDIDATES[kernels.operand_class(dtype)][: 2 if smoke else None]
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # only the summation order differs between configs
     report = {"environment": bench.environment(bench.default_device()), "dtype": str(dtype), "smoke": smoke,
-              "shapes": [_tune_shape(shape, dtype, candidates, tolerance, smoke) for shape in shapes]}
+              "shapes": []}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=1))
+
+    def save():  # after every kernel: a run cut short keeps what it timed
+        out_path.write_text(json.dumps(report, indent=1))
+
+    for shape in shapes:
+        report["shapes"].append({})
+        _tune_shape(shape, dtype, candidates, tolerance, smoke, report["shapes"][-1], save)
     for shape in report["shapes"]:
         for kernel, r in shape["kernels"].items():
             print(f"{shape['shape']:28s} {kernel:9s} table {r['table']} -> best {r['best']} "

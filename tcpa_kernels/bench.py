@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -29,7 +30,12 @@ from tcpa_kernels._validate import MAX_POOL_ENTRIES
 from tcpa_kernels.ops.selection import Selection, topk_bits
 
 MODEL_METHODS = ("no_prompts", "vpt_deep", "tcpa_dense", "tcpa_fused")
-OP_METHODS = ("tcpa_fused", "sdpa_no_mask", "sdpa_bool_mask", "flex_attention", "torch_backend")
+# TCPA_SPEC.md §6: ViT-B/16 attention at batch 128, pools of 18 + 18 prompts, each token picking 10 entries
+SPEC_OP_SHAPE = dict(B=128, H=12, N=197, P=36, D=64, topk=10)
+# SDPA on the same P+N keys without a mask, pinned to one backend each (the §6 yardstick is flash)
+SDPA_BACKENDS = {f"sdpa_{name}": getattr(SDPBackend, backend) for name, backend in
+                 (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"))}
+OP_METHODS = ("tcpa_fused", *SDPA_BACKENDS, "sdpa_bool_mask", "dense_eager", "flex_attention", "torch_backend")
 OP_MODES = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -61,11 +67,19 @@ def default_device():
 
 
 def time_ms(fn, device, reps=10, warmup=2):
-    """Median wall time of fn() in ms (CUDA-synchronised)."""
+    """Median wall time of fn() in ms over at least ``reps`` calls after ``warmup`` (CUDA-synchronised)."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=max(50, reps * 10), return_mode="median"))
+        fn()  # compilation and first-call allocations stay out of the estimate
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        once_ms = (time.perf_counter() - start) * 1e3
+        # do_bench's budgets are milliseconds: enough for `warmup` and `reps` calls, and never under 25 / 100 ms
+        return float(triton.testing.do_bench(fn, warmup=max(25.0, warmup * once_ms),
+                                             rep=max(100.0, 1.5 * reps * once_ms), return_mode="median"))
     for _ in range(warmup):
         fn()
     samples = []
@@ -258,8 +272,10 @@ def op_selection(scores, P, topk):
 
 
 def op_forward(method, tensors, scores, topk):
-    """A forward closure of one op method over the same inputs; each token selects its ``topk`` entries
-    (capped at the pool size) of its pool. Methods without an equivalent return None."""
+    """(forward closure, the leaves its backward differentiates) of one op method over the same inputs; each
+    token selects its ``topk`` entries (capped at the pool size) of its pool. None for a method without an
+    equivalent on this device. The baselines' keys and values [B, H, P+N, D] (prompts first) and masks are built
+    here, once, outside the closure: what is timed is the attention alone."""
     q, k, v, pk, pv = tensors
     B, H, N, D = q.shape
     P = pk.shape[1]
@@ -267,56 +283,73 @@ def op_forward(method, tensors, scores, topk):
     topk = min(topk, pool)
     F = torch.nn.functional
 
-    def full_kv():
-        return torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+    def full_kv():  # pre-built leaves, as a model that concatenated its prompts would hand them over
+        return [torch.cat([p.detach().expand(B, -1, -1, -1), t.detach()], 2).requires_grad_(t.requires_grad)
+                for p, t in ((pk, k), (pv, v))]
 
     def bool_mask():  # the selection as an SDPA/Flex mask [B, 1, N, P+N] (equivalent to renormalize=True)
         sel = op_selection(scores, P, topk).rows(0, N, P)
         return torch.cat([sel, sel.new_ones(B, N, N)], -1)[:, None]
 
     if method == "tcpa_fused":
-        return lambda: tk.tcpa_fused_attention(q, k, v, pk, pv, scores, pool_cls=pool, topk_cls=topk, topk_img=topk,
-                                               prompt_len_cls=length, prompt_len_img=length)[0]
-    if method == "sdpa_no_mask":
-        return lambda: F.scaled_dot_product_attention(q, *full_kv())
+        return (lambda: tk.tcpa_fused_attention(q, k, v, pk, pv, scores, pool_cls=pool, topk_cls=topk,
+                                                topk_img=topk, prompt_len_cls=length, prompt_len_img=length)[0],
+                tensors)
+    if method in SDPA_BACKENDS:
+        from torch.nn.attention import sdpa_kernel
+
+        backend = SDPA_BACKENDS[method]
+        if q.device.type != "cuda" and backend.name not in ("FLASH_ATTENTION", "MATH"):
+            return None
+        kk, vv = full_kv()
+
+        def pinned():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kk, vv)
+
+        return pinned, (q, kk, vv)
     if method == "sdpa_bool_mask":
-        mask = bool_mask()
-        return lambda: F.scaled_dot_product_attention(q, *full_kv(), attn_mask=mask)
+        mask, (kk, vv) = bool_mask(), full_kv()
+        return lambda: F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask), (q, kk, vv)
+    if method == "dense_eager":  # the published code's attention: eager softmax, a float mask multiplied after it
+        kk, vv = full_kv()
+        dense = bool_mask().expand(B, H, N, N + P).to(q.dtype).contiguous()  # [B, H, N, P+N], as published
+        return lambda: ((q * D**-0.5) @ kk.transpose(-1, -2)).softmax(-1).mul(dense) @ vv, (q, kk, vv)
     if method == "flex_attention":
         if q.device.type != "cuda" and q.requires_grad:  # FlexAttention has no backward on CPU
             return None
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        sel = bool_mask()[:, 0]  # [B, N, P+N]
+        sel, (kk, vv) = bool_mask()[:, 0], full_kv()  # [B, N, P+N]
         block_mask = create_block_mask(lambda b, h, qi, ki: sel[b, qi, ki], B, None, N, N + P, device=q.device)
         flex = torch.compile(flex_attention)
-        return lambda: flex(q, *full_kv(), block_mask=block_mask)
+        return lambda: flex(q, kk, vv, block_mask=block_mask), (q, kk, vv)
     if method == "torch_backend":  # the library's own PyTorch backend, on the same selection as a [B, N, P] mask
         mask = op_selection(scores, P, topk).rows(0, N, P)
-        return lambda: tk.tcpa_attention(q, k, v, pk, pv, mask, backend="torch")
+        return lambda: tk.tcpa_attention(q, k, v, pk, pv, mask, backend="torch"), tensors
     raise ValueError(f"method: expected one of {OP_METHODS}, got {method!r}")
 
 
-def op_step(forward, tensors, mode):
+def op_step(forward, leaves, mode):
     """Closure timing ``mode`` of an op: forward only, backward only (graph kept), or both."""
     if mode == "fwd":
         return forward
     if mode == "fwd_bwd":
         def forward_backward():
             out = forward()
-            return torch.autograd.grad(out, tensors, torch.ones_like(out))
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
 
         return forward_backward
     out = forward()
     grad = torch.ones_like(out)
-    return lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True)
+    return lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)
 
 
 def make_op_step(method, mode, *, B, H, N, P, D, topk, dtype, device):
     """The closure running ``mode`` of op ``method`` on fresh inputs; None when it has no equivalent here."""
     tensors, scores = op_inputs(B, H, N, P, D, dtype, device)
-    forward = op_forward(method, tensors, scores, topk)
-    return None if forward is None else op_step(forward, tensors, mode)
+    built = op_forward(method, tensors, scores, topk)
+    return None if built is None else op_step(*built, mode)
 
 
 def op_figures(ms, step, mode, *, B, H, N, P, D, dtype, device):

@@ -1,11 +1,15 @@
 """The GPU benchmark configurations are valid: every op shape and model that benchmarks/ and the tuning script
 run on a GPU builds and runs one step here on CPU, at batch 1 and one head (PyTorch backend), so that a GPU
-session is not spent finding a configuration error. Figures are not checked."""
+session is not spent finding a configuration error; the GPU run's scripts (benchmarks/headline.py,
+benchmarks/kernel_check.py, benchmarks/tune.py) run their whole procedure at their CPU smoke settings. Figures are
+not checked."""
+
+import json
 
 import pytest
 import torch
 
-from benchmarks import test_model, test_op, test_sweep, tune
+from benchmarks import headline, kernel_check, test_model, test_op, test_sweep, tune
 from reference import tcpa_attention_ref
 from tcpa_kernels import bench, profile
 from tests.conftest import fp64
@@ -20,6 +24,8 @@ GPU_OP_SHAPES = {s[0]: s for s in test_op.GPU_SHAPES + tune.GPU_SHAPES}
 def test_gpu_op_shape_runs(label, method):
     _, _, _, N, P, D, topk = GPU_OP_SHAPES[label]
     step = bench.make_op_step(method, "fwd_bwd", B=1, H=1, N=N, P=P, D=D, topk=topk, dtype=torch.float32, device=CPU)
+    if step is None:
+        pytest.skip(f"{method} has no CPU equivalent")
     grads = step()
     assert all(torch.isfinite(g).all() for g in grads)
 
@@ -27,7 +33,8 @@ def test_gpu_op_shape_runs(label, method):
 def test_op_baselines_compute_what_they_claim():
     """Same inputs, same selection (the reference's top-k rule): SDPA with the bool mask and FlexAttention
     (forward only: no backward on CPU) equal the fp64 reference with renormalize=True, the masked softmax they
-    compute; the fused op and the library's PyTorch backend equal it with TCPA's post-softmax mask."""
+    compute; the fused op, the library's PyTorch backend and the published code's eager attention equal it with
+    TCPA's post-softmax mask; SDPA without a mask attends to all P+N keys."""
     P, topk = 8, 2
     tensors, scores = bench.op_inputs(2, 2, 20, P, 16, torch.float32, CPU)
     tensors = [t.detach() for t in tensors]
@@ -35,10 +42,14 @@ def test_op_baselines_compute_what_they_claim():
     mask = reference_mask(scores, pool, topk, topk, length, length, num_prefix=1)
     expected = {renormalize: tcpa_attention_ref(*fp64(tensors), mask, renormalize=renormalize).float()
                 for renormalize in (False, True)}
-    for method, renormalize in [("sdpa_bool_mask", True), ("flex_attention", True), ("tcpa_fused", False),
-                                ("torch_backend", False)]:
-        out = bench.op_forward(method, tensors, scores, topk)()
-        torch.testing.assert_close(out, expected[renormalize], msg=lambda m, n=method: f"{n}: {m}")
+    expected["all keys"] = tcpa_attention_ref(*fp64(tensors), torch.ones_like(mask)).float()
+    for method, semantics in [("sdpa_bool_mask", True), ("flex_attention", True), ("tcpa_fused", False),
+                              ("torch_backend", False), ("dense_eager", False), ("sdpa_flash", "all keys")]:
+        forward, leaves = bench.op_forward(method, tensors, scores, topk)
+        torch.testing.assert_close(forward(), expected[semantics], msg=lambda m, n=method: f"{n}: {m}")
+        if method.startswith(("sdpa", "dense")):  # pre-built [B, H, P+N, D] keys and values: prompts first
+            assert [t.shape for t in leaves[1:]] == [(2, 2, P + 20, 16)] * 2
+            torch.testing.assert_close(leaves[1][:, :, :P], tensors[3].expand(2, -1, -1, -1))
 
 
 GPU_MODEL_SETTINGS = sorted({(m, s) for m, s, _ in test_model.GPU_MODELS}
@@ -64,3 +75,35 @@ def test_tuning_procedure_runs_and_candidates_agree(tmp_path):
     for kernel in ("fwd", "bwd"):
         rows = report["shapes"][0]["kernels"][kernel]["candidates"]
         assert len(rows) >= 2 and all(row.get("ok") for row in rows), rows
+
+
+def test_headline_procedure_runs(tmp_path):
+    """benchmarks/headline.py at its smoke setting: every op method and mode has figures or says why it cannot run
+    here, every model method has its timed train steps, memory, inference time and kernel table, and the §6
+    ratios are computed from them."""
+    report = headline.main(["--smoke", "--out", str(tmp_path)])
+    slug = bench.device_slug(CPU) + "-smoke"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{slug}-headline.json", f"{slug}-kernels.txt"]
+    assert json.loads((tmp_path / f"{slug}-headline.json").read_text())["op"] == report["op"]
+    assert report["ceilings"]["measured"]["copy_gbps"] > 0
+    for method in headline.OP_METHODS:
+        for mode in bench.OP_MODES:
+            figures = report["op"][f"{method}/{mode}"]
+            if method in ("sdpa_efficient", "sdpa_cudnn"):  # CUDA backends
+                assert figures == {"skipped": f"no {method} on cpu"}
+            else:
+                assert figures["ms"] > 0 and figures["memory_mb"] >= 0, (method, mode, figures)
+    prefix = f"{headline.SMOKE_MODEL['model_name']}/b{headline.SMOKE_MODEL['batch']}"
+    for method in bench.MODEL_METHODS:
+        train = report["model"][f"{prefix}/{method}/train"]
+        assert train["steps"] == 3 and train["min_ms"] <= train["ms"] <= train["max_ms"] and train["memory_mb"] > 0
+        assert report["model"][f"{prefix}/{method}/inference"]["ms"] > 0
+        assert report["kernels"][f"model/{prefix}/{method}/train"]
+    assert len(report["ratios"]) == len(headline.SPEC_TARGETS)
+    assert (tmp_path / f"{slug}-kernels.txt").read_text().count("== ") == 1 + len(bench.MODEL_METHODS)
+
+
+def test_kernel_check_runs_every_workload():
+    """benchmarks/kernel_check.py (what compute-sanitizer runs) at its small shapes: every kernel variant runs."""
+    names = kernel_check.main([])
+    assert len(names) == 11 and {"mask_shared_atomic", "words_per_sample_renorm1", "vit_lean_per_sample"} <= set(names)

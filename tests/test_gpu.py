@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, requires_cuda]
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("D", [32, 64, 80, 128])
-def test_bf16_matches_reference(renormalize, shared, D):
+def test_bf16_matches_reference(renormalize, shared, D, poison_buffers):
     tensors, mask = attention_inputs(2, 3, 197, 36, D, dtype=torch.bfloat16, shared=shared)
     ref_tensors = fp64(tensors)
     ref = tcpa_attention_ref(*ref_tensors, mask, renormalize=renormalize)
