@@ -16,6 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
 # CUDA's and Nsight Compute's usual install folders, for compute-sanitizer and ncu when they are not on PATH
 PATH="$PATH:/usr/local/cuda/bin:/usr/local/cuda/compute-sanitizer$(printf ':%s' /opt/nvidia/nsight-compute/*)"
 out="${RESULTS:-benchmarks/results}"
@@ -44,30 +45,33 @@ case "$stage" in
   run1)
     {
       nvidia-smi
-      step 150 python -m pytest tests -m gpu -q -rfE -p no:cacheprovider
+      "$py" -m pip list 2>/dev/null | grep -iE "^(torch|triton|timm|transformers|open.clip.torch|numpy|pytest) "
+      step 150 "$py" -m pytest tests -m gpu -q -rfE -p no:cacheprovider
     } 2>&1 | tee "$out/gpu-tests.log"
     # compute-sanitizer on every kernel at small shapes; the caching allocator off, so memcheck sees each
     # allocation's real bounds
     for tool in memcheck racecheck; do
       step 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-        --print-limit 20 python benchmarks/kernel_check.py
+        --print-limit 20 "$py" benchmarks/kernel_check.py
     done 2>&1 | tee "$out/sanitizer.log" | tail -n 20
-    step 150 python benchmarks/headline.py --out "$out" 2>&1 | tail -n 25
-    step 40 python benchmarks/numerics.py --out "$out" 2>&1 | tail -n 5
-    step 600 python -m pytest tests -m "not gpu" -v -rfE -p no:cacheprovider 2>&1 \
+    step 150 "$py" benchmarks/headline.py --out "$out" 2>&1 | tail -n 25
+    step 40 "$py" benchmarks/numerics.py --out "$out" 2>&1 | tail -n 5
+    # four workers where pytest-xdist is installed: kernel compilation is most of the suite's time on a GPU
+    workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 4")
+    step 600 "$py" -m pytest tests -m "not gpu" $workers -v -rfE -p no:cacheprovider 2>&1 \
       | tee "$out/gpu-suite.log" | grep -E "FAILED|ERROR|passed|failed|== " | tail -n 25 ;;
   run2)
     step 120 ncu --clock-control none --profile-from-start off --target-processes all \
       -k regex:'_fwd_kernel|_bwd_kernel|_match_fwd_kernel|_match_bwd_kernel|_topk_bits_kernel' \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
       --section Occupancy --section LaunchStats --metrics dram__bytes_read.sum,dram__bytes_write.sum \
-      --csv --page details --log-file "$out/ncu-spec.csv" python benchmarks/kernel_check.py --spec 2>&1 | tail -n 15
-    step 600 python benchmarks/tune.py --out "$out" 2>&1 | tee "$out/tune.log" | tail -n 8 ;;
+      --csv --page details --log-file "$out/ncu-spec.csv" "$py" benchmarks/kernel_check.py --spec 2>&1 | tail -n 15
+    step 600 "$py" benchmarks/tune.py --out "$out" 2>&1 | tee "$out/tune.log" | tail -n 8 ;;
   run3)
     for level in op model sweep; do
-      step 200 python -m pytest "benchmarks/test_$level.py" --benchmark-only -q -p no:cacheprovider \
+      step 200 "$py" -m pytest "benchmarks/test_$level.py" --benchmark-only -q -p no:cacheprovider \
         2>&1 | tee "$out/bench-$level.log" | tail -n 6
       cp benchmarks/results/*-"$level".json "$out/" 2>/dev/null
     done
-    step 600 python -m tcpa_kernels.profile --out "$out" 2>&1 | tail -n 20 ;;
+    step 600 "$py" -m tcpa_kernels.profile --out "$out" 2>&1 | tail -n 20 ;;
 esac

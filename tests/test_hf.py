@@ -17,7 +17,7 @@ import pickle
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5.18")  # the integration's floor
 
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
@@ -250,6 +250,13 @@ def test_clear_errors():
     model = tk.apply_tcpa(plain_model("vit"), backend="torch", **POOLS, **TOPK)
     with pytest.raises(ValueError, match="attention_mask: prompted layers take no attention mask"):
         model(x, attention_mask=mask)
+    # a bool mask that masks nothing (what transformers builds under torch.compile with some torch versions) is
+    # no mask; one that masks something is refused
+    everything = torch.ones(2, 1, 17, 17, dtype=torch.bool)
+    torch.testing.assert_close(model(x, attention_mask=everything).last_hidden_state, model(x).last_hidden_state,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="attention_mask: prompted layers take no attention mask"):
+        model(x, attention_mask=everything.index_fill(-1, torch.tensor([3]), False))
     with pytest.raises(ValueError, match="output_attentions"):
         model(x, output_attentions=True)
     vpt = tk.apply_vpt(plain_model("vit"), num_prompts=2)

@@ -8,12 +8,12 @@ attention module is swapped to one that attends over [selected prompts ; tokens]
 pre-attention norm and the attention's own K/V projections (prefix tokens, no position embedding). Under VPT the
 layer's own forward runs on [tokens ; prompts].
 
-Prompted layers take no attention mask and TCPA returns no attention weights: ``attention_mask`` and (TCPA)
-``output_attentions=True`` are refused with a ``ValueError``; ``output_hidden_states`` works (the real tokens). The
-SigLIP attention-pooling head and CLIP's visual projection are backbone modules, not classification heads; models
-without a ``classifier`` take no ``num_classes``. Image-classification models keep ``config.num_labels`` (and the
-label names) in step with their ``classifier``. The frozen backbone stays in eval mode, so transformers' gradient
-checkpointing, which runs in training mode only, does not run on prompted layers.
+Prompted layers take no attention mask and TCPA returns no attention weights: ``attention_mask`` (unless a bool mask
+that masks nothing) and (TCPA) ``output_attentions=True`` are refused with a ``ValueError``; ``output_hidden_states``
+works (the real tokens). The SigLIP attention-pooling head and CLIP's visual projection are backbone modules, not
+classification heads; models without a ``classifier`` take no ``num_classes``. Image-classification models keep
+``config.num_labels`` (and the label names) in step with their ``classifier``. The frozen backbone stays in eval
+mode, so transformers' gradient checkpointing, which runs in training mode only, does not run on prompted layers.
 """
 
 import math
@@ -23,8 +23,10 @@ import torch
 import transformers
 from torch import nn
 
-if int(transformers.__version__.split(".")[0]) < 5:  # before the imports that name v5 modules
-    raise ImportError(f"transformers: the TCPA integration expects transformers >= 5 (its attention-module layout), "
+MIN_TRANSFORMERS = (5, 18)  # attention modules with q_proj/k_proj/v_proj in every supported model (DINOv2: 5.18)
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < MIN_TRANSFORMERS:  # before v5 imports
+    raise ImportError(f"transformers: the TCPA integration expects transformers >= "
+                      f"{'.'.join(map(str, MIN_TRANSFORMERS))} (its attention-module layout), "
                       f"got {transformers.__version__}")
 
 from transformers.models.clip.modeling_clip import (  # noqa: E402
@@ -81,10 +83,19 @@ ORIGINAL_LABELS = "_tcpa_original_labels"  # the model's attribute that keeps co
 
 def reject_layer_inputs(attention_mask: torch.Tensor | None, kwargs: dict, config=None) -> None:
     """A prompted layer's inputs: no attention mask, head mask or causal attention; no attention weights (``config``
-    given: its ``output_attentions`` is the default, as for the model)."""
-    if attention_mask is not None:
+    given: its ``output_attentions`` is the default, as for the model).
+
+    The one mask let through is a bool mask that masks nothing: what transformers builds for SDPA layers where it
+    cannot skip building it (under ``torch.compile`` with some torch versions). Under compilation its values are
+    checked by a device-side assertion, which keeps the graph whole."""
+    if attention_mask is None:
+        pass
+    elif attention_mask.dtype == torch.bool and torch.compiler.is_compiling():
+        torch._assert_async(attention_mask.all(), "attention_mask: prompted layers take no attention mask (the "
+                                                  "prompts change the keys), expected None or all True")
+    elif attention_mask.dtype != torch.bool or not attention_mask.all():
         raise ValueError("attention_mask: prompted layers take no attention mask (the prompts change the keys), "
-                         f"expected None, got {describe(attention_mask)}")
+                         f"expected None (or a bool mask that masks nothing), got {describe(attention_mask)}")
     if kwargs.get("head_mask") is not None:
         raise ValueError(f"head_mask: prompted layers take no head mask, expected None, got "
                          f"{describe(kwargs['head_mask'])}")
