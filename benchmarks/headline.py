@@ -48,7 +48,8 @@ SPEC_TARGETS = {
 
 
 class Report:
-    """A JSON document rewritten (atomically) after every change, and a text file of profiler tables."""
+    """A JSON document rewritten (atomically, with the §6 ratios of what it holds) after every change, and a text
+    file of profiler tables."""
 
     def __init__(self, json_path: Path, tables_path: Path, header: dict):
         self.json_path, self.tables_path, self.data = json_path, tables_path, dict(header)
@@ -64,6 +65,7 @@ class Report:
             f.write(f"== {title}\n{text}\n\n")
 
     def write(self) -> None:
+        self.data["ratios"] = spec_ratios(self.data)
         self.data["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
         partial = self.json_path.with_suffix(".partial")
         partial.write_text(json.dumps(self.data, indent=2))
@@ -241,11 +243,8 @@ def main(argv=None) -> dict:
         report.add("ceilings", "measured", ceilings(device, smoke))
     if "op" not in args.skip:
         measure_op(report, device, op_dims, dtype)
-        report.data["ratios"] = spec_ratios(report.data)
     if "model" not in args.skip:
         measure_models(report, device, model_setting, dtype, 3 if smoke else TIMED_STEPS)
-    report.data["ratios"] = spec_ratios(report.data)
-    report.write()
     print(f"{report.data['environment']['device']}, {report.data['configuration']}")
     for key, row in report.data["ratios"].items():
         print(f"{key:<60} {row['ratio']:7.3f}  target {row['target']:<8} {'met' if row['met'] else 'MISSED'}")

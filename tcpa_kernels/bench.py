@@ -20,7 +20,7 @@ import statistics
 import time
 
 import torch
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -33,8 +33,8 @@ MODEL_METHODS = ("no_prompts", "vpt_deep", "tcpa_dense", "tcpa_fused")
 # TCPA_SPEC.md §6: ViT-B/16 attention at batch 128, pools of 18 + 18 prompts, each token picking 10 entries
 SPEC_OP_SHAPE = dict(B=128, H=12, N=197, P=36, D=64, topk=10)
 # SDPA on the same P+N keys without a mask, pinned to one backend each (the §6 yardstick is flash)
-SDPA_BACKENDS = {f"sdpa_{name}": getattr(SDPBackend, backend) for name, backend in
-                 (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"))}
+SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 OP_METHODS = ("tcpa_fused", *SDPA_BACKENDS, "sdpa_bool_mask", "dense_eager", "flex_attention", "torch_backend")
 OP_MODES = ("fwd", "bwd", "fwd_bwd")
 
@@ -296,10 +296,8 @@ def op_forward(method, tensors, scores, topk):
                                                 topk_img=topk, prompt_len_cls=length, prompt_len_img=length)[0],
                 tensors)
     if method in SDPA_BACKENDS:
-        from torch.nn.attention import sdpa_kernel
-
         backend = SDPA_BACKENDS[method]
-        if q.device.type != "cuda" and backend.name not in ("FLASH_ATTENTION", "MATH"):
+        if q.device.type != "cuda" and backend != SDPBackend.FLASH_ATTENTION:  # CUDA-only backends
             return None
         kk, vv = full_kv()
 

@@ -88,14 +88,13 @@ def reject_layer_inputs(attention_mask: torch.Tensor | None, kwargs: dict, confi
     The one mask let through is a bool mask that masks nothing: what transformers builds for SDPA layers where it
     cannot skip building it (under ``torch.compile`` with some torch versions). Under compilation its values are
     checked by a device-side assertion, which keeps the graph whole."""
-    if attention_mask is None:
-        pass
-    elif attention_mask.dtype == torch.bool and torch.compiler.is_compiling():
-        torch._assert_async(attention_mask.all(), "attention_mask: prompted layers take no attention mask (the "
-                                                  "prompts change the keys), expected None or all True")
-    elif attention_mask.dtype != torch.bool or not attention_mask.all():
-        raise ValueError("attention_mask: prompted layers take no attention mask (the prompts change the keys), "
-                         f"expected None (or a bool mask that masks nothing), got {describe(attention_mask)}")
+    if attention_mask is not None:
+        refusal = ("attention_mask: prompted layers take no attention mask (the prompts change the keys), expected "
+                   "None (or a bool mask that masks nothing)")
+        if attention_mask.dtype == torch.bool and torch.compiler.is_compiling():
+            torch._assert_async(attention_mask.all(), refusal)
+        elif attention_mask.dtype != torch.bool or not attention_mask.all():
+            raise ValueError(f"{refusal}, got {describe(attention_mask)}")
     if kwargs.get("head_mask") is not None:
         raise ValueError(f"head_mask: prompted layers take no head mask, expected None, got "
                          f"{describe(kwargs['head_mask'])}")
