@@ -1,168 +1,190 @@
-"""Prompt keys/values of every layer of a TCPA model, computed once per forward (TCPA_SPEC.md §3-§4).
+"""Prompt keys/values of every layer of a TCPA model for one forward (TCPA_SPEC.md §3-§4).
 
-A layer's prompt K/V are its prompt tokens (after prompt dropout) through that layer's own ``norm1``, the K/V rows
-of its ``qkv`` projection and its ``k_norm``. They depend on parameters only, so block 0 computes them for all
-layers at once instead of every block doing a few tiny ops of its own:
+A layer's prompt K/V are its prompt tokens (after prompt dropout and the prompt transform) through the layer's own
+pre-attention norm, the K/V rows of its input projection and its k norm: prompts are prefix tokens without position.
+They depend on the parameters only, so one forward computes them for all layers at once, from the parameters as they
+are at that call (nothing is kept between forwards):
 
-- the prompt tokens of all layers: one ``cat``, one dropout draw (one mask for the batch -> ``[L, P, C]``, or one
-  per sample -> ``[L, B, P, C]``, ``prompt_dropout_per_sample``) and the prompt transform (VFPT's Fourier prompts);
-- when every ``norm1`` is a LayerNorm with the same eps and every layer the same heads (timm's ViTs): one layer
-  norm without affine and one batched GEMM, with ``norm1``'s affine folded into the K/V rows of ``W_qkv``
-  (``W'_l = W_kv,l * w_l``, ``b'_l = b_kv,l + W_kv,l @ b_l``). The folded weights ``[L, 2C, C]`` of a frozen
-  backbone are kept between forwards (about 57 MB in fp32 at ViT-B/16) and rebuilt when a weight changes; a
-  trainable ``norm1`` or ``qkv`` gets them rebuilt inside the graph every forward, so its gradients stay exact;
-- otherwise one ``norm1`` + linear per layer.
+- the prompt tokens of all layers: one ``cat``, one dropout draw (one mask for the batch -> ``[L, P, C]``, or one per
+  sample -> ``[L, B, P, C]``) and the prompt transform (VFPT's Fourier prompts);
+- when every layer's norm is a LayerNorm with one eps and every layer the same projection shape (a ViT's blocks): one
+  layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the prompts, and one batched
+  GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to the L*P prompt rows, not
+  folded into the weights: folding would write a ``[L, 2*C_kv, C]`` product every forward, ~40x the prompt rows at
+  ViT-B/16 (P = 36 of C = 768). Otherwise one norm + linear per layer.
 
-When some block's parameters are FSDP2 shards at block 0 (every block sharded on its own), only a block's own
-forward sees its parameters whole: then each block computes its own prompts / K/V (``own_prompts``,
-``own_prompt_kv``) and the step functions return None.
-
-Without autograd (eval under ``no_grad``) the K/V themselves are kept until a parameter changes. All of it runs in
-the parameters' dtype outside autocast: under autocast a 16-bit copy of ``W_qkv`` would be cast for these GEMMs and
-saved for backward; the attention kernels cast the prompt tiles on load instead.
+A block family says how one of its blocks projects prompts (``BlockFamily.kv_projection``, a :class:`KVProjection`)
+or that it cannot (several attentions per block): then every block's attention projects the prompt tokens itself.
+FSDP2: when the blocks' weights are shards outside their own forward, each block computes its own K/V inside its
+forward (``layer_kv``). All of it runs in the parameters' dtype outside autocast (a 16-bit copy of the weights would
+be made and saved for backward otherwise); the attention kernels cast the prompt tiles on load.
 """
+
+import dataclasses
+import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from tcpa_kernels._patch import is_shard
 from tcpa_kernels.integrations.prompt_tokens import forward_tokens
 
 
-def _versions(tensors):
-    """Storages (replaced by ``.to()``) and versions (bumped by in-place updates: optimizer steps, loads). The
-    storage is identified by its implementation's address, which fake tensors have too (their data_ptr is 0)."""
-    return tuple((t.untyped_storage()._cdata, t._version) for t in tensors)
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Rows ``start:stop`` of a module's parameter or buffer ``name`` (all of it when ``rows`` is None), read from the
+    module at each call: a projection names where its tensors are, so it never holds a stale one."""
+
+    module: nn.Module
+    name: str
+    rows: slice | None = None
+
+    def get(self) -> Tensor:
+        t = getattr(self.module, self.name)
+        return t if self.rows is None else t[self.rows]
 
 
-def _projection_params(blocks):
-    return [p for blk in blocks for module in (blk.norm1, blk.attn.qkv, blk.attn.k_norm) for p in module.parameters()]
+@dataclasses.dataclass(frozen=True)
+class KVProjection:
+    """How one block turns prompt tokens ``[..., P, C]`` into keys and values ``[..., 2, H, P, D]``: made once per
+    block when the model is patched (``PromptState.projections``), from the block's own modules."""
+
+    norm: nn.Module | None  # the pre-attention norm the prompts go through (None: post-norm, none)
+    weights: tuple[Rows, ...]  # row blocks of W_kv, K rows then V rows: [2 * kv_heads * D, C] once concatenated
+    biases: tuple[Rows, ...] | None  # the matching bias blocks, or None (no bias)
+    k_norm: nn.Module | None  # the attention's norm of the keys over D (qk_norm), or None
+    kv_heads: int
+    head_dim: int
+    groups: int = 1  # query heads per K/V head (grouped-query attention): K/V heads are repeated for the kernels
+
+    def weight(self) -> Tensor:
+        return _cat([rows.get() for rows in self.weights])
+
+    def bias(self) -> Tensor | None:
+        return None if self.biases is None else _cat([rows.get() for rows in self.biases])
 
 
-def _prompt_parts(blk):
-    """The block's prompt tokens: CLS-pool prompts [Pc*Lc, C], then image-pool prompts [Pi*Li, C]."""
-    return blk.tcpa.prompts_cls.flatten(0, 1), blk.tcpa.prompts_img.flatten(0, 1)
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _sharded(state):
-    """A block or its attention is its own FSDP2 shard group (either way its qkv weight is a shard, a DTensor,
-    outside the block's own forward). One look per block: walking every parameter costs ~0.3 ms per forward."""
-    return any(is_shard(blk.attn.qkv.weight) for blk in state.blocks)
-
-
-def step_prompts(state, batch_size):
-    """Prompt tokens of every layer for this forward (the dense path): [L, P, C] or [L, B, P, C]; None when
-    sharded."""
-    return None if _sharded(state) else layer_prompts(state, batch_size)
-
-
-def layer_prompts(state, batch_size):
+def layer_tokens(state, batch_size: int) -> Tensor:
     """Prompt tokens of every layer for this forward: [L, P, C], or [L, B, P, C] with a dropout mask per sample."""
-    prompts = torch.cat([part for blk in state.blocks for part in _prompt_parts(blk)])  # [L*P, C], one cat
-    return forward_tokens(prompts.view(len(state.blocks), state.config.num_prompts, -1), state.config,
-                          state.training, batch_size)
+    config = state.config
+    if config.prompt_len_cls == config.prompt_len_img:  # [Pc, L, C] and [Pi, L, C] stack on their first dim
+        parts = [p for blk in state.blocks for p in (blk.tcpa.prompts_cls, blk.tcpa.prompts_img)]
+    else:
+        parts = [p.flatten(0, 1) for blk in state.blocks for p in (blk.tcpa.prompts_cls, blk.tcpa.prompts_img)]
+    prompts = torch.cat(parts).view(len(state.blocks), config.num_prompts, -1)  # [L, P, C], one cat
+    return forward_tokens(prompts, config, state.training, batch_size)
 
 
-def own_prompts(state, blk, batch_size):
-    """One block's prompt tokens for this forward: [P, C] or [B, P, C]."""
-    return forward_tokens(torch.cat(_prompt_parts(blk)), state.config, state.training, batch_size)
+def _heads(kv: Tensor, projection: KVProjection) -> Tensor:
+    """K/V rows of prompts [..., P, 2 * kv_heads * D] -> keys and values [..., 2, H, P, D] (a view when the block
+    has no k norm and no grouped heads): k norm on the keys, K/V heads repeated for grouped-query attention."""
+    kv = kv.unflatten(-1, (2, projection.kv_heads, projection.head_dim))  # [..., P, 2, Hkv, D]
+    if projection.k_norm is not None:
+        kv = torch.stack([projection.k_norm(kv[..., 0, :, :]), kv[..., 1, :, :]], dim=-3)
+    if projection.groups > 1:
+        kv = kv.repeat_interleave(projection.groups, dim=-2)
+    return kv.movedim(-4, -2)  # [..., 2, H, P, D]
 
 
-def _batchable(blocks):
-    """Every norm1 a LayerNorm with one eps, every attention the same heads: the layers batch into one GEMM."""
-    first = blocks[0]
-    return all(isinstance(blk.norm1, nn.LayerNorm) and blk.norm1.eps == first.norm1.eps
-               and (blk.attn.num_heads, blk.attn.head_dim) == (first.attn.num_heads, first.attn.head_dim)
-               for blk in blocks)
+def layer_kv(projection: KVProjection, tokens: Tensor) -> Tensor:
+    """One block's prompt K/V from its prompt tokens [P, C] / [B, P, C]: [2, H, P, D] / [B, 2, H, P, D]."""
+    with torch.autocast(tokens.device.type, enabled=False):
+        normed = tokens if projection.norm is None else projection.norm(tokens)
+        return _heads(F.linear(normed, projection.weight(), projection.bias()), projection)
 
 
-def _folded_weights(blocks):
-    """norm1's affine folded into the K/V rows of qkv, per layer: W' [L, 2C, C], b' [L, 2C]."""
-    weights, biases = [], []
-    for blk in blocks:
-        qkv, norm = blk.attn.qkv, blk.norm1
-        C = qkv.in_features
-        weight = qkv.weight[C:]  # [2C, C]: only the K and V rows
-        bias = qkv.bias[C:] if qkv.bias is not None else weight.new_zeros(2 * C)
-        if norm.bias is not None:
-            bias = bias + weight @ norm.bias
-        if norm.weight is not None:
-            weight = weight * norm.weight
-        weights.append(weight)
-        biases.append(bias)
-    return torch.stack(weights), torch.stack(biases)
+def _batchable(projections: list[KVProjection]) -> bool:
+    """Every layer's norm a LayerNorm over C with one eps (or none at all), one projection shape, all with a bias or
+    none: the layers share one layer norm and one batched GEMM."""
+    first = projections[0]
+    norm_kinds = {None if p.norm is None else (type(p.norm), getattr(p.norm, "eps", None),
+                                               tuple(getattr(p.norm, "normalized_shape", ()))) for p in projections}
+    return (len(norm_kinds) == 1 and (first.norm is None or isinstance(first.norm, nn.LayerNorm))
+            and len({(p.kv_heads, p.head_dim, p.groups, p.biases is None) for p in projections}) == 1)
 
 
-def _kv_weights(state):
-    """The folded weights, kept between forwards while no weight trains or changes."""
-    params = _projection_params(state.blocks)
-    if any(p.requires_grad for p in params) or torch.compiler.is_compiling():  # compiled: no storage checks
-        return _folded_weights(state.blocks)
-    key = _versions(params)
-    if state.weights_key != key:
-        with torch.no_grad():
-            state.weights = _folded_weights(state.blocks)
-        state.weights_key = key
-    return state.weights
+def _affine(normed: Tensor, norms: list[nn.LayerNorm]) -> Tensor:
+    """normed [L, M, C] times each layer's LayerNorm weight plus its bias (absent ones: 1 and 0)."""
+    first = norms[0]
+    if first.weight is not None and first.bias is not None:
+        return torch.addcmul(torch.stack([n.bias for n in norms])[:, None], normed,
+                             torch.stack([n.weight for n in norms])[:, None])
+    if first.weight is not None:
+        return normed * torch.stack([n.weight for n in norms])[:, None]
+    if first.bias is not None:
+        return normed + torch.stack([n.bias for n in norms])[:, None]
+    return normed
 
 
-def _k_norm(attn, kv):
-    """kv [..., 2, H, P, D] with the block's k_norm applied to the keys (qk_norm models)."""
-    if isinstance(attn.k_norm, nn.Identity):
-        return kv
-    k, v = kv.unbind(-4)
-    return torch.stack([attn.k_norm(k), v], dim=-4)
+class _StackedLinear(torch.autograd.Function):
+    """Every layer's linear map in one batched GEMM: x [L, M, C], bias [L * R] or None, the layers' weight row blocks
+    (in layer order, R rows per layer once concatenated) -> x_l @ W_l^T + b_l, [L, M, R].
+
+    The stacked weight ``[L, R, C]`` is a copy of the layers' weights: it is made for the GEMM and dropped, and made
+    again in the backward, rather than kept for it (autograd would save the copy: ~57 MB at ViT-B/16 in fp32, per
+    step, for weights that are parameters anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *weights):
+        L, _, C = x.shape
+        weight = torch.cat(weights).view(L, -1, C)  # [L, R, C]
+        ctx.save_for_backward(x, *weights)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.view(L, 1, -1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [L, M, R]
+        x, *weights = ctx.saved_tensors
+        L, _, C = x.shape
+        need_x, need_bias, *need_weights = ctx.needs_input_grad
+        weight = torch.cat(weights).view(L, -1, C) if need_x else None
+        grad_x = torch.bmm(grad, weight) if need_x else None
+        grad_bias = grad.sum(1).flatten() if need_bias and ctx.has_bias else None
+        grad_weights = [None] * len(weights)
+        if any(need_weights):  # a trainable backbone projection
+            rows = torch.bmm(grad.transpose(1, 2), x).flatten(0, 1).split([w.shape[0] for w in weights])  # [L*R, C]
+            grad_weights = [g if need else None for g, need in zip(rows, need_weights)]
+        return grad_x, grad_bias, *grad_weights
 
 
-def _heads_kv(kv, num_heads):
-    """K/V rows of prompt tokens [..., P, 2C] -> [..., 2, H, P, D] (contiguous)."""
-    return kv.unflatten(-1, (2, num_heads, -1)).movedim(-4, -2).contiguous()
+def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]:
+    """One layer norm and one batched GEMM for all layers: tokens [L, ..., P, C] -> per layer [..., 2, H, P, D]."""
+    L, C = tokens.shape[0], tokens.shape[-1]
+    flat = tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
+    first = projections[0]
+    if first.norm is not None:
+        flat = _affine(F.layer_norm(flat, (C,), eps=first.norm.eps), [p.norm for p in projections])
+    bias = None if first.biases is None else torch.cat([rows.get() for p in projections for rows in p.biases])
+    kv = _StackedLinear.apply(flat, bias, *[rows.get() for p in projections for rows in p.weights])  # [L, M, R]
+    kv = kv.view(*tokens.shape[:-1], -1)  # [L, ..., P, 2*C_kv]
+    if first.k_norm is None and first.groups == 1:  # the common case: one view for all layers
+        return list(kv.unflatten(-1, (2, first.kv_heads, first.head_dim)).movedim(-4, -2).unbind(0))
+    return [_heads(layer, p) for layer, p in zip(kv.unbind(0), projections)]
 
 
-def _all_layers_kv(state, batch_size):
-    """Prompt K/V per layer (contiguous): [2, H, P, D], or [B, 2, H, P, D] with a dropout mask per sample."""
-    blocks = state.blocks
-    prompts = layer_prompts(state, batch_size)  # [L, P, C] or [L, B, P, C]
-    L, C = prompts.shape[0], prompts.shape[-1]
-    with torch.autocast(prompts.device.type, enabled=False):
-        if _batchable(blocks):
-            weight, bias = _kv_weights(state)  # [L, 2C, C], [L, 2C]
-            normed = F.layer_norm(prompts.view(L, -1, C), (C,), eps=blocks[0].norm1.eps)  # [L, (B*)P, C]
-            kv = torch.baddbmm(bias[:, None], normed, weight.transpose(1, 2))  # [L, (B*)P, 2C]
-            layers = _heads_kv(kv.view(*prompts.shape[:-1], 2 * C), blocks[0].attn.num_heads).unbind(0)
-        else:
-            layers = [_layer_kv(blk, layer_prompts_) for blk, layer_prompts_ in zip(blocks, prompts.unbind(0))]
-        return [_k_norm(blk.attn, kv) for blk, kv in zip(blocks, layers)]
+def _sharded(state) -> bool:
+    """Some block's parameters are FSDP2 shards here: each block is its own shard group, whole inside its own forward
+    only (then the block running now is whole and the others are not)."""
+    return sys.modules.get("torch.distributed.tensor") is not None and any(
+        is_shard(blk.tcpa.prompts_cls) for blk in state.blocks)
 
 
-def _layer_kv(blk, prompts):
-    """prompts [..., P, C] through the block's norm1 and the K/V rows of its qkv: [..., 2, H, P, D]
-    (contiguous)."""
-    C = prompts.shape[-1]
-    kv = F.linear(blk.norm1(prompts), blk.attn.qkv.weight[C:],
-                  None if blk.attn.qkv.bias is None else blk.attn.qkv.bias[C:])  # [..., P, 2C]
-    return _heads_kv(kv, blk.attn.num_heads)
-
-
-def own_prompt_kv(state, blk, batch_size):
-    """One block's prompt K/V [2, H, P, D] (or [B, 2, H, P, D]) for this forward, from its own parameters."""
-    prompts = own_prompts(state, blk, batch_size)
-    with torch.autocast(prompts.device.type, enabled=False):
-        return _k_norm(blk.attn, _layer_kv(blk, prompts))
-
-
-def step_prompt_kv(state, batch_size):
-    """Prompt K/V [2, H, P, D] (or [B, 2, H, P, D] with a dropout mask per sample) of every layer for this
-    forward, reused without autograd until a parameter changes; None when sharded."""
-    if _sharded(state):
-        return None
-    prompt_params = [p for blk in state.blocks for p in (blk.tcpa.prompts_cls, blk.tcpa.prompts_img)]
-    needs_graph = torch.is_grad_enabled() and any(p.requires_grad for p in prompt_params)
-    if state.training or needs_graph or torch.compiler.is_compiling():
-        return _all_layers_kv(state, batch_size)
-    key = _versions(_projection_params(state.blocks) + prompt_params)
-    if state.kv_key != key:
-        state.kv = _all_layers_kv(state, batch_size)
-        state.kv_key = key
-    return state.kv
+def all_layers_kv(state, batch_size: int) -> list[Tensor | None]:
+    """Prompt K/V of every layer for this forward, in one pass: per layer [2, H, P, D] (or [B, 2, H, P, D] with a
+    dropout mask per sample). All None when the blocks project their own: a family without a K/V projection of its
+    own, or FSDP2 shards."""
+    projections = state.projections
+    if projections[0] is None or _sharded(state):
+        return [None] * len(projections)
+    tokens = layer_tokens(state, batch_size)  # [L, P, C] or [L, B, P, C]
+    with torch.autocast(tokens.device.type, enabled=False):
+        if _batchable(projections):
+            return _batched_kv(projections, tokens)
+        return [layer_kv(p, t) for p, t in zip(projections, tokens.unbind(0))]

@@ -145,13 +145,13 @@ def model_methods(model_name: str) -> tuple[str, ...]:
     be prompted."""
     import timm
 
-    from tcpa_kernels.integrations.family import family_of
+    from tcpa_kernels import dense_baseline
     from tcpa_kernels.vit import _check_model
 
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False)
-    models = _check_model(model)
-    dense = family_of(models.blocks(model)[0]).dense
+    _check_model(model)
+    dense = dense_baseline.supports(model)
     return tuple(m for m in MODEL_METHODS if dense or m != "tcpa_dense")
 
 
@@ -173,8 +173,10 @@ def build_model(method, *, model_name, img_size, pool_size, topk, num_classes=10
     elif method == "vpt_deep":
         tk.apply_vpt(model, num_prompts=2 * pool_size, deep=True)
     elif method in ("tcpa_dense", "tcpa_fused"):
-        tk.apply_tcpa(model, pool_size_cls=pool_size, pool_size_img=pool_size, topk_cls=topk, topk_img=topk,
-                      attention=method.split("_")[1], backend=backend)
+        from tcpa_kernels.dense_baseline import apply_dense_tcpa
+
+        apply = apply_dense_tcpa if method == "tcpa_dense" else tk.apply_tcpa
+        apply(model, pool_size_cls=pool_size, pool_size_img=pool_size, topk_cls=topk, topk_img=topk, backend=backend)
     else:
         raise ValueError(f"method: expected one of {MODEL_METHODS}, got {method!r}")
     return model
@@ -205,7 +207,7 @@ def train_step(model, images, labels, dtype):
 
 
 def inference_step(model, images, dtype):
-    """One inference closure in eval mode, without autograd (prompted models reuse their prompt K/V)."""
+    """One inference closure in eval mode, without autograd."""
     model.eval()
 
     def step():

@@ -18,6 +18,9 @@ from tcpa_kernels.vit import TCPAConfig, VPTConfig, apply_tcpa, apply_vpt, remov
 METADATA_KEY = "tcpa_kernels"
 # files of version 0.1.0 before the per-layer TCPAPrompts module: blocks.{i}.tcpa_keys_cls -> blocks.{i}.tcpa.keys_cls
 _LEGACY_NAME = re.compile(r"^(.*\.)tcpa_((?:keys|prompts)_(?:cls|img))$")
+# config fields of earlier files that no longer exist: "attention" chose the fused path or the dense baseline, which
+# have the same parameters (the baseline is now ``dense_baseline.apply_dense_tcpa``)
+_LEGACY_FIELDS = ("attention",)
 METHODS = {"tcpa": (apply_tcpa, TCPAConfig), "vpt": (apply_vpt, VPTConfig)}
 
 
@@ -95,7 +98,7 @@ def load_prompts(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"path: {path} holds no valid prompts config (method {method!r})")
     apply, config_class = METHODS[method]
     defaults = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
-    config = {**defaults, **config}
+    config = {**defaults, **{k: v for k, v in config.items() if k not in _LEGACY_FIELDS}}
     inner = unwrap(model)
     if hasattr(inner, "prompt_state"):
         state = state_of(inner)

@@ -13,19 +13,23 @@ class to generated subclasses of their own (``_patch.py``): a prompted model pic
 any module. The backbone is frozen and kept in eval mode; the trainable parameters are the prompts, the keys and
 the classification head. ``remove_prompts(model)`` undoes everything.
 
-Runtime state lives in ``model.prompt_state`` (a :class:`PromptState`) and in the ``TCPAPrompts`` modules (the
-selection mode, ``set_selection``; the matching loss of the last forward, ``get_matching_loss``). Every entry point
-here accepts the model inside DataParallel / DistributedDataParallel / torch.compile wrappers, checks all of its
-arguments before it changes anything, and leaves the model as it was when it fails.
+A prompted model's state is its parameters and its config (``model.prompt_state``, a :class:`PromptState`; the
+selection mode of each ``TCPAPrompts``, ``set_selection``). What one forward computes (every layer's prompt K/V, the
+selections, the matching-loss terms) belongs to that call (``_forward.py``): ``get_matching_loss`` reads the last
+forward this thread ran. Every entry point here accepts the model inside DataParallel / DistributedDataParallel /
+torch.compile wrappers, checks all of its arguments before it changes anything, and leaves the model as it was when it
+fails.
 """
 
 import dataclasses
 import math
+import threading
 
 import torch
 from torch import nn
 
 from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels._forward import last_forward, loose_matching_loss
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
 from tcpa_kernels._validate import check_flag, check_int
 from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_attentions
@@ -33,26 +37,17 @@ from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_famil
 from tcpa_kernels.integrations.prompt_tokens import check_prompt_options
 from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
 
-ATTENTION_MODES = ("fused", "dense")
-
 
 @dataclasses.dataclass
 class TCPAConfig(PoolConfig):
-    """A TCPA model's config: every layer's pools (:class:`PoolConfig`), the new head and the attention path."""
+    """A TCPA model's config: every layer's pools (:class:`PoolConfig`) and the new head."""
 
     num_classes: int | None = None
-    attention: str = "fused"
 
     def validate(self, model, models: ModelFamily):
         super().validate(models.num_prefix_tokens(model))
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 0)
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {self.attention!r}")
-        family = family_of(models.blocks(model)[0])
-        if self.attention == "dense" and not family.dense:
-            raise ValueError(f"attention: 'dense' (the published implementation's baseline) is implemented for "
-                             f"timm Block only, got a model of {family.name} blocks; use 'fused'")
         resolve_backend(self.backend, next(model.parameters()).device)
 
 
@@ -73,18 +68,13 @@ class VPTConfig:
             check_int("num_classes", self.num_classes, 0)
 
 
-def _runtime(default=None, factory=None):
-    """A PromptState field that lives for one forward or is a cache: not pickled, not deep-copied."""
-    kind = dict(default_factory=factory) if factory is not None else dict(default=default)
-    return dataclasses.field(metadata={"runtime": True}, **kind)
-
-
 @dataclasses.dataclass
 class PromptState:
-    """Runtime state of a prompted model (``model.prompt_state``); not a module, holds no parameters.
+    """A prompted model's config and links (``model.prompt_state``); not a module, holds no parameters and nothing
+    of a forward.
 
-    Between forwards it keeps only caches; pickling and ``copy.deepcopy`` drop them (the next forward rebuilds
-    them). The selection mode and matching-loss terms are the ``TCPAPrompts`` modules' own.
+    ``last`` is per thread: the last forward this thread ran on the model (``_forward.PromptForward``), which
+    ``get_matching_loss`` reads. Pickling and ``copy.deepcopy`` drop it.
     """
 
     method: str  # "tcpa" | "vpt"
@@ -94,22 +84,15 @@ class PromptState:
     original_heads: dict = dataclasses.field(default_factory=dict)
     original_num_classes: int = 0
     original_requires_grad: dict = dataclasses.field(default_factory=dict)
-    step_inputs: list | None = _runtime()  # per layer: prompt K/V [2, H, P, D] (fused) or tokens [P, C]; None: own
-    carry: dict = _runtime(factory=dict)  # VPT-shallow: layer -> its prompt tokens' output, the next layer's prompts
-    kv: list = _runtime(factory=list)  # prompt K/V kept without autograd ...
-    kv_key: tuple | None = _runtime()  # ... while these parameters are unchanged
-    weights: tuple = _runtime(default=())  # folded prompt-K/V weights of a frozen backbone ...
-    weights_key: tuple | None = _runtime()  # ... while these parameters are unchanged
+    projections: list = dataclasses.field(default_factory=list)  # TCPA: each block's prompt K/V projection, or None
+    last: threading.local = dataclasses.field(default_factory=threading.local, repr=False, compare=False)
 
     def __getstate__(self):
-        runtime = {f.name for f in dataclasses.fields(self) if f.metadata.get("runtime")}
-        return {name: value for name, value in self.__dict__.items() if name not in runtime}
+        return {name: value for name, value in self.__dict__.items() if name != "last"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        for f in dataclasses.fields(self):
-            if f.metadata.get("runtime"):
-                setattr(self, f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        self.last = threading.local()
 
 
 @dataclasses.dataclass
@@ -181,9 +164,10 @@ def _reference_param(blocks):
     return next(blocks[0].parameters())
 
 
-def _attach(model, models, method, config, make_additions):
-    """Freeze the backbone, add per-block modules/parameters from make_additions(i, block), swap classes, reset the
-    head. Nothing is changed before every argument is checked; a failure on the way undoes what was done."""
+def _attach(model, models, method, config, make_additions, block_mixin=None):
+    """Freeze the backbone, add per-block modules/parameters from make_additions(i, block), swap classes (blocks to
+    their family's mixin, or to ``block_mixin``), reset the head. Nothing is changed before every argument is checked;
+    a failure on the way undoes what was done."""
     config.validate(model, models)
     blocks = list(models.blocks(model))
     ref = _reference_param(blocks)
@@ -204,9 +188,12 @@ def _attach(model, models, method, config, make_additions):
                 else:
                     blk.register_parameter(name, nn.Parameter(value))
             blk._prompt_layer = _LayerRef(state, i, i == len(blocks) - 1)
-            if method == "tcpa":
+            if method == "tcpa" and block_mixin is None:
                 attach_sites(blk, family)
-            blk.__class__ = prompted_class(family.tcpa if method == "tcpa" else family.vpt, type(blk))
+            mixin = block_mixin or (family.tcpa if method == "tcpa" else family.vpt)
+            blk.__class__ = prompted_class(mixin, type(blk))
+        if method == "tcpa":
+            state.projections = [family.kv_projection(blk) for blk in blocks]
         if config.num_classes is not None:
             models.reset_head(model, config.num_classes)
         for name in state.original_heads:
@@ -245,7 +232,7 @@ def _detach(model, models, state, training):
 def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
                topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
                renormalize: bool = False, num_classes: int | None = None, backend: str = "auto",
-               attention: str = "fused", prompt_dropout_per_sample: bool = False, prompt_transform: str = "none",
+               prompt_dropout_per_sample: bool = False, prompt_transform: str = "none",
                fourier_fraction: float = 1.0) -> nn.Module:
     """Make ``model`` (a supported ViT, README "Supported models") a TCPA model in place and return it.
 
@@ -257,8 +244,6 @@ def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int 
         renormalize: False = post-softmax mask as published; True = masked softmax.
         num_classes: replace the classification head with a new one of this many classes (None: keep it).
         backend: "auto" | "triton" | "torch" for the attention and selection kernels.
-        attention: "fused" (this library's op) or "dense" (the published implementation's dense
-            [B, H, P+N, P+N] mask, kept as the comparison baseline for benchmarks; same math; timm Block only).
         prompt_dropout_per_sample: one dropout mask per sample, as the published code (the prompt keys/values
             become [B, H, P, D] in training, B times the work of the shared [H, P, D]); default one for the batch.
         prompt_transform: "none", or "fourier" for VFPT+TCPA (the published configuration, TCPA_SPEC.md §7): each
@@ -270,21 +255,26 @@ def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int 
     and prompts ``prompts_cls [Pc, Lc, C]``, ``prompts_img [Pi, Li, C]``, initialised uniform(-1, 1) as
     published. The backbone is frozen and stays in eval mode; prompts, keys and the head train.
     """
-    model = _target(model)
-    models = _check_model(model)
     config = TCPAConfig(pool_size_cls=pool_size_cls, pool_size_img=pool_size_img, topk_cls=topk_cls,
                         topk_img=topk_img, prompt_len_cls=prompt_len_cls, prompt_len_img=prompt_len_img,
                         prompt_dropout=prompt_dropout, renormalize=renormalize, backend=backend,
                         prompt_dropout_per_sample=prompt_dropout_per_sample, prompt_transform=prompt_transform,
-                        fourier_fraction=fourier_fraction, num_classes=num_classes, attention=attention)
-    pools = {f.name: getattr(config, f.name) for f in dataclasses.fields(PoolConfig)}
+                        fourier_fraction=fourier_fraction, num_classes=num_classes)
+    return attach_tcpa(model, config)
 
+
+def attach_tcpa(model: nn.Module, config: TCPAConfig, block_mixin: type | None = None) -> nn.Module:
+    """``apply_tcpa`` with its config made; ``block_mixin``: a block class mixin in place of the family's (the
+    published dense baseline, ``dense_baseline.py``)."""
+    model = _target(model)
+    models = _check_model(model)
+    pools = {f.name: getattr(config, f.name) for f in dataclasses.fields(PoolConfig)}
     dim, num_prefix_tokens = models.embed_dim(model), models.num_prefix_tokens(model)
 
     def make_prompts(i, blk):
         return {"tcpa": TCPAPrompts(dim, num_prefix_tokens=num_prefix_tokens, **pools)}
 
-    return _attach(model, models, "tcpa", config, make_prompts)
+    return _attach(model, models, "tcpa", config, make_prompts, block_mixin)
 
 
 def apply_vpt(model: nn.Module, *, num_prompts: int, deep: bool = True, prompt_dropout: float = 0.1,
@@ -354,9 +344,20 @@ def _prompt_modules(model) -> list[TCPAPrompts]:
 
 
 def get_matching_loss(model: nn.Module) -> torch.Tensor:
-    """Sum over layers of the matching loss of the last forward (a scalar tensor; 0 for VPT / random)."""
-    terms = [m.matching_terms.flatten() for m in _prompt_modules(model) if m.matching_terms is not None]
-    return torch.cat(terms).sum() if terms else torch.zeros(())
+    """Sum over layers of the matching loss of the last forward this thread ran on the model: the layers that ran in
+    it (a scalar tensor on the model's device; 0 for VPT, for random selection and before any forward). For a
+    hand-written model holding ``TCPAPrompts`` modules: the layers that ran since the first of them last ran."""
+    inner = unwrap(model)
+    state = getattr(inner, "prompt_state", None)
+    if isinstance(state, PromptState):
+        fwd = last_forward(state)
+        loss = None if fwd is None else fwd.matching_loss()
+        like = next(state.blocks[0].parameters())
+    else:
+        modules = _prompt_modules(inner)
+        loss = loose_matching_loss(modules)
+        like = modules[0].keys_cls
+    return like.new_zeros((), dtype=torch.float32) if loss is None else loss
 
 
 def set_selection(model: nn.Module, mode: str) -> nn.Module:

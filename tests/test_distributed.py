@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tcpa_kernels as tk
+from tcpa_kernels._forward import last_forward
 from tests.test_vit import TCPA_KW, images, small_vit
 
 BATCH = 4
@@ -44,7 +45,8 @@ def _fsdp(model, shard, tmp):
         fully_shard(blk)
     fully_shard(model)
     _loss(model, shard).backward()
-    assert model.prompt_state.step_inputs is None  # block 0 saw other blocks' shards: each block did its own
+    # block 0 saw other blocks' shards: no batched pass, each block projected its own prompts inside its forward
+    assert last_forward(model.prompt_state).kv == [None] * len(model.blocks)
     tk.save_prompts(model, f"{tmp}/prompts.safetensors")  # gathers on every rank, rank 0 writes
     tk.load_prompts(model, f"{tmp}/prompts.safetensors")
     return _grads(model)

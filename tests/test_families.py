@@ -186,8 +186,10 @@ def test_pre_attention_norm_rides_on_the_matching_kernel(family, monkeypatch):
     monkeypatch.setattr(F, "layer_norm", lambda x, *a, **k: calls.append(tuple(x.shape)) or layer_norm(x, *a, **k))
     plain, x = plain_model(family), images()
     plain(x)
-    token_norms = sum(shape[0] == 2 for shape in calls)  # [B=2, N, C] inputs (the prompts' are [1, P, C])
+    N = plain.patch_embed.num_patches + plain.num_prefix_tokens
+    is_tokens = lambda shape: shape[:2] == (2, N)  # [B=2, N, C] inputs (the prompts' are [L, P, C])
+    token_norms = sum(map(is_tokens, calls))
     calls.clear()
     tk.apply_tcpa(plain, backend="torch", **POOLS, **TOPK)(x)
     assert token_norms > len(plain.blocks)
-    assert sum(shape[0] == 2 for shape in calls) == token_norms - len(plain.blocks)
+    assert sum(map(is_tokens, calls)) == token_norms - len(plain.blocks)

@@ -98,3 +98,40 @@ def test_other_block_families_triton_equal_torch(family):
 
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)).cuda()
     assert_backends_agree(make_model, x, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train_step", "eval"])
+def test_cuda_graphs_reduce_overhead_equals_eager(train):
+    """``torch.compile(model, mode="reduce-overhead")`` captures the TCPA forward (and backward) into CUDA graphs:
+    no host sync or CPU tensor in the step. Over several steps (graph replays, an SGD step between them so the
+    prompts change) the captured logits, matching loss and prompt gradients equal eager's."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    def build():
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)
+        return tk.apply_tcpa(model.cuda(), pool_size_cls=4, pool_size_img=6, topk_cls=2, topk_img=3,
+                             prompt_dropout=0.0).train(train)
+
+    eager, captured = build(), build()
+    compiled = torch.compile(captured, mode="reduce-overhead")
+    optimizers = [torch.optim.SGD(tk.trainable_parameters(m), lr=0.1) for m in (eager, captured)]
+    for step in range(4):
+        x = torch.randn(3, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(step))
+        results = []
+        for model, run in ((eager, eager), (captured, compiled)):
+            with torch.set_grad_enabled(train):
+                logits = run(x)
+                loss = logits.square().mean() + tk.get_matching_loss(run)
+            grads = torch.autograd.grad(loss, tk.trainable_parameters(model)) if train else ()
+            results.append((logits.clone(), tk.get_matching_loss(run).clone(), [g.clone() for g in grads]))
+        (logits, match, grads), (ref_logits, ref_match, ref_grads) = results[1], results[0]
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(match, ref_match, atol=1e-4, rtol=1e-3)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g, rg, atol=1e-4 * float(rg.abs().max()), rtol=1e-3)
+        if train:
+            for optimizer, model, model_grads in zip(optimizers, (eager, captured), (ref_grads, grads)):
+                for p, g in zip(tk.trainable_parameters(model), model_grads):
+                    p.grad = g
+                optimizer.step()

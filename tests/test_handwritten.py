@@ -68,14 +68,32 @@ def test_example_runs(capsys):
     assert "step 2: loss" in capsys.readouterr().out
 
 
-def test_state_of_the_last_forward_is_not_copied():
+def test_prompts_keep_nothing_of_a_forward():
+    """A TCPAPrompts module's state is its parameters and config: a forward adds nothing to it, the model's matching
+    loss is read through get_matching_loss, and copies hold the same parameters."""
     model = example.add_tcpa(vit(), backend="torch", **POOLS)
-    model(images())
     prompts = model.blocks[0].tcpa
-    assert prompts.matching_terms is not None and prompts.matching_loss() > 0
+    before = dict(vars(prompts))
+    model(images())
+    assert vars(prompts).keys() == before.keys()
+    assert tk.get_matching_loss(model) > 0 and tk.get_matching_loss(prompts) > 0
     for clone in (copy.deepcopy(prompts), torch.load(_saved(prompts), weights_only=False)):
-        assert clone.matching_terms is None and clone._step is None
         assert torch.equal(clone.prompts_img, prompts.prompts_img)
+
+
+def test_matching_loss_of_the_layers_of_the_last_forward():
+    """The layers that ran since the first of them last ran: a forward through the first block only (a truncated
+    forward) gives that block's loss alone."""
+    model = example.add_tcpa(vit(), backend="torch", **POOLS)
+    x = images()
+    model(x)
+    full = tk.get_matching_loss(model)
+    tokens = torch.cat([model.cls_token.expand(x.shape[0], -1, -1),
+                        model.patch_embed(x).flatten(2).transpose(1, 2)], dim=1) + model.pos_embed
+    model.blocks[0](tokens)
+    first = tk.get_matching_loss(model)
+    assert 0 < first < full
+    torch.testing.assert_close(first, tk.get_matching_loss(model.blocks[0]))
 
 
 def _saved(module):
@@ -91,8 +109,6 @@ def test_clear_errors():
     prompts = tk.TCPAPrompts(32, backend="torch", **POOLS).double()
     q = k = v = torch.randn(2, 2, 9, 16, dtype=torch.float64)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="TCPAPrompts.attend: call begin"):
-        prompts.attend(q, k, v, lambda p: (p, p))
     with pytest.raises(ValueError, match=r"x: expected \[B, N >= 1, 32\] \(the block input\)"):
         prompts(q, k, v, x[..., :16], lambda p: (p, p))
     wrong = lambda p: (torch.zeros(1, 2, 6, 16, dtype=p.dtype),) * 2  # noqa: E731

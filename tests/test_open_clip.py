@@ -23,6 +23,7 @@ from open_clip.transformer import VisionTransformer  # noqa: E402
 import tcpa_kernels as tk  # noqa: E402
 from reference.open_clip_prefix import open_clip_prefix_prompts  # noqa: E402
 from reference.prefix import deep_vpt_prompts, prefix_prompts  # noqa: E402
+from tcpa_kernels.dense_baseline import apply_dense_tcpa  # noqa: E402
 from tests._helpers import assert_prompted_matches_reference  # noqa: E402
 
 TOWER = dict(image_size=16, patch_size=4, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=8)
@@ -231,6 +232,6 @@ def test_unsupported_towers_are_refused(build, error, match):
         tk.apply_tcpa(build(), backend="torch")
 
 
-def test_dense_attention_is_refused():
-    with pytest.raises(ValueError, match="attention: 'dense'"):
-        tk.apply_tcpa(plain_model("tower"), backend="torch", attention="dense")
+def test_dense_baseline_is_refused():
+    with pytest.raises(TypeError, match="model: the published dense-mask baseline is implemented for timm ViTs"):
+        apply_dense_tcpa(plain_model("tower"), backend="torch")

@@ -9,6 +9,8 @@ import torch
 
 import tcpa_kernels as tk
 from reference.prefix import deep_vpt_prompts, prefix_prompts
+from tcpa_kernels._forward import last_forward
+from tcpa_kernels.dense_baseline import apply_dense_tcpa
 from tcpa_kernels.integrations.prompt_tokens import transform_prompts
 from tests._helpers import TIMM_FAMILIES, assert_backends_agree, assert_prompted_matches_reference
 
@@ -30,8 +32,8 @@ def prompted(family, attention="fused", **config):
     """(the unpatched fp64 model, the same model with TCPA and the new head shared by both)."""
     torch.manual_seed(0)
     plain = TIMM_FAMILIES[family]().double().eval()
-    model = tk.apply_tcpa(copy.deepcopy(plain), backend="torch", attention=attention, num_classes=5, **POOLS,
-                          **config)
+    apply = apply_dense_tcpa if attention == "dense" else tk.apply_tcpa
+    model = apply(copy.deepcopy(plain), backend="torch", num_classes=5, **POOLS, **config)
     plain.head = model.head
     return plain, model
 
@@ -131,7 +133,8 @@ def test_per_sample_dropout_is_off_in_eval_and_shared_prompt_kv_return():
     model.eval()
     with torch.no_grad():
         model(x)
-    assert model.prompt_state.kv[0].shape == (2, 2, P, 16)  # [2, H, P, D]: no dropout, no batch dimension
+    kv = last_forward(model.prompt_state).kv  # the prompt K/V of that forward's layers
+    assert kv[0].shape == (2, 2, P, 16)  # [2, H, P, D]: no dropout, no batch dimension
 
 
 @pytest.mark.parametrize("family", ["vit_block", "eva02"])

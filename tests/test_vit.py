@@ -8,6 +8,7 @@ from timm.models.vision_transformer import DiffParallelScalingBlock, ResPostBloc
 
 import tcpa_kernels as tk
 from reference.vit import tcpa_vit_forward_ref, vpt_vit_forward_ref
+from tcpa_kernels.dense_baseline import apply_dense_tcpa
 
 TCPA_KW = dict(pool_size_cls=3, pool_size_img=5, topk_cls=2, topk_img=3, prompt_len_cls=2, prompt_len_img=1)
 REF_KW = dict(topk_cls=2, topk_img=3, prompt_len_cls=2, prompt_len_img=1)
@@ -204,8 +205,9 @@ def test_clear_errors():
         tk.apply_tcpa(torch.nn.Linear(3, 3))
     with pytest.raises(TypeError, match=r"model.blocks\[0\]: no TCPA/VPT integration for DiffParallelScalingBlock"):
         tk.apply_tcpa(small_vit(block_fn=DiffParallelScalingBlock))
-    with pytest.raises(ValueError, match=r"attention: 'dense' .* timm Block only, got a model of timm ResPostBlock"):
-        tk.apply_tcpa(small_vit(block_fn=ResPostBlock), attention="dense")
+    with pytest.raises(TypeError, match=r"model: the published dense-mask baseline is implemented for timm ViTs of "
+                                        r"pre-norm Blocks only, got VisionTransformer"):
+        apply_dense_tcpa(small_vit(block_fn=ResPostBlock))
     model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
     with pytest.raises(ValueError, match="model: already has tcpa prompts"):
         tk.apply_vpt(model, num_prompts=2)
@@ -222,9 +224,8 @@ def test_clear_errors():
 def test_dense_official_style_baseline_equals_fused(renormalize):
     x = images()
     results = []
-    for attention in ("fused", "dense"):
-        model = tk.apply_tcpa(small_vit(reg_tokens=1), backend="torch", attention=attention, renormalize=renormalize,
-                              **TCPA_KW)
+    for apply in (tk.apply_tcpa, apply_dense_tcpa):
+        model = apply(small_vit(reg_tokens=1), backend="torch", renormalize=renormalize, **TCPA_KW)
         logits = model(x)
         loss = logits.square().sum() + tk.get_matching_loss(model)
         results.append((logits, torch.autograd.grad(loss, tk.trainable_parameters(model))))
@@ -233,34 +234,35 @@ def test_dense_official_style_baseline_equals_fused(renormalize):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-def test_eval_reuses_prompt_kv_until_a_parameter_changes():
-    """Without autograd the per-layer prompt K/V are computed once and reused; an in-place update (an optimizer
-    step, load_state_dict) or a new model invalidates them."""
+def test_eval_follows_every_parameter_change():
+    """No forward result is kept: an in-place update through ``.data`` (which no version counter sees), an optimizer
+    step or load_state_dict shows in the very next eval forward, under no_grad or not."""
     model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW).eval()
     x = images()
     with torch.no_grad():
         first = model(x)
-        cached = list(model.prompt_state.kv)
-        assert torch.equal(model(x), first)
-        assert all(a is b for a, b in zip(model.prompt_state.kv, cached)), "recomputed although nothing changed"
-        model.blocks[1].tcpa.prompts_img.add_(torch.randn(5, 1, 32))  # in place, as an optimizer step
+        model.blocks[1].tcpa.prompts_img.data.add_(torch.randn(5, 1, 32))
         changed = model(x)
         model.load_state_dict(copy.deepcopy(model.state_dict()) | {"blocks.0.norm1.weight": torch.zeros(32)})
         zeroed = model(x)
     assert not torch.allclose(changed, first) and not torch.allclose(zeroed, changed)
-    torch.testing.assert_close(zeroed, model(x))  # with autograd: computed anew from the parameters
+    torch.testing.assert_close(zeroed, model(x))
 
 
-@pytest.mark.parametrize("case", ["unequal_norm_eps", "trainable_norm1", "frozen_weight_changed"])
+@pytest.mark.parametrize("case", ["unequal_norm_eps", "trainable_norm1", "trainable_qkv", "frozen_weight_changed"])
 def test_prompt_kv_paths_match_reference_fp64(case):
-    """The batched prompt K/V (norm1 folded into W_qkv, kept between forwards) and its fallbacks are exact."""
+    """The batched prompt K/V (one layer norm, the layers' affines on the prompts, one batched GEMM) and its
+    per-layer fallback are exact, with a trainable norm1 or qkv and after a frozen weight changed in place."""
     model = tk.apply_tcpa(small_vit().double(), backend="torch", **TCPA_KW)
     x = images().double()
     if case == "unequal_norm_eps":  # layers no longer batch: one norm1 + linear per layer
         model.blocks[1].norm1.eps = 1e-3
-    elif case == "trainable_norm1":  # folded weights rebuilt inside the graph: norm1 gets its gradient
+    elif case == "trainable_norm1":  # the affine on the prompts: norm1 gets its gradient
         model.blocks[1].norm1.weight.requires_grad_(True)
-    else:  # the kept folded weights must follow an in-place change of a frozen weight
+    elif case == "trainable_qkv":  # the batched GEMM's weight and bias gradients
+        model.blocks[0].attn.qkv.weight.requires_grad_(True)
+        model.blocks[1].attn.qkv.bias.requires_grad_(True)
+    else:  # the prompt K/V follow an in-place change of a frozen weight
         model(x)
         with torch.no_grad():
             model.blocks[0].attn.qkv.weight.mul_(1.5)

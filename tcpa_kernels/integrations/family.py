@@ -1,30 +1,44 @@
 """What a block family tells ``apply_tcpa`` / ``apply_vpt``, and the block and attention mixins shared by families.
 
-A family is a block class (timm ``Block``, ``ResPostBlock``, ``EvaBlock`` ...) with:
+A family is a block class (timm ``Block``, ``ResPostBlock``, ``EvaBlock``, a transformers layer ...) with:
 
 - ``tcpa``: the mixin its blocks get under TCPA. Most families use :class:`TCPABlockMixin`: the block's own forward
-  runs unchanged after ``TCPAPrompts.begin(x, norm)`` has selected the prompts for its input (and computed its
-  pre-attention LayerNorm, see ``attach_sites``), and each of its attention modules (``sites``) is swapped to a TCPA
-  attention that attends over [selected prompts ; tokens]. Families whose
-  attention is not a module of its own (timm ``ParallelScalingBlock``) or that have a leaner path (timm ``Block``)
-  bring their own block mixin.
+  runs unchanged inside a layer call (``_forward.LayerCall``) that holds what the layer computed for its input (the
+  selection, from ``TCPAPrompts.select``; the pre-attention LayerNorm of the input, computed by the matching kernel;
+  the prompt K/V), and each of its attention modules (``sites``) is swapped to a TCPA attention that reads it and
+  attends over [selected prompts ; tokens] through ``TCPAPrompts.attend``. Families whose attention is not a module
+  of its own (timm ``ParallelScalingBlock``) or that read the packed projection in place (timm ``Block``) bring their
+  own block mixin, around the same ``TCPAPrompts`` calls.
 - ``sites(block)``: the (attention module, pre-attention transform of its input) pairs of a block; prompts go
   through the transform, then the attention's own K/V projection (prompts as prefix tokens, without position).
+- ``kv_projection(block)``: the block's prompt K/V projection (``_prompt_kv.KVProjection``: pre-attention norm, where
+  its K/V rows are, k norm, heads; made once when the model is patched), so the model computes every layer's prompt
+  K/V in one batched pass; None for a block whose attentions project prompts themselves (several per block).
 - ``vpt``: the mixin its blocks get under VPT (the prompts join the sequence, the block's own forward runs).
 - ``own_attention(block)``: for a family whose block mixin computes the attention itself from the attention
-  module's parts (timm ``Block``'s lean path), that module: it must be exactly a class of ``own_attention_types``
-  (a subclass or another attention, e.g. differential attention, may compute something else).
-- ``dense``: whether the published dense-mask baseline (``attention="dense"``) is implemented for it.
+  module's parts (timm ``Block``), that module: it must be exactly a class of ``own_attention_types`` (a subclass or
+  another attention, e.g. differential attention, may compute something else).
+
+Every prompted block joins the forward its input belongs to (``_forward.join_forward``) and hands it on with its
+output; nothing of a forward is kept on a module.
 """
 
 import dataclasses
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tcpa_kernels._forward import (
+    LayerCall,
+    current_norm_output,
+    enter_layer,
+    hand_on,
+    join_forward,
+    leave_layer,
+)
 from tcpa_kernels._patch import original_class, prompted_class, register_mixin
+from tcpa_kernels._prompt_kv import KVProjection, layer_kv
 from tcpa_kernels.integrations.prompt_tokens import drop_prompts, transform_prompts
 from tcpa_kernels.integrations.prompts import TCPAPrompts, fusable_norm
 
@@ -35,9 +49,9 @@ class BlockFamily:
     tcpa: type
     vpt: type
     sites: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]] = lambda blk: []
+    kv_projection: Callable[[nn.Module], KVProjection | None] = lambda blk: None
     own_attention: Callable[[nn.Module], nn.Module | None] = lambda blk: None
     own_attention_types: tuple[type, ...] = ()
-    dense: bool = False
 
 
 FAMILIES: dict[type, BlockFamily] = {}
@@ -49,8 +63,9 @@ def register_family(block_class: type, family: BlockFamily) -> None:
 
 
 def family_of(blk: nn.Module) -> BlockFamily | None:
-    """The family of a block of exactly a registered class (a subclass may change the forward: not assumed)."""
-    return FAMILIES.get(type(blk))
+    """The family of a block of exactly a registered class (a subclass may change the forward: not assumed); a
+    prompted block counts as its original class."""
+    return FAMILIES.get(original_class(blk))
 
 
 def unsupported_attentions(blk: nn.Module) -> list[nn.Module]:
@@ -61,6 +76,16 @@ def unsupported_attentions(blk: nn.Module) -> list[nn.Module]:
     if own is not None and type(own) not in family.own_attention_types:
         unsupported.append(own)
     return unsupported
+
+
+def single_site_projection(projection: Callable[[nn.Module, nn.Module], KVProjection]):
+    """A family's ``kv_projection`` for blocks with one attention site: ``projection(attention, prompt_norm)``."""
+
+    def of_block(blk):
+        sites = family_of(blk).sites(blk)
+        return projection(*sites[0]) if len(sites) == 1 else None
+
+    return of_block
 
 
 @dataclasses.dataclass
@@ -83,7 +108,6 @@ def attach_sites(blk: nn.Module, family: BlockFamily) -> None:
     norm = sites[0][1] if len(sites) == 1 and fusable_norm(sites[0][1]) else None
     blk.__dict__["_tcpa_norm"] = norm
     if norm is not None:
-        norm.__dict__["_tcpa_held"] = None
         norm.__class__ = prompted_class(FusedNormMixin, type(norm))
 
 
@@ -93,7 +117,6 @@ def detach_sites(blk: nn.Module) -> None:
     for module in blk.modules():
         if module is not blk and "_prompted_base" in type(module).__dict__:
             module.__dict__.pop("_tcpa_site", None)
-            module.__dict__.pop("_tcpa_held", None)
             module.__class__ = original_class(module)
 
 
@@ -103,73 +126,28 @@ def reject_attn_mask(attn_mask, is_causal) -> None:
                          f"attn_mask={None if attn_mask is None else tuple(attn_mask.shape)}, is_causal={is_causal}")
 
 
-# ------------------------------------------------------------------------------------------------ attention
+def block_prompt_kv(blk: nn.Module, fwd, layer, batch_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the layer's prompt K/V [2, H, P, D] / [B, 2, H, P, D], or None; the prompt tokens its attentions project
+    themselves when the K/V are None). From the forward's one pass over all layers where it made one; else from the
+    block's own projection (FSDP2 shards: the block's weights are whole inside its own forward only); else the
+    block's attentions project this call's prompt tokens."""
+    kv = fwd.prompt_kv(layer.index, batch_size)
+    if kv is not None:
+        return kv, None
+    tokens = blk.tcpa.prompt_tokens(batch_size)
+    projection = layer.state.projections[layer.index]
+    return (None, tokens) if projection is None else (layer_kv(projection, tokens), None)
 
 
-def attention_heads(attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None):
-    """q, k, v [B, H, S, D] of h [B, S, C] through a timm attention's projections (fused ``qkv`` with its bias or
-    EVA's separate q/v biases, or ``q_proj``/``k_proj``/``v_proj`` with grouped K/V heads), ``q_norm``/``k_norm``
-    and, when given, the rotary embedding of the tokens after ``attn.num_prefix_tokens``."""
-    B, S, _ = h.shape
-    H, D = attn.num_heads, attn.head_dim
-    if attn.qkv is not None:
-        bias = attn.qkv.bias
-        if getattr(attn, "q_bias", None) is not None:  # EVA: q and v biases, a zero k bias
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        q, k, v = F.linear(h, attn.qkv.weight, bias).reshape(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        kv_heads = getattr(attn, "num_kv_heads", H)
-        q = attn.q_proj(h).reshape(B, S, H, D).transpose(1, 2)
-        k, v = (proj(h).reshape(B, S, kv_heads, D).transpose(1, 2) for proj in (attn.k_proj, attn.v_proj))
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
-        q, k = (_rotate(attn, t, rope).type_as(v) for t in (q, k))
-    groups = getattr(attn, "num_kv_groups", 1)
-    if groups > 1:  # grouped-query attention: head h uses K/V head h // groups
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return q, k, v
-
-
-def _rotate(attn, t, rope):
-    from timm.layers import apply_rot_embed_cat
-
-    npt = attn.num_prefix_tokens
-    rotated = apply_rot_embed_cat(t[:, :, npt:], rope, half=getattr(attn, "rotate_half", False))
-    return torch.cat([t[:, :, :npt], rotated], dim=2)
-
-
-def attention_output(attn: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """A timm attention after the softmax: out [B, N, H*D] through its norm, gate (from the input h) and proj."""
-    out = attn.norm(out)
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(h).sigmoid()
-    return attn.proj_drop(attn.proj(out))
-
-
-def site_attention(attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-    """TCPA attention of a swapped attention module: h [B, N, C] -> [B, N, C_out]."""
-    site = attn._tcpa_site
-    q, k, v = attention_heads(attn, h, rope)  # [B, H, N, D]
-    out = site.prompts.attend(q, k, v, lambda p: attention_heads(attn, site.prompt_norm(p))[1:], scale=attn.scale)
-    return attention_output(attn, out.transpose(1, 2).flatten(2), h)
-
-
-@register_mixin
-class TCPAAttentionMixin:
-    """timm ``Attention`` attending over [selected prompts ; tokens]."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        reject_attn_mask(attn_mask, is_causal)
-        return site_attention(self, x, None)
-
-
-@register_mixin
-class TCPARopeAttentionMixin:
-    """timm ``EvaAttention`` / ``AttentionRope`` attending over [selected prompts ; tokens]; prompts get no rotation."""
-
-    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
-        reject_attn_mask(attn_mask, is_causal)
-        return site_attention(self, x, rope)
+def site_prompt_kv(call: LayerCall, project_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+    """An attention's prompt K/V for this layer call: the layer's, or its own projection of the call's prompt tokens
+    (``project_kv``: tokens [1 or B, P, C] -> keys, values [1 or B, H, P, D])."""
+    if call.prompt_kv is not None:
+        return call.prompt_kv
+    shared = call.tokens.dim() == 2
+    with torch.autocast(call.tokens.device.type, enabled=False):
+        kv = torch.stack(project_kv(call.tokens[None] if shared else call.tokens), dim=1)  # [1 or B, 2, H, P, D]
+    return kv[0] if shared else kv
 
 
 # ---------------------------------------------------------------------------------------------------- blocks
@@ -177,30 +155,32 @@ class TCPARopeAttentionMixin:
 
 @register_mixin
 class FusedNormMixin:
-    """A block's frozen pre-attention LayerNorm whose output for this forward's block input the matching kernel has
-    computed (``TCPAPrompts.begin(x, norm)``, held in ``_tcpa_held``): called on that very tensor it returns that
-    output (once), on anything else (prompt tokens) it normalises as usual."""
+    """A block's frozen pre-attention LayerNorm: called on the block input of the current layer call, it returns
+    the norm the matching kernel computed in the same pass; on anything else (prompt tokens) it normalises."""
 
     def forward(self, input):
-        held, self._tcpa_held = self._tcpa_held, None
-        if held is not None and held[0] is input:
-            return held[1]
-        return super().forward(input)
+        normed = current_norm_output(input)
+        return super().forward(input) if normed is None else normed
 
 
 @register_mixin
 class TCPABlockMixin:
-    """A block whose own forward runs: its input selects the prompts, its swapped attention modules use them."""
+    """A block whose own forward runs inside a layer call: its input selects the prompts, its swapped attention
+    modules use them."""
 
     def forward(self, x, *args, **kwargs):
         reject_attn_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False))
-        h = self.tcpa.begin(x, self._tcpa_norm)  # [B, N, C] the pre-attention norm of x, or None
-        if h is None:
-            return super().forward(x, *args, **kwargs)
-        self._tcpa_norm._tcpa_held = (x, h)
-        out = super().forward(x, *args, **kwargs)
-        self._tcpa_norm._tcpa_held = None  # already so when the block called its norm on x
-        return out
+        layer = self._prompt_layer
+        fwd, replay = join_forward(x, layer)
+        selection, terms, normed = self.tcpa.select(x, self._tcpa_norm)
+        fwd.record(layer.index, terms, replay)
+        prompt_kv, tokens = block_prompt_kv(self, fwd, layer, x.shape[0])
+        previous = enter_layer(LayerCall(self.tcpa, x, normed, selection, prompt_kv, tokens))
+        try:
+            out = super().forward(x, *args, **kwargs)
+        finally:
+            leave_layer(previous)
+        return hand_on(out, fwd)
 
 
 @register_mixin
@@ -210,8 +190,8 @@ class VPTMixin:
     The prompts go after the N real tokens (attention has no positions, so this is the published model) and the
     block returns the real tokens only: features taken between blocks (``forward_intermediates``) hold no prompts.
     Deep blocks bring their own prompts (dropped out per sample, then VFPT's Fourier transform when configured);
-    without deep prompts the prompt tokens' output passes to the next block
-    through ``prompt_state.carry`` (per layer, so a checkpointed block recomputes with the prompts it had).
+    without deep prompts the prompt tokens' output passes to the next block through the forward's carry
+    (``_forward.PromptForward.carry``: a checkpointed block recomputes with the prompts it had).
     """
 
     def forward(self, x, *args, **kwargs):
@@ -219,12 +199,20 @@ class VPTMixin:
         layer = self._prompt_layer
         state, cfg = layer.state, layer.state.config
         N = x.shape[1]
+        fwd = replay = None
+        if not cfg.deep:
+            fwd, replay = join_forward(x, layer)
         if "vpt_prompts" in self._parameters:
             prompts = drop_prompts(self.vpt_prompts.to(x.dtype), cfg.prompt_dropout, state.training, x.shape[0])
             prompts = transform_prompts(prompts, cfg.prompt_transform, cfg.fourier_fraction)  # [B, P, C]
+        elif layer.index - 1 in fwd.carry:
+            prompts = fwd.carry[layer.index - 1]
         else:
-            prompts = state.carry[layer.index - 1]
-        x = super().forward(torch.cat([x, prompts], dim=1), *args, **kwargs)  # [B, N+P, C], the block's own forward
-        if not (cfg.deep or layer.is_last):
-            state.carry[layer.index] = x[:, N:]
-        return x[:, :N]
+            raise RuntimeError(f"VPT-shallow block {layer.index} got an input without the prompt tokens of block "
+                               f"{layer.index - 1}: without deep prompts the blocks run in order, from block 0")
+        out = super().forward(torch.cat([x, prompts], dim=1), *args, **kwargs)  # [B, N+P, C], the block's own
+        if fwd is None:
+            return out[:, :N]
+        if not (layer.is_last or replay):
+            fwd.carry[layer.index] = out[:, N:]
+        return hand_on(out[:, :N], fwd)

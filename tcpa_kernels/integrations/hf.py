@@ -66,7 +66,9 @@ try:  # where transformers 5 keys the outputs a model class can record (hidden s
 except ImportError:
     _CAN_RECORD_REGISTRY = None
 
+from tcpa_kernels._forward import layer_call  # noqa: E402
 from tcpa_kernels._patch import prompted_class, register_mixin  # noqa: E402
+from tcpa_kernels._prompt_kv import KVProjection, Rows  # noqa: E402
 from tcpa_kernels._validate import describe  # noqa: E402
 from tcpa_kernels.integrations.family import (  # noqa: E402
     ATTENTION_MIXINS,
@@ -74,6 +76,8 @@ from tcpa_kernels.integrations.family import (  # noqa: E402
     TCPABlockMixin,
     VPTMixin,
     register_family,
+    single_site_projection,
+    site_prompt_kv,
 )
 from tcpa_kernels.integrations.models import ModelFamily, register_model  # noqa: E402
 from tcpa_kernels.vit import PromptedMixin  # noqa: E402
@@ -118,10 +122,19 @@ def _heads(attn: nn.Module, h: torch.Tensor, *projections: nn.Linear) -> list[to
 def site_attention(attn: nn.Module, hidden_states: torch.Tensor, out_proj: nn.Linear, scale: float) -> torch.Tensor:
     """TCPA attention of a swapped attention module: its input hidden_states [B, N, C] -> [B, N, C]."""
     site = attn._tcpa_site
+    call = layer_call(site.prompts)
     q, k, v = _heads(attn, hidden_states, attn.q_proj, attn.k_proj, attn.v_proj)  # [B, H, N, D]
-    out = site.prompts.attend(q, k, v, lambda p: _heads(attn, site.prompt_norm(p), attn.k_proj, attn.v_proj),
-                              scale=scale)  # [B, H, N, D]
+    prompt_kv = site_prompt_kv(call, lambda p: _heads(attn, site.prompt_norm(p), attn.k_proj, attn.v_proj))
+    out = site.prompts.attend(q, k, v, prompt_kv, call.selection, scale=scale)  # [B, H, N, D]
     return out_proj(out.transpose(1, 2).flatten(2))  # [B, N, H*D] -> [B, N, C]
+
+
+def attention_kv(attn: nn.Module, prompt_norm: nn.Module) -> KVProjection:
+    """The prompt K/V projection of a transformers attention: its k_proj and v_proj after the layer's norm."""
+    k_proj, v_proj = attn.k_proj, attn.v_proj
+    biases = None if k_proj.bias is None else (Rows(k_proj, "bias"), Rows(v_proj, "bias"))
+    return KVProjection(prompt_norm, (Rows(k_proj, "weight"), Rows(v_proj, "weight")), biases, None,
+                        k_proj.out_features // attn.head_dim, attn.head_dim)
 
 
 @register_mixin
@@ -253,4 +266,5 @@ for layer_class, attention, norm in ((ViTLayer, "attention", "layernorm_before")
                                      (CLIPEncoderLayer, "self_attn", "layer_norm1"),
                                      (SiglipEncoderLayer, "self_attn", "layer_norm1")):
     register_family(layer_class, BlockFamily(f"transformers {layer_class.__name__} (pre-norm)", TCPABlockMixin,
-                                             HFVPTMixin, _sites(attention, norm)))
+                                             HFVPTMixin, _sites(attention, norm),
+                                             kv_projection=single_site_projection(attention_kv)))

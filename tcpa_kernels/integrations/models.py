@@ -14,7 +14,7 @@ from torch import nn
 
 # top-level package of a model's class -> the integration modules that register its families
 INTEGRATIONS = {
-    "timm": ("tcpa_kernels.integrations.timm_vit", "tcpa_kernels.integrations.timm_eva"),
+    "timm": ("tcpa_kernels.integrations.timm_vit", "tcpa_kernels.integrations.timm_eva", "tcpa_kernels.dense_baseline"),
     "transformers": ("tcpa_kernels.integrations.hf",),
     "open_clip": ("tcpa_kernels.integrations.open_clip",),
 }

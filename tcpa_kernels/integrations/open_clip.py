@@ -23,7 +23,9 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import Attention, CustomResidualAttentionBlock, ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from tcpa_kernels._forward import layer_call
 from tcpa_kernels._patch import register_mixin
+from tcpa_kernels._prompt_kv import KVProjection, Rows
 from tcpa_kernels.integrations.family import (
     ATTENTION_MIXINS,
     BlockFamily,
@@ -31,6 +33,8 @@ from tcpa_kernels.integrations.family import (
     VPTMixin,
     register_family,
     reject_attn_mask,
+    single_site_projection,
+    site_prompt_kv,
 )
 from tcpa_kernels.integrations.models import ModelFamily, model_family, register_model
 
@@ -52,6 +56,17 @@ def _attention_heads(attn: Attention, h: torch.Tensor):
     return attn.ln_q(q), attn.ln_k(k), v
 
 
+def packed_kv(attn: nn.Module, prompt_norm: nn.Module) -> KVProjection:
+    """The prompt K/V projection of a packed ``in_proj_weight`` (``nn.MultiheadAttention``, open_clip's
+    ``Attention`` with its ``ln_k`` under qk_norm): its K and V rows after the block's ``ln_1``."""
+    rows = slice(attn.in_proj_weight.shape[1], None)  # the K and V rows of [3C, C]
+    biases = None if attn.in_proj_bias is None else (Rows(attn, "in_proj_bias", rows),)
+    k_norm = getattr(attn, "ln_k", None)
+    return KVProjection(prompt_norm, (Rows(attn, "in_proj_weight", rows),), biases,
+                        None if k_norm is None or isinstance(k_norm, nn.Identity) else k_norm, attn.num_heads,
+                        attn.head_dim)
+
+
 @register_mixin
 class TCPAMultiheadAttentionMixin:
     """``nn.MultiheadAttention`` (batch-first self-attention, as open_clip's ``ResidualAttentionBlock`` calls it)
@@ -69,9 +84,10 @@ class TCPAMultiheadAttentionMixin:
                              f"{None if key_padding_mask is None else tuple(key_padding_mask.shape)}, "
                              f"need_weights={need_weights}")
         site = self._tcpa_site
+        call = layer_call(site.prompts)
         q, k, v = _packed_heads(self, query)  # [B, H, N, D]
-        out = site.prompts.attend(q, k, v, lambda p: _packed_heads(self, site.prompt_norm(p))[1:],
-                                  scale=self.head_dim ** -0.5)
+        prompt_kv = site_prompt_kv(call, lambda p: _packed_heads(self, site.prompt_norm(p))[1:])
+        out = site.prompts.attend(q, k, v, prompt_kv, call.selection, scale=self.head_dim ** -0.5)
         return self.out_proj(out.transpose(1, 2).flatten(2)), None
 
 
@@ -83,9 +99,10 @@ class TCPAOpenClipAttentionMixin:
     def forward(self, x, attn_mask=None):
         reject_attn_mask(attn_mask, False)
         site = self._tcpa_site
+        call = layer_call(site.prompts)
         q, k, v = _attention_heads(self, x)  # [B, H, N, D]
-        out = site.prompts.attend(q, k, v, lambda p: _attention_heads(self, site.prompt_norm(p))[1:],
-                                  scale=self.scale)
+        prompt_kv = site_prompt_kv(call, lambda p: _attention_heads(self, site.prompt_norm(p))[1:])
+        out = site.prompts.attend(q, k, v, prompt_kv, call.selection, scale=self.scale)
         if self.head_scale is not None:  # [H, 1, 1]
             out = out * self.head_scale
         return self.out_drop(self.out_proj(self.ln_inner(out.transpose(1, 2).flatten(2))))
@@ -162,6 +179,8 @@ for model_class in (*CLIP_MODELS, VisionTransformer, TimmModel):
 ATTENTION_MIXINS[nn.MultiheadAttention] = TCPAMultiheadAttentionMixin
 ATTENTION_MIXINS[Attention] = TCPAOpenClipAttentionMixin
 register_family(ResidualAttentionBlock, BlockFamily("open_clip ResidualAttentionBlock", TCPABlockMixin, VPTMixin,
-                                                    lambda blk: [(blk.attn, blk.ln_1)]))
+                                                    lambda blk: [(blk.attn, blk.ln_1)],
+                                                    kv_projection=single_site_projection(packed_kv)))
 register_family(CustomResidualAttentionBlock, BlockFamily("open_clip CustomResidualAttentionBlock", TCPABlockMixin,
-                                                          VPTMixin, lambda blk: [(blk.attn, blk.ln_1)]))
+                                                          VPTMixin, lambda blk: [(blk.attn, blk.ln_1)],
+                                                          kv_projection=single_site_projection(packed_kv)))

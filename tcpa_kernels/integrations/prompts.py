@@ -1,11 +1,10 @@
-"""``TCPAPrompts``: one layer's TCPA prompts as a module (TCPA_SPEC.md §1-§4), the piece every integration uses.
+"""``TCPAPrompts``: one layer's TCPA prompts as a module (TCPA_SPEC.md §1-§4), the one place a layer does TCPA.
 
 It owns the layer's two prompt pools and their keys and does the layer's TCPA work around the user's attention:
 cosine matching of the block input against the keys, top-k selection per token (or a random k-subset), the
 matching-loss terms, the prompt tokens (after prompt dropout) and the fused attention op over [prompts ; tokens].
-What it needs from the attention that uses it: the queries, keys and values of the tokens, the block input, and a
-way to turn prompt tokens into keys and values (the block's own pre-attention norm and K/V projection: prompts are
-prefix tokens without position, so no rotary embedding).
+Its state is its parameters and its config: what one forward computes (selection, loss terms, prompt K/V) is
+returned to the caller, never kept on the module.
 
 A hand-written ViT adds one per block and calls it in place of its softmax::
 
@@ -17,12 +16,11 @@ A hand-written ViT adds one per block and calls it in place of its softmax::
         out = self.tcpa(q, k, v, x, lambda p: self.attn.heads(self.norm1(p))[1:])  # [B, H, N, D]
         x = x + self.attn.proj(out.transpose(1, 2).flatten(2))
         ...
-    loss = task_loss + matching_weight * get_matching_loss(model)      # sums every TCPAPrompts of the model
+    loss = task_loss + matching_weight * get_matching_loss(model)      # the layers of the model's last forward
 
-Integrations that cannot call it in one place (the block computes the selection, its attention module attends)
-use the two halves: ``h = begin(x, norm)`` once per block forward, then ``attend(q, k, v, project_kv, scale)``.
-Given the block's pre-attention norm, a frozen LayerNorm, ``begin`` returns ``norm(x)`` from the matching kernel
-(one read of x for both), to be used instead of calling the norm; None otherwise.
+Model integrations call the parts: ``select(x, norm)`` (matching, selection, loss terms; with the block's frozen
+LayerNorm, the norm of x from the same kernel), ``prompt_tokens`` and ``attend`` / ``attend_packed`` with the
+prompt K/V the model computed for all layers at once (``_prompt_kv.py``).
 """
 
 import dataclasses
@@ -32,10 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._validate import check_flag, check_int, check_pool_config, check_tensor, describe
+from tcpa_kernels._forward import record_loose
+from tcpa_kernels._validate import check_flag, check_int, check_pool_config, describe
 from tcpa_kernels.integrations.prompt_tokens import check_prompt_options, forward_tokens
 from tcpa_kernels.ops._function import topk_bits_op
 from tcpa_kernels.ops.match_select import match_select, norm_match_select
+from tcpa_kernels.ops.packed import tcpa_packed_attention
 from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import tcpa_attention
 
@@ -76,9 +76,6 @@ class PoolConfig:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
 
 
-RUNTIME = ("matching_terms", "_step")  # attributes that live for one forward: not pickled, not deep-copied
-
-
 class TCPAPrompts(nn.Module):
     """One layer's TCPA prompt pools and the TCPA attention that uses them.
 
@@ -86,11 +83,10 @@ class TCPAPrompts(nn.Module):
     ``prompts_cls [Pc, Lc, C]``, ``prompts_img [Pi, Li, C]``. The first ``num_prefix_tokens`` tokens (CLS,
     registers) match the CLS pool, the others the image pool; each token uses the prompts of its top-k entries.
 
-    State of the last forward: ``matching_terms`` (``[B, N]`` fp32, their sum is this layer's matching loss; None
-    for random selection). ``selection_mode``: "topk" (cosine matching) or "random". Prompt dropout follows
-    ``self.training``: one mask for the batch, or one per sample with ``prompt_dropout_per_sample`` (then the
-    prompt keys/values are ``[B, H, P, D]``). ``prompt_transform="fourier"`` turns the first
-    ``floor(fourier_fraction * P)`` prompt tokens into VFPT's Fourier prompts after dropout (``prompt_tokens``).
+    ``selection_mode``: "topk" (cosine matching) or "random". Prompt dropout follows ``self.training``: one mask for
+    the batch, or one per sample with ``prompt_dropout_per_sample`` (then the prompt keys/values are
+    ``[B, H, P, D]``). ``prompt_transform="fourier"`` turns the first ``floor(fourier_fraction * P)`` prompt tokens
+    into VFPT's Fourier prompts after dropout (``prompt_tokens``).
     """
 
     def __init__(self, dim: int, *, pool_size_cls: int = 18, pool_size_img: int = 18, topk_cls: int = 10,
@@ -115,15 +111,6 @@ class TCPAPrompts(nn.Module):
         for name, shape in shapes.items():
             value = torch.empty(shape, device=device, dtype=dtype).uniform_(-1.0, 1.0)
             self.register_parameter(name, nn.Parameter(value))
-        self.matching_terms: Tensor | None = None
-        self._step: tuple[Selection, Tensor] | None = None
-
-    def __getstate__(self):
-        return {name: value for name, value in super().__getstate__().items() if name not in RUNTIME}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.matching_terms, self._step = None, None
 
     def extra_repr(self) -> str:
         c = self.config
@@ -141,58 +128,46 @@ class TCPAPrompts(nn.Module):
         c = self.config
         return Selection(bits=bits, pool_cls=c.pool_size_cls, len_cls=c.prompt_len_cls, len_img=c.prompt_len_img)
 
-    def select(self, x: Tensor, norm: nn.Module | None = None) -> tuple[Selection, Tensor | None]:
-        """Selection of every token of the block input x [B, N, C]; keeps the matching-loss terms.
+    def select(self, x: Tensor, norm: nn.Module | None = None) -> tuple[Selection, Tensor | None, Tensor | None]:
+        """Prompt selection of every token of the block input x [B, N, C].
 
-        ``norm``: the block's pre-attention norm of x. When it is a frozen LayerNorm, one kernel reads x for both
-        (and one writes dx for both) and ``norm(x)`` is returned second; otherwise the second is None."""
+        Returns ``(selection, terms, normed)``: the selection words; the matching-loss terms ``[B, N]`` fp32 (their
+        sum is this layer's matching loss; None for random selection); ``norm(x)`` when ``norm`` (the block's
+        pre-attention norm) is a frozen LayerNorm, which the matching kernel applies in the same pass over x (and
+        whose input gradient its backward adds to the matching's in one dx), else None."""
         c = self.config
-        check_tensor("x", x, ndim=3)
-        if x.shape[2] != self.keys_cls.shape[1] or x.shape[1] < self.num_prefix_tokens:
-            raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {self.keys_cls.shape[1]}] (the block "
-                             f"input), got {describe(x)}")
+        C = self.keys_cls.shape[1]
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != C or x.shape[1] < self.num_prefix_tokens:
+            got = describe(x) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {C}] (the block input), got {got}")
         backend = resolve_backend(c.backend, x.device)
         kw = dict(topk_cls=c.topk_cls, topk_img=c.topk_img, num_prefix_tokens=self.num_prefix_tokens, backend=backend)
-        h = None
         if self.selection_mode == "random":  # a random k-subset per token, no matching loss
             scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
             bits = topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, c.topk_cls, c.topk_img, backend)
-            self.matching_terms = None
-        elif norm is not None and fusable_norm(norm):
-            h, bits, self.matching_terms = norm_match_select(x, norm, self.keys_cls, self.keys_img, **kw)
-        else:
-            bits, self.matching_terms = match_select(x, self.keys_cls, self.keys_img, **kw)
-        return self.selection(bits), h
+            return self.selection(bits), None, None
+        if norm is not None and fusable_norm(norm):
+            normed, bits, terms = norm_match_select(x, norm, self.keys_cls, self.keys_img, **kw)
+            return self.selection(bits), terms, normed
+        bits, terms = match_select(x, self.keys_cls, self.keys_img, **kw)
+        return self.selection(bits), terms, None
 
-    def begin(self, x: Tensor, norm: nn.Module | None = None) -> Tensor | None:
-        """First half of ``forward``, once per block forward: selects prompts for the block input x [B, N, C] and
-        draws this forward's prompt tokens; ``attend`` (one or more attentions of the block) uses both. Returns
-        ``norm(x)`` when ``norm`` (the pre-attention norm) was computed with the matching, else None."""
-        selection, h = self.select(x, norm)
-        self._step = (selection, self.prompt_tokens(x.shape[0]))
-        return h
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, project_kv: Callable[[Tensor], tuple[Tensor, Tensor]],
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, prompt_kv: Tensor, selection: Selection,
                scale: float | None = None) -> Tensor:
-        """Second half of ``forward``: attention of the tokens over [selected prompts ; tokens] -> [B, H, N, D]."""
-        if self._step is None:
-            raise RuntimeError("TCPAPrompts.attend: call begin(x) with the block input first (or call the module)")
-        selection, tokens = self._step
-        shared = tokens.dim() == 2
-        prompt_k, prompt_v = project_kv(tokens[None] if shared else tokens)  # [1 or B, H, P, D] each
-        lead, P, H, D = 1 if shared else tokens.shape[0], tokens.shape[-2], q.shape[1], q.shape[3]
-        for name, t in (("project_kv(prompts)[0]", prompt_k), ("project_kv(prompts)[1]", prompt_v)):
-            if tuple(t.shape) != (lead, H, P, D):
-                raise ValueError(f"{name}: expected the prompts' keys/values [{lead}, {H}, {P}, {D}] (heads of q), "
-                                 f"got {describe(t)}")
-        if shared:
-            prompt_k, prompt_v = prompt_k[0], prompt_v[0]  # [H, P, D]
-        return tcpa_attention(q, k, v, prompt_k.to(q.dtype), prompt_v.to(q.dtype), selection, scale=scale,
+        """Attention of the tokens over [selected prompts ; tokens]: q, k, v ``[B, H, N, D]``, prompt_kv
+        ``[2, H, P, D]`` (or ``[B, 2, H, P, D]``) -> ``[B, H, N, D]``."""
+        prompt_k, prompt_v = prompt_kv.to(q.dtype).unbind(-4)
+        return tcpa_attention(q, k, v, prompt_k, prompt_v, selection, scale=scale,
                               renormalize=self.config.renormalize, backend=self.config.backend)
+
+    def attend_packed(self, qkv: Tensor, prompt_kv: Tensor, selection: Selection, scale: float) -> Tensor:
+        """The same on timm's packed projection, read in place: qkv ``[B, N, 3, H, D]`` -> ``[B, N, H*D]``."""
+        return tcpa_packed_attention(qkv, prompt_kv, selection, scale=scale, renormalize=self.config.renormalize,
+                                     backend=resolve_backend(self.config.backend, qkv.device))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor,
                 project_kv: Callable[[Tensor], tuple[Tensor, Tensor]], *, scale: float | None = None) -> Tensor:
-        """TCPA attention of one layer.
+        """TCPA attention of one layer, all of it in one call (for hand-written ViTs).
 
         Args:
             q, k, v: ``[B, H, N, D]`` the attention's queries, keys and values of the N tokens (after its q/k norms
@@ -204,22 +179,28 @@ class TCPAPrompts(nn.Module):
             scale: score scale, default ``D ** -0.5``.
 
         Returns:
-            ``[B, H, N, D]`` (a transposed view of a contiguous ``[B, N, H, D]`` tensor).
+            ``[B, H, N, D]`` (a transposed view of a contiguous ``[B, N, H, D]`` tensor). The layer's matching-loss
+            terms go to ``get_matching_loss`` of the model that holds this module.
         """
-        self.begin(x)
-        return self.attend(q, k, v, project_kv, scale)
-
-    def matching_loss(self) -> Tensor:
-        """This layer's matching loss of the last forward (a scalar; 0 for random selection or before a forward)."""
-        if self.matching_terms is None:
-            return self.keys_cls.new_zeros((), dtype=torch.float32)
-        return self.matching_terms.sum()
+        selection, terms, _ = self.select(x)
+        record_loose(self, terms)
+        tokens = self.prompt_tokens(x.shape[0])
+        shared = tokens.dim() == 2
+        prompt_k, prompt_v = project_kv(tokens[None] if shared else tokens)  # [1 or B, H, P, D] each
+        lead, P, H, D = 1 if shared else tokens.shape[0], tokens.shape[-2], q.shape[1], q.shape[3]
+        for name, t in (("project_kv(prompts)[0]", prompt_k), ("project_kv(prompts)[1]", prompt_v)):
+            if tuple(t.shape) != (lead, H, P, D):
+                raise ValueError(f"{name}: expected the prompts' keys/values [{lead}, {H}, {P}, {D}] (heads of q), "
+                                 f"got {describe(t)}")
+        prompt_kv = torch.stack([prompt_k, prompt_v], dim=1)  # [1 or B, 2, H, P, D]
+        return self.attend(q, k, v, prompt_kv[0] if shared else prompt_kv, selection, scale)
 
 
 def fusable_norm(norm: nn.Module) -> bool:
     """A LayerNorm over the last dim whose parameters are frozen: the matching kernels can apply it."""
     return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-            and not any(p.requires_grad for p in norm.parameters()))
+            and not (norm.weight is not None and norm.weight.requires_grad)
+            and not (norm.bias is not None and norm.bias.requires_grad))
 
 
 def prompt_modules(model: nn.Module) -> list[TCPAPrompts]:

@@ -17,12 +17,12 @@ from tcpa_kernels.integrations.family import (
     ATTENTION_MIXINS,
     BlockFamily,
     TCPABlockMixin,
-    TCPARopeAttentionMixin,
     VPTMixin,
     register_family,
+    single_site_projection,
 )
 from tcpa_kernels.integrations.models import register_model
-from tcpa_kernels.integrations.timm_vit import timm_model_family
+from tcpa_kernels.integrations.timm_vit import TCPARopeAttentionMixin, attention_kv, timm_model_family
 
 
 @register_mixin
@@ -43,6 +43,8 @@ register_model(Eva, timm_model_family("timm Eva"))
 ATTENTION_MIXINS[EvaAttention] = TCPARopeAttentionMixin
 ATTENTION_MIXINS[AttentionRope] = TCPARopeAttentionMixin
 register_family(EvaBlock, BlockFamily("timm EvaBlock (pre-norm, RoPE)", TCPABlockMixin, VPTRopeMixin,
-                                      lambda blk: [(blk.attn, blk.norm1)]))
+                                      lambda blk: [(blk.attn, blk.norm1)],
+                                      kv_projection=single_site_projection(attention_kv)))
 register_family(EvaBlockPostNorm, BlockFamily("timm EvaBlockPostNorm (post-norm, RoPE)", TCPABlockMixin, VPTRopeMixin,
-                                              lambda blk: [(blk.attn, nn.Identity())]))
+                                              lambda blk: [(blk.attn, nn.Identity())],
+                                              kv_projection=single_site_projection(attention_kv)))

@@ -1,16 +1,18 @@
-"""timm ``VisionTransformer`` blocks: pre-norm ``Block`` (the lean path), post-norm ``ResPostBlock``,
-``ParallelThingsBlock`` (parallel attention branches) and ``ParallelScalingBlock`` (ViT-22B: attention and MLP
-from one input projection).
+"""timm ``VisionTransformer`` blocks: pre-norm ``Block``, post-norm ``ResPostBlock``, ``ParallelThingsBlock``
+(parallel attention branches) and ``ParallelScalingBlock`` (ViT-22B: attention and MLP from one input projection),
+and the timm attention modules (``Attention`` here, ``EvaAttention`` / ``AttentionRope`` in ``timm_eva.py``).
 
-``Block`` has the lean path the performance contract (TCPA_SPEC.md §6) is measured on: its frozen ``norm1`` is
-fused into the matching kernel, q/k/v are read in place from the packed qkv projection, and the prompt K/V of every
-layer come from one batched GEMM per forward (``_prompt_kv``). The other blocks run their own forward around the
-fused attention op (``family.TCPABlockMixin``), with each layer's prompt K/V projected by its own modules.
+``Block`` and ``ParallelScalingBlock`` compute their attention in their own mixin, on the packed projection read in
+place (``Block``: ``tcpa_packed_attention`` reads q/k/v from the ``qkv`` output, writes what ``proj`` reads); the other
+blocks run their own forward with swapped attention modules (``family.TCPABlockMixin``). Every family with one
+attention per block gets its prompt K/V from the model's one batched pass (``_prompt_kv``); ``ParallelThingsBlock``'s
+attentions project the prompt tokens themselves.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import (
     Block,
@@ -21,113 +23,167 @@ from timm.models.vision_transformer import (
 )
 from torch import nn
 
-from tcpa_kernels._backend import resolve_backend
+from tcpa_kernels._forward import hand_on, join_forward, layer_call
 from tcpa_kernels._patch import register_mixin
-from tcpa_kernels._prompt_kv import own_prompt_kv, own_prompts, step_prompt_kv, step_prompts
+from tcpa_kernels._prompt_kv import KVProjection, Rows
 from tcpa_kernels.integrations.family import (
     ATTENTION_MIXINS,
     BlockFamily,
-    TCPAAttentionMixin,
     TCPABlockMixin,
     VPTMixin,
-    attention_heads,
-    attention_output,
+    block_prompt_kv,
     register_family,
     reject_attn_mask,
+    single_site_projection,
+    site_prompt_kv,
 )
 from tcpa_kernels.integrations.models import ModelFamily, register_model
-from tcpa_kernels.ops._function import topk_bits_op
-from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
-from tcpa_kernels.ops.packed import tcpa_packed_attention
+
+# ------------------------------------------------------------------------------------------------ attention
 
 
-def _fused_attention(blk, h, selection, prompt_kv, cfg):
-    """TCPA attention through the fused op, on the packed qkv projection. h [B, N, C], prompt_kv [2, H, P, D] (or
-    [B, 2, H, P, D]) -> [B, N, C]: no layout copy on either side of the op."""
-    attn = blk.attn
-    B, N, _ = h.shape
-    qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]
-    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-        # qk_norm: a LayerNorm over D, the same on [B, N, H, D] as on timm's [B, H, N, D]; one restacking copy
-        qkv = torch.stack([attn.q_norm(qkv[:, :, 0]).to(qkv.dtype), attn.k_norm(qkv[:, :, 1]).to(qkv.dtype),
-                           qkv[:, :, 2]], dim=2)
-    return tcpa_packed_attention(qkv, prompt_kv, selection, scale=attn.scale, renormalize=cfg.renormalize,
-                                 backend=resolve_backend(cfg.backend, h.device))
-
-
-def _dense_attention(blk, h, selection, prompts, cfg):
-    """Official-style TCPA, the baseline the fused op is measured against: prompts ([P, C] or [B, P, C])
-    concatenated into the sequence, eager softmax over [P+N] x [P+N], a dense float mask [B, H, P+N, P+N] multiplied
-    after it (or -inf before it when renormalize). Returns the output of the N real tokens [B, N, C]."""
-    B, N, _ = h.shape
-    P = prompts.shape[-2]
-    seq = torch.cat([blk.norm1(prompts).expand(B, -1, -1).to(h.dtype), h], dim=1)  # [B, P+N, C]
-    q, k, v = attention_heads(blk.attn, seq)  # [B, H, P+N, D]
-    scores_qk = (q * blk.attn.scale) @ k.transpose(-1, -2)  # [B, H, P+N, P+N]
-    dense_mask = torch.ones(B, blk.attn.num_heads, P + N, P + N, dtype=scores_qk.dtype, device=h.device)
-    dense_mask[:, :, P:, :P] = selection.rows(0, N, P)[:, None].to(dense_mask.dtype)
-    if cfg.renormalize:
-        probs = scores_qk.masked_fill(dense_mask == 0, float("-inf")).softmax(-1)
+def attention_heads(attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None = None):
+    """q, k, v [B, H, S, D] of h [B, S, C] through a timm attention's projections (fused ``qkv`` with its bias or
+    EVA's separate q/v biases, or ``q_proj``/``k_proj``/``v_proj`` with grouped K/V heads), ``q_norm``/``k_norm``
+    and, when given, the rotary embedding of the tokens after ``attn.num_prefix_tokens``."""
+    B, S, _ = h.shape
+    H, D = attn.num_heads, attn.head_dim
+    if attn.qkv is not None:
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:  # EVA: q and v biases, a zero k bias
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        q, k, v = F.linear(h, attn.qkv.weight, bias).reshape(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
     else:
-        probs = scores_qk.softmax(-1) * dense_mask
-    return (probs @ v)[:, :, P:].transpose(1, 2).reshape(B, N, -1)
+        kv_heads = getattr(attn, "num_kv_heads", H)
+        q = attn.q_proj(h).reshape(B, S, H, D).transpose(1, 2)
+        k, v = (proj(h).reshape(B, S, kv_heads, D).transpose(1, 2) for proj in (attn.k_proj, attn.v_proj))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        q, k = (_rotate(attn, t, rope).type_as(v) for t in (q, k))
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:  # grouped-query attention: head h uses K/V head h // groups
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return q, k, v
 
 
-def _norm_and_select(blk, x, cfg):
-    """(norm1(x) [B, N, C], Selection) of the block input x; the matching-loss terms stay in ``blk.tcpa``."""
-    prompts = blk.tcpa
-    if cfg.attention == "dense" and prompts.selection_mode == "topk":
-        # the published code's matching: a scores tensor, its top-k, the loss from it
-        n_pre = prompts.num_prefix_tokens
-        scores = match_scores(x, prompts.keys_cls, prompts.keys_img)  # [B, N, Pc+Pi]
-        bits = topk_bits_op(scores.detach(), n_pre, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
-                            resolve_backend(cfg.backend, x.device))
-        prompts.matching_terms = matching_loss(scores, bits, n_pre, cfg.topk_cls, cfg.topk_img)[None]
-        return blk.norm1(x), prompts.selection(bits)
-    selection, h = prompts.select(x, blk.norm1)  # a frozen LayerNorm norm1 rides on the matching kernel
-    return (blk.norm1(x) if h is None else h), selection
+def _rotate(attn, t, rope):
+    from timm.layers import apply_rot_embed_cat
+
+    npt = attn.num_prefix_tokens
+    rotated = apply_rot_embed_cat(t[:, :, npt:], rope, half=getattr(attn, "rotate_half", False))
+    return torch.cat([t[:, :, :npt], rotated], dim=2)
+
+
+def _k_norm(module: nn.Module) -> nn.Module | None:
+    return None if isinstance(module, nn.Identity) else module
+
+
+def attention_kv(attn: nn.Module, prompt_norm: nn.Module) -> KVProjection:
+    """The prompt K/V projection of a timm attention whose input is ``prompt_norm`` of the block input."""
+    norm = None if isinstance(prompt_norm, nn.Identity) else prompt_norm
+    kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+    if attn.qkv is not None:
+        rows = slice(attn.num_heads * attn.head_dim, None)  # the K and V rows
+        weights = (Rows(attn.qkv, "weight", rows),)
+        if getattr(attn, "q_bias", None) is not None:  # EVA: a zero k bias buffer and a v bias
+            biases = (Rows(attn, "k_bias"), Rows(attn, "v_bias"))
+        else:
+            biases = None if attn.qkv.bias is None else (Rows(attn.qkv, "bias", rows),)
+    else:
+        weights = (Rows(attn.k_proj, "weight"), Rows(attn.v_proj, "weight"))
+        biases = None if attn.k_proj.bias is None else (Rows(attn.k_proj, "bias"), Rows(attn.v_proj, "bias"))
+    return KVProjection(norm, weights, biases, _k_norm(attn.k_norm), kv_heads, attn.head_dim,
+                        getattr(attn, "num_kv_groups", 1))
+
+
+def attention_output(attn: nn.Module, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A timm attention after the softmax: out [B, N, H*D] through its norm, gate (from the input h) and proj."""
+    out = attn.norm(out)
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def site_attention(attn: nn.Module, h: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """TCPA attention of a swapped timm attention module: h [B, N, C] -> [B, N, C_out]."""
+    site = attn._tcpa_site
+    call = layer_call(site.prompts)
+    q, k, v = attention_heads(attn, h, rope)  # [B, H, N, D]
+    prompt_kv = site_prompt_kv(call, lambda p: attention_heads(attn, site.prompt_norm(p))[1:])
+    out = site.prompts.attend(q, k, v, prompt_kv, call.selection, scale=attn.scale)
+    return attention_output(attn, out.transpose(1, 2).flatten(2), h)
+
+
+@register_mixin
+class TCPAAttentionMixin:
+    """timm ``Attention`` attending over [selected prompts ; tokens]."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        reject_attn_mask(attn_mask, is_causal)
+        return site_attention(self, x, None)
+
+
+@register_mixin
+class TCPARopeAttentionMixin:
+    """timm ``EvaAttention`` / ``AttentionRope`` attending over [selected prompts ; tokens]; prompts get no rotation."""
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        reject_attn_mask(attn_mask, is_causal)
+        return site_attention(self, x, rope)
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
 
 
 @register_mixin
 class TCPAMixin:
-    """timm pre-norm ``Block`` with TCPA attention, the lean path (TCPA_SPEC.md §4). x [B, N, C] -> [B, N, C]."""
+    """timm pre-norm ``Block`` with TCPA attention (TCPA_SPEC.md §4). x [B, N, C] -> [B, N, C].
+
+    One pass of the matching kernel gives the selection and ``norm1(x)``; q, k, v are read in place from the packed
+    ``qkv`` output and the attention writes the ``[B, N, C]`` tensor ``proj`` reads."""
 
     def forward(self, x, attn_mask=None, is_causal=False):
         reject_attn_mask(attn_mask, is_causal)
         layer = self._prompt_layer
-        state, cfg = layer.state, layer.state.config
-        if layer.index == 0:  # parameter-only work of every layer, once per forward (None: each layer its own)
-            step = step_prompt_kv if cfg.attention == "fused" else step_prompts
-            state.step_inputs = step(state, x.shape[0])
-        if state.step_inputs is not None:
-            prompt_input = state.step_inputs[layer.index]
-        else:
-            prompt_input = (own_prompt_kv if cfg.attention == "fused" else own_prompts)(state, self, x.shape[0])
-        h, selection = _norm_and_select(self, x, cfg)
-        attention = _fused_attention if cfg.attention == "fused" else _dense_attention
-        out = attention(self, h, selection, prompt_input, cfg)  # [B, N, C]
-        x = x + self.drop_path1(self.ls1(attention_output(self.attn, out, h)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        fwd, replay = join_forward(x, layer)
+        selection, terms, h = self.tcpa.select(x, self.norm1)  # h: norm1(x) from the kernel when it is frozen
+        fwd.record(layer.index, terms, replay)
+        prompt_kv, _ = block_prompt_kv(self, fwd, layer, x.shape[0])  # [2, H, P, D] or [B, 2, H, P, D]
+        h = self.norm1(x) if h is None else h
+        attn = self.attn
+        B, N, _ = h.shape
+        qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            # qk_norm: a LayerNorm over D, the same on [B, N, H, D] as on timm's [B, H, N, D]; one restacking copy
+            qkv = torch.stack([attn.q_norm(qkv[:, :, 0]).to(qkv.dtype), attn.k_norm(qkv[:, :, 1]).to(qkv.dtype),
+                               qkv[:, :, 2]], dim=2)
+        out = self.tcpa.attend_packed(qkv, prompt_kv, selection, attn.scale)  # [B, N, C]
+        x = x + self.drop_path1(self.ls1(attention_output(attn, out, h)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return hand_on(x, fwd)
 
 
 @register_mixin
 class TCPAParallelScalingMixin:
     """timm ``ParallelScalingBlock``: q, k, v and the MLP input come from one projection of in_norm(x); prompts go
-    through the same in_norm and the K/V columns of in_proj. x [B, N, C] -> [B, N, C]."""
+    through the same in_norm and the K/V rows of in_proj. x [B, N, C] -> [B, N, C]."""
 
     def forward(self, x, attn_mask=None, is_causal=False):
         reject_attn_mask(attn_mask, is_causal)
         B, N, C = x.shape
-        h = self.tcpa.begin(x, self.in_norm)  # in_norm(x) from the matching kernel when it is a frozen LayerNorm
+        layer = self._prompt_layer
+        fwd, replay = join_forward(x, layer)
+        selection, terms, h = self.tcpa.select(x, self.in_norm)
+        fwd.record(layer.index, terms, replay)
+        prompt_kv, _ = block_prompt_kv(self, fwd, layer, B)
         q, k, v, x_mlp = self._tcpa_heads(self.in_norm(x) if h is None else h)  # [B, H, N, D], [B, N, hidden]
-        out = self.tcpa.attend(q, k, v, lambda p: self._tcpa_heads(self.in_norm(p))[1:3], scale=self.scale)
-        x_attn = out.transpose(1, 2).reshape(B, N, C)
+        x_attn = self.tcpa.attend(q, k, v, prompt_kv, selection, scale=self.scale).transpose(1, 2).reshape(B, N, C)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         if self.out_proj is not None:
             y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
         else:
             y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
-        return x + self.drop_path(self.ls(y))
+        return hand_on(x + self.drop_path(self.ls(y)), fwd)
 
     def _tcpa_heads(self, h):
         """h [B, S, C] -> q, k, v [B, H, S, D] (q_norm/k_norm applied) and the MLP input [B, S, hidden]."""
@@ -137,6 +193,15 @@ class TCPAParallelScalingMixin:
             x_mlp = x_mlp + self.mlp_bias
         q, k, v = (t.reshape(B, S, self.num_heads, self.head_dim) for t in (q, k, v))
         return self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2), x_mlp
+
+
+def _parallel_scaling_kv(blk) -> KVProjection:
+    """ViT-22B's block: the K and V rows of ``in_proj`` (after the MLP and q rows), the q/k/v part of its bias."""
+    start = blk.in_split[0] + blk.in_split[1]
+    rows = slice(start, start + blk.in_split[2] + blk.in_split[3])
+    biases = None if blk.in_proj.bias is None else (Rows(blk.in_proj, "bias", rows),)
+    return KVProjection(blk.in_norm, (Rows(blk.in_proj, "weight", rows),), biases, _k_norm(blk.k_norm),
+                        blk.num_heads, blk.head_dim)
 
 
 def timm_model_family(name: str) -> ModelFamily:
@@ -154,11 +219,13 @@ def timm_model_family(name: str) -> ModelFamily:
 
 register_model(VisionTransformer, timm_model_family("timm VisionTransformer"))
 ATTENTION_MIXINS[Attention] = TCPAAttentionMixin
-register_family(Block, BlockFamily("timm Block (pre-norm)", TCPAMixin, VPTMixin, own_attention=lambda blk: blk.attn,
-                                   own_attention_types=(Attention,), dense=True))
+register_family(Block, BlockFamily("timm Block (pre-norm)", TCPAMixin, VPTMixin,
+                                   kv_projection=lambda blk: attention_kv(blk.attn, blk.norm1),
+                                   own_attention=lambda blk: blk.attn, own_attention_types=(Attention,)))
 register_family(ResPostBlock, BlockFamily("timm ResPostBlock (post-norm)", TCPABlockMixin, VPTMixin,
-                                          lambda blk: [(blk.attn, nn.Identity())]))
+                                          lambda blk: [(blk.attn, nn.Identity())],
+                                          kv_projection=single_site_projection(attention_kv)))
 register_family(ParallelThingsBlock, BlockFamily("timm ParallelThingsBlock (parallel branches)", TCPABlockMixin,
                                                  VPTMixin, lambda blk: [(a.attn, a.norm) for a in blk.attns]))
 register_family(ParallelScalingBlock, BlockFamily("timm ParallelScalingBlock (ViT-22B)", TCPAParallelScalingMixin,
-                                                  VPTMixin))
+                                                  VPTMixin, kv_projection=_parallel_scaling_kv))

@@ -1,0 +1,178 @@
+"""One forward's prompt data (TCPA_SPEC.md §8): made by the first prompted block of a call, handed from block to
+block with the hidden states, let go with them.
+
+A forward of a prompted model needs data that belong to that call only: the prompt keys/values of every layer
+(computed once for all layers from the parameters as they are at the call, ``_prompt_kv.py``), the matching-loss
+terms of the layers that ran, and VPT-shallow's prompt tokens carried from one block to the next. They live in a
+:class:`PromptForward`, never on a module:
+
+- a prompted block whose input carries no forward of its model starts one (block 0 of a model forward; the first
+  block of a staged model or of a block run alone);
+- each block hands it on by setting it on its output tensor (``_tcpa_forward``): the next block finds it there, and
+  so does the block's own recomputation under gradient checkpointing, which calls the block again on the very input
+  tensor it had. So two forwards before one backward, or a checkpointed block, use the K/V, dropout masks and carried
+  prompts of the forward they belong to. The reference is strong while a backward may come (grad mode, an output that
+  requires grad: the autograd graph holds these tensors anyway) and weak otherwise, so that features kept from an
+  evaluation (``forward_intermediates``, hidden states) do not keep a forward's K/V alive;
+- the model keeps, per thread, its last started forward (``PromptState.last``): ``get_matching_loss`` reads that.
+  A block recomputed during a backward starts or extends nothing: it records no loss terms and no carried prompts,
+  and a block that starts a forward there redraws its dropout masks from the random state checkpointing restored.
+
+Blocks whose attention is a module of its own (the model family's attention class, swapped) get what their layer
+computed for this call through :func:`layer_call`, a per-thread scope around the block's own forward (as autocast is
+a scope): the selection, the pre-attention norm of the input when the matching kernel computed it, the prompt K/V.
+"""
+
+import dataclasses
+import threading
+import weakref
+
+import torch
+from torch import Tensor
+
+from tcpa_kernels._prompt_kv import all_layers_kv
+from tcpa_kernels.ops.selection import Selection
+
+HANDLE = "_tcpa_forward"  # the tensor attribute that carries a PromptForward
+
+
+class PromptForward:
+    """The per-call data of one forward of a prompted model (``state``: its ``PromptState``)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.grad = torch.is_grad_enabled()  # made without autograd (evaluation, a no-grad stage): K/V carry no graph
+        self.last_index = -1  # the highest layer index that ran in it
+        self.kv: list | None = None  # per layer: prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) or None (its own)
+        self.terms: dict[int, Tensor] = {}  # layer index -> matching-loss terms [B, N] of the layers that ran
+        self.carry: dict[int, Tensor] = {}  # VPT-shallow: layer index -> its prompt tokens' output [B, P, C]
+        self.loss: Tensor | None = None  # the sum of ``terms``, made once when asked for
+
+    def prompt_kv(self, index: int, batch_size: int) -> Tensor | None:
+        """Layer ``index``'s prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) from the model's one pass over all layers,
+        made when the first block asks; None when the blocks project their own."""
+        if self.kv is None:
+            self.kv = all_layers_kv(self.state, batch_size)
+        return self.kv[index]
+
+    def matching_loss(self) -> Tensor | None:
+        """Sum of the matching-loss terms of every layer that ran (None when none recorded any)."""
+        if self.loss is None and self.terms:
+            terms = list(self.terms.values())
+            self.loss = terms[0].sum() if len(terms) == 1 else torch.cat([t.flatten() for t in terms]).sum()
+        return self.loss
+
+    def record(self, index: int, terms: Tensor | None, replay: bool) -> None:
+        if terms is not None and not replay:
+            self.terms[index] = terms
+            self.loss = None
+
+
+def _in_backward() -> bool:
+    """Running inside the autograd engine (a checkpointed block being recomputed); never true while compiling."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def join_forward(x: Tensor, layer) -> tuple[PromptForward, bool]:
+    """(the forward the block input ``x`` of layer ``layer`` (a ``_LayerRef``) belongs to, whether this call replays
+    a block of it during a backward).
+
+    The forward x carries, else (a wrapper handed the block a new tensor: FSDP2 passes each block's input through an
+    autograd function) the last forward this thread started on the model; it is continued if this layer has not run
+    in it yet (a recomputed block joins the forward it belongs to). Otherwise a new forward starts; also when a
+    forward run without autograd would continue with autograd: its K/V have no graph (a staged model's no-grad first
+    stage), and tensors made under inference_mode must not reach autograd."""
+    state = layer.state
+    handle = getattr(x, HANDLE, None)
+    fwd = handle() if isinstance(handle, weakref.ref) else handle
+    replay = _in_backward()
+    if fwd is None and not (replay or torch.compiler.is_compiling()):
+        fwd = last_forward(state)
+    if (fwd is None or fwd.state is not state or (torch.is_grad_enabled() and not fwd.grad)
+            or (layer.index <= fwd.last_index and not replay)):  # this layer ran in it already: a new forward
+        fwd = PromptForward(state)
+        if not replay:
+            state.last.forward = fwd
+    fwd.last_index = max(fwd.last_index, layer.index)
+    return fwd, replay
+
+
+def hand_on(out: Tensor, fwd: PromptForward) -> Tensor:
+    """``out`` (a block's output) carrying ``fwd`` for the next block and for recomputation."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and out.requires_grad):
+        setattr(out, HANDLE, fwd)
+    else:
+        setattr(out, HANDLE, weakref.ref(fwd))
+    return out
+
+
+def last_forward(state) -> PromptForward | None:
+    """The last forward this thread started on the model of ``state``."""
+    return getattr(state.last, "forward", None)
+
+
+# ------------------------------------------------------------------------------------------------ layer scope
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """What one call of a prompted block hands to its attention modules and its pre-attention norm."""
+
+    prompts: object  # the block's TCPAPrompts
+    x: Tensor  # [B, N, C] the block input
+    normed: Tensor | None  # [B, N, C] the pre-attention norm of x, computed with the matching, or None
+    selection: Selection
+    prompt_kv: Tensor | None  # [2, H, P, D] / [B, 2, H, P, D] from the model's provider, or None ...
+    tokens: Tensor | None  # ... and then this call's prompt tokens [P, C] / [B, P, C], which each attention projects
+
+
+_SCOPE = threading.local()
+
+
+def enter_layer(call: LayerCall) -> LayerCall | None:
+    """Make ``call`` the current layer call of this thread; returns the one it replaces (for ``leave_layer``)."""
+    previous = getattr(_SCOPE, "call", None)
+    _SCOPE.call = call
+    return previous
+
+
+def leave_layer(previous: LayerCall | None) -> None:
+    _SCOPE.call = previous
+
+
+def layer_call(prompts) -> LayerCall:
+    """The current call of the block that owns ``prompts`` (a RuntimeError outside that block's forward)."""
+    call = getattr(_SCOPE, "call", None)
+    if call is None or call.prompts is not prompts:
+        raise RuntimeError("a TCPA attention module runs inside its block's forward only (the block selects the "
+                           "prompts for its input first); call the block, not its attention module")
+    return call
+
+
+def current_norm_output(x: Tensor) -> Tensor | None:
+    """The pre-attention norm of ``x`` when the current layer call computed it with the matching, else None."""
+    call = getattr(_SCOPE, "call", None)
+    return call.normed if call is not None and call.x is x else None
+
+
+# --------------------------------------------------------------------------------- TCPAPrompts on their own
+
+_LOOSE = threading.local()
+
+
+def record_loose(prompts, terms: Tensor | None) -> None:
+    """Matching-loss terms of a TCPAPrompts module called on its own (in a hand-written model, which has no
+    prompted-model forward): per thread, the modules that ran since the first of them last ran make one forward."""
+    if _in_backward():  # a checkpointed block recomputed
+        return
+    record = getattr(_LOOSE, "terms", None)
+    if record is None or prompts in record:  # this layer ran already: a new forward began
+        record = _LOOSE.terms = {}
+    record[prompts] = terms
+
+
+def loose_matching_loss(modules) -> Tensor | None:
+    """Sum of the terms the last forward recorded for these TCPAPrompts modules (None when none did)."""
+    record = getattr(_LOOSE, "terms", None) or {}
+    terms = [record[m].flatten() for m in modules if record.get(m) is not None]
+    return torch.cat(terms).sum() if terms else None
