@@ -1,0 +1,327 @@
+"""Host time of one ViT train step with the GPU work removed: a CPU proxy for what a fast GPU waits on.
+
+    python benchmarks/host.py                          # eager, fp32, 7 rounds x 15 steps per method
+    python -m benchmarks.host --compile --dtype bf16 --optimizer --json host.json
+
+When a train step is host-bound (small batch, fast GPU), its time is the Python, dispatcher, autograd and launch
+work on the host; this script measures that work on a CPU. The model has ViT-B/16's structure (12 blocks, 12 heads,
+timm ``vit_base_patch16_224``) at a tiny width (``embed_dim=12``, 16 px images: one patch, batch 1), so the CPU
+kernels do almost no arithmetic, and every Triton kernel the project defines is replaced by a no-op launch
+(``kernel[grid](...)`` does nothing; the launcher's allocations, checks and custom-op dispatch still run).
+
+Methods, interleaved round by round in one process, model in ``.train()`` mode:
+
+- ``no_prompts``: the frozen model, the head trains, a gradient required at the patch-embedding output (a forward
+  hook ``out.requires_grad_()``), so the backward crosses every block as in prompt tuning;
+- ``vpt_deep``: ``tk.apply_vpt(model, num_prompts=36, deep=True)``;
+- ``tcpa``: ``tk.apply_tcpa(model, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, backend="triton")``.
+
+One step = forward, cross entropy (+ 0.01 x ``tk.get_matching_loss`` for tcpa), backward, grads set to None
+(``--optimizer``: plus an AdamW step, ``fused=False``, ``foreach=True`` as PyTorch picks on CUDA).
+
+How the kernels are stubbed: one real step per method first runs the kernels in the Triton interpreter (fp32; this
+imports the kernel modules), with ``TRITON_INTERPRET=1`` set before triton is imported; then every
+``triton.runtime.KernelInterface`` attribute of the loaded ``tcpa_kernels*`` modules is replaced by an object whose
+``__getitem__(grid)`` returns a no-op. The CPU-only checks that CUDA tensors never reach are replaced by no-ops too:
+``tcpa_kernels._backend._check_interpreter`` (is the interpreter on?) and, wherever it is bound,
+``refuse_interpreter_bf16`` (the interpreter's bf16 dots are wrong; reached under ``--dtype bf16`` only). A stubbed
+kernel leaves its outputs uninitialised: the figures are times, the values are meaningless. The stubs count their
+calls: the table's "stubbed launches per step" is the number of Triton launches a GPU step would make.
+
+Timing: ``torch.set_num_threads(1)``; ``--warmup`` steps per method and mode, then ``--rounds`` rounds, each timing
+``--steps`` steps of every method and mode in turn; a round's figure is its median step, the reported figure the
+median of the rounds (with the rounds' min and max). ``--compile`` also times every method under
+``torch.compile(model)`` (inductor; where inductor cannot run here, ``backend="aot_eager"``, and the output says so).
+``--dtype bf16`` runs the step under CPU autocast to bf16. Targets: tcpa <= 1.25x no_prompts and <= vpt_deep.
+
+These are CPU host times of this machine, a proxy: a GPU's host runs the same Python and dispatcher work, but its
+launches, allocator and CUDA-graph options differ.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (timm does): kernels on CPU tensors
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tcpa_kernels as tk  # noqa: E402
+from tcpa_kernels import bench  # noqa: E402
+
+METHODS = ("no_prompts", "vpt_deep", "tcpa")
+MODES = ("eager", "compile")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TARGETS = {"no_prompts": 1.25, "vpt_deep": 1.0}  # tcpa's ms per step over each, at most
+# ViT-B/16's structure (12 blocks, 12 heads) at a width where the CPU does almost no arithmetic
+MODEL = dict(model_name="vit_base_patch16_224", pretrained=False, img_size=16, embed_dim=12, num_heads=12,
+             num_classes=100)
+CPU_CHECKS = ("_check_interpreter", "refuse_interpreter_bf16")  # CPU-only checks, never reached by CUDA tensors
+
+
+# ------------------------------------------------------------------------------------------------- stubs
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing (and is counted in ``launches``)."""
+
+    launches = 0
+
+    def __getitem__(self, grid):
+        return _count_launch
+
+
+def _count_launch(*args, **kwargs):
+    _NoLaunch.launches += 1
+
+
+def _no_op(*args, **kwargs):
+    return None
+
+
+def _project_modules():
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "tcpa_kernels" or name.startswith("tcpa_kernels."))]
+
+
+@contextlib.contextmanager
+def kernels_stubbed():
+    """Inside: every Triton kernel of the loaded ``tcpa_kernels*`` modules launches nothing, and the CPU-only
+    interpreter checks pass. Yields the number of kernels stubbed (attributes, counted once per kernel object)."""
+    import triton
+
+    saved = []
+    for module in _project_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, triton.runtime.KernelInterface):
+                saved.append((module, name, value, _NoLaunch()))
+            elif name in CPU_CHECKS and callable(value):
+                saved.append((module, name, value, _no_op))
+    for module, name, _, stub in saved:
+        setattr(module, name, stub)
+    try:
+        yield len({id(value) for _, _, value, stub in saved if isinstance(stub, _NoLaunch)})
+    finally:
+        for module, name, value, _ in saved:
+            setattr(module, name, value)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def build_model(method: str, depth: int = 12) -> torch.nn.Module:
+    """The tiny ViT-B/16-shaped timm model prompted by ``method`` (one of METHODS), in train mode."""
+    import timm
+
+    kwargs = dict(MODEL)
+    model = timm.create_model(kwargs.pop("model_name"), depth=depth, **kwargs)
+    if method == "no_prompts":
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        model.patch_embed.register_forward_hook(lambda module, args, out: out.requires_grad_())
+    elif method == "vpt_deep":
+        tk.apply_vpt(model, num_prompts=36, deep=True)
+    elif method == "tcpa":
+        tk.apply_tcpa(model, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, backend="triton")
+    else:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return model.train()
+
+
+def make_step(method, model, runner, dtype, optimizer=False):
+    """One train step of ``runner`` (the model or its compiled wrapper) on one 16 px image."""
+    images = torch.randn(1, 3, MODEL["img_size"], MODEL["img_size"])
+    labels = torch.randint(0, MODEL["num_classes"], (1,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=False, foreach=True) if optimizer else None
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = torch.nn.functional.cross_entropy(runner(images), labels)
+            if method == "tcpa":
+                loss = loss + 0.01 * tk.get_matching_loss(model)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def _compiled(model, step_of, backend):
+    """(step, backend used, note): the step of ``torch.compile(model, backend=backend)`` after one call, which
+    compiles; inductor falls back to aot_eager where it cannot run."""
+    import torch._dynamo
+
+    try:
+        step = step_of(torch.compile(model, backend=backend))
+        step()
+        return step, backend, None
+    except Exception as error:  # noqa: BLE001 (any compiler failure: no C++ toolchain, unsupported op, ...)
+        if backend != "inductor":
+            raise
+        torch._dynamo.reset()
+        note = f"inductor failed ({type(error).__name__}: {str(error).splitlines()[0][:160]}); aot_eager instead"
+        step = step_of(torch.compile(model, backend="aot_eager"))
+        step()
+        return step, "aot_eager", note
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def _time_steps(step, n):
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def measure(methods=METHODS, modes=("eager",), *, rounds=7, steps=15, warmup=5, dtype=torch.float32,
+            optimizer=False, compile_backend="inductor", depth=12, threads=1) -> dict:
+    """Host ms per train step of every method and mode, kernels stubbed.
+
+    Returns ``{"results": {method: {mode: {"median_ms", "min_ms", "max_ms", "round_medians_ms",
+    "launches_per_step"}}}, "ratios":
+    {method: {mode: {"vs_no_prompts", "vs_vpt_deep"}}}, "compile_backend": str | None, "notes": [str],
+    "kernels_stubbed": n}``; a ratio is the method's median over the other method's median in the same mode (None
+    where that method was not timed).
+    """
+    if not set(methods) <= set(METHODS) or not set(modes) <= set(MODES) or "eager" not in modes:
+        raise ValueError(f"methods, modes: expected some of {METHODS} and 'eager' (+ 'compile'), got {methods}, "
+                         f"{modes}")
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_backend, depth)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_backend, depth):
+    models = {m: build_model(m, depth) for m in methods}
+    for method, model in models.items():  # real kernels once, in the interpreter (fp32: it refuses bf16 dots)
+        make_step(method, model, model, torch.float32)()
+    notes, used_backend = [], None
+    with kernels_stubbed() as n_kernels:
+        steps_of = {}
+        for method, model in models.items():
+            steps_of[method, "eager"] = make_step(method, model, model, dtype, optimizer)
+            if "compile" in modes:
+                step, used_backend, note = _compiled(
+                    model, lambda runner, method=method, model=model: make_step(method, model, runner, dtype,
+                                                                                optimizer), compile_backend)
+                steps_of[method, "compile"] = step
+                if note:
+                    notes.append(f"{method}: {note}")
+        keys = [(m, mode) for m in methods for mode in modes]
+        for key in keys:
+            _time_steps(steps_of[key], warmup)
+        per_round, launches = {key: [] for key in keys}, dict.fromkeys(keys, 0)
+        for _ in range(rounds):
+            for key in keys:
+                before = _NoLaunch.launches
+                per_round[key].append(statistics.median(_time_steps(steps_of[key], steps)))
+                launches[key] += _NoLaunch.launches - before
+    results = {m: {mode: {"median_ms": statistics.median(per_round[m, mode]), "min_ms": min(per_round[m, mode]),
+                          "max_ms": max(per_round[m, mode]), "round_medians_ms": per_round[m, mode],
+                          "launches_per_step": launches[m, mode] / (rounds * steps)}
+                   for mode in modes} for m in methods}
+
+    def ratio(method, mode, base):
+        return results[method][mode]["median_ms"] / results[base][mode]["median_ms"] if base in results else None
+
+    ratios = {m: {mode: {"vs_no_prompts": ratio(m, mode, "no_prompts"), "vs_vpt_deep": ratio(m, mode, "vpt_deep")}
+                  for mode in modes} for m in methods}
+    return {"results": results, "ratios": ratios, "compile_backend": used_backend, "notes": notes,
+            "kernels_stubbed": n_kernels}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _x(value):
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def format_report(measured: dict) -> str:
+    """The markdown table, the notes and the last line ``tcpa/no_prompts Rx, tcpa/vpt_deep Sx (eager)``."""
+    results, ratios = measured["results"], measured["ratios"]
+    lines = [f"| method | mode | ms per step (median) | min | max | vs no_prompts (tcpa target <= "
+             f"{TARGETS['no_prompts']:.2f}x) | vs vpt_deep (tcpa target <= {TARGETS['vpt_deep']:.2f}x) "
+             "| stubbed launches per step |", "|---|---|---|---|---|---|---|---|"]
+    for method, per_mode in results.items():
+        for mode, r in per_mode.items():
+            shown = mode if mode == "eager" else f"compile ({measured['compile_backend']})"
+            lines.append(f"| {method} | {shown} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | "
+                         f"{_x(ratios[method][mode]['vs_no_prompts'])} | {_x(ratios[method][mode]['vs_vpt_deep'])} | "
+                         f"{r['launches_per_step']:g} |")
+    lines += [f"note: {note}" for note in measured["notes"]]
+    if "tcpa" in results:
+        summary = {mode: f"tcpa/no_prompts {_x(r['vs_no_prompts'])}, tcpa/vpt_deep {_x(r['vs_vpt_deep'])} ({mode})"
+                   for mode, r in ratios["tcpa"].items()}
+        lines += ["", f"targets: tcpa <= {TARGETS['no_prompts']:.2f}x no_prompts and <= vpt_deep"]
+        lines += [summary[mode] for mode in summary if mode != "eager"] + [summary["eager"]]
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "triton": bench._package_version("triton"), "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python benchmarks/host.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="rounds, each timing every method and mode (default 7)")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per method and mode per round (default 15)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method and mode first (default 5)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) (inductor)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp32, or bf16 (CPU autocast)")
+    parser.add_argument("--optimizer", action="store_true", help="add an AdamW step (fused=False) to every step")
+    parser.add_argument("--json", help="also write every figure, versions and the platform to this JSON file")
+    args = parser.parse_args(argv)
+    args.methods = args.methods.split(",")
+    if not set(args.methods) <= set(METHODS) or len(set(args.methods)) != len(args.methods):
+        parser.error(f"--methods: expected distinct names from {', '.join(METHODS)}, got {','.join(args.methods)}")
+    for name in ("rounds", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: expected an int >= 0, got {args.warmup}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    modes = ("eager", "compile") if args.compile else ("eager",)
+    measured = measure(args.methods, modes, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                       dtype=DTYPES[args.dtype], optimizer=args.optimizer)
+    print(f"CPU host time of one train step, Triton launches stubbed (no-op; a proxy for a host-bound GPU step, not "
+          f"GPU time): ViT-B/16 structure (12 blocks, 12 heads) at width 12, batch 1, 16 px, {args.dtype}, "
+          f"{'forward + backward + AdamW' if args.optimizer else 'forward + backward'}, 1 thread, "
+          f"{measured['kernels_stubbed']} kernels stubbed; median of {args.rounds} rounds x {args.steps} steps "
+          f"({environment()['processor']}, torch {torch.__version__})\n")
+    print(format_report(measured))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"settings": {k: v for k, v in vars(args).items() if k != "json"} | {"model": MODEL, "threads": 1},
+             "environment": environment(), **measured}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
