@@ -6,6 +6,7 @@ changes no environment variable: to run CPU tensors through the kernels (the Tri
 ``TRITON_INTERPRET=1`` before Python starts.
 """
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -23,9 +24,20 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
 def kernels(name: str) -> ModuleType:
     """The Triton kernel module ``tcpa_kernels.ops.<name>`` (it imports triton), loaded on first use."""
     return importlib.import_module(f"tcpa_kernels.ops.{name}")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of ints: the launchers' grid math (``triton.cdiv`` is a @jit function, slow to call on the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as ``triton.next_power_of_2`` in plain integer math."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -67,6 +79,6 @@ def _check_interpreter(device: torch.device) -> None:
 def refuse_interpreter_bf16(name: str, t: torch.Tensor) -> None:
     """Called by the attention launchers: the Triton interpreter (tensors off CUDA) computes bf16 ``tl.dot`` wrongly.
     Its fp16 dots are right, and the matching kernels convert bf16 to fp32 before their dots: those run."""
-    if t.device.type != "cuda" and t.dtype == torch.bfloat16:
+    if t.dtype == torch.bfloat16 and t.device.type != "cuda":
         raise TypeError(f"{name}: backend='triton' on {t.device} tensors runs the Triton interpreter, which computes "
                         f"bf16 dots wrongly, got {describe(t)}; use backend='torch', fp16/fp32, or CUDA tensors")

@@ -8,6 +8,9 @@ import torch
 
 import tcpa_kernels as tk
 from reference import tcpa_attention_ref
+from tcpa_kernels.ops._function import shared_strides
+from tcpa_kernels.ops.selection import Selection
+from tcpa_kernels.ops.tcpa_attention import attention
 from tests.conftest import DEVICE, assert_matches_reference, attention_inputs, fp64, random_selection
 
 BACKENDS = ["triton", "torch"]
@@ -67,6 +70,29 @@ def test_timm_style_strided_views_read_in_place():
         out = tk.tcpa_attention(*qkv.unbind(0), pk, pv, mask, backend=backend)
         ref = tcpa_attention_ref(*qkv.double().unbind(0), pk.double(), pv.double(), mask)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+def test_prompt_views_read_in_place(backend, shared):
+    """prompt K/V as the model path passes them to ``attention``: one [2, H, P, D] view of a [P, 2, H, D] tensor
+    ([B, 2, H, P, D] of [B, P, 2, H, D]), unit stride on D only. No copy is made (``shared_strides`` keeps its
+    halves), output and gradients equal those of ``tcpa_attention`` on contiguous copies, and the gradient of the
+    stacked prompts is one tensor."""
+    tensors, mask = attention_inputs(2, 2, 7, 5, 16, shared=shared)
+    q, k, v, pk, pv = tensors
+    rows = torch.stack([pk, pv], -4).movedim(-2, -4).detach().contiguous().requires_grad_()  # [(B,) P, 2, H, D]
+    prompt_kv = rows.movedim(-4, -2)  # [(B,) 2, H, P, D]
+    view_k, view_v = prompt_kv.unbind(-4)
+    assert not view_k.is_contiguous() and shared_strides(view_k, view_v) == (view_k, view_v)
+    out = attention(q, k, v, prompt_kv, Selection(mask=mask), 0.25, False, backend, True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, prompt_kv))
+    ref = tk.tcpa_attention(*tensors, mask, scale=0.25, backend=backend)
+    ref_grads = torch.autograd.grad(ref.square().sum(), tensors)
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads[:3], ref_grads[:3]):
+        torch.testing.assert_close(g, rg)
+    torch.testing.assert_close(grads[3], torch.stack(ref_grads[3:], -4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

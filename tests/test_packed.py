@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from reference import tcpa_attention_ref
 from tcpa_kernels.ops._function import attention_bwd, attention_fwd
-from tcpa_kernels.ops.packed import packed_attention_fwd, tcpa_packed_attention
+from tcpa_kernels.ops.packed import packed_attention, packed_attention_fwd, tcpa_packed_attention
 from tcpa_kernels.ops.selection import Selection
 from tests.conftest import DEVICE, assert_matches_reference, random_selection, requires_cuda
 
@@ -160,6 +160,47 @@ def test_no_layout_copies_and_one_op_per_launch(backend, shared):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_calls_skip_the_dispatcher(backend):
+    """In eager mode the autograd Function calls the launchers itself (a custom op's dispatch costs more host time
+    than its launch): the profiler sees no tcpa_kernels op. Under a dispatch mode it sees each (the test above)."""
+    qkv = torch.randn(2, 5, 3, 2, 16, device=DEVICE, requires_grad=True)
+    prompt_kv = torch.randn(2, 2, 4, 16, device=DEVICE, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = packed_attention(qkv, prompt_kv, random_selection(2, 5, 4, 2, 1, 1), 0.25, False, backend, True)
+        torch.autograd.grad(out.sum(), (qkv, prompt_kv))
+    names = {event.name for event in prof.events()}
+    assert "aten::empty" in names and not [name for name in names if name.startswith("tcpa_kernels::")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+def test_prompt_kv_views_read_in_place(backend, shared):
+    """prompt_kv as the model path passes it to ``packed_attention``: [2, H, P, D] permuted from a [P, 2, H, D]
+    tensor ([B, 2, H, P, D] from [B, P, 2, H, D]), unit stride on D only. No copy is made, and output and gradients
+    equal those of the validated op on a contiguous copy."""
+    B, N, H, P, D = 2, 7, 2, 5, 16
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE).requires_grad_()
+    rows = torch.randn(*(() if shared else (B,)), P, 2, H, D, generator=g).to(DEVICE).requires_grad_()
+    view = rows.movedim(-4, -2)  # [2, H, P, D] or [B, 2, H, P, D]
+    assert not view.is_contiguous() and view.stride(-1) == 1
+    selection = random_selection(B, N, P, 2, 1, 1)
+    args = (selection, 0.25, False, backend, True)
+    with _OpLog() as log:
+        packed_attention(qkv, view, *args)
+    copies = {torch.ops.aten.clone, torch.ops.aten._to_copy, torch.ops.aten.copy_}
+    assert not [op for op, _ in log.ops if op in copies]
+    out = packed_attention(qkv, view, *args)
+    grads = torch.autograd.grad(out.square().sum(), (qkv, rows))
+    contiguous = view.detach().contiguous().requires_grad_()
+    ref = tcpa_packed_attention(qkv, contiguous, selection, scale=0.25, renormalize=False, backend=backend)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (qkv, contiguous))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads[0], ref_grads[0])
+    torch.testing.assert_close(grads[1], ref_grads[1].movedim(-2, -4))  # [..., 2, H, P, D] -> [..., P, 2, H, D]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph(backend):
     B, N, H, P, D = 2, 7, 2, 5, 16
     selection = random_selection(B, N, P, 2, 1, 1)
@@ -182,15 +223,16 @@ def test_compile_fullgraph(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    """Every attention custom op at a small shape, packed and [B, H, N, D] layouts, both prompt-gradient shapes."""
+    """Every attention custom op at a small shape, packed and [B, H, N, D] layouts, both prompt-gradient shapes. The
+    ops have no autograd formula (the autograd Functions around them have it): inputs that need no gradient."""
     B, N, H, P, D = 2, 5, 2, 4, 16
-    qkv = torch.randn(B, N, 3, H, D, device=DEVICE, requires_grad=True)
-    prompt_kv = torch.randn(2, H, P, D, device=DEVICE, requires_grad=True)
+    qkv = torch.randn(B, N, 3, H, D, device=DEVICE)
+    prompt_kv = torch.randn(2, H, P, D, device=DEVICE)
     sel = random_selection(B, N, P, 2, 1, 1).op_args()
-    for pkv in (prompt_kv, torch.randn(B, 2, H, P, D, device=DEVICE, requires_grad=True)):
-        torch.library.opcheck(packed_attention_fwd, (qkv, pkv, *sel, 0.25, False, backend, True))
-    q, k, v = qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
-    pk, pv = prompt_kv.detach().unbind(0)
+    for pkv in (prompt_kv, torch.randn(B, 2, H, P, D, device=DEVICE)):
+        torch.library.opcheck(packed_attention_fwd, (qkv, pkv, *sel, 0.25, False, backend))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
+    pk, pv = prompt_kv.unbind(0)
     mask = torch.rand(B, N, P, device=DEVICE) < 0.5
     torch.library.opcheck(attention_fwd, (q, k, v, pk, pv, mask, None, 0, 1, 1, 0.25, True, backend))
     out, lse = attention_fwd(q, k, v, pk, pv, *sel, 0.25, False, backend)

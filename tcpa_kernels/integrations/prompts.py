@@ -34,10 +34,10 @@ from tcpa_kernels._forward import record_loose
 from tcpa_kernels._validate import check_flag, check_int, check_pool_config, describe
 from tcpa_kernels.integrations.prompt_tokens import check_prompt_options, forward_tokens
 from tcpa_kernels.ops._function import topk_bits_op
-from tcpa_kernels.ops.match_select import match_select, norm_match_select
-from tcpa_kernels.ops.packed import tcpa_packed_attention
+from tcpa_kernels.ops.match_select import match, norm_match
+from tcpa_kernels.ops.packed import packed_attention
 from tcpa_kernels.ops.selection import Selection
-from tcpa_kernels.ops.tcpa_attention import tcpa_attention
+from tcpa_kernels.ops.tcpa_attention import attention
 
 SELECTION_MODES = ("topk", "random")
 BACKENDS = ("auto", "triton", "torch")
@@ -136,34 +136,36 @@ class TCPAPrompts(nn.Module):
         pre-attention norm) is a frozen LayerNorm, which the matching kernel applies in the same pass over x (and
         whose input gradient its backward adds to the matching's in one dx), else None."""
         c = self.config
-        C = self.keys_cls.shape[1]
+        keys_cls, keys_img = self.keys_cls, self.keys_img
+        C = keys_cls.shape[1]
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != C or x.shape[1] < self.num_prefix_tokens:
             got = describe(x) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {C}] (the block input), got {got}")
         backend = resolve_backend(c.backend, x.device)
-        kw = dict(topk_cls=c.topk_cls, topk_img=c.topk_img, num_prefix_tokens=self.num_prefix_tokens, backend=backend)
+        if backend == "triton" and x.dtype == torch.float64:
+            raise TypeError(f"x: backend='triton' takes fp16/bf16/fp32, got {describe(x)}; use backend='torch'")
+        topk = (self.num_prefix_tokens, c.topk_cls, c.topk_img, backend)
         if self.selection_mode == "random":  # a random k-subset per token, no matching loss
             scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
-            bits = topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, c.topk_cls, c.topk_img, backend)
-            return self.selection(bits), None, None
+            return self.selection(topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, *topk[1:])), None, None
         if norm is not None and fusable_norm(norm):
-            normed, bits, terms = norm_match_select(x, norm, self.keys_cls, self.keys_img, **kw)
+            normed, bits, terms = norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, *topk)
             return self.selection(bits), terms, normed
-        bits, terms = match_select(x, self.keys_cls, self.keys_img, **kw)
+        bits, terms = match(x, keys_cls, keys_img, *topk)
         return self.selection(bits), terms, None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prompt_kv: Tensor, selection: Selection,
                scale: float | None = None) -> Tensor:
         """Attention of the tokens over [selected prompts ; tokens]: q, k, v ``[B, H, N, D]``, prompt_kv
         ``[2, H, P, D]`` (or ``[B, 2, H, P, D]``) -> ``[B, H, N, D]``."""
-        prompt_k, prompt_v = prompt_kv.to(q.dtype).unbind(-4)
-        return tcpa_attention(q, k, v, prompt_k, prompt_v, selection, scale=scale,
-                              renormalize=self.config.renormalize, backend=self.config.backend)
+        backend = resolve_backend(self.config.backend, q.device)
+        return attention(q, k, v, prompt_kv, selection, q.shape[-1] ** -0.5 if scale is None else scale,
+                         self.config.renormalize, backend, True)
 
     def attend_packed(self, qkv: Tensor, prompt_kv: Tensor, selection: Selection, scale: float) -> Tensor:
         """The same on timm's packed projection, read in place: qkv ``[B, N, 3, H, D]`` -> ``[B, N, H*D]``."""
-        return tcpa_packed_attention(qkv, prompt_kv, selection, scale=scale, renormalize=self.config.renormalize,
-                                     backend=resolve_backend(self.config.backend, qkv.device))
+        return packed_attention(qkv, prompt_kv, selection, scale, self.config.renormalize,
+                                resolve_backend(self.config.backend, qkv.device), True)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor,
                 project_kv: Callable[[Tensor], tuple[Tensor, Tensor]], *, scale: float | None = None) -> Tensor:
@@ -193,6 +195,8 @@ class TCPAPrompts(nn.Module):
                 raise ValueError(f"{name}: expected the prompts' keys/values [{lead}, {H}, {P}, {D}] (heads of q), "
                                  f"got {describe(t)}")
         prompt_kv = torch.stack([prompt_k, prompt_v], dim=1)  # [1 or B, 2, H, P, D]
+        if prompt_kv.dtype not in (q.dtype, torch.float32):  # the kernels read prompts in q's dtype or fp32
+            prompt_kv = prompt_kv.to(q.dtype)
         return self.attend(q, k, v, prompt_kv[0] if shared else prompt_kv, selection, scale)
 
 

@@ -36,11 +36,13 @@ another float dtype than q (fp32 prompts with 16-bit q): they are cast to q's dt
 offsets inside one (batch, head) int32.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from tcpa_kernels._backend import refuse_interpreter_bf16
+from tcpa_kernels._backend import cdiv, next_power_of_2, refuse_interpreter_bf16
 from tcpa_kernels.ops._function import attention_grads, token_grad_buffers
 
 LOG2E = 1.4426950408889634
@@ -281,8 +283,9 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, 
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers: one kernel launch each. Tensors come in the layouts the kernels take (see the module docstring);
-# the custom ops in _function.py allocate the gradient buffers and do the aten work around the launches.
+# launchers: one kernel launch each. Tensors come in the layouts the kernels take (see the module docstring); their
+# callers (the kernel ops and autograd Functions of _function.py and packed.py) allocate the gradient buffers and do
+# the aten work around the launches.
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel, by operand class and padded head dim (64 stands for
@@ -307,30 +310,34 @@ def operand_class(dtype):
     return "fp32" if dtype == torch.float32 else "16-bit"
 
 
+@functools.cache
 def config_key(D, dtype):
     """The LAUNCH_CONFIGS entry of head dim D and operand dtype."""
-    return operand_class(dtype), max(64, triton.next_power_of_2(D))
+    return operand_class(dtype), max(64, next_power_of_2(D))
 
 
 def launch_config(kernel, N, P, D, dtype):
-    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd') for N tokens and P prompts of head dim D.
-    Query blocks shrink to N, key tiles to N + P (at least 16, the smallest tl.dot)."""
-    d_pad = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = LAUNCH_CONFIGS[config_key(D, dtype)][kernel]
-    return dict(BLOCK_M=min(block_m, max(16, triton.next_power_of_2(N))),
-                BLOCK_N=min(block_n, max(16, triton.next_power_of_2(N + P))), D_PAD=d_pad,
-                PRECISION=DOT_PRECISION[operand_class(dtype)], num_warps=num_warps, num_stages=num_stages)
+    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd') for N tokens and P prompts of head dim D, computed
+    once per shape and table entry (``benchmarks/tune.py`` edits LAUNCH_CONFIGS in place); a copy each call. Query
+    blocks shrink to N, key tiles to N + P (at least 16, the smallest tl.dot)."""
+    configs = LAUNCH_CONFIGS.get(config_key(D, dtype))
+    if configs is None:
+        raise ValueError(f"head dim D={D}: the Triton kernels take D <= 128; use backend='torch'")
+    return dict(_launch_config(configs[kernel], N, P, D, operand_class(dtype)))
 
 
-def _bhn_strides(name, *tensors):
-    """The (batch, head, row) strides that [B, H, N, D] tensors share ([H, N, D]: batch stride 0); D is unit-stride.
-    Empty tensors (no program reads them) may have any strides."""
-    strides = [(0, *t.stride()[:2]) if t.dim() == 3 else t.stride()[:3] for t in tensors]
-    unit_d = all(t.stride(-1) == 1 or t.shape[-1] == 1 for t in tensors)
-    if tensors[0].numel() and (len(set(strides)) != 1 or not unit_d):
-        raise ValueError(f"{name}: expected one (batch, head, row) stride set and unit stride on D, got strides "
-                         f"{[t.stride() for t in tensors]}")
-    return strides[0]
+@functools.cache
+def _launch_config(entry, N, P, D, operand):
+    block_m, block_n, num_warps, num_stages = entry
+    return dict(BLOCK_M=min(block_m, max(16, next_power_of_2(N))),
+                BLOCK_N=min(block_n, max(16, next_power_of_2(N + P))), D_PAD=max(16, next_power_of_2(D)),
+                PRECISION=DOT_PRECISION[operand], num_warps=num_warps, num_stages=num_stages)
+
+
+def _bhn(t):
+    """(batch, head, row) strides of a [B, H, N, D] tensor, or of an [H, N, D] one (batch stride 0)."""
+    strides = t.stride()
+    return strides[:3] if len(strides) == 4 else (0, *strides[:2])
 
 
 def _launch(kernel, programs, q, *args, **meta):
@@ -343,43 +350,43 @@ def _launch(kernel, programs, q, *args, **meta):
 
 def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize):
     """One launch of ``_fwd_kernel``. q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or
-    [B, H, P, D], q's dtype or fp32) share theirs. Returns (out [B, H, N, D] in q's dtype: a transposed view of a
-    contiguous [B, N, H, D] buffer; lse [B, H, N] fp32 in log2 units)."""
+    [B, H, P, D], q's dtype or fp32) share theirs, unit stride on D (the callers see to it: ``shared_strides``).
+    Returns (out [B, H, N, D] in q's dtype: a transposed view of a contiguous [B, N, H, D] buffer; lse [B, H, N]
+    fp32 in log2 units)."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, H, N, D]
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    device = q.device
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=device).transpose(1, 2)  # [B, H, N, D]
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=device)
     cfg = launch_config("fwd", N, P, D, q.dtype)
-    sel_args = selection.kernel_args()
-    _launch(_fwd_kernel, B * H * triton.cdiv(N, cfg["BLOCK_M"]),
-            q, k, v, prompt_k, prompt_v, *sel_args[:2], out, lse,
-            *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
-            *_bhn_strides("out", out), H, N, P, D, scale * LOG2E, *sel_args[2:],
+    mask, bits, *layout = selection.kernel_args()
+    _launch(_fwd_kernel, B * H * cdiv(N, cfg["BLOCK_M"]), q, k, v, prompt_k, prompt_v, mask, bits, out, lse,
+            *_bhn(q), *_bhn(prompt_k), *_bhn(out), H, N, P, D, scale * LOG2E, *layout,
             MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, **cfg)
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize,
                        dq, dk, dv, dprompt):
-    """One launch of ``_bwd_kernel``: writes dq, dk, dv ([B, H, N, D] sharing one (b, h, n)
-    stride set with unit stride on D) and the prompt gradients into dprompt (fp32): [B, 2, H, P, D]
-    (per-sample gradients, or per-(b, h) partials of prompts shared by the batch, which the caller sums), or
-    [2, H, P, D] zero-filled, to which the kernel adds with atomics. grad_out and out are read through their own
-    strides."""
+    """One launch of ``_bwd_kernel``: writes dq, dk, dv ([B, H, N, D] sharing one (b, h, n) stride set with unit
+    stride on D) and the prompt gradients into dprompt (fp32): [B, 2, H, P, D] (per-sample gradients, or per-(b, h)
+    partials of prompts shared by the batch, which the caller sums), or [2, H, P, D] zero-filled, to which the
+    kernel adds with atomics. q/k/v and prompt_k/prompt_v as in ``attention_forward``; grad_out and out are read
+    through their own strides (unit stride on D)."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cfg = launch_config("bwd", N, P, D, q.dtype)
-    sel_args = selection.kernel_args()
+    mask, bits, *layout = selection.kernel_args()
     dpk, dpv = dprompt.unbind(-4)  # [B, H, P, D] or [H, P, D]
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    device = q.device
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=device)
     several_key_tiles = N + P > cfg["BLOCK_N"]
-    dq_scratch = torch.empty((B, H, N, D) if several_key_tiles else (0,), dtype=torch.float32, device=q.device)
+    dq_scratch = torch.empty((B, H, N, D) if several_key_tiles else (0,), dtype=torch.float32, device=device)
     _launch(_bwd_kernel, B * H,
-            q, k, v, prompt_k, prompt_v, *sel_args[:2], out, grad_out, lse, delta, dq_scratch, dq, dk, dv, dpk, dpv,
-            *_bhn_strides("q/k/v", q, k, v), *_bhn_strides("prompt_k/prompt_v", prompt_k, prompt_v),
-            *_bhn_strides("out", out), *_bhn_strides("grad_out", grad_out), *_bhn_strides("dq/dk/dv", dq, dk, dv),
-            *_bhn_strides("dprompt", dpk, dpv), H, N, P, D, scale * LOG2E, scale, *sel_args[2:],
-            MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, ATOMIC=dprompt.dim() == 4, **cfg)
+            q, k, v, prompt_k, prompt_v, mask, bits, out, grad_out, lse, delta, dq_scratch, dq, dk, dv, dpk, dpv,
+            *_bhn(q), *_bhn(prompt_k), *_bhn(out), *_bhn(grad_out), *_bhn(dq), *_bhn(dpk), H, N, P, D,
+            scale * LOG2E, scale, *layout, MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize,
+            ATOMIC=dprompt.dim() == 4, **cfg)
 
 
 def backward_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tcpa_kernels._backend import cdiv, next_power_of_2
 from tcpa_kernels.ops._selection_kernels import own_pool, select_topk
 from tcpa_kernels.ops.match_select import group_weights, norm_outputs, row_strides
 from tcpa_kernels.ops.selection import max_topk
@@ -197,7 +198,7 @@ def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, 
     h, mean, rstd = norm_outputs(x, fuse_norm)
     pool_cls, pool_img = keys_cls.shape[0], keys_img.shape[0]
     if B * N:
-        _match_fwd_kernel[(triton.cdiv(B * N, LAUNCH["fwd"]["BLOCK_T"]),)](
+        _match_fwd_kernel[(cdiv(B * N, LAUNCH["fwd"]["BLOCK_T"]),)](
             x, keys_cls.contiguous(), keys_img.contiguous(), bits, terms, norm_weight, norm_bias, h, mean, rstd,
             B * N, N, C, stride_b, stride_n, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img,
             max_topk(N, num_prefix_tokens, k_cls, k_img), *group_weights(B, N, num_prefix_tokens, k_cls, k_img),
@@ -208,11 +209,11 @@ def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, 
 
 def backward_programs(n_rows):
     """Programs of the backward launch (each writes one key-gradient partial)."""
-    return max(1, min(triton.cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), MAX_KEY_PARTIALS))
+    return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), MAX_KEY_PARTIALS))
 
 
 def _entries_padded(num_entries):
-    return max(16, triton.next_power_of_2(num_entries))  # tl.dot needs >= 16
+    return max(16, next_power_of_2(num_entries))  # tl.dot needs >= 16
 
 
 def backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tcpa_kernels._backend import cdiv, next_power_of_2
 from tcpa_kernels.ops.selection import max_topk
 
 _INT32_MIN = tl.constexpr(-(2**31))  # below every float key
@@ -83,9 +84,9 @@ def topk_bits(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
     if n_rows == 0:
         return bits
     BLOCK_T = 32
-    _topk_bits_kernel[(triton.cdiv(n_rows, BLOCK_T),)](
+    _topk_bits_kernel[(cdiv(n_rows, BLOCK_T),)](
         scores, bits, n_rows, N, num_prefix_tokens, pool_cls, E - pool_cls, k_cls, k_img,
         max_topk(N, num_prefix_tokens, k_cls, k_img),
-        BLOCK_T=BLOCK_T, E_PAD=triton.next_power_of_2(E),
+        BLOCK_T=BLOCK_T, E_PAD=next_power_of_2(E),
     )
     return bits

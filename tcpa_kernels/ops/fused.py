@@ -9,7 +9,6 @@ import torch
 
 from tcpa_kernels._validate import FLOAT_DTYPES, check_int, check_pool_config, check_tensor, describe
 from tcpa_kernels.ops._function import refuse_double_backward, run_backward, run_forward, topk_bits_op
-from tcpa_kernels.ops.selection import Selection
 from tcpa_kernels.ops.tcpa_attention import prepare_attention
 
 
@@ -32,8 +31,8 @@ class TCPAAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img, prompt_len_cls,
                 prompt_len_img, num_prefix_tokens, scale, renormalize, backend, deterministic):
         bits = topk_bits_op(scores.detach(), num_prefix_tokens, pool_cls, topk_cls, topk_img, backend)  # [B, N] int64
-        selection = Selection(bits=bits, pool_cls=pool_cls, len_cls=prompt_len_cls, len_img=prompt_len_img)
-        out = run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, selection, scale, renormalize, deterministic)
+        out = run_forward(ctx, q, k, v, prompt_k, prompt_v, None, bits, (pool_cls, prompt_len_cls, prompt_len_img),
+                          scale, renormalize, backend, deterministic)
         ctx.mark_non_differentiable(bits)
         return out, bits
 

@@ -23,16 +23,21 @@ read the same rows of x, so one kernel does both forward, and one kernel writes 
 norm's input gradient rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dh * w, added to the matching's): no
 second pass over x and no extra accumulation into x's gradient.
 
-Each custom op below launches exactly one kernel on the triton backend (``_match_kernels.py``, imported on first
-use); the torch backend runs the same math in PyTorch (CPU, float64) inside the same ops.
+Each kernel op below (``_function.KernelOp``: a custom op under torch.compile, a direct call in eager mode)
+launches exactly one kernel on the triton backend (``_match_kernels.py``, imported on first use); the torch backend
+runs the same math in PyTorch (CPU, float64) inside the same ops. ``MatchSelect`` is their autograd Function;
+``match_select`` checks its arguments and calls ``match``, the entry of the model path (``norm_match`` with the
+LayerNorm fused).
 """
+
+import contextlib
 
 import torch
 from torch import Tensor
 
 from tcpa_kernels._backend import kernels, resolve_backend
 from tcpa_kernels._validate import check_pool_config, describe, validate_match_inputs
-from tcpa_kernels.ops._function import refuse_double_backward
+from tcpa_kernels.ops._function import kernel_op, refuse_double_backward
 from tcpa_kernels.ops.selection import _topk_bits_torch, entry_selection
 
 EPS = 1e-12  # F.normalize's: norms below it are clamped
@@ -127,7 +132,14 @@ def _backward_torch(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, 
 # ------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("tcpa_kernels::match_fwd", mutates_args=())
+def _no_autocast(device_type):
+    """fp32 matching under autocast too: autocast off inside (a no-op context when it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+@kernel_op("tcpa_kernels::match_fwd")
 def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
               norm_eps: float, fuse_norm: bool, num_prefix_tokens: int, k_cls: int, k_img: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -135,7 +147,7 @@ def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor
     backend. With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias or None, eps)
     to x: h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
     implementation = kernels("_match_kernels").forward if backend == "triton" else _forward_torch
-    with torch.autocast(x.device.type, enabled=False):  # fp32 matching under autocast too
+    with _no_autocast(x.device.type):
         return implementation(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
                               k_cls, k_img)
 
@@ -150,14 +162,14 @@ def _(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_pr
             x.new_empty(stats_shape, dtype=stats_dtype))
 
 
-@torch.library.custom_op("tcpa_kernels::match_bwd", mutates_args=())
+@kernel_op("tcpa_kernels::match_bwd")
 def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, keys_img: Tensor, bits: Tensor,
               norm_weight: Tensor | None, mean: Tensor, rstd: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
               backend: str, need_dx: bool, need_dkeys: bool) -> tuple[Tensor, Tensor]:
     """(dx [B, N, C] or empty, key-gradient partials [programs, E, C] or empty): one kernel (``_match_bwd_kernel``)
     on the triton backend. With dh (the gradient of the fused layer norm's h), dx includes the layer norm's."""
     implementation = kernels("_match_kernels").backward if backend == "triton" else _backward_torch
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device.type):
         return implementation(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens,
                               k_cls, k_img, need_dx, need_dkeys)
 
@@ -173,48 +185,78 @@ def _(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_pref
                            dtype=partial_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    x, keys_cls, keys_img, norm_weight, norm_bias, _, fuse_norm, num_prefix_tokens, k_cls, k_img, backend = inputs
-    if any(t is not None and t.requires_grad for t in (norm_weight, norm_bias)):
-        raise ValueError("norm_weight/norm_bias: the fused layer norm takes frozen parameters (it computes no "
-                         "gradient for them), got a tensor that requires grad; apply the norm outside the op")
-    terms, bits, h, mean, rstd = output
-    ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd)
-    ctx.mark_non_differentiable(bits, mean, rstd)
-    ctx.set_materialize_grads(False)  # no zero gradients are built for the words, the stats or an unused output
-    ctx.config = (num_prefix_tokens, k_cls, k_img, backend)
-    ctx.fuse_norm = fuse_norm
+class MatchSelect(torch.autograd.Function):
+    """``apply(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img,
+    backend)`` -> (terms [B, N], bits [B, N] (not differentiable), h [B, N, C] or an empty placeholder without
+    ``fuse_norm``): ``match_fwd`` forward, ``match_bwd`` backward; the layer norm's weight and bias must be frozen
+    (no gradient is computed for them)."""
+
+    @staticmethod
+    def forward(ctx, x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
+                k_img, backend):
+        terms, bits, h, mean, rstd = match_fwd(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm,
+                                               num_prefix_tokens, k_cls, k_img, backend)
+        ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd)
+        ctx.mark_non_differentiable(bits)
+        ctx.set_materialize_grads(False)  # no zero gradients are built for the words or an unused output
+        ctx.config = (num_prefix_tokens, k_cls, k_img, backend)
+        ctx.fuse_norm = fuse_norm
+        return terms, bits, h
+
+    @staticmethod
+    def backward(ctx, dterms, dbits, dh):
+        refuse_double_backward("match_select")
+        x, keys_cls, keys_img, bits, norm_weight, mean, rstd = ctx.saved_tensors
+        dh = dh if ctx.fuse_norm else None  # without the norm, h is an empty placeholder
+        need_dx, need_dkc, need_dki = ctx.needs_input_grad[:3]
+        need_dkeys = (need_dkc or need_dki) and dterms is not None
+        if dterms is None:  # the matching loss was not used: only the layer norm's gradient flows
+            dterms = x.new_zeros(x.shape[:2], dtype=torch.promote_types(x.dtype, torch.float32))
+        dx, partials = match_bwd(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, *ctx.config,
+                                 need_dx, need_dkeys)
+        dkc = dki = None
+        if need_dkeys:
+            dkeys = partials.sum(0).to(keys_cls.dtype)  # [E, C]: the sum over programs (a no-op cast for fp32 keys)
+            dkc, dki = dkeys[: keys_cls.shape[0]], dkeys[keys_cls.shape[0]:]
+        return dx if need_dx else None, dkc, dki, *([None] * 8)
 
 
-def _backward(ctx, dterms, dbits, dh, dmean, drstd):
-    refuse_double_backward("match_select")
-    x, keys_cls, keys_img, bits, norm_weight, mean, rstd = ctx.saved_tensors
-    dh = dh if ctx.fuse_norm else None  # without the norm, h is an empty placeholder
-    need_dx, need_dkc, need_dki = ctx.needs_input_grad[:3]
-    need_dkeys = (need_dkc or need_dki) and dterms is not None
-    if dterms is None:  # the matching loss was not used: only the layer norm's gradient flows
-        dterms = x.new_zeros(x.shape[:2], dtype=torch.promote_types(x.dtype, torch.float32))
-    dx, partials = match_bwd(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, *ctx.config, need_dx,
-                             need_dkeys)
-    dkc = dki = None
-    if need_dkeys:
-        dkeys = partials.sum(0).to(keys_cls.dtype)  # [E, C]: the sum over programs (a no-op cast for fp32 keys)
-        dkc, dki = dkeys[: keys_cls.shape[0]], dkeys[keys_cls.shape[0]:]
-    return dx if need_dx else None, dkc, dki, *([None] * 8)
+def match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
+          backend: str) -> tuple[Tensor, Tensor]:
+    """:func:`match_select` without the argument checks, for the model path: ``(bits, terms)``.
+
+    The caller guarantees what ``match_select`` checks: x ``[B, N, C]``, keys ``[Pc, C]`` and ``[Pi, C]`` of one
+    float dtype on x's device (Pc + Pi <= 64), 1 <= k_cls <= Pc, 1 <= k_img <= Pi, 0 <= num_prefix_tokens <= N,
+    backend "triton" (x not fp64) or "torch", resolved.
+    """
+    terms, bits, _ = MatchSelect.apply(x, keys_cls, keys_img, None, None, 0.0, False, num_prefix_tokens, k_cls, k_img,
+                                       backend)
+    return bits, terms
 
 
-match_fwd.register_autograd(_backward, setup_context=_setup_context)
+def norm_match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
+               norm_eps: float, num_prefix_tokens: int, k_cls: int, k_img: int,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`match` with the block's LayerNorm fused (one kernel each way): ``(h, bits, terms)``, h =
+    ``F.layer_norm(x, (C,), norm_weight, norm_bias, norm_eps)`` in x's dtype. For the model path, unchecked as
+    :func:`match`; norm_weight/norm_bias ``[C]`` or None must be frozen (no gradient is computed for them)."""
+    terms, bits, h = MatchSelect.apply(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, True,
+                                       num_prefix_tokens, k_cls, k_img, backend)
+    return h, bits, terms
 
 
 def norm_match_select(x: Tensor, norm: torch.nn.LayerNorm, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int,
                       topk_img: int, num_prefix_tokens: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(norm(x), bits, terms)`` in one kernel each way: the block's frozen LayerNorm fused with the matching of x
-    (both read the same rows). For the model path: inputs come from the block, the backend is resolved. The output
-    h is in x's dtype (under autocast an fp32 x gives the fp32 h that ``F.layer_norm`` would give; a 16-bit x gives
-    h in 16 bits, which is what the next linear layer casts it to under autocast anyway)."""
-    terms, bits, h, _, _ = match_fwd(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, True, num_prefix_tokens,
-                                     topk_cls, topk_img, backend)
-    return h, bits, terms
+    (both read the same rows). For the model path: inputs come from the block, the backend is resolved; only the
+    norm's parameters are checked (frozen). The output h is in x's dtype (under autocast an fp32 x gives the fp32 h
+    that ``F.layer_norm`` would give; a 16-bit x gives h in 16 bits, which is what the next linear layer casts it to
+    under autocast anyway)."""
+    if any(p is not None and p.requires_grad for p in (norm.weight, norm.bias)):
+        raise ValueError("norm_weight/norm_bias: the fused layer norm takes frozen parameters (it computes no "
+                         "gradient for them), got a tensor that requires grad; apply the norm outside the op")
+    return norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, num_prefix_tokens, topk_cls, topk_img,
+                      backend)
 
 
 def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int, topk_img: int,
@@ -247,6 +289,4 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError(f"x: backend='triton' computes in fp32 and takes fp16/bf16/fp32, got {describe(x)}; "
                         "use backend='torch' for float64")
-    terms, bits, _, _, _ = match_fwd(x, keys_cls, keys_img, None, None, 0.0, False, num_prefix_tokens, topk_cls,
-                                     topk_img, backend)
-    return bits, terms
+    return match(x, keys_cls, keys_img, num_prefix_tokens, topk_cls, topk_img, backend)

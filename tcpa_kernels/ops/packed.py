@@ -5,8 +5,11 @@ entry reads q, k, v in place from the ``[B, N, 3, H, D]`` view of that tensor, w
 ``[B, N, H*D]`` tensor proj reads, and its backward writes dq, dk, dv straight into one ``[B, N, 3, H, D]``
 gradient buffer: no permute copy, no output transpose copy, no stack/clone of the gradients.
 
-It runs the kernels and the backward op of ``tcpa_attention`` (they take strides); only the forward op is
-its own (``tcpa_kernels::packed_attention_fwd``), so that autograd sees qkv and prompt_kv as single inputs.
+It runs the kernels and the backward op of ``tcpa_attention`` (they take strides); only the forward op is its own
+(``tcpa_kernels::packed_attention_fwd``: what torch.compile records for the forward launch on the packed layout).
+``PackedAttention``, its autograd Function, takes qkv and prompt_kv as single inputs (one gradient tensor each);
+in eager mode its forward launches the kernel itself, on the [B, H, N, D] views it saves for the backward.
+``tcpa_packed_attention`` checks its arguments and calls ``packed_attention``, the entry of the model path.
 """
 
 import math
@@ -20,8 +23,10 @@ from tcpa_kernels.ops._function import (
     accumulation_dtype,
     attention_grads,
     implementation,
+    kernel_op,
     refuse_double_backward,
     shared_strides,
+    traced,
 )
 from tcpa_kernels.ops.selection import Selection, check_selection
 from tcpa_kernels.ops.tcpa_attention import TORCH_DTYPES, check_kernel_limits
@@ -34,51 +39,75 @@ def _split_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
     """[B, N, H*D] -> [B, H, N, D] view."""
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    B, N, C = x.shape
+    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
 
 
-@torch.library.custom_op("tcpa_kernels::packed_attention_fwd", mutates_args=())
+@kernel_op("tcpa_kernels::packed_attention_fwd")
 def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, mask: Tensor | None, bits: Tensor | None, pool_cls: int,
-                         len_cls: int, len_img: int,
-                         scale: float, renormalize: bool, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
-    """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` read in place and prompt_kv ``[2, H, P, D]`` or
-    ``[B, 2, H, P, D]``: (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``). ``deterministic`` is read by the
-    backward only."""
+                         len_cls: int, len_img: int, scale: float, renormalize: bool,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` and prompt_kv ``[2, H, P, D]`` or
+    ``[B, 2, H, P, D]``, both read in place (unit stride on D): (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``)."""
     out, lse = implementation(backend).attention_forward(*_split_qkv(qkv), *prompt_kv.unbind(-4),
                                                          Selection(mask, bits, pool_cls, len_cls, len_img), scale,
                                                          renormalize)
-    return out.transpose(1, 2).flatten(2), lse  # [B, N, H*D]: a view of the contiguous [B, N, H, D] buffer
+    return out.transpose(1, 2).flatten(2), lse  # a view of the contiguous [B, N, H, D] buffer
 
 
 @packed_attention_fwd.register_fake
-def _(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic):
+def _(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend):
     B, N, _, H, D = qkv.shape
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=accumulation_dtype(backend, qkv.dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zeros for lse's gradient
-    ctx.save_for_backward(qkv, prompt_kv, mask, bits, out, lse)
-    ctx.config = ((pool_cls, len_cls, len_img), scale, renormalize, backend, deterministic)
+class PackedAttention(torch.autograd.Function):
+    """``apply(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)``
+    -> out ``[B, N, H*D]``: the forward kernel, and the backward op writing dq, dk, dv into one ``[B, N, 3, H, D]``
+    gradient buffer (qkv and prompt_kv with unit stride on D)."""
+
+    @staticmethod
+    def forward(ctx, qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
+                deterministic):
+        heads = (*_split_qkv(qkv), *prompt_kv.unbind(-4))  # q, k, v [B, H, N, D], prompt_k, prompt_v: views
+        if traced():
+            out, lse = packed_attention_fwd(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale,
+                                            renormalize, backend)
+            out_heads = _heads(out, qkv.shape[3])
+        else:  # what the op runs, on the views the backward needs too
+            out_heads, lse = implementation(backend).attention_forward(
+                *heads, Selection(mask, bits, pool_cls, len_cls, len_img), scale, renormalize)
+            out = out_heads.transpose(1, 2).flatten(2)  # [B, N, H*D]: a view of the contiguous [B, N, H, D] buffer
+        ctx.save_for_backward(*heads, out_heads, lse, mask, bits)
+        ctx.config = ((pool_cls, len_cls, len_img), scale, renormalize, backend, deterministic)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the backward op) and of prompt_kv."""
+        refuse_double_backward("tcpa_packed_attention")
+        q, k, v, prompt_k, prompt_v, out, lse, mask, bits = ctx.saved_tensors  # out [B, H, N, D]
+        layout, scale, renormalize, backend, deterministic = ctx.config
+        B, H, N, D = q.shape
+        dqkv = torch.empty((B, N, 3, H, D), dtype=q.dtype, device=q.device)  # dq, dk, dv go in place
+        dprompt = attention_grads(*_split_qkv(dqkv), _heads(grad_out, H), q, k, v, prompt_k, prompt_v, out, lse,
+                                  Selection(mask, bits, *layout), scale, renormalize, backend, deterministic)
+        return dqkv, dprompt, *([None] * 9)  # nothing for the selection, layout and flags
 
 
-def _backward(ctx, grad_out, grad_lse):
-    """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the backward op) and of prompt_kv."""
-    refuse_double_backward("tcpa_packed_attention")
-    qkv, prompt_kv, mask, bits, out, lse = ctx.saved_tensors
-    layout, scale, renormalize, backend, deterministic = ctx.config
-    H = qkv.shape[3]
-    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # [B, N, 3, H, D]: dq, dk, dv go in place
-    dprompt = attention_grads(*_split_qkv(dqkv), _heads(grad_out, H), *_split_qkv(qkv), *prompt_kv.unbind(-4),
-                              _heads(out, H), lse, Selection(mask, bits, *layout), scale, renormalize, backend,
-                              deterministic)
-    return dqkv, dprompt, *([None] * 9)  # nothing for the selection, layout and flags
+def packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, scale: float, renormalize: bool,
+                     backend: str, deterministic: bool) -> Tensor:
+    """:func:`tcpa_packed_attention` without the argument checks, for the model path: returns ``[B, N, H*D]``.
 
-
-packed_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+    The caller guarantees what ``tcpa_packed_attention`` checks: qkv ``[B, N, 3, H, D]`` (fp16/bf16/fp32, fp64 on
+    the torch backend), prompt_kv ``[2, H, P, D]`` or ``[B, 2, H, P, D]`` on qkv's device in qkv's dtype or fp32,
+    ``selection`` a :class:`Selection` for these B, N, P, scale a float > 0, renormalize and deterministic bools,
+    backend "triton" or "torch" (resolved) within the Triton limits of ``check_kernel_limits``. Both tensors are
+    read in place when D has unit stride (timm's qkv view; prompt K/V as a permuted view of a ``[P, 2, H, D]`` or
+    ``[B, P, 2, H, D]`` tensor), else copied once.
+    """
+    (qkv,), (prompt_kv,) = shared_strides(qkv), shared_strides(prompt_kv)  # unit stride on D, else a copy
+    return PackedAttention.apply(qkv, prompt_kv, *selection.op_args(), scale, renormalize, backend, deterministic)
 
 
 def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, *, scale: float, renormalize: bool,
@@ -120,6 +149,4 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
                          f"[B, 2, H, P, D]), got {describe(prompt_kv)}")
     check_selection(selection, B, N, P, qkv.device)
     check_kernel_limits("qkv", qkv, backend, (B, H, N, P, D), qkv.stride(1))
-    (qkv,), (prompt_kv,) = shared_strides(qkv), shared_strides(prompt_kv)  # unit stride on D, else a copy
-    out, _ = packed_attention_fwd(qkv, prompt_kv, *selection.op_args(), scale, renormalize, backend, deterministic)
-    return out
+    return packed_attention(qkv, prompt_kv, selection, scale, renormalize, backend, deterministic)

@@ -22,16 +22,36 @@ INT32_LIMIT = 2**31
 
 
 class _SelectedTCPAFunction(torch.autograd.Function):
+    """[B, H, N, D] prompt-augmented attention, one kernel launch each way (the kernel ops of ``_function.py``):
+    ``apply(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
+    deterministic)`` -> out [B, H, N, D]."""
+
     @staticmethod
     def forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
                 deterministic):
-        return run_forward(ctx, backend, q, k, v, prompt_k, prompt_v, Selection(mask, bits, pool_cls, len_cls, len_img),
-                           scale, renormalize, deterministic)
+        return run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, (pool_cls, len_cls, len_img), scale,
+                           renormalize, backend, deterministic)
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("tcpa_attention")
         return (*run_backward(ctx, grad_out), *([None] * 9))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_kv: torch.Tensor, selection: Selection,
+              scale: float, renormalize: bool, backend: str, deterministic: bool) -> torch.Tensor:
+    """:func:`tcpa_attention` without the argument checks, for the model path, with the prompt keys and values in
+    one tensor: returns out ``[B, H, N, D]``; the gradient of ``prompt_kv`` is one tensor of its shape.
+
+    The caller guarantees what ``tcpa_attention`` checks: q, k, v ``[B, H, N, D]`` of one dtype and device (any
+    strides; read in place when they share one stride set with unit stride on D), prompt_kv ``[2, H, P, D]`` or
+    ``[B, 2, H, P, D]`` on q's device in q's dtype or fp32 (cast on load, no copy), read in place with unit stride
+    on D (e.g. a permuted view of a ``[P, 2, H, D]`` tensor); ``selection`` a :class:`Selection` for these B, N, P;
+    scale a float > 0, renormalize and deterministic bools; backend "triton" or "torch" (resolved) within the Triton
+    limits of :func:`check_kernel_limits`.
+    """
+    return _SelectedTCPAFunction.apply(q, k, v, prompt_kv, None, *selection.op_args(), scale, renormalize, backend,
+                                       deterministic)
 
 
 def check_kernel_limits(name, t, backend, dims, row_stride):
