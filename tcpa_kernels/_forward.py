@@ -58,8 +58,8 @@ class PromptForward:
     def matching_loss(self) -> Tensor | None:
         """Sum of the matching-loss terms of every layer that ran (None when none recorded any)."""
         if self.loss is None and self.terms:
-            terms = list(self.terms.values())
-            self.loss = terms[0].sum() if len(terms) == 1 else torch.cat([t.flatten() for t in terms]).sum()
+            terms = list(self.terms.values())  # [B, N] each
+            self.loss = terms[0].sum() if len(terms) == 1 else torch.stack(terms).sum()
         return self.loss
 
     def record(self, index: int, terms: Tensor | None, replay: bool) -> None:

@@ -121,37 +121,43 @@ def _affine(normed: Tensor, norms: list[nn.LayerNorm]) -> Tensor:
     return normed
 
 
-class _StackedLinear(torch.autograd.Function):
-    """Every layer's linear map in one batched GEMM: x [L, M, C], bias [L * R] or None, the layers' weight row blocks
-    (in layer order, R rows per layer once concatenated) -> x_l @ W_l^T + b_l, [L, M, R].
+def _gather(rows: list[Rows], num_layers: int) -> Tensor:
+    """The layers' row blocks stacked: [L, R, ...]. One ``stack`` and one slice when every layer has one block with
+    the same rows (a packed projection's K/V rows), else one ``cat`` of the blocks."""
+    if len(rows) == num_layers and all(r.rows == rows[0].rows for r in rows):
+        stacked = torch.stack([getattr(r.module, r.name) for r in rows])  # [L, rows of the whole tensor, ...]
+        return stacked if rows[0].rows is None else stacked[:, rows[0].rows]
+    blocks = torch.cat([r.get() for r in rows])
+    return blocks.view(num_layers, -1, *blocks.shape[1:])
+
+
+class _FrozenStackedLinear(torch.autograd.Function):
+    """Every layer's linear map in one batched GEMM with frozen weights: x [L, M, C], bias [L, 1, R] or None, the
+    weights' row blocks (``Rows``) -> x_l @ W_l^T + b_l, [L, M, R].
 
     The stacked weight ``[L, R, C]`` is a copy of the layers' weights: it is made for the GEMM and dropped, and made
-    again in the backward, rather than kept for it (autograd would save the copy: ~57 MB at ViT-B/16 in fp32, per
-    step, for weights that are parameters anyway)."""
+    again in the backward, rather than kept for it (autograd would save the copy, ~57 MB at ViT-B/16 in fp32, every
+    step, of weights that are parameters anyway)."""
 
     @staticmethod
-    def forward(ctx, x, bias, *weights):
-        L, _, C = x.shape
-        weight = torch.cat(weights).view(L, -1, C)  # [L, R, C]
-        ctx.save_for_backward(x, *weights)
-        ctx.has_bias = bias is not None
-        if bias is None:
-            return torch.bmm(x, weight.transpose(1, 2))
-        return torch.baddbmm(bias.view(L, 1, -1), x, weight.transpose(1, 2))
+    def forward(ctx, x, bias, rows):
+        ctx.rows = rows
+        weight = _gather(rows, x.shape[0]).transpose(1, 2)  # [L, C, R]
+        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
     @staticmethod
     def backward(ctx, grad):  # grad [L, M, R]
-        x, *weights = ctx.saved_tensors
-        L, _, C = x.shape
-        need_x, need_bias, *need_weights = ctx.needs_input_grad
-        weight = torch.cat(weights).view(L, -1, C) if need_x else None
-        grad_x = torch.bmm(grad, weight) if need_x else None
-        grad_bias = grad.sum(1).flatten() if need_bias and ctx.has_bias else None
-        grad_weights = [None] * len(weights)
-        if any(need_weights):  # a trainable backbone projection
-            rows = torch.bmm(grad.transpose(1, 2), x).flatten(0, 1).split([w.shape[0] for w in weights])  # [L*R, C]
-            grad_weights = [g if need else None for g, need in zip(rows, need_weights)]
-        return grad_x, grad_bias, *grad_weights
+        need_x, need_bias, _ = ctx.needs_input_grad
+        grad_x = torch.bmm(grad, _gather(ctx.rows, grad.shape[0])) if need_x else None
+        return grad_x, grad.sum(1, keepdim=True) if need_bias else None, None
+
+
+def _stacked_linear(x: Tensor, bias: Tensor | None, rows: list[Rows]) -> Tensor:
+    """x [L, M, C] through each layer's linear map (``rows``: the weights' row blocks in layer order): [L, M, R]."""
+    if any(getattr(r.module, r.name).requires_grad for r in rows):  # a trainable backbone projection: autograd
+        weight = _gather(rows, x.shape[0]).transpose(1, 2)
+        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+    return _FrozenStackedLinear.apply(x, bias, rows)
 
 
 def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]:
@@ -161,8 +167,8 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
     first = projections[0]
     if first.norm is not None:
         flat = _affine(F.layer_norm(flat, (C,), eps=first.norm.eps), [p.norm for p in projections])
-    bias = None if first.biases is None else torch.cat([rows.get() for p in projections for rows in p.biases])
-    kv = _StackedLinear.apply(flat, bias, *[rows.get() for p in projections for rows in p.weights])  # [L, M, R]
+    bias = None if first.biases is None else _gather([r for p in projections for r in p.biases], L)  # [L, R]
+    kv = _stacked_linear(flat, None if bias is None else bias[:, None], [r for p in projections for r in p.weights])
     kv = kv.view(*tokens.shape[:-1], -1)  # [L, ..., P, 2*C_kv]
     if first.k_norm is None and first.groups == 1:  # the common case: one view for all layers
         return list(kv.unflatten(-1, (2, first.kv_heads, first.head_dim)).movedim(-4, -2).unbind(0))

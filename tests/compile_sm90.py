@@ -34,9 +34,10 @@ def main(variants):
     rejected = []
     for dtype, prompt_dtype, mask_mode, renormalize, head_dim, aligned in variants:
         for kernel, extra in LAUNCHES:
-            cfg = kernels.launch_config(kernel, 1024, 64, head_dim, DTYPES[dtype])
+            cfg = dict(kernels.launch_config(kernel, 1024, 64, head_dim, DTYPES[dtype], MASK_MODE=mask_mode,
+                                             RENORMALIZE=renormalize, **extra))
             num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            constexprs = cfg | dict(MASK_MODE=mask_mode, RENORMALIZE=renormalize, **extra)
+            constexprs = cfg
             figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned, prompt_dtype)
             line = f"{kernel} {dtype} prompts={prompt_dtype} D={head_dim} aligned={aligned} {constexprs} " \
                    f"warps={num_warps} stages={num_stages} {figures}"

@@ -241,8 +241,8 @@ def test_prompt_transform_options_reach_the_library(tmp_path, folder, weights):
 
 
 def test_load_prompts_fills_config_fields_a_file_lacks(tmp_path):
-    """A file written before a config field existed loads with the field's default; save_prompts keeps extra
-    metadata beside the config."""
+    """A file written before a config field existed loads with the field's default, one with a field that no longer
+    exists loads too; save_prompts keeps extra metadata beside the config."""
     def backbone():
         torch.manual_seed(0)
         return timm.create_model("vit_tiny_patch16_224", img_size=16, **MODEL_KWARGS)
@@ -254,9 +254,10 @@ def test_load_prompts_fills_config_fields_a_file_lacks(tmp_path):
     with pytest.raises(ValueError, match="extra_metadata"):
         tk.save_prompts(model, path, {checkpoint.METADATA_KEY: {}})
     saved, tensors = checkpoint.read_trainable(path, checkpoint.METADATA_KEY)
-    later = ("attention", "prompt_dropout_per_sample", "prompt_transform", "fourier_fraction")  # added after 0.1.0
+    later = ("prompt_dropout_per_sample", "prompt_transform", "fourier_fraction")  # added after 0.1.0
     assert set(later) <= set(saved["config"])
-    old = {**saved, "config": {k: v for k, v in saved["config"].items() if k not in later}}
+    # ... and a field of earlier files that no longer exists: "attention" chose the fused path or the dense baseline
+    old = {**saved, "config": {k: v for k, v in saved["config"].items() if k not in later} | {"attention": "dense"}}
     safetensors.torch.save_file(tensors, path, metadata={checkpoint.METADATA_KEY: json.dumps(old)})
     fresh = tk.load_prompts(backbone(), path)
     defaults = tk.TCPAConfig()

@@ -316,22 +316,24 @@ def config_key(D, dtype):
     return operand_class(dtype), max(64, next_power_of_2(D))
 
 
-def launch_config(kernel, N, P, D, dtype):
-    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd') for N tokens and P prompts of head dim D, computed
-    once per shape and table entry (``benchmarks/tune.py`` edits LAUNCH_CONFIGS in place); a copy each call. Query
-    blocks shrink to N, key tiles to N + P (at least 16, the smallest tl.dot)."""
-    configs = LAUNCH_CONFIGS.get(config_key(D, dtype))
+def launch_config(kernel, N, P, D, dtype, **flags):
+    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd') for N tokens and P prompts of head dim D (and the
+    kernel's flag constexprs, ``flags``), computed once per shape, flags and table entry (``benchmarks/tune.py`` edits
+    LAUNCH_CONFIGS in place): a cached dict, not to be changed. Query blocks shrink to N, key tiles to N + P (at
+    least 16, the smallest tl.dot)."""
+    key = config_key(D, dtype)
+    configs = LAUNCH_CONFIGS.get(key)
     if configs is None:
         raise ValueError(f"head dim D={D}: the Triton kernels take D <= 128; use backend='torch'")
-    return dict(_launch_config(configs[kernel], N, P, D, operand_class(dtype)))
+    return _launch_config(configs[kernel], N, P, D, key[0], tuple(flags.items()))
 
 
 @functools.cache
-def _launch_config(entry, N, P, D, operand):
+def _launch_config(entry, N, P, D, operand, flags):
     block_m, block_n, num_warps, num_stages = entry
     return dict(BLOCK_M=min(block_m, max(16, next_power_of_2(N))),
                 BLOCK_N=min(block_n, max(16, next_power_of_2(N + P))), D_PAD=max(16, next_power_of_2(D)),
-                PRECISION=DOT_PRECISION[operand], num_warps=num_warps, num_stages=num_stages)
+                PRECISION=DOT_PRECISION[operand], num_warps=num_warps, num_stages=num_stages, **dict(flags))
 
 
 def _bhn(t):
@@ -358,11 +360,10 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     device = q.device
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=device).transpose(1, 2)  # [B, H, N, D]
     lse = torch.empty((B, H, N), dtype=torch.float32, device=device)
-    cfg = launch_config("fwd", N, P, D, q.dtype)
     mask, bits, *layout = selection.kernel_args()
+    cfg = launch_config("fwd", N, P, D, q.dtype, MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize)
     _launch(_fwd_kernel, B * H * cdiv(N, cfg["BLOCK_M"]), q, k, v, prompt_k, prompt_v, mask, bits, out, lse,
-            *_bhn(q), *_bhn(prompt_k), *_bhn(out), H, N, P, D, scale * LOG2E, *layout,
-            MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize, **cfg)
+            *_bhn(q), *_bhn(prompt_k), *_bhn(out), H, N, P, D, scale * LOG2E, *layout, **cfg)
     return out, lse
 
 
@@ -375,8 +376,9 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
     through their own strides (unit stride on D)."""
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
-    cfg = launch_config("bwd", N, P, D, q.dtype)
     mask, bits, *layout = selection.kernel_args()
+    cfg = launch_config("bwd", N, P, D, q.dtype, MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize,
+                        ATOMIC=dprompt.dim() == 4)
     dpk, dpv = dprompt.unbind(-4)  # [B, H, P, D] or [H, P, D]
     device = q.device
     delta = torch.empty((B, H, N), dtype=torch.float32, device=device)
@@ -385,8 +387,7 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
     _launch(_bwd_kernel, B * H,
             q, k, v, prompt_k, prompt_v, mask, bits, out, grad_out, lse, delta, dq_scratch, dq, dk, dv, dpk, dpv,
             *_bhn(q), *_bhn(prompt_k), *_bhn(out), *_bhn(grad_out), *_bhn(dq), *_bhn(dpk), H, N, P, D,
-            scale * LOG2E, scale, *layout, MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize,
-            ATOMIC=dprompt.dim() == 4, **cfg)
+            scale * LOG2E, scale, *layout, **cfg)
 
 
 def backward_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,

@@ -2,6 +2,8 @@
 module's docstring) and their launchers, one kernel launch each. Imported only on the triton backend.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -189,6 +191,20 @@ def _layer_norm_grad_sums(X, NORM_W, DH, o_t, m_t, p_x, C, b_mean, b_rstd, HAS_W
 # ------------------------------------------------------------------------------------------- launchers
 
 
+@functools.cache
+def _plan(kernel, launch, B, N, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, flags):
+    """(grid, the launch's scalar arguments after the strides, its constexprs and options) of ``kernel`` ('fwd' |
+    'bwd', ``launch`` its LAUNCH entry as items) for this shape: computed once per shape."""
+    n_rows = B * N
+    w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
+    meta = dict(launch, E_PAD=max(16, next_power_of_2(pool_cls + pool_img)), **dict(flags))  # tl.dot needs >= 16
+    if kernel == "fwd":
+        grid = (cdiv(n_rows, meta["BLOCK_T"]),)
+        return grid, (num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, max_topk(N, num_prefix_tokens, k_cls, k_img),
+                      w_cls, w_img), meta
+    return (_programs(n_rows, meta["BLOCK_T"]),), (num_prefix_tokens, pool_cls, pool_img, w_cls, w_img), meta
+
+
 def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img):
     """One launch of ``_match_fwd_kernel``: (terms, bits, h, mean, rstd) as ``match_select.match_fwd`` returns."""
     B, N, C = x.shape
@@ -196,24 +212,23 @@ def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, 
     bits = torch.empty((B, N), dtype=torch.int64, device=x.device)
     terms = torch.empty((B, N), dtype=torch.float32, device=x.device)
     h, mean, rstd = norm_outputs(x, fuse_norm)
-    pool_cls, pool_img = keys_cls.shape[0], keys_img.shape[0]
     if B * N:
-        _match_fwd_kernel[(cdiv(B * N, LAUNCH["fwd"]["BLOCK_T"]),)](
-            x, keys_cls.contiguous(), keys_img.contiguous(), bits, terms, norm_weight, norm_bias, h, mean, rstd,
-            B * N, N, C, stride_b, stride_n, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img,
-            max_topk(N, num_prefix_tokens, k_cls, k_img), *group_weights(B, N, num_prefix_tokens, k_cls, k_img),
-            norm_eps, NORM=fuse_norm, HAS_W=norm_weight is not None, HAS_B=norm_bias is not None,
-            E_PAD=_entries_padded(pool_cls + pool_img), **LAUNCH["fwd"])
+        grid, scalars, meta = _plan("fwd", tuple(LAUNCH["fwd"].items()), B, N, keys_cls.shape[0], keys_img.shape[0],
+                                    num_prefix_tokens, k_cls, k_img, (("NORM", fuse_norm),
+                                                                      ("HAS_W", norm_weight is not None),
+                                                                      ("HAS_B", norm_bias is not None)))
+        _match_fwd_kernel[grid](x, keys_cls.contiguous(), keys_img.contiguous(), bits, terms, norm_weight, norm_bias,
+                                h, mean, rstd, B * N, N, C, stride_b, stride_n, *scalars, norm_eps, **meta)
     return terms, bits, h, mean, rstd
+
+
+def _programs(n_rows, block_t):
+    return max(1, min(cdiv(n_rows, block_t), MAX_KEY_PARTIALS))
 
 
 def backward_programs(n_rows):
     """Programs of the backward launch (each writes one key-gradient partial)."""
-    return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), MAX_KEY_PARTIALS))
-
-
-def _entries_padded(num_entries):
-    return max(16, next_power_of_2(num_entries))  # tl.dot needs >= 16
+    return _programs(n_rows, LAUNCH["bwd"]["BLOCK_T"])
 
 
 def backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
@@ -222,18 +237,16 @@ def backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, n
     B, N, C = x.shape
     x, stride_b, stride_n = row_strides(x)
     pool_cls, pool_img = keys_cls.shape[0], keys_img.shape[0]
-    n_programs = backward_programs(B * N)
+    grid, scalars, meta = _plan("bwd", tuple(LAUNCH["bwd"].items()), B, N, pool_cls, pool_img, num_prefix_tokens,
+                                k_cls, k_img, (("NEED_DX", need_dx), ("NEED_DKEYS", need_dkeys),
+                                               ("NORM", dh is not None), ("HAS_W", norm_weight is not None)))
     dx = torch.empty((B, N, C) if need_dx else (0,), dtype=x.dtype, device=x.device)
-    partials = torch.empty((n_programs, pool_cls + pool_img, C) if need_dkeys else (0,), dtype=torch.float32,
+    partials = torch.empty((grid[0], pool_cls + pool_img, C) if need_dkeys else (0,), dtype=torch.float32,
                            device=x.device)
     if B * N:
-        _match_bwd_kernel[(n_programs,)](
-            x, keys_cls.contiguous(), keys_img.contiguous(), bits, dterms, dx, partials, norm_weight,
-            None if dh is None else dh.contiguous(), mean, rstd, B * N, N, C, stride_b, stride_n, dterms.stride(0),
-            dterms.stride(1), num_prefix_tokens, pool_cls, pool_img,
-            *group_weights(B, N, num_prefix_tokens, k_cls, k_img), NEED_DX=need_dx, NEED_DKEYS=need_dkeys,
-            NORM=dh is not None, HAS_W=norm_weight is not None, E_PAD=_entries_padded(pool_cls + pool_img),
-            **LAUNCH["bwd"])
+        _match_bwd_kernel[grid](x, keys_cls.contiguous(), keys_img.contiguous(), bits, dterms, dx, partials,
+                                norm_weight, None if dh is None else dh.contiguous(), mean, rstd, B * N, N, C,
+                                stride_b, stride_n, dterms.stride(0), dterms.stride(1), *scalars, **meta)
     elif need_dkeys:
         partials.zero_()
     return dx, partials

@@ -216,8 +216,9 @@ class MatchSelect(torch.autograd.Function):
                                  need_dx, need_dkeys)
         dkc = dki = None
         if need_dkeys:
-            dkeys = partials.sum(0).to(keys_cls.dtype)  # [E, C]: the sum over programs (a no-op cast for fp32 keys)
-            dkc, dki = dkeys[: keys_cls.shape[0]], dkeys[keys_cls.shape[0]:]
+            dkeys = partials.sum(0)  # [E, C]: the sum over programs (fp32 partials), then the keys' dtype
+            dkeys = dkeys if dkeys.dtype == keys_cls.dtype else dkeys.to(keys_cls.dtype)
+            dkc, dki = dkeys.split_with_sizes((keys_cls.shape[0], keys_img.shape[0]))
         return dx if need_dx else None, dkc, dki, *([None] * 8)
 
 
