@@ -6,7 +6,8 @@
 #       nvidia-smi; the GPU-only tests (pytest -m gpu); compute-sanitizer memcheck and racecheck on one small
 #       forward+backward of every kernel (benchmarks/kernel_check.py); benchmarks/headline.py (ceilings, the op at
 #       the §6 shape against SDPA's flash/efficient/cuDNN backends and the published eager attention, the §6
-#       train-step table, profiler tables); the numerics table; then the rest of the test suite on CUDA
+#       train-step table, profiler tables); eager vs CUDA graphs (benchmarks/graphs.py); the numerics table; then
+#       the rest of the test suite on CUDA
 #   bash benchmarks/gpu_run.sh run2 [270]   Nsight Compute on the kernels at the §6 shape, then the launch-
 #       configuration sweep (benchmarks/tune.py)
 #   bash benchmarks/gpu_run.sh run3 [540]   every benchmark shape and sweep (pytest benchmarks/ --benchmark-only),
@@ -55,6 +56,9 @@ case "$stage" in
         --print-limit 20 "$py" benchmarks/kernel_check.py
     done 2>&1 | tee "$out/sanitizer.log" | tail -n 20
     step 150 "$py" benchmarks/headline.py --out "$out" 2>&1 | tail -n 25
+    # ViT-B/16 train step and eval forward, eager vs CUDA graphs (torch.compile mode="reduce-overhead"), batch
+    # 32, 64, 128: is the eager step host-bound? (written after every figure)
+    step 120 "$py" benchmarks/graphs.py --out "$out" 2>&1 | tail -n 12
     step 40 "$py" benchmarks/numerics.py --out "$out" 2>&1 | tail -n 5
     # four workers where pytest-xdist is installed: kernel compilation is most of the suite's time on a GPU
     workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 4")

@@ -13,7 +13,9 @@ terms of the layers that ran, and VPT-shallow's prompt tokens carried from one b
   tensor it had. So two forwards before one backward, or a checkpointed block, use the K/V, dropout masks and carried
   prompts of the forward they belong to. The reference is strong while a backward may come (grad mode, an output that
   requires grad: the autograd graph holds these tensors anyway) and weak otherwise, so that features kept from an
-  evaluation (``forward_intermediates``, hidden states) do not keep a forward's K/V alive;
+  evaluation (``forward_intermediates``, hidden states) do not keep a forward's K/V alive. FSDP2 hands each block it
+  wraps a new tensor (its input passed through an autograd function): such a block continues the last forward this
+  thread started on the model, unless its layer ran in it already;
 - the model keeps, per thread, its last started forward (``PromptState.last``): ``get_matching_loss`` reads that.
   A block recomputed during a backward starts or extends nothing: it records no loss terms and no carried prompts,
   and a block that starts a forward there redraws its dropout masks from the random state checkpointing restored.
@@ -30,6 +32,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from tcpa_kernels._patch import is_fully_sharded
 from tcpa_kernels._prompt_kv import all_layers_kv
 from tcpa_kernels.ops.selection import Selection
 
@@ -77,16 +80,16 @@ def join_forward(x: Tensor, layer) -> tuple[PromptForward, bool]:
     """(the forward the block input ``x`` of layer ``layer`` (a ``_LayerRef``) belongs to, whether this call replays
     a block of it during a backward).
 
-    The forward x carries, else (a wrapper handed the block a new tensor: FSDP2 passes each block's input through an
-    autograd function) the last forward this thread started on the model; it is continued if this layer has not run
-    in it yet (a recomputed block joins the forward it belongs to). Otherwise a new forward starts; also when a
+    The forward x carries, else, for a block FSDP2 wraps (it hands each block a new tensor, its input passed through
+    an autograd function), the last forward this thread started on the model; it is continued if this layer has not
+    run in it yet (a recomputed block joins the forward it belongs to). Otherwise a new forward starts; also when a
     forward run without autograd would continue with autograd: its K/V have no graph (a staged model's no-grad first
     stage), and tensors made under inference_mode must not reach autograd."""
     state = layer.state
     handle = getattr(x, HANDLE, None)
     fwd = handle() if isinstance(handle, weakref.ref) else handle
     replay = _in_backward()
-    if fwd is None and not (replay or torch.compiler.is_compiling()):
+    if fwd is None and not (replay or torch.compiler.is_compiling()) and is_fully_sharded(state.blocks[layer.index]):
         fwd = last_forward(state)
     if (fwd is None or fwd.state is not state or (torch.is_grad_enabled() and not fwd.grad)
             or (layer.index <= fwd.last_index and not replay)):  # this layer ran in it already: a new forward

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import headline, kernel_check, test_model, test_op, test_sweep, tune
+from benchmarks import graphs, headline, kernel_check, test_model, test_op, test_sweep, tune
 from reference import tcpa_attention_ref
 from tcpa_kernels import bench, profile
 from tests.conftest import fp64
@@ -107,3 +107,14 @@ def test_kernel_check_runs_every_workload():
     """benchmarks/kernel_check.py (what compute-sanitizer runs) at its small shapes: every kernel variant runs."""
     names = kernel_check.main([])
     assert len(names) == 11 and {"mask_shared_atomic", "words_per_sample_renorm1", "vit_lean_per_sample"} <= set(names)
+
+
+def test_graphs_procedure_runs():
+    """benchmarks/graphs.py (eager vs CUDA graphs) at its CPU smoke setting: every method has a train-step and an
+    eval figure in both modes, and the ratio is computed from them."""
+    report = graphs.run([2], graphs.METHODS, CPU, None, reps=2)
+    assert sorted(report["figures"]) == sorted(f"b2/{m}" for m in graphs.METHODS)
+    for figures in report["figures"].values():
+        for mode in ("eager", "graphs"):
+            assert figures[mode]["train_ms"] > 0 and figures[mode]["eval_ms"] > 0
+        assert figures["eager_over_graphs"]["train_ms"] == figures["eager"]["train_ms"] / figures["graphs"]["train_ms"]

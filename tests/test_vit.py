@@ -286,3 +286,25 @@ def test_second_order_gradients_raise(selection):
     grads = dict(zip(map(id, params), torch.autograd.grad(model(images()).square().sum(), params, allow_unused=True)))
     assert grads[id(model.blocks[1].tcpa.prompts_img)].abs().sum() > 0
     assert grads[id(model.blocks[1].tcpa.keys_img)] is None
+
+
+def test_torch_compile_with_grad_checkpointing():
+    """Gradient checkpointing under torch.compile(fullgraph=True): a block records its matching-loss terms on the
+    forward's object, a side effect dynamo's checkpoint must not replay in the backward, which its flag
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` says (README). With it, loss and gradients equal eager's."""
+    if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        pytest.skip(f"torch {torch.__version__} has no skip_fwd_side_effects_in_bwd_under_checkpoint")
+    x = images()
+    results = []
+    for compiled in (False, True):
+        model = tk.apply_tcpa(small_vit(), backend="torch", prompt_dropout=0.0, **TCPA_KW)
+        model.set_grad_checkpointing(True)
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+            loss = run(x).square().sum() + tk.get_matching_loss(run)
+        results.append((loss, torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    torch._dynamo.reset()
+    (loss, grads), (ref_loss, ref_grads) = results[1], results[0]
+    torch.testing.assert_close(loss, ref_loss)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
