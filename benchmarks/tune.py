@@ -112,8 +112,8 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke, report, save):
     grad_out = torch.randn_like(tensors[0])
     selection = bench.op_selection(scores, P, topk)
     scale = D**-0.5
-    out, lse = kernels.attention_forward(*tensors, selection, scale, False)
-    steps = {"fwd": lambda: kernels.attention_forward(*tensors, selection, scale, False),
+    out, lse = kernels.attention_forward(*tensors, *selection.op_args(), scale, False)
+    steps = {"fwd": lambda: kernels.attention_forward(*tensors, *selection.op_args(), scale, False),
              "bwd": lambda: kernels.backward_grads(grad_out, *tensors, out, lse, selection, scale, False, True,
                                                        (True,) * 5)}
     table = kernels.LAUNCH_CONFIGS[kernels.config_key(D, dtype)]
@@ -124,6 +124,7 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke, report, save):
         rows = []
         for candidate in dict.fromkeys([current, *candidates]):
             table[kernel] = candidate
+            kernels.forget_plans()  # the launch plans read the table when made
             try:
                 error = _relative_error(step(), baseline)
                 ms = bench.time_ms(step, device, reps=3 if smoke else 20)
@@ -132,6 +133,7 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke, report, save):
                 rows.append({"config": list(candidate), "error": f"{type(exc).__name__}: {exc}"[:200]})
             finally:
                 table[kernel] = current
+                kernels.forget_plans()
             print(f"{label} {kernel} {candidate}: {rows[-1]}", flush=True)
         good = [r for r in rows if r.get("ok")]
         best = min(good, key=lambda r: r["ms"]) if good else None

@@ -95,11 +95,20 @@ def test_gpu_vit_b_layer(dtype):
     check_against_reference((96, 197, 768, 18, 18, 10, 10, 1), dtype, "triton")
 
 
+@pytest.fixture
+def forget_plans():
+    """Launch plans read LAUNCH and MAX_KEY_PARTIALS when they are made: none made from a test's patched values
+    outlives it (request before monkeypatch: torn down after its undo)."""
+    yield _match_kernels.forget_plans
+    _match_kernels.forget_plans()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_key_gradient_partials_accumulate_over_blocks(backend, monkeypatch):
+def test_key_gradient_partials_accumulate_over_blocks(backend, forget_plans, monkeypatch):
     """More token blocks than backward programs: each program adds its later blocks to its own partial."""
     monkeypatch.setattr(_match_kernels, "MAX_KEY_PARTIALS", 2)
     monkeypatch.setitem(_match_kernels.LAUNCH, "bwd", _match_kernels.LAUNCH["bwd"] | dict(BLOCK_T=16))
+    forget_plans()
     inputs = separated_inputs(3, 29, 48, 4, 6)
     _, terms = match_select(*inputs, topk_cls=2, topk_img=3, backend=backend)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
@@ -191,7 +200,7 @@ def test_custom_ops_pass_opcheck(backend):
     _, bits, h, mean, rstd = match_fwd(x, kc, ki, weight, bias, 1e-6, True, 1, 2, 2, backend)
     dterms, dh = torch.randn(2, 5), torch.randn_like(h)
     for dh_, stats in ((dh, (weight, mean, rstd)), (None, (None, mean[:0], rstd[:0]))):
-        torch.library.opcheck(match_bwd, (dterms, dh_, x, kc, ki, bits, *stats, 1, 2, 2, backend, True, True))
+        torch.library.opcheck(match_bwd, (dterms, dh_, x, kc, ki, bits, *stats, 1, 2, 2, True, True, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,7 +12,12 @@ from torch.utils._pytree import tree_leaves
 
 from reference import tcpa_attention_ref
 from tcpa_kernels.ops._function import attention_bwd, attention_fwd
-from tcpa_kernels.ops.packed import packed_attention, packed_attention_fwd, tcpa_packed_attention
+from tcpa_kernels.ops.packed import (
+    packed_attention,
+    packed_attention_bwd,
+    packed_attention_fwd,
+    tcpa_packed_attention,
+)
 from tcpa_kernels.ops.selection import Selection
 from tests.conftest import DEVICE, assert_matches_reference, random_selection, requires_cuda
 
@@ -29,11 +34,15 @@ def _heads(x, H):
 
 def _qkv(B, N, H, D, dtype, layout, g):
     """[B, N, 3, H, D] view of a leaf that requires grad: timm's qkv output [B, N, 3*C] ("timm"), rows padded so N
-    is not 3*C apart ("strided"), or a non-unit stride on D ("d_strided", copied by the op)."""
+    is not 3*C apart ("strided"), a non-unit stride on D ("d_strided", copied by the op), or q, k, v interleaved
+    per head ("interleaved": [B, N, H, 3, D] transposed, k not a whole number of head strides after q: copied
+    unless H is 1)."""
     width = 3 * H * D
     if layout == "d_strided":
         leaf = torch.randn(B, N, 3, H, D, 2, generator=g).to(DEVICE, dtype).requires_grad_()
         return leaf[..., 0]
+    if layout == "interleaved":
+        return torch.randn(B, N, H, 3, D, generator=g).to(DEVICE, dtype).requires_grad_().transpose(2, 3)
     leaf = torch.randn(B, N, width + (8 if layout == "strided" else 0), generator=g).to(DEVICE, dtype)
     return leaf.requires_grad_()[..., :width].view(B, N, 3, H, D)
 
@@ -86,9 +95,22 @@ def test_fp16_matches_reference(backend, prompt_dtype, renormalize, shared, pois
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("qkv_layout", ["strided", "d_strided"])
+@pytest.mark.parametrize("qkv_layout", ["strided", "d_strided", "interleaved"])
 def test_strided_qkv(backend, qkv_layout, poison_buffers):
     _check(backend, *SHAPES[0], torch.float32, False, True, qkv_layout=qkv_layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_head_interleaved_qkv(backend, poison_buffers):
+    """With one head the head stride is never applied, so q, k, v any distance apart are read through qkv's one
+    pointer: no copy, and the result of the reference."""
+    (B, N, H, P, D), layout = SHAPES[2]
+    qkv = _qkv(B, N, H, D, torch.float32, "interleaved", torch.Generator().manual_seed(0))
+    with _OpLog() as log:
+        packed_attention(qkv, torch.randn(2, H, P, D, device=DEVICE), random_selection(B, N, P, *layout), D**-0.5,
+                         False, backend, True)
+    assert not [op for op, _ in log.ops if op in (torch.ops.aten.clone, torch.ops.aten.copy_)]
+    _check(backend, (B, N, H, P, D), layout, torch.float32, False, True, qkv_layout="interleaved")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -155,7 +177,7 @@ def test_no_layout_copies_and_one_op_per_launch(backend, shared):
     large = [(op, n) for op, n in log.ops if op in copies and n >= B * N * H * D]
     assert not large, large
     custom = [str(op) for op, _ in log.ops if str(op).startswith("tcpa_kernels.")]
-    assert sorted(custom) == ["tcpa_kernels.attention_bwd", "tcpa_kernels.packed_attention_fwd"]
+    assert sorted(custom) == ["tcpa_kernels.packed_attention_bwd", "tcpa_kernels.packed_attention_fwd"]
     assert dleaf.shape == leaf.shape and dleaf.is_contiguous()
 
 
@@ -223,25 +245,30 @@ def test_compile_fullgraph(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    """Every attention custom op at a small shape, packed and [B, H, N, D] layouts, both prompt-gradient shapes. The
-    ops have no autograd formula (the autograd Functions around them have it): inputs that need no gradient."""
+    """Every attention custom op at a small shape, packed and [B, H, N, D] layouts (separate and stacked prompt K/V),
+    both prompt-gradient shapes. The ops have no autograd formula (the autograd Functions around them have it):
+    inputs that need no gradient."""
     B, N, H, P, D = 2, 5, 2, 4, 16
     qkv = torch.randn(B, N, 3, H, D, device=DEVICE)
-    prompt_kv = torch.randn(2, H, P, D, device=DEVICE)
     sel = random_selection(B, N, P, 2, 1, 1).op_args()
-    for pkv in (prompt_kv, torch.randn(B, 2, H, P, D, device=DEVICE)):
-        torch.library.opcheck(packed_attention_fwd, (qkv, pkv, *sel, 0.25, False, backend))
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
-    pk, pv = prompt_kv.unbind(0)
-    mask = torch.rand(B, N, P, device=DEVICE) < 0.5
-    torch.library.opcheck(attention_fwd, (q, k, v, pk, pv, mask, None, 0, 1, 1, 0.25, True, backend))
-    out, lse = attention_fwd(q, k, v, pk, pv, *sel, 0.25, False, backend)
-    grad_out = torch.randn_like(out)
     dqkv = torch.empty(B, N, 3, H, D, device=DEVICE)
+    dprompts = (torch.empty(B, 2, H, P, D, device=DEVICE), torch.zeros(2, H, P, D, device=DEVICE))
+    shared = torch.randn(2, H, P, D, device=DEVICE)
+    for prompt_kv in (shared, torch.randn(B, 2, H, P, D, device=DEVICE)):
+        torch.library.opcheck(packed_attention_fwd, (qkv, prompt_kv, *sel, 0.25, False, backend))
+        out, lse = packed_attention_fwd(qkv, prompt_kv, *sel, 0.25, False, backend)
+        for dprompt in dprompts[:2 if prompt_kv.dim() == 4 else 1]:
+            torch.library.opcheck(packed_attention_bwd, (dqkv, dprompt, torch.randn_like(out), qkv, prompt_kv, out,
+                                                         lse, *sel, 0.25, False, backend))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
     dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
-    for dprompt in (torch.empty(B, 2, H, P, D, device=DEVICE), torch.zeros(2, H, P, D, device=DEVICE)):
-        torch.library.opcheck(attention_bwd, (dq, dk, dv, dprompt, grad_out, q, k, v, pk, pv, out, lse, *sel, 0.25,
-                                              False, backend))
+    mask = torch.rand(B, N, P, device=DEVICE) < 0.5
+    for prompts in (shared.unbind(0), (shared, None)):  # separate [H, P, D], stacked [2, H, P, D]
+        torch.library.opcheck(attention_fwd, (q, k, v, *prompts, mask, None, 0, 1, 1, 0.25, True, backend))
+        out, lse = attention_fwd(q, k, v, *prompts, *sel, 0.25, False, backend)
+        for dprompt in dprompts:
+            torch.library.opcheck(attention_bwd, (dq, dk, dv, dprompt, torch.randn_like(out), q, k, v, *prompts, out,
+                                                  lse, *sel, 0.25, False, backend))
 
 
 def small_packed_call(B, P, backend):

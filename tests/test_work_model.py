@@ -49,12 +49,12 @@ def test_model_counts_executed_work(shape, dtype):
     selection = random_selection(B, N, P, 2, 1, 1)
     model = work_model.tcpa(B, H, N, P, D, dtype=dtype, prompt_dtype=dtype)
     with executed_work() as forward:
-        out, lse = kernels.attention_forward(q, k, v, pk, pv, selection, D**-0.5, False)
-    dq, dk, dv = token_grad_buffers(q)
+        out, lse = kernels.attention_forward(q, k, v, pk, pv, *selection.op_args(), D**-0.5, False)
+    dq, dk, dv = token_grad_buffers(out)
     dprompt = torch.empty((B, 2, H, P, D), dtype=torch.float32)
     with executed_work() as backward:
-        kernels.attention_backward(torch.randn_like(out), q, k, v, pk, pv, out, lse, selection, D**-0.5, False,
-                                   dq, dk, dv, dprompt)
+        kernels.attention_backward(dq, dk, dv, dprompt, torch.randn_like(out), q, k, v, pk, pv, out, lse,
+                                   *selection.op_args(), D**-0.5, False)
     for direction, executed in (("fwd", forward), ("bwd", backward)):
         assert executed == {"mma_flops": model[direction].mma_flops, "exp2": model[direction].exp2}, direction
 

@@ -29,11 +29,15 @@ partials that the caller sums (deterministic), or adds fp32 atomics into [H, P, 
 
 Layouts: every [B, H, N, D] operand is addressed through its own (b, h, n) strides with unit stride on D: q/k/v
 share one stride set, dq/dk/dv one, prompt K/V one ([H, P, D]: batch stride 0), prompt gradients one, o and do
-one each. So timm's fused qkv ([B, N, 3, H, D]) is read in place, o is written as [B, N, H, D] (what the output
-projection reads) and dq/dk/dv can go straight into one [B, N, 3, H, D] buffer. Prompt K/V may be stored in
-another float dtype than q (fp32 prompts with 16-bit q): they are cast to q's dtype after the load. lse, delta
-([B*H, N]) and the dq scratch ([B*H, N, D]) are contiguous fp32. Offsets of the (batch, head) base are int64,
-offsets inside one (batch, head) int32.
+one each. Each group also takes a shift: k lies ``kv_heads`` head strides after its pointer and v twice that
+(likewise prompt V, ``pv_heads``, and dk/dv, ``dkv_heads``), so a group stored in one tensor (timm's fused qkv
+[B, N, 3, H, D]: shift H; prompt K/V [.., 2, H, P, D]) is passed as that tensor once per pointer, no view made on
+the host; separate tensors take shift 0. So timm's qkv is read in place, o is written as [B, N, H, D] (what the
+output projection reads) and dq/dk/dv go straight into one [B, N, 3, H, D] buffer. The prompt gradients are
+contiguous ([.., 2, H, P, D]: V's half H head strides after K's). Prompt K/V may be stored in another float dtype
+than q (fp32 prompts with 16-bit q): they are cast to q's dtype after the load. lse ([B*H, N]) is contiguous fp32,
+as is the backward's one scratch buffer: delta ([B*H*N], padded to 16 elements), then the dq accumulator
+([B*H, N, D]). Offsets of the (batch, head) base are int64, offsets inside one (batch, head) int32.
 """
 
 import functools
@@ -43,7 +47,7 @@ import triton
 import triton.language as tl
 
 from tcpa_kernels._backend import cdiv, next_power_of_2, refuse_interpreter_bf16
-from tcpa_kernels.ops._function import attention_grads, token_grad_buffers
+from tcpa_kernels.ops._function import attention_grads
 
 LOG2E = 1.4426950408889634
 
@@ -116,8 +120,8 @@ def _softmax_step(acc, m_i, l_i, b_s, b_v, valid, sel, TAIL: tl.constexpr, RENOR
 
 @triton.jit
 def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
-                stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n, ostride_b, ostride_h, ostride_n,
-                H, N, P, D, qk_scale, n_cls_prompts, pool_cls, len_cls, len_img,
+                stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
+                ostride_b, ostride_h, ostride_n, H, N, P, D, qk_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                 MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
     n_query_blocks = tl.cdiv(N, BLOCK_M)
@@ -129,12 +133,12 @@ def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
     m_md = m_m[:, None] & m_d[None, :]
-    qkv_base = i_b * stride_b + i_h * stride_h
-    K_BH = K + qkv_base
-    V_BH = V + qkv_base
+    K_BH = K + i_b * stride_b + (i_h + kv_heads) * stride_h
+    V_BH = V + i_b * stride_b + (i_h + 2 * kv_heads) * stride_h
     PK_BH = PK + i_b * pstride_b + i_h * pstride_h
-    PV_BH = PV + i_b * pstride_b + i_h * pstride_h
-    b_q = tl.load(Q + qkv_base + o_m[:, None] * stride_n + o_d[None, :], mask=m_md, other=0.0)  # [BM, D_PAD]
+    PV_BH = PV + i_b * pstride_b + (i_h + pv_heads) * pstride_h
+    b_q = tl.load(Q + i_b * stride_b + i_h * stride_h + o_m[:, None] * stride_n + o_d[None, :], mask=m_md,
+                  other=0.0)  # [BM, D_PAD]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -210,26 +214,32 @@ def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, 
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, DV, DPK, DPV,
-                stride_b, stride_h, stride_n, pstride_b, pstride_h, pstride_n, ostride_b, ostride_h, ostride_n,
-                dostride_b, dostride_h, dostride_n, dstride_b, dstride_h, dstride_n, dpstride_b, dpstride_h,
-                dpstride_n, H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
+def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
+                stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
+                ostride_b, ostride_h, ostride_n, dostride_b, dostride_h, dostride_n,
+                dstride_b, dstride_h, dstride_n, dkv_heads, dpstride_b, dpstride_h, dpstride_n,
+                H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                 MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """Every gradient of one (batch, head): dq, dk, dv, and the prompt gradients into DPK/DPV (fp32: per-(b, h)
-    partials, or with ATOMIC atomics at batch stride 0)."""
+    """Every gradient of one (batch, head): dq, dk, dv, and the prompt gradients into DPK (fp32 [.., 2, H, P, D],
+    the V half H * dpstride_h elements after the K half: per-(b, h) partials, or with ATOMIC atomics at batch
+    stride 0). DELTA is the fp32 scratch: delta [B*H*N] (padded to a multiple of 16 elements), then the dq
+    accumulator [B*H, N, D] (present only with several key tiles)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
-    qkv_base = i_b * stride_b + i_h * stride_h
-    grad_base = i_b * dstride_b + i_h * dstride_h
-    Q_BH = Q + qkv_base
+    Q_BH = Q + i_b * stride_b + i_h * stride_h
+    K_BH = K + i_b * stride_b + (i_h + kv_heads) * stride_h
+    V_BH = V + i_b * stride_b + (i_h + 2 * kv_heads) * stride_h
+    DQ_BH = DQ + i_b * dstride_b + i_h * dstride_h
+    DK_BH = DK + i_b * dstride_b + (i_h + dkv_heads) * dstride_h
+    DV_BH = DV + i_b * dstride_b + (i_h + 2 * dkv_heads) * dstride_h
     DO_BH = DO + i_b * dostride_b + i_h * dostride_h
     DELTA_BH = DELTA + i_bh * N
     LSE_BH = LSE + i_bh * N
-    DQ_ACC_BH = DQ_ACC + i_bh * N * D
+    DQ_ACC_BH = DELTA + tl.cdiv(tl.num_programs(0).to(tl.int64) * N, 16) * 16 + i_bh * N * D
     # delta = rowsum(dO * O) of every row, once
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
@@ -243,42 +253,43 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ_ACC, DQ, DK, 
     last_start = ((N + P - 1) // BLOCK_N) * BLOCK_N
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        b_k, b_v = _token_keys(K + qkv_base, V + qkv_base, stride_n, start_n, o_d, m_d, BLOCK_N)
+        b_k, b_v = _token_keys(K_BH, V_BH, stride_n, start_n, o_d, m_d, BLOCK_N)
         b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
-                                   DQ_ACC_BH, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
+                                   DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
                                    i_b, None, None, None, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls,
                                    len_img, False, MASK_MODE, RENORMALIZE, BLOCK_M, BLOCK_N, D_PAD,
                                    PRECISION)
         p_rows = (start_n + tl.arange(0, BLOCK_N))[:, None] * dstride_n + o_d[None, :]
-        tl.store(DK + grad_base + p_rows, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_d[None, :])
-        tl.store(DV + grad_base + p_rows, b_dv.to(DV.dtype.element_ty), mask=m_d[None, :])
+        tl.store(DK_BH + p_rows, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_d[None, :])
+        tl.store(DV_BH + p_rows, b_dv.to(DV.dtype.element_ty), mask=m_d[None, :])
         tl.debug_barrier()  # this tile's dq scratch writes before the next tile reads them
 
-    prompt_base = i_b * pstride_b + i_h * pstride_h
-    dprompt_base = i_b * dpstride_b + i_h * dpstride_h
+    PK_BH = PK + i_b * pstride_b + i_h * pstride_h
+    PV_BH = PV + i_b * pstride_b + (i_h + pv_heads) * pstride_h
+    DPK_BH = DPK + i_b * dpstride_b + i_h * dpstride_h
+    DPV_BH = DPK + i_b * dpstride_b + (i_h + H) * dpstride_h
     for start_n in range(n_full, N + P, BLOCK_N):
-        b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K + qkv_base, V + qkv_base, PK + prompt_base,
-                                                        PV + prompt_base, stride_n, pstride_n, start_n, N, P, o_d,
-                                                        m_d, BLOCK_N)
+        b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n, N,
+                                                        P, o_d, m_d, BLOCK_N)
         b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
-                                   DQ_ACC_BH, DQ + grad_base, stride_n, dostride_n, dstride_n, MASK, BITS,
+                                   DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
                                    i_b, o_p, is_token, is_prompt, N, P, D, qk_scale, sm_scale, n_cls_prompts,
                                    pool_cls, len_cls, len_img, True, MASK_MODE, RENORMALIZE, BLOCK_M,
                                    BLOCK_N, D_PAD, PRECISION)
         b_dk = b_dk * sm_scale
         o_n = start_n + tl.arange(0, BLOCK_N)
-        p_tok = grad_base + o_n[:, None] * dstride_n + o_d[None, :]
+        p_tok = o_n[:, None] * dstride_n + o_d[None, :]
         m_tok = is_token[:, None] & m_d[None, :]
-        tl.store(DK + p_tok, b_dk.to(DK.dtype.element_ty), mask=m_tok)
-        tl.store(DV + p_tok, b_dv.to(DV.dtype.element_ty), mask=m_tok)
-        p_prm = dprompt_base + o_p[:, None] * dpstride_n + o_d[None, :]
+        tl.store(DK_BH + p_tok, b_dk.to(DK.dtype.element_ty), mask=m_tok)
+        tl.store(DV_BH + p_tok, b_dv.to(DV.dtype.element_ty), mask=m_tok)
+        p_prm = o_p[:, None] * dpstride_n + o_d[None, :]
         m_prm = is_prompt[:, None] & m_d[None, :]
         if ATOMIC:
-            tl.atomic_add(DPK + p_prm, b_dk, mask=m_prm)
-            tl.atomic_add(DPV + p_prm, b_dv, mask=m_prm)
+            tl.atomic_add(DPK_BH + p_prm, b_dk, mask=m_prm)
+            tl.atomic_add(DPV_BH + p_prm, b_dv, mask=m_prm)
         else:
-            tl.store(DPK + p_prm, b_dk.to(DPK.dtype.element_ty), mask=m_prm)
-            tl.store(DPV + p_prm, b_dv.to(DPV.dtype.element_ty), mask=m_prm)
+            tl.store(DPK_BH + p_prm, b_dk.to(DPK.dtype.element_ty), mask=m_prm)
+            tl.store(DPV_BH + p_prm, b_dv.to(DPK.dtype.element_ty), mask=m_prm)
         tl.debug_barrier()
 
 
@@ -316,85 +327,197 @@ def config_key(D, dtype):
     return operand_class(dtype), max(64, next_power_of_2(D))
 
 
-def launch_config(kernel, N, P, D, dtype, **flags):
-    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd') for N tokens and P prompts of head dim D (and the
-    kernel's flag constexprs, ``flags``), computed once per shape, flags and table entry (``benchmarks/tune.py`` edits
-    LAUNCH_CONFIGS in place): a cached dict, not to be changed. Query blocks shrink to N, key tiles to N + P (at
-    least 16, the smallest tl.dot)."""
-    key = config_key(D, dtype)
-    configs = LAUNCH_CONFIGS.get(key)
+def _table_entry(kernel, D, dtype):
+    """(LAUNCH_CONFIGS entry of ``kernel`` ('fwd' | 'bwd'), operand class) at head dim D."""
+    operand, d_pad = config_key(D, dtype)
+    configs = LAUNCH_CONFIGS.get((operand, d_pad))
     if configs is None:
         raise ValueError(f"head dim D={D}: the Triton kernels take D <= 128; use backend='torch'")
-    return _launch_config(configs[kernel], N, P, D, key[0], tuple(flags.items()))
+    return configs[kernel], operand
+
+
+def launch_config(kernel, N, P, D, dtype, **flags):
+    """Constexprs and launch options of ``kernel`` ('fwd' | 'bwd') for N tokens and P prompts of head dim D (and the
+    kernel's flag constexprs, ``flags``): a cached dict, not to be changed. Query blocks shrink to N, key tiles to
+    N + P (at least 16, the smallest tl.dot)."""
+    return _launch_config(*_table_entry(kernel, D, dtype), N, P, D, tuple(flags.items()))
 
 
 @functools.cache
-def _launch_config(entry, N, P, D, operand, flags):
+def _launch_config(entry, operand, N, P, D, flags):
     block_m, block_n, num_warps, num_stages = entry
     return dict(BLOCK_M=min(block_m, max(16, next_power_of_2(N))),
                 BLOCK_N=min(block_n, max(16, next_power_of_2(N + P))), D_PAD=max(16, next_power_of_2(D)),
                 PRECISION=DOT_PRECISION[operand], num_warps=num_warps, num_stages=num_stages, **dict(flags))
 
 
-def _bhn(t):
-    """(batch, head, row) strides of a [B, H, N, D] tensor, or of an [H, N, D] one (batch stride 0)."""
-    strides = t.stride()
-    return strides[:3] if len(strides) == 4 else (0, *strides[:2])
+# Launch plans: (grid, the scalar arguments, constexprs and launch options, buffer shapes) of one launch, computed
+# once per layout, dtype, shape, strides, selection layout and flags (never from a tensor's values), from the
+# tensors' own shapes and strides (no view is made to read them) and LAUNCH_CONFIGS as it is then: who edits the
+# table at run time calls forget_plans() (benchmarks/tune.py). Each operand group (q/k/v, prompt K/V, dq/dk/dv)
+# is passed to the kernels as its pointers and (b, h, n, shift): the (batch, head, row) strides of its [B, H, N, D]
+# tensors (batch stride 0 for prompts shared by the batch) and how many head strides after its pointer the second
+# tensor of the group lies (the third: twice that). Separate tensors: shift 0. A packed group (qkv [B, N, 3, H, D],
+# prompt_kv [.., 2, H, P, D]) is one tensor passed once per pointer, its slices ``shift`` head strides apart.
 
 
-def _launch(kernel, programs, q, *args, **meta):
-    """kernel[(programs,)](q, *args, **meta), or nothing when there is no program (a zero-size dimension). Every
-    attention kernel takes q first and runs its dots in q's dtype: bf16 is refused off CUDA (the interpreter)."""
+def _stacked(b, h, n, step, H):
+    """(b, h, n, shift) of slices stacked ``step`` elements apart, read through one pointer (the callers guarantee
+    that step is a whole number of head strides h, ``_function.read_in_place``; with one head any head stride
+    serves: it only ever multiplies head 0)."""
+    if H == 1:
+        return b, step, n, 1
+    if h == 0 or step % h:
+        raise ValueError(f"stacked operands {step} elements apart, not a whole number of head strides ({h})")
+    return b, h, n, step // h
+
+
+def _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides):
+    """(dims (B, H, N, P, D), q/k/v strides, prompt K/V strides) of q [B, H, N, D] or (``packed``) qkv
+    [B, N, 3, H, D], and of prompt_k [H, P, D] or [B, H, P, D] or (``stacked``) prompt_kv [2, H, P, D] or
+    [B, 2, H, P, D]."""
+    if packed:
+        B, N, _, H, D = shape
+        qkv = _stacked(strides[0], strides[3], strides[1], strides[2], H)
+    else:
+        B, H, N, D = shape
+        qkv = (*strides[:3], 0)
+    ps = prompt_strides
+    if stacked:
+        pb, pstep, ph, pn = (0, *ps[:3]) if len(ps) == 4 else ps[:4]
+        prompts = _stacked(pb, ph, pn, pstep, H)
+    else:
+        prompts = ((0, *ps[:2]) if len(ps) == 3 else ps[:3]) + (0,)
+    return (B, H, N, prompt_shape[-2], D), qkv, prompts
+
+
+def _selection_scalars(mask_mode, layout):
+    """The kernels' (n_cls_prompts, pool_cls, len_cls, len_img) of a selection's (pool_cls, len_cls, len_img)."""
+    pool_cls, len_cls, len_img = layout
+    return (pool_cls * len_cls, pool_cls, len_cls, len_img) if mask_mode else (0, 0, 1, 1)
+
+
+@functools.cache
+def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, mask_mode, layout, scale,
+                  renormalize):
+    """``_fwd_kernel``, writing out as a contiguous [B, N, H, D] buffer: (grid, scalars, meta, out shape ([B, N, H*D]
+    packed, else [B, N, H, D]), lse shape)."""
+    (B, H, N, P, D), qkv, prompts = _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides)
+    meta = _launch_config(*_table_entry("fwd", D, dtype), N, P, D,
+                          (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize)))
+    scalars = (*qkv, *prompts, N * H * D, D, H * D, H, N, P, D, scale * LOG2E, *_selection_scalars(mask_mode, layout))
+    out_shape = (B, N, H * D) if packed else (B, N, H, D)
+    return (B * H * cdiv(N, meta["BLOCK_M"]),), scalars, meta, out_shape, (B, H, N)
+
+
+@functools.cache
+def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, out_strides,
+                   grad_out_strides, grad_strides, mask_mode, layout, scale, renormalize, atomic):
+    """``_bwd_kernel`` with contiguous prompt gradients ([2, H, P, D] with ``atomic``, else [B, 2, H, P, D]): (grid,
+    scalars, meta, elements of the fp32 scratch: delta [B*H*N] padded to a multiple of 16, then the dq accumulator
+    [B*H, N, D] when there are several key tiles). out, grad_out and dq/dk/dv in q's layout: [B, N, H*D] and
+    [B, N, 3, H, D] packed, else [B, H, N, D] each."""
+    (B, H, N, P, D), qkv, prompts = _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides)
+    meta = _launch_config(*_table_entry("bwd", D, dtype), N, P, D,
+                          (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize), ("ATOMIC", atomic)))
+    if packed:
+        os, gs, ds = out_strides, grad_out_strides, grad_strides
+        outs, grad_outs, grads = (os[0], D, os[1]), (gs[0], D, gs[1]), _stacked(ds[0], ds[3], ds[1], ds[2], H)
+    else:
+        outs, grad_outs, grads = out_strides[:3], grad_out_strides[:3], (*grad_strides[:3], 0)
+    dprompts = (0 if atomic else 2 * H * P * D, P * D, D)
+    scalars = (*qkv, *prompts, *outs, *grad_outs, *grads, *dprompts, H, N, P, D, scale * LOG2E, scale,
+               *_selection_scalars(mask_mode, layout))
+    scratch = cdiv(B * H * N, 16) * 16 + (B * H * N * D if N + P > meta["BLOCK_N"] else 0)
+    return (B * H,), scalars, meta, scratch
+
+
+def forget_plans():
+    """Drop the cached launch plans (after an edit of LAUNCH_CONFIGS)."""
+    _forward_plan.cache_clear()
+    _backward_plan.cache_clear()
+
+
+def _selection_pointer(mask, bits):
+    """The kernels' MASK and BITS argument (the unused one is a placeholder): a bool mask [B, N, P] read as uint8, or
+    the selection words."""
+    return bits if mask is None else mask.contiguous().view(torch.uint8)
+
+
+def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, layout, scale, renormalize):
+    """One launch of ``_fwd_kernel`` (operands as ``_geometry`` takes them, the pointers of a packed group its one
+    tensor; layout (pool_cls, len_cls, len_img)): (out, lse). Its dots run in q's dtype: bf16 is refused off CUDA
+    (the interpreter); no launch without programs (a zero-size dimension), as in ``_backward``."""
+    grid, scalars, meta, out_shape, lse_shape = _forward_plan(
+        packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), 1 if mask is None else 0,
+        layout, scale, renormalize)
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     refuse_interpreter_bf16("q", q)
-    if programs > 0:
-        kernel[(programs,)](q, *args, **meta)
-
-
-def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize):
-    """One launch of ``_fwd_kernel``. q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or
-    [B, H, P, D], q's dtype or fp32) share theirs, unit stride on D (the callers see to it: ``shared_strides``).
-    Returns (out [B, H, N, D] in q's dtype: a transposed view of a contiguous [B, N, H, D] buffer; lse [B, H, N]
-    fp32 in log2 units)."""
-    B, H, N, D = q.shape
-    P = prompt_k.shape[-2]
-    device = q.device
-    out = torch.empty((B, N, H, D), dtype=q.dtype, device=device).transpose(1, 2)  # [B, H, N, D]
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=device)
-    mask, bits, *layout = selection.kernel_args()
-    cfg = launch_config("fwd", N, P, D, q.dtype, MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize)
-    _launch(_fwd_kernel, B * H * cdiv(N, cfg["BLOCK_M"]), q, k, v, prompt_k, prompt_v, mask, bits, out, lse,
-            *_bhn(q), *_bhn(prompt_k), *_bhn(out), H, N, P, D, scale * LOG2E, *layout, **cfg)
+    if grid[0]:
+        selection = _selection_pointer(mask, bits)
+        _fwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, out, lse, *scalars, **meta)
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize,
-                       dq, dk, dv, dprompt):
+def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits,
+              layout, scale, renormalize):
+    """One launch of ``_bwd_kernel`` (operands as ``_backward_plan`` takes them)."""
+    grid, scalars, meta, scratch = _backward_plan(
+        packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), out.stride(),
+        grad_out.stride(), dq.stride(), 1 if mask is None else 0, layout, scale, renormalize, dprompt.dim() == 4)
+    scratch = torch.empty(scratch, dtype=torch.float32, device=q.device)
+    refuse_interpreter_bf16("q", q)
+    if grid[0]:
+        selection = _selection_pointer(mask, bits)
+        _bwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, out, grad_out, lse, scratch, dq, dk, dv,
+                          dprompt, *scalars, **meta)
+
+
+def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
+    """One launch of ``_fwd_kernel``. q/k/v [B, H, N, D] share (b, h, n) strides with unit stride on D (the callers
+    see to it: ``shared_strides``); prompt_k/prompt_v ([H, P, D] or [B, H, P, D], q's dtype or fp32) likewise, or
+    prompt_v None and prompt_k both stacked ([2, H, P, D] or [B, 2, H, P, D], ``read_in_place``); the selection as
+    ``Selection.op_args()``. Returns (out [B, H, N, D] in q's dtype: a transposed view of a contiguous
+    [B, N, H, D] buffer; lse [B, H, N] fp32 in log2 units)."""
+    stacked = prompt_v is None
+    out, lse = _forward(False, stacked, q, k, v, prompt_k, prompt_k if stacked else prompt_v, mask, bits,
+                        (pool_cls, len_cls, len_img), scale, renormalize)
+    return out.transpose(1, 2), lse
+
+
+def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls,
+                       len_cls, len_img, scale, renormalize):
     """One launch of ``_bwd_kernel``: writes dq, dk, dv ([B, H, N, D] sharing one (b, h, n) stride set with unit
-    stride on D) and the prompt gradients into dprompt (fp32): [B, 2, H, P, D] (per-sample gradients, or per-(b, h)
-    partials of prompts shared by the batch, which the caller sums), or [2, H, P, D] zero-filled, to which the
-    kernel adds with atomics. q/k/v and prompt_k/prompt_v as in ``attention_forward``; grad_out and out are read
-    through their own strides (unit stride on D)."""
-    B, H, N, D = q.shape
-    P = prompt_k.shape[-2]
-    mask, bits, *layout = selection.kernel_args()
-    cfg = launch_config("bwd", N, P, D, q.dtype, MASK_MODE=selection.mask_mode, RENORMALIZE=renormalize,
-                        ATOMIC=dprompt.dim() == 4)
-    dpk, dpv = dprompt.unbind(-4)  # [B, H, P, D] or [H, P, D]
-    device = q.device
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=device)
-    several_key_tiles = N + P > cfg["BLOCK_N"]
-    dq_scratch = torch.empty((B, H, N, D) if several_key_tiles else (0,), dtype=torch.float32, device=device)
-    _launch(_bwd_kernel, B * H,
-            q, k, v, prompt_k, prompt_v, mask, bits, out, grad_out, lse, delta, dq_scratch, dq, dk, dv, dpk, dpv,
-            *_bhn(q), *_bhn(prompt_k), *_bhn(out), *_bhn(grad_out), *_bhn(dq), *_bhn(dpk), H, N, P, D,
-            scale * LOG2E, scale, *layout, **cfg)
+    stride on D) and the prompt gradients into dprompt (fp32, contiguous): [B, 2, H, P, D] (per-sample gradients, or
+    per-(b, h) partials of prompts shared by the batch, which the caller sums), or [2, H, P, D] zero-filled, to which
+    the kernel adds with atomics. The other tensors as in ``attention_forward``; grad_out and out are read through
+    their own strides (unit stride on D)."""
+    stacked = prompt_v is None
+    _backward(False, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_k if stacked else prompt_v,
+              out, lse, mask, bits, (pool_cls, len_cls, len_img), scale, renormalize)
+
+
+def packed_forward(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
+    """``attention_forward`` on qkv [B, N, 3, H, D] and stacked prompt_kv, both read in place (``read_in_place``):
+    returns (out [B, N, H*D] contiguous, lse [B, H, N])."""
+    return _forward(True, True, qkv, qkv, qkv, prompt_kv, prompt_kv, mask, bits, (pool_cls, len_cls, len_img), scale,
+                    renormalize)
+
+
+def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale,
+                    renormalize):
+    """``attention_backward`` on the packed layouts: qkv and prompt_kv as in ``packed_forward``, out and grad_out
+    [B, N, H*D] (unit stride on the last dim); writes dq, dk, dv into dqkv [B, N, 3, H, D] (``read_in_place``) and
+    the prompt gradients into dprompt as ``attention_backward`` does."""
+    _backward(True, True, dqkv, dqkv, dqkv, dprompt, grad_out, qkv, qkv, qkv, prompt_kv, prompt_kv, out, lse, mask,
+              bits, (pool_cls, len_cls, len_img), scale, renormalize)
 
 
 def backward_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,
                    needs_grad):
-    """The whole Triton backward outside autograd, through the library's backward op (benchmarks/tune.py times it):
-    grads of (q, k, v, prompt_k, prompt_v), None where needs_grad is False."""
-    dq, dk, dv = token_grad_buffers(q)
-    dprompt = attention_grads(dq, dk, dv, grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale,
-                              renormalize, "triton", deterministic)
+    """The whole Triton backward outside autograd (benchmarks/tune.py times it): grads of (q, k, v, prompt_k,
+    prompt_v), None where needs_grad is False; ``selection`` a Selection."""
+    dq, dk, dv, dprompt = attention_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection.op_args(), scale,
+                                          renormalize, "triton", deterministic)
     return [g if need else None for g, need in zip((dq, dk, dv, *dprompt.unbind(-4)), needs_grad)]

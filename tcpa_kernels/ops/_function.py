@@ -2,39 +2,47 @@
 
 Each differentiable op is a ``torch.autograd.Function`` (``tcpa_attention._SelectedTCPAFunction``,
 ``fused.TCPAAttention``, ``packed.PackedAttention``, ``match_select.MatchSelect``) whose forward and backward
-launch their kernels through *kernel ops*, one per launch. A kernel op (:class:`KernelOp`) is a
-``torch.library.custom_op`` with a fake implementation and no autograd formula of its own, called in one of two
-ways:
+launch their kernels. Each launch is also a *kernel op* (:class:`KernelOp`): a ``torch.library.custom_op`` with a
+fake implementation and no autograd formula of its own, which runs its backend's launcher (``implementation``;
+``match_select._implementation``) with the same arguments but the backend. The Functions reach a launch in one of
+two ways:
 
 - under ``torch.compile`` or a TorchDispatchMode (``FakeTensorMode``, the op census, the tests' op logs): through
-  the dispatcher, so dynamo sees one opaque node per launch (no graph break, no tracing into Triton or the
-  interpreter), fake tensors get the fake implementation and the census counts one op per launch;
-- in eager mode: the function it wraps, called directly (the Triton launcher, or its PyTorch twin on
-  backend="torch"): the dispatcher round trip of a custom op costs more host time than the launch itself.
+  the kernel op and the dispatcher, so dynamo sees one opaque node per launch (no graph break, no tracing into
+  Triton or the interpreter), fake tensors get the fake implementation and the census counts one op per launch;
+- in eager mode: the launcher itself (the Triton launcher, or its PyTorch twin on backend="torch"), called by the
+  Function with the arguments it would give the op: the dispatcher round trip of a custom op costs more host time
+  than the launch itself. A kernel op called directly in eager mode (``topk_bits_op``) skips the dispatcher too.
 
 Whatever else the backward does (allocating the gradient buffers, zero-filling the atomics' target, the batch sum
 of prompt partials, casts) is plain aten outside the ops, visible to both. The backward ops write into gradient
 buffers their caller allocates (``torch.empty``, no kernel), so no op returns memory it leaves partly unwritten.
-No op reads a tensor's value on the host or makes a CPU tensor, so CUDA graphs can capture all of it.
+No op reads a tensor's value on the host or makes a CPU tensor, so CUDA graphs can capture all of it. The Triton
+launchers read no view of their operands: strides, shifts and grids come from launch plans cached per shape and
+strides (``_attention_kernels``, ``_match_kernels``).
 
-CPU host time, launches stubbed: one forward + backward of the model-path entries (no argument checks) at
-q/k/v [2, 2, 8, 16], every Triton kernel a no-op, medians in us on this 2-core CPU (torch 2.14; the conditions of
-``benchmarks/overhead.py``, the same launchers in all three wirings)::
+CPU host time, launches stubbed: one forward + backward at q/k/v [2, 2, 8, 16] under ``benchmarks/overhead.py``
+(every Triton kernel a no-op; medians in us on this 2-core CPU, torch 2.14, three runs each, before and after back
+to back). Before: the Functions reached the launchers through the kernel ops' eager call, on views made to read
+strides, with a Selection rebuilt and launch metadata assembled per call::
 
-    wiring                                                               packed_attention   match
-    custom_op + register_autograd (every call through the dispatcher)          159            132
-    autograd.Function calling the custom ops (the dispatched path)             127            101
-    autograd.Function calling the launchers (eager mode, this module)            80             68
-    F.scaled_dot_product_attention forward + backward, same q/k/v                49
+    entry                                          before        after    after / SDPA
+    packed_attention (model path)                      94           55            1.00
+    match (model path)                                 73           56            1.02
+    tcpa_packed_attention (validated)                 108           69            1.26
+    match_select (validated)                           83           66            1.20
+    attention (model path, [B, H, N, D])              113           86            1.55
+    norm_match (model path, LayerNorm fused)           85           66            1.19
+    minimal autograd.Function of packed's shape        40           40            0.73
+    F.scaled_dot_product_attention, same q/k/v         55           55            1.00
 
-The validated public ops in the same run: ``tcpa_packed_attention`` 219 before this wiring (which also called
-``triton.cdiv`` and rebuilt the launch configuration on every call) -> 93 (1.9x SDPA's, the target being 2x),
-``match_select`` 163 -> 77.
+(attention's figure includes the [B, H, N, D] views of qkv the harness makes, and their backward, as the model
+does; norm_match's the gradient of h.)
 
 Ops: ``attention_fwd`` (forward kernel), ``attention_bwd`` (backward kernel: dq, dk, dv and the prompt
-gradients in one launch), ``topk_bits`` (selection kernel); ``packed.py`` adds ``packed_attention_fwd``, the
-forward kernel for qkv in timm's [B, N, 3, H, D] layout (the kernels take strides, so the backward op serves both
-layouts), ``match_select.py`` the matching ops.
+gradients in one launch), ``topk_bits`` (selection kernel); ``packed.py`` adds ``packed_attention_fwd`` and
+``packed_attention_bwd``, the same kernels on timm's [B, N, 3, H, D] layout (the kernels take strides),
+``match_select.py`` the matching ops.
 """
 
 import functools
@@ -48,7 +56,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tcpa_kernels._backend import kernels
 from tcpa_kernels.ops import _torch_attention
-from tcpa_kernels.ops.selection import Selection, topk_bits
+from tcpa_kernels.ops.selection import topk_bits
 
 
 def traced() -> bool:
@@ -80,7 +88,11 @@ def kernel_op(name: str, mutates_args: tuple[str, ...] = ()):
 @functools.cache
 def implementation(backend: str) -> ModuleType:
     """The attention launchers of ``backend``: the Triton kernels (``_attention_kernels``, imported on first use) or
-    their chunked PyTorch twin; both modules have the same two functions."""
+    their chunked PyTorch twin. Both modules have the same four functions, each taking what its op below takes but
+    the backend: ``attention_fwd(*args, backend)`` runs ``implementation(backend).attention_forward(*args)``, and so
+    do ``attention_bwd`` / ``attention_backward``, ``packed_attention_fwd`` / ``packed_forward`` and
+    ``packed_attention_bwd`` / ``packed_backward``. The autograd Functions call the launcher itself in eager mode,
+    the op when ``traced()``."""
     return _torch_attention if backend == "torch" else kernels("_attention_kernels")
 
 
@@ -98,16 +110,16 @@ def accumulation_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
 
 
 @kernel_op("tcpa_kernels::attention_fwd")
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor, mask: Tensor | None,
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor | None, mask: Tensor | None,
                   bits: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float, renormalize: bool,
                   backend: str) -> tuple[Tensor, Tensor]:
     """One launch of the forward kernel: (out [B, H, N, D], a transposed view of a contiguous [B, N, H, D] buffer;
     lse [B, H, N]). q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or [B, H, P, D]) share
-    theirs, unit stride on D; the selection is a bool mask [B, N, P] or int64 selection words [B, N] with their pool
-    layout (``Selection.op_args()``: the other one None)."""
-    return implementation(backend).attention_forward(q, k, v, prompt_k, prompt_v,
-                                                     Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                     renormalize)
+    theirs, unit stride on D; or prompt_v None and prompt_k both, stacked on dim -4 (``[2, H, P, D]`` or
+    ``[B, 2, H, P, D]``, ``read_in_place``). The selection is a bool mask [B, N, P] or int64 selection words [B, N]
+    with their pool layout (``Selection.op_args()``: the other one None)."""
+    return implementation(backend).attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls,
+                                                     len_img, scale, renormalize)
 
 
 @attention_fwd.register_fake
@@ -118,18 +130,15 @@ def _(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale
 
 @kernel_op("tcpa_kernels::attention_bwd", mutates_args=("dq", "dk", "dv", "dprompt"))
 def attention_bwd(dq: Tensor, dk: Tensor, dv: Tensor, dprompt: Tensor, grad_out: Tensor, q: Tensor, k: Tensor,
-                  v: Tensor, prompt_k: Tensor, prompt_v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None,
+                  v: Tensor, prompt_k: Tensor, prompt_v: Tensor | None, out: Tensor, lse: Tensor, mask: Tensor | None,
                   bits: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float, renormalize: bool,
                   backend: str) -> None:
     """One launch of the backward kernel: writes dq, dk and dv ([B, H, N, D] sharing one (b, h, n) stride set
-    with unit stride on D: views of a packed [B, N, 3, H, D] buffer, or their own) and the prompt gradients into
-    dprompt (accumulation dtype): [B, 2, H, P, D] (per-sample gradients, or per-(b, h) partials of shared prompts
-    that the caller sums over the batch), or [2, H, P, D] zero-filled, which gets their batch sum (atomics on
-    CUDA; shared prompts only). grad_out and out ([B, H, N, D], unit stride on D) are read through their own
+    with unit stride on D) and the prompt gradients into dprompt (``prompt_grad_buffer``); the other tensors as
+    ``attention_fwd`` takes them, grad_out and out ([B, H, N, D], unit stride on D) read through their own
     strides."""
-    implementation(backend).attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
-                                               Selection(mask, bits, pool_cls, len_cls, len_img), scale, renormalize,
-                                               dq, dk, dv, dprompt)
+    implementation(backend).attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse,
+                                               mask, bits, pool_cls, len_cls, len_img, scale, renormalize)
 
 
 @attention_bwd.register_fake
@@ -152,34 +161,24 @@ def _(scores, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
     return scores.new_empty(scores.shape[:2], dtype=torch.int64)
 
 
-def attention_grads(dq: Tensor, dk: Tensor, dv: Tensor, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                    prompt_k: Tensor, prompt_v: Tensor, out: Tensor, lse: Tensor, selection: Selection, scale: float,
-                    renormalize: bool, backend: str, deterministic: bool) -> Tensor:
-    """The attention backward: the backward op, with the aten work before and after it.
+def prompt_grad_buffer(shared: bool, B: int, H: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
+                       backend: str, deterministic: bool) -> Tensor:
+    """The backward ops' prompt-gradient buffer (accumulation dtype, contiguous) for tokens of ``dtype``:
+    ``[B, 2, H, P, D]`` uninitialised (per-sample gradients, or per-(b, h) partials of shared prompts), or for
+    shared prompts with ``deterministic=False`` (and torch's deterministic algorithms off) on the Triton backend
+    ``[2, H, P, D]`` zero-filled, the target of fp32 atomics."""
+    acc_dtype = accumulation_dtype(backend, dtype)
+    if shared and backend == "triton" and not (deterministic or torch.are_deterministic_algorithms_enabled()):
+        return torch.zeros((2, H, P, D), dtype=acc_dtype, device=device)
+    return torch.empty((B, 2, H, P, D), dtype=acc_dtype, device=device)
 
-    Writes dq, dk, dv (``[B, H, N, D]`` buffers the caller allocates: views of one ``[B, N, 3, H, D]`` tensor, or
-    not; they share strides). grad_out, q, k, v, out ``[B, H, N, D]``, prompt_k/prompt_v ``[H, P, D]`` or
-    ``[B, H, P, D]``. Returns the gradients of (prompt_k, prompt_v) stacked on dim -4 (``[2, H, P, D]`` or
-    ``[B, 2, H, P, D]``) in prompt_k's dtype. Shared prompts: per-(b, h) partials summed over the batch here
-    (deterministic), or with ``deterministic=False`` (and torch's deterministic algorithms off) fp32 atomics on the
-    Triton backend.
-    """
-    if grad_out.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
-        grad_out = grad_out.contiguous()
-    B, H, N, D = q.shape
-    P = prompt_k.shape[-2]
-    shared = prompt_k.dim() == 3
-    atomic = backend == "triton" and shared and not (deterministic or torch.are_deterministic_algorithms_enabled())
-    acc_dtype = accumulation_dtype(backend, q.dtype)
-    if atomic:
-        dprompt = torch.zeros((2, H, P, D), dtype=acc_dtype, device=q.device)
-    else:
-        dprompt = torch.empty((B, 2, H, P, D), dtype=acc_dtype, device=q.device)
-    attention_bwd(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, *selection.op_args(), scale,
-                  renormalize, backend)
-    if shared and not atomic:
-        dprompt = dprompt.sum(0)  # [2, H, P, D]: the deterministic reduction over the batch
-    return dprompt if dprompt.dtype == prompt_k.dtype else dprompt.to(prompt_k.dtype)
+
+def prompt_grads(dprompt: Tensor, shared: bool, dtype: torch.dtype) -> Tensor:
+    """The stacked prompt gradients (``[2, H, P, D]`` or ``[B, 2, H, P, D]``, in ``dtype``) from the buffer the
+    backward op wrote: shared prompts' per-(b, h) partials summed over the batch here (deterministic)."""
+    if shared and dprompt.dim() == 5:
+        dprompt = dprompt.sum(0)
+    return dprompt if dprompt.dtype == dtype else dprompt.to(dtype)
 
 
 def shared_strides(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -192,23 +191,57 @@ def shared_strides(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
-def token_grad_buffers(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Uninitialised dq, dk, dv for q [B, H, N, D]: transposed views of three [B, N, H, D] tensors (three, not one
-    packed tensor: no gradient of the [B, H, N, D] entry points is larger than its input)."""
+def read_in_place(t: Tensor, dim: int) -> Tensor:
+    """t as it is if the kernels can read it through one pointer: unit stride on the last dim, and its slices along
+    ``dim`` (q, k, v of qkv ``[B, N, 3, H, D]``: dim 2; prompt K, V of ``[2, H, P, D]`` or ``[B, 2, H, P, D]``: dim
+    -4) a whole number of head strides apart, or one head (timm's qkv view, prompt K/V permuted from a
+    ``[.., P, 2, H, D]`` tensor and contiguous tensors are); else a contiguous copy."""
+    strides = t.stride()
+    head = strides[dim + 1]
+    if strides[-1] == 1 and (t.shape[dim + 1] == 1 or (head and strides[dim] % head == 0)):
+        return t
+    return t.contiguous()
+
+
+def token_grad_buffers(out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised dq, dk, dv laid out as the forward's out [B, H, N, D] (transposed views of [B, N, H, D] buffers,
+    one ``empty_like`` each): three tensors, not one packed tensor, as no gradient of the [B, H, N, D] entry points
+    is larger than its input."""
+    return torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+
+
+def attention_grads(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor | None,
+                    out: Tensor, lse: Tensor, selection: tuple, scale: float, renormalize: bool, backend: str,
+                    deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The [B, H, N, D] attention backward: the backward op (or in eager mode its launcher), with the aten work
+    before and after it. Tensors as ``attention_bwd`` takes them, ``selection`` its (mask, bits, pool_cls, len_cls,
+    len_img). Returns dq, dk, dv (``token_grad_buffers``) and the gradients of (prompt_k, prompt_v) stacked on dim
+    -4 (``[2, H, P, D]`` or ``[B, 2, H, P, D]``) in prompt_k's dtype (``prompt_grads``)."""
+    if grad_out.stride()[-1] != 1:  # e.g. the expanded gradient of out.sum()
+        grad_out = grad_out.contiguous()
     B, H, N, D = q.shape
-    return tuple(torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2) for _ in range(3))
+    shared = prompt_k.dim() == (3 if prompt_v is not None else 4)
+    dq, dk, dv = token_grad_buffers(out)
+    dprompt = prompt_grad_buffer(shared, B, H, prompt_k.shape[-2], D, q.dtype, q.device, backend, deterministic)
+    args = (dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, *selection, scale, renormalize)
+    if traced():
+        attention_bwd(*args, backend)
+    else:
+        implementation(backend).attention_backward(*args)
+    return dq, dk, dv, prompt_grads(dprompt, shared, prompt_k.dtype)
 
 
 def run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, layout, scale, renormalize, backend, deterministic):
     """Forward of the [B, H, N, D] autograd Functions (selection: mask or bits, and layout (pool_cls, len_cls,
     len_img)); returns out [B, H, N, D] (a transposed view of [B, N, H, D]). ``prompt_v`` None: ``prompt_k`` holds
     both, stacked on dim -4 (``[2, H, P, D]`` or ``[B, 2, H, P, D]``), and gets one stacked gradient."""
-    ctx.stacked = prompt_v is None
-    if ctx.stacked:
-        prompt_k, prompt_v = prompt_k.unbind(-4)
     q, k, v = shared_strides(q, k, v)
-    prompt_k, prompt_v = shared_strides(prompt_k, prompt_v)
-    out, lse = attention_fwd(q, k, v, prompt_k, prompt_v, mask, bits, *layout, scale, renormalize, backend)
+    if prompt_v is None:
+        prompt_k = read_in_place(prompt_k, -4)
+    else:
+        prompt_k, prompt_v = shared_strides(prompt_k, prompt_v)
+    args = (q, k, v, prompt_k, prompt_v, mask, bits, *layout, scale, renormalize)
+    out, lse = attention_fwd(*args, backend) if traced() else implementation(backend).attention_forward(*args)
     ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, mask, bits)
     ctx.config = (layout, scale, renormalize, backend, deterministic)
     return out
@@ -218,8 +251,7 @@ def run_backward(ctx, grad_out):
     """Grads of (q, k, v, prompt_k, prompt_v); None for inputs that need none."""
     q, k, v, prompt_k, prompt_v, out, lse, mask, bits = ctx.saved_tensors
     layout, scale, renormalize, backend, deterministic = ctx.config
-    dq, dk, dv = token_grad_buffers(q)
-    dprompt = attention_grads(dq, dk, dv, grad_out, q, k, v, prompt_k, prompt_v, out, lse,
-                              Selection(mask, bits, *layout), scale, renormalize, backend, deterministic)
-    grads = (dq, dk, dv, dprompt, None) if ctx.stacked else (dq, dk, dv, *dprompt.unbind(-4))
+    dq, dk, dv, dprompt = attention_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, (mask, bits, *layout),
+                                          scale, renormalize, backend, deterministic)
+    grads = (dq, dk, dv, dprompt, None) if prompt_v is None else (dq, dk, dv, *dprompt.unbind(-4))
     return [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]

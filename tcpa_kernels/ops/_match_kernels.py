@@ -10,7 +10,7 @@ import triton.language as tl
 
 from tcpa_kernels._backend import cdiv, next_power_of_2
 from tcpa_kernels.ops._selection_kernels import own_pool, select_topk
-from tcpa_kernels.ops.match_select import group_weights, norm_outputs, row_strides
+from tcpa_kernels.ops.match_select import group_weights
 from tcpa_kernels.ops.selection import max_topk
 
 # Tokens per block, channels per step of the loop over C, warps, stages: chosen offline from the sm_90 compile
@@ -119,7 +119,8 @@ def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, DTERMS, DX, DKEYS_PARTIAL, NO
     n_programs = tl.num_programs(0)
     o_e = tl.arange(0, E_PAD)
     m_e = o_e < pool_cls + pool_img
-    p_partial = DKEYS_PARTIAL + i_p.to(tl.int64) * (pool_cls + pool_img) * C + o_e[:, None] * C
+    if NEED_DKEYS:  # else DKEYS_PARTIAL is None, as DX is without NEED_DX
+        p_partial = DKEYS_PARTIAL + i_p.to(tl.int64) * (pool_cls + pool_img) * C + o_e[:, None] * C
     for i_blk in range(i_p, tl.cdiv(n_rows, BLOCK_T), n_programs):
         o_t = i_blk * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T] row = b*N + n
         m_t = o_t < n_rows
@@ -191,62 +192,97 @@ def _layer_norm_grad_sums(X, NORM_W, DH, o_t, m_t, p_x, C, b_mean, b_rstd, HAS_W
 # ------------------------------------------------------------------------------------------- launchers
 
 
+# Launch plans: (grid, the arguments after the pointers in the kernel's order, constexprs included, the launch
+# options, and the shapes of the buffers to allocate, as tuples: torch.empty parses a torch.Size more slowly) of one
+# launch, computed once per shape, strides, pool layout and flags (never from a tensor's values), from LAUNCH and
+# MAX_KEY_PARTIALS as they are then: who edits those at run time calls forget_plans().
+
+
+def forget_plans():
+    """Drop the cached launch plans (after an edit of LAUNCH or MAX_KEY_PARTIALS)."""
+    _forward_plan.cache_clear()
+    _backward_plan.cache_clear()
+
+
+def _constexprs_and_options(kernel, pool_cls, pool_img):
+    """(BLOCK_T, BLOCK_C, E_PAD) of ``kernel`` ('fwd' | 'bwd') and its launch options (E_PAD >= 16: tl.dot)."""
+    launch = LAUNCH[kernel]
+    e_pad = max(16, next_power_of_2(pool_cls + pool_img))
+    return (launch["BLOCK_T"], launch["BLOCK_C"], e_pad), dict(num_warps=launch["num_warps"],
+                                                               num_stages=launch["num_stages"])
+
+
 @functools.cache
-def _plan(kernel, launch, B, N, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, flags):
-    """(grid, the launch's scalar arguments after the strides, its constexprs and options) of ``kernel`` ('fwd' |
-    'bwd', ``launch`` its LAUNCH entry as items) for this shape: computed once per shape."""
-    n_rows = B * N
+def _forward_plan(shape, strides, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, eps, norm, has_w, has_b):
+    """``_match_fwd_kernel`` on x of ``shape`` and (batch, token) ``strides``: (grid, args, options, the shapes
+    (B, N) of bits, terms, mean, rstd and (B, N, C) of h)."""
+    B, N, C = shape
     w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
-    meta = dict(launch, E_PAD=max(16, next_power_of_2(pool_cls + pool_img)), **dict(flags))  # tl.dot needs >= 16
-    if kernel == "fwd":
-        grid = (cdiv(n_rows, meta["BLOCK_T"]),)
-        return grid, (num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, max_topk(N, num_prefix_tokens, k_cls, k_img),
-                      w_cls, w_img), meta
-    return (_programs(n_rows, meta["BLOCK_T"]),), (num_prefix_tokens, pool_cls, pool_img, w_cls, w_img), meta
+    k_max = max_topk(N, num_prefix_tokens, k_cls, k_img)
+    blocks, options = _constexprs_and_options("fwd", pool_cls, pool_img)
+    args = (B * N, N, C, strides[0], strides[1], num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls,
+            w_img, eps, norm, has_w, has_b, *blocks)
+    return (cdiv(B * N, blocks[0]),), args, options, (B, N), (B, N, C)
+
+
+@functools.cache
+def _backward_plan(shape, strides, dterms_strides, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, need_dx,
+                   need_dkeys, norm, has_w):
+    """``_match_bwd_kernel`` (dterms read at its own strides): (grid, args, options, the shapes of dx and of the
+    key-gradient partials)."""
+    B, N, C = shape
+    w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
+    blocks, options = _constexprs_and_options("bwd", pool_cls, pool_img)
+    args = (B * N, N, C, strides[0], strides[1], dterms_strides[0], dterms_strides[1], num_prefix_tokens, pool_cls,
+            pool_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, *blocks)
+    programs = backward_programs(B * N)
+    return (programs,), args, options, (B, N, C), (programs, pool_cls + pool_img, C)
 
 
 def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img):
-    """One launch of ``_match_fwd_kernel``: (terms, bits, h, mean, rstd) as ``match_select.match_fwd`` returns."""
-    B, N, C = x.shape
-    x, stride_b, stride_n = row_strides(x)
-    bits = torch.empty((B, N), dtype=torch.int64, device=x.device)
-    terms = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    h, mean, rstd = norm_outputs(x, fuse_norm)
-    if B * N:
-        grid, scalars, meta = _plan("fwd", tuple(LAUNCH["fwd"].items()), B, N, keys_cls.shape[0], keys_img.shape[0],
-                                    num_prefix_tokens, k_cls, k_img, (("NORM", fuse_norm),
-                                                                      ("HAS_W", norm_weight is not None),
-                                                                      ("HAS_B", norm_bias is not None)))
-        _match_fwd_kernel[grid](x, keys_cls.contiguous(), keys_img.contiguous(), bits, terms, norm_weight, norm_bias,
-                                h, mean, rstd, B * N, N, C, stride_b, stride_n, *scalars, norm_eps, **meta)
+    """One launch of ``_match_fwd_kernel``: (terms, bits, h, mean, rstd) as ``match_select.match_fwd`` returns,
+    with None for h, mean and rstd without ``fuse_norm``. The keys are contiguous (the callers see to it)."""
+    strides = x.stride()
+    if strides[-1] != 1:
+        x = x.contiguous()
+        strides = x.stride()
+    grid, args, options, rows, shape = _forward_plan(
+        x.shape, strides, keys_cls.shape[0], keys_img.shape[0], num_prefix_tokens, k_cls, k_img, norm_eps, fuse_norm,
+        norm_weight is not None, norm_bias is not None)
+    bits = torch.empty(rows, dtype=torch.int64, device=x.device)
+    terms = torch.empty(rows, dtype=torch.float32, device=x.device)
+    h = mean = rstd = None
+    if fuse_norm:  # the layer norm's output h [B, N, C] in x's dtype, mean and rstd [B, N] fp32
+        h = torch.empty(shape, dtype=x.dtype, device=x.device)
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if grid[0]:
+        _match_fwd_kernel[grid](x, keys_cls, keys_img, bits, terms, norm_weight, norm_bias, h, mean, rstd, *args,
+                                **options)
     return terms, bits, h, mean, rstd
-
-
-def _programs(n_rows, block_t):
-    return max(1, min(cdiv(n_rows, block_t), MAX_KEY_PARTIALS))
 
 
 def backward_programs(n_rows):
     """Programs of the backward launch (each writes one key-gradient partial)."""
-    return _programs(n_rows, LAUNCH["bwd"]["BLOCK_T"])
+    return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), MAX_KEY_PARTIALS))
 
 
 def backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
              need_dx, need_dkeys):
-    """One launch of ``_match_bwd_kernel``: (dx, key-gradient partials) as ``match_select.match_bwd`` returns."""
-    B, N, C = x.shape
-    x, stride_b, stride_n = row_strides(x)
-    pool_cls, pool_img = keys_cls.shape[0], keys_img.shape[0]
-    grid, scalars, meta = _plan("bwd", tuple(LAUNCH["bwd"].items()), B, N, pool_cls, pool_img, num_prefix_tokens,
-                                k_cls, k_img, (("NEED_DX", need_dx), ("NEED_DKEYS", need_dkeys),
-                                               ("NORM", dh is not None), ("HAS_W", norm_weight is not None)))
-    dx = torch.empty((B, N, C) if need_dx else (0,), dtype=x.dtype, device=x.device)
-    partials = torch.empty((grid[0], pool_cls + pool_img, C) if need_dkeys else (0,), dtype=torch.float32,
-                           device=x.device)
-    if B * N:
-        _match_bwd_kernel[grid](x, keys_cls.contiguous(), keys_img.contiguous(), bits, dterms, dx, partials,
-                                norm_weight, None if dh is None else dh.contiguous(), mean, rstd, B * N, N, C,
-                                stride_b, stride_n, dterms.stride(0), dterms.stride(1), *scalars, **meta)
+    """One launch of ``_match_bwd_kernel``: (dx, key-gradient partials) as ``match_select.match_bwd`` returns, with
+    None for what is not needed. The keys are contiguous (the callers see to it)."""
+    strides = x.stride()
+    if strides[-1] != 1:
+        x = x.contiguous()
+        strides = x.stride()
+    grid, args, options, shape, partials_shape = _backward_plan(
+        x.shape, strides, dterms.stride(), keys_cls.shape[0], keys_img.shape[0], num_prefix_tokens, k_cls, k_img,
+        need_dx, need_dkeys, dh is not None, norm_weight is not None)
+    dx = torch.empty(shape, dtype=x.dtype, device=x.device) if need_dx else None
+    partials = torch.empty(partials_shape, dtype=torch.float32, device=x.device) if need_dkeys else None
+    if args[0]:  # B * N rows
+        _match_bwd_kernel[grid](x, keys_cls, keys_img, bits, dterms, dx, partials, norm_weight,
+                                None if dh is None else dh.contiguous(), mean, rstd, *args, **options)
     elif need_dkeys:
         partials.zero_()
     return dx, partials

@@ -1,12 +1,15 @@
 """PyTorch backend of prompt-augmented attention: the kernels' math, chunked over query tokens.
 
-Used for CPU tensors (backend="auto") and as backend="torch" anywhere. Same two functions as the Triton
-launchers (forward; backward: dq, dk, dv and the prompt gradients), with the same layouts, so the custom ops
-serve both backends. Forward saves only lse; the backward recomputes probabilities chunk by chunk, so memory stays
-O(B*H*chunk*(N+P)) instead of O(B*H*N*(N+P)). Works in float64 too (the kernels do not). Always deterministic.
+Used for CPU tensors (backend="auto") and as backend="torch" anywhere. Same functions as the Triton launchers
+(forward; backward: dq, dk, dv and the prompt gradients; both again on timm's packed qkv layout), with the same
+layouts, so the custom ops serve both backends. Forward saves only lse; the backward recomputes probabilities
+chunk by chunk, so memory stays O(B*H*chunk*(N+P)) instead of O(B*H*N*(N+P)). Works in float64 too (the kernels do
+not). Always deterministic.
 """
 
 import torch
+
+from tcpa_kernels.ops.selection import Selection
 
 CHUNK_ELEMENTS = 1 << 24  # scores per chunk: 64 MB in fp32
 
@@ -16,7 +19,10 @@ def _compute_dtype(dtype):
 
 
 def _operands(k, v, prompt_k, prompt_v, cd):
-    """k, v [B, H, N, D] and prompt K/V as [B|1, H, P, D], in the compute dtype."""
+    """k, v [B, H, N, D] and prompt K/V as [B|1, H, P, D], in the compute dtype (prompt_v None: prompt_k stacks
+    both on dim -4)."""
+    if prompt_v is None:
+        prompt_k, prompt_v = prompt_k.unbind(-4)
     prompts4 = lambda t: t if t.dim() == 4 else t.unsqueeze(0)
     return k.to(cd), v.to(cd), prompts4(prompt_k).to(cd), prompts4(prompt_v).to(cd)
 
@@ -42,9 +48,11 @@ def _chunk_grads(qc, do, delta, k, v, pk, pv, sel, lse, scale, renormalize):
     return p_tok, p_prompt * sel, ds_tok, ds_prompt
 
 
-def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize):
+def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
     """Returns (out [B, H, N, D] in q.dtype, a transposed view of a [B, N, H, D] buffer; lse [B, H, N] natural
-    log, compute dtype)."""
+    log, compute dtype). prompt_k/prompt_v [H, P, D] or [B, H, P, D], or prompt_v None and prompt_k both, stacked on
+    dim -4; the selection as ``Selection.op_args()``."""
+    selection = Selection(mask, bits, pool_cls, len_cls, len_img)
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
@@ -64,11 +72,12 @@ def attention_forward(q, k, v, prompt_k, prompt_v, selection, scale, renormalize
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize,
-                       dq, dk, dv, dprompt):
+def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls,
+                       len_cls, len_img, scale, renormalize):
     """Writes dq, dk, dv ([B, H, N, D], any strides) and the prompt gradients into dprompt (compute dtype):
     [B, 2, H, P, D] (per-sample gradients or per-sample partials of shared prompts), or [2, H, P, D], to which
     their batch sum is added (as the kernel's atomics do)."""
+    selection = Selection(mask, bits, pool_cls, len_cls, len_img)
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
@@ -91,3 +100,31 @@ def attention_backward(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selectio
         dprompt.copy_(acc_prompt)
     else:
         dprompt.add_(acc_prompt.sum(0))
+
+
+def _split_qkv(qkv):
+    """[B, N, 3, H, D] -> q, k, v [B, H, N, D] views."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _heads(x, num_heads):
+    """[B, N, H*D] -> [B, H, N, D] view."""
+    B, N, C = x.shape
+    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
+
+
+def packed_forward(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
+    """``attention_forward`` on qkv [B, N, 3, H, D] and prompt_kv [2, H, P, D] or [B, 2, H, P, D]: (out [B, N, H*D]
+    contiguous, lse [B, H, N])."""
+    out, lse = attention_forward(*_split_qkv(qkv), prompt_kv, None, mask, bits, pool_cls, len_cls, len_img, scale,
+                                 renormalize)
+    return out.transpose(1, 2).flatten(2), lse
+
+
+def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale,
+                    renormalize):
+    """``attention_backward`` on the packed layouts: out and grad_out [B, N, H*D]; writes dq, dk, dv into dqkv
+    [B, N, 3, H, D] and the prompt gradients into dprompt."""
+    H = qkv.shape[3]
+    attention_backward(*_split_qkv(dqkv), dprompt, _heads(grad_out, H), *_split_qkv(qkv), prompt_kv, None,
+                       _heads(out, H), lse, mask, bits, pool_cls, len_cls, len_img, scale, renormalize)

@@ -25,19 +25,20 @@ second pass over x and no extra accumulation into x's gradient.
 
 Each kernel op below (``_function.KernelOp``: a custom op under torch.compile, a direct call in eager mode)
 launches exactly one kernel on the triton backend (``_match_kernels.py``, imported on first use); the torch backend
-runs the same math in PyTorch (CPU, float64) inside the same ops. ``MatchSelect`` is their autograd Function;
-``match_select`` checks its arguments and calls ``match``, the entry of the model path (``norm_match`` with the
-LayerNorm fused).
+runs the same math in PyTorch (CPU, float64) inside the same ops. ``MatchSelect`` is their autograd Function (in
+eager mode it calls the ops' launchers itself); ``match_select`` checks its arguments and calls ``match``, the
+entry of the model path (``norm_match`` with the LayerNorm fused).
 """
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
 
 from tcpa_kernels._backend import kernels, resolve_backend
 from tcpa_kernels._validate import check_pool_config, describe, validate_match_inputs
-from tcpa_kernels.ops._function import kernel_op, refuse_double_backward
+from tcpa_kernels.ops._function import kernel_op, refuse_double_backward, traced
 from tcpa_kernels.ops.selection import _topk_bits_torch, entry_selection
 
 EPS = 1e-12  # F.normalize's: norms below it are clamped
@@ -50,22 +51,6 @@ def group_weights(B, N, num_prefix_tokens, k_cls, k_img):
     n_img = N - num_prefix_tokens
     return (1.0 / (B * num_prefix_tokens * k_cls) if num_prefix_tokens else 0.0,
             1.0 / (B * n_img * k_img) if n_img else 0.0)
-
-
-def row_strides(x):
-    """x with unit stride on C, and its (batch, token) strides."""
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    return x, x.stride(0), x.stride(1)
-
-
-def norm_outputs(x, fuse_norm):
-    """Empty h [B, N, C] (x's dtype), mean and rstd [B, N] (fp32; fp64 for fp64 x) of the fused layer norm, or
-    three empty placeholders."""
-    stats_dtype = torch.promote_types(x.dtype, torch.float32)
-    if not fuse_norm:
-        return x.new_empty(0), x.new_empty(0, dtype=stats_dtype), x.new_empty(0, dtype=stats_dtype)
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            *(torch.empty(x.shape[:2], dtype=stats_dtype, device=x.device) for _ in range(2)))
 
 
 def _cosines_torch(x, keys_cls, keys_img):
@@ -92,7 +77,7 @@ def _forward_torch(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse
     bits = _topk_bits_torch(cos, num_prefix_tokens, keys_cls.shape[0], k_cls, k_img)
     sel = entry_selection(bits, cos.shape[-1])
     terms = torch.where(sel, 1 - cos, 0).sum(-1) * _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)[:, 0]
-    h, mean, rstd = norm_outputs(x, False)
+    h = mean = rstd = None
     if fuse_norm:
         xc = x.to(cos.dtype)
         mean = xc.mean(-1)  # [B, N]
@@ -113,7 +98,7 @@ def _backward_torch(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, 
     w = _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)
     g = torch.where(entry_selection(bits, cos.shape[-1]), -(dterms.to(cos.dtype) * w[:, 0])[..., None], 0)  # [B,N,E]
     inv_x = 1 / x_norm.clamp_min(EPS)  # [B, N, 1]
-    dx, dkeys = x.new_empty(0), x.new_empty(0)  # two tensors: a custom op's outputs may not alias
+    dx = dkeys = None
     if need_dx:
         x_coef = torch.where(x_norm > EPS, (g * cos).sum(-1, keepdim=True) * inv_x * inv_x, 0)
         dx = (g @ keys_hat) * inv_x - x_coef * xc
@@ -139,6 +124,35 @@ def _no_autocast(device_type):
     return contextlib.nullcontext()
 
 
+def _stats_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _partials_dtype(x, backend):
+    return torch.float32 if backend == "triton" else _stats_dtype(x)
+
+
+class _TorchMatching:
+    """The torch backend's launchers: the PyTorch twin of ``_match_kernels.forward`` / ``backward``, autocast off."""
+
+    @staticmethod
+    def forward(x, *args):
+        with _no_autocast(x.device.type):
+            return _forward_torch(x, *args)
+
+    @staticmethod
+    def backward(dterms, dh, x, *args):
+        with _no_autocast(x.device.type):
+            return _backward_torch(dterms, dh, x, *args)
+
+
+@functools.cache
+def _implementation(backend):
+    """The matching launchers of ``backend`` (the Triton kernels' module, imported on first use, or their twin): each
+    takes what its op below takes but the backend, and returns None where the op returns an empty placeholder."""
+    return kernels("_match_kernels") if backend == "triton" else _TorchMatching
+
+
 @kernel_op("tcpa_kernels::match_fwd")
 def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
               norm_eps: float, fuse_norm: bool, num_prefix_tokens: int, k_cls: int, k_img: int,
@@ -146,92 +160,94 @@ def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor
     """(loss terms [B, N], bits int64 [B, N], h, mean, rstd): one kernel (``_match_fwd_kernel``) on the triton
     backend. With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias or None, eps)
     to x: h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
-    implementation = kernels("_match_kernels").forward if backend == "triton" else _forward_torch
-    with _no_autocast(x.device.type):
-        return implementation(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
-                              k_cls, k_img)
+    terms, bits, h, mean, rstd = _implementation(backend).forward(x, keys_cls, keys_img, norm_weight, norm_bias,
+                                                                  norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img)
+    if not fuse_norm:
+        h, mean, rstd = x.new_empty(0), x.new_empty(0, dtype=_stats_dtype(x)), x.new_empty(0, dtype=_stats_dtype(x))
+    return terms, bits, h, mean, rstd
 
 
 @match_fwd.register_fake
 def _(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img, backend):
     terms_dtype = torch.float64 if (backend == "torch" and x.dtype == torch.float64) else torch.float32
-    stats_dtype = torch.promote_types(x.dtype, torch.float32)
     stats_shape = x.shape[:2] if fuse_norm else (0,)
     return (x.new_empty(x.shape[:2], dtype=terms_dtype), x.new_empty(x.shape[:2], dtype=torch.int64),
-            x.new_empty(x.shape if fuse_norm else (0,)), x.new_empty(stats_shape, dtype=stats_dtype),
-            x.new_empty(stats_shape, dtype=stats_dtype))
+            x.new_empty(x.shape if fuse_norm else (0,)), x.new_empty(stats_shape, dtype=_stats_dtype(x)),
+            x.new_empty(stats_shape, dtype=_stats_dtype(x)))
 
 
 @kernel_op("tcpa_kernels::match_bwd")
 def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, keys_img: Tensor, bits: Tensor,
               norm_weight: Tensor | None, mean: Tensor, rstd: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
-              backend: str, need_dx: bool, need_dkeys: bool) -> tuple[Tensor, Tensor]:
+              need_dx: bool, need_dkeys: bool, backend: str) -> tuple[Tensor, Tensor]:
     """(dx [B, N, C] or empty, key-gradient partials [programs, E, C] or empty): one kernel (``_match_bwd_kernel``)
     on the triton backend. With dh (the gradient of the fused layer norm's h), dx includes the layer norm's."""
-    implementation = kernels("_match_kernels").backward if backend == "triton" else _backward_torch
-    with _no_autocast(x.device.type):
-        return implementation(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens,
-                              k_cls, k_img, need_dx, need_dkeys)
+    dx, partials = _implementation(backend).backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd,
+                                                     num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys)
+    return (x.new_empty(0) if dx is None else dx,
+            x.new_empty(0, dtype=_partials_dtype(x, backend)) if partials is None else partials)
 
 
 @match_bwd.register_fake
-def _(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img, backend,
-      need_dx, need_dkeys):
+def _(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img, need_dx,
+      need_dkeys, backend):
     B, N, C = x.shape
     n_programs = kernels("_match_kernels").backward_programs(B * N) if backend == "triton" else 1
-    partial_dtype = torch.float32 if backend == "triton" else torch.promote_types(x.dtype, torch.float32)
     dx = x.new_empty((B, N, C) if need_dx else (0,))
     return dx, x.new_empty((n_programs, keys_cls.shape[0] + keys_img.shape[0], C) if need_dkeys else (0,),
-                           dtype=partial_dtype)
+                           dtype=_partials_dtype(x, backend))
+
+
+_NO_GRADS = (None,) * 8  # MatchSelect's gradients of the norm's parameters, the pool layout and flags
 
 
 class MatchSelect(torch.autograd.Function):
     """``apply(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img,
-    backend)`` -> (terms [B, N], bits [B, N] (not differentiable), h [B, N, C] or an empty placeholder without
-    ``fuse_norm``): ``match_fwd`` forward, ``match_bwd`` backward; the layer norm's weight and bias must be frozen
-    (no gradient is computed for them)."""
+    backend)`` -> (terms [B, N], bits [B, N] (not differentiable)), and with ``fuse_norm`` h [B, N, C]: the
+    matching kernels forward and backward (their launchers in eager mode, ``match_fwd`` / ``match_bwd`` traced);
+    the layer norm's weight and bias must be frozen (no gradient is computed for them)."""
 
     @staticmethod
     def forward(ctx, x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
                 k_img, backend):
-        terms, bits, h, mean, rstd = match_fwd(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm,
-                                               num_prefix_tokens, k_cls, k_img, backend)
-        ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd)
-        ctx.mark_non_differentiable(bits)
+        args = (x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img)
+        terms, bits, h, mean, rstd = match_fwd(*args, backend) if traced() else _implementation(backend).forward(*args)
+        ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd)  # bits: int64, no gradient
         ctx.set_materialize_grads(False)  # no zero gradients are built for the words or an unused output
         ctx.config = (num_prefix_tokens, k_cls, k_img, backend)
-        ctx.fuse_norm = fuse_norm
-        return terms, bits, h
+        return (terms, bits, h) if fuse_norm else (terms, bits)
 
     @staticmethod
-    def backward(ctx, dterms, dbits, dh):
+    def backward(ctx, dterms, dbits, dh=None):
+        """dh None: no norm fused, or its output unused (then only the matching's gradient flows)."""
         refuse_double_backward("match_select")
         x, keys_cls, keys_img, bits, norm_weight, mean, rstd = ctx.saved_tensors
-        dh = dh if ctx.fuse_norm else None  # without the norm, h is an empty placeholder
+        num_prefix_tokens, k_cls, k_img, backend = ctx.config
         need_dx, need_dkc, need_dki = ctx.needs_input_grad[:3]
         need_dkeys = (need_dkc or need_dki) and dterms is not None
         if dterms is None:  # the matching loss was not used: only the layer norm's gradient flows
-            dterms = x.new_zeros(x.shape[:2], dtype=torch.promote_types(x.dtype, torch.float32))
-        dx, partials = match_bwd(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, *ctx.config,
-                                 need_dx, need_dkeys)
+            dterms = x.new_zeros(x.shape[:2], dtype=_stats_dtype(x))
+        args = (dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+                need_dx, need_dkeys)
+        dx, partials = match_bwd(*args, backend) if traced() else _implementation(backend).backward(*args)
         dkc = dki = None
         if need_dkeys:
             dkeys = partials.sum(0)  # [E, C]: the sum over programs (fp32 partials), then the keys' dtype
             dkeys = dkeys if dkeys.dtype == keys_cls.dtype else dkeys.to(keys_cls.dtype)
             dkc, dki = dkeys.split_with_sizes((keys_cls.shape[0], keys_img.shape[0]))
-        return dx if need_dx else None, dkc, dki, *([None] * 8)
+        return dx if need_dx else None, dkc, dki, *_NO_GRADS
 
 
 def match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
           backend: str) -> tuple[Tensor, Tensor]:
     """:func:`match_select` without the argument checks, for the model path: ``(bits, terms)``.
 
-    The caller guarantees what ``match_select`` checks: x ``[B, N, C]``, keys ``[Pc, C]`` and ``[Pi, C]`` of one
-    float dtype on x's device (Pc + Pi <= 64), 1 <= k_cls <= Pc, 1 <= k_img <= Pi, 0 <= num_prefix_tokens <= N,
-    backend "triton" (x not fp64) or "torch", resolved.
+    The caller guarantees what ``match_select`` checks, and contiguous keys: x ``[B, N, C]``, keys ``[Pc, C]`` and
+    ``[Pi, C]`` (the pools' parameters) of one float dtype on x's device (Pc + Pi <= 64), 1 <= k_cls <= Pc,
+    1 <= k_img <= Pi, 0 <= num_prefix_tokens <= N, backend "triton" (x not fp64) or "torch", resolved.
     """
-    terms, bits, _ = MatchSelect.apply(x, keys_cls, keys_img, None, None, 0.0, False, num_prefix_tokens, k_cls, k_img,
-                                       backend)
+    terms, bits = MatchSelect.apply(x, keys_cls, keys_img, None, None, 0.0, False, num_prefix_tokens, k_cls, k_img,
+                                    backend)
     return bits, terms
 
 
@@ -256,8 +272,8 @@ def norm_match_select(x: Tensor, norm: torch.nn.LayerNorm, keys_cls: Tensor, key
     if any(p is not None and p.requires_grad for p in (norm.weight, norm.bias)):
         raise ValueError("norm_weight/norm_bias: the fused layer norm takes frozen parameters (it computes no "
                          "gradient for them), got a tensor that requires grad; apply the norm outside the op")
-    return norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, num_prefix_tokens, topk_cls, topk_img,
-                      backend)
+    return norm_match(x, keys_cls.contiguous(), keys_img.contiguous(), norm.weight, norm.bias, norm.eps,
+                      num_prefix_tokens, topk_cls, topk_img, backend)
 
 
 def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int, topk_img: int,
@@ -290,4 +306,4 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError(f"x: backend='triton' computes in fp32 and takes fp16/bf16/fp32, got {describe(x)}; "
                         "use backend='torch' for float64")
-    return match(x, keys_cls, keys_img, num_prefix_tokens, topk_cls, topk_img, backend)
+    return match(x, keys_cls.contiguous(), keys_img.contiguous(), num_prefix_tokens, topk_cls, topk_img, backend)

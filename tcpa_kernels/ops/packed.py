@@ -5,11 +5,12 @@ entry reads q, k, v in place from the ``[B, N, 3, H, D]`` view of that tensor, w
 ``[B, N, H*D]`` tensor proj reads, and its backward writes dq, dk, dv straight into one ``[B, N, 3, H, D]``
 gradient buffer: no permute copy, no output transpose copy, no stack/clone of the gradients.
 
-It runs the kernels and the backward op of ``tcpa_attention`` (they take strides); only the forward op is its own
-(``tcpa_kernels::packed_attention_fwd``: what torch.compile records for the forward launch on the packed layout).
-``PackedAttention``, its autograd Function, takes qkv and prompt_kv as single inputs (one gradient tensor each);
-in eager mode its forward launches the kernel itself, on the [B, H, N, D] views it saves for the backward.
-``tcpa_packed_attention`` checks its arguments and calls ``packed_attention``, the entry of the model path.
+It runs the kernels of ``tcpa_attention`` (they take strides) through its own two ops,
+``tcpa_kernels::packed_attention_fwd`` and ``tcpa_kernels::packed_attention_bwd`` (one launch each, what
+torch.compile records on the packed layout), whose launchers (``packed_forward``, ``packed_backward``) compute the
+kernels' strides from the packed tensors' own. ``PackedAttention``, its autograd Function, takes qkv and prompt_kv
+as single inputs (one gradient tensor each) and saves them as they are. ``tcpa_packed_attention`` checks its
+arguments and calls ``packed_attention``, the entry of the model path.
 """
 
 import math
@@ -21,26 +22,16 @@ from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._validate import KERNEL_DTYPES, check_flag, check_number, check_tensor, describe
 from tcpa_kernels.ops._function import (
     accumulation_dtype,
-    attention_grads,
     implementation,
     kernel_op,
+    prompt_grad_buffer,
+    prompt_grads,
+    read_in_place,
     refuse_double_backward,
-    shared_strides,
     traced,
 )
 from tcpa_kernels.ops.selection import Selection, check_selection
 from tcpa_kernels.ops.tcpa_attention import TORCH_DTYPES, check_kernel_limits
-
-
-def _split_qkv(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """[B, N, 3, H, D] -> q, k, v [B, H, N, D] views sharing one stride set."""
-    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _heads(x: Tensor, num_heads: int) -> Tensor:
-    """[B, N, H*D] -> [B, H, N, D] view."""
-    B, N, C = x.shape
-    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
 
 
 @kernel_op("tcpa_kernels::packed_attention_fwd")
@@ -48,11 +39,10 @@ def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, mask: Tensor | None, bi
                          len_cls: int, len_img: int, scale: float, renormalize: bool,
                          backend: str) -> tuple[Tensor, Tensor]:
     """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` and prompt_kv ``[2, H, P, D]`` or
-    ``[B, 2, H, P, D]``, both read in place (unit stride on D): (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``)."""
-    out, lse = implementation(backend).attention_forward(*_split_qkv(qkv), *prompt_kv.unbind(-4),
-                                                         Selection(mask, bits, pool_cls, len_cls, len_img), scale,
-                                                         renormalize)
-    return out.transpose(1, 2).flatten(2), lse  # a view of the contiguous [B, N, H, D] buffer
+    ``[B, 2, H, P, D]``, both read in place (``read_in_place``): (out ``[B, N, H*D]`` contiguous, lse
+    ``[B, H, N]``)."""
+    return implementation(backend).packed_forward(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale,
+                                                  renormalize)
 
 
 @packed_attention_fwd.register_fake
@@ -61,38 +51,61 @@ def _(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=accumulation_dtype(backend, qkv.dtype))
 
 
+@kernel_op("tcpa_kernels::packed_attention_bwd", mutates_args=("dqkv", "dprompt"))
+def packed_attention_bwd(dqkv: Tensor, dprompt: Tensor, grad_out: Tensor, qkv: Tensor, prompt_kv: Tensor, out: Tensor,
+                         lse: Tensor, mask: Tensor | None, bits: Tensor | None, pool_cls: int, len_cls: int,
+                         len_img: int, scale: float, renormalize: bool, backend: str) -> None:
+    """One launch of the backward kernel on the packed layouts: writes dq, dk, dv into dqkv ``[B, N, 3, H, D]``
+    (``read_in_place``) and the prompt gradients into dprompt (``_function.prompt_grad_buffer``); grad_out and out
+    ``[B, N, H*D]`` with unit stride on the last dim."""
+    implementation(backend).packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls,
+                                            len_cls, len_img, scale, renormalize)
+
+
+@packed_attention_bwd.register_fake
+def _(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale, renormalize,
+      backend):
+    return None
+
+
+_NO_GRADS = (None,) * 9  # PackedAttention's gradients of the selection, layout and flags
+
+
 class PackedAttention(torch.autograd.Function):
     """``apply(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)``
-    -> out ``[B, N, H*D]``: the forward kernel, and the backward op writing dq, dk, dv into one ``[B, N, 3, H, D]``
-    gradient buffer (qkv and prompt_kv with unit stride on D)."""
+    -> out ``[B, N, H*D]``: the forward kernel, and the backward kernel writing dq, dk, dv into one
+    ``[B, N, 3, H, D]`` gradient buffer (qkv and prompt_kv as ``read_in_place`` leaves them). Eager mode calls the
+    launchers, a traced call the ops (``_function.implementation``)."""
 
     @staticmethod
     def forward(ctx, qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
                 deterministic):
-        heads = (*_split_qkv(qkv), *prompt_kv.unbind(-4))  # q, k, v [B, H, N, D], prompt_k, prompt_v: views
-        if traced():
-            out, lse = packed_attention_fwd(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale,
-                                            renormalize, backend)
-            out_heads = _heads(out, qkv.shape[3])
-        else:  # what the op runs, on the views the backward needs too
-            out_heads, lse = implementation(backend).attention_forward(
-                *heads, Selection(mask, bits, pool_cls, len_cls, len_img), scale, renormalize)
-            out = out_heads.transpose(1, 2).flatten(2)  # [B, N, H*D]: a view of the contiguous [B, N, H, D] buffer
-        ctx.save_for_backward(*heads, out_heads, lse, mask, bits)
-        ctx.config = ((pool_cls, len_cls, len_img), scale, renormalize, backend, deterministic)
+        args = (qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize)
+        out, lse = packed_attention_fwd(*args, backend) if traced() else implementation(backend).packed_forward(*args)
+        ctx.save_for_backward(qkv, prompt_kv, out, lse, mask, bits)
+        ctx.config = (pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        """Gradients of qkv (one [B, N, 3, H, D] buffer, written by the backward op) and of prompt_kv."""
+        """Gradients of qkv (one contiguous [B, N, 3, H, D] buffer) and of prompt_kv."""
         refuse_double_backward("tcpa_packed_attention")
-        q, k, v, prompt_k, prompt_v, out, lse, mask, bits = ctx.saved_tensors  # out [B, H, N, D]
-        layout, scale, renormalize, backend, deterministic = ctx.config
-        B, H, N, D = q.shape
-        dqkv = torch.empty((B, N, 3, H, D), dtype=q.dtype, device=q.device)  # dq, dk, dv go in place
-        dprompt = attention_grads(*_split_qkv(dqkv), _heads(grad_out, H), q, k, v, prompt_k, prompt_v, out, lse,
-                                  Selection(mask, bits, *layout), scale, renormalize, backend, deterministic)
-        return dqkv, dprompt, *([None] * 9)  # nothing for the selection, layout and flags
+        qkv, prompt_kv, out, lse, mask, bits = ctx.saved_tensors
+        pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = ctx.config
+        if grad_out.stride()[-1] != 1:  # e.g. the expanded gradient of out.sum()
+            grad_out = grad_out.contiguous()
+        B, N, _, H, D = qkv.shape
+        shared = prompt_kv.dim() == 4
+        dqkv = torch.empty((B, N, 3, H, D), dtype=qkv.dtype, device=qkv.device)
+        dprompt = prompt_grad_buffer(shared, B, H, prompt_kv.shape[-2], D, qkv.dtype, qkv.device, backend,
+                                     deterministic)
+        args = (dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale,
+                renormalize)
+        if traced():
+            packed_attention_bwd(*args, backend)
+        else:
+            implementation(backend).packed_backward(*args)
+        return dqkv, prompt_grads(dprompt, shared, prompt_kv.dtype), *_NO_GRADS
 
 
 def packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, scale: float, renormalize: bool,
@@ -103,11 +116,12 @@ def packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, scale
     the torch backend), prompt_kv ``[2, H, P, D]`` or ``[B, 2, H, P, D]`` on qkv's device in qkv's dtype or fp32,
     ``selection`` a :class:`Selection` for these B, N, P, scale a float > 0, renormalize and deterministic bools,
     backend "triton" or "torch" (resolved) within the Triton limits of ``check_kernel_limits``. Both tensors are
-    read in place when D has unit stride (timm's qkv view; prompt K/V as a permuted view of a ``[P, 2, H, D]`` or
+    read in place when D has unit stride and their slices (q, k, v; prompt K, V) lie a whole number of head strides
+    apart (``read_in_place``: timm's qkv view; prompt K/V as a permuted view of a ``[P, 2, H, D]`` or
     ``[B, P, 2, H, D]`` tensor), else copied once.
     """
-    (qkv,), (prompt_kv,) = shared_strides(qkv), shared_strides(prompt_kv)  # unit stride on D, else a copy
-    return PackedAttention.apply(qkv, prompt_kv, *selection.op_args(), scale, renormalize, backend, deterministic)
+    return PackedAttention.apply(read_in_place(qkv, 2), read_in_place(prompt_kv, -4), *selection.op_args(), scale,
+                                 renormalize, backend, deterministic)
 
 
 def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, *, scale: float, renormalize: bool,

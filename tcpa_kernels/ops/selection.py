@@ -79,19 +79,8 @@ class Selection:
 
     def op_args(self) -> tuple:
         """``(mask, bits, pool_cls, len_cls, len_img)``: a Selection as the custom ops take it (one of mask / bits
-        is None); ``Selection(*args)`` inside the op rebuilds it."""
+        is None); the launchers take it so too."""
         return self.mask, self.bits, self.pool_cls, self.len_cls, self.len_img
-
-    @property
-    def mask_mode(self) -> int:
-        return 0 if self.mask is not None else 1
-
-    def kernel_args(self):
-        """(MASK, BITS, n_cls_prompts, pool_cls, len_cls, len_img); the unused pointer is a placeholder."""
-        if self.mask is not None:
-            mask = self.mask.contiguous().view(torch.uint8)
-            return mask, mask, 0, 0, 1, 1
-        return self.bits, self.bits, self.pool_cls * self.len_cls, self.pool_cls, self.len_cls, self.len_img
 
     def rows(self, start, end, num_prompts):
         """bool [B, end-start, P] for query tokens start..end-1 (torch backend, one chunk at a time)."""

@@ -22,7 +22,8 @@ INT32_LIMIT = 2**31
 
 
 class _SelectedTCPAFunction(torch.autograd.Function):
-    """[B, H, N, D] prompt-augmented attention, one kernel launch each way (the kernel ops of ``_function.py``):
+    """[B, H, N, D] prompt-augmented attention, one kernel launch each way (``_function.run_forward`` and
+    ``run_backward``: the kernel ops of ``_function.py``, or their launchers in eager mode):
     ``apply(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
     deterministic)`` -> out [B, H, N, D]."""
 
@@ -46,7 +47,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_kv: torc
     The caller guarantees what ``tcpa_attention`` checks: q, k, v ``[B, H, N, D]`` of one dtype and device (any
     strides; read in place when they share one stride set with unit stride on D), prompt_kv ``[2, H, P, D]`` or
     ``[B, 2, H, P, D]`` on q's device in q's dtype or fp32 (cast on load, no copy), read in place with unit stride
-    on D (e.g. a permuted view of a ``[P, 2, H, D]`` tensor); ``selection`` a :class:`Selection` for these B, N, P;
+    on D and V a whole number of head strides after K (``_function.read_in_place``: e.g. a permuted view of a
+    ``[P, 2, H, D]`` tensor), else copied once; ``selection`` a :class:`Selection` for these B, N, P;
     scale a float > 0, renormalize and deterministic bools; backend "triton" or "torch" (resolved) within the Triton
     limits of :func:`check_kernel_limits`.
     """
