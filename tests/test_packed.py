@@ -255,20 +255,20 @@ def test_opcheck(backend):
     dprompts = (torch.empty(B, 2, H, P, D, device=DEVICE), torch.zeros(2, H, P, D, device=DEVICE))
     shared = torch.randn(2, H, P, D, device=DEVICE)
     for prompt_kv in (shared, torch.randn(B, 2, H, P, D, device=DEVICE)):
-        torch.library.opcheck(packed_attention_fwd, (qkv, prompt_kv, *sel, 0.25, False, backend))
+        torch.library.opcheck(packed_attention_fwd.overload, (qkv, prompt_kv, *sel, 0.25, False, backend))
         out, lse = packed_attention_fwd(qkv, prompt_kv, *sel, 0.25, False, backend)
         for dprompt in dprompts[:2 if prompt_kv.dim() == 4 else 1]:
-            torch.library.opcheck(packed_attention_bwd, (dqkv, dprompt, torch.randn_like(out), qkv, prompt_kv, out,
-                                                         lse, *sel, 0.25, False, backend))
+            torch.library.opcheck(packed_attention_bwd.overload, (dqkv, dprompt, torch.randn_like(out), qkv,
+                                                                  prompt_kv, out, lse, *sel, 0.25, False, backend))
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
     dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
     mask = torch.rand(B, N, P, device=DEVICE) < 0.5
     for prompts in (shared.unbind(0), (shared, None)):  # separate [H, P, D], stacked [2, H, P, D]
-        torch.library.opcheck(attention_fwd, (q, k, v, *prompts, mask, None, 0, 1, 1, 0.25, True, backend))
+        torch.library.opcheck(attention_fwd.overload, (q, k, v, *prompts, mask, None, 0, 1, 1, 0.25, True, backend))
         out, lse = attention_fwd(q, k, v, *prompts, *sel, 0.25, False, backend)
         for dprompt in dprompts:
-            torch.library.opcheck(attention_bwd, (dq, dk, dv, dprompt, torch.randn_like(out), q, k, v, *prompts, out,
-                                                  lse, *sel, 0.25, False, backend))
+            torch.library.opcheck(attention_bwd.overload, (dq, dk, dv, dprompt, torch.randn_like(out), q, k, v,
+                                                           *prompts, out, lse, *sel, 0.25, False, backend))
 
 
 def small_packed_call(B, P, backend):
