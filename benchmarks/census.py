@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         print(format_summary(rows))
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
+        settings["versions"] = {name: bench._package_version(name) for name in ("torch", "triton", "timm",
+                                                                             "transformers", "open_clip_torch")}
 
         def entry(results):
             base = results.get("no_prompts")
