@@ -64,6 +64,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks.interpreter  # noqa: E402, F401  (first: backend="triton" on CPU fake tensors needs the interpreter)
 import tcpa_kernels as tk  # noqa: E402
+from benchmarks.cli import at_least, method_list  # noqa: E402
 from tcpa_kernels import bench  # noqa: E402
 
 METHODS = bench.MODEL_METHODS
@@ -374,14 +375,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--all-families: runs {','.join(DEFAULT_METHODS)} on {', '.join(ALL_FAMILIES)}; "
                      "drop --model and --methods")
     args.model = args.model or "vit_base_patch16_224"
-    args.methods = (args.methods or ",".join(DEFAULT_METHODS)).split(",")
-    if not set(args.methods) <= set(METHODS) or len(set(args.methods)) != len(args.methods):
-        parser.error(f"--methods: expected distinct names from {', '.join(METHODS)}, got {','.join(args.methods)}")
-    for name in ("batch", "img"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}: expected a positive int, got {getattr(args, name)}")
-    if args.top < 0:
-        parser.error(f"--top: expected an int >= 0, got {args.top}")
+    args.methods = method_list(parser, args.methods or ",".join(DEFAULT_METHODS), METHODS)
+    at_least(parser, args, 1, "batch", "img")
+    at_least(parser, args, 0, "top")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         parser.error(f"--device: expected cpu or cuda (with a GPU present), got {args.device!r}")
     import timm

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.cli import at_least, method_list  # noqa: E402
 from tcpa_kernels import bench  # noqa: E402
 
 METHODS = ("no_prompts", "vpt_deep", "tcpa_fused")
@@ -72,10 +73,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
     device = bench.default_device()
-    methods = tuple(args.methods.split(","))
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"--methods: expected names from {', '.join(METHODS)}, got {', '.join(sorted(unknown))}")
+    methods = method_list(parser, args.methods, METHODS)
+    at_least(parser, args, 1, "reps")
     batches = args.batches or ("32,64,128" if device.type == "cuda" else "2")
     try:
         batches = [int(b) for b in batches.split(",")]

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tcpa_kernels as tk  # noqa: E402
+from benchmarks.cli import at_least, method_list  # noqa: E402
 from tcpa_kernels import bench  # noqa: E402
 
 METHODS = ("no_prompts", "vpt_deep", "tcpa")
@@ -295,14 +296,9 @@ def parse_args(argv):
     parser.add_argument("--optimizer", action="store_true", help="add an AdamW step (fused=False) to every step")
     parser.add_argument("--json", help="also write every figure, versions and the platform to this JSON file")
     args = parser.parse_args(argv)
-    args.methods = args.methods.split(",")
-    if not set(args.methods) <= set(METHODS) or len(set(args.methods)) != len(args.methods):
-        parser.error(f"--methods: expected distinct names from {', '.join(METHODS)}, got {','.join(args.methods)}")
-    for name in ("rounds", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup: expected an int >= 0, got {args.warmup}")
+    args.methods = method_list(parser, args.methods, METHODS)
+    at_least(parser, args, 1, "rounds", "steps")
+    at_least(parser, args, 0, "warmup")
     return args
 
 

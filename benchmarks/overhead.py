@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks.interpreter  # noqa: E402, F401  (first: CPU tensors reach the stubbed kernels in the interpreter)
+from benchmarks.cli import at_least  # noqa: E402
 from tcpa_kernels import _backend  # noqa: E402
 from tcpa_kernels.ops import _attention_kernels, _match_kernels, _selection_kernels  # noqa: E402
 from tcpa_kernels.ops.match_select import match, match_select, norm_match  # noqa: E402
@@ -194,8 +195,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=1000, help="timed calls per figure (default 1000)")
     args = parser.parse_args(argv)
-    if args.reps < 1:
-        parser.error(f"--reps: expected an int >= 1, got {args.reps}")
+    at_least(parser, args, 1, "reps")
     torch.set_num_threads(1)
     sdpa = f"scaled_dot_product_attention, q/k/v [{B}, {H}, {N}, {D}]"
     steps = {TCPA_PACKED: packed_attention_step(), PACKED: packed_attention_step(public=False),
