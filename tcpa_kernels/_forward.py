@@ -3,21 +3,24 @@ block with the hidden states, let go with them.
 
 A forward of a prompted model needs data that belong to that call only: the prompt keys/values of every layer
 (computed once for all layers from the parameters as they are at the call, ``_prompt_kv.py``), the matching-loss
-terms of the layers that ran, and VPT-shallow's prompt tokens carried from one block to the next. They live in a
-:class:`PromptForward`, never on a module:
+terms of the layers that ran, and VPT-shallow's prompt tokens carried from one block to the next. None of it is
+kept on a module:
 
-- a prompted block whose input carries no forward of its model starts one (block 0 of a model forward; the first
-  block of a staged model or of a block run alone);
-- each block hands it on by setting it on its output tensor (``_tcpa_forward``): the next block finds it there, and
-  so does the block's own recomputation under gradient checkpointing, which calls the block again on the very input
-  tensor it had. So two forwards before one backward, or a checkpointed block, use the K/V, dropout masks and carried
-  prompts of the forward they belong to. The reference is strong while a backward may come (grad mode, an output that
-  requires grad: the autograd graph holds these tensors anyway) and weak otherwise, so that features kept from an
-  evaluation (``forward_intermediates``, hidden states) do not keep a forward's K/V alive. FSDP2 hands each block it
-  wraps a new tensor (its input passed through an autograd function): such a block continues the last forward this
-  thread started on the model, unless its layer ran in it already;
-- the model keeps, per thread, its last started forward (``PromptState.last``): ``get_matching_loss`` reads that.
-  A block recomputed during a backward starts or extends nothing: it records no loss terms and no carried prompts,
+- a prompted block whose input carries no forward of its model starts one, a :class:`PromptForward` (block 0 of a
+  model forward; the first block of a staged model or of a block run alone), and makes it its thread's
+  :class:`LastForward` of the model (``PromptState.last``), which ``get_matching_loss`` reads;
+- each block hands the forward on by setting it on its output tensor (``_tcpa_forward``): the next block finds it
+  there, and so does the block's own recomputation under gradient checkpointing, which calls the block again on the
+  very input tensor it had. So two forwards before one backward, or a checkpointed block, use the K/V and dropout
+  masks of the forward they belong to. The reference is strong while a backward may come (grad mode, an output that
+  requires grad) and weak otherwise, so that features kept from an evaluation (``forward_intermediates``, hidden
+  states) do not keep a forward's K/V alive. VPT-shallow's carried prompts ride on the output the same way
+  (``_tcpa_carry``). FSDP2 hands each block it wraps a new tensor (its input passed through an autograd function):
+  such a block continues the last forward this thread started on the model, unless its layer ran in it already;
+- a block records its loss terms in the thread's ``LastForward`` when it belongs to that forward, never on the
+  ``PromptForward``: the hidden states hold the latter, and a tensor of theirs held back would close a reference
+  cycle through the autograd graph that Python's collector cannot see (a forward without a backward would leak);
+- a block recomputed during a backward starts or extends nothing: it records no loss terms and no carried prompts,
   and a block that starts a forward there redraws its dropout masks from the random state checkpointing restored.
 
 Blocks whose attention is a module of its own (the model family's attention class, swapped) get what their layer
@@ -37,26 +40,40 @@ from tcpa_kernels._prompt_kv import all_layers_kv
 from tcpa_kernels.ops.selection import Selection
 
 HANDLE = "_tcpa_forward"  # the tensor attribute that carries a PromptForward
+RECORD = "_tcpa_record"  # the tensor attribute that carries (weakly) the forward's LastForward
+CARRY = "_tcpa_carry"  # VPT-shallow: the tensor attribute that carries the previous block's prompt tokens' output
 
 
 class PromptForward:
-    """The per-call data of one forward of a prompted model (``state``: its ``PromptState``)."""
+    """What the blocks of one forward of a prompted model share: every layer's prompt K/V. It holds ``owner``, its
+    model's ``PromptState.token``, never the model, and no tensor whose graph runs through the hidden states (the
+    loss terms live in the thread's ``LastForward``): the hidden states hold it, so anything of theirs it held would
+    be a cycle through the autograd graph, which the garbage collector cannot see, kept until a backward."""
 
     def __init__(self, state):
-        self.state = state
+        self.owner = state.token
         self.grad = torch.is_grad_enabled()  # made without autograd (evaluation, a no-grad stage): K/V carry no graph
         self.last_index = -1  # the highest layer index that ran in it
         self.kv: list | None = None  # per layer: prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) or None (its own)
+
+    def prompt_kv(self, layer, batch_size: int) -> Tensor | None:
+        """The prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) of ``layer`` (a ``_LayerRef``) from the model's one pass
+        over all layers, made when the first block asks; None when the blocks project their own."""
+        if self.kv is None:
+            self.kv = all_layers_kv(layer.state, batch_size)
+        return self.kv[layer.index]
+
+
+class LastForward:
+    """The last forward a thread started on a model (``PromptState.last.record``), with what it left for after it:
+    the layers' matching-loss terms, and VPT-shallow's carried prompt tokens for blocks that FSDP2 hands a new
+    input tensor."""
+
+    def __init__(self, forward: PromptForward):
+        self.forward = forward
         self.terms: dict[int, Tensor] = {}  # layer index -> matching-loss terms [B, N] of the layers that ran
         self.carry: dict[int, Tensor] = {}  # VPT-shallow: layer index -> its prompt tokens' output [B, P, C]
         self.loss: Tensor | None = None  # the sum of ``terms``, made once when asked for
-
-    def prompt_kv(self, index: int, batch_size: int) -> Tensor | None:
-        """Layer ``index``'s prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) from the model's one pass over all layers,
-        made when the first block asks; None when the blocks project their own."""
-        if self.kv is None:
-            self.kv = all_layers_kv(self.state, batch_size)
-        return self.kv[index]
 
     def matching_loss(self) -> Tensor | None:
         """Sum of the matching-loss terms of every layer that ran (None when none recorded any)."""
@@ -65,10 +82,10 @@ class PromptForward:
             self.loss = terms[0].sum() if len(terms) == 1 else torch.stack(terms).sum()
         return self.loss
 
-    def record(self, index: int, terms: Tensor | None, replay: bool) -> None:
-        if terms is not None and not replay:
-            self.terms[index] = terms
-            self.loss = None
+
+def last_forward(state) -> LastForward | None:
+    """The last forward this thread started on the model of ``state``."""
+    return getattr(state.last, "record", None)
 
 
 def _in_backward() -> bool:
@@ -76,42 +93,71 @@ def _in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-def join_forward(x: Tensor, layer) -> tuple[PromptForward, bool]:
-    """(the forward the block input ``x`` of layer ``layer`` (a ``_LayerRef``) belongs to, whether this call replays
-    a block of it during a backward).
+def _deref(handle):
+    return handle() if isinstance(handle, weakref.ref) else handle
+
+
+def join_forward(x: Tensor, layer) -> tuple[PromptForward, LastForward | None]:
+    """(the forward the block input ``x`` of layer ``layer`` (a ``_LayerRef``) belongs to, where this call records
+    what outlives it: that forward's ``LastForward``, or None during a recomputation and for a forward another one
+    of this thread has followed).
 
     The forward x carries, else, for a block FSDP2 wraps (it hands each block a new tensor, its input passed through
     an autograd function), the last forward this thread started on the model; it is continued if this layer has not
     run in it yet (a recomputed block joins the forward it belongs to). Otherwise a new forward starts; also when a
     forward run without autograd would continue with autograd: its K/V have no graph (a staged model's no-grad first
-    stage), and tensors made under inference_mode must not reach autograd."""
+    stage), and tensors made under inference_mode must not reach autograd. The record comes with x too (weakly: the
+    thread's ``PromptState.last`` owns it), so no block reads another block's side effects (dynamo's checkpoint
+    cannot trace that)."""
     state = layer.state
-    handle = getattr(x, HANDLE, None)
-    fwd = handle() if isinstance(handle, weakref.ref) else handle
+    fwd, record = _deref(getattr(x, HANDLE, None)), _deref(getattr(x, RECORD, None))
     replay = _in_backward()
     if fwd is None and not (replay or torch.compiler.is_compiling()) and is_fully_sharded(state.blocks[layer.index]):
-        fwd = last_forward(state)
-    if (fwd is None or fwd.state is not state or (torch.is_grad_enabled() and not fwd.grad)
+        record = last_forward(state)
+        fwd = None if record is None else record.forward
+    if (fwd is None or fwd.owner is not state.token or (torch.is_grad_enabled() and not fwd.grad)
             or (layer.index <= fwd.last_index and not replay)):  # this layer ran in it already: a new forward
         fwd = PromptForward(state)
-        if not replay:
-            state.last.forward = fwd
+        record = None if replay else LastForward(fwd)
+        if record is not None:
+            state.last.record = record
     fwd.last_index = max(fwd.last_index, layer.index)
-    return fwd, replay
+    return fwd, None if replay or record is None or record.forward is not fwd else record
 
 
-def hand_on(out: Tensor, fwd: PromptForward) -> Tensor:
-    """``out`` (a block's output) carrying ``fwd`` for the next block and for recomputation."""
+def hand_on(out: Tensor, fwd: PromptForward, record: LastForward | None) -> Tensor:
+    """``out`` (a block's output) carrying ``fwd`` and ``record`` for the next block and for recomputation."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and out.requires_grad):
         setattr(out, HANDLE, fwd)
     else:
         setattr(out, HANDLE, weakref.ref(fwd))
+    if record is not None:
+        setattr(out, RECORD, weakref.ref(record))
     return out
 
 
-def last_forward(state) -> PromptForward | None:
-    """The last forward this thread started on the model of ``state``."""
-    return getattr(state.last, "forward", None)
+def record_terms(record: LastForward | None, index: int, terms: Tensor | None) -> None:
+    """Layer ``index``'s matching-loss terms [B, N] into the forward's record (nothing without one)."""
+    if record is not None and terms is not None:
+        record.terms[index] = terms
+        record.loss = None
+
+
+def carried_prompts(record: LastForward | None, x: Tensor, index: int) -> Tensor | None:
+    """VPT-shallow: the prompt tokens' output of block ``index - 1`` of this forward, carried on x (also when a
+    checkpointed block is recomputed: it gets the very x it had), else recorded for a block FSDP2 hands a new x."""
+    carried = getattr(x, CARRY, None)
+    if carried is None and record is not None:
+        carried = record.carry.get(index - 1)
+    return carried
+
+
+def carry_on(out: Tensor, prompts_out: Tensor, record: LastForward | None, index: int) -> Tensor:
+    """``out`` (the block's real tokens) carrying ``prompts_out`` (its prompt tokens' output) to the next block."""
+    setattr(out, CARRY, prompts_out)
+    if record is not None:
+        record.carry[index] = prompts_out
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ layer scope

@@ -121,43 +121,55 @@ def _affine(normed: Tensor, norms: list[nn.LayerNorm]) -> Tensor:
     return normed
 
 
-def _gather(rows: list[Rows], num_layers: int) -> Tensor:
-    """The layers' row blocks stacked: [L, R, ...]. One ``stack`` and one slice when every layer has one block with
-    the same rows (a packed projection's K/V rows), else one ``cat`` of the blocks."""
+def _pieces(rows: list[Rows], num_layers: int) -> tuple[list[Tensor], slice | None, bool]:
+    """The tensors to stack for the layers' row blocks: (tensors, rows, stack). When every layer has one block with
+    the same rows (a packed projection's K/V rows): the layers' whole tensors, stacked, then those rows taken once;
+    else the blocks themselves, concatenated."""
     if len(rows) == num_layers and all(r.rows == rows[0].rows for r in rows):
-        stacked = torch.stack([getattr(r.module, r.name) for r in rows])  # [L, rows of the whole tensor, ...]
-        return stacked if rows[0].rows is None else stacked[:, rows[0].rows]
-    blocks = torch.cat([r.get() for r in rows])
+        return [getattr(r.module, r.name) for r in rows], rows[0].rows, True
+    return [r.get() for r in rows], None, False
+
+
+def _stacked(tensors: list[Tensor] | tuple[Tensor, ...], rows: slice | None, stack: bool, num_layers: int) -> Tensor:
+    """[L, R, ...]: the layers' blocks of ``_pieces`` in one tensor (one stack and a slice, or one cat)."""
+    if stack:
+        stacked = torch.stack(tensors)  # [L, rows of the whole tensor, ...]
+        return stacked if rows is None else stacked[:, rows]
+    blocks = torch.cat(tensors)
     return blocks.view(num_layers, -1, *blocks.shape[1:])
 
 
 class _FrozenStackedLinear(torch.autograd.Function):
-    """Every layer's linear map in one batched GEMM with frozen weights: x [L, M, C], bias [L, 1, R] or None, the
-    weights' row blocks (``Rows``) -> x_l @ W_l^T + b_l, [L, M, R].
+    """Every layer's linear map in one batched GEMM with frozen weights: ``apply(x, bias, rows, stack, *tensors)``
+    with x [L, M, C], bias [L, 1, R] or None and the weights as ``_pieces`` gives them -> x_l @ W_l^T + b_l,
+    [L, M, R].
 
     The stacked weight ``[L, R, C]`` is a copy of the layers' weights: it is made for the GEMM and dropped, and made
     again in the backward, rather than kept for it (autograd would save the copy, ~57 MB at ViT-B/16 in fp32, every
-    step, of weights that are parameters anyway)."""
+    step, of weights that are parameters anyway). The backward keeps the weight tensors, never their modules."""
 
     @staticmethod
-    def forward(ctx, x, bias, rows):
-        ctx.rows = rows
-        weight = _gather(rows, x.shape[0]).transpose(1, 2)  # [L, C, R]
+    def forward(ctx, x, bias, rows, stack, *tensors):
+        ctx.save_for_backward(*tensors)
+        ctx.layout = (rows, stack)
+        weight = _stacked(tensors, rows, stack, x.shape[0]).transpose(1, 2)  # [L, C, R]
         return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
     @staticmethod
     def backward(ctx, grad):  # grad [L, M, R]
-        need_x, need_bias, _ = ctx.needs_input_grad
-        grad_x = torch.bmm(grad, _gather(ctx.rows, grad.shape[0])) if need_x else None
-        return grad_x, grad.sum(1, keepdim=True) if need_bias else None, None
+        tensors = ctx.saved_tensors
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        grad_x = torch.bmm(grad, _stacked(tensors, *ctx.layout, grad.shape[0])) if need_x else None
+        return grad_x, grad.sum(1, keepdim=True) if need_bias else None, None, None, *([None] * len(tensors))
 
 
 def _stacked_linear(x: Tensor, bias: Tensor | None, rows: list[Rows]) -> Tensor:
     """x [L, M, C] through each layer's linear map (``rows``: the weights' row blocks in layer order): [L, M, R]."""
-    if any(getattr(r.module, r.name).requires_grad for r in rows):  # a trainable backbone projection: autograd
-        weight = _gather(rows, x.shape[0]).transpose(1, 2)
+    tensors, common_rows, stack = _pieces(rows, x.shape[0])
+    if any(t.requires_grad for t in tensors):  # a trainable backbone projection: autograd through the stack
+        weight = _stacked(tensors, common_rows, stack, x.shape[0]).transpose(1, 2)
         return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
-    return _FrozenStackedLinear.apply(x, bias, rows)
+    return _FrozenStackedLinear.apply(x, bias, common_rows, stack, *tensors)
 
 
 def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]:
@@ -167,7 +179,7 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
     first = projections[0]
     if first.norm is not None:
         flat = _affine(F.layer_norm(flat, (C,), eps=first.norm.eps), [p.norm for p in projections])
-    bias = None if first.biases is None else _gather([r for p in projections for r in p.biases], L)  # [L, R]
+    bias = None if first.biases is None else _stacked(*_pieces([r for p in projections for r in p.biases], L), L)
     kv = _stacked_linear(flat, None if bias is None else bias[:, None], [r for p in projections for r in p.weights])
     kv = kv.view(*tokens.shape[:-1], -1)  # [L, ..., P, 2*C_kv]
     if first.k_norm is None and first.groups == 1:  # the common case: one view for all layers

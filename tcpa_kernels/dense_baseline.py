@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._forward import hand_on, join_forward
+from tcpa_kernels._forward import hand_on, join_forward, record_terms
 from tcpa_kernels._patch import original_class, register_mixin, unwrap
 from tcpa_kernels.integrations.family import reject_attn_mask
 from tcpa_kernels.integrations.models import model_family
@@ -50,7 +50,7 @@ class DenseTCPAMixin:
         reject_attn_mask(attn_mask, is_causal)
         layer, prompts = self._prompt_layer, self.tcpa
         cfg = layer.state.config
-        fwd, replay = join_forward(x, layer)
+        fwd, record = join_forward(x, layer)
         if prompts.selection_mode == "topk":  # the published matching: a scores tensor, its top-k, the loss from it
             n_pre = prompts.num_prefix_tokens
             scores = match_scores(x, prompts.keys_cls, prompts.keys_img)  # [B, N, Pc+Pi]
@@ -60,12 +60,12 @@ class DenseTCPAMixin:
                                                                       cfg.topk_img)[None]
         else:
             selection, terms, _ = prompts.select(x)
-        fwd.record(layer.index, terms, replay)
+        record_terms(record, layer.index, terms)
         h = self.norm1(x)
         out = dense_attention(self, h, selection, prompts.prompt_tokens(x.shape[0]), cfg.renormalize)  # [B, N, C]
         x = x + self.drop_path1(self.ls1(attention_output(self.attn, out, h)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return hand_on(x, fwd)
+        return hand_on(x, fwd, record)
 
 
 def supports(model: nn.Module) -> bool:

@@ -74,7 +74,8 @@ class PromptState:
     of a forward.
 
     ``last`` is per thread: the last forward this thread ran on the model (``_forward.PromptForward``), which
-    ``get_matching_loss`` reads. Pickling and ``copy.deepcopy`` drop it.
+    ``get_matching_loss`` reads. Pickling and ``copy.deepcopy`` drop it. ``token`` is the model's name in its forwards
+    (a forward holds it, not the state, so that a model is freed with the forwards it keeps).
     """
 
     method: str  # "tcpa" | "vpt"
@@ -86,6 +87,7 @@ class PromptState:
     original_requires_grad: dict = dataclasses.field(default_factory=dict)
     projections: list = dataclasses.field(default_factory=list)  # TCPA: each block's prompt K/V projection, or None
     last: threading.local = dataclasses.field(default_factory=threading.local, repr=False, compare=False)
+    token: object = dataclasses.field(default_factory=object, repr=False, compare=False)  # what its forwards name
 
     def __getstate__(self):
         return {name: value for name, value in self.__dict__.items() if name != "last"}
@@ -350,8 +352,8 @@ def get_matching_loss(model: nn.Module) -> torch.Tensor:
     inner = unwrap(model)
     state = getattr(inner, "prompt_state", None)
     if isinstance(state, PromptState):
-        fwd = last_forward(state)
-        loss = None if fwd is None else fwd.matching_loss()
+        record = last_forward(state)
+        loss = None if record is None else record.matching_loss()
         like = next(state.blocks[0].parameters())
     else:
         modules = _prompt_modules(inner)

@@ -46,7 +46,7 @@ def _fsdp(model, shard, tmp):
     fully_shard(model)
     _loss(model, shard).backward()
     # block 0 saw other blocks' shards: no batched pass, each block projected its own prompts inside its forward
-    assert last_forward(model.prompt_state).kv == [None] * len(model.blocks)
+    assert last_forward(model.prompt_state).forward.kv == [None] * len(model.blocks)
     tk.save_prompts(model, f"{tmp}/prompts.safetensors")  # gathers on every rank, rank 0 writes
     tk.load_prompts(model, f"{tmp}/prompts.safetensors")
     return _grads(model)

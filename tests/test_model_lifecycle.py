@@ -269,3 +269,23 @@ def test_load_prompts_reads_files_with_the_earlier_parameter_names(tmp_path):
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)  # same config, the earlier names
     loaded = tk.load_prompts(small_vit(), tmp_path / "old.safetensors")
     assert torch.equal(loaded(images()), source(images()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_model_and_its_forwards_are_freed_together(method, grad):
+    """A forward that no backward follows (an evaluation without no_grad, a forward whose loss is never used) keeps
+    nothing alive once the model and its outputs are dropped: no block, no activation. What a forward hands on with
+    the hidden states (its K/V) holds no tensor whose graph runs back through them, and its record lives on the model,
+    so no reference cycle runs through the autograd graph, which the garbage collector cannot see."""
+    import gc
+    import weakref
+
+    model = METHODS[method](small_vit(reg_tokens=1))
+    with torch.set_grad_enabled(grad):
+        out = model(images())
+        loss = tk.get_matching_loss(model)
+    refs = [weakref.ref(model.blocks[0]), weakref.ref(model.blocks[1].mlp.fc1.weight), weakref.ref(out)]
+    del model, out, loss
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]

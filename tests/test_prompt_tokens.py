@@ -133,7 +133,7 @@ def test_per_sample_dropout_is_off_in_eval_and_shared_prompt_kv_return():
     model.eval()
     with torch.no_grad():
         model(x)
-    kv = last_forward(model.prompt_state).kv  # the prompt K/V of that forward's layers
+    kv = last_forward(model.prompt_state).forward.kv  # the prompt K/V of that forward's layers
     assert kv[0].shape == (2, 2, P, 16)  # [2, H, P, D]: no dropout, no batch dimension
 
 

@@ -31,11 +31,14 @@ from torch import nn
 
 from tcpa_kernels._forward import (
     LayerCall,
+    carried_prompts,
+    carry_on,
     current_norm_output,
     enter_layer,
     hand_on,
     join_forward,
     leave_layer,
+    record_terms,
 )
 from tcpa_kernels._patch import original_class, prompted_class, register_mixin
 from tcpa_kernels._prompt_kv import KVProjection, layer_kv
@@ -131,7 +134,7 @@ def block_prompt_kv(blk: nn.Module, fwd, layer, batch_size: int) -> tuple[torch.
     themselves when the K/V are None). From the forward's one pass over all layers where it made one; else from the
     block's own projection (FSDP2 shards: the block's weights are whole inside its own forward only); else the
     block's attentions project this call's prompt tokens."""
-    kv = fwd.prompt_kv(layer.index, batch_size)
+    kv = fwd.prompt_kv(layer, batch_size)
     if kv is not None:
         return kv, None
     tokens = blk.tcpa.prompt_tokens(batch_size)
@@ -171,16 +174,16 @@ class TCPABlockMixin:
     def forward(self, x, *args, **kwargs):
         reject_attn_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False))
         layer = self._prompt_layer
-        fwd, replay = join_forward(x, layer)
+        fwd, record = join_forward(x, layer)
         selection, terms, normed = self.tcpa.select(x, self._tcpa_norm)
-        fwd.record(layer.index, terms, replay)
+        record_terms(record, layer.index, terms)
         prompt_kv, tokens = block_prompt_kv(self, fwd, layer, x.shape[0])
         previous = enter_layer(LayerCall(self.tcpa, x, normed, selection, prompt_kv, tokens))
         try:
             out = super().forward(x, *args, **kwargs)
         finally:
             leave_layer(previous)
-        return hand_on(out, fwd)
+        return hand_on(out, fwd, record)
 
 
 @register_mixin
@@ -190,8 +193,8 @@ class VPTMixin:
     The prompts go after the N real tokens (attention has no positions, so this is the published model) and the
     block returns the real tokens only: features taken between blocks (``forward_intermediates``) hold no prompts.
     Deep blocks bring their own prompts (dropped out per sample, then VFPT's Fourier transform when configured);
-    without deep prompts the prompt tokens' output passes to the next block through the forward's carry
-    (``_forward.PromptForward.carry``: a checkpointed block recomputes with the prompts it had).
+    without deep prompts the prompt tokens' output passes to the next block on its input tensor
+    (``_forward.carry_on``: a checkpointed block recomputes with the prompts it had).
     """
 
     def forward(self, x, *args, **kwargs):
@@ -199,20 +202,20 @@ class VPTMixin:
         layer = self._prompt_layer
         state, cfg = layer.state, layer.state.config
         N = x.shape[1]
-        fwd = replay = None
+        fwd = record = None
         if not cfg.deep:
-            fwd, replay = join_forward(x, layer)
+            fwd, record = join_forward(x, layer)
         if "vpt_prompts" in self._parameters:
             prompts = drop_prompts(self.vpt_prompts.to(x.dtype), cfg.prompt_dropout, state.training, x.shape[0])
             prompts = transform_prompts(prompts, cfg.prompt_transform, cfg.fourier_fraction)  # [B, P, C]
-        elif layer.index - 1 in fwd.carry:
-            prompts = fwd.carry[layer.index - 1]
         else:
-            raise RuntimeError(f"VPT-shallow block {layer.index} got an input without the prompt tokens of block "
-                               f"{layer.index - 1}: without deep prompts the blocks run in order, from block 0")
+            prompts = carried_prompts(record, x, layer.index)
+            if prompts is None:
+                raise RuntimeError(f"VPT-shallow block {layer.index} got an input without the prompt tokens of "
+                                   f"block {layer.index - 1}: without deep prompts the blocks run in order, from "
+                                   "block 0")
         out = super().forward(torch.cat([x, prompts], dim=1), *args, **kwargs)  # [B, N+P, C], the block's own
         if fwd is None:
             return out[:, :N]
-        if not (layer.is_last or replay):
-            fwd.carry[layer.index] = out[:, N:]
-        return hand_on(out[:, :N], fwd)
+        tokens = hand_on(out[:, :N], fwd, record)
+        return tokens if layer.is_last else carry_on(tokens, out[:, N:], record, layer.index)

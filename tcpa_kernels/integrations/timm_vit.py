@@ -23,7 +23,7 @@ from timm.models.vision_transformer import (
 )
 from torch import nn
 
-from tcpa_kernels._forward import hand_on, join_forward, layer_call
+from tcpa_kernels._forward import hand_on, join_forward, layer_call, record_terms
 from tcpa_kernels._patch import register_mixin
 from tcpa_kernels._prompt_kv import KVProjection, Rows
 from tcpa_kernels.integrations.family import (
@@ -145,9 +145,9 @@ class TCPAMixin:
     def forward(self, x, attn_mask=None, is_causal=False):
         reject_attn_mask(attn_mask, is_causal)
         layer = self._prompt_layer
-        fwd, replay = join_forward(x, layer)
+        fwd, record = join_forward(x, layer)
         selection, terms, h = self.tcpa.select(x, self.norm1)  # h: norm1(x) from the kernel when it is frozen
-        fwd.record(layer.index, terms, replay)
+        record_terms(record, layer.index, terms)
         prompt_kv, _ = block_prompt_kv(self, fwd, layer, x.shape[0])  # [2, H, P, D] or [B, 2, H, P, D]
         h = self.norm1(x) if h is None else h
         attn = self.attn
@@ -160,7 +160,7 @@ class TCPAMixin:
         out = self.tcpa.attend_packed(qkv, prompt_kv, selection, attn.scale)  # [B, N, C]
         x = x + self.drop_path1(self.ls1(attention_output(attn, out, h)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return hand_on(x, fwd)
+        return hand_on(x, fwd, record)
 
 
 @register_mixin
@@ -172,9 +172,9 @@ class TCPAParallelScalingMixin:
         reject_attn_mask(attn_mask, is_causal)
         B, N, C = x.shape
         layer = self._prompt_layer
-        fwd, replay = join_forward(x, layer)
+        fwd, record = join_forward(x, layer)
         selection, terms, h = self.tcpa.select(x, self.in_norm)
-        fwd.record(layer.index, terms, replay)
+        record_terms(record, layer.index, terms)
         prompt_kv, _ = block_prompt_kv(self, fwd, layer, B)
         q, k, v, x_mlp = self._tcpa_heads(self.in_norm(x) if h is None else h)  # [B, H, N, D], [B, N, hidden]
         x_attn = self.tcpa.attend(q, k, v, prompt_kv, selection, scale=self.scale).transpose(1, 2).reshape(B, N, C)
@@ -183,7 +183,7 @@ class TCPAParallelScalingMixin:
             y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))
         else:
             y = self.attn_out_proj(x_attn) + self.mlp_out_proj(x_mlp)
-        return hand_on(x + self.drop_path(self.ls(y)), fwd)
+        return hand_on(x + self.drop_path(self.ls(y)), fwd, record)
 
     def _tcpa_heads(self, h):
         """h [B, S, C] -> q, k, v [B, H, S, D] (q_norm/k_norm applied) and the MLP input [B, S, hidden]."""
