@@ -1,7 +1,7 @@
 """Every timm ViT and EVA model name (built without weights, two blocks, a small image): TCPA equals the
 official-style prefix-prompt computation of the same model, VPT-deep runs, and ``remove_prompts`` restores the
 logits; models with a block the op cannot run must refuse it, saying why. Slow (every timm model of these modules,
-~250, about 6 minutes on 2 cores): run with ``--slow`` (CI does)."""
+~250, about 4 minutes on 2 cores): run with ``--slow`` (CI does)."""
 
 import copy
 
