@@ -144,9 +144,10 @@ class _FrozenStackedLinear(torch.autograd.Function):
     with x [L, M, C], bias [L, 1, R] or None and the weights as ``_pieces`` gives them -> x_l @ W_l^T + b_l,
     [L, M, R].
 
-    The stacked weight ``[L, R, C]`` is a copy of the layers' weights: it is made for the GEMM and dropped, and made
-    again in the backward, rather than kept for it (autograd would save the copy, ~57 MB at ViT-B/16 in fp32, every
-    step, of weights that are parameters anyway). The backward keeps the weight tensors, never their modules."""
+    The stacked weight is a copy of the layers' weights (of their whole packed tensors when the K/V rows are a slice
+    of them: [L, 3C, C], ~85 MB at ViT-B/16 in fp32): it is made for the GEMM and dropped, and made again in the
+    backward, rather than kept for it (autograd would save the copy every step, of weights that are parameters
+    anyway). The backward keeps the weight tensors, never their modules."""
 
     @staticmethod
     def forward(ctx, x, bias, rows, stack, *tensors):
