@@ -78,9 +78,18 @@ class LastForward:
     def matching_loss(self) -> Tensor | None:
         """Sum of the matching-loss terms of every layer that ran (None when none recorded any)."""
         if self.loss is None and self.terms:
-            terms = list(self.terms.values())  # [B, N] each
-            self.loss = terms[0].sum() if len(terms) == 1 else torch.stack(terms).sum()
+            self.loss = sum_terms(list(self.terms.values()))
         return self.loss
+
+
+def sum_terms(terms: list[Tensor]) -> Tensor:
+    """The matching loss of layers' terms ([B, N] each): one stack + sum (one cat + sum where the layers' token
+    counts differ)."""
+    if len(terms) == 1:
+        return terms[0].sum()
+    if all(t.shape == terms[0].shape for t in terms):
+        return torch.stack(terms).sum()
+    return torch.cat([t.flatten() for t in terms]).sum()
 
 
 def last_forward(state) -> LastForward | None:
@@ -223,5 +232,5 @@ def record_loose(prompts, terms: Tensor | None) -> None:
 def loose_matching_loss(modules) -> Tensor | None:
     """Sum of the terms the last forward recorded for these TCPAPrompts modules (None when none did)."""
     record = getattr(_LOOSE, "terms", None) or {}
-    terms = [record[m].flatten() for m in modules if record.get(m) is not None]
-    return torch.cat(terms).sum() if terms else None
+    terms = [record[m] for m in modules if record.get(m) is not None]
+    return sum_terms(terms) if terms else None

@@ -70,12 +70,13 @@ class VPTConfig:
 
 @dataclasses.dataclass
 class PromptState:
-    """A prompted model's config and links (``model.prompt_state``); not a module, holds no parameters and nothing
-    of a forward.
+    """A prompted model's config and links (``model.prompt_state``); not a module, holds no parameters and, of a
+    forward, only ``last``.
 
-    ``last`` is per thread: the last forward this thread ran on the model (``_forward.PromptForward``), which
-    ``get_matching_loss`` reads. Pickling and ``copy.deepcopy`` drop it. ``token`` is the model's name in its forwards
-    (a forward holds it, not the state, so that a model is freed with the forwards it keeps).
+    ``last`` is per thread: ``last.record``, the last forward this thread ran on the model with its loss terms
+    (``_forward.LastForward``), which ``get_matching_loss`` reads. Pickling and ``copy.deepcopy`` drop it.
+    ``token`` is the model's name in its forwards (a forward holds it, not the state, so that a model is freed with
+    the forwards it keeps).
     """
 
     method: str  # "tcpa" | "vpt"
