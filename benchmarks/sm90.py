@@ -33,11 +33,13 @@ def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=
     """Compile one attention kernel variant ('fwd' | 'bwd') to a cubin; dtype: 'bf16' | 'fp16' |
     'fp32' of q/k/v/out, prompt_dtype that of the prompt K/V (default: dtype; prompt gradients are fp32).
     Returns ptxas's figures."""
+    if kernel == "bwd":
+        constexprs = {"SPLIT": False} | constexprs  # one program per (batch, head) unless the caller says otherwise
     mask_type = "*u8" if constexprs["MASK_MODE"] == 0 else "*i64"
     prompt_type = f"*{prompt_dtype or dtype}"
     pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     pointers |= {"PK": prompt_type, "PV": prompt_type, "MASK": mask_type, "BITS": mask_type, "LSE": "*fp32",
-                 "DELTA": "*fp32", "DPK": "*fp32"}
+                 "DELTA": "*fp32", "DPK": "*fp32", "COUNTER": "*i32"}
     return compile_fn(KERNELS[kernel], pointers, constexprs, num_warps, num_stages, aligned)
 
 

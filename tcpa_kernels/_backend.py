@@ -40,6 +40,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (None off CUDA): the launchers size their grids by it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Return "triton" or "torch" for tensors on ``device`` ("auto": triton on CUDA where triton is installed)."""
     if backend not in BACKENDS:

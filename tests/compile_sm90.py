@@ -1,8 +1,8 @@
 """Compile the kernels for Hopper (sm_90) with Triton's real compiler, down to a cubin, on a machine without a GPU,
 at the launch configurations the library uses (LAUNCH_CONFIGS). Run as a script with TRITON_INTERPRET=0
 (tests/test_compile.py does); prints one line per kernel with ptxas's registers and spill instructions, and exits
-1 if a variant compiled with ViT-shape (aligned) arguments spills registers, or if any needs more shared memory
-than an sm_90 block can have (which would fail at launch on the GPU).
+1 if a variant compiled with ViT-shape (aligned) arguments spills registers, if any needs more shared memory
+than an sm_90 block can have (which would fail at launch on the GPU), or if the matching kernels have no MMA.
 
 Default: a subset in which every constexpr branch appears (each dtype, fp32 prompts with 16-bit q, mask encoding,
 softmax mode, head-dim bucket, atomic and deterministic prompt gradients, aligned and general arguments), ~20 s on
@@ -28,7 +28,8 @@ SUBSET = [("bf16", "fp32", 1, False, 64, True),  # the model's ViT-B/16 layer un
 FULL = [(dtype, prompt_dtype, *v, True) for dtype in DTYPES for prompt_dtype in dict.fromkeys((dtype, "fp32"))
         for v in itertools.product((0, 1), (False, True), (64, 128))]
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
-LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False)), ("bwd", dict(ATOMIC=True))]
+LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False)), ("bwd", dict(ATOMIC=True)),
+            ("bwd", dict(ATOMIC=False, SPLIT=True))]
 
 def main(variants):
     rejected = []
@@ -46,26 +47,29 @@ def main(variants):
                 rejected.append(line)
     print(sm90.compile_fn(_selection_kernels._topk_bits_kernel, {"SCORES": "*fp32", "BITS": "*i64"},
                           dict(BLOCK_T=32, E_PAD=64)), flush=True)
-    # matching on the fp32 residual stream (x) with fp32 keys, 64 pool entries, at the library's launch
-    # configurations: alone (match_select) and fused with the block's LayerNorm (weight and bias; the model's path)
+    # matching with fp32 keys, 64 pool entries, at the library's launch configurations, on an fp32 residual stream
+    # x (3xTF32 dots) and a bf16 one (X16: two bf16 dots per product): alone (match_select) and fused with the
+    # block's LayerNorm (weight and bias; the model's path). Their dot products must run on tensor cores.
     names = ("X", "KEYS_CLS", "KEYS_IMG", "TERMS", "NORM_W", "NORM_B", "H", "MEAN", "RSTD", "DTERMS", "DX",
              "DKEYS_PARTIAL", "DH")
-    pointers = dict.fromkeys(names, "*fp32") | {"BITS": "*i64"}
-    for (name, kernel, extra), norm in itertools.product(
+    for (name, kernel, extra), norm, x_dtype in itertools.product(
             (("fwd", _match_kernels._match_fwd_kernel, dict(HAS_W=True, HAS_B=True)),
              ("bwd", _match_kernels._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))),
-            (False, True)):
-        extra = extra | dict(NORM=norm)
+            (False, True), ("fp32", "bf16")):
+        pointers = dict.fromkeys(names, "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
+        pointers["BITS"] = "*i64"
+        extra = extra | dict(NORM=norm, X16=x_dtype != "fp32")
         launch = dict(_match_kernels.LAUNCH[name])
         num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
         constexprs = launch | extra | dict(E_PAD=64)
         figures = sm90.compile_fn(kernel, pointers, constexprs, num_warps, num_stages)
-        line = f"match_{name} {constexprs} warps={num_warps} stages={num_stages} {figures}"
+        line = f"match_{name} x={x_dtype} {constexprs} warps={num_warps} stages={num_stages} {figures}"
         print(line, flush=True)
-        if figures["spill_ops"] or figures["shared_bytes"] > SM90_MAX_SHARED:
+        if figures["spill_ops"] or figures["shared_bytes"] > SM90_MAX_SHARED or not figures["mma"]:
             rejected.append(line)
     if rejected:
-        print("register spills at ViT-shape arguments, or more shared memory than sm_90 has:\n"
+        print("register spills at ViT-shape arguments, more shared memory than sm_90 has, or matching off the "
+              "tensor cores:\n"
               + "\n".join(rejected), file=sys.stderr)
         return 1
     return 0

@@ -155,3 +155,68 @@ def test_selection_words_equal_their_mask(backend, renormalize):
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, atol=0, rtol=0)
+
+
+class _GridRecorder:
+    """Stands in for ``_bwd_kernel``: records each launch's grid and SPLIT, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches.append((grid, meta["SPLIT"]))
+            return self.kernel[grid](*args, **meta)
+
+        return launch
+
+
+@pytest.fixture
+def few_sms(monkeypatch):
+    """The launchers see a device of 3 SMs, so a backward of fewer than 6 (batch, head)s splits its key tiles over
+    programs; yields the recorder of the backward launches."""
+    from tcpa_kernels.ops import _attention_kernels
+
+    recorder = _GridRecorder(_attention_kernels._bwd_kernel)
+    monkeypatch.setattr(_attention_kernels, "sm_count", lambda device: 3)
+    monkeypatch.setattr(_attention_kernels, "_bwd_kernel", recorder)
+    _attention_kernels.forget_plans()
+    yield recorder
+    _attention_kernels.forget_plans()
+
+
+def test_key_splits_rule():
+    from tcpa_kernels.ops._attention_kernels import key_splits
+
+    assert key_splits(96, 4, 132) == 3  # ViT-B/16 batch 8 on an H100: 288 programs, >= 2 per SM
+    assert key_splits(1536, 4, 132) == 1  # batch 128: one program per (batch, head)
+    assert key_splits(12, 4, 132) == 4  # batch 1: one key tile per program
+    assert key_splits(4, 2, None) == 1  # off CUDA, unless told the SM count
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 70, 3, 64), (2, 1, 32, 40, 16), (1, 1, 17, 66, 128)], ids=str)
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+def test_backward_split_over_key_tiles_matches_reference(shape, renormalize, shared, few_sms, poison_buffers):
+    _check("triton", shape, torch.float32, renormalize, shared)
+    (grid, split), = few_sms.launches
+    assert split and grid[0] > shape[0] * shape[1], "the key tiles were not split over programs"
+
+
+def test_split_backward_equals_one_program_per_head_bitwise(monkeypatch):
+    """dq of the split backward is the sum of the key tiles' accumulators in tile order: the same additions as one
+    program walking every tile, so the same bits; the other gradients come from the same per-tile code. 3 heads,
+    4 key tiles of 32 (fp32, D 32), 3 SMs: 2 programs per head, 2 tiles each."""
+    from tcpa_kernels.ops import _attention_kernels
+
+    assert _attention_kernels.key_splits(3, 4, 3) == 2
+    tensors, mask = attention_inputs(1, 3, 100, 20, 32, shared=True)
+    grads = []
+    for sms in (None, 3):
+        monkeypatch.setattr(_attention_kernels, "sm_count", lambda device, sms=sms: sms)
+        _attention_kernels.forget_plans()
+        out = tk.tcpa_attention(*tensors, mask, backend="triton")
+        grads.append(torch.autograd.grad(out, tensors, torch.ones_like(out)))
+    _attention_kernels.forget_plans()
+    for one, split in zip(*grads):
+        assert torch.equal(one, split)

@@ -55,6 +55,27 @@ def test_atomic_vs_deterministic_and_bitwise_repeatability():
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_small_batch_split_backward_is_the_one_program_backward_bitwise(dtype, monkeypatch):
+    """ViT-B/16 at batch 8: 96 (batch, head)s split their key tiles over 3 programs each on an H100; the dq sum in
+    tile order gives the bits of one program per (batch, head), run after run (the tickets order nothing else)."""
+    from tcpa_kernels.ops import _attention_kernels
+
+    tensors, mask = attention_inputs(8, 12, 197, 36, 64, dtype=dtype)
+    grad_out = torch.randn(8, 12, 197, 64, device="cuda", dtype=dtype)
+    device_sms = _attention_kernels.sm_count
+    runs = []
+    for sms in (lambda device: None, device_sms, device_sms):  # one program per (batch, head); split, twice
+        monkeypatch.setattr(_attention_kernels, "sm_count", sms)
+        _attention_kernels.forget_plans()
+        out = tk.tcpa_attention(*tensors, mask, backend="triton")
+        runs.append(torch.autograd.grad(out, tensors, grad_out))
+    _attention_kernels.forget_plans()
+    assert _attention_kernels.key_splits(8 * 12, 4, device_sms(torch.device("cuda"))) > 1
+    for one, split, again in zip(*runs):
+        assert torch.equal(one, split) and torch.equal(split, again)
+
+
 @pytest.mark.parametrize("options", [{}, dict(prompt_transform="fourier", prompt_dropout_per_sample=True)],
                          ids=["tcpa", "vfpt_tcpa_per_sample"])
 @pytest.mark.parametrize("autocast", [False, True])

@@ -12,7 +12,9 @@ the programs that read one head's K/V run side by side and share it through L2. 
 tiles. Every prompt score enters the running max and the normaliser; only selected prompts enter the
 accumulator (renormalize=False); with renormalize=True unselected prompts get -inf. Saves lse (log2 units).
 
-Backward, one launch: one program per (batch, head) (FlashAttention-2 recomputation), with
+Backward, one launch: one program per (batch, head) (FlashAttention-2 recomputation) when those fill the GPU twice
+over, else (small batches) each (batch, head)'s key tiles split over up to one program per tile (``key_splits``),
+with
 p = exp2(s*log2e - lse), dP = dO.v, delta = dO.O:
   ds = p * (m*dP - delta)     renormalize=False  (unselected prompts still get a key gradient)
   ds = m*p * (dP - delta)     renormalize=True
@@ -20,9 +22,11 @@ p = exp2(s*log2e - lse), dP = dO.v, delta = dO.O:
 The program first computes delta for its N rows (fp32 scratch), then walks the key tiles; per tile it keeps
 K/V and the dK/dV accumulators on chip and walks the query blocks: 5 MMAs per (query block, key tile), one exp2
 per score, as FlashAttention-2's backward. Each query block's dq contribution (dS.K) is added to an fp32 scratch
-row block of this (batch, head): the first key tile stores it, the last one writes dq itself (scaled, in dq's
-dtype). Race-free by construction: every row of DELTA, the dq scratch, dq, dk and dv belongs to exactly one
-program, and a barrier (``tl.debug_barrier``: __syncthreads, which also orders global memory within the block)
+row block of this program: the first key tile stores it, the last one writes dq itself (scaled, in dq's
+dtype); split programs store each tile's contribution apart, and the last of a (batch, head)'s programs to finish
+(an atomic ticket) writes dq as their sum in key-tile order, the additions one program would make: deterministic,
+and the same bits. Race-free by construction: every row of DELTA, the dq scratch, dk and dv belongs to exactly one
+program, dq to the one that writes it, and a barrier (``tl.debug_barrier``: __syncthreads, which also orders global memory within the block)
 after the delta pass and after each key tile orders the program's own writes before its later reads of them.
 Prompt K/V shared by the batch ([H, P, D]) need a reduction over the batch: the kernel writes per-(b, h) fp32
 partials that the caller sums (deterministic), or adds fp32 atomics into [H, P, D].
@@ -46,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tcpa_kernels._backend import cdiv, next_power_of_2, refuse_interpreter_bf16
+from tcpa_kernels._backend import cdiv, next_power_of_2, refuse_interpreter_bf16, sm_count
 from tcpa_kernels.ops._function import attention_grads
 
 LOG2E = 1.4426950408889634
@@ -167,9 +171,11 @@ def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, 
                   stride_n, dostride_n, dstride_n, MASK, BITS, i_b, o_p, is_token, is_prompt,
                   N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                   TAIL: tl.constexpr, MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                  SPLIT: tl.constexpr):
     """dK, dV [BLOCK_N, D_PAD] (fp32, unscaled dK) of key tile start_n.. (k, v on chip) over every query block;
-    adds each block's dq contribution to its fp32 scratch rows, or writes dq when start_n is the last tile."""
+    adds each block's dq contribution to its fp32 scratch rows, or writes dq when start_n is the last tile
+    (last_start); SPLIT: stores it in this tile's own scratch rows ([tiles, N, D] from DQ_ACC_BH)."""
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
     b_dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
@@ -203,29 +209,47 @@ def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, 
         b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=PRECISION)
         b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)  # [BM, D_PAD]
         p_acc = DQ_ACC_BH + o_m[:, None] * D + o_d[None, :]
-        if start_n > 0:
-            b_dq += tl.load(p_acc, mask=m_md, other=0.0)
-        if start_n == last_start:
-            tl.store(DQ_BH + o_m[:, None] * dstride_n + o_d[None, :], (b_dq * sm_scale).to(DQ_BH.dtype.element_ty),
-                     mask=m_md)
+        if SPLIT:
+            tl.store(p_acc + (start_n // BLOCK_N) * N * D, b_dq, mask=m_md)
         else:
-            tl.store(p_acc, b_dq, mask=m_md)
+            if start_n > 0:
+                b_dq += tl.load(p_acc, mask=m_md, other=0.0)
+            if start_n == last_start:
+                tl.store(DQ_BH + o_m[:, None] * dstride_n + o_d[None, :],
+                         (b_dq * sm_scale).to(DQ_BH.dtype.element_ty), mask=m_md)
+            else:
+                tl.store(p_acc, b_dq, mask=m_md)
     return b_dk, b_dv
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
+def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK, COUNTER,
                 stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
                 ostride_b, ostride_h, ostride_n, dostride_b, dostride_h, dostride_n,
                 dstride_b, dstride_h, dstride_n, dkv_heads, dpstride_b, dpstride_h, dpstride_n,
-                H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img,
+                H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img, n_splits,
                 MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """Every gradient of one (batch, head): dq, dk, dv, and the prompt gradients into DPK (fp32 [.., 2, H, P, D],
-    the V half H * dpstride_h elements after the K half: per-(b, h) partials, or with ATOMIC atomics at batch
-    stride 0). DELTA is the fp32 scratch: delta [B*H*N] (padded to a multiple of 16 elements), then the dq
-    accumulator [B*H, N, D] (present only with several key tiles)."""
-    i_bh = tl.program_id(0).to(tl.int64)
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """The gradients of one (batch, head) from a contiguous range of its key tiles (all of them unless SPLIT:
+    then ``n_splits`` programs share the tiles): dq, dk, dv, and the prompt gradients into DPK (fp32
+    [.., 2, H, P, D], the V half H * dpstride_h elements after the K half: per-(b, h) partials, or with ATOMIC
+    atomics at batch stride 0). DELTA is the fp32 scratch: delta [programs * N] (padded to a multiple of 16
+    elements), then the dq accumulator [B*H, N, D] (present only with several key tiles; SPLIT: one per key tile,
+    [B*H, tiles, N, D]). With SPLIT the last of a (batch, head)'s programs to finish (an int32 ticket per
+    (batch, head) in COUNTER, zeroed by the caller) writes dq as the sum of the tiles' accumulators in tile order:
+    the additions one program makes, so the same bits whichever finishes last."""
+    pid = tl.program_id(0).to(tl.int64)  # (batch, head) * n_splits + split: one head's programs adjacent
+    if SPLIT:
+        i_bh = pid // n_splits
+        i_split = tl.program_id(0) % n_splits  # int32: the key offsets stay 32-bit, as without splits
+        n_tiles = tl.cdiv(N + P, BLOCK_N)
+        first_start = (i_split * n_tiles // n_splits) * BLOCK_N  # this program's key tiles: first_start..end_n
+        end_n = tl.minimum(((i_split + 1) * n_tiles // n_splits) * BLOCK_N, N + P)
+    else:
+        i_bh = pid
+        first_start = 0
+        end_n = N + P
     i_b = i_bh // H
     i_h = i_bh % H
     o_d = tl.arange(0, D_PAD)
@@ -237,9 +261,13 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
     DK_BH = DK + i_b * dstride_b + (i_h + dkv_heads) * dstride_h
     DV_BH = DV + i_b * dstride_b + (i_h + 2 * dkv_heads) * dstride_h
     DO_BH = DO + i_b * dostride_b + i_h * dostride_h
-    DELTA_BH = DELTA + i_bh * N
+    DELTA_BH = DELTA + pid * N
     LSE_BH = LSE + i_bh * N
-    DQ_ACC_BH = DELTA + tl.cdiv(tl.num_programs(0).to(tl.int64) * N, 16) * 16 + i_bh * N * D
+    DQ_ACC = DELTA + tl.cdiv(tl.num_programs(0).to(tl.int64) * N, 16) * 16
+    if SPLIT:  # [B*H, tiles, N, D]: one accumulator per key tile
+        DQ_ACC_BH = DQ_ACC + i_bh * tl.cdiv(N + P, BLOCK_N) * N * D
+    else:  # [B*H, N, D]
+        DQ_ACC_BH = DQ_ACC + pid * N * D
     # delta = rowsum(dO * O) of every row, once
     for start_m in range(0, N, BLOCK_M):
         o_m = start_m + tl.arange(0, BLOCK_M)
@@ -250,15 +278,15 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
         tl.store(DELTA_BH + o_m, tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1), mask=o_m < N)
     tl.debug_barrier()
 
-    last_start = ((N + P - 1) // BLOCK_N) * BLOCK_N
+    last_start = ((end_n - 1) // BLOCK_N) * BLOCK_N
     n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in range(first_start, tl.minimum(end_n, n_full), BLOCK_N):
         b_k, b_v = _token_keys(K_BH, V_BH, stride_n, start_n, o_d, m_d, BLOCK_N)
         b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
                                    DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
                                    i_b, None, None, None, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls,
                                    len_img, False, MASK_MODE, RENORMALIZE, BLOCK_M, BLOCK_N, D_PAD,
-                                   PRECISION)
+                                   PRECISION, SPLIT)
         p_rows = (start_n + tl.arange(0, BLOCK_N))[:, None] * dstride_n + o_d[None, :]
         tl.store(DK_BH + p_rows, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_d[None, :])
         tl.store(DV_BH + p_rows, b_dv.to(DV.dtype.element_ty), mask=m_d[None, :])
@@ -268,14 +296,14 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
     PV_BH = PV + i_b * pstride_b + (i_h + pv_heads) * pstride_h
     DPK_BH = DPK + i_b * dpstride_b + i_h * dpstride_h
     DPV_BH = DPK + i_b * dpstride_b + (i_h + H) * dpstride_h
-    for start_n in range(n_full, N + P, BLOCK_N):
+    for start_n in range(tl.maximum(first_start, n_full), end_n, BLOCK_N):
         b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n, N,
                                                         P, o_d, m_d, BLOCK_N)
         b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
                                    DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
                                    i_b, o_p, is_token, is_prompt, N, P, D, qk_scale, sm_scale, n_cls_prompts,
                                    pool_cls, len_cls, len_img, True, MASK_MODE, RENORMALIZE, BLOCK_M,
-                                   BLOCK_N, D_PAD, PRECISION)
+                                   BLOCK_N, D_PAD, PRECISION, SPLIT)
         b_dk = b_dk * sm_scale
         o_n = start_n + tl.arange(0, BLOCK_N)
         p_tok = o_n[:, None] * dstride_n + o_d[None, :]
@@ -291,6 +319,35 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
             tl.store(DPK_BH + p_prm, b_dk.to(DPK.dtype.element_ty), mask=m_prm)
             tl.store(DPV_BH + p_prm, b_dv.to(DPK.dtype.element_ty), mask=m_prm)
         tl.debug_barrier()
+    if SPLIT:
+        _reduce_split_dq(COUNTER, DELTA, DQ, dstride_b, dstride_h, dstride_n, H, N, P, D, sm_scale, n_splits,
+                         BLOCK_M, BLOCK_N, D_PAD)
+
+
+@triton.jit
+def _reduce_split_dq(COUNTER, DELTA, DQ, dstride_b, dstride_h, dstride_n, H, N, P, D, sm_scale, n_splits,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """The last of a (batch, head)'s split programs to arrive writes its dq: the sum of the key tiles' fp32
+    accumulators ([tiles, N, D] in the scratch after delta) in tile order. The barrier before the ticket (acq_rel,
+    GPU scope) orders every thread's accumulator stores before it; the last program reads the others' through L2
+    (.cg). Its pointers are recomputed here from the program id, not kept live through the key tiles."""
+    tl.debug_barrier()
+    i_bh = tl.program_id(0).to(tl.int64) // n_splits
+    ticket = tl.atomic_add(COUNTER + i_bh, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_splits - 1:
+        n_tiles = tl.cdiv(N + P, BLOCK_N)
+        DQ_ACC_BH = DELTA + tl.cdiv(tl.num_programs(0).to(tl.int64) * N, 16) * 16 + i_bh * n_tiles * N * D
+        DQ_BH = DQ + (i_bh // H) * dstride_b + (i_bh % H) * dstride_h
+        o_d = tl.arange(0, D_PAD)
+        for start_m in range(0, N, BLOCK_M):
+            o_m = start_m + tl.arange(0, BLOCK_M)
+            m_md = (o_m < N)[:, None] & (o_d < D)[None, :]
+            b_dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+            for i_tile in range(0, n_tiles):
+                p_acc = DQ_ACC_BH + i_tile * N * D + o_m[:, None] * D + o_d[None, :]
+                b_dq += tl.load(p_acc, mask=m_md, other=0.0, cache_modifier=".cg")
+            tl.store(DQ_BH + o_m[:, None] * dstride_n + o_d[None, :], (b_dq * sm_scale).to(DQ_BH.dtype.element_ty),
+                     mask=m_md)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,14 +469,16 @@ def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_s
 
 @functools.cache
 def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, out_strides,
-                   grad_out_strides, grad_strides, mask_mode, layout, scale, renormalize, atomic):
+                   grad_out_strides, grad_strides, mask_mode, layout, scale, renormalize, atomic, sms):
     """``_bwd_kernel`` with contiguous prompt gradients ([2, H, P, D] with ``atomic``, else [B, 2, H, P, D]): (grid,
     scalars, meta, elements of the fp32 scratch: delta [B*H*N] padded to a multiple of 16, then the dq accumulator
     [B*H, N, D] when there are several key tiles). out, grad_out and dq/dk/dv in q's layout: [B, N, H*D] and
     [B, N, 3, H, D] packed, else [B, H, N, D] each."""
     (B, H, N, P, D), qkv, prompts = _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides)
-    meta = _launch_config(*_table_entry("bwd", D, dtype), N, P, D,
-                          (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize), ("ATOMIC", atomic)))
+    entry = _table_entry("bwd", D, dtype)
+    splits = key_splits(B * H, cdiv(N + P, _launch_config(*entry, N, P, D, ())["BLOCK_N"]), sms)
+    meta = _launch_config(*entry, N, P, D, (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize),
+                                            ("ATOMIC", atomic), ("SPLIT", splits > 1)))
     if packed:
         os, gs, ds = out_strides, grad_out_strides, grad_strides
         outs, grad_outs, grads = (os[0], D, os[1]), (gs[0], D, gs[1]), _stacked(ds[0], ds[3], ds[1], ds[2], H)
@@ -427,9 +486,20 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
         outs, grad_outs, grads = out_strides[:3], grad_out_strides[:3], (*grad_strides[:3], 0)
     dprompts = (0 if atomic else 2 * H * P * D, P * D, D)
     scalars = (*qkv, *prompts, *outs, *grad_outs, *grads, *dprompts, H, N, P, D, scale * LOG2E, scale,
-               *_selection_scalars(mask_mode, layout))
-    scratch = cdiv(B * H * N, 16) * 16 + (B * H * N * D if N + P > meta["BLOCK_N"] else 0)
-    return (B * H,), scalars, meta, scratch
+               *_selection_scalars(mask_mode, layout), splits)
+    programs, tiles = B * H * splits, cdiv(N + P, meta["BLOCK_N"])
+    accumulators = B * H * (tiles if splits > 1 else 1) * N * D if tiles > 1 else 0  # dq's fp32 accumulators
+    scratch = cdiv(programs * N, 16) * 16 + accumulators
+    return (programs,), scalars, meta, scratch, B * H if splits > 1 else 0
+
+
+def key_splits(heads, tiles, sms):
+    """Programs per (batch, head) of the backward: 1 when the B*H (``heads``) programs fill the GPU at least twice
+    over (``sms`` SMs; off CUDA, None: always 1), else the fewest splits of the ``tiles`` key tiles that do (at most
+    one tile per program): FlashAttention-2 also parallelises its backward over key blocks."""
+    if sms is None or heads >= 2 * sms:
+        return 1
+    return min(tiles, cdiv(2 * sms, heads))
 
 
 def forget_plans():
@@ -462,16 +532,19 @@ def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, layout, s
 
 def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits,
               layout, scale, renormalize):
-    """One launch of ``_bwd_kernel`` (operands as ``_backward_plan`` takes them)."""
-    grid, scalars, meta, scratch = _backward_plan(
+    """One launch of ``_bwd_kernel`` (operands as ``_backward_plan`` takes them): with several programs per
+    (batch, head), their zeroed tickets too."""
+    grid, scalars, meta, scratch, tickets = _backward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), out.stride(),
-        grad_out.stride(), dq.stride(), 1 if mask is None else 0, layout, scale, renormalize, dprompt.dim() == 4)
+        grad_out.stride(), dq.stride(), 1 if mask is None else 0, layout, scale, renormalize, dprompt.dim() == 4,
+        sm_count(q.device))
     scratch = torch.empty(scratch, dtype=torch.float32, device=q.device)
+    tickets = torch.zeros(tickets, dtype=torch.int32, device=q.device) if tickets else None
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
         _bwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, out, grad_out, lse, scratch, dq, dk, dv,
-                          dprompt, *scalars, **meta)
+                          dprompt, tickets, *scalars, **meta)
 
 
 def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):

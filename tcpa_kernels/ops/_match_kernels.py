@@ -1,5 +1,10 @@
 """Triton kernels of ``match_select`` (matching, top-k, loss terms, and the fused LayerNorm; the math is in that
 module's docstring) and their launchers, one kernel launch each. Imported only on the triton backend.
+
+Their dot products (x . keys forward; the same, g . khat and g^T . x backward) run on tensor cores with fp32
+accumulation, at a precision that keeps the fp32 ranking (``_precise_dot``): fp32 operands as 3xTF32, a 16-bit x
+(exact in its dtype) against the fp32 operand split into a high and a low 16-bit part. Measured against an fp64
+ranking with ``benchmarks/matching_accuracy.py``. Norms, the selection and the loss terms are fp32 on CUDA cores.
 """
 
 import functools
@@ -8,25 +13,25 @@ import torch
 import triton
 import triton.language as tl
 
-from tcpa_kernels._backend import cdiv, next_power_of_2
+from tcpa_kernels._backend import cdiv, next_power_of_2, sm_count
 from tcpa_kernels.ops._selection_kernels import own_pool, select_topk
 from tcpa_kernels.ops.match_select import group_weights
 from tcpa_kernels.ops.selection import max_topk
 
 # Tokens per block, channels per step of the loop over C, warps, stages: chosen offline from the sm_90 compile
-# report (fp32 x, 64 entries, with and without the fused LayerNorm: tiles ptxas fits without spilling;
-# tests/compile_sm90.py checks them).
-# Not timed on a GPU yet.
-LAUNCH = {"fwd": dict(BLOCK_T=32, BLOCK_C=64, num_warps=8, num_stages=1),
+# report (fp32 and bf16 x, 64 entries, with and without the fused LayerNorm: tiles ptxas fits without spilling, the
+# forward's dots as warpgroup MMAs; tests/compile_sm90.py checks them). Not timed on a GPU yet.
+LAUNCH = {"fwd": dict(BLOCK_T=64, BLOCK_C=32, num_warps=8, num_stages=1),
           "bwd": dict(BLOCK_T=32, BLOCK_C=16, num_warps=8, num_stages=1)}
-MAX_KEY_PARTIALS = 128  # backward programs, each writing one fp32 [E, C] partial of the key gradient
+MAX_KEY_PARTIALS = 128  # backward programs off CUDA (on CUDA: one per SM), each writing one fp32 [E, C] partial
 
 
 @triton.jit
 def _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls, pool_img,
-             BLOCK_C: tl.constexpr, E_PAD: tl.constexpr):
+             BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
     """cos [BLOCK_T, E_PAD] of rows o_t against every key, |x| [BLOCK_T] and |k| [E_PAD] (fp32, unclamped), and
-    the row sums of x [BLOCK_T] (for the fused layer norm's mean)."""
+    the row sums of x [BLOCK_T] (for the fused layer norm's mean). The dot products on tensor cores
+    (``_precise_dot``): x in its 16-bit dtype with X16, else in fp32."""
     p_x = X + (o_t // N) * stride_b + (o_t % N) * stride_n  # [BLOCK_T] row pointers
     o_e = tl.arange(0, E_PAD)
     b_dot = tl.zeros([o_t.shape[0], E_PAD], dtype=tl.float32)
@@ -36,15 +41,39 @@ def _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls
     for c0 in range(0, C, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < C
-        b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        b_x_in = _load_x(p_x, o_c, m_t[:, None] & m_c[None, :], X16)  # [BLOCK_T, BLOCK_C]
+        b_x = b_x_in.to(tl.float32)
         b_k = _load_keys(KEYS_CLS, KEYS_IMG, o_e, o_c, m_c, C, pool_cls, pool_img)  # [E_PAD, BLOCK_C]
-        b_dot += tl.dot(b_x, tl.trans(b_k), input_precision="ieee")
+        b_dot = _precise_dot(b_x_in, tl.trans(b_k), b_dot)
         b_xsq += tl.sum(b_x * b_x, 1)
         b_ksq += tl.sum(b_k * b_k, 1)
         b_xsum += tl.sum(b_x, 1)
     b_xnorm, b_knorm = tl.sqrt(b_xsq), tl.sqrt(b_ksq)
     b_cos = b_dot / (tl.maximum(b_xnorm, 1e-12)[:, None] * tl.maximum(b_knorm, 1e-12)[None, :])
     return b_cos, b_xnorm, b_knorm, b_xsum
+
+
+@triton.jit
+def _load_x(p_x, o_c, m_tc, X16: tl.constexpr):
+    """Rows p_x [BLOCK_T] of x, channels o_c: in x's dtype with X16 (a 16-bit x), else fp32."""
+    b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_tc, other=0.0)
+    return b_x if X16 else b_x.to(tl.float32)
+
+
+@triton.jit
+def _precise_dot(a, b, acc):
+    """acc + a @ b (fp32 acc) on tensor cores at about fp32 accuracy. Both operands fp32: 3xTF32 (each operand as a
+    TF32 high part plus a TF32 low part, three MMAs). One 16-bit operand (exact in its dtype) and one fp32: the fp32
+    one as a high plus a low part in the 16-bit dtype, two MMAs of that dtype."""
+    if a.dtype == tl.float32:
+        if b.dtype == tl.float32:
+            return tl.dot(a, b, acc, input_precision="tf32x3")
+        a_hi = a.to(b.dtype)
+        acc = tl.dot(a_hi, b, acc)
+        return tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b, acc)
+    b_hi = b.to(a.dtype)
+    acc = tl.dot(a, b_hi, acc)
+    return tl.dot(a, (b - b_hi.to(tl.float32)).to(a.dtype), acc)
 
 
 @triton.jit
@@ -90,13 +119,13 @@ def _layer_norm_rows(X, NORM_W, NORM_B, H, MEAN, RSTD, o_t, m_t, N, C, stride_b,
 def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, TERMS, NORM_W, NORM_B, H, MEAN, RSTD, n_rows, N, C,
                       stride_b, stride_n, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls, w_img,
                       eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_C: tl.constexpr, E_PAD: tl.constexpr):
+                      BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
     """Selection words and loss terms of a block of tokens; with NORM also the block's layer norm h (the same rows
     of x, read again from cache rather than by a second kernel)."""
     o_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] row = b*N + n
     m_t = o_t < n_rows
     b_cos, _, _, b_xsum = _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls, pool_img,
-                                   BLOCK_C, E_PAD)
+                                   BLOCK_C, E_PAD, X16)
     is_prefix, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD)
     b_bits, sel = select_topk(b_cos, m_valid, k_row, k_max)
     b_terms = tl.sum(tl.where(sel, 1.0 - b_cos, 0.0), 1) * tl.where(is_prefix, w_cls, w_img)  # [BLOCK_T]
@@ -111,7 +140,7 @@ def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, TERMS, NORM_W, NORM_B, H, MEA
 def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, DTERMS, DX, DKEYS_PARTIAL, NORM_W, DH, MEAN, RSTD, n_rows, N, C,
                       stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens, pool_cls, pool_img, w_cls, w_img,
                       NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr):
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
     """Program i_p handles token blocks i_p, i_p + n_programs, ...; dx [B, N, C] contiguous, partial [E, C] fp32.
     With NORM, dx also gets the layer norm's input gradient from dh ([B*N, C] contiguous):
     rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dh * w, xhat = (x - mean) * rstd."""
@@ -125,7 +154,7 @@ def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, DTERMS, DX, DKEYS_PARTIAL, NO
         o_t = i_blk * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T] row = b*N + n
         m_t = o_t < n_rows
         b_cos, b_xnorm, b_knorm, _ = _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls,
-                                              pool_img, BLOCK_C, E_PAD)
+                                              pool_img, BLOCK_C, E_PAD, X16)
         is_prefix, _, _ = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, 0, 0, E_PAD)
         b_bits = tl.load(BITS + o_t, mask=m_t, other=0)  # [BLOCK_T] int64
         sel = ((b_bits[:, None] >> o_e[None, :].to(tl.int64)) & 1) != 0
@@ -145,17 +174,20 @@ def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, DTERMS, DX, DKEYS_PARTIAL, NO
             o_c = c0 + tl.arange(0, BLOCK_C)
             m_c = o_c < C
             m_tc = m_t[:, None] & m_c[None, :]
-            b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_tc, other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_C]
+            b_x_in = _load_x(p_x, o_c, m_tc, X16)  # [BLOCK_T, BLOCK_C]
+            b_x = b_x_in.to(tl.float32)
             b_khat = _load_keys(KEYS_CLS, KEYS_IMG, o_e, o_c, m_c, C, pool_cls, pool_img) * b_inv_k[:, None]
             if NEED_DX:
-                b_dx = tl.dot(b_g, b_khat, input_precision="ieee") * b_inv_x[:, None] - b_xcoef[:, None] * b_x
+                b_dx = _precise_dot(b_g, b_khat, tl.zeros(b_x.shape, dtype=tl.float32)) * b_inv_x[:, None]
+                b_dx -= b_xcoef[:, None] * b_x
                 if NORM:
                     b_gn = _norm_upstream(NORM_W, DH, o_t, o_c, m_c, m_tc, C, HAS_W)  # [BLOCK_T, BLOCK_C]
                     b_xhat = (b_x - b_mean[:, None]) * b_rstd[:, None]
                     b_dx += b_rstd[:, None] * (b_gn - (b_gsum[:, None] + b_xhat * b_gxsum[:, None]) / C)
                 tl.store(DX + o_t[:, None] * C + o_c[None, :], b_dx.to(DX.dtype.element_ty), mask=m_tc)
             if NEED_DKEYS:
-                b_dkhat = tl.dot(tl.trans(b_g * b_inv_x[:, None]), b_x, input_precision="ieee")  # [E_PAD, BLOCK_C]
+                b_dkhat = _precise_dot(tl.trans(b_g * b_inv_x[:, None]), b_x_in,
+                                       tl.zeros([E_PAD, BLOCK_C], dtype=tl.float32))  # [E_PAD, BLOCK_C]
                 b_dk = (b_dkhat - b_kdot[:, None] * b_khat) * b_inv_k[:, None]
                 m_ec = m_e[:, None] & m_c[None, :]
                 if i_blk != i_p:  # later blocks add to this program's partial
@@ -204,38 +236,44 @@ def forget_plans():
     _backward_plan.cache_clear()
 
 
-def _constexprs_and_options(kernel, pool_cls, pool_img):
-    """(BLOCK_T, BLOCK_C, E_PAD) of ``kernel`` ('fwd' | 'bwd') and its launch options (E_PAD >= 16: tl.dot)."""
+def _constexprs_and_options(kernel, pool_cls, pool_img, x16):
+    """(BLOCK_T, BLOCK_C, E_PAD, X16) of ``kernel`` ('fwd' | 'bwd') and its launch options (E_PAD >= 16: tl.dot)."""
     launch = LAUNCH[kernel]
     e_pad = max(16, next_power_of_2(pool_cls + pool_img))
-    return (launch["BLOCK_T"], launch["BLOCK_C"], e_pad), dict(num_warps=launch["num_warps"],
-                                                               num_stages=launch["num_stages"])
+    return (launch["BLOCK_T"], launch["BLOCK_C"], e_pad, x16), dict(num_warps=launch["num_warps"],
+                                                                    num_stages=launch["num_stages"])
+
+
+def _x16(x):
+    """The kernels' X16: x's own 16-bit dtype in the dot products (fp16; bf16 on CUDA: the interpreter's bf16
+    dots are wrong, so off CUDA bf16 x takes the fp32 path)."""
+    return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and x.device.type == "cuda")
 
 
 @functools.cache
-def _forward_plan(shape, strides, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, eps, norm, has_w, has_b):
+def _forward_plan(shape, strides, x16, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, eps, norm, has_w, has_b):
     """``_match_fwd_kernel`` on x of ``shape`` and (batch, token) ``strides``: (grid, args, options, the shapes
     (B, N) of bits, terms, mean, rstd and (B, N, C) of h)."""
     B, N, C = shape
     w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
     k_max = max_topk(N, num_prefix_tokens, k_cls, k_img)
-    blocks, options = _constexprs_and_options("fwd", pool_cls, pool_img)
+    blocks, options = _constexprs_and_options("fwd", pool_cls, pool_img, x16)
     args = (B * N, N, C, strides[0], strides[1], num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls,
             w_img, eps, norm, has_w, has_b, *blocks)
     return (cdiv(B * N, blocks[0]),), args, options, (B, N), (B, N, C)
 
 
 @functools.cache
-def _backward_plan(shape, strides, dterms_strides, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, need_dx,
-                   need_dkeys, norm, has_w):
+def _backward_plan(shape, strides, dterms_strides, x16, sms, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img,
+                   need_dx, need_dkeys, norm, has_w):
     """``_match_bwd_kernel`` (dterms read at its own strides): (grid, args, options, the shapes of dx and of the
     key-gradient partials)."""
     B, N, C = shape
     w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
-    blocks, options = _constexprs_and_options("bwd", pool_cls, pool_img)
+    blocks, options = _constexprs_and_options("bwd", pool_cls, pool_img, x16)
     args = (B * N, N, C, strides[0], strides[1], dterms_strides[0], dterms_strides[1], num_prefix_tokens, pool_cls,
             pool_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, *blocks)
-    programs = backward_programs(B * N)
+    programs = backward_programs(B * N, sms)
     return (programs,), args, options, (B, N, C), (programs, pool_cls + pool_img, C)
 
 
@@ -247,8 +285,8 @@ def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, 
         x = x.contiguous()
         strides = x.stride()
     grid, args, options, rows, shape = _forward_plan(
-        x.shape, strides, keys_cls.shape[0], keys_img.shape[0], num_prefix_tokens, k_cls, k_img, norm_eps, fuse_norm,
-        norm_weight is not None, norm_bias is not None)
+        x.shape, strides, _x16(x), keys_cls.shape[0], keys_img.shape[0], num_prefix_tokens, k_cls, k_img, norm_eps,
+        fuse_norm, norm_weight is not None, norm_bias is not None)
     bits = torch.empty(rows, dtype=torch.int64, device=x.device)
     terms = torch.empty(rows, dtype=torch.float32, device=x.device)
     h = mean = rstd = None
@@ -262,9 +300,10 @@ def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, 
     return terms, bits, h, mean, rstd
 
 
-def backward_programs(n_rows):
-    """Programs of the backward launch (each writes one key-gradient partial)."""
-    return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), MAX_KEY_PARTIALS))
+def backward_programs(n_rows, sms):
+    """Programs of the backward launch, each writing one key-gradient partial: one per block of rows, at most one
+    per SM of the device (``sms``, from ``sm_count``; MAX_KEY_PARTIALS where it is None, off CUDA)."""
+    return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), sms or MAX_KEY_PARTIALS))
 
 
 def backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
@@ -276,8 +315,8 @@ def backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, n
         x = x.contiguous()
         strides = x.stride()
     grid, args, options, shape, partials_shape = _backward_plan(
-        x.shape, strides, dterms.stride(), keys_cls.shape[0], keys_img.shape[0], num_prefix_tokens, k_cls, k_img,
-        need_dx, need_dkeys, dh is not None, norm_weight is not None)
+        x.shape, strides, dterms.stride(), _x16(x), sm_count(x.device), keys_cls.shape[0], keys_img.shape[0],
+        num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys, dh is not None, norm_weight is not None)
     dx = torch.empty(shape, dtype=x.dtype, device=x.device) if need_dx else None
     partials = torch.empty(partials_shape, dtype=torch.float32, device=x.device) if need_dkeys else None
     if args[0]:  # B * N rows

@@ -36,7 +36,7 @@ import functools
 import torch
 from torch import Tensor
 
-from tcpa_kernels._backend import kernels, resolve_backend
+from tcpa_kernels._backend import kernels, resolve_backend, sm_count
 from tcpa_kernels._validate import check_pool_config, describe, validate_match_inputs
 from tcpa_kernels.ops._function import kernel_op, refuse_double_backward, traced
 from tcpa_kernels.ops.selection import _topk_bits_torch, entry_selection
@@ -192,7 +192,7 @@ def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, ke
 def _(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img, need_dx,
       need_dkeys, backend):
     B, N, C = x.shape
-    n_programs = kernels("_match_kernels").backward_programs(B * N) if backend == "triton" else 1
+    n_programs = kernels("_match_kernels").backward_programs(B * N, sm_count(x.device)) if backend == "triton" else 1
     dx = x.new_empty((B, N, C) if need_dx else (0,))
     return dx, x.new_empty((n_programs, keys_cls.shape[0] + keys_img.shape[0], C) if need_dkeys else (0,),
                            dtype=_partials_dtype(x, backend))
