@@ -1,7 +1,8 @@
 """The work model (benchmarks/work_model.py) counts what the kernels execute, and meets TCPA_SPEC.md §6's target.
 
 The counting test runs the real kernels in the Triton interpreter with its dot and exp2 instructions wrapped, so
-the model's padded MMA FLOPs and exp2 count are checked against the executed ones at small shapes."""
+the model's padded MMA FLOPs and exp2 count are checked against the executed ones at small shapes (the attention's
+and the matching kernels'); the whole-layer model's bookkeeping against hand-computed figures."""
 
 import contextlib
 
@@ -67,3 +68,84 @@ def test_within_flash_attention_budget(label, B, H, N, P, D):
     for direction, figures in work_model.ratios(work, work_model.fa2(B, H, N, P, D)).items():
         assert figures["mma_flops"] <= 1.10 and figures["exp2"] <= 1.10, (direction, figures)
     assert work["fwd"].launches == 1 and work["bwd"].launches == 2
+
+
+# ------------------------------------------------------------------------------------------- the whole layer
+
+SMALL = work_model.LayerShape(B=2, H=2, N=5, C=32, D=16, pool_cls=3, pool_img=3, topk=2, L=2)  # M = 10 rows
+
+
+def test_layer_bookkeeping_small_shape():
+    """Hand-computed figures at M = B*N = 10 rows, C = 32, E = 6 entries (E_PAD 16), k 2, L 2."""
+    ours, base = work_model.layer(SMALL, True), work_model.layer(SMALL, False)
+    # GEMMs, the same in both layers: qkv, proj, fc1, fc2 forward; their input gradients backward
+    assert ours["GEMMs"] == base["GEMMs"] and ours["elementwise"] == base["elementwise"]
+    for direction in ("fwd", "bwd"):
+        assert [k.tc16 for k in ours["GEMMs"][direction]] == [2 * 10 * 96 * 32, 2 * 10 * 32 * 32, 2 * 10 * 128 * 32,
+                                                              2 * 10 * 32 * 128]
+    assert ours["GEMMs"]["fwd"][0].hbm_bytes == 2 * (10 * 32 + 32 * 96 + 10 * 96 + 96)  # h, W, out, bias (bf16)
+    # matching forward: 64-row x 32-channel tiles -> 64 rows x 16 entries x 32 channels, 3xTF32; 2 argmax passes
+    (fwd,), (bwd,) = ours["norm1 | matching"]["fwd"], ours["norm1 | matching"]["bwd"]
+    assert (fwd.tf32, fwd.tc16, fwd.cuda) == (3 * 2 * 64 * 16 * 32, 0, 4 * 2 * 64 * 16)
+    # x read, h written (fp32), mean + rstd, norm weight + bias, keys, words + terms
+    assert fwd.hbm_bytes == 1280 + 1280 + 80 + 256 + 6 * 32 * 4 + 10 * (8 + 4)
+    # backward: 32-row x 16-channel tiles, 3 dot passes of 3 TF32 MMAs; x, dh read, dx written, mean + rstd, norm
+    # weight, keys, words + dterms, one program's [6, 32] fp32 partial
+    assert (bwd.tf32, bwd.launches) == (3 * 3 * 2 * 32 * 16 * 32, 1)
+    assert bwd.hbm_bytes == 3 * 1280 + 80 + 128 + 768 + 10 * (8 + 4) + 768
+    # the no-prompt norm1: the same bytes less the matching's
+    assert base["norm1 | matching"]["fwd"][0].hbm_bytes == 1280 + 1280 + 80 + 256
+    assert base["norm1 | matching"]["bwd"][0].hbm_bytes == 3 * 1280 + 80 + 128
+    # the key-gradient partials' sum: 1 partial read, the gradient written; the prompt K/V GEMM per layer (fp32)
+    assert ours["reductions"]["bwd"][0].hbm_bytes == 2 * 6 * 32 * 4
+    assert ours["prompt K/V (model / L)"]["fwd"][-1].cuda == 2 * 2 * 6 * 64 * 32 / 2
+    # launches: norm1 | matching 1, attention 1, GEMMs 4, casts 2 + 8, residual adds 2, norm2 1, GELU 1; TCPA
+    # also the prompt K/V (8) and the loss terms' stack + sum (2) per model. Backward: norm1 | matching 1,
+    # attention 3 (FA2) + 2 (dqkv packing) | 2 (TCPA + prompt-gradient sum), GEMMs 4, casts 4, GELU 1, norm2 1,
+    # adds 2; TCPA also the prompt K/V's 6 per model and the key-gradient sum
+    launches = {(p, d): sum(k.launches for k in work_model.layer_kernels(m, d))
+                for p, m in (("tcpa", ours), ("base", base)) for d in ("fwd", "bwd")}
+    assert launches == {("base", "fwd"): 20, ("tcpa", "fwd"): 20 + 10 / 2, ("base", "bwd"): 18,
+                        ("tcpa", "bwd"): 15 + 6 / 2 + 1}
+
+
+def test_roofline():
+    assert work_model.Kernel(tf32=494e6, hbm_bytes=3.35e3, launches=0).seconds() == pytest.approx(1e-6)
+    assert work_model.Kernel(tc16=989e6, cuda=67e6, hbm_bytes=3.35e6, launches=2).seconds() == pytest.approx(9e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matching_model_counts_executed_dots(dtype):
+    """The matching kernels' tensor-core FLOPs as the interpreter executes their dots (C = 40: channel tiles
+    padded): a 16-bit operand x, 2 dots per product; both fp32 (fp32 x; the backward's dx pass), one tf32x3 dot,
+    which is 3 TF32 MMAs on a GPU."""
+    from tcpa_kernels.ops import _match_kernels as kernels
+
+    s = work_model.LayerShape(B=2, H=1, N=5, C=40, D=16, pool_cls=3, pool_img=3, topk=2, L=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s.B, s.N, s.C, generator=g).to(dtype)
+    keys_cls, keys_img = torch.randn(3, s.C, generator=g), torch.randn(3, s.C, generator=g)
+    weight, bias = torch.randn(s.C, generator=g), torch.randn(s.C, generator=g)
+    with executed_work() as forward:
+        terms, bits, h, mean, rstd = kernels.forward(x, keys_cls, keys_img, weight, bias, 1e-6, True, 1, 2, 2)
+    with executed_work() as backward:
+        kernels.backward(torch.ones_like(terms), torch.randn_like(h), x, keys_cls, keys_img, bits, weight, mean,
+                         rstd, 1, 2, 2, True, True)
+    model = work_model.matching(s, x_size=x.element_size())
+    for direction, executed in (("fwd", forward), ("bwd", backward)):
+        (kernel,) = model[direction]
+        assert executed["mma_flops"] == kernel.tc16 + kernel.tf32 / 3, direction
+
+
+def test_matching_within_gemm_budget():
+    """The issue's target at TCPA_SPEC.md §6: the matching kernels' tensor-core FLOPs (fwd + bwd, padded, 3xTF32's
+    3 MMAs counted) <= 5% of the no-prompt layer's GEMM FLOPs (4.17%)."""
+    label, shape = work_model.LAYER_SHAPES[0]
+    assert "§6" in label and shape.B == 128
+    assert work_model.matching_tc_share(shape) <= 0.05
+
+
+def test_layer_cli(capsys):
+    work_model.main(["--section", "layer"])
+    out = capsys.readouterr().out
+    assert "TCPA extra per layer" in out and "TCPA kernels / FlashAttention-2" not in out
