@@ -8,8 +8,9 @@
 #       the §6 shape against SDPA's flash/efficient/cuDNN backends and the published eager attention, the §6
 #       train-step table, profiler tables); eager vs CUDA graphs (benchmarks/graphs.py); the numerics table; then
 #       the rest of the test suite on CUDA
-#   bash benchmarks/gpu_run.sh run2 [270]   Nsight Compute on the kernels at the §6 shape, then the launch-
-#       configuration sweep (benchmarks/tune.py)
+#   bash benchmarks/gpu_run.sh run2 [270]   the matching kernels' selection against fp64
+#       (benchmarks/matching_accuracy.py), Nsight Compute on the kernels at the §6 shape, then the launch-
+#       configuration sweep (benchmarks/tune.py: attention and matching kernels)
 #   bash benchmarks/gpu_run.sh run3 [540]   every benchmark shape and sweep (pytest benchmarks/ --benchmark-only),
 #       then the profiling CLI's table and PNG
 # The package is used from the tree (PYTHONPATH=.): nothing is installed. Results go to benchmarks/results/ or to
@@ -65,6 +66,11 @@ case "$stage" in
     step 600 "$py" -m pytest tests -m "not gpu" $workers -v -rfE -p no:cacheprovider 2>&1 \
       | tee "$out/gpu-suite.log" | grep -E "FAILED|ERROR|passed|failed|== " | tail -n 25 ;;
   run2)
+    # the matching kernels' selection against fp64 (random activations; a trained backbone's too when its weights
+    # travelled with the tree: runs/fmnist/pretrain, from examples/fashion_mnist_transfer.py)
+    weights=runs/fmnist/pretrain/last.safetensors
+    step 45 "$py" benchmarks/matching_accuracy.py --out "$out" $([ -f "$weights" ] && echo --weights "$weights") \
+      2>&1 | tail -n 24
     step 120 ncu --clock-control none --profile-from-start off --target-processes all \
       -k regex:'_fwd_kernel|_bwd_kernel|_match_fwd_kernel|_match_bwd_kernel|_topk_bits_kernel' \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
