@@ -8,9 +8,10 @@ The matching kernels compute the x . key products on tensor cores with fp32 accu
 fp32 x as 3xTF32 (x and the keys each split into a TF32 high and low part; the three products hi*hi, hi*lo, lo*hi),
 16-bit x (exact in its dtype) against the keys split into a high and a low part in x's dtype (two MMAs). On CUDA
 this script runs the kernels themselves (``match_select(backend="triton")``). Off CUDA it runs an emulation of
-that arithmetic in PyTorch, labelled as such: operands rounded as the GPU rounds them (TF32: 10 mantissa bits,
-round to nearest, ties away, as ``cvt.rna.tf32.f32``), each partial product in an fp32 matmul; the emulation does
-not model the order or the rounding of the tensor cores' own accumulation. The fp32 CUDA-core (IEEE) arithmetic of
+that arithmetic in PyTorch, labelled as such: operands rounded as the GPU rounds them (Triton's tf32x3: the high
+part ``cvt.rna.tf32.f32``, 10 mantissa bits, to nearest, ties away; the low part the fp32 remainder, of which a
+TF32 MMA reads the top 10 mantissa bits), each partial product in an fp32 matmul; the emulation does not model the
+order or the rounding of the tensor cores' own accumulation. The fp32 CUDA-core (IEEE) arithmetic of
 the kernels before them is emulated beside, as the baseline, and so is one MMA pass without the low parts
 ("one_pass"), for contrast: what the split buys.
 
@@ -56,6 +57,11 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
+def truncate_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 t as a TF32 MMA reads an fp32 register: the low 13 mantissa bits dropped."""
+    return (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
 def emulated_dots(x: torch.Tensor, keys: torch.Tensor, arithmetic: str) -> torch.Tensor:
     """x [M, C] (fp32 or 16-bit) . keys [E, C] (fp32) -> [M, E] fp32 as the kernels compute it: "ieee" (fp32 FMA),
     "tensor_cores" (3xTF32 for fp32 x, keys split in x's 16-bit dtype otherwise); and, for contrast, "one_pass"
@@ -66,10 +72,10 @@ def emulated_dots(x: torch.Tensor, keys: torch.Tensor, arithmetic: str) -> torch
         if x.dtype == torch.float32:
             return round_tf32(x) @ round_tf32(keys).T
         return x.float() @ keys.to(x.dtype).float().T
-    if x.dtype == torch.float32:
+    if x.dtype == torch.float32:  # Triton's tf32x3: hi = cvt.rna(a), lo = a - hi; lo*hi, then hi*lo, then hi*hi
         x_hi, k_hi = round_tf32(x), round_tf32(keys)
-        x_lo, k_lo = round_tf32(x - x_hi), round_tf32(keys - k_hi)
-        return x_lo @ k_hi.T + x_hi @ k_lo.T + x_hi @ k_hi.T
+        x_lo, k_lo = truncate_tf32(x - x_hi), truncate_tf32(keys - k_hi)
+        return (x_lo @ k_hi.T + x_hi @ k_lo.T) + x_hi @ k_hi.T
     k_hi = keys.to(x.dtype)
     k_lo = (keys - k_hi.float()).to(x.dtype)
     return x.float() @ k_hi.float().T + x.float() @ k_lo.float().T
