@@ -36,6 +36,8 @@ def check_attention_inputs(q, k, v, prompt_k, prompt_v, float_dtypes):
     """Validate q/k/v [B,H,N,D] and prompt_k/prompt_v [H,P,D] or [B,H,P,D]; return (B, H, N, P, D)."""
     check_tensor("q", q, ndim=4, dtypes=float_dtypes)
     B, H, N, D = q.shape
+    if D < 1:
+        raise ValueError(f"q: expected shape [B, H, N, D] with head dim D >= 1, got {describe(q)}")
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)
     check_same("k", k, "q", q, shape=q.shape)

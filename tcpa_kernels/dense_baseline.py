@@ -20,7 +20,7 @@ from tcpa_kernels.integrations.family import reject_attn_mask
 from tcpa_kernels.integrations.models import model_family
 from tcpa_kernels.integrations.timm_vit import attention_heads, attention_output
 from tcpa_kernels.ops._function import topk_bits_op
-from tcpa_kernels.ops.match_prompts import match_scores, matching_loss
+from tcpa_kernels.ops.match_prompts import loss_from_words, match_scores
 from tcpa_kernels.vit import TCPAConfig, attach_tcpa
 
 
@@ -56,7 +56,7 @@ class DenseTCPAMixin:
             scores = match_scores(x, prompts.keys_cls, prompts.keys_img)  # [B, N, Pc+Pi]
             bits = topk_bits_op(scores.detach(), n_pre, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
                                 resolve_backend(cfg.backend, x.device))
-            selection, terms = prompts.selection(bits), matching_loss(scores, bits, n_pre, cfg.topk_cls,
+            selection, terms = prompts.selection(bits), loss_from_words(scores, bits, n_pre, cfg.topk_cls,
                                                                       cfg.topk_img)[None]
         else:
             selection, terms, _ = prompts.select(x)

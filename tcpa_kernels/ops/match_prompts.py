@@ -12,22 +12,60 @@ from tcpa_kernels._validate import (
     describe,
     validate_match_inputs,
 )
-from tcpa_kernels.ops.match_select import match_select
+from tcpa_kernels.ops.match_select import _cosines_torch, match_select
 from tcpa_kernels.ops.selection import Selection, entry_selection
 
 
 def match_scores(x: Tensor, keys_cls: Tensor, keys_img: Tensor) -> Tensor:
-    """Cosine similarity of every token with every key of both pools: [B, N, Pc + Pi] (differentiable).
+    """Cosine similarity of every token with every key of both pools: [B, N, Pc + Pi] in x's dtype
+    (differentiable).
 
-    Computed as (x @ normalize(keys).T) / |x| so no normalised copy of x ([B, N, C]) is allocated, in x's own
-    dtype even under autocast: the fp32 residual stream is then the tensor saved for backward, which norm1
-    saves anyway, where autocast would save an extra bf16 copy of x in every layer. The selection also ranks
-    the scores at x's precision.
+    Norms and cosines are computed in fp32 (fp64 for fp64 x), under autocast too, with ``match_select``'s rule
+    (norms clamped at 1e-12, F.normalize's): a zero token scores 0 against every key, and a 16-bit token whose
+    squared norm overflows its dtype still gets its cosines. Computed as (x @ normalize(keys).T) / |x|: no
+    normalised copy of x ([B, N, C]) is allocated; an fp32 x (the residual stream) is used as it is, so the
+    tensor saved for backward is the one norm1 saves anyway, while a 16-bit x is converted to fp32 once (the
+    copy autograd saves).
     """
+    validate_match_inputs(x, keys_cls, keys_img)
     with torch.autocast(x.device.type, enabled=False):
-        keys = torch.nn.functional.normalize(torch.cat([keys_cls, keys_img]).to(x.dtype), dim=-1)  # [E, C]
-        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)  # [B, N, 1]
-        return (x @ keys.T) / norms
+        return _cosines_torch(x, keys_cls, keys_img)[0].to(x.dtype)
+
+
+def loss_from_words(scores: Tensor, bits: Tensor, num_prefix_tokens: int, topk_cls: int, topk_img: int) -> Tensor:
+    """:func:`matching_loss` without the argument checks, for the model path (no host sync).
+
+    The caller guarantees what ``matching_loss`` checks: ``bits`` the words ``topk_bits`` made from these scores
+    with these ``num_prefix_tokens``, ``topk_cls`` and ``topk_img``.
+    """
+    B, N, E = scores.shape
+    picked = scores * entry_selection(bits, E).to(scores.dtype)  # [B, N, E], E <= 64
+    acc_dtype = torch.promote_types(scores.dtype, torch.float32)
+    loss = scores.new_zeros((), dtype=acc_dtype)
+    for tokens, k in ((slice(0, num_prefix_tokens), topk_cls), (slice(num_prefix_tokens, N), topk_img)):
+        n_picked = B * (tokens.stop - tokens.start) * k
+        if n_picked:
+            loss = loss + 1 - picked[:, tokens].sum(dtype=acc_dtype) / n_picked
+    return loss
+
+
+def check_words(bits: Tensor, num_entries: int, num_prefix_tokens: int, topk_cls: int, topk_img: int) -> None:
+    """ValueError unless every prefix token's word selects ``topk_cls`` of the ``num_entries`` entries and every
+    patch token's ``topk_img``, with no bit at or above ``num_entries``. Reads one flag: a host sync on CUDA."""
+    counts = entry_selection(bits, num_entries).sum(-1)  # [B, N]: the bits set among the entries
+    groups = (("topk_cls", "prefix", counts[:, :num_prefix_tokens], topk_cls),
+              ("topk_img", "patch", counts[:, num_prefix_tokens:], topk_img))
+    stray = bits >> num_entries if num_entries < 64 else torch.zeros_like(bits)  # != 0: a bit >= num_entries set
+    if not torch.stack([stray.ne(0).any(), *((c != k).any() for _, _, c, k in groups)]).any():  # the one sync
+        return
+    for name, group, c, k in groups:
+        got = c.unique().tolist()
+        if c.numel() and got != [k]:
+            raise ValueError(f"{name}: expected the number of entries that bits selects per {group} token "
+                             f"({' or '.join(map(str, got))}), got {k}")
+    word = bits[stray != 0][0].item() % 2**64
+    raise ValueError(f"bits: expected words with bits 0..{num_entries - 1} only (one per scores column), got the "
+                     f"word {word:#x}")
 
 
 def matching_loss(scores: Tensor, bits: Tensor, num_prefix_tokens: int, topk_cls: int, topk_img: int) -> Tensor:
@@ -37,6 +75,10 @@ def matching_loss(scores: Tensor, bits: Tensor, num_prefix_tokens: int, topk_cls
     as ``tcpa_fused_attention`` returns them), ``num_prefix_tokens`` in [0, N], ``topk_cls``/``topk_img`` the
     entries each prefix / patch token selected (1..E). A token group that is empty adds 0. Pure PyTorch: it has
     second-order gradients.
+
+    The words are checked against ``topk_cls``/``topk_img`` (each prefix word sets ``topk_cls`` bits, each patch
+    word ``topk_img``, none at or above E): this reads one flag from the device, a host sync on CUDA. The model
+    path calls :func:`loss_from_words`, unchecked.
     """
     check_tensor("scores", scores, ndim=3, dtypes=FLOAT_DTYPES)
     B, N, E = scores.shape
@@ -49,14 +91,8 @@ def matching_loss(scores: Tensor, bits: Tensor, num_prefix_tokens: int, topk_cls
     check_int("num_prefix_tokens", num_prefix_tokens, 0, N)
     check_int("topk_cls", topk_cls, 1, E)
     check_int("topk_img", topk_img, 1, E)
-    picked = scores * entry_selection(bits, E).to(scores.dtype)  # [B, N, E], E <= 64
-    acc_dtype = torch.promote_types(scores.dtype, torch.float32)
-    loss = scores.new_zeros((), dtype=acc_dtype)
-    for tokens, k in ((slice(0, num_prefix_tokens), topk_cls), (slice(num_prefix_tokens, N), topk_img)):
-        n_picked = B * (tokens.stop - tokens.start) * k
-        if n_picked:
-            loss = loss + 1 - picked[:, tokens].sum(dtype=acc_dtype) / n_picked
-    return loss
+    check_words(bits, E, num_prefix_tokens, topk_cls, topk_img)
+    return loss_from_words(scores, bits, num_prefix_tokens, topk_cls, topk_img)
 
 
 def match_prompts(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int, topk_img: int,

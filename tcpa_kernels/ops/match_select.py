@@ -281,8 +281,8 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
     """Cosine matching, top-k selection and matching-loss terms of every token, in one pass over x.
 
     Args:
-        x: ``[B, N, C]`` block input (residual stream before norm1); prefix tokens first. Norms and cosines are
-            computed in fp32 (fp64 for fp64 x on the torch backend), under autocast too.
+        x: ``[B, N, C]`` block input (residual stream before norm1, B >= 1); prefix tokens first. Norms and
+            cosines are computed in fp32 (fp64 for fp64 x on the torch backend), under autocast too.
         keys_cls: ``[Pc, C]`` keys of the CLS pool (used by the first ``num_prefix_tokens`` tokens).
         keys_img: ``[Pi, C]`` keys of the image pool (used by the patch tokens). Pc + Pi <= 64.
         topk_cls, topk_img: entries each prefix / patch token selects (1..pool size).
@@ -300,6 +300,9 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
         loss = task_loss + 0.01 * terms.sum()
     """
     validate_match_inputs(x, keys_cls, keys_img)
+    if x.shape[0] < 1:
+        raise ValueError(f"x: expected shape [B, N, C] with B >= 1 (the loss is a mean over the batch), got "
+                         f"{describe(x)}")
     check_pool_config("", keys_cls.shape[0], keys_img.shape[0], topk_cls, topk_img, 1, 1, num_prefix_tokens,
                       x.shape[1])
     backend = resolve_backend(backend, x.device)

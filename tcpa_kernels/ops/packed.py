@@ -155,6 +155,9 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
     B, N, three, H, D = qkv.shape
     if three != 3:
         raise ValueError(f"qkv: expected shape [B, N, 3, H, D], got {describe(qkv)}")
+    if H < 1 or D < 1:
+        raise ValueError(f"qkv: expected shape [B, N, 3, H, D] with H >= 1 heads of head dim D >= 1, got "
+                         f"{describe(qkv)}")
     check_tensor("prompt_kv", prompt_kv, ndim=(4, 5), dtypes=tuple(dict.fromkeys((torch.float32, qkv.dtype))))
     P = prompt_kv.shape[-2]
     lead = (2, H) if prompt_kv.dim() == 4 else (B, 2, H)
