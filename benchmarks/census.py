@@ -42,12 +42,16 @@ steps (a steady-state step, not the first). Per method and phase (forward = up t
 - bytes saved for backward: the storages the autograd graph keeps (``saved_tensors_hooks``), each once,
   counting only storages allocated during the step (parameters, buffers and inputs are left out).
 
+The kernels' launch plans (the attention backward's batch groups or key splits, the matching backward's
+programs) depend on the GPU's SM count: ``--sm-count`` (default 132, an H100 SXM) plans them as on such a GPU.
+
 Caveats: on CPU the census follows CPU autocast, whose cast rules differ a little from CUDA's (``--device cuda``
 takes CUDA's, with a GPU); a custom op counts as one launch whatever its kernel does; the figures count work
 and traffic, not time (a fused kernel and an elementwise op weigh the same as ops).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -66,11 +70,13 @@ import benchmarks.interpreter  # noqa: E402, F401  (first: backend="triton" on C
 import tcpa_kernels as tk  # noqa: E402
 from benchmarks.cli import at_least, method_list  # noqa: E402
 from tcpa_kernels import bench  # noqa: E402
+from tcpa_kernels._backend import assume_sm_count  # noqa: E402
 
 METHODS = bench.MODEL_METHODS
 DEFAULT_METHODS = ("no_prompts", "vpt_deep", "tcpa_fused")
 PHASES = ("forward", "backward")
 NUM_CLASSES = 100
+H100_SMS = 132  # streaming multiprocessors of an H100 SXM: the launch plans the census counts by default
 
 
 def hf_vit_base_patch16_224(img: int = 224) -> nn.Module:
@@ -369,6 +375,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--top", type=int, default=15, help="ops listed per prompted method by growth (0: none)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda: where the fake tensors live, whose autocast")
+    parser.add_argument("--sm-count", type=int, default=H100_SMS,
+                        help=f"plan the kernels' launches as on a GPU of this many SMs (default {H100_SMS}, an "
+                        "H100 SXM; 0: as the device says, none off CUDA)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.all_families and (args.model is not None or args.methods is not None):
@@ -377,7 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.model = args.model or "vit_base_patch16_224"
     args.methods = method_list(parser, args.methods or ",".join(DEFAULT_METHODS), METHODS)
     at_least(parser, args, 1, "batch", "img")
-    at_least(parser, args, 0, "top")
+    at_least(parser, args, 0, "top", "sm_count")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         parser.error(f"--device: expected cpu or cuda (with a GPU present), got {args.device!r}")
     import timm
@@ -395,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     models = ALL_FAMILIES if args.all_families else (args.model,)
     per_model, families = {}, {}
     for i, name in enumerate(models):
-        per_model[name] = {m: census(m, name, args.batch, args.img, device=args.device) for m in args.methods}
+        with assume_sm_count(args.sm_count) if args.sm_count else contextlib.nullcontext():
+            per_model[name] = {m: census(m, name, args.batch, args.img, device=args.device) for m in args.methods}
         families[name] = model_family(name)
         print("\n" * (i > 0) + f"Op census of one train step (forward + backward, bf16 autocast, no optimizer), "
               f"{name} ({families[name]}), batch {args.batch}, {args.img} px, fake tensors on {args.device} "

@@ -34,7 +34,7 @@ def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=
     'fp32' of q/k/v/out, prompt_dtype that of the prompt K/V (default: dtype; prompt gradients are fp32).
     Returns ptxas's figures."""
     if kernel == "bwd":
-        constexprs = {"SPLIT": False} | constexprs  # one program per (batch, head) unless the caller says otherwise
+        constexprs = {"SPLIT": False, "GROUPED": False} | constexprs  # one program per (batch, head) unless told
     mask_type = "*u8" if constexprs["MASK_MODE"] == 0 else "*i64"
     prompt_type = f"*{prompt_dtype or dtype}"
     pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}

@@ -6,6 +6,7 @@ changes no environment variable: to run CPU tensors through the kernels (the Tri
 ``TRITON_INTERPRET=1`` before Python starts.
 """
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -40,10 +41,30 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-@functools.cache
+_ASSUMED_SMS: list[int] = []  # assume_sm_count's, innermost last
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the number
 def sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of a CUDA device (None off CUDA): the launchers size their grids by it."""
+    """Streaming multiprocessors of a CUDA device (None off CUDA, unless ``assume_sm_count`` says otherwise): the
+    launchers size their grids by it."""
+    return _ASSUMED_SMS[-1] if _ASSUMED_SMS else _device_sm_count(device)
+
+
+@functools.cache
+def _device_sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def assume_sm_count(sms: int):
+    """Inside, the launchers plan as on a GPU of ``sms`` SMs whatever the device (a counting tool's view of a GPU
+    step from CPU tensors: ``benchmarks/census.py``)."""
+    _ASSUMED_SMS.append(sms)
+    try:
+        yield
+    finally:
+        _ASSUMED_SMS.pop()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from benchmarks import sm90  # noqa: E402
 from tcpa_kernels.ops import _attention_kernels as kernels  # noqa: E402
 from tcpa_kernels.ops import _match_kernels, _selection_kernels  # noqa: E402
+from tcpa_kernels.ops._function import GROUPED_BACKWARD, config_key  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # (dtype of q/k/v, dtype of the prompt K/V, mask mode, renormalize, head dim, aligned arguments)
@@ -30,11 +31,14 @@ FULL = [(dtype, prompt_dtype, *v, True) for dtype in DTYPES for prompt_dtype in 
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False)), ("bwd", dict(ATOMIC=True)),
             ("bwd", dict(ATOMIC=False, SPLIT=True))]
+GROUPED_LAUNCH = ("bwd", dict(ATOMIC=False, GROUPED=True))  # where the table lets the backward walk batch groups
+
 
 def main(variants):
     rejected = []
     for dtype, prompt_dtype, mask_mode, renormalize, head_dim, aligned in variants:
-        for kernel, extra in LAUNCHES:
+        grouped = config_key(head_dim, DTYPES[dtype]) in GROUPED_BACKWARD
+        for kernel, extra in LAUNCHES + [GROUPED_LAUNCH] * grouped:
             cfg = dict(kernels.launch_config(kernel, 1024, 64, head_dim, DTYPES[dtype], MASK_MODE=mask_mode,
                                              RENORMALIZE=renormalize, **extra))
             num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")

@@ -171,17 +171,34 @@ class _GridRecorder:
         return launch
 
 
-@pytest.fixture
-def few_sms(monkeypatch):
-    """The launchers see a device of 3 SMs, so a backward of fewer than 6 (batch, head)s splits its key tiles over
-    programs; yields the recorder of the backward launches."""
-    from tcpa_kernels.ops import _attention_kernels
+def _pretend_sms(monkeypatch, sms):
+    """The launchers and buffers see a device of ``sms`` SMs; returns the recorder of the backward launches."""
+    from tcpa_kernels.ops import _attention_kernels, _function
 
     recorder = _GridRecorder(_attention_kernels._bwd_kernel)
-    monkeypatch.setattr(_attention_kernels, "sm_count", lambda device: 3)
+    for module in (_attention_kernels, _function):
+        monkeypatch.setattr(module, "sm_count", lambda device: sms)
     monkeypatch.setattr(_attention_kernels, "_bwd_kernel", recorder)
     _attention_kernels.forget_plans()
-    yield recorder
+    return recorder
+
+
+@pytest.fixture
+def few_sms(monkeypatch):
+    """A device of 3 SMs: a backward of fewer than 6 (batch, head)s splits its key tiles over programs; yields the
+    recorder of the backward launches."""
+    from tcpa_kernels.ops import _attention_kernels
+
+    yield _pretend_sms(monkeypatch, 3)
+    _attention_kernels.forget_plans()
+
+
+@pytest.fixture
+def one_sm(monkeypatch):
+    """A device of 1 SM: a backward of at least 4 (batch, head)s walks several batch entries per program."""
+    from tcpa_kernels.ops import _attention_kernels
+
+    yield _pretend_sms(monkeypatch, 1)
     _attention_kernels.forget_plans()
 
 
@@ -220,3 +237,19 @@ def test_split_backward_equals_one_program_per_head_bitwise(monkeypatch):
     _attention_kernels.forget_plans()
     for one, split in zip(*grads):
         assert torch.equal(one, split)
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 70, 3, 64), (7, 1, 32, 40, 16)], ids=str)
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+def test_backward_walks_batch_groups_per_program(shape, renormalize, shared, one_sm, poison_buffers):
+    """Many (batch, head)s for the SMs: each program walks a group of batch entries of one head and sums the shared
+    prompts' gradient partial over its group (per-sample prompts keep one program per entry)."""
+    from tcpa_kernels.ops._function import batch_group
+
+    B, H, D = shape[0], shape[1], shape[4]
+    _check("triton", shape, torch.float16, renormalize, shared)
+    (grid, split), = one_sm.launches
+    group = batch_group(B, H, D, torch.float16, 1) if shared else 1
+    assert not split and grid[0] == -(-B // group) * H
+    assert not shared or grid[0] < B * H, "the batch entries were not grouped"

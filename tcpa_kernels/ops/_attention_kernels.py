@@ -26,10 +26,14 @@ row block of this program: the first key tile stores it, the last one writes dq 
 dtype); split programs store each tile's contribution apart, and the last of a (batch, head)'s programs to finish
 (an atomic ticket) writes dq as their sum in key-tile order, the additions one program would make: deterministic,
 and the same bits. Race-free by construction: every row of DELTA, the dq scratch, dk and dv belongs to exactly one
-program, dq to the one that writes it, and a barrier (``tl.debug_barrier``: __syncthreads, which also orders global memory within the block)
-after the delta pass and after each key tile orders the program's own writes before its later reads of them.
-Prompt K/V shared by the batch ([H, P, D]) need a reduction over the batch: the kernel writes per-(b, h) fp32
-partials that the caller sums (deterministic), or adds fp32 atomics into [H, P, D].
+program, dq to the one that writes it, and a barrier (``tl.debug_barrier``: __syncthreads, which also orders
+global memory within the block) after the delta pass and after each key tile orders the program's own writes
+before its later reads of them.
+Prompt K/V shared by the batch ([H, P, D]) need a reduction over the batch: the kernel writes fp32 partials
+that the caller sums (deterministic), or adds fp32 atomics into [H, P, D]. When the B*H programs would fill the
+GPU more than twice over, each program walks a group of consecutive batch entries of one head (``batch_group``)
+and adds their prompt gradients into one partial in batch order, so the partials the caller reads are that many
+times fewer (ViT-B/16 at batch 128 on an H100: groups of 5, 312 programs).
 
 Layouts: every [B, H, N, D] operand is addressed through its own (b, h, n) strides with unit stride on D: q/k/v
 share one stride set, dq/dk/dv one, prompt K/V one ([H, P, D]: batch stride 0), prompt gradients one, o and do
@@ -51,7 +55,7 @@ import triton
 import triton.language as tl
 
 from tcpa_kernels._backend import cdiv, next_power_of_2, refuse_interpreter_bf16, sm_count
-from tcpa_kernels.ops._function import attention_grads
+from tcpa_kernels.ops._function import attention_grads, config_key
 
 LOG2E = 1.4426950408889634
 
@@ -227,98 +231,113 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
                 stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
                 ostride_b, ostride_h, ostride_n, dostride_b, dostride_h, dostride_n,
                 dstride_b, dstride_h, dstride_n, dkv_heads, dpstride_b, dpstride_h, dpstride_n,
-                H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img, n_splits,
+                B, H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img, n_splits, batch_group,
                 MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                SPLIT: tl.constexpr):
-    """The gradients of one (batch, head) from a contiguous range of its key tiles (all of them unless SPLIT:
-    then ``n_splits`` programs share the tiles): dq, dk, dv, and the prompt gradients into DPK (fp32
-    [.., 2, H, P, D], the V half H * dpstride_h elements after the K half: per-(b, h) partials, or with ATOMIC
-    atomics at batch stride 0). DELTA is the fp32 scratch: delta [programs * N] (padded to a multiple of 16
-    elements), then the dq accumulator [B*H, N, D] (present only with several key tiles; SPLIT: one per key tile,
-    [B*H, tiles, N, D]). With SPLIT the last of a (batch, head)'s programs to finish (an int32 ticket per
-    (batch, head) in COUNTER, zeroed by the caller) writes dq as the sum of the tiles' accumulators in tile order:
-    the additions one program makes, so the same bits whichever finishes last."""
-    pid = tl.program_id(0).to(tl.int64)  # (batch, head) * n_splits + split: one head's programs adjacent
-    if SPLIT:
+                SPLIT: tl.constexpr, GROUPED: tl.constexpr):
+    """The gradients of one head for one batch entry or (GROUPED) ``batch_group`` consecutive ones, one after the
+    other, or (SPLIT) of
+    one (batch, head) from a contiguous range of its key tiles, ``n_splits`` programs sharing them: dq, dk, dv, and
+    the prompt gradients into DPK (fp32 [.., 2, H, P, D], the V half H * dpstride_h elements after the K half:
+    per-sample gradients, or partials of prompts shared by the batch, one per (batch group, head), summed over the
+    group in batch order, or with ATOMIC atomics at batch stride 0). DELTA is the fp32 scratch: delta
+    [programs * N] (padded to a multiple of 16 elements), then the dq accumulator [programs, N, D] (present only
+    with several key tiles; SPLIT: one per key tile, [B*H, tiles, N, D]). With SPLIT the last of a (batch, head)'s
+    programs to finish (an int32 ticket per (batch, head) in COUNTER, zeroed by the caller) writes dq as the sum of
+    the tiles' accumulators in tile order: the additions one program makes, so the same bits whichever finishes
+    last."""
+    pid = tl.program_id(0).to(tl.int64)
+    if SPLIT:  # pid = (batch * H + head) * n_splits + split: one head's programs adjacent
         i_bh = pid // n_splits
         i_split = tl.program_id(0) % n_splits  # int32: the key offsets stay 32-bit, as without splits
         n_tiles = tl.cdiv(N + P, BLOCK_N)
         first_start = (i_split * n_tiles // n_splits) * BLOCK_N  # this program's key tiles: first_start..end_n
         end_n = tl.minimum(((i_split + 1) * n_tiles // n_splits) * BLOCK_N, N + P)
-    else:
-        i_bh = pid
+        b_first = i_bh // H
+        b_end = b_first + 1
+        i_h = i_bh % H
+    else:  # pid = batch group * H + head
         first_start = 0
         end_n = N + P
-    i_b = i_bh // H
-    i_h = i_bh % H
+        b_first = (tl.program_id(0) // H) * batch_group  # int32, as the loop over the group's entries
+        if GROUPED:
+            b_end = tl.minimum(b_first + batch_group, B)
+        else:  # one trip: as a constant trip count, the loop costs no registers
+            b_end = b_first + 1
+        i_h = tl.program_id(0) % H
     o_d = tl.arange(0, D_PAD)
     m_d = o_d < D
-    Q_BH = Q + i_b * stride_b + i_h * stride_h
-    K_BH = K + i_b * stride_b + (i_h + kv_heads) * stride_h
-    V_BH = V + i_b * stride_b + (i_h + 2 * kv_heads) * stride_h
-    DQ_BH = DQ + i_b * dstride_b + i_h * dstride_h
-    DK_BH = DK + i_b * dstride_b + (i_h + dkv_heads) * dstride_h
-    DV_BH = DV + i_b * dstride_b + (i_h + 2 * dkv_heads) * dstride_h
-    DO_BH = DO + i_b * dostride_b + i_h * dostride_h
-    DELTA_BH = DELTA + pid * N
-    LSE_BH = LSE + i_bh * N
+    DELTA_BH = DELTA + pid * N  # this program's scratch rows, reused by each batch entry of its group
     DQ_ACC = DELTA + tl.cdiv(tl.num_programs(0).to(tl.int64) * N, 16) * 16
     if SPLIT:  # [B*H, tiles, N, D]: one accumulator per key tile
-        DQ_ACC_BH = DQ_ACC + i_bh * tl.cdiv(N + P, BLOCK_N) * N * D
-    else:  # [B*H, N, D]
+        DQ_ACC_BH = DQ_ACC + (b_first * H + i_h) * tl.cdiv(N + P, BLOCK_N) * N * D
+    else:  # [programs, N, D]
         DQ_ACC_BH = DQ_ACC + pid * N * D
-    # delta = rowsum(dO * O) of every row, once
-    for start_m in range(0, N, BLOCK_M):
-        o_m = start_m + tl.arange(0, BLOCK_M)
-        m_md = (o_m < N)[:, None] & m_d[None, :]
-        b_do = tl.load(DO_BH + o_m[:, None] * dostride_n + o_d[None, :], mask=m_md, other=0.0)
-        b_o = tl.load(O + i_b * ostride_b + i_h * ostride_h + o_m[:, None] * ostride_n + o_d[None, :], mask=m_md,
-                      other=0.0)
-        tl.store(DELTA_BH + o_m, tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1), mask=o_m < N)
-    tl.debug_barrier()
-
     last_start = ((end_n - 1) // BLOCK_N) * BLOCK_N
     n_full = (N // BLOCK_N) * BLOCK_N
-    for start_n in range(first_start, tl.minimum(end_n, n_full), BLOCK_N):
-        b_k, b_v = _token_keys(K_BH, V_BH, stride_n, start_n, o_d, m_d, BLOCK_N)
-        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
-                                   DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
-                                   i_b, None, None, None, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls,
-                                   len_img, False, MASK_MODE, RENORMALIZE, BLOCK_M, BLOCK_N, D_PAD,
-                                   PRECISION, SPLIT)
-        p_rows = (start_n + tl.arange(0, BLOCK_N))[:, None] * dstride_n + o_d[None, :]
-        tl.store(DK_BH + p_rows, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_d[None, :])
-        tl.store(DV_BH + p_rows, b_dv.to(DV.dtype.element_ty), mask=m_d[None, :])
-        tl.debug_barrier()  # this tile's dq scratch writes before the next tile reads them
-
-    PK_BH = PK + i_b * pstride_b + i_h * pstride_h
-    PV_BH = PV + i_b * pstride_b + (i_h + pv_heads) * pstride_h
-    DPK_BH = DPK + i_b * dpstride_b + i_h * dpstride_h
-    DPV_BH = DPK + i_b * dpstride_b + (i_h + H) * dpstride_h
-    for start_n in range(tl.maximum(first_start, n_full), end_n, BLOCK_N):
-        b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n, N,
-                                                        P, o_d, m_d, BLOCK_N)
-        b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
-                                   DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
-                                   i_b, o_p, is_token, is_prompt, N, P, D, qk_scale, sm_scale, n_cls_prompts,
-                                   pool_cls, len_cls, len_img, True, MASK_MODE, RENORMALIZE, BLOCK_M,
-                                   BLOCK_N, D_PAD, PRECISION, SPLIT)
-        b_dk = b_dk * sm_scale
-        o_n = start_n + tl.arange(0, BLOCK_N)
-        p_tok = o_n[:, None] * dstride_n + o_d[None, :]
-        m_tok = is_token[:, None] & m_d[None, :]
-        tl.store(DK_BH + p_tok, b_dk.to(DK.dtype.element_ty), mask=m_tok)
-        tl.store(DV_BH + p_tok, b_dv.to(DV.dtype.element_ty), mask=m_tok)
-        p_prm = o_p[:, None] * dpstride_n + o_d[None, :]
-        m_prm = is_prompt[:, None] & m_d[None, :]
-        if ATOMIC:
-            tl.atomic_add(DPK_BH + p_prm, b_dk, mask=m_prm)
-            tl.atomic_add(DPV_BH + p_prm, b_dv, mask=m_prm)
-        else:
-            tl.store(DPK_BH + p_prm, b_dk.to(DPK.dtype.element_ty), mask=m_prm)
-            tl.store(DPV_BH + p_prm, b_dv.to(DPK.dtype.element_ty), mask=m_prm)
+    for i_entry in range(b_first, b_end):
+        i_b = tl.cast(i_entry, tl.int64)
+        Q_BH = Q + i_b * stride_b + i_h * stride_h
+        K_BH = K + i_b * stride_b + (i_h + kv_heads) * stride_h
+        V_BH = V + i_b * stride_b + (i_h + 2 * kv_heads) * stride_h
+        DQ_BH = DQ + i_b * dstride_b + i_h * dstride_h
+        DK_BH = DK + i_b * dstride_b + (i_h + dkv_heads) * dstride_h
+        DV_BH = DV + i_b * dstride_b + (i_h + 2 * dkv_heads) * dstride_h
+        DO_BH = DO + i_b * dostride_b + i_h * dostride_h
+        LSE_BH = LSE + (i_b * H + i_h) * N
+        # delta = rowsum(dO * O) of every row, once
+        for start_m in range(0, N, BLOCK_M):
+            o_m = start_m + tl.arange(0, BLOCK_M)
+            m_md = (o_m < N)[:, None] & m_d[None, :]
+            b_do = tl.load(DO_BH + o_m[:, None] * dostride_n + o_d[None, :], mask=m_md, other=0.0)
+            b_o = tl.load(O + i_b * ostride_b + i_h * ostride_h + o_m[:, None] * ostride_n + o_d[None, :],
+                          mask=m_md, other=0.0)
+            tl.store(DELTA_BH + o_m, tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1), mask=o_m < N)
         tl.debug_barrier()
+
+        for start_n in range(first_start, tl.minimum(end_n, n_full), BLOCK_N):
+            b_k, b_v = _token_keys(K_BH, V_BH, stride_n, start_n, o_d, m_d, BLOCK_N)
+            b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
+                                       DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
+                                       i_b, None, None, None, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls,
+                                       len_cls, len_img, False, MASK_MODE, RENORMALIZE, BLOCK_M, BLOCK_N, D_PAD,
+                                       PRECISION, SPLIT)
+            p_rows = (start_n + tl.arange(0, BLOCK_N))[:, None] * dstride_n + o_d[None, :]
+            tl.store(DK_BH + p_rows, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_d[None, :])
+            tl.store(DV_BH + p_rows, b_dv.to(DV.dtype.element_ty), mask=m_d[None, :])
+            tl.debug_barrier()  # this tile's dq scratch writes before the next tile reads them
+
+        PK_BH = PK + i_b * pstride_b + i_h * pstride_h
+        PV_BH = PV + i_b * pstride_b + (i_h + pv_heads) * pstride_h
+        i_partial = tl.cast(b_first // batch_group, tl.int64)  # the entry's own gradient, or its group's partial
+        DPK_BH = DPK + i_partial * dpstride_b + i_h * dpstride_h
+        DPV_BH = DPK + i_partial * dpstride_b + (i_h + H) * dpstride_h
+        for start_n in range(tl.maximum(first_start, n_full), end_n, BLOCK_N):
+            b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n,
+                                                            N, P, o_d, m_d, BLOCK_N)
+            b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
+                                       DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
+                                       i_b, o_p, is_token, is_prompt, N, P, D, qk_scale, sm_scale, n_cls_prompts,
+                                       pool_cls, len_cls, len_img, True, MASK_MODE, RENORMALIZE, BLOCK_M,
+                                       BLOCK_N, D_PAD, PRECISION, SPLIT)
+            b_dk = b_dk * sm_scale
+            o_n = start_n + tl.arange(0, BLOCK_N)
+            p_tok = o_n[:, None] * dstride_n + o_d[None, :]
+            m_tok = is_token[:, None] & m_d[None, :]
+            tl.store(DK_BH + p_tok, b_dk.to(DK.dtype.element_ty), mask=m_tok)
+            tl.store(DV_BH + p_tok, b_dv.to(DV.dtype.element_ty), mask=m_tok)
+            p_prm = o_p[:, None] * dpstride_n + o_d[None, :]
+            m_prm = is_prompt[:, None] & m_d[None, :]
+            if ATOMIC:
+                tl.atomic_add(DPK_BH + p_prm, b_dk, mask=m_prm)
+                tl.atomic_add(DPV_BH + p_prm, b_dv, mask=m_prm)
+            else:
+                if i_entry > b_first:  # a later entry of the group: add to the group's partial
+                    b_dk += tl.load(DPK_BH + p_prm, mask=m_prm, other=0.0)
+                    b_dv += tl.load(DPV_BH + p_prm, mask=m_prm, other=0.0)
+                tl.store(DPK_BH + p_prm, b_dk.to(DPK.dtype.element_ty), mask=m_prm)
+                tl.store(DPV_BH + p_prm, b_dv.to(DPK.dtype.element_ty), mask=m_prm)
+            tl.debug_barrier()
     if SPLIT:
         _reduce_split_dq(COUNTER, DELTA, DQ, dstride_b, dstride_h, dstride_n, H, N, P, D, sm_scale, n_splits,
                          BLOCK_M, BLOCK_N, D_PAD)
@@ -372,16 +391,6 @@ LAUNCH_CONFIGS = {
 }
 # dot precision by operand dtype: 3xTF32 for fp32 (three tensor-core products per dot, error near fp32's)
 DOT_PRECISION = {"fp32": "tf32x3", "16-bit": "tf32"}
-
-
-def operand_class(dtype):
-    return "fp32" if dtype == torch.float32 else "16-bit"
-
-
-@functools.cache
-def config_key(D, dtype):
-    """The LAUNCH_CONFIGS entry of head dim D and operand dtype."""
-    return operand_class(dtype), max(64, next_power_of_2(D))
 
 
 def _table_entry(kernel, D, dtype):
@@ -469,26 +478,29 @@ def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_s
 
 @functools.cache
 def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, out_strides,
-                   grad_out_strides, grad_strides, mask_mode, layout, scale, renormalize, atomic, sms):
-    """``_bwd_kernel`` with contiguous prompt gradients ([2, H, P, D] with ``atomic``, else [B, 2, H, P, D]): (grid,
-    scalars, meta, elements of the fp32 scratch: delta [B*H*N] padded to a multiple of 16, then the dq accumulator
-    [B*H, N, D] when there are several key tiles). out, grad_out and dq/dk/dv in q's layout: [B, N, H*D] and
-    [B, N, 3, H, D] packed, else [B, H, N, D] each."""
+                   grad_out_strides, grad_strides, mask_mode, layout, scale, renormalize, atomic, prompt_groups, sms):
+    """``_bwd_kernel`` with contiguous prompt gradients ([2, H, P, D] with ``atomic``, else ``prompt_groups``
+    partials or per-sample gradients, [prompt_groups, 2, H, P, D]): (grid, scalars, meta, elements of the fp32
+    scratch: delta [programs * N] padded to a multiple of 16, then the dq accumulators when there are several key
+    tiles, the tickets of split programs (0: none)). out, grad_out and dq/dk/dv in q's layout: [B, N, H*D] and
+    [B, N, 3, H, D] packed, else [B, H, N, D] each. Programs: one per head and group of batch entries (the entries
+    sharing a prompt-gradient partial; per-sample gradients: groups of one), or ``key_splits`` per (batch, head)."""
     (B, H, N, P, D), qkv, prompts = _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides)
     entry = _table_entry("bwd", D, dtype)
+    group = cdiv(B, prompt_groups) if prompt_groups else 1  # shared prompts' partials: one per group of entries
     splits = key_splits(B * H, cdiv(N + P, _launch_config(*entry, N, P, D, ())["BLOCK_N"]), sms)
     meta = _launch_config(*entry, N, P, D, (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize),
-                                            ("ATOMIC", atomic), ("SPLIT", splits > 1)))
+                                            ("ATOMIC", atomic), ("SPLIT", splits > 1), ("GROUPED", group > 1)))
     if packed:
         os, gs, ds = out_strides, grad_out_strides, grad_strides
         outs, grad_outs, grads = (os[0], D, os[1]), (gs[0], D, gs[1]), _stacked(ds[0], ds[3], ds[1], ds[2], H)
     else:
         outs, grad_outs, grads = out_strides[:3], grad_out_strides[:3], (*grad_strides[:3], 0)
     dprompts = (0 if atomic else 2 * H * P * D, P * D, D)
-    scalars = (*qkv, *prompts, *outs, *grad_outs, *grads, *dprompts, H, N, P, D, scale * LOG2E, scale,
-               *_selection_scalars(mask_mode, layout), splits)
-    programs, tiles = B * H * splits, cdiv(N + P, meta["BLOCK_N"])
-    accumulators = B * H * (tiles if splits > 1 else 1) * N * D if tiles > 1 else 0  # dq's fp32 accumulators
+    scalars = (*qkv, *prompts, *outs, *grad_outs, *grads, *dprompts, B, H, N, P, D, scale * LOG2E, scale,
+               *_selection_scalars(mask_mode, layout), splits, group)
+    programs, tiles = (B * H * splits if splits > 1 else cdiv(B, group) * H), cdiv(N + P, meta["BLOCK_N"])
+    accumulators = (B * H * tiles if splits > 1 else programs) * N * D if tiles > 1 else 0  # dq's fp32 accumulators
     scratch = cdiv(programs * N, 16) * 16 + accumulators
     return (programs,), scalars, meta, scratch, B * H if splits > 1 else 0
 
@@ -537,7 +549,7 @@ def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k,
     grid, scalars, meta, scratch, tickets = _backward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), out.stride(),
         grad_out.stride(), dq.stride(), 1 if mask is None else 0, layout, scale, renormalize, dprompt.dim() == 4,
-        sm_count(q.device))
+        dprompt.shape[0] if dprompt.dim() == 5 else 0, sm_count(q.device))
     scratch = torch.empty(scratch, dtype=torch.float32, device=q.device)
     tickets = torch.zeros(tickets, dtype=torch.int32, device=q.device) if tickets else None
     refuse_interpreter_bf16("q", q)

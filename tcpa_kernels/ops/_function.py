@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from tcpa_kernels._backend import kernels
+from tcpa_kernels._backend import cdiv, kernels, next_power_of_2, sm_count
 from tcpa_kernels.ops import _torch_attention
 from tcpa_kernels.ops.selection import topk_bits
 
@@ -169,15 +169,46 @@ def _(scores, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
     return scores.new_empty(scores.shape[:2], dtype=torch.int64)
 
 
+def operand_class(dtype: torch.dtype) -> str:
+    """The attention kernels' operand class of a dtype: "fp32" or "16-bit"."""
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+@functools.cache
+def config_key(D: int, dtype: torch.dtype) -> tuple[str, int]:
+    """The attention kernels' launch-table entry (``_attention_kernels.LAUNCH_CONFIGS``) of head dim D and operand
+    dtype: (operand class, padded head dim)."""
+    return operand_class(dtype), max(64, next_power_of_2(D))
+
+
+# the backward variants that walk several batch entries per program (GROUPED) without spilling, by table entry
+GROUPED_BACKWARD = {("16-bit", 64)}
+
+
+def batch_group(B: int, H: int, D: int, dtype: torch.dtype, sms: int | None) -> int:
+    """Batch entries one backward program walks for a head when the prompts are shared (Triton, deterministic): as
+    many as keep at least two programs per SM (``sms``; off CUDA, None: one), so the prompt-gradient partials the
+    batch sum reads are that many times fewer; the opposite case, fewer programs than that, splits the key tiles
+    instead (``_attention_kernels.key_splits``). Only where the walking kernel fits in registers without spilling
+    (sm_90 compile report: 16-bit operands, head dims up to 64); elsewhere one entry per program."""
+    if sms is None or config_key(D, dtype) not in GROUPED_BACKWARD:
+        return 1
+    return max(1, B * H // (2 * sms))
+
+
 def prompt_grad_buffer(shared: bool, B: int, H: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
                        backend: str, deterministic: bool) -> Tensor:
     """The backward ops' prompt-gradient buffer (accumulation dtype, contiguous) for tokens of ``dtype``:
-    ``[B, 2, H, P, D]`` uninitialised (per-sample gradients, or per-(b, h) partials of shared prompts), or for
-    shared prompts with ``deterministic=False`` (and torch's deterministic algorithms off) on the Triton backend
-    ``[2, H, P, D]`` zero-filled, the target of fp32 atomics."""
+    ``[B, 2, H, P, D]`` uninitialised (per-sample gradients, or on the torch backend per-(b, h) partials of shared
+    prompts); for shared prompts on the Triton backend ``[G, 2, H, P, D]``, one partial per group of
+    ``batch_group`` consecutive entries (the kernel reads the group size off G), or with
+    ``deterministic=False`` (and torch's deterministic algorithms off) ``[2, H, P, D]`` zero-filled, the target of
+    fp32 atomics."""
     acc_dtype = accumulation_dtype(backend, dtype)
-    if shared and backend == "triton" and not (deterministic or torch.are_deterministic_algorithms_enabled()):
-        return torch.zeros((2, H, P, D), dtype=acc_dtype, device=device)
+    if shared and backend == "triton":
+        if not (deterministic or torch.are_deterministic_algorithms_enabled()):
+            return torch.zeros((2, H, P, D), dtype=acc_dtype, device=device)
+        B = cdiv(B, batch_group(B, H, D, dtype, sm_count(device)))
     return torch.empty((B, 2, H, P, D), dtype=acc_dtype, device=device)
 
 
