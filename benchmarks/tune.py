@@ -1,11 +1,14 @@
-"""Tune the attention kernels' launch configurations (``LAUNCH_CONFIGS`` in tcpa_kernels/ops/_attention_kernels.py).
+"""Tune the kernels' launch configurations: the attention kernels' (``LAUNCH_CONFIGS`` in
+tcpa_kernels/ops/_attention_kernels.py) and the matching kernels' (``LAUNCH`` in tcpa_kernels/ops/_match_kernels.py).
 
   python benchmarks/tune.py --offline   no GPU needed: compile every candidate for sm_90 and report what ptxas made
                                         of it (registers, spills, shared memory, wgmma) -> docs/sm90-resources.*
-  python benchmarks/tune.py             on a GPU: time every candidate of every kernel at TCPA_SPEC.md §6 shapes,
-                                        check its result against the current table's, write
-                                        benchmarks/results/tune-<device>.json (then edit LAUNCH_CONFIGS by hand)
-  python benchmarks/tune.py --smoke     the GPU procedure on CPU (interpreter, tiny shape): checks the script only
+  python benchmarks/tune.py             on a GPU: time every candidate of every kernel (attention at TCPA_SPEC.md
+                                        §6 shapes, matching fused with the LayerNorm at ViT-B/16 shape, beside
+                                        F.layer_norm of the same rows), check its result against the current
+                                        table's, write benchmarks/results/tune-<device>.json (then edit the tables
+                                        by hand)
+  python benchmarks/tune.py --smoke     the GPU procedure on CPU (interpreter, tiny shapes): checks the script only
 
 Each kernel (forward, backward: one launch each) is timed alone, the other at its table entry.
 """
@@ -15,9 +18,10 @@ import concurrent.futures
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# attention: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 CANDIDATES = {
     "16-bit": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2),
                (128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 64, 4, 3),
@@ -30,6 +34,18 @@ KERNEL_LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False))]
 GPU_SHAPES = [("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # TCPA_SPEC.md §6
               ("vit_l_b32_n577_p200_l4_k12", 32, 16, 577, 200, 64, 12)]
 SMOKE_SHAPES = [("cpu_smoke_b1_n40_p8_k2", 1, 2, 40, 8, 32, 2)]
+
+# matching: the keys of a LAUNCH entry, and candidate values of them (the table's entry first)
+MATCH_FIELDS = ("BLOCK_T", "BLOCK_C", "num_warps", "num_stages")
+MATCH_CANDIDATES = {
+    "fwd": [(64, 32, 8, 1), (32, 32, 8, 1), (64, 64, 8, 1), (128, 32, 8, 1), (64, 32, 4, 1), (32, 64, 8, 1),
+            (64, 32, 8, 2)],
+    "bwd": [(32, 16, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (32, 16, 4, 1), (64, 16, 8, 1), (16, 16, 4, 1)],
+}
+MATCH_FLAGS = {"fwd": dict(HAS_W=True, HAS_B=True), "bwd": dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True)}
+# (label, B, N, C, pool_cls, pool_img, topk) at which the matching candidates are timed, and the dtypes of x
+MATCH_GPU_SHAPE, MATCH_GPU_DTYPES = ("vit_b_b128_n197_c768_p18+18_k10", 128, 197, 768, 18, 18, 10), ("fp32", "bf16")
+MATCH_SMOKE_SHAPE, MATCH_SMOKE_DTYPES = ("cpu_smoke_b1_n9_c32_p3+4_k2", 1, 9, 32, 3, 4, 2), ("fp32", "fp16")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks.sm90` when run as a script (compile workers inherit it)
 
@@ -37,7 +53,15 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.sm90` when run as a script (compile
 # ------------------------------------------------------------------------------------------ offline (sm_90)
 
 
-def _compile_one(job):
+def _figures(compile_one: Callable[[], dict]) -> dict:
+    """ptxas's figures of ``compile_one()``, or the error that stopped it (e.g. out of shared memory: not fatal)."""
+    try:
+        return compile_one()
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+
+
+def _compile_attention(job: tuple) -> dict:
     from benchmarks import sm90
     from tcpa_kernels.ops import _attention_kernels as kernels
 
@@ -45,42 +69,74 @@ def _compile_one(job):
     block_m, block_n, num_warps, num_stages = candidate
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, MASK_MODE=1, RENORMALIZE=False,
                       PRECISION=kernels.DOT_PRECISION[operand], **extra)
-    try:
-        dtype = "fp32" if operand == "fp32" else "bf16"
-        figures = sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages, prompt_dtype="fp32")
-    except Exception as error:  # e.g. out of shared memory: reported, not fatal
-        figures = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+    dtype = "fp32" if operand == "fp32" else "bf16"
+    figures = _figures(lambda: sm90.compile_attention(kernel, dtype, constexprs, num_warps, num_stages,
+                                                      prompt_dtype="fp32"))
     in_table = kernels.LAUNCH_CONFIGS[(operand, d_pad)][kernel] == candidate
     return {"operand": operand, "d_pad": d_pad, "kernel": kernel, "config": list(candidate), "in_table": in_table,
             **figures}
+
+
+def _compile_match(job: tuple[str, str, tuple]) -> dict:
+    """One matching kernel fused with the LayerNorm (NORM, weight and bias), 64 pool entries, fp32 keys and
+    statistics, x (and h, dx, dh) in ``x_dtype``: 3xTF32 dots for fp32, two 16-bit MMAs (X16) otherwise."""
+    from benchmarks import sm90
+    from tcpa_kernels.ops import _match_kernels
+
+    x_dtype, kernel, candidate = job
+    fn = {"fwd": _match_kernels._match_fwd_kernel, "bwd": _match_kernels._match_bwd_kernel}[kernel]
+    pointers = dict.fromkeys(("KEYS_CLS", "KEYS_IMG", "TERMS", "NORM_W", "NORM_B", "MEAN", "RSTD", "DTERMS",
+                              "DKEYS_PARTIAL"), "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
+    pointers["BITS"] = "*i64"
+    launch = dict(zip(MATCH_FIELDS, candidate))
+    num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
+    constexprs = launch | MATCH_FLAGS[kernel] | dict(NORM=True, E_PAD=64, X16=x_dtype != "fp32")
+    figures = _figures(lambda: sm90.compile_fn(fn, pointers, constexprs, num_warps, num_stages))
+    in_table = _match_kernels.LAUNCH[kernel] == dict(zip(MATCH_FIELDS, candidate))
+    return {"x": x_dtype, "kernel": kernel, "config": list(candidate), "in_table": in_table, **figures}
+
+
+def _table_row(keys: list, r: dict) -> str:
+    """One markdown row: ``keys``, the config (tile, warps, stages), then ptxas's figures or the error."""
+    tile_a, tile_b, warps, stages = r["config"]
+    cells = [*keys, f"{tile_a}×{tile_b}, {warps}, {stages}" + (" (table)" if r["in_table"] else "")]
+    if "error" in r:
+        return "| " + " | ".join(cells) + f" | {r['error']} ||||"
+    mma = ", ".join(f"{k} {v}" for k, v in r["mma"].items()) or "FFMA only"
+    cells += [r["registers"], r["spill_ops"], f"{r['shared_bytes'] / 1024:.0f}", mma]
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def offline(out_dir, workers):
     os.environ["TRITON_INTERPRET"] = "0"
     jobs = [(operand, d_pad, kernel, extra, candidate) for operand in CANDIDATES for d_pad in (64, 128)
             for kernel, extra in KERNEL_LAUNCHES for candidate in CANDIDATES[operand]]
+    match_jobs = [(x_dtype, kernel, candidate) for x_dtype in ("fp32", "bf16") for kernel in MATCH_CANDIDATES
+                  for candidate in MATCH_CANDIDATES[kernel]]
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-        rows = list(pool.map(_compile_one, jobs))
+        rows, match_rows = pool.map(_compile_attention, jobs), pool.map(_compile_match, match_jobs)
+        rows, match_rows = list(rows), list(match_rows)
     import triton
 
+    columns = "| registers | spills | shared KB | mma |"
     lines = [f"# sm_90 compile report (Triton {triton.__version__}, ptxas; no GPU involved)", "",
+             "Produced by `python benchmarks/tune.py --offline`: compile-time figures, not timings. `spills` counts "
+             "LDL+STL instructions in the SASS. Arguments aligned as at ViT shapes.", "",
+             "## Attention", "",
              "Default branch (selection bits, renormalize=False), bf16 or fp32 operands with fp32 prompt K/V (as the "
-             "model passes them), aligned arguments as at ViT shapes. `spills` counts LDL+STL instructions in the "
-             "SASS. Produced by `python benchmarks/tune.py "
-             "--offline`: compile-time figures, not timings. (table): the entry of LAUNCH_CONFIGS.", "",
-             "| operand | D_PAD | launch | BLOCK_M×BLOCK_N, warps, stages | registers | spills | shared KB | mma |",
+             "model passes them). (table): the entry of LAUNCH_CONFIGS.", "",
+             "| operand | D_PAD | launch | BLOCK_M×BLOCK_N, warps, stages " + columns,
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        bm, bn, w, s = r["config"]
-        config = f"{bm}×{bn}, {w}, {s}" + (" (table)" if r["in_table"] else "")
-        if "error" in r:
-            lines.append(f"| {r['operand']} | {r['d_pad']} | {r['kernel']} | {config} | {r['error']} ||||")
-            continue
-        mma = ", ".join(f"{k} {v}" for k, v in r["mma"].items()) or "FFMA only"
-        lines.append(f"| {r['operand']} | {r['d_pad']} | {r['kernel']} | {config} | {r['registers']} | "
-                     f"{r['spill_ops']} | {r['shared_bytes'] / 1024:.0f} | {mma} |")
+    lines += [_table_row([r["operand"], r["d_pad"], r["kernel"]], r) for r in rows]
+    lines += ["", "## Matching", "",
+              "Fused with the block's LayerNorm (NORM, weight and bias; the backward with dx and the key gradient), "
+              "64 pool entries (E_PAD, as pools 18+18), fp32 keys and statistics; x fp32 (3xTF32 dots) or bf16 "
+              "(X16: two bf16 MMAs per product). (table): the entry of LAUNCH in _match_kernels.py.", "",
+              "| x | launch | BLOCK_T×BLOCK_C, warps, stages " + columns, "|---|---|---|---|---|---|---|"]
+    lines += [_table_row([r["x"], r["kernel"]], r) for r in match_rows]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sm90-resources.json").write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
+    report = {"triton": triton.__version__, "rows": rows, "matching": match_rows}
+    (out_dir / "sm90-resources.json").write_text(json.dumps(report, indent=1))
     (out_dir / "sm90-resources.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -97,8 +153,40 @@ def _relative_error(result, baseline):
     return worst
 
 
-def _tune_shape(shape, dtype, candidates, tolerance, smoke, report, save):
-    """Time every candidate of each kernel at one shape, the others at their table entry, into ``report``;
+def _tolerance(dtype) -> float:  # dtype: torch.dtype
+    import torch
+
+    return 1e-4 if dtype == torch.float32 else 2e-2  # only the summation order differs between configs
+
+
+def _sweep(label: str, kernel: str, step: Callable[[], tuple], compare: Callable[[tuple, list], dict],
+           install: Callable[[tuple], None], current: tuple, candidates: list[tuple], reps: int) -> dict:
+    """Time ``step()`` at the table's entry ``current`` of ``kernel`` and at every candidate (``install(config)``
+    puts one in the table), each checked by ``compare(result, baseline) -> {..., "ok": bool}`` against the
+    result at ``current``: {"table", "candidates" (rows), "best" (the fastest that is ok), "speedup_over_table"}."""
+    from tcpa_kernels import bench
+
+    device = bench.default_device()
+    baseline = [t.clone() for t in step()]
+    rows = []
+    for candidate in dict.fromkeys([current, *candidates]):
+        install(candidate)
+        try:
+            checks = compare(step(), baseline)
+            rows.append({"config": list(candidate), "ms": bench.time_ms(step, device, reps=reps), **checks})
+        except Exception as exc:  # e.g. out of shared memory on this device: reported, not fatal
+            rows.append({"config": list(candidate), "error": f"{type(exc).__name__}: {exc}"[:200]})
+        finally:
+            install(current)
+        print(f"{label} {kernel} {candidate}: {rows[-1]}", flush=True)
+    good = [r for r in rows if r.get("ok")]
+    best = min(good, key=lambda r: r["ms"]) if good else None
+    return {"table": list(current), "candidates": rows, "best": best and best["config"],
+            "speedup_over_table": best and rows[0].get("ms") and rows[0]["ms"] / best["ms"]}
+
+
+def _tune_shape(shape, dtype, candidates, smoke, report, save):
+    """Time every candidate of each attention kernel at one shape, the other at its table entry, into ``report``;
     ``save()`` after each kernel."""
     import torch
 
@@ -106,8 +194,7 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke, report, save):
     from tcpa_kernels.ops import _attention_kernels as kernels
 
     label, B, H, N, P, D, topk = shape
-    device = bench.default_device()
-    tensors, scores = bench.op_inputs(B, H, N, P, D, dtype, device)
+    tensors, scores = bench.op_inputs(B, H, N, P, D, dtype, bench.default_device())
     tensors = [t.detach() for t in tensors]
     grad_out = torch.randn_like(tensors[0])
     selection = bench.op_selection(scores, P, topk)
@@ -117,54 +204,103 @@ def _tune_shape(shape, dtype, candidates, tolerance, smoke, report, save):
              "bwd": lambda: kernels.backward_grads(grad_out, *tensors, out, lse, selection, scale, False, True,
                                                        (True,) * 5)}
     table = kernels.LAUNCH_CONFIGS[kernels.config_key(D, dtype)]
+
+    def compare(result, baseline) -> dict:
+        error = _relative_error(result, baseline)
+        return {"max_rel_diff": error, "ok": error <= _tolerance(dtype)}
+
     report |= {"shape": label, "dims": dict(B=B, H=H, N=N, P=P, D=D, topk=topk), "kernels": {}}
     for kernel, step in steps.items():
-        current = table[kernel]
-        baseline = [t.clone() for t in step()]
-        rows = []
-        for candidate in dict.fromkeys([current, *candidates]):
-            table[kernel] = candidate
+        def install(config, kernel=kernel):
+            table[kernel] = config
             kernels.forget_plans()  # the launch plans read the table when made
-            try:
-                error = _relative_error(step(), baseline)
-                ms = bench.time_ms(step, device, reps=3 if smoke else 20)
-                rows.append({"config": list(candidate), "ms": ms, "max_rel_diff": error, "ok": error <= tolerance})
-            except Exception as exc:  # e.g. out of shared memory on this device: reported, not fatal
-                rows.append({"config": list(candidate), "error": f"{type(exc).__name__}: {exc}"[:200]})
-            finally:
-                table[kernel] = current
-                kernels.forget_plans()
-            print(f"{label} {kernel} {candidate}: {rows[-1]}", flush=True)
-        good = [r for r in rows if r.get("ok")]
-        best = min(good, key=lambda r: r["ms"]) if good else None
-        report["kernels"][kernel] = {"table": list(current), "candidates": rows, "best": best and best["config"],
-                                     "speedup_over_table": best and rows[0].get("ms") and rows[0]["ms"] / best["ms"]}
+
+        report["kernels"][kernel] = _sweep(label, kernel, step, compare, install, table[kernel], candidates,
+                                           reps=3 if smoke else 20)
         save()
 
 
-def timed(shapes, smoke, out_path):
+def _tune_matching(shape: tuple, x_dtype: str, smoke: bool, report: dict, save: Callable[[], None]) -> None:
+    """Time every candidate of each matching kernel, fused with the LayerNorm as the model runs it
+    (``norm_match_select``; backward: dx, dkeys summed over the programs' partials), at one shape and x dtype, and
+    ``F.layer_norm`` of the same rows forward and backward (the reference figure), into ``report``; ``save()``
+    after each kernel."""
+    import torch
+    import torch.nn.functional as F
+
+    from tcpa_kernels import bench
+    from tcpa_kernels.ops import _match_kernels as kernels
+
+    label, B, N, C, pool_cls, pool_img, topk = shape
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[x_dtype]
+    device, eps, reps = bench.default_device(), 1e-6, 3 if smoke else 20
+    x = torch.randn(B, N, C, device=device).to(dtype)  # [B, N, C] the block input
+    keys_cls = torch.empty(pool_cls, C, device=device).uniform_(-1, 1)  # [Pc, C] fp32, as the pools are initialised
+    keys_img = torch.empty(pool_img, C, device=device).uniform_(-1, 1)  # [Pi, C]
+    weight = 1 + 0.1 * torch.randn(C, device=device)  # [C] the LayerNorm's (fp32, frozen)
+    bias = 0.1 * torch.randn(C, device=device)
+    args = (x, keys_cls, keys_img, weight, bias, eps, True, 1, topk, topk)  # one prefix token
+    terms, bits, h, mean, rstd = kernels.forward(*args)
+    dterms, dh = torch.randn_like(terms), torch.randn_like(h)  # [B, N] fp32, [B, N, C] in x's dtype
+
+    def backward():  # (dx [B, N, C], dkeys [Pc + Pi, C])
+        dx, partials = kernels.backward(dterms, dh, x, keys_cls, keys_img, bits, weight, mean, rstd, 1, topk, topk,
+                                        True, True)
+        return dx, partials.sum(0)
+
+    def compare(result, baseline) -> dict:
+        """Relative error of the float outputs, and tokens whose selection differs (a near tie that another
+        summation order breaks the other way: at most one token in 10^4)."""
+        error = _relative_error(*zip(*[(g, w) for g, w in zip(result, baseline) if w.is_floating_point()]))
+        differ = sum(int((g != w).sum()) for g, w in zip(result, baseline) if not w.is_floating_point())
+        return {"max_rel_diff": error, "bits_differ": differ,
+                "ok": error <= _tolerance(dtype) and differ <= B * N // 10**4}
+
+    x_leaf, norm_args = x.clone().requires_grad_(), ((C,), weight.to(dtype), bias.to(dtype), eps)
+    h_ref = F.layer_norm(x_leaf, *norm_args)
+    layer_norm = {"fwd": lambda: F.layer_norm(x, *norm_args),
+                  "bwd": lambda: torch.autograd.grad(h_ref, x_leaf, dh, retain_graph=True)}
+    report |= {"shape": label, "dims": dict(B=B, N=N, C=C, pool_cls=pool_cls, pool_img=pool_img, topk=topk),
+               "dtype": x_dtype, "layer_norm_ms": {k: bench.time_ms(f, device, reps=reps)
+                                                      for k, f in layer_norm.items()}, "kernels": {}}
+    for kernel, step in {"fwd": lambda: kernels.forward(*args), "bwd": backward}.items():
+        def install(config, kernel=kernel):
+            kernels.LAUNCH[kernel] = dict(zip(MATCH_FIELDS, config))
+            kernels.forget_plans()  # the launch plans read LAUNCH when made
+
+        current = tuple(kernels.LAUNCH[kernel][field] for field in MATCH_FIELDS)
+        report["kernels"][kernel] = _sweep(f"{label} x={x_dtype}", kernel, step, compare, install, current,
+                                           MATCH_CANDIDATES[kernel][: 2 if smoke else None], reps)
+        save()
+
+
+def timed(shapes: list[tuple], match_shape: tuple, match_dtypes: tuple[str, ...], smoke: bool, out_path: Path,
+          only: str | None = None) -> dict:
     import torch
 
     from tcpa_kernels import bench
-    from tcpa_kernels.ops import _attention_kernels as kernels
+    from tcpa_kernels.ops._function import operand_class
 
     dtype = torch.float32 if smoke else torch.bfloat16
-    candidates = CANDIDATES[kernels.operand_class(dtype)][: 2 if smoke else None]
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # only the summation order differs between configs
+    candidates = CANDIDATES[operand_class(dtype)][: 2 if smoke else None]
     report = {"environment": bench.environment(bench.default_device()), "dtype": str(dtype), "smoke": smoke,
-              "shapes": []}
+              "shapes": [], "matching": []}
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every kernel: a run cut short keeps what it timed
         out_path.write_text(json.dumps(report, indent=1))
 
-    for shape in shapes:
+    for x_dtype in match_dtypes if only != "attention" else ():  # first: the shorter sweep
+        report["matching"].append({})
+        _tune_matching(match_shape, x_dtype, smoke, report["matching"][-1], save)
+    for shape in shapes if only != "matching" else ():
         report["shapes"].append({})
-        _tune_shape(shape, dtype, candidates, tolerance, smoke, report["shapes"][-1], save)
-    for shape in report["shapes"]:
+        _tune_shape(shape, dtype, candidates, smoke, report["shapes"][-1], save)
+    for shape in report["matching"] + report["shapes"]:
         for kernel, r in shape["kernels"].items():
-            print(f"{shape['shape']:28s} {kernel:9s} table {r['table']} -> best {r['best']} "
-                  f"({r['speedup_over_table'] or 0:.2f}x)")
+            reference = f", F.layer_norm {shape['layer_norm_ms'][kernel]:.3f} ms" if "layer_norm_ms" in shape else ""
+            print(f"{shape['shape']:32s} {shape.get('dtype', ''):4s} {kernel:3s} table {r['table']} -> "
+                  f"best {r['best']} ({r['speedup_over_table'] or 0:.2f}x{reference})")
     return report
 
 
@@ -173,9 +309,12 @@ def main(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="compile for sm_90 and report resources (no GPU)")
     mode.add_argument("--smoke", action="store_true", help="the timed procedure on CPU at a tiny shape")
+    parser.add_argument("--only", choices=("attention", "matching"), help="time only these kernels")
     parser.add_argument("--out", type=Path, help="output folder (default: docs/ offline, benchmarks/results/ timed)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiles (offline)")
     args = parser.parse_args(argv)
+    if args.offline and args.only:
+        parser.error("--only applies to the timed modes; --offline compiles every kernel")
     if args.offline:
         return offline(args.out or ROOT / "docs", args.workers)
     import benchmarks.interpreter  # noqa: F401  (--smoke: CPU tensors run in the Triton interpreter)
@@ -185,7 +324,9 @@ def main(argv=None):
     if device.type != "cuda" and not args.smoke:
         sys.exit("benchmarks/tune.py times kernels on a GPU: use --offline (compile report) or --smoke here")
     out = (args.out or ROOT / "benchmarks" / "results") / f"tune-{bench.device_slug(device)}.json"
-    return timed(SMOKE_SHAPES if args.smoke else GPU_SHAPES, args.smoke, out)
+    if args.smoke:
+        return timed(SMOKE_SHAPES, MATCH_SMOKE_SHAPE, MATCH_SMOKE_DTYPES, True, out, args.only)
+    return timed(GPU_SHAPES, MATCH_GPU_SHAPE, MATCH_GPU_DTYPES, False, out, args.only)
 
 
 if __name__ == "__main__":

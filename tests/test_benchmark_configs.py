@@ -68,13 +68,17 @@ def test_gpu_model_runs(model_name, img_size, method):
     bench.train_step(model, torch.randn(1, 3, img_size, img_size), torch.tensor([3]), torch.float32)()
 
 
-def test_tuning_procedure_runs_and_candidates_agree(tmp_path):
-    """benchmarks/tune.py's GPU procedure at its CPU smoke shape: every candidate gives the table's result."""
+def test_tune_procedure_runs_and_candidates_agree(tmp_path):
+    """benchmarks/tune.py's GPU procedure at its CPU smoke shapes: every candidate of the attention and the matching
+    kernels gives the table's result; the matching has its F.layer_norm reference figures, for each dtype of x."""
     report = tune.main(["--smoke", "--out", str(tmp_path)])
     assert [path.name for path in tmp_path.iterdir()] == [f"tune-{bench.device_slug(CPU)}.json"]
-    for kernel in ("fwd", "bwd"):
-        rows = report["shapes"][0]["kernels"][kernel]["candidates"]
-        assert len(rows) >= 2 and all(row.get("ok") for row in rows), rows
+    assert [m["dtype"] for m in report["matching"]] == list(tune.MATCH_SMOKE_DTYPES)
+    for kernels in [report["shapes"][0]["kernels"], *(m["kernels"] for m in report["matching"])]:
+        for kernel in ("fwd", "bwd"):
+            rows = kernels[kernel]["candidates"]
+            assert len(rows) >= 2 and all(row.get("ok") for row in rows), rows
+    assert all(m["layer_norm_ms"]["fwd"] > 0 and m["layer_norm_ms"]["bwd"] > 0 for m in report["matching"])
 
 
 def test_headline_procedure_runs(tmp_path):
