@@ -6,7 +6,7 @@ Public API (TCPA_SPEC.md §5): ``tcpa_attention``, ``match_prompts``, ``TCPAAtte
 ``Selection``); ``TCPAPrompts``, one layer's prompts and TCPA attention as a module for hand-written ViTs.
 """
 
-from tcpa_kernels.checkpoint import load_prompts, save_prompts
+from tcpa_kernels.checkpoint import from_pretrained, load_prompts, save_pretrained, save_prompts
 from tcpa_kernels.integrations.prompts import TCPAPrompts
 from tcpa_kernels.ops.fused import TCPAAttention, tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import match_prompts, match_scores, matching_loss
@@ -32,5 +32,5 @@ __all__ = [
     "tcpa_attention", "match_prompts", "match_scores", "matching_loss", "match_select", "tcpa_packed_attention",
     "Selection", "TCPAAttention", "tcpa_fused_attention", "TCPAPrompts",
     "apply_tcpa", "apply_vpt", "remove_prompts", "remove_tcpa", "get_matching_loss", "set_selection",
-    "trainable_parameters", "save_prompts", "load_prompts", "TCPAConfig", "VPTConfig", "PromptState",
+    "trainable_parameters", "save_prompts", "load_prompts", "save_pretrained", "from_pretrained", "TCPAConfig", "VPTConfig", "PromptState",
 ]
