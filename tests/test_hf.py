@@ -13,7 +13,11 @@ For each model class (small models built from a config, no weights, fp64, torch 
 """
 
 import copy
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +83,7 @@ MAIN = ("vit", "vit_classifier", "dinov2", "dinov2_classifier_swiglu", "dinov2_r
 POOLS = dict(pool_size_cls=3, pool_size_img=4, prompt_len_cls=2, prompt_len_img=1)
 LENS = dict(prompt_len_cls=2, prompt_len_img=1)
 TOPK = dict(topk_cls=2, topk_img=3)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -271,3 +276,112 @@ def test_clear_errors():
                 apply(plain, num_classes=3, **kwargs)
             assert type(plain) is cls and not hasattr(plain, "prompt_state")
             assert set(plain.state_dict()) == keys and all(p.requires_grad for p in plain.parameters())
+
+
+# ------------------------------------------------------------------------------ config, save_pretrained, subclasses
+
+# name -> (model class, config factory): models built from a config object that other models share
+SHARED_CONFIG = {
+    "vit_classifier": (ViTForImageClassification, lambda: ViTConfig(**SMALL, intermediate_size=64, **LABELS)),
+    # the vision model holds a sub-config of the model's config
+    "clip_classifier": (CLIPForImageClassification, lambda: CLIPConfig(vision_config=CLIP_VISION,
+                                                                       attn_implementation="sdpa", **LABELS)),
+}
+
+
+def held_configs(model):
+    """{module name: the transformers config it holds} for every module of the model that holds one."""
+    return {name: module.config for name, module in model.named_modules()
+            if isinstance(vars(module).get("config"), transformers.PretrainedConfig)}
+
+
+@pytest.mark.parametrize("name", SHARED_CONFIG)
+def test_num_classes_leaves_the_shared_config_alone_and_remove_gives_the_configs_back(name):
+    model_class, make_config = SHARED_CONFIG[name]
+    config = make_config()
+    model = model_class(config)
+    held = held_configs(model)
+    tk.apply_tcpa(model, backend="torch", num_classes=10, **POOLS, **TOPK)
+    assert model.config.num_labels == model.num_labels == model.classifier.out_features == 10
+    assert config.num_labels == 7 and config.id2label == LABELS["id2label"]
+    second = model_class(config)
+    assert second.num_labels == second.classifier.out_features == 7
+    # every module holds the model's copy, shared as the originals were (the inner model reads model.config's flags)
+    own = {id(model.config)} | {id(getattr(model.config, key)) for key in model.config.sub_configs}
+    assert all(c is not held[n] and id(c) in own for n, c in held_configs(model).items())
+    assert set(held_configs(model)) == set(held)
+    tk.remove_prompts(model)
+    assert all(c is held[n] for n, c in held_configs(model).items()) and model.config is config
+    assert model.num_labels == model.classifier.out_features == 7 and config.num_labels == 7
+
+
+@pytest.mark.parametrize("method", ["tcpa", "vpt"])
+def test_save_pretrained_of_a_prompted_model_is_refused_and_works_after_remove(method, tmp_path):
+    model = plain_model("vit_classifier")
+    x = images()
+    if method == "tcpa":
+        tk.apply_tcpa(model, backend="torch", num_classes=5, **POOLS, **TOPK)
+    else:
+        tk.apply_vpt(model, num_prompts=2, num_classes=5)
+    refusal = (r"model: {} expects a ViTForImageClassification without prompts, got one with " + method +
+               r" prompts .*tk\.save_pretrained\(model, dir\).*tk\.save_prompts.*tk\.remove_prompts")
+    with pytest.raises(ValueError, match=refusal.format("save_pretrained")):
+        model.save_pretrained(tmp_path / "prompted")
+    with pytest.raises(ValueError, match=refusal.format("push_to_hub")):
+        model.push_to_hub("user/never-pushed")  # refused before it creates the repository
+    assert not (tmp_path / "prompted").exists()
+    tk.remove_prompts(model)
+    model.save_pretrained(tmp_path / "plain")
+    loaded = ViTForImageClassification.from_pretrained(tmp_path / "plain", dtype=torch.float64).eval()
+    assert loaded.config.id2label == LABELS["id2label"]
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+class UserViTModel(ViTModel):
+    """A user's subclass of a supported class, defined outside transformers."""
+
+
+class UserViTForImageClassification(ViTForImageClassification):
+    """A user's subclass of a supported image-classification class."""
+
+
+@pytest.mark.parametrize("subclass", [UserViTModel, UserViTForImageClassification])
+def test_a_subclass_is_prompted_as_its_base_class(subclass, tmp_path):
+    """Same weights and prompts: bit-identical outputs and hidden states (fp64, torch backend, one thread)."""
+    base = subclass.__bases__[0]
+    config = ViTConfig(**SMALL, intermediate_size=64, **LABELS)
+    head = dict(num_classes=5) if issubclass(base, ViTForImageClassification) else {}
+    torch.manual_seed(0)
+    reference = tk.apply_tcpa(base(config).double().eval(), backend="torch", **head, **POOLS, **TOPK)
+    model = tk.apply_tcpa(subclass(config).double().eval(), backend="torch", **head, **POOLS, **TOPK)
+    model.load_state_dict(reference.state_dict())  # the same backbone, prompts, keys and head
+    assert isinstance(model, subclass) and type(model).__name__ == f"Prompted{subclass.__name__}"
+    x = images()
+    expected, out = reference(x, output_hidden_states=True), model(x, output_hidden_states=True)
+    assert torch.equal(features(out), features(expected))
+    assert out.hidden_states is not None and len(out.hidden_states) == len(expected.hidden_states) == 3
+    assert all(torch.equal(h, e) for h, e in zip(out.hidden_states, expected.hidden_states, strict=True))
+    assert torch.equal(tk.get_matching_loss(model), tk.get_matching_loss(reference))
+    with pytest.raises(ValueError, match=f"save_pretrained expects a {subclass.__name__} without prompts"):
+        model.save_pretrained(tmp_path)
+    tk.remove_prompts(model)
+    assert type(model) is subclass and model.config.num_labels == 7
+
+
+def test_a_subclass_in_a_fresh_process_finds_its_base_integration():
+    """A user's module imports no integration: the model's base classes lead to the transformers one."""
+    script = f"""
+import torch, tcpa_kernels as tk
+from transformers import ViTConfig, ViTModel
+
+class MyViT(ViTModel):
+    pass
+
+model = tk.apply_tcpa(MyViT(ViTConfig(**{SMALL!r}, intermediate_size=64)), backend="torch", **{POOLS!r}, **{TOPK!r})
+out = model(torch.randn(1, 3, 16, 16), output_hidden_states=True)
+assert out.hidden_states is not None and len(out.hidden_states) == 3, out.hidden_states
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr

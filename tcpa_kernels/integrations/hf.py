@@ -12,12 +12,21 @@ Prompted layers take no attention mask and TCPA returns no attention weights: ``
 that masks nothing) and (TCPA) ``output_attentions=True`` are refused with a ``ValueError``; ``output_hidden_states``
 works (the real tokens). The SigLIP attention-pooling head and CLIP's visual projection are backbone modules, not
 classification heads; models without a ``classifier`` take no ``num_classes``. Image-classification models keep
-``config.num_labels`` (and the label names) in step with their ``classifier``. The frozen backbone stays in eval
-mode, so transformers' gradient checkpointing, which runs in training mode only, does not run on prompted layers.
+``config.num_labels`` (and the label names) in step with their ``classifier``: a new head (``num_classes``) gets the
+model its own copy of its config (the config object given to the constructor may be shared by other models), and
+``remove_prompts`` gives the model back the config objects it had. The frozen backbone stays in eval mode, so
+transformers' gradient checkpointing, which runs in training mode only, does not run on prompted layers.
+
+A subclass of a supported class is prompted as its base class. A prompted model refuses ``save_pretrained`` (and
+``push_to_hub``): ``from_pretrained`` would load it back as the plain model, dropping the prompts as unexpected keys.
+The library saves the prompts (``tk.save_pretrained(model, dir)``, ``tk.save_prompts``) and loads them into the plain
+model (``tk.from_pretrained``, ``tk.load_prompts``); after ``tk.remove_prompts`` the model saves as before.
 """
 
+import copy
 import math
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 import transformers
@@ -67,7 +76,7 @@ except ImportError:
     _CAN_RECORD_REGISTRY = None
 
 from tcpa_kernels._forward import layer_call  # noqa: E402
-from tcpa_kernels._patch import prompted_class, register_mixin  # noqa: E402
+from tcpa_kernels._patch import original_class, prompted_class, register_mixin  # noqa: E402
 from tcpa_kernels._prompt_kv import KVProjection, Rows  # noqa: E402
 from tcpa_kernels._validate import describe  # noqa: E402
 from tcpa_kernels.integrations.family import (  # noqa: E402
@@ -82,7 +91,7 @@ from tcpa_kernels.integrations.family import (  # noqa: E402
 from tcpa_kernels.integrations.models import ModelFamily, register_model  # noqa: E402
 from tcpa_kernels.vit import PromptedMixin  # noqa: E402
 
-ORIGINAL_LABELS = "_tcpa_original_labels"  # the model's attribute that keeps config.id2label/label2id while prompted
+ORIGINAL_CONFIGS = "_tcpa_original_configs"  # the model's attribute: {module name: the config it had} while prompted
 
 
 def reject_layer_inputs(attention_mask: torch.Tensor | None, kwargs: dict, config=None) -> None:
@@ -196,20 +205,14 @@ def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Calla
         if not head_width:
             raise ValueError(f"num_classes: {type(model).__name__} has no classification head (it returns "
                              f"features), expected None, got {n}")
-        model.__dict__.setdefault(ORIGINAL_LABELS, (model.config.id2label, model.config.label2id))
+        own_config(model)
         width = head_width * config(model).hidden_size
         model.classifier = nn.Linear(width, n) if n > 0 else nn.Identity()  # as the model's __init__ makes it
         model.config.num_labels = model.num_labels = n
 
-    def set_num_classes(model, n):  # on remove_prompts: the original count, and the labels' names when kept
-        if not head_width:
-            return
-        labels = model.__dict__.pop(ORIGINAL_LABELS, None)
-        if labels is not None and len(labels[0]) == n:
-            model.config.id2label, model.config.label2id = labels
-        else:
-            model.config.num_labels = n
-        model.num_labels = n
+    def set_num_classes(model, n):  # on remove_prompts: the config objects the model had, labels and all
+        if restore_config(model):
+            model.num_labels = n
 
     def patch_area(model):
         size = config(model).patch_size
@@ -218,16 +221,70 @@ def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Calla
     return ModelFamily(name, blocks=lambda m: m.get_submodule(backbone).get_submodule(layers),
                        num_prefix_tokens=lambda m: prefix(config(m)), embed_dim=lambda m: config(m).hidden_size,
                        patch_area=patch_area, heads=("classifier",) if head_width else (), num_classes=num_classes,
-                       reset_head=reset_head, set_num_classes=set_num_classes)
+                       reset_head=reset_head, set_num_classes=set_num_classes, prepare=prepare_class)
+
+
+def own_config(model: nn.Module) -> None:
+    """Give the model a copy of its config before its labels change (the config object may be shared with other
+    models): every module of the model holding the config or one of its sub-configs (the vision config of a CLIP
+    model) gets the copy's, and the model keeps the originals for ``restore_config``."""
+    if ORIGINAL_CONFIGS in model.__dict__:
+        return
+    copies: dict[int, object] = {}  # id(original) -> its copy, for the config and everything in it
+    copy.deepcopy(model.config, copies)
+    originals: dict[str, transformers.PretrainedConfig] = {}
+    for name, module in model.named_modules():
+        held = module.__dict__.get("config")
+        if held is not None and id(held) in copies:
+            originals[name] = held
+            module.config = copies[id(held)]
+    model.__dict__[ORIGINAL_CONFIGS] = originals
+
+
+def restore_config(model: nn.Module) -> bool:
+    """Undo ``own_config``: each module gets back the config object it had; False when the model kept its own."""
+    originals = model.__dict__.pop(ORIGINAL_CONFIGS, None)
+    for name, held in (originals or {}).items():
+        model.get_submodule(name).config = held
+    return originals is not None
+
+
+def refuse_saving(method: str) -> Callable[..., NoReturn]:
+    """``save_pretrained`` / ``push_to_hub`` of a prompted model: refused, as ``from_pretrained`` would silently drop
+    the prompts."""
+
+    def refuse(self: nn.Module, *args, **kwargs) -> NoReturn:
+        base = original_class(self).__name__
+        raise ValueError(
+            f"model: {method} expects a {base} without prompts, got one with {self.prompt_state.method} prompts "
+            f"({base}.from_pretrained would load it as the plain {base}, dropping the prompts as unexpected keys); "
+            "save them with tk.save_pretrained(model, dir) (a folder) or tk.save_prompts(model, path) (a file) and "
+            "load them into the plain model with tk.from_pretrained(model, dir) / tk.load_prompts(model, path), or "
+            f"call tk.remove_prompts(model) first to {method} the model without them")
+
+    refuse.__name__ = refuse.__qualname__ = method
+    return refuse
+
+
+REFUSED_METHODS = {method: refuse_saving(method) for method in ("save_pretrained", "push_to_hub")}
+
+
+def prepare_class(model_class: type) -> None:
+    """The prompted class of ``model_class`` (a registered class or a subclass of one) records the outputs
+    ``model_class`` does (transformers keys a model's ``output_hidden_states`` capture by the name of its class:
+    without it, no hidden states) and refuses ``save_pretrained`` and ``push_to_hub``."""
+    prompted = prompted_class(PromptedMixin, model_class)
+    for method, refuse in REFUSED_METHODS.items():
+        setattr(prompted, method, refuse)
+    if _CAN_RECORD_REGISTRY is not None:
+        dict.__setitem__(_CAN_RECORD_REGISTRY, str(prompted), model_class._can_record_outputs)
 
 
 def register_hf_model(model_class: type, family: ModelFamily) -> None:
-    """``register_model``, and the prompted class records the outputs its base does: transformers keys a model's
-    ``output_hidden_states`` capture by the name of its class (without that registry: no hidden states)."""
+    """``register_model``, with the prompted class prepared now (a pickled prompted model loads in a fresh process
+    as soon as this module is imported)."""
     register_model(model_class, family)
-    if _CAN_RECORD_REGISTRY is not None:
-        dict.__setitem__(_CAN_RECORD_REGISTRY, str(prompted_class(PromptedMixin, model_class)),
-                         model_class._can_record_outputs)
+    prepare_class(model_class)
 
 
 def _registers(config) -> int:

@@ -1,9 +1,10 @@
 """What a model family tells ``apply_tcpa`` / ``apply_vpt``: where its blocks, prefix tokens and heads are.
 
 A :class:`ModelFamily` is registered per model class (``register_model``); ``model_family(model)`` finds the one of
-a model, importing the integration of the package the model's class comes from (timm, transformers, open_clip) on
-first use, so optional dependencies are imported only by people who use them. Block-level behaviour (how a block
-runs with prompts) is the block families' business (``family.py``).
+a model (of its class or the nearest base class: a subclass is prompted as its base), importing the integrations of
+the packages the classes come from (timm, transformers, open_clip) on first use, so optional dependencies are
+imported only by people who use them. Block-level behaviour (how a block runs with prompts) is the block families'
+business (``family.py``).
 """
 
 import dataclasses
@@ -11,6 +12,8 @@ import importlib
 from collections.abc import Callable
 
 from torch import nn
+
+from tcpa_kernels._patch import original_class
 
 # top-level package of a model's class -> the integration modules that register its families
 INTEGRATIONS = {
@@ -30,7 +33,9 @@ class ModelFamily:
     - ``patch_area(model)``: pixels per patch (VPT's prompt initialisation);
     - ``heads``: attribute names of the classification heads (each a module or absent);
     - ``num_classes(model)`` / ``reset_head(model, n)``: read / replace the classes of the head(s) (``reset_head``
-      also restores ``num_classes`` when ``remove_prompts`` puts the original heads back, with ``n`` = the old count).
+      also restores ``num_classes`` when ``remove_prompts`` puts the original heads back, with ``n`` = the old count);
+    - ``prepare(model_class)``: readies the prompted class of ``model_class`` (the registered class or a subclass of
+      it) to behave as the registered class's does; ``model_family`` calls it for the model's class (no-op default).
     """
 
     name: str
@@ -42,6 +47,7 @@ class ModelFamily:
     num_classes: Callable[[nn.Module], int]
     reset_head: Callable[[nn.Module, int], None]
     set_num_classes: Callable[[nn.Module, int], None]
+    prepare: Callable[[type], None] = lambda model_class: None
 
 
 MODEL_FAMILIES: dict[type, ModelFamily] = {}
@@ -71,12 +77,16 @@ def load_integrations(module_name: str) -> None:
 
 
 def model_family(model: nn.Module) -> ModelFamily | None:
-    """The family of the nearest registered class in ``type(model)``'s MRO (subclasses keep the model layout)."""
-    load_integrations(type(model).__module__)
-    for cls in type(model).__mro__:
-        if cls in MODEL_FAMILIES:
-            return MODEL_FAMILIES[cls]
-    return None
+    """The family of the nearest registered class in the MRO of the model's class (before patching): a subclass
+    keeps its base's layout (a user's class in a module of its own finds the integration of its base's package);
+    the family prepares the model's class (``ModelFamily.prepare``)."""
+    model_class = original_class(model)
+    for cls in model_class.__mro__:
+        load_integrations(cls.__module__)
+    family = next((MODEL_FAMILIES[cls] for cls in model_class.__mro__ if cls in MODEL_FAMILIES), None)
+    if family is not None:
+        family.prepare(model_class)
+    return family
 
 
 def refusal(module: nn.Module) -> str:
