@@ -22,7 +22,7 @@ from torch import nn
 from tcpa_kernels._patch import is_shard, original_class, unwrap
 from tcpa_kernels._validate import check_flag
 from tcpa_kernels.integrations.models import model_family
-from tcpa_kernels.vit import TCPAConfig, VPTConfig, apply_tcpa, apply_vpt, remove_prompts, state_of
+from tcpa_kernels.vit import TCPAConfig, VPTConfig, apply_tcpa, apply_vpt, find_model, remove_prompts, state_of
 
 METADATA_KEY = "tcpa_kernels"
 WEIGHTS_NAME = "prompts.safetensors"  # the files of a save_pretrained folder
@@ -54,7 +54,7 @@ def prompt_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """What a prompts checkpoint holds, by the plain model's parameter names: every parameter ``apply_tcpa`` /
     ``apply_vpt`` added (each block's ``tcpa`` module or ``vpt_prompts``) and the classification head(s), whatever
     their ``requires_grad`` says now (a frozen layer's prompts are saved and loaded too)."""
-    inner = unwrap(model)
+    inner = find_model(model)
     state = state_of(inner)
     modules = [m for blk in state.blocks for m in (blk._modules.get("tcpa"),) if m is not None]
     modules += [getattr(inner, name) for name in state.original_heads]
@@ -148,7 +148,7 @@ def model_identity(model: nn.Module) -> dict:
     ``pretrained_cfg["architecture"]``; Hugging Face: ``config.name_or_path``), ``class`` (the model's own class,
     before patching), ``img_size`` (an int for a square), ``embed_dim``, ``depth`` (blocks) and
     ``num_prefix_tokens``."""
-    inner = unwrap(model)
+    inner = find_model(model, prompted=False)
     cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
     name = cfg.get("architecture") if isinstance(cfg, dict) else None
     name = name or _attribute(inner, "config.name_or_path") or None  # "" for a model built from a config
@@ -256,7 +256,7 @@ def _load(model: nn.Module, path: PathLike, arg: str, check_identity: bool) -> n
     apply, config_class = METHODS[method]
     defaults = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
     config = {**defaults, **{k: v for k, v in config.items() if k not in _LEGACY_FIELDS}}
-    inner = unwrap(model)
+    inner = find_model(model, prompted=False)
     patched = hasattr(inner, "prompt_state")
     if patched:
         state = state_of(inner)

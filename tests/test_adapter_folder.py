@@ -202,3 +202,22 @@ def test_hugging_face_identity(tmp_path):
     with pytest.raises(ValueError, match="name 'org/vit-a', the model has 'org/vit-b'"):
         from_pretrained(vit(name="org/vit-b"), tmp_path / "named")
     from_pretrained(vit(), tmp_path / "named")
+
+
+class _Holder(torch.nn.Module):
+    """A user's module holding the model (a LightningModule's ``self.model``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def test_save_and_load_through_a_module_that_holds_the_model(tmp_path):
+    """Keys are the plain model's names (no ``model.`` prefix), and a holder of a plain model loads them."""
+    model = trained(tk.apply_tcpa(tiny_vit(), num_classes=3))
+    tk.save_prompts(_Holder(model), tmp_path / "p.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(checkpoint.prompt_parameters(model))
+    holder = tk.load_prompts(_Holder(tiny_vit()), tmp_path / "p.safetensors")
+    x = images()
+    assert torch.equal(holder.model(x), model(x))
