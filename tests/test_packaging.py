@@ -88,3 +88,12 @@ def test_the_package_does_not_import_reference():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{path.relative_to(ROOT)}: {name}" for name in names if name.split(".")[0] == "reference"]
     assert not offenders, offenders
+
+
+def test_readme_runnable_example_runs(tmp_path, monkeypatch):
+    """README's adapter-folder example, the one it calls runnable as is, runs (in a scratch folder)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = text.split("(runnable as is, on a CPU):\n\n```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "my-adapter" / "prompt_config.json").is_file()
