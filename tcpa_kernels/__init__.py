@@ -7,6 +7,7 @@ Public API (TCPA_SPEC.md §5): ``tcpa_attention``, ``match_prompts``, ``TCPAAtte
 """
 
 from tcpa_kernels.checkpoint import from_pretrained, load_prompts, save_pretrained, save_prompts
+from tcpa_kernels.integrations.input_prompter import InputPrompter
 from tcpa_kernels.integrations.prompts import TCPAPrompts
 from tcpa_kernels.ops.fused import TCPAAttention, tcpa_fused_attention
 from tcpa_kernels.ops.match_prompts import match_prompts, match_scores, matching_loss
@@ -34,7 +35,7 @@ from tcpa_kernels.vit import (
 __version__ = "0.1.0"
 __all__ = [
     "tcpa_attention", "match_prompts", "match_scores", "matching_loss", "match_select", "tcpa_packed_attention",
-    "Selection", "TCPAAttention", "tcpa_fused_attention", "TCPAPrompts",
+    "Selection", "TCPAAttention", "tcpa_fused_attention", "TCPAPrompts", "InputPrompter",
     "apply_tcpa", "apply_vpt", "remove_prompts", "remove_tcpa", "get_matching_loss", "set_selection",
     "trainable_parameters", "count_parameters", "print_trainable_parameters", "disable_prompts", "find_model",
     "save_prompts", "load_prompts", "save_pretrained", "from_pretrained", "TCPAConfig", "VPTConfig", "PromptState",

@@ -1,4 +1,5 @@
-"""Checkpoints of the trained parts only: prompts, keys and heads in a safetensors file with the config as metadata.
+"""Checkpoints of the trained parts only: prompts, keys, input prompter and heads in a safetensors file with the config
+as metadata.
 
 ``save_prompts`` / ``load_prompts`` write and read one file; ``save_pretrained`` / ``from_pretrained`` an adapter
 folder: ``prompts.safetensors`` (the same file) and ``prompt_config.json`` (its record, readable: method, config,
@@ -21,6 +22,7 @@ from torch import nn
 
 from tcpa_kernels._patch import is_shard, original_class, unwrap
 from tcpa_kernels._validate import check_flag
+from tcpa_kernels.integrations.input_prompter import input_prompter_of
 from tcpa_kernels.integrations.models import model_family
 from tcpa_kernels.vit import TCPAConfig, VPTConfig, apply_tcpa, apply_vpt, find_model, remove_prompts, state_of
 
@@ -52,12 +54,14 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def prompt_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """What a prompts checkpoint holds, by the plain model's parameter names: every parameter ``apply_tcpa`` /
-    ``apply_vpt`` added (each block's ``tcpa`` module or ``vpt_prompts``) and the classification head(s), whatever
-    their ``requires_grad`` says now (a frozen layer's prompts are saved and loaded too)."""
+    ``apply_vpt`` added (each block's ``tcpa`` module or ``vpt_prompts``, the patch embedding's ``input_prompter``)
+    and the classification head(s), whatever their ``requires_grad`` says now (a frozen layer's prompts are saved and
+    loaded too)."""
     inner = find_model(model)
     state = state_of(inner)
     modules = [m for blk in state.blocks for m in (blk._modules.get("tcpa"),) if m is not None]
     modules += [getattr(inner, name) for name in state.original_heads]
+    modules += [m for m in (input_prompter_of(state.input_site),) if m is not None]
     owned = {id(p) for m in modules for p in m.parameters()}
     owned |= {id(blk._parameters["vpt_prompts"]) for blk in state.blocks if "vpt_prompts" in blk._parameters}
     return {name: p for name, p in inner.named_parameters() if id(p) in owned}

@@ -16,13 +16,18 @@ Usage:
 Defaults are the published TCPA recipe: AdamW, lr 0.004, weight decay 0.1, batch size 128, 100 epochs, 10 warm-up
 epochs then cosine decay (set every step), random prompt selection for the first 10 epochs (--random-epochs; the
 validation always selects top-k), matching-loss weight 0.01, pools of 18 + 18 entries, top-10, prompt dropout 0.1,
-mixup alpha 0.8. The published code also turns the prompts into Fourier prompts (VFPT+TCPA) with a dropout mask
-per sample: add --prompt-transform fourier --prompt-dropout-per-sample (the defaults are the library's: none, one
-mask a batch). The rest follows timm's train.py: label smoothing 0.1, cutmix off, and on ImageFolder data
-RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), flip 0.5, colour jitter 0.4, no AutoAugment, no random erasing
-(timm's create_transform). Fashion-MNIST (grey, replicated to 3 channels) gets only the flip, a batch at a time on
-tensors (data.py). Both are resized, centre-cropped and normalised with the model's pretrained data config (timm's
-resolve_data_config; --img-size overrides the input size). Full fine-tuning usually wants a lower --lr.
+mixup alpha 0.8. The published code also turns the prompts into Fourier prompts (VFPT+TCPA) with a dropout mask per
+sample: add --prompt-transform fourier --prompt-dropout-per-sample (the defaults are the library's: none, one mask a
+batch). --recipe DATASET takes the learning rate, weight decay and input prompter of that dataset's released script
+(sh/VFPT_TCPA_<dataset>.sh of the TCPA code release, arXiv 2505.02406; the table RECIPES in this module); --lr,
+--weight-decay and --input-prompter / --no-input-prompter given on the command line win over it, and the CLI prints
+which values came from the recipe. --input-prompter adds the published image-space prompter before the patch
+embedding (apply_tcpa(..., input_prompter=True); the released CUB script's). The rest follows timm's train.py: label
+smoothing 0.1, cutmix off, and on ImageFolder data RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), flip 0.5, colour
+jitter 0.4, no AutoAugment, no random erasing (timm's create_transform). Fashion-MNIST (grey, replicated to 3
+channels) gets only the flip, a batch at a time on tensors (data.py). Both are resized, centre-cropped and
+normalised with the model's pretrained data config (timm's resolve_data_config; --img-size overrides the input
+size). Full fine-tuning usually wants a lower --lr.
 
 Output (--out, default runs/finetune/<date-time>; an existing non-empty folder is refused unless resuming):
 ``last.safetensors`` after every epoch, ``best.safetensors`` (best validation accuracy), ``last_state.pt`` (what
@@ -81,6 +86,27 @@ LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last_state.pt"
 IMAGE_FOLDER_AUGMENTATION = {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "color_jitter": 0.4, "aa": None,
                              "reprob": 0.0}
 RESUME_FREE = ("data", "weights", "workers", "device", "compile", "quiet", "out", "resume")
+# Per-dataset presets of the released scripts sh/VFPT_TCPA_<dataset>.sh of the TCPA code release (arXiv 2505.02406):
+# learning rate, weight decay and the input prompter (the CUB script only). Every script also uses what this CLI's
+# defaults are: batch 128, mixup, 10 random-selection epochs, matching weight 0.01, pools of 18 + 18 entries, top-10,
+# prompt length 1.
+RECIPES = {
+    "birds": {"lr": 0.001, "weight_decay": 0.5, "input_prompter": False},
+    "cifar10": {"lr": 0.005, "weight_decay": 0.1, "input_prompter": False},
+    "cifar100": {"lr": 0.004, "weight_decay": 0.1, "input_prompter": False},
+    "cub": {"lr": 0.0015, "weight_decay": 0.5, "input_prompter": True},
+    "dogs": {"lr": 0.004, "weight_decay": 0.5, "input_prompter": False},
+    "dtd": {"lr": 0.01, "weight_decay": 0.1, "input_prompter": False},
+    "flower": {"lr": 0.014, "weight_decay": 1.4, "input_prompter": False},
+    "food": {"lr": 0.005, "weight_decay": 0.1, "input_prompter": False},
+    "gtsrb": {"lr": 0.001, "weight_decay": 0.1, "input_prompter": False},
+    "svhn": {"lr": 0.002, "weight_decay": 0.1, "input_prompter": False},
+}
+RECIPE_SOURCE = "sh/VFPT_TCPA_{}.sh of the TCPA code release, arXiv 2505.02406"
+# what --recipe sets, and its value without a recipe (the general published recipe)
+RECIPE_DEFAULTS = {"lr": 0.004, "weight_decay": 0.1, "input_prompter": False}
+# options added after this CLI first wrote checkpoints: what a record without them means (--resume, --eval-only)
+LATER_OPTIONS = {"recipe": None, "input_prompter": False}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,11 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fourier-fraction", type=float, default=1.0,
                    help="with --prompt-transform fourier: fraction of the prompts transformed, in (0, 1] (default: 1)")
     g.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"), help="TCPA kernel backend")
+    g.add_argument("--input-prompter", action=argparse.BooleanOptionalAction,
+                   help="tcpa/vpt: a trainable image-space prompter before the patch embedding, as the released CUB "
+                        "script (default: off, or the --recipe's)")
     g = p.add_argument_group("training recipe")
+    presets = ", ".join(f"{name} {r['lr']}/{r['weight_decay']}{' + input prompter' if r['input_prompter'] else ''}"
+                        for name, r in RECIPES.items())
+    g.add_argument("--recipe", choices=list(RECIPES), metavar="DATASET",
+                   help=f"tcpa/vpt: the learning rate / weight decay (and input prompter) of the dataset's released "
+                        f"script, {RECIPE_SOURCE.format('<dataset>')}: {presets}; --lr, --weight-decay and "
+                        "--[no-]input-prompter given win")
     g.add_argument("--epochs", type=int, default=100, help="(default: 100)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
-    g.add_argument("--lr", type=float, default=0.004, help="peak learning rate, AdamW (default: 0.004)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    g.add_argument("--lr", type=float, help="peak learning rate, AdamW (default: 0.004, or the --recipe's)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1, or the --recipe's)")
     g.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up, then cosine (default: 10)")
     g.add_argument("--random-epochs", type=int, default=10,
                    help="TCPA: epochs of random prompt selection first, < --epochs (default: 10)")
@@ -178,9 +213,12 @@ def resume_paths(resume: str) -> tuple[Path, Path]:
 def parse_args(argv) -> argparse.Namespace:
     """Parse and check every option (exit 2 naming the first bad one); --eval-only: the checkpoint's options."""
     args = build_parser().parse_args(argv)
+    from_recipe = resolve_recipe(args)
     check_options(args)
     if args.eval_only:
         return eval_args(args)
+    if args.recipe is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(recipe_line(args, from_recipe))
     if args.resume is not None:
         check_resume(args)
     elif args.out is None:
@@ -188,6 +226,28 @@ def parse_args(argv) -> argparse.Namespace:
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and args.resume is None:
         fail(f"--out: {args.out} exists and is not empty (continue a run with --resume {args.out})")
     return args
+
+
+def resolve_recipe(args) -> dict:
+    """Fill --lr, --weight-decay and --input-prompter: as given, else the --recipe's, else the default; returns the
+    values the recipe set."""
+    recipe = RECIPES.get(args.recipe, {})
+    from_recipe = {name: recipe[name] for name in recipe if getattr(args, name) is None}
+    for name, default in RECIPE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, from_recipe.get(name, default))
+    return from_recipe
+
+
+def recipe_line(args, from_recipe: dict) -> str:
+    """What --recipe set and what the command line kept, for the user."""
+    def shown(name, value):
+        return f"--{'' if value else 'no-'}input-prompter" if name == "input_prompter" else f"{option(name)} {value}"
+
+    line = f"{PROG}: from --recipe {args.recipe} ({RECIPE_SOURCE.format(args.recipe)}): " + (", ".join(
+        shown(name, value) for name, value in from_recipe.items()) or "nothing")
+    given = [shown(name, getattr(args, name)) for name in RECIPE_DEFAULTS if name not in from_recipe]
+    return line + (f"; as given: {', '.join(given)}" if given else "")
 
 
 def check_options(args) -> None:
@@ -247,6 +307,9 @@ def check_options(args) -> None:
         fail(f"--prompt-transform: applies to --method tcpa or vpt, got --method {args.method}")
     if args.fourier_fraction != 1.0 and args.prompt_transform != "fourier":
         fail(f"--fourier-fraction: applies with --prompt-transform fourier, got {args.fourier_fraction}")
+    if args.method not in PROMPT_METHODS and (args.recipe is not None or args.input_prompter):
+        name = "--recipe" if args.recipe is not None else "--input-prompter"
+        fail(f"{name}: applies to --method tcpa or vpt, got --method {args.method}")
     check_data(args)
     for name in ("weights", "checkpoint"):
         path = getattr(args, name)
@@ -312,7 +375,7 @@ def check_resume(args) -> None:
     for p in (path, state):
         if not p.is_file():
             fail(f"--resume: {p} not found (expected an output folder or a last.safetensors of this CLI)")
-    saved = read_meta(path, "--resume")["args"]
+    saved = LATER_OPTIONS | read_meta(path, "--resume")["args"]
     given = json.loads(json.dumps(vars(args)))
     differ = [f"{option(k)} {saved.get(k)!r} (given: {v!r})" for k, v in given.items()
               if k not in RESUME_FREE and saved.get(k) != v]
@@ -326,7 +389,7 @@ def check_resume(args) -> None:
 def eval_args(args) -> argparse.Namespace:
     """The options of --eval-only: the checkpoint's, with --data, --weights, --val-limit and the run options."""
     meta = read_meta(args.checkpoint, "--checkpoint")
-    saved = meta["args"]
+    saved = LATER_OPTIONS | meta["args"]
     needs_weights = saved["method"] != "full" and not saved["random_init"]
     if args.random_init:
         fail("--random-init: not with --eval-only (the checkpoint says how its backbone was made)")
@@ -388,11 +451,11 @@ def add_method(model: nn.Module, args, num_classes: int) -> nn.Module:
                       topk_img=args.topk, prompt_dropout=args.prompt_dropout,
                       prompt_dropout_per_sample=args.prompt_dropout_per_sample,
                       prompt_transform=args.prompt_transform, fourier_fraction=args.fourier_fraction,
-                      num_classes=num_classes, backend=args.backend)
+                      num_classes=num_classes, backend=args.backend, input_prompter=args.input_prompter)
     elif args.method == "vpt":
         tk.apply_vpt(model, num_prompts=args.num_prompts, deep=True, prompt_dropout=args.prompt_dropout,
                      prompt_transform=args.prompt_transform, fourier_fraction=args.fourier_fraction,
-                     num_classes=num_classes)
+                     num_classes=num_classes, input_prompter=args.input_prompter)
     else:
         model.requires_grad_(args.method == "full")
         model.reset_classifier(num_classes)

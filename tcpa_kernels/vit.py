@@ -11,7 +11,9 @@ Each block keeps its own modules and gets a ``tcpa`` submodule (a
 parameter, so every original ``state_dict`` key stays. Blocks, swapped attention modules and the model change
 class to generated subclasses of their own (``_patch.py``): a prompted model pickles, deep-copies and saves like
 any module. The backbone is frozen and kept in eval mode; the trainable parameters are the prompts, the keys and
-the classification head. ``remove_prompts(model)`` undoes everything.
+the classification head. With ``input_prompter=True`` the patch embedding gets an ``input_prompter`` submodule (the
+published image-space prompter, ``integrations/input_prompter.py``) that trains too, and a class that runs it on the
+image first. ``remove_prompts(model)`` undoes everything.
 
 A prompted model's state is its parameters and its config (``model.prompt_state``, a :class:`PromptState`; the
 selection mode of each ``TCPAPrompts``, ``set_selection``). What one forward computes (every layer's prompt K/V, the
@@ -37,6 +39,7 @@ from tcpa_kernels._forward import last_forward, loose_matching_loss
 from tcpa_kernels._patch import is_fully_sharded, original_class, prompted_class, register_mixin, unwrap
 from tcpa_kernels._validate import check_flag, check_int
 from tcpa_kernels.integrations.family import attach_sites, detach_sites, family_of, unsupported_attentions
+from tcpa_kernels.integrations.input_prompter import attach_input_prompter, detach_input_prompter, input_prompter_of
 from tcpa_kernels.integrations.models import SUPPORTED, ModelFamily, model_family, refusal
 from tcpa_kernels.integrations.prompt_tokens import check_prompt_options
 from tcpa_kernels.integrations.prompts import SELECTION_MODES, PoolConfig, TCPAPrompts, prompt_modules
@@ -51,11 +54,13 @@ class TCPAConfig(PoolConfig):
     the CPU with ``backend="triton"`` runs once moved to a GPU."""
 
     num_classes: int | None = None
+    input_prompter: bool = False
 
     def validate(self, model, models: ModelFamily):
         super().validate(models.num_prefix_tokens(model))
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 0)
+        _check_input_prompter(self.input_prompter, model, models)
 
 
 @dataclasses.dataclass
@@ -68,6 +73,7 @@ class VPTConfig:
     num_classes: int | None = None
     prompt_transform: str = "none"
     fourier_fraction: float = 1.0
+    input_prompter: bool = False
 
     def validate(self, model, models: ModelFamily):
         check_int("num_prompts", self.num_prompts, 1)
@@ -75,6 +81,14 @@ class VPTConfig:
         check_prompt_options(self.prompt_dropout, self.prompt_transform, self.fourier_fraction)
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 0)
+        _check_input_prompter(self.input_prompter, model, models)
+
+
+def _check_input_prompter(input_prompter, model, models: ModelFamily) -> None:
+    """``input_prompter`` is a bool, and True only for a model whose family has a patch embedding to run it before."""
+    if check_flag("input_prompter", input_prompter) and models.patch_embedding(model) is None:
+        raise ValueError(f"input_prompter: expected False for a {models.name} ({type(model).__name__}), which has no "
+                         "patch embedding to run the input prompter before, got True")
 
 
 @dataclasses.dataclass
@@ -96,6 +110,7 @@ class PromptState:
     original_num_classes: int = 0
     original_requires_grad: dict = dataclasses.field(default_factory=dict)
     projections: list = dataclasses.field(default_factory=list)  # TCPA: each block's prompt K/V projection, or None
+    input_site: nn.Module | None = None  # input_prompter=True: the patch embedding that holds the input prompter
     last: threading.local = dataclasses.field(default_factory=threading.local, repr=False, compare=False)
     token: object = dataclasses.field(default_factory=object, repr=False, compare=False)  # what its forwards name
     disabled: bool = dataclasses.field(default=False, repr=False, compare=False)  # inside disable_prompts
@@ -120,7 +135,8 @@ class _LayerRef:
 
 @register_mixin
 class PromptedMixin:
-    """``model.train(mode)``: the frozen backbone stays in eval (no dropout / drop path); prompt dropout follows."""
+    """``model.train(mode)``: the frozen backbone stays in eval (no dropout / drop path); prompt dropout and the input
+    prompter's mode follow."""
 
     def train(self, mode: bool = True):
         check_flag("mode", mode)
@@ -129,6 +145,9 @@ class PromptedMixin:
         self.prompt_state.training = mode
         for prompts in prompt_modules(self):
             prompts.training = mode
+        prompter = input_prompter_of(self.prompt_state.input_site)
+        if prompter is not None:  # no dropout or norm in it: only its flags follow the mode
+            prompter.train(mode)
         return self
 
 
@@ -271,6 +290,7 @@ def _attach(model, models, method, config, make_additions, block_mixin=None):
                  for i, blk in enumerate(blocks)]
     family = family_of(blocks[0])
     training = model.training
+    state.input_site = models.patch_embedding(model) if config.input_prompter else None
     try:
         model.requires_grad_(False)
         for i, (blk, added) in enumerate(zip(blocks, additions)):
@@ -290,6 +310,8 @@ def _attach(model, models, method, config, make_additions, block_mixin=None):
             models.reset_head(model, config.num_classes)
         for name in state.original_heads:
             getattr(model, name).to(device=ref.device, dtype=ref.dtype).requires_grad_(True)
+        if state.input_site is not None:  # last: the prompts and the head are those of a model without it
+            attach_input_prompter(state.input_site, ref)
         model.prompt_state = state
         model.__class__ = prompted_class(PromptedMixin, type(model))
         model.train(training)
@@ -313,6 +335,8 @@ def _original_heads(model, state) -> dict[str, nn.Module]:
 def _detach(model, models, state, training):
     """Undo _attach, also a partial one: classes, added modules and parameters, heads, requires_grad flags, train
     mode."""
+    if state.input_site is not None:
+        detach_input_prompter(state.input_site)
     for blk in state.blocks:
         detach_sites(blk)
         blk._modules.pop("tcpa", None)
@@ -338,7 +362,7 @@ def apply_tcpa(model: nn.Module, *, pool_size_cls: int = 18, pool_size_img: int 
                topk_img: int = 10, prompt_len_cls: int = 1, prompt_len_img: int = 1, prompt_dropout: float = 0.1,
                renormalize: bool = False, num_classes: int | None = None, backend: str = "auto",
                prompt_dropout_per_sample: bool = False, prompt_transform: str = "none",
-               fourier_fraction: float = 1.0) -> nn.Module: ...
+               fourier_fraction: float = 1.0, input_prompter: bool = False) -> nn.Module: ...
 
 
 def apply_tcpa(model: nn.Module, config: TCPAConfig | None = None, **options: Any) -> nn.Module:
@@ -361,6 +385,10 @@ def apply_tcpa(model: nn.Module, config: TCPAConfig | None = None, **options: An
             layer's prompt tokens (CLS pool then image pool), after dropout, become ``fft2(prompts).real``.
         fourier_fraction: in (0, 1], VFPT's "Fourier percentage": only the first floor(fraction * P) prompt tokens
             are transformed (among themselves), the others pass unchanged.
+        input_prompter: add the published recipe's trainable image-space prompter
+            (:class:`~tcpa_kernels.integrations.input_prompter.InputPrompter`: x + conv(prelu(conv(x))), 3 -> 9 -> 3
+            channels, 11 x 11 kernels) to the image before the patch embedding; it becomes the patch embedding's
+            ``input_prompter`` submodule, trains and is saved with the prompts (the released CUB configuration).
 
     Each block gets a ``tcpa`` module (:class:`TCPAPrompts`) with keys ``keys_cls [Pc, C]``, ``keys_img [Pi, C]``
     and prompts ``prompts_cls [Pc, Lc, C]``, ``prompts_img [Pi, Li, C]``, initialised uniform(-1, 1) as
@@ -393,7 +421,7 @@ def apply_vpt(model: nn.Module, config: VPTConfig) -> nn.Module: ...
 @overload
 def apply_vpt(model: nn.Module, *, num_prompts: int, deep: bool = True, prompt_dropout: float = 0.1,
               num_classes: int | None = None, prompt_transform: str = "none",
-              fourier_fraction: float = 1.0) -> nn.Module: ...
+              fourier_fraction: float = 1.0, input_prompter: bool = False) -> nn.Module: ...
 
 
 def apply_vpt(model: nn.Module, config: VPTConfig | None = None, **options: Any) -> nn.Module:
@@ -407,6 +435,7 @@ def apply_vpt(model: nn.Module, config: VPTConfig | None = None, **options: Any)
     VPT. ``prompt_transform="fourier"`` makes it VFPT (Visual Fourier Prompt Tuning): each block's prompts, after
     dropout, become ``fft2(prompts).real``, only the first floor(fourier_fraction * P) of them when the fraction is
     below 1 (VFPT's "Fourier percentage"). ``num_classes``: a new head of this many classes (None: keep the head).
+    ``input_prompter``: the image-space prompter before the patch embedding, as for :func:`apply_tcpa`.
     """
     if config is None and "num_prompts" not in options:
         raise TypeError("num_prompts: expected the number of prompt tokens (or config=VPTConfig(...)), got none")
@@ -425,12 +454,15 @@ def apply_vpt(model: nn.Module, config: VPTConfig | None = None, **options: Any)
 
 
 def _check_classes(model, state) -> None:
-    """The model and its blocks still have the classes the prompts gave them (what undoing them relies on)."""
-    for i, blk in enumerate([model, *state.blocks]):
-        if type(blk).__dict__.get("_prompted_base") is None:
-            where = "model" if i == 0 else f"model.blocks[{i - 1}]"
+    """The model, its blocks and its patch embedding (input prompter) still have the classes the prompts gave them
+    (what undoing them relies on)."""
+    patched = [("model", model), *((f"model.blocks[{i}]", blk) for i, blk in enumerate(state.blocks))]
+    if state.input_site is not None:
+        patched.append(("the model's patch embedding", state.input_site))
+    for where, module in patched:
+        if type(module).__dict__.get("_prompted_base") is None:
             raise ValueError(f"{where}: its class was changed after the prompts were added (now "
-                             f"{type(blk).__name__}, e.g. by fully_shard); remove the prompts before that")
+                             f"{type(module).__name__}, e.g. by fully_shard); remove the prompts before that")
 
 
 def remove_prompts(model: nn.Module) -> nn.Module:
@@ -452,9 +484,10 @@ def disable_prompts(model: nn.Module) -> Iterator[nn.Module]:
     own forwards and its original classification heads, giving what ``remove_prompts(model)`` would make it give
     (bit for bit); on exit, also when the body raises, the prompts are back. Yields ``model``.
 
-    Nothing is copied or removed: the prompted blocks, attention modules and norms get their original classes for
-    the while, as ``remove_prompts`` gives them, and the original heads (a ``num_classes`` model) take the new
-    heads' places; outside the context this costs nothing. Meanwhile:
+    Nothing is copied or removed: the prompted blocks, attention modules and norms (and the patch embedding of an
+    ``input_prompter`` model) get their original classes for the while, as ``remove_prompts`` gives them, and the
+    original heads (a ``num_classes`` model) take the new heads' places; outside the context this costs nothing.
+    Meanwhile:
 
     - the model runs without prompts in every thread; do not copy, save, move or re-wrap it;
     - ``trainable_parameters``, ``count_parameters``, ``save_prompts``, ``remove_prompts`` refuse it (its heads are
@@ -472,7 +505,10 @@ def disable_prompts(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         return
     _check_classes(inner, state)
-    swapped = [(m, type(m)) for blk in state.blocks for m in blk.modules() if "_prompted_base" in type(m).__dict__]
+    patched = [m for blk in state.blocks for m in blk.modules()]
+    if state.input_site is not None:
+        patched.append(state.input_site)
+    swapped = [(m, type(m)) for m in patched if "_prompted_base" in type(m).__dict__]
     heads = {name: getattr(inner, name) for name in state.original_heads}
     state.disabled = True
     try:
@@ -522,12 +558,12 @@ def get_matching_loss(model: nn.Module) -> torch.Tensor:
         state = inner.prompt_state
         record = last_forward(state)
         loss = None if record is None else record.matching_loss()
-        like = next(state.blocks[0].parameters())
-    else:
-        modules = _prompt_modules(model)
-        loss = loose_matching_loss(modules)
-        like = modules[0].keys_cls
-    return like.new_zeros((), dtype=torch.float32) if loss is None else loss
+        if loss is None:  # the zero on the model's device (no parameter walk on the common path)
+            loss = next(state.blocks[0].parameters()).new_zeros((), dtype=torch.float32)
+        return loss
+    modules = _prompt_modules(model)
+    loss = loose_matching_loss(modules)
+    return modules[0].keys_cls.new_zeros((), dtype=torch.float32) if loss is None else loss
 
 
 def set_selection(model: nn.Module, mode: str) -> nn.Module:
@@ -542,8 +578,8 @@ def set_selection(model: nn.Module, mode: str) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters that train: prompts, keys and the classification head(s) of the prompted model ``model`` is or
-    holds (``find_model``)."""
+    """Parameters that train: prompts, keys, the input prompter (``input_prompter=True``) and the classification
+    head(s) of the prompted model ``model`` is or holds (``find_model``)."""
     inner = find_model(model)
     state_of(inner)
     return [p for p in inner.parameters() if p.requires_grad]

@@ -359,3 +359,75 @@ def test_bad_eval_only_arguments_exit_2(tmp_path, folder, weights, capsys):
         with pytest.raises(SystemExit) as info:
             evaluate(out / "last.safetensors", "--data", folder, *argv)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ --recipe and --input-prompter
+
+
+def test_recipe_sets_the_released_scripts_values_and_given_options_win(folder, capsys):
+    base = ["--data", str(folder), "--random-init"]
+    args = finetune.parse_args([*base, "--recipe", "cub"])
+    assert (args.lr, args.weight_decay, args.input_prompter) == (0.0015, 0.5, True)
+    assert capsys.readouterr().out == ("tcpa-finetune: from --recipe cub (sh/VFPT_TCPA_cub.sh of the TCPA code "
+                                       "release, arXiv 2505.02406): --lr 0.0015, --weight-decay 0.5, "
+                                       "--input-prompter\n")
+    args = finetune.parse_args([*base, "--recipe", "cub", "--lr", "0.01", "--no-input-prompter"])
+    assert (args.lr, args.weight_decay, args.input_prompter) == (0.01, 0.5, False)
+    assert capsys.readouterr().out.endswith(": --weight-decay 0.5; as given: --lr 0.01, --no-input-prompter\n")
+    for name, recipe in finetune.RECIPES.items():
+        args = finetune.parse_args([*base, "--recipe", name, "--method", "vpt"])
+        assert {key: getattr(args, key) for key in recipe} == recipe
+    assert [name for name, recipe in finetune.RECIPES.items() if recipe["input_prompter"]] == ["cub"]
+    assert finetune.RECIPES["flower"] == {"lr": 0.014, "weight_decay": 1.4, "input_prompter": False}
+    args = finetune.parse_args([*base, "--input-prompter"])  # without a recipe: the defaults, and the flag as given
+    assert (args.lr, args.weight_decay, args.input_prompter, args.recipe) == (0.004, 0.1, True, None)
+    assert "sh/VFPT_TCPA_<dataset>.sh" in finetune.build_parser().format_help()
+
+
+def test_recipe_cub_trains_the_input_prompter_and_its_checkpoints_carry_it(tmp_path, folder, weights, capsys):
+    out = tmp_path / "run"
+    args = ["--data", folder, "--weights", weights, "--quiet", *TINY, *QUICK, "--epochs", 1, "--random-epochs", 0,
+            "--recipe", "cub", "--lr", 0.01]
+    assert run(*args, "--out", out) == 0
+    saved = meta(out / "last.safetensors")["args"]
+    assert (saved["recipe"], saved["lr"], saved["weight_decay"], saved["input_prompter"]) == ("cub", 0.01, 0.5, True)
+    record, tensors = checkpoint.read_trainable(out / "last.safetensors", checkpoint.METADATA_KEY)
+    assert record["config"]["input_prompter"] and "patch_embed.input_prompter.conv1.weight" in tensors
+    fresh = tk.load_prompts(timm.create_model("vit_tiny_patch16_224", img_size=16, **MODEL_KWARGS),
+                            out / "last.safetensors")  # a plain timm model gets the prompter with the prompts
+    assert type(fresh.patch_embed).__name__ == "InputPromptedPatchEmbed"
+    name = "patch_embed.input_prompter.conv1.weight"
+    assert torch.equal(fresh.get_parameter(name), tensors[name])
+    assert log(out)["trainable_parameters"] == tk.count_parameters(fresh)[0]  # the optimizer had the prompter
+    assert evaluate(out / "last.safetensors", "--data", folder, "--weights", weights)["val_acc"] == log(out)["val_acc"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # resuming with the prompter off is refused, naming the option
+        finetune.parse_args([str(a) for a in args] + ["--no-input-prompter", "--resume", str(out)])
+    assert info.value.code == 2 and "--input-prompter True (given: False)" in capsys.readouterr().err
+    assert finetune.parse_args([str(a) for a in args] + ["--resume", str(out)]).out == str(out)
+
+
+def test_runs_recorded_before_recipe_and_input_prompter_resume(tmp_path, folder):
+    """A checkpoint whose record predates --recipe / --input-prompter resumes as a run without them."""
+    old = tmp_path / "old"
+    argv = ["--data", str(folder), "--random-init"]
+    record = json.loads(json.dumps(vars(finetune.parse_args([*argv, "--out", str(old)]))))
+    del record["recipe"], record["input_prompter"]
+    old.mkdir()
+    safetensors.torch.save_file({"x": torch.zeros(1)}, old / finetune.LAST,
+                                metadata={finetune.CLI_KEY: json.dumps({"args": record})})
+    (old / finetune.STATE).write_bytes(b"")
+    args = finetune.parse_args([*argv, "--resume", str(old)])
+    assert args.out == str(old) and (args.recipe, args.input_prompter) == (None, False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "linear", "--recipe", "cub"], "--recipe: applies to --method tcpa or vpt, got --method linear"),
+    (["--method", "full", "--input-prompter"], "--input-prompter: applies to --method tcpa or vpt, got --method full"),
+    (["--recipe", "imagenet"], "--recipe: invalid choice: 'imagenet'"),
+    (["--recipe", "cub", "--lr", "0"], "--lr: expected a finite number in (0.0, inf), got 0.0"),
+])
+def test_bad_recipe_arguments_exit_2(folder, weights, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        finetune.main(["--data", str(folder), "--weights", str(weights), *TINY, *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -187,12 +187,13 @@ def _sites(attention: str, norm: str) -> Callable[[nn.Module], list[tuple[nn.Mod
 
 
 def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Callable[[object], int] = lambda c: 1,
-                    head_width: int = 0) -> ModelFamily:
+                    head_width: int = 0, patches: str = "embeddings.patch_embeddings") -> ModelFamily:
     """A transformers model whose layers are at ``backbone.layers`` (dotted attribute paths; ``backbone`` is the
     vision model holding the config, "" for the model itself).
 
     ``prefix(config)``: tokens before the patches. ``head_width``: 0 for a model without a classification head,
-    else the ``classifier``'s input width in multiples of ``hidden_size``.
+    else the ``classifier``'s input width in multiples of ``hidden_size``. ``patches``: the patch embedding (the
+    module that takes ``pixel_values``) under ``backbone``.
     """
 
     def config(model):
@@ -221,7 +222,8 @@ def hf_model_family(name: str, layers: str, *, backbone: str = "", prefix: Calla
     return ModelFamily(name, blocks=lambda m: m.get_submodule(backbone).get_submodule(layers),
                        num_prefix_tokens=lambda m: prefix(config(m)), embed_dim=lambda m: config(m).hidden_size,
                        patch_area=patch_area, heads=("classifier",) if head_width else (), num_classes=num_classes,
-                       reset_head=reset_head, set_num_classes=set_num_classes, prepare=prepare_class)
+                       reset_head=reset_head, set_num_classes=set_num_classes, prepare=prepare_class,
+                       patch_embedding=lambda m: m.get_submodule(backbone).get_submodule(patches))
 
 
 def own_config(model: nn.Module) -> None:
@@ -302,17 +304,19 @@ register_hf_model(Dinov2WithRegistersModel, hf_model_family("transformers Dinov2
 register_hf_model(Dinov2WithRegistersForImageClassification, hf_model_family(
     "transformers Dinov2WithRegistersForImageClassification", "encoder.layer", backbone="dinov2_with_registers",
     prefix=_registers, head_width=2))
-register_hf_model(CLIPVisionModel, hf_model_family("transformers CLIPVisionModel", "encoder.layers"))
+_CONV = "embeddings.patch_embedding"  # CLIP and SigLIP: the patch embedding is the Conv2d itself
+register_hf_model(CLIPVisionModel, hf_model_family("transformers CLIPVisionModel", "encoder.layers", patches=_CONV))
 register_hf_model(CLIPVisionModelWithProjection, hf_model_family("transformers CLIPVisionModelWithProjection",
-                                                                 "encoder.layers", backbone="vision_model"))
+                                                                 "encoder.layers", backbone="vision_model",
+                                                                 patches=_CONV))
 register_hf_model(CLIPForImageClassification, hf_model_family("transformers CLIPForImageClassification",
                                                               "encoder.layers", backbone="vision_model",
-                                                              head_width=1))
+                                                              head_width=1, patches=_CONV))
 register_hf_model(SiglipVisionModel, hf_model_family("transformers SiglipVisionModel", "encoder.layers",
-                                                     prefix=lambda c: 0))
+                                                     prefix=lambda c: 0, patches=_CONV))
 register_hf_model(SiglipForImageClassification, hf_model_family("transformers SiglipForImageClassification",
                                                                 "encoder.layers", backbone="vision_model",
-                                                                prefix=lambda c: 0, head_width=1))
+                                                                prefix=lambda c: 0, head_width=1, patches=_CONV))
 
 for attention_class in (ViTAttention, Dinov2Attention, Dinov2WithRegistersAttention):
     ATTENTION_MIXINS[attention_class] = TCPAHFAttentionMixin

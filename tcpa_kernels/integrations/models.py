@@ -35,7 +35,10 @@ class ModelFamily:
     - ``num_classes(model)`` / ``reset_head(model, n)``: read / replace the classes of the head(s) (``reset_head``
       also restores ``num_classes`` when ``remove_prompts`` puts the original heads back, with ``n`` = the old count);
     - ``prepare(model_class)``: readies the prompted class of ``model_class`` (the registered class or a subclass of
-      it) to behave as the registered class's does; ``model_family`` calls it for the model's class (no-op default).
+      it) to behave as the registered class's does; ``model_family`` calls it for the model's class (no-op default);
+    - ``patch_embedding(model)``: the module that takes the image first (its first argument, ``[B, C, H, W]``), which
+      the input prompter runs before (``apply_tcpa(..., input_prompter=True)``); None (the default) for a family
+      without one.
     """
 
     name: str
@@ -48,6 +51,7 @@ class ModelFamily:
     reset_head: Callable[[nn.Module, int], None]
     set_num_classes: Callable[[nn.Module, int], None]
     prepare: Callable[[type], None] = lambda model_class: None
+    patch_embedding: Callable[[nn.Module], nn.Module | None] = lambda model: None
 
 
 MODEL_FAMILIES: dict[type, ModelFamily] = {}

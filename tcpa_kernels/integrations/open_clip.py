@@ -172,7 +172,8 @@ OPEN_CLIP_MODELS = ModelFamily(
     num_prefix_tokens=_delegate(lambda tower: 1, "num_prefix_tokens"),  # the class token
     embed_dim=_delegate(lambda tower: tower.transformer.width, "embed_dim"),
     patch_area=_delegate(lambda tower: math.prod(tower.patch_size), "patch_area"),
-    heads=(), num_classes=lambda model: 0, reset_head=_reject_num_classes, set_num_classes=lambda model, n: None)
+    heads=(), num_classes=lambda model: 0, reset_head=_reject_num_classes, set_num_classes=lambda model, n: None,
+    patch_embedding=_delegate(lambda tower: tower.conv1, "patch_embedding"))
 
 for model_class in (*CLIP_MODELS, VisionTransformer, TimmModel):
     register_model(model_class, OPEN_CLIP_MODELS)

@@ -206,7 +206,7 @@ def _parallel_scaling_kv(blk) -> KVProjection:
 
 def timm_model_family(name: str) -> ModelFamily:
     """A timm model (``VisionTransformer``, ``Eva``): ``blocks``, ``num_prefix_tokens``, ``embed_dim``, ``head`` (and
-    DeiT's ``head_dist``), ``reset_classifier``."""
+    DeiT's ``head_dist``), ``reset_classifier``, ``patch_embed``."""
 
     def set_num_classes(model, n):
         model.num_classes = n
@@ -214,7 +214,8 @@ def timm_model_family(name: str) -> ModelFamily:
     return ModelFamily(name, blocks=lambda m: m.blocks, num_prefix_tokens=lambda m: m.num_prefix_tokens,
                        embed_dim=lambda m: m.embed_dim, patch_area=lambda m: math.prod(m.patch_embed.patch_size),
                        heads=("head", "head_dist"), num_classes=lambda m: m.num_classes,
-                       reset_head=lambda m, n: m.reset_classifier(n), set_num_classes=set_num_classes)
+                       reset_head=lambda m, n: m.reset_classifier(n), set_num_classes=set_num_classes,
+                       patch_embedding=lambda m: m.patch_embed)
 
 
 register_model(VisionTransformer, timm_model_family("timm VisionTransformer"))
