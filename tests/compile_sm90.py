@@ -38,7 +38,9 @@ def main(variants):
     rejected = []
     for dtype, prompt_dtype, mask_mode, renormalize, head_dim, aligned in variants:
         grouped = config_key(head_dim, DTYPES[dtype]) in GROUPED_BACKWARD
-        for kernel, extra in LAUNCHES + [GROUPED_LAUNCH] * grouped:
+        unsplit = (config_key(head_dim, DTYPES[dtype])[1], mask_mode) in kernels.UNSPLIT_BACKWARD
+        launches = [launch for launch in LAUNCHES if not (unsplit and launch[1].get("SPLIT"))]
+        for kernel, extra in launches + [GROUPED_LAUNCH] * grouped:
             cfg = dict(kernels.launch_config(kernel, 1024, 64, head_dim, DTYPES[dtype], MASK_MODE=mask_mode,
                                              RENORMALIZE=renormalize, **extra))
             num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")

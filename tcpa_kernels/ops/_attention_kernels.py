@@ -489,6 +489,8 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
     entry = _table_entry("bwd", D, dtype)
     group = cdiv(B, prompt_groups) if prompt_groups else 1  # shared prompts' partials: one per group of entries
     splits = key_splits(B * H, cdiv(N + P, _launch_config(*entry, N, P, D, ())["BLOCK_N"]), sms)
+    if (config_key(D, dtype)[1], mask_mode) in UNSPLIT_BACKWARD:
+        splits = 1
     meta = _launch_config(*entry, N, P, D, (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize),
                                             ("ATOMIC", atomic), ("SPLIT", splits > 1), ("GROUPED", group > 1)))
     if packed:
@@ -503,6 +505,11 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
     accumulators = (B * H * tiles if splits > 1 else programs) * N * D if tiles > 1 else 0  # dq's fp32 accumulators
     scratch = cdiv(programs * N, 16) * 16 + accumulators
     return (programs,), scalars, meta, scratch, B * H if splits > 1 else 0
+
+
+# (padded head dim, mask mode) whose split backward spills registers on sm_90 (the full compile matrix: the explicit
+# bool mask at head dims 65-128): those keep one program per (batch, head)
+UNSPLIT_BACKWARD = {(128, 0)}
 
 
 def key_splits(heads, tiles, sms):
