@@ -1,10 +1,12 @@
 """Measurement harness shared by ``benchmarks/`` and the profiling CLI (``python -m tcpa_kernels.profile``).
 
-Time: on CUDA ``triton.testing.do_bench`` (median ms, CUDA-synchronised); on CPU the median of
-``time.perf_counter`` over repetitions. Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated``
-above what was allocated before the call; on CPU, where PyTorch keeps no allocator statistics, the bytes of
-tensors saved for backward that the call allocated (the activation memory a training step holds; parameters
-and inputs it saves are left out as on CUDA), reported as such.
+Time: ``time_ms`` on CUDA ``triton.testing.do_bench`` (median ms, CUDA-synchronised); on CPU the median of
+``time.perf_counter`` over repetitions. Model comparisons (``measure_models``) time their methods in interleaved
+rounds, one synchronised call of every method per round in rotating order, so that a burst of load on the machine
+falls on all methods rather than on one, and report each figure's median with its spread (``summarize``).
+Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on CPU,
+where PyTorch keeps no allocator statistics, the bytes of tensors saved for backward that the call allocated (the
+activation memory a training step holds; parameters and inputs it saves are left out as on CUDA), reported as such.
 
 Op FLOPs (the formula ``tflops`` uses): forward 4*B*H*N*(N+P)*D (QK^T and PV), backward 2.5x forward
 (five matmuls instead of two, the FlashAttention convention), forward+backward 3.5x forward.
@@ -18,6 +20,7 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -82,12 +85,51 @@ def time_ms(fn, device, reps=10, warmup=2):
                                              rep=max(100.0, 1.5 * reps * once_ms), return_mode="median"))
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    return statistics.median([time_once(fn, device) for _ in range(reps)])
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one fn() call in ms (on CUDA synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def interleaved_samples(steps: Mapping[str, Callable[[], object]], device: torch.device, reps: int,
+                        timer: Callable[[Callable[[], object], torch.device], float] = time_once
+                        ) -> dict[str, list[float]]:
+    """``reps`` rounds; round r times every step once, starting at the (r mod n)-th of the n steps and wrapping
+    around. Returns each step's times in round order: index r of every list is round r (paired samples)."""
+    names = list(steps)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps if names else 0):
+        start = r % len(names)
+        for name in names[start:] + names[:start]:
+            samples[name].append(timer(steps[name], device))
+    return samples
+
+
+SPREAD_LIMIT = 0.10  # a figure whose IQR exceeds this fraction of its median is flagged as noisy
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    """Median, min, max, quartiles (inclusive method: the 2nd and 4th of 5 sorted samples) and the spread as
+    fractions of the median: ``iqr_rel`` = (q3 - q1) / median (compared with SPREAD_LIMIT: one outlying sample,
+    which the median ignores, moves it little) and ``range_rel`` = (max - min) / median; the samples themselves."""
+    median = statistics.median(samples)
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [median] * 3
+    return {"median": median, "min": min(samples), "max": max(samples), "q1": q1, "q3": q3,
+            "iqr_rel": ratio(q3 - q1, median), "range_rel": ratio(max(samples) - min(samples), median),
+            "samples": list(samples)}
+
+
+def noisy(figure: dict) -> bool:
+    """Whether a ``summarize`` result spreads over SPREAD_LIMIT (IQR / median)."""
+    return not figure["iqr_rel"] <= SPREAD_LIMIT
 
 
 def peak_memory_mb(fn, device):
@@ -188,13 +230,14 @@ def _autocast(device, dtype):
 
 def train_step(model, images, labels, dtype):
     """One training step closure in train mode (prompt dropout on; a prompted backbone stays in eval): forward
-    (+ matching loss for TCPA), backward, AdamW step."""
-    model.train()
+    (+ matching loss for TCPA), backward, AdamW step. The closure sets the mode itself, so that it can alternate
+    with an ``inference_step`` of the same model."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     prompted = hasattr(model, "prompt_state")
 
     def step():
+        model.train()
         with _autocast(images.device, dtype):
             loss = torch.nn.functional.cross_entropy(model(images), labels)
             if prompted:
@@ -207,30 +250,53 @@ def train_step(model, images, labels, dtype):
 
 
 def inference_step(model, images, dtype):
-    """One inference closure in eval mode, without autograd."""
-    model.eval()
+    """One inference closure in eval mode (set by the closure), without autograd."""
 
     def step():
+        model.eval()
         with torch.no_grad(), _autocast(images.device, dtype):
             model(images)
 
     return step
 
 
-def measure_model(method, *, model_name, img_size, batch_size, pool_size, topk, dtype, device, reps=5):
-    """Train-step and inference time (ms) and training memory of one prompted model."""
-    model = build_model(method, model_name=model_name, img_size=img_size, pool_size=pool_size, topk=topk,
-                        device=device)
+def measure_models(methods: Sequence[str], *, model_name: str, img_size: int, batch_size: int, pool_size: int,
+                   topk: int, dtype: torch.dtype, device: torch.device, reps: int = 5) -> dict[str, dict]:
+    """Train-step and inference time (ms) and training memory of prompted models on the same inputs.
+
+    Every model is built and warmed up (optimizer state, one memory-measuring step, one inference) before any is
+    timed; then ``interleaved_samples`` times the train steps, and the inference calls, in ``reps`` rounds. Per
+    method: ``train_ms`` and ``inference_ms`` as ``summarize`` gives them, ``train_memory_mb`` (one figure: it
+    does not vary between steps); a method that runs out of memory gets None figures and ``error``."""
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
     labels = torch.randint(0, 100, (batch_size,), device=device)
-    step = train_step(model, images, labels, dtype)
-    step()  # allocate optimizer state before measuring
-    result = {"train_ms": time_ms(step, device, reps), "train_memory_mb": peak_memory_mb(step, device),
-              "inference_ms": time_ms(inference_step(model, images, dtype), device, reps)}
-    del model, step
+    results = {method: {"train_ms": None, "train_memory_mb": None, "inference_ms": None} for method in methods}
+    train, infer = {}, {}
+    for method in methods:
+        try:
+            model = build_model(method, model_name=model_name, img_size=img_size, pool_size=pool_size, topk=topk,
+                                device=device)
+            train[method] = train_step(model, images, labels, dtype)
+            infer[method] = inference_step(model, images, dtype)
+            train[method]()  # allocates the optimizer state
+            results[method]["train_memory_mb"] = peak_memory_mb(train[method], device)
+            infer[method]()
+        except torch.OutOfMemoryError:
+            train.pop(method, None), infer.pop(method, None)
+            results[method] |= {"train_memory_mb": None, "error": "out of memory"}
+            torch.cuda.empty_cache()
+    for key, steps in (("train_ms", train), ("inference_ms", infer)):
+        for method, samples in interleaved_samples(steps, device, reps).items():
+            results[method][key] = summarize(samples)
+    model = train = infer = None  # the models go before the cache is emptied
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return results
+
+
+def measure_model(method: str, **setting) -> dict:
+    """``measure_models`` of one method alone (no interleaving)."""
+    return measure_models([method], **setting)[method]
 
 
 # ------------------------------------------------------------------------------------------------ op

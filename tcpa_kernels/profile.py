@@ -1,12 +1,22 @@
-"""Profiling CLI: train-step time and memory of TCPA (fused) against the no-prompt model, VPT-deep and the
-published dense-mask TCPA, side by side, plus a scaling sweep; prints a table, writes JSON and a PNG.
+"""Profiling CLI: train-step time, inference time and training memory of TCPA (fused) against the no-prompt
+model, VPT-deep and the published dense-mask TCPA, side by side, plus a scaling sweep; prints a table, writes JSON
+and a PNG.
 
     python -m tcpa_kernels.profile                # default small setting (a minute on CPU)
     python -m tcpa_kernels.profile --model vit_base_patch16_224 --img-size 224 --batch-size 128 --dtype bf16
     tcpa-profile --help
 
-Defaults depend on the device: CPU runs vit_tiny at 64 px, batch 8 (a smoke setting: the CPU path is the
-PyTorch backend, not the kernels); CUDA runs ViT-B/16 at 224 px, batch 128, bf16 autocast (TCPA_SPEC.md §6).
+Defaults depend on the device: CPU runs vit_tiny at 64 px, batch 8, on one thread (a smoke setting: the CPU path
+is the PyTorch backend, not the kernels; one thread, because torch's threads stall one another on a busy machine);
+CUDA runs ViT-B/16 at 224 px, batch 128, bf16 autocast (TCPA_SPEC.md §6).
+
+Every time is the median of --reps rounds (default 5 on CPU, 10 on CUDA); round r times every method once, in an
+order rotated by r, so that a burst of load on the machine lands on all methods, not on one. The table and the JSON
+give each median with its spread: min-max and the interquartile range (IQR). A figure whose IQR is over 10 % of its
+median is named in a warning (the IQR rather than max-min, because one stray sample, which the median ignores,
+should not flag a figure); the PNG's error bars are min-max. Ratios are fused TCPA's figure / the other method's,
+as TCPA_SPEC.md §6 states its targets: below 1, fused TCPA is faster (smaller). A time ratio is the median over
+the rounds of that round's ratio, with its spread.
 """
 
 import argparse
@@ -20,13 +30,14 @@ from pathlib import Path
 import torch
 
 from tcpa_kernels import bench
+from tcpa_kernels._backend import resolve_backend
 from tcpa_kernels._validate import MAX_POOL_ENTRIES
 
 OUTPUTS = ("profile.json", "profile.png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_DEFAULTS = dict(model="vit_tiny_patch16_224", img_size=64, batch_size=8, dtype="fp32", reps=3,
+CPU_DEFAULTS = dict(model="vit_tiny_patch16_224", img_size=64, batch_size=8, dtype="fp32", reps=5, threads=1,
                     sweep_batch=[2, 4, 8], sweep_pool=[4, 9, 18], sweep_img=[32, 64])
-CUDA_DEFAULTS = dict(model="vit_base_patch16_224", img_size=224, batch_size=128, dtype="bf16", reps=10,
+CUDA_DEFAULTS = dict(model="vit_base_patch16_224", img_size=224, batch_size=128, dtype="bf16", reps=10, threads=0,
                      sweep_batch=[32, 64, 128, 256], sweep_pool=[9, 18, 32], sweep_img=[224, 384])
 
 
@@ -42,7 +53,11 @@ def parse_args(argv):
                         help="entries per TCPA pool; VPT-deep gets 2x this many prompts (default 18)")
     parser.add_argument("--topk", type=int, default=10, help="entries each token selects (default 10)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (fp32: no autocast)")
-    parser.add_argument("--reps", type=int, help="timed repetitions per measurement")
+    parser.add_argument("--reps", type=int, help="timed rounds: every method once per round, in rotating order; a "
+                                                 "figure is their median (default 5 on CPU, 10 on CUDA)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of torch while measuring; 0: torch's default (default 1 on CPU: on a shared "
+                             "machine torch's threads stall one another, and a step varies 40x; 0 on CUDA)")
     parser.add_argument("--methods", nargs="+", choices=bench.MODEL_METHODS,
                         help="default: all that the model can run (tcpa_dense, the published dense-mask "
                              "implementation, exists for timm's pre-norm Block only)")
@@ -90,7 +105,7 @@ def check_args(args, error):
             if any(method.startswith("tcpa") for method in args.methods) else positive)
     image = (lambda v: v >= 1 and v % patch == 0, f"a positive multiple of {args.model}'s patch size ({patch} px)")
     rules = dict(batch_size=positive, sweep_batch=positive, reps=positive, topk=positive, pool_size=pool,
-                 sweep_pool=pool, img_size=image, sweep_img=image)
+                 sweep_pool=pool, img_size=image, sweep_img=image, threads=(lambda v: v >= 0, "an int >= 0"))
     for name, (valid, expected) in rules.items():
         value = getattr(args, name)
         for v in value if isinstance(value, list) else [value]:
@@ -118,97 +133,164 @@ def check_args(args, error):
         error(f"--out: expected {' and '.join(OUTPUTS)} to be files, got a folder {out / taken[0]}")
 
 
-def run(args):
+TIMES = {"train_ms": "train step time (ms)", "inference_ms": "inference time (ms)"}
+MEMORY_LABELS = {"cpu_saved_for_backward_mb": "saved for backward (MB)",
+                 "cuda_peak_allocated_mb": "train step peak memory (MB)"}
+SWEEP_LABELS = {"batch_size": "batch size", "pool_size": "pool size (entries per pool)", "img_size": "image size (px)"}
+COLORS = {method: f"C{i}" for i, method in enumerate(bench.MODEL_METHODS)}  # a method's colour in every panel
+RATIO_MEANING = ("fused/this = fused TCPA's figure / this method's (as the README's targets read): below 1, "
+                 "fused TCPA is faster (smaller)")
+
+
+def run(args: argparse.Namespace) -> dict:
     """All measurements; returns the result dict written to profile.json."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
     base = dict(model_name=args.model, img_size=args.img_size, batch_size=args.batch_size, pool_size=args.pool_size,
                 topk=args.topk, dtype=DTYPES[args.dtype], device=device, reps=args.reps)
-    jobs = [("main", None, method) for method in args.methods]
-    for axis, values in (("batch_size", args.sweep_batch), ("pool_size", args.sweep_pool),
-                         ("img_size", args.sweep_img)):
-        jobs += [(axis, value, method) for value in values for method in args.methods]
+    settings = [("main", None)] + [(axis, value) for axis, values in (
+        ("batch_size", args.sweep_batch), ("pool_size", args.sweep_pool), ("img_size", args.sweep_img))
+        for value in values]
     results = {"main": {}, "sweep": []}
-    for axis, value, method in tqdm(jobs, desc="profiling", unit="run"):
-        setting = base if axis == "main" else base | {axis: value}
+    for axis, value in tqdm(settings, desc="profiling", unit="setting"):
+        setting = base | ({} if axis == "main" else {axis: value})
         setting["topk"] = min(args.topk, setting["pool_size"])  # the pool sweep goes below top-k
-        try:
-            figures = bench.measure_model(method, **setting)
-        except torch.OutOfMemoryError:
-            figures = {"train_ms": None, "train_memory_mb": None, "inference_ms": None, "error": "out of memory"}
-            torch.cuda.empty_cache()
+        figures = bench.measure_models(args.methods, **setting)
         if axis == "main":
-            results["main"][method] = figures
+            results["main"] = figures
         else:
-            results["sweep"].append({"axis": axis, "value": value, "method": method, **figures})
-    settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    return {"environment": bench.environment(device), "memory_metric": bench.memory_metric(device),
-            "settings": settings, **results, "ratios": ratios(results["main"])}
+            results["sweep"] += [{"axis": axis, "value": value, "method": m, **f} for m, f in figures.items()]
+    result = {"environment": bench.environment(device), "memory_metric": bench.memory_metric(device),
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}
+              | {"backend": resolve_backend("auto", device)},
+              "spread": {"warned_above": f"iqr_rel = (q3 - q1) / median > {bench.SPREAD_LIMIT}",
+                         "error_bars": "min-max", "quartiles": "statistics.quantiles(method='inclusive')"},
+              "ratio": RATIO_MEANING, **results, "ratios": ratios(results["main"])}
+    result["warnings"] = spread_warnings(result)
+    return result
 
 
-def ratios(main):
-    """tcpa_fused / other, for time and memory (TCPA_SPEC.md §6 reads them this way)."""
+def ratios(main: dict) -> dict:
+    """fused / other per method (TCPA_SPEC.md §6 reads them this way): each time ratio summarized over the rounds,
+    the memory ratio."""
     fused = main.get("tcpa_fused")
     if not fused or fused["train_ms"] is None:
         return {}
-    return {other: {key: bench.ratio(fused[key], figures[key]) for key in ("train_ms", "train_memory_mb")}
+
+    def per_round(key: str, other: dict) -> dict:  # round r's fused time / round r's other time: timed together
+        return bench.summarize([bench.ratio(a, b) for a, b in zip(fused[key]["samples"], other[key]["samples"])])
+
+    return {other: {key: per_round(key, figures) for key in TIMES}
+            | {"train_memory_mb": bench.ratio(fused["train_memory_mb"], figures["train_memory_mb"])}
             for other, figures in main.items() if other != "tcpa_fused" and figures["train_ms"] is not None}
 
 
-def format_table(result):
-    metric = result["memory_metric"]
-    lines = [f"device: {result['environment']['device']}  torch {result['environment']['torch']}  "
-             f"triton {result['environment']['triton']}",
-             f"{'method':<12} {'train ms':>10} {'memory MB':>10} {'infer ms':>10} {'fused/this time':>16} "
-             f"{'fused/this mem':>15}"]
+def spread_warnings(result: dict) -> list[str]:
+    """A line per time of the main comparison whose IQR is over bench.SPREAD_LIMIT of its median; one for the sweep."""
+    limit = f"{bench.SPREAD_LIMIT:.0%}"
+    lines = [f"{method} {label}: IQR {figures[key]['iqr_rel']:.0%} of the median, over {limit}"
+             for method, figures in result["main"].items() for key, label in TIMES.items()
+             if figures[key] is not None and bench.noisy(figures[key])]
+    sweep = [row[key] for row in result["sweep"] for key in TIMES if row[key] is not None]
+    if any(map(bench.noisy, sweep)):
+        lines.append(f"{sum(map(bench.noisy, sweep))} of {len(sweep)} sweep times: IQR over {limit} of the median "
+                     f"(profile.json)")
+    if lines:
+        lines.append("a busy machine or too few rounds: close other work or raise --reps (on a shared CPU keep "
+                     "--threads 1), and read a ratio only within its spread")
+    return lines
+
+
+def describe(result: dict) -> str:
+    """The setting in one line: model, image size, batch, dtype, device (and its threads, if set), backend."""
+    s = result["settings"]
+    threads = f", {s['threads']} thread{'s' * (s['threads'] > 1)}" if s["threads"] else ""
+    return (f"{s['model']}, {s['img_size']} px, batch {s['batch_size']}, {s['dtype']}, "
+            f"{result['environment']['device']}{threads}, backend {s['backend']}")
+
+
+def spread_cell(figure: dict | None, digits: int = 2) -> str:
+    """'median [min-max] IQR%' of a ``bench.summarize`` result; OOM for a method that ran out of memory."""
+    if figure is None:
+        return "OOM"
+    return (f"{figure['median']:.{digits}f} [{figure['min']:.{digits}f}-{figure['max']:.{digits}f}] "
+            f"{figure['iqr_rel']:.0%}")
+
+
+def format_table(result: dict) -> str:
+    """The console report: figures, ratios with their meaning, warnings."""
+    env, memory = result["environment"], MEMORY_LABELS[result["memory_metric"]]
+    lines = [f"{describe(result)}; torch {env['torch']}, triton {env['triton']}",
+             f"times: median of {result['settings']['reps']} interleaved rounds [min-max] IQR as % of the median",
+             f"{'method':<12} {TIMES['train_ms']:<30} {TIMES['inference_ms']:<30} {memory}"]
     for method, f in result["main"].items():
-        r = result["ratios"].get(method, {})
-        cells = [f"{f[k]:10.2f}" if f[k] is not None else f"{'OOM':>10}" for k in
-                 ("train_ms", "train_memory_mb", "inference_ms")]
-        time_ratio = f"{r['train_ms']:16.3f}" if r else f"{'':>16}"
-        mem_ratio = f"{r['train_memory_mb']:15.3f}" if r else f"{'':>15}"
-        lines.append(f"{method:<12} {' '.join(cells)} {time_ratio} {mem_ratio}")
-    lines.append(f"memory = {metric}")
+        mb = "OOM" if f["train_memory_mb"] is None else f"{f['train_memory_mb']:.2f}"
+        lines.append(f"{method:<12} {spread_cell(f['train_ms']):<30} {spread_cell(f['inference_ms']):<30} {mb}")
+    if result["ratios"]:
+        lines += ["", RATIO_MEANING,
+                  f"{'fused/this':<12} {'train step time':<30} {'inference time':<30} {'memory'}"]
+        for method, r in result["ratios"].items():
+            lines.append(f"{method:<12} {spread_cell(r['train_ms'], 3):<30} {spread_cell(r['inference_ms'], 3):<30} "
+                         f"{r['train_memory_mb']:.3f}")
+    lines += [f"warning: {line}" for line in result["warnings"]]
     return "\n".join(lines)
 
 
-def plot(result, path):
-    """Bars of time and memory per method, and one panel per sweep axis."""
-    import matplotlib
+def _median_and_error(figure: dict | float | None) -> tuple[float, list[float]]:
+    """Height and [below, above] error bar of a figure: its median and min-max, or a single value (memory)."""
+    if isinstance(figure, dict):
+        return figure["median"], [figure["median"] - figure["min"], figure["max"] - figure["median"]]
+    return figure or 0.0, [0.0, 0.0]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    axes_names = sorted({row["axis"] for row in result["sweep"]})
-    fig, axes = plt.subplots(1, 2 + len(axes_names), figsize=(5 * (2 + len(axes_names)), 4), squeeze=False)
+def build_figure(result: dict):
+    """The PNG as a matplotlib Figure: bars with min-max error bars of train step time, inference time and memory
+    per method, then a train-step-time panel per sweep axis; one colour per method throughout, the setting in the
+    title."""
+    from matplotlib.figure import Figure
+
     methods = list(result["main"])
-    for ax, key, label in ((axes[0][0], "train_ms", "train step (ms)"),
-                           (axes[0][1], "train_memory_mb", result["memory_metric"])):
-        ax.bar(methods, [result["main"][m][key] or 0 for m in methods], color=["C0", "C1", "C2", "C3"][:len(methods)])
-        ax.set_title(label)
+    sweeps = [axis for axis in SWEEP_LABELS if any(row["axis"] == axis for row in result["sweep"])]
+    fig = Figure(figsize=(15, 4.5 * (1 + bool(sweeps))), layout="constrained")
+    axes = list(fig.subplots(1 + bool(sweeps), 3, squeeze=False).flat)
+    for ax, key, title in zip(axes, [*TIMES, "train_memory_mb"], [*TIMES.values(),
+                                                                    MEMORY_LABELS[result["memory_metric"]]]):
+        heights, errors = zip(*(_median_and_error(result["main"][m][key]) for m in methods))
+        ax.bar(methods, heights, yerr=list(zip(*errors)) if key in TIMES else None, capsize=4,
+               color=[COLORS[m] for m in methods])
+        ax.set_title(title)
         ax.tick_params(axis="x", rotation=20)
-    for ax, axis in zip(axes[0][2:], axes_names):
+    for ax, axis in zip(axes[3:], sweeps):
         for method in methods:
             rows = [r for r in result["sweep"] if r["axis"] == axis and r["method"] == method and r["train_ms"]]
-            ax.plot([r["value"] for r in rows], [r["train_ms"] for r in rows], marker="o", label=method)
-        ax.set_xlabel(axis)
-        ax.set_ylabel("train step (ms)")
-        ax.legend()
-    fig.suptitle(f"{result['settings']['model']} on {result['environment']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+            heights, errors = zip(*(_median_and_error(r["train_ms"]) for r in rows)) if rows else ((), ())
+            ax.errorbar([r["value"] for r in rows], heights, yerr=list(zip(*errors)) or None, marker="o",
+                        capsize=3, color=COLORS[method], label=method)
+        ax.set_title(f"{TIMES['train_ms']} vs {SWEEP_LABELS[axis]}")
+        ax.set_xlabel(SWEEP_LABELS[axis])
+        ax.legend(fontsize="small")
+    for ax in axes[3 + len(sweeps):]:
+        ax.set_visible(False)
+    s = result["settings"]
+    fig.suptitle(f"{describe(result)}\nmedian of {s['reps']} interleaved rounds, error bars min-max; pools of "
+                 f"{s['pool_size']} entries, top-{s['topk']}")
+    return fig
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    result = run(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        result = run(args)
+    finally:
+        torch.set_num_threads(threads)
     json_path, png_path = (Path(args.out) / name for name in OUTPUTS)  # the folder exists: check_args made it
     json_path.write_text(json.dumps(result, indent=2))
     print(format_table(result))
     try:
-        plot(result, png_path)
+        build_figure(result).savefig(png_path, dpi=100)
         print(f"wrote {json_path} and {png_path}")
     except ImportError:
         print(f"wrote {json_path} (install matplotlib for the plot: pip install -e '.[plot]')")
