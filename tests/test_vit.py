@@ -308,3 +308,15 @@ def test_torch_compile_with_grad_checkpointing():
     torch.testing.assert_close(loss, ref_loss)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_empty_batch_runs_forward_and_backward(backend):
+    """A batch of 0 images (the last batch of a split, a filter that keeps nothing): empty logits, a zero matching
+    loss and zero prompt gradients, as the no-prompt model gives empty logits."""
+    model = tk.apply_tcpa(small_vit(), backend=backend, **TCPA_KW)
+    out = model(torch.randn(0, 3, 16, 16))
+    loss = out.sum() + tk.get_matching_loss(model)
+    loss.backward()
+    assert out.shape == (0, model.num_classes) and float(loss) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in tk.trainable_parameters(model))

@@ -47,10 +47,11 @@ EPS = 1e-12  # F.normalize's: norms below it are clamped
 
 
 def group_weights(B, N, num_prefix_tokens, k_cls, k_img):
-    """(w_cls, w_img): the weight of one selected cosine of a prefix / patch token in the matching loss."""
+    """(w_cls, w_img): the weight of one selected cosine of a prefix / patch token in the matching loss (0 for a
+    group without tokens, an empty batch included)."""
     n_img = N - num_prefix_tokens
-    return (1.0 / (B * num_prefix_tokens * k_cls) if num_prefix_tokens else 0.0,
-            1.0 / (B * n_img * k_img) if n_img else 0.0)
+    return (1.0 / (B * num_prefix_tokens * k_cls) if B and num_prefix_tokens else 0.0,
+            1.0 / (B * n_img * k_img) if B and n_img else 0.0)
 
 
 def _cosines_torch(x, keys_cls, keys_img):
