@@ -1,4 +1,4 @@
-"""Op census of one ViT train step: a compute-free proxy for GPU cost (TCPA_SPEC.md §6).
+"""Op census of one ViT train step: a compute-free proxy for GPU cost (docs/how-it-works.md, 'Targets').
 
     python benchmarks/census.py                      # ViT-B/16, batch 128, 224 px, bf16 autocast, on CPU
     python -m benchmarks.census --methods no_prompts,vpt_deep,tcpa_fused,tcpa_dense --top 10 --json census.json

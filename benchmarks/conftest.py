@@ -23,7 +23,8 @@ SUMMARY_PATH = []  # set once the tests are collected
 MODEL_DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # autocast dtype of the model-level benchmarks
 
 
-BASELINES = {"op": ("sdpa_flash", "sdpa_bool_mask", "dense_eager"),  # fused TCPA's, per level (TCPA_SPEC.md §6)
+# fused TCPA's baselines, per level (docs/how-it-works.md, 'Targets')
+BASELINES = {"op": ("sdpa_flash", "sdpa_bool_mask", "dense_eager"),
              "model": ("no_prompts", "vpt_deep", "tcpa_dense"), "sweep": ("no_prompts", "vpt_deep", "tcpa_dense")}
 COLUMNS = ["median", "iqr", "min", "max", "rounds"]  # pytest-benchmark's table, unless --benchmark-columns says
 
@@ -73,7 +74,8 @@ def fused_pairs(results):
 
 
 def spec_ratios(results):
-    """TCPA_SPEC.md §6 ratios from the results: fused / baseline, time and memory, side by side in one run."""
+    """docs/how-it-works.md, 'Targets' ratios from the results: fused / baseline, time and memory, side by side in one
+    run."""
     return {f"{r['name']} vs {base}": {"time": r["ms"] / other["ms"], "memory": memory_ratio(r, other)}
             for r, base, other in fused_pairs(results)}
 

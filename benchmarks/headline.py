@@ -1,7 +1,7 @@
 """The headline GPU measurement in one process: the environment and the device's two ceilings, the op at
-TCPA_SPEC.md §6's shape against SDPA's backends and the published eager attention, the §6 train-step table
-(ViT-B/16, batch 128, bf16 autocast) of every method, and per-kernel profiler tables of one op forward+backward
-and of one train step of each method.
+the targets' shape (docs/how-it-works.md, 'Targets') against SDPA's backends and the published eager attention, the §6
+train-step table (ViT-B/16, batch 128, bf16 autocast) of every method, and per-kernel profiler tables of one op
+forward+backward and of one train step of each method.
 
     python benchmarks/headline.py [--out DIR]   # DIR/<device>-headline.json and DIR/<device>-kernels.txt
     python benchmarks/headline.py --smoke       # the same procedure at tiny shapes (on CPU it checks the script)
@@ -32,7 +32,7 @@ SPEC_MODEL = dict(model_name="vit_base_patch16_224", img_size=224, batch=128, po
 SMOKE_MODEL = dict(model_name="vit_tiny_patch16_224", img_size=32, batch=2, pool_size=4, topk=2)
 OP_METHODS = ("tcpa_fused", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_bool_mask", "dense_eager")
 WARMUP_STEPS, TIMED_STEPS = 3, 20
-# (level, mode or kind, baseline, figure) -> the largest TCPA / baseline ratio TCPA_SPEC.md §6 allows
+# (level, mode or kind, baseline, figure) -> the largest TCPA / baseline ratio docs/how-it-works.md, 'Targets' allows
 SPEC_TARGETS = {
     ("op", "fwd", "sdpa_flash", "ms"): 1.10,
     ("op", "fwd_bwd", "sdpa_flash", "ms"): 1.15,
@@ -238,7 +238,7 @@ def main(argv=None) -> dict:
     report = Report(out / f"{slug}-headline.json", out / f"{slug}-kernels.txt", {
         "environment": environment(device), "configuration": "smoke (tiny shapes: not figures)" if smoke else "spec",
         "op_shape": op_dims, "op_dtype": str(dtype), "model": model_setting, "model_autocast": str(dtype),
-        "memory_metric": bench.memory_metric(device), "targets": "TCPA_SPEC.md §6"})
+        "memory_metric": bench.memory_metric(device), "targets": "docs/how-it-works.md, 'Targets'"})
     if "ceilings" not in args.skip:
         report.add("ceilings", "measured", ceilings(device, smoke))
     if "op" not in args.skip:

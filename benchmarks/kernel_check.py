@@ -2,7 +2,7 @@
 
     compute-sanitizer --tool memcheck python benchmarks/kernel_check.py        # small odd shapes, every variant
     compute-sanitizer --tool racecheck python benchmarks/kernel_check.py
-    ncu --profile-from-start off ... python benchmarks/kernel_check.py --spec  # TCPA_SPEC.md §6 shape, bf16
+    ncu --profile-from-start off ... python benchmarks/kernel_check.py --spec  # §6 shape (docs/how-it-works.md), bf16
 
 Small (default): attention with a bool mask and with selection words, shared and per-sample prompts, both
 ``renormalize`` modes, deterministic and atomic prompt gradients; a two-layer timm ViT on the lean path (match

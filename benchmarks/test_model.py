@@ -1,5 +1,6 @@
 """Model level: train step (forward + backward + AdamW) and inference of the no-prompt ViT, VPT-deep with the
-same number of prompt tokens, the published dense-mask TCPA, and fused TCPA (TCPA_SPEC.md §6). Scaling sweeps:
+same number of prompt tokens, the published dense-mask TCPA, and fused TCPA (docs/how-it-works.md, 'Targets'). Scaling
+sweeps:
 ``test_sweep.py``."""
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from benchmarks.conftest import ON_GPU, bench_model
 from tcpa_kernels import bench
 
-# (model, img_size, batch): ViT-B/16 B=128 is TCPA_SPEC.md §6
+# (model, img_size, batch): ViT-B/16 B=128 is docs/how-it-works.md, 'Targets'
 GPU_MODELS = [("vit_base_patch16_224", 224, 128), ("vit_small_patch16_224", 224, 256),
               ("vit_large_patch16_224", 224, 32)]
 CPU_MODELS = [("vit_tiny_patch16_224", 64, 8)]

@@ -10,7 +10,7 @@ from tcpa_kernels import bench
 
 # (label, B, H, N, P, D, topk): topk pool entries per token; P = 200 uses entries of 4 prompt tokens (50 entries)
 GPU_SHAPES = [
-    ("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # TCPA_SPEC.md §6
+    ("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # docs/how-it-works.md, 'Targets'
     ("vit_s_b256_n197_p36_k10", 256, 6, 197, 36, 64, 10),
     ("vit_l_b32_n577_p200_l4_k12", 32, 16, 577, 200, 64, 12),
     ("vit_b_b32_n577_p36_k1", 32, 12, 577, 36, 64, 1),

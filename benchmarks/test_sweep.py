@@ -6,7 +6,8 @@ import pytest
 from benchmarks.conftest import ON_GPU, bench_model
 from tcpa_kernels import bench
 
-# model, img_size, batch, pool_size of the point each axis moves away from (ViT-B/16 B=128 is TCPA_SPEC.md §6)
+# model, img_size, batch, pool_size of the point each axis moves away from (ViT-B/16 B=128 is docs/how-it-works.md,
+# 'Targets')
 GPU_BASE = dict(model_name="vit_base_patch16_224", img_size=224, batch=128, pool_size=18)
 CPU_BASE = dict(model_name="vit_tiny_patch16_224", img_size=64, batch=4, pool_size=4)
 BASE = GPU_BASE if ON_GPU else CPU_BASE

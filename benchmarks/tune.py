@@ -3,11 +3,11 @@ tcpa_kernels/ops/_attention_kernels.py) and the matching kernels' (``LAUNCH`` in
 
   python benchmarks/tune.py --offline   no GPU needed: compile every candidate for sm_90 and report what ptxas made
                                         of it (registers, spills, shared memory, wgmma) -> docs/sm90-resources.*
-  python benchmarks/tune.py             on a GPU: time every candidate of every kernel (attention at TCPA_SPEC.md
-                                        §6 shapes, matching fused with the LayerNorm at ViT-B/16 shape, beside
-                                        F.layer_norm of the same rows), check its result against the current
-                                        table's, write benchmarks/results/tune-<device>.json (then edit the tables
-                                        by hand)
+  python benchmarks/tune.py             on a GPU: time every candidate of every kernel (attention at the shapes
+                                        of docs/how-it-works.md, 'Targets', matching fused with the LayerNorm at
+                                        ViT-B/16 shape, beside F.layer_norm of the same rows), check its result
+                                        against the current table's, write benchmarks/results/tune-<device>.json
+                                        (then edit the tables by hand)
   python benchmarks/tune.py --smoke     the GPU procedure on CPU (interpreter, tiny shapes): checks the script only
 
 Each kernel (forward, backward: one launch each) is timed alone, the other at its table entry.
@@ -31,7 +31,7 @@ CANDIDATES = {
 }
 KERNEL_LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False))]
 # (label, B, H, N, P, D, topk) at which candidates are timed on a GPU
-GPU_SHAPES = [("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # TCPA_SPEC.md §6
+GPU_SHAPES = [("vit_b_b128_n197_p36_k10", 128, 12, 197, 36, 64, 10),  # docs/how-it-works.md, 'Targets'
               ("vit_l_b32_n577_p200_l4_k12", 32, 16, 577, 200, 64, 12)]
 SMOKE_SHAPES = [("cpu_smoke_b1_n40_p8_k2", 1, 2, 40, 8, 32, 2)]
 

@@ -5,7 +5,7 @@ kernels execute (MMA FLOPs), the exp2 evaluations, the minimum HBM bytes (every 
 fp32 scratch both sides keep, counted apart because it mostly lives in L2) and the launches. The TCPA figures come
 from the library's own launch configurations and loop structure (``tests/test_work_model.py`` checks them against
 what the kernels execute in the Triton interpreter); FlashAttention-2's from its tile sizes and its 2 / 5 MMAs per
-tile pair, on a key sequence of N + P tokens already built (the baseline of TCPA_SPEC.md §6).
+tile pair, on a key sequence of N + P tokens already built (the baseline of docs/how-it-works.md, 'Targets').
 
 Whole layer (``layer``, ``--section layer``): one timm pre-norm ``Block`` per train step of a frozen backbone
 (input gradients only; the prompts and keys get theirs), TCPA's next to the no-prompt layer's, as a list of
@@ -52,7 +52,8 @@ MMAS_PER_TILE_PAIR = {"fwd": 2, "bwd": 5}  # fwd: S = QK^T, PV; bwd: S, dP = dO 
 FA2_TILES = {32: {"fwd": (128, 128), "bwd": (128, 128)}, 64: {"fwd": (128, 128), "bwd": (128, 128)},
              96: {"fwd": (128, 64), "bwd": (64, 128)}, 128: {"fwd": (128, 64), "bwd": (64, 128)}}
 FA2_HEAD_DIMS = (32, 64, 96, 128)  # it pads the head dim up to one of these
-# (label, B, H, N, P, D): TCPA_SPEC.md §6 (ViT-B/16, 224 px, Pc = Pi = 18, L = 1), ViT-L/16 at 224 and 384 px
+# (label, B, H, N, P, D): docs/how-it-works.md, 'Targets' (ViT-B/16, 224 px, Pc = Pi = 18, L = 1), ViT-L/16 at 224 and
+# 384 px
 SHAPES = [("vit_b16_b128_n197_p36", 128, 12, 197, 36, 64), ("vit_l16_b64_n197_p36", 64, 16, 197, 36, 64),
           ("vit_l16_b32_n577_p200", 32, 16, 577, 200, 64)]
 WORD_BYTES = 8  # one int64 selection word per token
@@ -204,7 +205,7 @@ class LayerShape:
         return self.pool_cls + self.pool_img
 
 
-# TCPA_SPEC.md §6 (ViT-B/16, 224 px, pools 18 + 18, top-k 10) and the same at batch 8
+# docs/how-it-works.md, 'Targets' (ViT-B/16, 224 px, pools 18 + 18, top-k 10) and the same at batch 8
 LAYER_SHAPES = [("vit_b16_b128 (§6)", LayerShape(128, 12, 197, 768, 64)),
                 ("vit_b16_b8", LayerShape(8, 12, 197, 768, 64))]
 

@@ -1,4 +1,5 @@
-"""Plain-PyTorch reference of TCPA (TCPA_SPEC.md §2-§4): readable, dense, autograd-only.
+"""Plain-PyTorch reference of TCPA (docs/how-it-works.md, 'Matching and selection' to 'In a ViT block'): readable,
+dense, autograd-only.
 
 Every backend of ``tcpa_kernels`` is tested against these functions evaluated in float64.
 They build the full ``[B, H, N, P+N]`` score tensor on purpose: clarity over memory.

@@ -1,4 +1,4 @@
-"""Reference prompt-augmented attention (TCPA_SPEC.md §3) and the VPT-deep baseline."""
+"""Reference prompt-augmented attention (docs/how-it-works.md, 'Attention') and the VPT-deep baseline."""
 
 import math
 

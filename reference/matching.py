@@ -1,4 +1,5 @@
-"""Reference cosine matching and top-k prompt selection (TCPA_SPEC.md §1-§2).
+"""Reference cosine matching and top-k prompt selection (docs/how-it-works.md, 'Pools and prompts' to 'Matching and
+selection').
 
 Tie rule (shared by every backend): among equal scores the lower pool-entry index wins.
 """

@@ -1,4 +1,5 @@
-"""Official-style TCPA on any ViT block family (TCPA_SPEC.md §1-§4), written independently of ``tcpa_kernels``.
+"""Official-style TCPA on any ViT block family (docs/how-it-works.md, 'Pools and prompts' to 'In a ViT block'), written
+independently of ``tcpa_kernels``.
 
 The published code concatenates each layer's prompts into the sequence and runs the block's ordinary attention over
 ``[prompts ; tokens]`` with a dense ``[B, 1, P+N, P+N]`` mask. ``prefix_prompts`` does exactly that to the blocks of
@@ -13,8 +14,8 @@ masked softmax). ``renormalize=False`` (the published method) multiplies the sof
 attention kernel does that, so ``dense_sdpa`` stands in for ``torch.nn.functional.scaled_dot_product_attention``
 while the hooks are active.
 
-VFPT prompts (TCPA_SPEC.md §7) as the published code writes them: ``fft(fft(prompts, dim=-1), dim=-2).real`` of
-each layer's prompts after dropout (``fourier_prompts_ref``).
+VFPT prompts (docs/how-it-works.md, 'Fourier prompts') as the published code writes them: ``fft(fft(prompts, dim=-1),
+dim=-2).real`` of each layer's prompts after dropout (``fourier_prompts_ref``).
 """
 
 import contextlib

@@ -1,5 +1,6 @@
-"""Reference TCPA and VPT-deep forwards of a timm VisionTransformer (TCPA_SPEC.md §4), written independently of
-``tcpa_kernels.vit``: it reads the model's frozen modules and takes the prompt parameters as arguments."""
+"""Reference TCPA and VPT-deep forwards of a timm VisionTransformer (docs/how-it-works.md, 'In a ViT block'),
+written independently of ``tcpa_kernels.vit``: it reads the model's frozen modules and takes the prompt parameters
+as arguments."""
 
 import torch
 

@@ -1,6 +1,6 @@
 """tcpa_kernels: fused Triton kernels for Token Coordinated Prompt Attention (TCPA, ICML 2025).
 
-Public API (TCPA_SPEC.md §5): ``tcpa_attention``, ``match_prompts``, ``TCPAAttention`` /
+Public API (docs/how-it-works.md, 'Public API'): ``tcpa_attention``, ``match_prompts``, ``TCPAAttention`` /
 ``tcpa_fused_attention``, ``match_scores``, ``matching_loss``; the lean model-level pair ``match_select``
 (matching, top-k and loss terms in one op) and ``tcpa_packed_attention`` (on timm's packed qkv, with a
 ``Selection``); ``TCPAPrompts``, one layer's prompts and TCPA attention as a module for hand-written ViTs.

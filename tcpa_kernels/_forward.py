@@ -1,5 +1,5 @@
-"""One forward's prompt data (TCPA_SPEC.md §8): made by the first prompted block of a call, handed from block to
-block with the hidden states, let go with them.
+"""One forward's prompt data (docs/how-it-works.md, 'Per-call data'): made by the first prompted block of a call, handed
+from block to block with the hidden states, let go with them.
 
 A forward of a prompted model needs data that belong to that call only: the prompt keys/values of every layer
 (computed once for all layers from the parameters as they are at the call, ``_prompt_kv.py``), the matching-loss

@@ -1,4 +1,5 @@
-"""Prompt keys/values of every layer of a TCPA model for one forward (TCPA_SPEC.md §3-§4).
+"""Prompt keys/values of every layer of a TCPA model for one forward (docs/how-it-works.md, 'Attention' to 'In a ViT
+block').
 
 A layer's prompt K/V are its prompt tokens (after prompt dropout and the prompt transform) through the layer's own
 pre-attention norm, the K/V rows of its input projection and its k norm: prompts are prefix tokens without position.

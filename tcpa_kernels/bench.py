@@ -33,7 +33,8 @@ from tcpa_kernels._validate import MAX_POOL_ENTRIES
 from tcpa_kernels.ops.selection import Selection, topk_bits
 
 MODEL_METHODS = ("no_prompts", "vpt_deep", "tcpa_dense", "tcpa_fused")
-# TCPA_SPEC.md §6: ViT-B/16 attention at batch 128, pools of 18 + 18 prompts, each token picking 10 entries
+# docs/how-it-works.md, 'Targets': ViT-B/16 attention at batch 128, pools of 18 + 18 prompts, each token picking 10
+# entries
 SPEC_OP_SHAPE = dict(B=128, H=12, N=197, P=36, D=64, topk=10)
 # SDPA on the same P+N keys without a mask, pinned to one backend each (the §6 yardstick is flash)
 SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,

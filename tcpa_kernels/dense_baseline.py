@@ -1,6 +1,6 @@
 """The published implementation's TCPA on timm's pre-norm ``Block``: the baseline the fused path is measured against
-(TCPA_SPEC.md §6, "official-style"). Benchmarks, the profiling CLI and tests use it; it is not a mode of the fused
-path.
+(docs/how-it-works.md, 'Targets', "official-style"). Benchmarks, the profiling CLI and tests use it; it is not a mode of
+the fused path.
 
 What the published code does in every layer: a matching-score tensor ``[B, N, Pc+Pi]``, its top-k and the loss from
 it; the layer's prompt tokens concatenated in front of the sequence and projected with it; eager attention over

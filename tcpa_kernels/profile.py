@@ -8,15 +8,15 @@ and a PNG.
 
 Defaults depend on the device: CPU runs vit_tiny at 64 px, batch 8, on one thread (a smoke setting: the CPU path
 is the PyTorch backend, not the kernels; one thread, because torch's threads stall one another on a busy machine);
-CUDA runs ViT-B/16 at 224 px, batch 128, bf16 autocast (TCPA_SPEC.md §6).
+CUDA runs ViT-B/16 at 224 px, batch 128, bf16 autocast (docs/how-it-works.md, 'Targets').
 
 Every time is the median of --reps rounds (default 5 on CPU, 10 on CUDA); round r times every method once, in an
 order rotated by r, so that a burst of load on the machine lands on all methods, not on one. The table and the JSON
 give each median with its spread: min-max and the interquartile range (IQR). A figure whose IQR is over 10 % of its
 median is named in a warning (the IQR rather than max-min, because one stray sample, which the median ignores,
 should not flag a figure); the PNG's error bars are min-max. Ratios are fused TCPA's figure / the other method's,
-as TCPA_SPEC.md §6 states its targets: below 1, fused TCPA is faster (smaller). A time ratio is the median over
-the rounds of that round's ratio, with its spread.
+as docs/how-it-works.md, 'Targets' states its targets: below 1, fused TCPA is faster (smaller). A time ratio is the
+median over the rounds of that round's ratio, with its spread.
 """
 
 import argparse
@@ -138,7 +138,7 @@ MEMORY_LABELS = {"cpu_saved_for_backward_mb": "saved for backward (MB)",
                  "cuda_peak_allocated_mb": "train step peak memory (MB)"}
 SWEEP_LABELS = {"batch_size": "batch size", "pool_size": "pool size (entries per pool)", "img_size": "image size (px)"}
 COLORS = {method: f"C{i}" for i, method in enumerate(bench.MODEL_METHODS)}  # a method's colour in every panel
-RATIO_MEANING = ("fused/this = fused TCPA's figure / this method's (as the README's targets read): below 1, "
+RATIO_MEANING = ("fused/this = fused TCPA's figure / this method's (as the targets read): below 1, "
                  "fused TCPA is faster (smaller)")
 
 
@@ -172,8 +172,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def ratios(main: dict) -> dict:
-    """fused / other per method (TCPA_SPEC.md §6 reads them this way): each time ratio summarized over the rounds,
-    the memory ratio."""
+    """fused / other per method (docs/how-it-works.md, 'Targets' reads them this way): each time ratio summarized over
+    the rounds, the memory ratio."""
     fused = main.get("tcpa_fused")
     if not fused or fused["train_ms"] is None:
         return {}

@@ -1,4 +1,5 @@
-"""Turn an existing ViT into a TCPA or VPT-deep model, in place (TCPA_SPEC.md §1, §4).
+"""Turn an existing ViT into a TCPA or VPT-deep model, in place (docs/how-it-works.md, 'Pools and prompts' and 'In a ViT
+block').
 
 Supported (README, "Supported models"): timm ``VisionTransformer`` (``Block``, ``ResPostBlock``,
 ``ParallelThingsBlock``, ``ParallelScalingBlock``) and ``Eva`` (EVA-02, RoPE ViTs, DINOv3, Perception Encoder),
@@ -381,7 +382,8 @@ def apply_tcpa(model: nn.Module, config: TCPAConfig | None = None, **options: An
             each forward (a model built on the CPU with "triton" runs once it is moved to a GPU).
         prompt_dropout_per_sample: one dropout mask per sample, as the published code (the prompt keys/values
             become [B, H, P, D] in training, B times the work of the shared [H, P, D]); default one for the batch.
-        prompt_transform: "none", or "fourier" for VFPT+TCPA (the published configuration, TCPA_SPEC.md §7): each
+        prompt_transform: "none", or "fourier" for VFPT+TCPA (the published configuration, docs/how-it-works.md,
+        'Fourier prompts'): each
             layer's prompt tokens (CLS pool then image pool), after dropout, become ``fft2(prompts).real``.
         fourier_fraction: in (0, 1], VFPT's "Fourier percentage": only the first floor(fraction * P) prompt tokens
             are transformed (among themselves), the others pass unchanged.

@@ -163,9 +163,9 @@ def test_cli_rejects_bad_values(capsys):
 
 
 def test_tcpa_train_step_meets_the_census_contract():
-    """TCPA_SPEC §6 at its own setting (ViT-B/16, batch 128, 224 px, bf16 autocast, pools 18+18, k 10): the fused
-    TCPA step dispatches <= 1.25x the no-prompt model's ops, moves <= 1.03x its bytes, saves <= 1.02x its bytes for
-    backward, and stays below VPT-deep in ops and bytes. (Fake tensors: seconds on a CPU.)"""
+    """docs/how-it-works.md, 'Targets' at its own setting (ViT-B/16, batch 128, 224 px, bf16 autocast, pools 18+18, k
+    10): the fused TCPA step dispatches <= 1.25x the no-prompt model's ops, moves <= 1.03x its bytes, saves <= 1.02x its
+    bytes for backward, and stays below VPT-deep in ops and bytes. (Fake tensors: seconds on a CPU.)"""
     results = {m: c.census(m) for m in METHODS}
     fused = c.ratios(results["tcpa_fused"], results["no_prompts"])
     vpt = c.ratios(results["vpt_deep"], results["no_prompts"])

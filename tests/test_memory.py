@@ -1,6 +1,6 @@
-"""TCPA_SPEC §6, op peak memory: the Triton op allocates no tensor of size B*H*N*(N+P), in the forward or the
-backward; it never materialises attention probabilities or a dense mask. Every tensor an aten op allocates
-while the op runs (kernel outputs are allocated through torch) is recorded by a dispatch mode
+"""docs/how-it-works.md, 'Targets', op peak memory: the Triton op allocates no tensor of size B*H*N*(N+P), in the
+forward or the backward; it never materialises attention probabilities or a dense mask. Every tensor an aten op
+allocates while the op runs (kernel outputs are allocated through torch) is recorded by a dispatch mode
 (``bench.NewAllocations``, which also gives the CPU memory figure of the benchmarks)."""
 
 import pytest

@@ -3,6 +3,7 @@ what the wheel contains (the package only: no top-level ``reference``)."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,10 +91,82 @@ def test_the_package_does_not_import_reference():
     assert not offenders, offenders
 
 
-def test_readme_runnable_example_runs(tmp_path, monkeypatch):
-    """README's adapter-folder example, the one it calls runnable as is, runs (in a scratch folder)."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    example = text.split("(runnable as is, on a CPU):\n\n```python\n")[1].split("```")[0]
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NOT_RUN = re.compile(r"<!--\s*not run:\s*(?P<reason>[^>]*?)\s*-->\s*$")
+
+
+def python_blocks():
+    """Every ```python block of README.md and docs/*.md: (page, line, code, reason it is not run or None). A block is
+    not run only when the line right before it is a ``<!-- not run: <reason> -->`` comment."""
+    blocks = []
+    for page in DOC_PAGES:
+        lines = page.read_text().split("\n")
+        i = 0
+        while i < len(lines):
+            if lines[i].strip() == "```python":
+                end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+                before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+                marker = NOT_RUN.search(before)
+                blocks.append((page.relative_to(ROOT).as_posix(), i + 1, "\n".join(lines[i + 1:end]),
+                               marker and marker.group("reason")))
+                i = end
+            i += 1
+    return blocks
+
+
+BLOCKS = python_blocks()
+
+
+def test_docs_have_python_blocks_that_run():
+    """README's quickstart and the docs' examples are found, and most of them run."""
+    assert any(page == "README.md" and reason is None for page, _, _, reason in BLOCKS)
+    assert sum(reason is None for *_, reason in BLOCKS) >= 3, BLOCKS
+
+
+@pytest.mark.parametrize("page, line, code, reason", BLOCKS, ids=[f"{b[0]}:{b[1]}" for b in BLOCKS])
+def test_doc_python_block_runs(page, line, code, reason, tmp_path, monkeypatch):
+    """Every ```python block of README.md and docs/*.md runs as pasted on a CPU, in a scratch folder; a block that
+    needs a GPU, a network or downloaded weights is marked ``<!-- not run: <reason> -->`` and skipped, saying why."""
+    if reason is not None:
+        assert reason, f"{page}:{line}: a 'not run' marker must say why"
+        pytest.skip(f"{page}:{line}: not run: {reason}")
     monkeypatch.chdir(tmp_path)
-    exec(compile(example, "README.md", "exec"), {})
-    assert (tmp_path / "runs" / "my-adapter" / "prompt_config.json").is_file()
+    exec(compile("\n" * line + code, str(ROOT / page), "exec"), {"__name__": "__doc_example__"})
+
+
+MD_REFERENCE = re.compile(r"(?<![\w./{}<>*$-])((?:\.\.?/)*(?:[\w.-]+/)*[\w-][\w.-]*\.md)(?![\w-])")
+SCANNED_SUFFIXES = {".py", ".md", ".sh", ".toml"}
+
+
+def scanned_files():
+    """The repository's *.py, *.md, *.sh and *.toml files, outside hidden folders, build outputs and runs/."""
+    skip = {"runs", "build", "dist", "__pycache__", "node_modules"}
+    for path in sorted(ROOT.rglob("*")):
+        folders = path.relative_to(ROOT).parts[:-1]
+        if (path.suffix in SCANNED_SUFFIXES and path.is_file()
+                and not any(f in skip or f.startswith(".") or f.endswith(".egg-info") for f in folders)):
+            yield path
+
+
+def test_no_reference_to_a_missing_md_file():
+    """A path ending in .md that a file names (a docstring's citation, a Markdown link) exists: relative to the
+    repository root or to the naming file's folder; a bare file name may be any .md file of the repository (an
+    output file's name, ``results.md``). Names built at run time (``{slug}.md``, ``<device>.md``) are not paths."""
+    files = list(scanned_files())
+    md_names = {path.name for path in files if path.suffix == ".md"}
+    missing = []
+    for path in files:
+        for number, text in enumerate(path.read_text(errors="replace").split("\n"), 1):
+            for match in MD_REFERENCE.finditer(text):
+                ref = match.group(1)
+                bare_name_of_a_page = "/" not in ref and ref in md_names
+                if not ((ROOT / ref).is_file() or (path.parent / ref).is_file() or bare_name_of_a_page):
+                    missing.append(f"{path.relative_to(ROOT)}:{number}: {ref}")
+    assert len(files) > 50 and not missing, missing
+
+
+def test_missing_md_reference_is_caught():
+    """The scan above sees a citation of a file that is not there (the pattern, on a made-up line)."""
+    not_here = "SPEC_NOT_HERE" + ".md"  # spelled in two parts, so that the scan of this file does not see it
+    line = f'"""Attention ({not_here} §3), see docs/how-it-works.md and [x](../README.md#a)."""'
+    assert [m.group(1) for m in MD_REFERENCE.finditer(line)] == [not_here, "docs/how-it-works.md", "../README.md"]

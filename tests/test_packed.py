@@ -138,7 +138,8 @@ def test_torch_backend_fp64():
 @pytest.mark.parametrize("batch", [4, 128])
 def test_bf16_vit_b_shape(batch, renormalize, deterministic, shared, poison_buffers):
     """ViT-B/16 attention (N=197, H=12, D=64) under autocast on timm's qkv view: bf16 qkv, fp32 prompts,
-    published pools (18+18), at batch 4 and at TCPA_SPEC.md §6's batch 128; output buffers poisoned with NaN."""
+    published pools (18+18), at batch 4 and at the targets' batch 128 (docs/how-it-works.md, 'Targets'); output buffers
+    poisoned with NaN."""
     _check("triton", (batch, 197, 12, 36, 64), (18, 1, 1), torch.bfloat16, renormalize, shared,
            prompt_dtype=torch.float32, deterministic=deterministic)
 

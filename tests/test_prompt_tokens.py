@@ -1,4 +1,5 @@
-"""VFPT's Fourier prompts and per-sample prompt dropout (TCPA_SPEC.md §7) against the fp64 official-style reference."""
+"""VFPT's Fourier prompts and per-sample prompt dropout (docs/how-it-works.md, 'Fourier prompts') against the fp64
+official-style reference."""
 
 import copy
 import math

@@ -291,7 +291,7 @@ def test_second_order_gradients_raise(selection):
 def test_torch_compile_with_grad_checkpointing():
     """Gradient checkpointing under torch.compile(fullgraph=True): a block records its matching-loss terms on the
     forward's object, a side effect dynamo's checkpoint must not replay in the backward, which its flag
-    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` says (README). With it, loss and gradients equal eager's."""
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` says (docs/api.md). With it, loss and gradients equal eager's."""
     if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         pytest.skip(f"torch {torch.__version__} has no skip_fwd_side_effects_in_bwd_under_checkpoint")
     x = images()

@@ -1,4 +1,5 @@
-"""The work model (benchmarks/work_model.py) counts what the kernels execute, and meets TCPA_SPEC.md §6's target.
+"""The work model (benchmarks/work_model.py) counts what the kernels execute, and meets its target
+(docs/how-it-works.md, 'Targets').
 
 The counting test runs the real kernels in the Triton interpreter with its dot and exp2 instructions wrapped, so
 the model's padded MMA FLOPs and exp2 count are checked against the executed ones at small shapes (the attention's
@@ -62,8 +63,8 @@ def test_model_counts_executed_work(shape, dtype):
 
 @pytest.mark.parametrize("label, B, H, N, P, D", work_model.SHAPES, ids=[s[0] for s in work_model.SHAPES])
 def test_within_flash_attention_budget(label, B, H, N, P, D):
-    """TCPA_SPEC.md §6: padded MMA work and exp2 count <= 1.10x FlashAttention-2's at N+P keys; one kernel per
-    direction, plus at most one small aten kernel (the batch sum of shared-prompt gradients)."""
+    """docs/how-it-works.md, 'Targets': padded MMA work and exp2 count <= 1.10x FlashAttention-2's at N+P keys; one
+    kernel per direction, plus at most one small aten kernel (the batch sum of shared-prompt gradients)."""
     work = work_model.tcpa(B, H, N, P, D)
     for direction, figures in work_model.ratios(work, work_model.fa2(B, H, N, P, D)).items():
         assert figures["mma_flops"] <= 1.10 and figures["exp2"] <= 1.10, (direction, figures)
@@ -138,8 +139,8 @@ def test_matching_model_counts_executed_dots(dtype):
 
 
 def test_matching_within_gemm_budget():
-    """The issue's target at TCPA_SPEC.md §6: the matching kernels' tensor-core FLOPs (fwd + bwd, padded, 3xTF32's
-    3 MMAs counted) <= 5% of the no-prompt layer's GEMM FLOPs (4.17%)."""
+    """The issue's target at docs/how-it-works.md, 'Targets': the matching kernels' tensor-core FLOPs (fwd + bwd,
+    padded, 3xTF32's 3 MMAs counted) <= 5% of the no-prompt layer's GEMM FLOPs (4.17%)."""
     label, shape = work_model.LAYER_SHAPES[0]
     assert "§6" in label and shape.B == 128
     assert work_model.matching_tc_share(shape) <= 0.05

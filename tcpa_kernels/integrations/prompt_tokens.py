@@ -1,4 +1,5 @@
-"""A layer's prompt tokens for one forward: prompt dropout, then the optional Fourier transform (TCPA_SPEC.md §7).
+"""A layer's prompt tokens for one forward: prompt dropout, then the optional Fourier transform (docs/how-it-works.md,
+'Fourier prompts').
 
 The published VFPT+TCPA code expands each layer's prompts to the batch, drops them out per sample and replaces them
 by ``fft(fft(prompts, dim=-1), dim=-2).real`` (Visual Fourier Prompt Tuning, "Fourier percentage" 1.0) before the

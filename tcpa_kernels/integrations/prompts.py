@@ -1,4 +1,5 @@
-"""``TCPAPrompts``: one layer's TCPA prompts as a module (TCPA_SPEC.md §1-§4), the one place a layer does TCPA.
+"""``TCPAPrompts``: one layer's TCPA prompts as a module (docs/how-it-works.md, 'Pools and prompts' to 'In a ViT
+block'), the one place a layer does TCPA.
 
 It owns the layer's two prompt pools and their keys and does the layer's TCPA work around the user's attention:
 cosine matching of the block input against the keys, top-k selection per token (or a random k-subset), the

@@ -137,7 +137,7 @@ class TCPARopeAttentionMixin:
 
 @register_mixin
 class TCPAMixin:
-    """timm pre-norm ``Block`` with TCPA attention (TCPA_SPEC.md §4). x [B, N, C] -> [B, N, C].
+    """timm pre-norm ``Block`` with TCPA attention (docs/how-it-works.md, 'In a ViT block'). x [B, N, C] -> [B, N, C].
 
     One pass of the matching kernel gives the selection and ``norm1(x)``; q, k, v are read in place from the packed
     ``qkv`` output and the attention writes the ``[B, N, C]`` tensor ``proj`` reads."""

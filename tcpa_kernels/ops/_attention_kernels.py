@@ -1,4 +1,4 @@
-"""Triton kernels of prompt-augmented attention (TCPA_SPEC.md §3, KERNEL_NOTES.md).
+"""Triton kernels of prompt-augmented attention (docs/how-it-works.md, 'Attention' and 'Kernels').
 
 Keys form ONE range of N + P keys, [tokens ; prompts], cut into BLOCK_N tiles: the N // BLOCK_N full token tiles
 need no mask at all; only the tail tiles (the last N % BLOCK_N tokens, the prompts, padding past N + P) take

@@ -13,7 +13,7 @@ from tcpa_kernels.ops.tcpa_attention import prepare_attention
 
 
 class TCPAAttention(torch.autograd.Function):
-    """Fused top-k selection + TCPA attention (TCPA_SPEC.md §2-§3).
+    """Fused top-k selection + TCPA attention (docs/how-it-works.md, 'Matching and selection' to 'Attention').
 
     ``TCPAAttention.apply(q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img,
     prompt_len_cls, prompt_len_img, num_prefix_tokens, scale, renormalize, backend, deterministic)``

@@ -1,4 +1,5 @@
-"""``match_prompts``: cosine matching of tokens against the pool keys and top-k selection (TCPA_SPEC.md §2)."""
+"""``match_prompts``: cosine matching of tokens against the pool keys and top-k selection (docs/how-it-works.md,
+'Matching and selection')."""
 
 import torch
 from torch import Tensor

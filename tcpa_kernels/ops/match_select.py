@@ -1,4 +1,5 @@
-"""``match_select``: cosine matching, top-k selection and the matching loss in one pass over x (TCPA_SPEC.md §2).
+"""``match_select``: cosine matching, top-k selection and the matching loss in one pass over x (docs/how-it-works.md,
+'Matching and selection').
 
 Per token t of the block input ``x [B, N, C]`` and pool entry e (CLS-pool keys first, then image-pool keys):
 

@@ -1,4 +1,4 @@
-"""``tcpa_packed_attention``: prompt-augmented attention (TCPA_SPEC.md §3) on timm's fused qkv layout.
+"""``tcpa_packed_attention``: prompt-augmented attention (docs/how-it-works.md, 'Attention') on timm's fused qkv layout.
 
 A timm block computes ``qkv = attn.qkv(h)`` (``[B, N, 3*C]``) and its ``attn.proj`` reads ``[B, N, C]``. This
 entry reads q, k, v in place from the ``[B, N, 3, H, D]`` view of that tensor, writes the output as the

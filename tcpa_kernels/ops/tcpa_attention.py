@@ -1,4 +1,5 @@
-"""``tcpa_attention``: prompt-augmented attention with an explicit boolean prompt mask (TCPA_SPEC.md §3)."""
+"""``tcpa_attention``: prompt-augmented attention with an explicit boolean prompt mask (docs/how-it-works.md,
+'Attention')."""
 
 import math
 
