@@ -8,26 +8,31 @@ Usage:
     python -m tcpa_kernels.finetune --data fashion-mnist --classes 5 6 7 8 9 --img-size 28 \\
         --model vit_tiny_patch16_224 --model-kwargs '{"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}' \\
         --weights runs/pretrain/best.safetensors --epochs 10 --warmup-epochs 1 --random-epochs 1 --out runs/fm
-    python -m tcpa_kernels.finetune <the same options> --resume runs/fm      # continue after Ctrl-C
-    python -m tcpa_kernels.finetune --eval-only --checkpoint runs/fm/best.safetensors --data fashion-mnist \\
-        --weights runs/pretrain/best.safetensors
+    python -m tcpa_kernels.finetune --data fashion-mnist --random-init --epochs 1    # a first run on CPU, 32 px
+    python -m tcpa_kernels.finetune --resume runs/fm               # continue after Ctrl-C, with the run's options
+    python -m tcpa_kernels.finetune --resume runs/fm --epochs 20   # extend a finished run
+    python -m tcpa_kernels.finetune --eval-only --checkpoint runs/fm --data fashion-mnist \\
+        --weights runs/pretrain/best.safetensors                    # runs/fm/best.safetensors, the whole val split
     torchrun --nproc_per_node 4 -m tcpa_kernels.finetune --data DIR --weights W      # DDP, 4 processes
 
-Defaults are the published TCPA recipe: AdamW, lr 0.004, weight decay 0.1, batch size 128, 100 epochs, 10 warm-up
-epochs then cosine decay (set every step), random prompt selection for the first 10 epochs (--random-epochs; the
-validation always selects top-k), matching-loss weight 0.01, pools of 18 + 18 entries, top-10, prompt dropout 0.1,
-mixup alpha 0.8. The published code also turns the prompts into Fourier prompts (VFPT+TCPA) with a dropout mask per
-sample: add --prompt-transform fourier --prompt-dropout-per-sample (the defaults are the library's: none, one mask a
-batch). --recipe DATASET takes the learning rate, weight decay and input prompter of that dataset's released script
-(sh/VFPT_TCPA_<dataset>.sh of the TCPA code release, arXiv 2505.02406; the table RECIPES in this module); --lr,
---weight-decay and --input-prompter / --no-input-prompter given on the command line win over it, and the CLI prints
-which values came from the recipe. --input-prompter adds the published image-space prompter before the patch
-embedding (apply_tcpa(..., input_prompter=True); the released CUB script's). The rest follows timm's train.py: label
-smoothing 0.1, cutmix off, and on ImageFolder data RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), flip 0.5, colour
-jitter 0.4, no AutoAugment, no random erasing (timm's create_transform). Fashion-MNIST (grey, replicated to 3
-channels) gets only the flip, a batch at a time on tensors (data.py). Both are resized, centre-cropped and
-normalised with the model's pretrained data config (timm's resolve_data_config; --img-size overrides the input
-size). Full fine-tuning usually wants a lower --lr.
+Defaults are the published TCPA recipe: AdamW, lr 0.004, weight decay 0.1, batch size 128 (at most the training
+images), 100 epochs, warm-up for 10 % of --epochs (10) then cosine decay (set every step), random prompt selection
+for the first 10 % of --epochs (--random-epochs, rounded down; the validation always selects top-k), matching-loss
+weight 0.01, pools of 18 + 18 entries, top-10, prompt dropout 0.1, mixup alpha 0.8. The published code also turns
+the prompts into Fourier prompts (VFPT+TCPA) with a dropout mask per sample: add --prompt-transform fourier
+--prompt-dropout-per-sample (the defaults are the library's: none, one mask a batch). --recipe DATASET takes the
+learning rate, weight decay and input prompter of that dataset's released script (sh/VFPT_TCPA_<dataset>.sh of the
+TCPA code release, arXiv 2505.02406; the table RECIPES in this module); --lr, --weight-decay and --input-prompter /
+--no-input-prompter given on the command line win over it, and the CLI prints which values came from the recipe.
+--input-prompter adds the published image-space prompter before the patch embedding (apply_tcpa(...,
+input_prompter=True); the released CUB script's). The rest follows timm's train.py: label smoothing 0.1, cutmix off,
+and on ImageFolder data RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), flip 0.5, colour jitter 0.4, no
+AutoAugment, no random erasing (timm's create_transform). Fashion-MNIST (grey, replicated to 3 channels) gets only
+the flip, a batch at a time on tensors (data.py). Both are resized, centre-cropped and normalised with the model's
+pretrained data config (timm's resolve_data_config; --img-size overrides the input size). Fashion-MNIST on a
+--random-init backbone defaults to its 28 px rounded up to the patch size (32 for patch 16), not 224 px (about 50x
+the compute: 2 h 20 an epoch on a 2-core CPU). The start banner names every value derived this way. Full fine-tuning
+usually wants a lower --lr.
 
 Output (--out, default runs/finetune/<date-time>; an existing non-empty folder is refused unless resuming):
 ``last.safetensors`` after every epoch, ``best.safetensors`` (best validation accuracy), ``last_state.pt`` (what
@@ -39,16 +44,20 @@ code 130) leaves the last complete epoch's files. For tcpa/vpt a checkpoint is a
 of them). Both carry this CLI's record (every option, classes, data config, epoch, accuracy) as JSON under the
 metadata key "tcpa_finetune".
 
---resume takes the interrupted run's options (only --data, --weights, --workers, --device, --compile, --quiet and
---out may differ; it writes to the run's folder) and ends with the tensors an uninterrupted run would have.
---eval-only reads everything else from the checkpoint: it needs --data and, unless the checkpoint holds the whole
-model (full) or was trained on a --random-init backbone (rebuilt from the saved --seed), --weights.
+--resume DIR takes the run's options for every option not given (only --data, --weights, --workers, --device,
+--compile, --quiet, --out and --epochs may differ; it writes to the run's folder) and ends with the tensors an
+uninterrupted run would have; a larger --epochs extends a run (the cosine schedule then spans the new length).
+--eval-only reads everything else from the checkpoint (--checkpoint DIR: DIR/best.safetensors): it needs --data and,
+unless the checkpoint holds the whole model (full) or was trained on a --random-init backbone (rebuilt from the saved
+--seed), --weights; it evaluates the whole validation split (--val-limit to take fewer) and prints the image count.
 
 torchrun (WORLD_SIZE > 1): one process per device (nccl on CUDA, gloo on CPU), DistributedDataParallel, a
 DistributedSampler; --batch-size is the global batch, each process takes --batch-size / world size (it must
 divide). Validation is split over the processes and summed; rank 0 prints and writes.
 
-Bad options exit with code 2 and a message naming the option, before any data is read.
+Bad options exit with code 2 before any data is read, with one line per bad option naming it, the expected and
+the received value, and "(not given: a default)" where the user did not set it. --quiet: no banner, progress bars
+or per-epoch lines (the files are written all the same).
 """
 
 import argparse
@@ -85,7 +94,11 @@ LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last_state.pt"
 # ImageFolder augmentation defaults (timm's train.py); Fashion-MNIST refuses these options
 IMAGE_FOLDER_AUGMENTATION = {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "color_jitter": 0.4, "aa": None,
                              "reprob": 0.0}
-RESUME_FREE = ("data", "weights", "workers", "device", "compile", "quiet", "out", "resume")
+RESUME_FREE = ("data", "weights", "workers", "device", "compile", "quiet", "out", "resume", "epochs")
+RESUME_OWN = ("device", "out", "resume")  # what --resume does not take from the checkpoint when not given
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_FRACTION = 0.1  # warm-up and random-selection epochs: the published 10 of 100 epochs
+FASHION_MNIST_SIZE = 28
 # Per-dataset presets of the released scripts sh/VFPT_TCPA_<dataset>.sh of the TCPA code release (arXiv 2505.02406):
 # learning rate, weight decay and the input prompter (the CUB script only). Every script also uses what this CLI's
 # defaults are: batch 128, mixup, 10 random-selection epochs, matching weight 0.01, pools of 18 + 18 entries, top-10,
@@ -117,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", type=int, nargs="+", help="fashion-mnist classes to use (relabelled 0..k-1)")
     g.add_argument("--train-limit", type=int, help="use at most this many training images (fixed subset)")
     g.add_argument("--val-limit", type=int, help="use at most this many validation images (fixed subset)")
-    g.add_argument("--img-size", type=int, help="input size (default: the model's pretrained config)")
+    g.add_argument("--img-size", type=int,
+                   help="input size (default: the model's pretrained config; fashion-mnist with --random-init: 28 px "
+                        "rounded up to the patch size)")
     g.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (default: vit_tiny_patch16_224)")
@@ -148,12 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"script, {RECIPE_SOURCE.format('<dataset>')}: {presets}; --lr, --weight-decay and "
                         "--[no-]input-prompter given win")
     g.add_argument("--epochs", type=int, default=100, help="(default: 100)")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
+    g.add_argument("--batch-size", type=int,
+                   help=f"global batch size (default: {DEFAULT_BATCH_SIZE}, at most the training images)")
     g.add_argument("--lr", type=float, help="peak learning rate, AdamW (default: 0.004, or the --recipe's)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1, or the --recipe's)")
-    g.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up, then cosine (default: 10)")
-    g.add_argument("--random-epochs", type=int, default=10,
-                   help="TCPA: epochs of random prompt selection first, < --epochs (default: 10)")
+    g.add_argument("--warmup-epochs", type=float,
+                   help="linear warm-up, then cosine (default: 10 %% of --epochs, the published 10 of 100)")
+    g.add_argument("--random-epochs", type=int,
+                   help="TCPA: epochs of random prompt selection first, < --epochs (default: 10 %% of --epochs, "
+                        "rounded down)")
     g.add_argument("--match-weight", type=float, default=0.01, help="TCPA matching-loss weight (default: 0.01)")
     g.add_argument("--seed", type=int, default=0, help="(default: 0)")
     g = p.add_argument_group("augmentation (timm's names)")
@@ -169,13 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, 0: off (default: 0)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="output folder (default: runs/finetune/<date-time>)")
-    g.add_argument("--resume", help="output folder or last.safetensors of an interrupted run (same options)")
+    g.add_argument("--resume", help="output folder or last.safetensors of a run to continue with its options "
+                                    "(--epochs may extend it)")
     g.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the validation split")
-    g.add_argument("--checkpoint", help="a checkpoint written by this CLI (with --eval-only)")
+    g.add_argument("--checkpoint", help="with --eval-only: a checkpoint of this CLI, or an output folder (its "
+                                        "best.safetensors)")
     g.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype (default: none)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    g.add_argument("--quiet", action="store_true",
+                   help="no banner, progress bars or per-epoch lines (the files are written all the same)")
     return p
 
 
@@ -210,22 +231,38 @@ def resume_paths(resume: str) -> tuple[Path, Path]:
     return path, path.with_name(path.name.removesuffix(".safetensors") + "_state.pt")
 
 
+def given_options(argv) -> set[str]:
+    """The names (dests) of the options on the command line: a parse with every default suppressed."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def parse_args(argv) -> argparse.Namespace:
-    """Parse and check every option (exit 2 naming the first bad one); --eval-only: the checkpoint's options."""
-    args = build_parser().parse_args(argv)
+    """Parse and check every option (exit 2 naming every bad one); --eval-only: the checkpoint's options;
+    --resume: the run's options where not given."""
+    args, given = build_parser().parse_args(argv), given_options(argv)
+    if args.resume is not None:
+        take_run_options(args, given)
     from_recipe = resolve_recipe(args)
-    check_options(args)
+    check_options(args, given)
     if args.eval_only:
         return eval_args(args)
     if args.recipe is not None and int(os.environ.get("RANK", "0")) == 0:
         print(recipe_line(args, from_recipe))
     if args.resume is not None:
-        check_resume(args)
+        check_resume(args, given)
     elif args.out is None:
         args.out = str(Path("runs/finetune") / time.strftime("%Y%m%d-%H%M%S"))
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and args.resume is None:
         fail(f"--out: {args.out} exists and is not empty (continue a run with --resume {args.out})")
     return args
+
+
+def record(args) -> dict:
+    """The options as saved in checkpoints and logs (not the private notes, keys starting with '_')."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
 
 def resolve_recipe(args) -> dict:
@@ -250,8 +287,12 @@ def recipe_line(args, from_recipe: dict) -> str:
     return line + (f"; as given: {', '.join(given)}" if given else "")
 
 
-def check_options(args) -> None:
+def check_options(args, given: set[str]) -> None:
+    """Check every option, exiting 2 with one line per bad option; fill the derived defaults, with a note of each
+    in ``args._defaults`` (option -> why) for the start banner."""
     import timm
+
+    errors: list[str] = []
 
     def number(name, lo, hi=math.inf, **bounds):
         value = getattr(args, name)
@@ -260,26 +301,37 @@ def check_options(args) -> None:
                 try:
                     check_number(option(name), v, lo=lo, hi=hi, **bounds)
                 except ValueError as error:
-                    fail(str(error))
+                    errors.append(str(error))
 
     def integer(name, lo, hi=None):
         if getattr(args, name) is not None:
             try:
                 check_int(option(name), getattr(args, name), lo, hi)
             except ValueError as error:
-                fail(str(error))
+                errors.append(str(error))
 
+    args._defaults = {}
     if not timm.is_model(args.model):
-        fail(f"--model: expected a timm model name, got {args.model!r}")
-    try:
-        args.model_kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError:
-        fail(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
+        errors.append(f"--model: expected a timm model name, got {args.model!r}")
+    if isinstance(args.model_kwargs, str):  # a resumed run's record holds the parsed object
+        try:
+            args.model_kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError:
+            errors.append(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
     if not isinstance(args.model_kwargs, dict) or {"img_size", "num_classes"} & set(args.model_kwargs):
-        fail(f"--model-kwargs: expected a JSON object without img_size / num_classes (use --img-size; the classes "
-             f"come from --data), got {args.model_kwargs!r}")
+        if not isinstance(args.model_kwargs, str):
+            errors.append(f"--model-kwargs: expected a JSON object without img_size / num_classes (use --img-size; "
+                          f"the classes come from --data), got {args.model_kwargs!r}")
+        args.model_kwargs = {}
     for name in ("epochs", "batch_size", "img_size", "num_prompts", "train_limit", "val_limit"):
         integer(name, 1)
+    epochs = args.epochs if args.epochs >= 1 else 1
+    if args.warmup_epochs is None:
+        args.warmup_epochs = DEFAULT_FRACTION * epochs
+        args._defaults["warmup_epochs"] = "10 % of --epochs"
+    if args.random_epochs is None:
+        args.random_epochs = int(DEFAULT_FRACTION * epochs)
+        args._defaults["random_epochs"] = "10 % of --epochs, rounded down"
     integer("pool_size", 1, MAX_POOL_ENTRIES // 2)  # both pools take --pool-size entries
     integer("topk", 1, args.pool_size)
     integer("workers", 0)
@@ -298,89 +350,143 @@ def check_options(args) -> None:
     number("ratio", 0.0, lo_open=True)
     for name in ("scale", "ratio"):
         if getattr(args, name) is not None and getattr(args, name)[0] > getattr(args, name)[1]:
-            fail(f"{option(name)}: expected MIN MAX with MIN <= MAX, got {getattr(args, name)}")
+            errors.append(f"{option(name)}: expected MIN MAX with MIN <= MAX, got {getattr(args, name)}")
     if args.method == "tcpa" and args.random_epochs >= args.epochs:
-        fail(f"--random-epochs: expected fewer than --epochs ({args.epochs}) for tcpa, got {args.random_epochs}")
+        errors.append(f"--random-epochs: expected fewer than --epochs ({args.epochs}) for tcpa, "
+                      f"got {args.random_epochs}")
     if args.prompt_dropout_per_sample and args.method != "tcpa":
-        fail(f"--prompt-dropout-per-sample: applies to --method tcpa only, got --method {args.method}")
+        errors.append(f"--prompt-dropout-per-sample: applies to --method tcpa only, got --method {args.method}")
     if args.prompt_transform != "none" and args.method not in PROMPT_METHODS:
-        fail(f"--prompt-transform: applies to --method tcpa or vpt, got --method {args.method}")
+        errors.append(f"--prompt-transform: applies to --method tcpa or vpt, got --method {args.method}")
     if args.fourier_fraction != 1.0 and args.prompt_transform != "fourier":
-        fail(f"--fourier-fraction: applies with --prompt-transform fourier, got {args.fourier_fraction}")
+        errors.append(f"--fourier-fraction: applies with --prompt-transform fourier, got {args.fourier_fraction}")
     if args.method not in PROMPT_METHODS and (args.recipe is not None or args.input_prompter):
         name = "--recipe" if args.recipe is not None else "--input-prompter"
-        fail(f"{name}: applies to --method tcpa or vpt, got --method {args.method}")
-    check_data(args)
+        errors.append(f"{name}: applies to --method tcpa or vpt, got --method {args.method}")
+    errors += check_data(args)
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
+        args.checkpoint = str(Path(args.checkpoint) / BEST)
     for name in ("weights", "checkpoint"):
         path = getattr(args, name)
         if path is not None and not Path(path).is_file():
-            fail(f"{option(name)}: file not found: {path!r}")
+            errors.append(f"{option(name)}: file not found: {path!r}")
     if args.eval_only != (args.checkpoint is not None):
-        fail("--checkpoint: required with --eval-only" if args.eval_only else
-             "--checkpoint: only with --eval-only (--resume continues a run)")
+        errors.append("--checkpoint: required with --eval-only" if args.eval_only else
+                      "--checkpoint: only with --eval-only (--resume continues a run)")
     if args.eval_only and args.resume is not None:
-        fail("--resume: not with --eval-only")
+        errors.append("--resume: not with --eval-only")
     if not args.eval_only and (args.weights is None) == (not args.random_init):
-        fail("--weights: required (a local backbone checkpoint), or --random-init to train on a random backbone"
-             if args.weights is None else "--random-init: not with --weights (one backbone)")
+        errors.append("--weights: required (a local backbone checkpoint), or --random-init to train on a random "
+                      "backbone" if args.weights is None else "--random-init: not with --weights (one backbone)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not args.eval_only and args.batch_size % world:
-        fail(f"--batch-size: expected a multiple of the {world} processes (each takes an equal share), "
-             f"got {args.batch_size}")
-    if not args.eval_only and (args.mixup > 0 or args.cutmix > 0) and (args.batch_size // world) % 2:
-        fail(f"--batch-size: mixup/cutmix need an even batch per process, got {args.batch_size} over {world}")
+    if not args.eval_only and args.batch_size is not None and args.batch_size % world:
+        errors.append(f"--batch-size: expected a multiple of the {world} processes (each takes an equal share), "
+                      f"got {args.batch_size}")
+    elif not args.eval_only and args.batch_size and mixing(args) and (args.batch_size // world) % 2:
+        errors.append(f"--batch-size: mixup/cutmix need an even batch per process, got {args.batch_size} over "
+                      f"{world}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        fail(f"--device: expected auto, cpu or cuda (with a GPU present), got {args.device!r}")
+        errors.append(f"--device: expected auto, cpu or cuda (with a GPU present), got {args.device!r}")
+    if errors:
+        origin = "the run's value (--resume)" if args.resume is not None else "a default"
+        fail(f"\n{PROG}: error: ".join(e + (f" (not given: {origin})" if not_given(e, args, given) else "")
+                                        for e in errors))
     if args.img_size is None:
-        cfg = timm.models.get_pretrained_cfg(args.model)
-        args.img_size = cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
+        args.img_size = default_img_size(args)
     args.num_prompts = args.num_prompts or 2 * args.pool_size
 
 
-def check_data(args) -> None:
+def not_given(error: str, args, given: set[str]) -> bool:
+    """Whether the option an error message names (its first word) has a value the command line did not give."""
+    name = error.split(":")[0].split()[0].removeprefix("--").replace("-", "_")
+    return name not in given and getattr(args, name, None) is not None
+
+
+def mixing(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0
+
+
+def patch_size(args) -> int:
+    """The model's patch size: --model-kwargs', else the one its name gives (vit_*_patch16_*), else 16."""
+    import re
+
+    found = re.search(r"patch(\d+)", args.model)
+    return int(args.model_kwargs.get("patch_size", found.group(1) if found else 16))
+
+
+def default_img_size(args) -> int:
+    """Fashion-MNIST on a --random-init backbone: its 28 px rounded up to the patch size (no pretrained position
+    embedding to match; 224 px would cost ~60x the compute); otherwise the model's pretrained input size."""
+    import timm
+
+    if args.data == data.FASHION_MNIST and args.random_init:
+        patch = patch_size(args)
+        args._defaults["img_size"] = f"Fashion-MNIST's {FASHION_MNIST_SIZE} px rounded up to the patch size {patch}"
+        return -(-FASHION_MNIST_SIZE // patch) * patch
+    cfg = timm.models.get_pretrained_cfg(args.model)
+    return cfg.input_size[-1] if cfg is not None and cfg.input_size else 224
+
+
+def check_data(args) -> list[str]:
+    """The errors of --data and the options that depend on it."""
     if args.data is None:
-        fail("--data: required (an ImageFolder directory with train/ and val/, or 'fashion-mnist')")
+        return ["--data: required (an ImageFolder directory with train/ and val/, or 'fashion-mnist')"]
+    errors = []
     if args.data == data.FASHION_MNIST:
         if not data.fashion_mnist_available():
-            fail(f"--data fashion-mnist: files not found under {data.FASHION_MNIST_DIR} "
-                 "(apt-get install dataset-fashion-mnist)")
+            errors.append(f"--data fashion-mnist: files not found under {data.FASHION_MNIST_DIR} "
+                          "(apt-get install dataset-fashion-mnist)")
         if args.classes is not None and (not all(0 <= c < 10 for c in args.classes)
                                          or len(set(args.classes)) != len(args.classes)):
-            fail(f"--classes: expected distinct Fashion-MNIST classes in 0..9, got {args.classes}")
+            errors.append(f"--classes: expected distinct Fashion-MNIST classes in 0..9, got {args.classes}")
         for name in IMAGE_FOLDER_AUGMENTATION:
             if getattr(args, name) is not None:
-                fail(f"{option(name)}: applies to ImageFolder data (Fashion-MNIST is augmented with --hflip, "
-                     f"--mixup, --cutmix, --smoothing), got {getattr(args, name)}")
-        return
+                errors.append(f"{option(name)}: applies to ImageFolder data (Fashion-MNIST is augmented with "
+                              f"--hflip, --mixup, --cutmix, --smoothing), got {getattr(args, name)}")
+        return errors
     if not all((Path(args.data) / split).is_dir() for split in ("train", "val")):
-        fail(f"--data: expected 'fashion-mnist' or a directory with train/ and val/ class folders, got {args.data!r}")
+        errors.append(f"--data: expected 'fashion-mnist' or a directory with train/ and val/ class folders, "
+                      f"got {args.data!r}")
     if args.classes is not None:
-        fail(f"--classes: applies to --data fashion-mnist (an ImageFolder's classes are its folders), "
-             f"got {args.classes}")
+        errors.append(f"--classes: applies to --data fashion-mnist (an ImageFolder's classes are its folders), "
+                      f"got {args.classes}")
     for name, default in IMAGE_FOLDER_AUGMENTATION.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     try:
         data.timm_transform({"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.5,) * 3,
                              "std": (0.5,) * 3, "crop_pct": 1.0, "crop_mode": "center"}, augmentation(args))
-    except (AssertionError, KeyError, ValueError) as error:
-        fail(f"--aa: expected a timm auto-augment policy (e.g. rand-m9-mstd0.5-inc1), got {args.aa!r} ({error})")
+    except (AssertionError, KeyError, ValueError, TypeError) as error:
+        errors.append(f"--aa: expected a timm auto-augment policy (e.g. rand-m9-mstd0.5-inc1), got {args.aa!r} "
+                      f"({error})")
+    return errors
 
 
-def check_resume(args) -> None:
-    """--resume: the checkpoint and its state file exist and were trained with the same options."""
+def take_run_options(args, given: set[str]) -> None:
+    """--resume: the run's recorded options for every option not given (but --device, --out)."""
     path, state = resume_paths(args.resume)
     for p in (path, state):
         if not p.is_file():
             fail(f"--resume: {p} not found (expected an output folder or a last.safetensors of this CLI)")
     saved = LATER_OPTIONS | read_meta(path, "--resume")["args"]
-    given = json.loads(json.dumps(vars(args)))
-    differ = [f"{option(k)} {saved.get(k)!r} (given: {v!r})" for k, v in given.items()
-              if k not in RESUME_FREE and saved.get(k) != v]
+    for name, value in saved.items():
+        if name not in given and name not in RESUME_OWN and hasattr(args, name):
+            setattr(args, name, value)
+
+
+def check_resume(args, given: set[str]) -> None:
+    """--resume: the options given (other than RESUME_FREE) are the run's; --epochs may only extend it."""
+    path, _ = resume_paths(args.resume)
+    meta = read_meta(path, "--resume")
+    saved, now = LATER_OPTIONS | meta["args"], json.loads(json.dumps(record(args)))
+    differ = [f"{option(k)} {saved.get(k)!r} (given: {now[k]!r})" for k in sorted(given & set(now))
+              if k not in RESUME_FREE and saved.get(k) != now[k]]
     if differ:
         fail(f"--resume: the checkpoint was trained with other options: {', '.join(differ)}")
+    if args.epochs < meta["epoch"]:
+        fail(f"--epochs: expected at least the {meta['epoch']} epochs the run has done, got {args.epochs}")
     if args.out is not None and Path(args.out).resolve() != path.parent.resolve():
         fail(f"--out: a resumed run writes to its own folder {path.parent}, got {args.out}")
     args.out = str(path.parent)
@@ -402,7 +508,7 @@ def eval_args(args) -> argparse.Namespace:
         fail(f"--data: the checkpoint was trained on {saved['data']!r}, got {args.data!r}")
     given = {"data": args.data, "weights": args.weights, "workers": args.workers, "device": args.device,
              "quiet": args.quiet, "eval_only": True, "checkpoint": args.checkpoint,
-             "val_limit": args.val_limit if args.val_limit is not None else saved["val_limit"]}
+             "val_limit": args.val_limit}  # the whole split unless given, whatever the run used
     return argparse.Namespace(**{**saved, **given, "checkpoint_meta": meta})
 
 
@@ -631,8 +737,8 @@ def evaluate_checkpoint(args, rank, world, device) -> dict:
     load_tensors(model, args.checkpoint, args.method, "--checkpoint")
     loader = val_loader(val_ds, meta["batch_per_process"], args, rank, world)
     val_loss, val_acc = evaluate(model.to(device), loader, device, AMP[args.amp], args.method, world)
-    summary = {"eval_only": True, "checkpoint": args.checkpoint, "epoch": meta["epoch"], "val_loss": val_loss,
-               "val_acc": val_acc}
+    summary = {"eval_only": True, "checkpoint": args.checkpoint, "epoch": meta["epoch"], "images": len(val_ds),
+               "val_loss": val_loss, "val_acc": val_acc}
     if rank == 0:
         print(json.dumps(summary))
     return summary
@@ -650,6 +756,9 @@ def fit(args, rank, world, device) -> dict:
     data_config = data.model_data_config(model, args.img_size)
     train_ds, val_ds, classes = load_data(args, data_config)
     model = add_method(model, args, len(classes)).to(device)
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(len(train_ds), world, mixing(args))
+        vars(args).setdefault("_defaults", {})["batch_size"] = f"{DEFAULT_BATCH_SIZE}, at most the training images"
     per_process = args.batch_size // world
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, seed=args.seed,
                                                   drop_last=True)
@@ -681,7 +790,7 @@ def fit(args, rank, world, device) -> dict:
     elif main:
         out.mkdir(parents=True, exist_ok=True)
     if main and not args.quiet:
-        print(f"{PROG}: {args.method} on {len(train_ds)} images, {len(classes)} classes, writing to {out}")
+        print(banner(args, len(train_ds), len(val_ds), len(classes), params, device, out))
     history, step, wrapped = progress["history"], progress["step"], None
     forward = torch.compile(model) if args.compile else model
     for epoch in range(progress["epoch"], args.epochs):
@@ -728,7 +837,7 @@ def fit(args, rank, world, device) -> dict:
                     "best_epoch": epoch + 1 if improved else progress["best_epoch"], "history": history}
         if main:
             meta = {"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss, "classes": classes,
-                    "data_config": data_config, "batch_per_process": per_process, "args": vars(args)}
+                    "data_config": data_config, "batch_per_process": per_process, "args": record(args)}
             state = {"progress": progress, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                      "rng": rng_state()}
             writers = {LAST: partial(write_checkpoint, model, method=args.method, meta=meta),
@@ -745,13 +854,33 @@ def fit(args, rank, world, device) -> dict:
     return summary
 
 
+def default_batch_size(train_images: int, world: int, mixing: bool) -> int:
+    """DEFAULT_BATCH_SIZE, at most the training images, a multiple of the processes (of twice that with mixup)."""
+    step = world * (2 if mixing else 1)
+    size = min(DEFAULT_BATCH_SIZE, train_images) // step * step
+    if size == 0:
+        fail(f"--batch-size: the default ({DEFAULT_BATCH_SIZE}, at most the training images) needs at least {step} "
+             f"training images, got {train_images}")
+    return size
+
+
+def banner(args, train_images: int, val_images: int, classes: int, params, device, out) -> str:
+    """The start banner: what trains on what, where, with which derived defaults."""
+    notes = getattr(args, "_defaults", {})
+    derived = ", ".join(f"{option(k)} {getattr(args, k)} ({why})" for k, why in notes.items())
+    return (f"{PROG}: {args.model} {args.img_size} px, {args.method}, {sum(p.numel() for p in params):,} trainable "
+            f"parameters; {train_images} training / {val_images} validation images, {classes} classes; "
+            f"batch {args.batch_size}, {args.epochs} epoch{'s' * (args.epochs != 1)}; device {device}; writing to {out}"
+            + (f"\n{PROG}: defaults: {derived}" if derived else ""))
+
+
 def summarize(args, history, progress, params, device) -> dict:
     return {"method": args.method, "val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"],
             "best_val_acc": progress["best_acc"], "best_epoch": progress["best_epoch"],
             "epoch_s_mean": sum(h["epoch_s"] for h in history) / len(history),
             "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
             "memory_metric": "cuda_peak_allocated" if device.type == "cuda" else "process_peak_rss",
-            "trainable_parameters": sum(p.numel() for p in params), "history": history, "args": vars(args)}
+            "trainable_parameters": sum(p.numel() for p in params), "history": history, "args": record(args)}
 
 
 def write_logs(summary: dict, out: Path) -> None:

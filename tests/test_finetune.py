@@ -102,11 +102,12 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_recipe_defaults(folder):
     args = finetune.parse_args(["--data", str(folder), "--random-init"])
-    recipe = {"lr": 0.004, "weight_decay": 0.1, "batch_size": 128, "mixup": 0.8, "epochs": 100, "warmup_epochs": 10,
+    recipe = {"lr": 0.004, "weight_decay": 0.1, "batch_size": None, "mixup": 0.8, "epochs": 100, "warmup_epochs": 10,
               "random_epochs": 10, "match_weight": 0.01, "pool_size": 18, "topk": 10, "num_prompts": 36,
               "prompt_dropout": 0.1, "method": "tcpa", "prompt_transform": "none", "fourier_fraction": 1.0,
               "img_size": 224}  # the model's pretrained input size
     assert {k: getattr(args, k) for k in recipe} == recipe
+    assert finetune.DEFAULT_BATCH_SIZE == 128  # set at the start of training: at most the training images
     assert re.fullmatch(r"runs/finetune/\d{8}-\d{6}", args.out)
 
 
@@ -147,7 +148,8 @@ def test_fashion_mnist_smoke(tmp_path):
                "--random-epochs", 0, "--warmup-epochs", 0, "--batch-size", 32, "--pool-size", 3, "--topk", 2,
                "--random-init", "--out", out, "--quiet", *TINY) == 0
     assert 0.0 <= log(out)["val_acc"] <= 1.0
-    assert evaluate(out / "best.safetensors", "--data", "fashion-mnist")["val_acc"] == log(out)["val_acc"]
+    assert evaluate(out / "best.safetensors", "--data", "fashion-mnist", "--val-limit", 64)["val_acc"] == \
+        log(out)["val_acc"]  # --eval-only takes the whole split unless --val-limit is given
 
 
 def test_read_idx_rejects_other_files(tmp_path):
@@ -292,7 +294,7 @@ BAD = [
     ([*B, "--weights", "{tmp}/none.pth"], "--weights: file not found: '{tmp}/none.pth'"),
     ([*B, "--topk", "30"], "--topk: expected an int in [1, 18], got 30"),
     ([*B, "--pool-size", "40"], "--pool-size: expected an int in [1, 32], got 40"),
-    ([*B, "--epochs", "5", "--warmup-epochs", "1"], "--random-epochs: expected fewer than --epochs (5) for tcpa, got"),
+    ([*B, "--epochs", "5", "--random-epochs", "5"], "--random-epochs: expected fewer than --epochs (5) for tcpa, got"),
     ([*B, "--random-epochs", "100"], "--random-epochs: expected fewer than --epochs (100) for tcpa, got 100"),
     ([*B, "--random-epochs", "-1"], "--random-epochs: expected an int >= 0, got -1"),
     ([*B, "--warmup-epochs", "-1"], "--warmup-epochs: expected a finite number in [0.0, 100], got -1.0"),
@@ -415,7 +417,7 @@ def test_runs_recorded_before_recipe_and_input_prompter_resume(tmp_path, folder)
     del record["recipe"], record["input_prompter"]
     old.mkdir()
     safetensors.torch.save_file({"x": torch.zeros(1)}, old / finetune.LAST,
-                                metadata={finetune.CLI_KEY: json.dumps({"args": record})})
+                                metadata={finetune.CLI_KEY: json.dumps({"epoch": 1, "args": record})})
     (old / finetune.STATE).write_bytes(b"")
     args = finetune.parse_args([*argv, "--resume", str(old)])
     assert args.out == str(old) and (args.recipe, args.input_prompter) == (None, False)
@@ -431,3 +433,71 @@ def test_bad_recipe_arguments_exit_2(folder, weights, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
         finetune.main(["--data", str(folder), "--weights", str(weights), *TINY, *argv])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ defaults a newcomer's first command can use
+
+
+@pytest.mark.skipif(not data.fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
+def test_first_fashion_mnist_command_runs_with_derived_defaults(tmp_path, capsys):
+    """`--data fashion-mnist --random-init --epochs 1` runs as typed: warm-up and random-selection epochs are 10 % of
+    --epochs, the image size Fashion-MNIST's 28 px rounded up to the patch size, the batch at most the training
+    images; the banner says which values were derived."""
+    args = finetune.parse_args(["--data", "fashion-mnist", "--random-init", "--epochs", "1"])
+    assert (args.warmup_epochs, args.random_epochs, args.img_size, args.batch_size) == (0.1, 0, 32, None)
+    assert finetune.parse_args(["--data", "fashion-mnist", "--random-init"]).random_epochs == 10
+    kwargs = json.dumps({k: v for k, v in MODEL_KWARGS.items()})  # patch 4: 28 px is 7 x 7 patches
+    out = tmp_path / "run"
+    assert run("--data", "fashion-mnist", "--random-init", "--epochs", 1, "--train-limit", 38, "--val-limit", 16,
+               "--pool-size", 4, "--topk", 2, "--model-kwargs", kwargs, "--out", out) == 0
+    saved = meta(out / "last.safetensors")["args"]
+    assert (saved["img_size"], saved["batch_size"], saved["warmup_epochs"]) == (28, 38, 0.1)
+    printed = capsys.readouterr().out
+    assert "38 training / 16 validation images, 10 classes" in printed and "trainable parameters" in printed
+    assert "--img-size 28 (Fashion-MNIST's 28 px rounded up to the patch size 4)" in printed
+    assert "--batch-size 38 (128, at most the training images)" in printed
+    assert "--warmup-epochs 0.1 (10 % of --epochs)" in printed
+
+
+def test_default_batch_size_fits_the_training_set():
+    assert finetune.default_batch_size(60000, 1, True) == 128
+    assert finetune.default_batch_size(37, 1, True) == 36  # mixup pairs images: even
+    assert finetune.default_batch_size(37, 4, False) == 36  # a multiple of the processes
+    with pytest.raises(SystemExit) as info:
+        finetune.default_batch_size(1, 1, True)
+    assert info.value.code == 2
+
+
+def test_every_bad_option_in_one_message_defaults_named(folder, capsys):
+    with pytest.raises(SystemExit) as info:
+        finetune.main(["--data", str(folder), "--random-init", *TINY, "--pool-size", "4", "--lr", "-1",
+                       "--batch-size", "7", "--epochs", "2", "--random-epochs", "2"])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert all(line.startswith("tcpa-finetune: error: --") for line in lines) and len(lines) == 4, lines
+    assert "--topk: expected an int in [1, 4], got 10" in lines[0] and lines[0].endswith("(not given: a default)")
+    assert [line.split()[2] for line in lines[1:]] == ["--lr:", "--random-epochs:", "--batch-size:"]
+    assert not any("not given" in line for line in lines[1:])
+
+
+# ------------------------------------------------------------------------- --resume alone, --checkpoint DIR
+
+
+def test_resume_alone_continues_with_the_runs_options_and_extends_it(tmp_path, folder, capsys):
+    out = tmp_path / "run"
+    first = ["--data", folder, "--random-init", *TINY, *QUICK, "--method", "linear", "--epochs", 1, "--val-limit", 2,
+             "--quiet", "--out", out]
+    assert run(*first) == 0
+    assert run("--resume", out, "--epochs", 2) == 0  # every other option from the checkpoint
+    assert meta(out / "last.safetensors")["epoch"] == 2 and len(log(out)["history"]) == 2
+    assert meta(out / "last.safetensors")["args"]["val_limit"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run("--resume", out, "--epochs", 1)
+    assert info.value.code == 2
+    assert "--epochs: expected at least the 2 epochs the run has done, got 1" in capsys.readouterr().err
+    # --eval-only: --checkpoint takes the folder (its best.safetensors) and evaluates the whole split, not the run's
+    # --val-limit, saying how many images
+    evaluated = evaluate(out, "--data", folder)
+    assert evaluated["checkpoint"] == str(out / "best.safetensors") and evaluated["images"] == 8
+    assert evaluate(out, "--data", folder, "--val-limit", 3)["images"] == 3
