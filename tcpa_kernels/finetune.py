@@ -55,6 +55,12 @@ torchrun (WORLD_SIZE > 1): one process per device (nccl on CUDA, gloo on CPU), D
 DistributedSampler; --batch-size is the global batch, each process takes --batch-size / world size (it must
 divide). Validation is split over the processes and summed; rank 0 prints and writes.
 
+Option names follow timm's train.py where the meaning is the same (--model, --img-size, --epochs, --lr,
+--weight-decay, --warmup-epochs, --smoothing, --mixup, --cutmix, --aa, --reprob, --hflip, --scale, --ratio,
+--color-jitter, --seed, --resume), with its short forms -b (--batch-size) and -j (--workers). Options only one
+--method reads (--topk, --random-epochs, --match-weight, --backend: tcpa; --num-prompts: vpt; --pool-size,
+--prompt-dropout: tcpa or vpt) are refused with another method when given.
+
 Bad options exit with code 2 before any data is read, with one line per bad option naming it, the expected and
 the received value, and "(not given: a default)" where the user did not set it. --quiet: no banner, progress bars
 or per-epoch lines (the files are written all the same).
@@ -70,6 +76,7 @@ import random
 import resource
 import signal
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -133,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int,
                    help="input size (default: the model's pretrained config; fashion-mnist with --random-init: 28 px "
                         "rounded up to the patch size)")
-    g.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    g.add_argument("-j", "--workers", type=int, default=0,
+                   help="data loader worker processes (default: 0; -j as timm's train.py)")
     g = p.add_argument_group("model and method")
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm ViT name (default: vit_tiny_patch16_224)")
     g.add_argument("--model-kwargs", default="{}", help="JSON of timm.create_model overrides (patch_size, depth, ...)")
@@ -163,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"script, {RECIPE_SOURCE.format('<dataset>')}: {presets}; --lr, --weight-decay and "
                         "--[no-]input-prompter given win")
     g.add_argument("--epochs", type=int, default=100, help="(default: 100)")
-    g.add_argument("--batch-size", type=int,
-                   help=f"global batch size (default: {DEFAULT_BATCH_SIZE}, at most the training images)")
+    g.add_argument("-b", "--batch-size", type=int,
+                   help=f"global batch size (default: {DEFAULT_BATCH_SIZE}, at most the training images; -b as timm's "
+                        "train.py)")
     g.add_argument("--lr", type=float, help="peak learning rate, AdamW (default: 0.004, or the --recipe's)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1, or the --recipe's)")
     g.add_argument("--warmup-epochs", type=float,
@@ -224,6 +233,18 @@ def read_meta(path, name: str) -> dict:
     return json.loads(meta)
 
 
+def read_state(path) -> dict:
+    """--resume: the run's last_state.pt (exit 2 naming --resume when it cannot be read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip, pickle and EOF errors of a truncated or foreign file
+        fail(f"--resume: expected a complete {STATE} written by this CLI, got {str(path)!r}, which cannot be read "
+             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    if not isinstance(state, dict) or not {"progress", "optimizer", "scaler", "rng"} <= set(state):
+        fail(f"--resume: expected a {STATE} written by this CLI, got {str(path)!r} without its keys")
+    return state
+
+
 def resume_paths(resume: str) -> tuple[Path, Path]:
     """(checkpoint, state file) of --resume DIR_OR_FILE."""
     path = Path(resume)
@@ -255,6 +276,7 @@ def parse_args(argv) -> argparse.Namespace:
         check_resume(args, given)
     elif args.out is None:
         args.out = str(Path("runs/finetune") / time.strftime("%Y%m%d-%H%M%S"))
+    check_out(args.out)
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and args.resume is None:
         fail(f"--out: {args.out} exists and is not empty (continue a run with --resume {args.out})")
     return args
@@ -333,7 +355,7 @@ def check_options(args, given: set[str]) -> None:
         args.random_epochs = int(DEFAULT_FRACTION * epochs)
         args._defaults["random_epochs"] = "10 % of --epochs, rounded down"
     integer("pool_size", 1, MAX_POOL_ENTRIES // 2)  # both pools take --pool-size entries
-    integer("topk", 1, args.pool_size)
+    integer("topk", 1, args.pool_size if args.method == "tcpa" else None)  # only TCPA reads it
     integer("workers", 0)
     integer("random_epochs", 0)
     integer("seed", 0, 2**32 - 1)
@@ -363,7 +385,10 @@ def check_options(args, given: set[str]) -> None:
     if args.method not in PROMPT_METHODS and (args.recipe is not None or args.input_prompter):
         name = "--recipe" if args.recipe is not None else "--input-prompter"
         errors.append(f"{name}: applies to --method tcpa or vpt, got --method {args.method}")
+    errors += check_method_options(args, given)
     errors += check_data(args)
+    if not any(e.startswith(("--model", "--img-size")) for e in errors):
+        errors += check_model(args)
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():
         args.checkpoint = str(Path(args.checkpoint) / BEST)
     for name in ("weights", "checkpoint"):
@@ -396,6 +421,62 @@ def check_options(args, given: set[str]) -> None:
     if args.img_size is None:
         args.img_size = default_img_size(args)
     args.num_prompts = args.num_prompts or 2 * args.pool_size
+
+
+# options that only one --method reads: refused with another method when given on the command line
+METHOD_OPTIONS = {"topk": ("tcpa",), "random_epochs": ("tcpa",), "match_weight": ("tcpa",), "backend": ("tcpa",),
+                  "pool_size": PROMPT_METHODS,  # vpt: the default of --num-prompts
+                  "num_prompts": ("vpt",), "prompt_dropout": PROMPT_METHODS}
+
+
+def check_method_options(args, given: set[str]) -> list[str]:
+    """The options given on the command line that --method does not read."""
+    errors = []
+    for name, methods in METHOD_OPTIONS.items():
+        if name in given and args.method not in methods:
+            errors.append(f"{option(name)}: applies to --method {' or '.join(methods)}, got --method {args.method} "
+                          f"({option(name)} {getattr(args, name)})")
+    return errors
+
+
+def check_model(args) -> list[str]:
+    """--model (with --model-kwargs and --img-size): a timm ViT this CLI and --method can train, built on the meta
+    device (no memory, no weights) to find out."""
+    import timm
+
+    from tcpa_kernels.vit import _check_model
+
+    if not timm.is_model(args.model) or not isinstance(args.model_kwargs, dict):
+        return []
+    size = {"img_size": args.img_size} if isinstance(args.img_size, int) and args.img_size >= 1 else {}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(args.model, pretrained=False, **size, **args.model_kwargs)
+    except Exception as error:  # timm raises whatever the model class does (TypeError, AssertionError, ...)
+        return [f"--model: expected a timm ViT that takes img_size and the --model-kwargs, got {args.model!r} "
+                f"({type(error).__name__}: {error})"]
+    if args.method in PROMPT_METHODS:
+        try:
+            _check_model(model)
+        except (TypeError, ValueError):
+            return [f"--model: expected a timm ViT that --method {args.method} supports (VisionTransformer, DeiT, "
+                    f"Eva: README, 'Supported models'), got {args.model!r} ({type(model).__name__})"]
+    return []
+
+
+def check_out(out: str) -> None:
+    """--out: a folder (or a path below a folder) this process can write to."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        fail(f"--out: expected a folder, got {out!r}, which is a file")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        fail(f"--out: expected a folder that can be created, got {out!r}, below the file {str(parent)!r}")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        fail(f"--out: expected a writable folder, got {out!r}: cannot write to {str(parent)!r} ({error.strerror})")
 
 
 def not_given(error: str, args, given: set[str]) -> bool:
@@ -525,18 +606,39 @@ def augmentation(args) -> dict:
 
 def load_backbone(model: nn.Module, path) -> None:
     """Load a local state dict, skipping head tensors of another shape; every backbone key must be present."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state))
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+    except Exception as error:  # safetensors, zip and pickle readers each raise their own error types
+        fail(f"--weights: expected a complete .safetensors file or torch state dict, got {str(path)!r}, which cannot "
+             f"be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        fail(f"--weights: expected a state dict (name -> tensor), got {str(path)!r} holding {type(state).__name__}")
     own = model.state_dict()
+    other = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+             if k in own and own[k].shape != v.shape and not k.startswith("head")}
+    if other:
+        shapes = "; ".join(f"{k}: saved {saved}, expected {expected}"
+                           for k, (saved, expected) in list(other.items())[:3])
+        hint = (" (the position embedding: --img-size and the patch size must be those the weights were trained "
+                "with)" if any("pos_embed" in k for k in other) else "")
+        fail(f"--weights: {path} holds backbone tensors of another shape than this model (--img-size "
+             f"{img_size(model)}) expects: {shapes}{hint}")
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.startswith("head")]
     if missing:
         fail(f"--weights: {path} lacks backbone tensors of this model, e.g. {missing[:3]}")
+
+
+def img_size(model: nn.Module):
+    """The input size a timm ViT was built for (its patch embedding's), or '?'."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return size[-1] if isinstance(size, (tuple, list)) else size or "?"
 
 
 def create_backbone(args) -> nn.Module:
@@ -753,6 +855,9 @@ def fit(args, rank, world, device) -> dict:
     seed_everything(args.seed)
     amp, out = AMP[args.amp], Path(args.out)
     model = create_backbone(args)
+    if args.resume is not None:  # read before the data: a damaged file ends the run at once
+        checkpoint, state_file = resume_paths(args.resume)
+        state = read_state(state_file)
     data_config = data.model_data_config(model, args.img_size)
     train_ds, val_ds, classes = load_data(args, data_config)
     model = add_method(model, args, len(classes)).to(device)
@@ -776,9 +881,8 @@ def fit(args, rank, world, device) -> dict:
     total_steps, warmup = args.epochs * len(train_loader), int(args.warmup_epochs * len(train_loader))
     progress = {"epoch": 0, "step": 0, "best_acc": -1.0, "best_epoch": 0, "history": []}
     if args.resume is not None:
-        checkpoint, state_file = resume_paths(args.resume)
         load_tensors(model, checkpoint, args.method, "--resume")
-        state, saved = torch.load(state_file, map_location="cpu", weights_only=True), read_meta(checkpoint, "--resume")
+        saved = read_meta(checkpoint, "--resume")
         if saved["classes"] != classes:
             fail(f"--data: the run was trained on classes {saved['classes']}, {args.data} has {classes}")
         if state["progress"]["epoch"] != saved["epoch"]:
@@ -793,6 +897,7 @@ def fit(args, rank, world, device) -> dict:
         print(banner(args, len(train_ds), len(val_ds), len(classes), params, device, out))
     history, step, wrapped = progress["history"], progress["step"], None
     forward = torch.compile(model) if args.compile else model
+    run_start, eta_step = time.perf_counter(), step + min(ETA_STEPS, len(train_loader))
     for epoch in range(progress["epoch"], args.epochs):
         mode = "random" if args.method == "tcpa" and epoch < args.random_epochs else "topk"
         if args.method == "tcpa":
@@ -826,6 +931,9 @@ def fit(args, rank, world, device) -> dict:
             sums = [sums[0] + loss.item() * len(labels), sums[1] + (logits.argmax(-1) == labels).sum().item(),
                     sums[2] + len(labels)]
             bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}")
+            if step == eta_step and main and not args.quiet:
+                bar.write(eta_line(time.perf_counter() - start, step - epoch * len(train_loader), len(train_loader),
+                                   args.epochs - epoch))
         epoch_s = time.perf_counter() - start
         loss_sum, correct, seen = all_sum(sums, world, device)
         val_loss, val_acc = evaluate(model, eval_loader, device, amp, args.method, world)
@@ -847,11 +955,46 @@ def fit(args, rank, world, device) -> dict:
             save_epoch(out, writers)
             write_logs(summarize(args, history, progress, params, device), out)
             if not args.quiet:
-                print(json.dumps(history[-1]))
+                print(epoch_line(history[-1], args.epochs, optimizer.param_groups[0]["lr"]))
     summary = summarize(args, history, progress, params, device)
     if main:
         plot_curves(summary, out)
+        if not args.quiet:
+            print(final_line(summary, progress, time.perf_counter() - run_start, out))
     return summary
+
+
+ETA_STEPS = 3  # the estimate of the run's length is printed after this many steps (or the first epoch, if shorter)
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3.5 min', '2.1 h'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def eta_line(elapsed: float, steps: int, steps_per_epoch: int, epochs_left: int) -> str:
+    """The estimate printed once after the first steps: training time per epoch and for the epochs left (without
+    validation)."""
+    per_epoch = elapsed / max(1, steps) * steps_per_epoch
+    return (f"{PROG}: about {duration(per_epoch)} per epoch, {duration(per_epoch * epochs_left)} in all "
+            f"({epochs_left} epoch{'s' * (epochs_left != 1)}, training only; from the first {steps} "
+            f"step{'s' * (steps != 1)})")
+
+
+def epoch_line(h: dict, epochs: int, lr: float) -> str:
+    """One readable line per epoch (log.csv / log.json hold every value)."""
+    return (f"epoch {h['epoch']}/{epochs}  train loss {h['train_loss']:.3f}  val loss {h['val_loss']:.3f}  "
+            f"val acc {100 * h['val_acc']:.1f} %  lr {lr:.1e}  {duration(h['epoch_s'])}")
+
+
+def final_line(summary: dict, progress: dict, seconds: float, out: Path) -> str:
+    """The end of a run: the best validation accuracy and its epoch, the time, where the files are."""
+    files = [name for name in (BEST, LAST, STATE, "log.csv", "log.json", "curves.png") if (out / name).exists()]
+    return (f"{PROG}: done: best val acc {100 * summary['best_val_acc']:.1f} % at epoch {summary['best_epoch']} of "
+            f"{progress['epoch']} (last {100 * summary['val_acc']:.1f} %), {duration(seconds)}; files in {out}: "
+            f"{', '.join(files)}")
 
 
 def default_batch_size(train_images: int, world: int, mixing: bool) -> int:
@@ -901,6 +1044,15 @@ def plot_curves(summary: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    fig = curves_figure(summary, plt)
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def curves_figure(summary: dict, plt):
+    """The figure of curves.png: loss and accuracy per epoch, on integer epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+
     history = summary["history"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [h["epoch"] for h in history]
@@ -910,11 +1062,11 @@ def plot_curves(summary: dict, out: Path) -> None:
         ax_acc.plot(epochs, [h[key] for h in history], marker="o", label=key)
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{summary['method']}: {title}")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,11 @@ from tcpa_kernels import checkpoint, data, finetune
 MODEL_KWARGS = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg"}
 # average pooling: a random (unpretrained) backbone's CLS output carries little of the image
 TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "16", "--model-kwargs", json.dumps(MODEL_KWARGS)]
-# small pools, a short schedule with one random-selection epoch, 2 steps an epoch on the 16 training images
-QUICK = ["--pool-size", "4", "--topk", "2", "--warmup-epochs", "1", "--random-epochs", "1", "--batch-size", "8"]
+# a short schedule, 2 steps an epoch on the 16 training images: every method
+QUICK_ANY = ["--warmup-epochs", "1", "--batch-size", "8"]
+# ... with small pools and one random-selection epoch: --method tcpa (the others refuse TCPA's options)
+QUICK = [*QUICK_ANY, "--pool-size", "4", "--topk", "2", "--random-epochs", "1"]
+TCPA_ONLY = {"tcpa": ["--topk", "2", "--random-epochs", "2"], "vpt": [], "linear": []}
 NO_AUGMENTATION = ["--mixup", "0", "--smoothing", "0", "--hflip", "0", "--scale", "1", "1", "--ratio", "1", "1",
                    "--color-jitter", "0"]
 
@@ -71,8 +74,9 @@ def meta(path) -> dict:
 @pytest.mark.parametrize("method", ["tcpa", "vpt", "linear"])
 def test_overfits_small_batch_and_checkpoints_reload(tmp_path, folder, weights, method):
     out = tmp_path / method
-    args = ["--method", method, "--epochs", "10", "--lr", "1e-2", "--warmup-epochs", "0", "--pool-size", "4",
-            "--topk", "2", "--random-epochs", "2", "--prompt-dropout", "0", "--batch-size", "16", "--out", out,
+    prompts = ["--pool-size", "4", "--prompt-dropout", "0"] if method != "linear" else []
+    args = ["--method", method, "--epochs", "10", "--lr", "1e-2", "--warmup-epochs", "0", *prompts,
+            *TCPA_ONLY[method], "--batch-size", "16", "--out", out,
             "--data", folder, "--weights", weights, "--quiet", *NO_AUGMENTATION, *TINY]
     assert run(*args) == 0
     summary = log(out)
@@ -202,7 +206,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, folder, weights, m
 def test_interrupt_while_writing_keeps_the_last_checkpoint(tmp_path, folder, weights, monkeypatch, capsys):
     out = tmp_path / "run"
     args = ["--method", "linear", "--epochs", 2, "--out", out, "--data", folder, "--weights", weights, "--quiet",
-            *TINY, *QUICK]
+            *TINY, *QUICK_ANY]
     save_file = safetensors.torch.save_file
 
     def interrupted_in_epoch_2(tensors, path, metadata):
@@ -230,8 +234,9 @@ def test_interrupt_while_writing_keeps_the_last_checkpoint(tmp_path, folder, wei
 
 
 def test_prompt_transform_options_reach_the_library(tmp_path, folder, weights):
-    common = ["--data", folder, "--weights", weights, *QUICK, "--epochs", 1, "--random-epochs", 0, "--quiet", *TINY]
-    for method, extra in (("tcpa", ["--prompt-dropout-per-sample", "--fourier-fraction", 0.5]), ("vpt", [])):
+    common = ["--data", folder, "--weights", weights, *QUICK_ANY, "--pool-size", 4, "--epochs", 1, "--quiet", *TINY]
+    for method, extra in (("tcpa", ["--prompt-dropout-per-sample", "--fourier-fraction", 0.5, "--topk", 2,
+                                    "--random-epochs", 0]), ("vpt", [])):
         out = tmp_path / method
         assert run(*common, "--method", method, "--prompt-transform", "fourier", *extra, "--out", out) == 0
         config = checkpoint.read_trainable(out / "last.safetensors", checkpoint.METADATA_KEY)[0]["config"]
@@ -325,18 +330,77 @@ BAD = [
     ([*B, "--eval-only", "--checkpoint", "{weights}"], "--checkpoint: {weights} is not a safetensors file"),
     ([*B, "--resume", "{tmp}/nothing"], "--resume: {tmp}/nothing not found"),
     ([*B, "--out", "{tmp}"], "--out: {tmp} exists and is not empty"),
+    # models this CLI cannot train, an --out that cannot be written, options --method does not read: exit 2 up front
+    ([*B, "--model", "resnet18"], "--model: expected a timm ViT that takes img_size and the --model-kwargs, got "
+                                  "'resnet18' (TypeError: ResNet.__init__() got an unexpected keyword argument"),
+    ([*B, "--model", "swin_tiny_patch4_window7_224", "--img-size", "224", "--model-kwargs", "{{}}"],
+     "--model: expected a timm ViT that --method tcpa supports (VisionTransformer, DeiT, Eva: README, 'Supported "
+     "models'), got 'swin_tiny_patch4_window7_224' (SwinTransformer)"),
+    ([*B, "--out", "{weights}"], "--out: expected a folder, got '{weights}', which is a file"),
+    ([*B, "--out", "{weights}/run"], "--out: expected a folder that can be created, got '{weights}/run', below the "
+                                     "file '{weights}'"),
+    ([*B, "--out", "/proc/tcpa_run"], "--out: expected a writable folder, got '/proc/tcpa_run': cannot write to "
+                                      "'/proc'"),
+    ([*B, "--method", "linear", "--topk", "2"], "--topk: applies to --method tcpa, got --method linear (--topk 2)"),
+    ([*B, "--method", "vpt", "--random-epochs", "1"], "--random-epochs: applies to --method tcpa, got --method vpt"),
+    ([*B, "--method", "vpt", "--match-weight", "0.1"], "--match-weight: applies to --method tcpa, got --method vpt"),
+    ([*B, "--method", "full", "--pool-size", "4"], "--pool-size: applies to --method tcpa or vpt, got --method full"),
+    ([*B, "--method", "linear", "--prompt-dropout", "0"], "--prompt-dropout: applies to --method tcpa or vpt"),
+    ([*B, "--num-prompts", "4"], "--num-prompts: applies to --method vpt, got --method tcpa (--num-prompts 4)"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[4:] or a) for a, _ in BAD])
 def test_bad_arguments_exit_2(tmp_path, folder, weights, capsys, argv, message):
     def fill(s):
-        return s.replace("{folder}", str(folder)).replace("{weights}", str(weights)).replace("{tmp}", str(tmp_path))
+        s = s.replace("{{}}", "{}").replace("{folder}", str(folder))
+        return s.replace("{weights}", str(weights)).replace("{tmp}", str(tmp_path))
 
     with pytest.raises(SystemExit) as info:
         finetune.main(TINY + [fill(a) for a in argv])
     assert info.value.code == 2
     assert fill(message) in capsys.readouterr().err
+
+
+def test_method_options_are_refused_only_when_typed(tmp_path, folder, weights):
+    """A --resume'd linear run's record holds TCPA's defaults (--topk 10, ...): they are not refused."""
+    args = finetune.parse_args(["--data", str(folder), "--weights", str(weights), *TINY, "--method", "linear",
+                                "--out", str(tmp_path / "run")])
+    assert (args.topk, args.pool_size, args.random_epochs) == (10, 18, 10)
+
+
+def test_damaged_weights_and_state_files_exit_2_naming_the_option(tmp_path, folder, weights, capsys, monkeypatch):
+    """A truncated --weights (.pth, .safetensors) or last_state.pt ends with exit 2 naming the option, before any
+    data is read; weights trained at another --img-size say which tensor differs and how."""
+    common = ["--data", folder, "--quiet", *TINY, *QUICK, "--epochs", 1, "--random-epochs", 0]
+    out = tmp_path / "run"
+    assert run(*common, "--weights", weights, "--epochs", 2, "--out", out) == 0
+    monkeypatch.setattr(finetune, "load_data", lambda *a: pytest.fail("the data was read"))
+    safetensors.torch.save_file(torch.load(weights, weights_only=True), tmp_path / "w.safetensors")
+    for path in (weights, tmp_path / "w.safetensors"):
+        cut = tmp_path / f"cut{path.suffix}"
+        cut.write_bytes(path.read_bytes()[:-1000])
+        with pytest.raises(SystemExit) as info:
+            run(*common, "--weights", cut, "--out", tmp_path / "never")
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"--weights: expected a complete .safetensors file or torch state dict, got " \
+            f"'{cut}', which cannot be read (" in err, err
+    torch.manual_seed(0)  # the tiny backbone at 32 px: 64 patches instead of 16
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, **MODEL_KWARGS)
+    torch.save(model.state_dict(), tmp_path / "w32.pth")
+    with pytest.raises(SystemExit) as info:
+        run(*common, "--weights", tmp_path / "w32.pth", "--out", tmp_path / "never")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "lacks" not in err
+    assert "holds backbone tensors of another shape than this model (--img-size 16) expects: pos_embed: saved " \
+           "(1, 65, 32), expected (1, 17, 32) (the position embedding: --img-size and the patch size must be those " \
+           "the weights were trained with)" in err, err
+    (out / finetune.STATE).write_bytes((out / finetune.STATE).read_bytes()[:100])
+    with pytest.raises(SystemExit) as info:
+        run("--resume", out, "--epochs", 3)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--resume: expected a complete last_state.pt written by this CLI, got " \
+        f"'{out / finetune.STATE}', which cannot be read (" in err, err
 
 
 @pytest.mark.skipif(not data.fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
@@ -355,7 +419,7 @@ def test_bad_fashion_mnist_arguments_exit_2(capsys, argv, message):
 def test_bad_eval_only_arguments_exit_2(tmp_path, folder, weights, capsys):
     out = tmp_path / "run"
     assert run("--method", "linear", "--epochs", 1, "--out", out, "--data", folder, "--weights", weights, "--quiet",
-               *TINY, *QUICK) == 0
+               *TINY, *QUICK_ANY) == 0
     for argv, message in (([], "--weights: required: the checkpoint was trained on the backbone"),
                           (["--random-init"], "--random-init: not with --eval-only")):
         with pytest.raises(SystemExit) as info:
@@ -485,8 +549,8 @@ def test_every_bad_option_in_one_message_defaults_named(folder, capsys):
 
 def test_resume_alone_continues_with_the_runs_options_and_extends_it(tmp_path, folder, capsys):
     out = tmp_path / "run"
-    first = ["--data", folder, "--random-init", *TINY, *QUICK, "--method", "linear", "--epochs", 1, "--val-limit", 2,
-             "--quiet", "--out", out]
+    first = ["--data", folder, "--random-init", *TINY, *QUICK_ANY, "--method", "linear", "--epochs", 1,
+             "--val-limit", 2, "--quiet", "--out", out]
     assert run(*first) == 0
     assert run("--resume", out, "--epochs", 2) == 0  # every other option from the checkpoint
     assert meta(out / "last.safetensors")["epoch"] == 2 and len(log(out)["history"]) == 2
@@ -501,3 +565,53 @@ def test_resume_alone_continues_with_the_runs_options_and_extends_it(tmp_path, f
     evaluated = evaluate(out, "--data", folder)
     assert evaluated["checkpoint"] == str(out / "best.safetensors") and evaluated["images"] == 8
     assert evaluate(out, "--data", folder, "--val-limit", 3)["images"] == 3
+
+
+# ------------------------------------------------------------------------------------------- console output
+
+
+def test_console_shows_an_estimate_one_line_an_epoch_and_a_summary(tmp_path, folder, weights, capsys):
+    out = tmp_path / "run"
+    assert run("--data", folder, "--weights", weights, *TINY, *QUICK, "--epochs", 3, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^tcpa-finetune: about \d+ s per epoch, \d+ s in all \(3 epochs, training only; from the first "
+                     r"2 steps\)$", printed, re.M), printed
+    lines = re.findall(r"^epoch .*$", printed, re.M)
+    history = log(out)["history"]
+    assert len(lines) == 3 and not any(line.startswith("{") for line in printed.splitlines())
+    for line, h in zip(lines, history):
+        assert re.fullmatch(rf"epoch {h['epoch']}/3  train loss {h['train_loss']:.3f}  val loss {h['val_loss']:.3f}  "
+                            rf"val acc {100 * h['val_acc']:.1f} %  lr \d\.\de-\d\d  \d+ s", line), line
+    summary = log(out)
+    assert (f"tcpa-finetune: done: best val acc {100 * summary['best_val_acc']:.1f} % at epoch "
+            f"{summary['best_epoch']} of 3 (last {100 * summary['val_acc']:.1f} %), ") in printed
+    assert printed.rstrip().endswith(f"files in {out}: best.safetensors, last.safetensors, last_state.pt, log.csv, "
+                                     "log.json, curves.png")
+
+
+def test_curves_have_integer_epoch_ticks():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "train_acc": e / 4, "val_acc": e / 4}
+               for e in (1, 2, 3)]
+    fig = finetune.curves_figure({"method": "tcpa", "history": history}, plt)
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    plt.close(fig)
+
+
+def test_durations_read_as_seconds_minutes_hours():
+    assert [finetune.duration(s) for s in (42, 210, 7560)] == ["42 s", "3.5 min", "2.1 h"]
+    assert finetune.eta_line(3.0, 3, 10, 5).startswith("tcpa-finetune: about 10 s per epoch, 50 s in all (5 epochs")
+
+
+def test_timm_short_options_are_aliases(folder):
+    args = finetune.parse_args(["--data", str(folder), "--random-init", "-b", "16", "-j", "2"])
+    assert (args.batch_size, args.workers) == (16, 2)
+    assert {"batch_size", "workers"} <= finetune.given_options(["-b", "16", "-j", "2"])
+    text = finetune.build_parser().format_help()
+    assert "-b BATCH_SIZE, --batch-size BATCH_SIZE" in text and "-j WORKERS, --workers WORKERS" in text

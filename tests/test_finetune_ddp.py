@@ -53,7 +53,7 @@ def test_torchrun_two_processes(tmp_path):
     assert len(log["history"]) == 2
     assert finetune.read_meta(out / "last.safetensors", "")["batch_per_process"] == 4
     # validation summed over both processes equals one process's over all 9 images
-    evaluated = evaluate(out / "last.safetensors", "--data", folder, "--weights", weights)
+    evaluated = evaluate(out / "last.safetensors", "--data", folder, "--weights", weights, "--val-limit", 9)
     assert evaluated["val_acc"] == log["val_acc"]
     assert evaluated["val_loss"] == pytest.approx(log["val_loss"], rel=1e-5)
 
