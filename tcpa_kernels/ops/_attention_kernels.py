@@ -488,9 +488,8 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
     (B, H, N, P, D), qkv, prompts = _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides)
     entry = _table_entry("bwd", D, dtype)
     group = cdiv(B, prompt_groups) if prompt_groups else 1  # shared prompts' partials: one per group of entries
-    splits = key_splits(B * H, cdiv(N + P, _launch_config(*entry, N, P, D, ())["BLOCK_N"]), sms)
-    if (config_key(D, dtype)[1], mask_mode) in UNSPLIT_BACKWARD:
-        splits = 1
+    tiles = cdiv(N + P, _launch_config(*entry, N, P, D, ())["BLOCK_N"])  # key tiles (BLOCK_N takes no flag)
+    splits = 1 if (config_key(D, dtype)[1], mask_mode) in UNSPLIT_BACKWARD else key_splits(B * H, tiles, sms)
     meta = _launch_config(*entry, N, P, D, (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize),
                                             ("ATOMIC", atomic), ("SPLIT", splits > 1), ("GROUPED", group > 1)))
     if packed:
@@ -501,7 +500,7 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
     dprompts = (0 if atomic else 2 * H * P * D, P * D, D)
     scalars = (*qkv, *prompts, *outs, *grad_outs, *grads, *dprompts, B, H, N, P, D, scale * LOG2E, scale,
                *_selection_scalars(mask_mode, layout), splits, group)
-    programs, tiles = (B * H * splits if splits > 1 else cdiv(B, group) * H), cdiv(N + P, meta["BLOCK_N"])
+    programs = B * H * splits if splits > 1 else cdiv(B, group) * H
     accumulators = (B * H * tiles if splits > 1 else programs) * N * D if tiles > 1 else 0  # dq's fp32 accumulators
     scratch = cdiv(programs * N, 16) * 16 + accumulators
     return (programs,), scalars, meta, scratch, B * H if splits > 1 else 0
