@@ -1,7 +1,6 @@
 """Model level: train step (forward + backward + AdamW) and inference of the no-prompt ViT, VPT-deep with the
-same number of prompt tokens, the published dense-mask TCPA, and fused TCPA (docs/how-it-works.md, 'Targets'). Scaling
-sweeps:
-``test_sweep.py``."""
+same number of prompt tokens, the published dense-mask TCPA, and fused TCPA (docs/how-it-works.md, 'Targets').
+Scaling sweeps: ``test_sweep.py``."""
 
 import pytest
 

@@ -383,8 +383,8 @@ def apply_tcpa(model: nn.Module, config: TCPAConfig | None = None, **options: An
         prompt_dropout_per_sample: one dropout mask per sample, as the published code (the prompt keys/values
             become [B, H, P, D] in training, B times the work of the shared [H, P, D]); default one for the batch.
         prompt_transform: "none", or "fourier" for VFPT+TCPA (the published configuration, docs/how-it-works.md,
-        'Fourier prompts'): each
-            layer's prompt tokens (CLS pool then image pool), after dropout, become ``fft2(prompts).real``.
+            'Fourier prompts'): each layer's prompt tokens (CLS pool then image pool), after dropout, become
+            ``fft2(prompts).real``.
         fourier_fraction: in (0, 1], VFPT's "Fourier percentage": only the first floor(fraction * P) prompt tokens
             are transformed (among themselves), the others pass unchanged.
         input_prompter: add the published recipe's trainable image-space prompter
