@@ -81,8 +81,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_shard(t) -> bool:
     """``t`` is a DTensor, as FSDP2 keeps parameters between forwards."""
+    return any_shard((t,))
+
+
+def any_shard(tensors) -> bool:
+    """Some tensor of ``tensors`` is a DTensor."""
     dtensor = sys.modules.get("torch.distributed.tensor")  # loaded whenever FSDP2 is used
-    return dtensor is not None and isinstance(t, dtensor.DTensor)
+    return dtensor is not None and any(isinstance(t, dtensor.DTensor) for t in tensors)
 
 
 def is_fully_sharded(module: nn.Module) -> bool:

@@ -22,13 +22,12 @@ be made and saved for backward otherwise); the attention kernels cast the prompt
 """
 
 import dataclasses
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcpa_kernels._patch import is_shard
+from tcpa_kernels._patch import any_shard
 from tcpa_kernels.integrations.prompt_tokens import forward_tokens
 
 
@@ -41,8 +40,15 @@ class Rows:
     name: str
     rows: slice | None = None
 
+    def whole(self) -> Tensor:
+        """The whole parameter or buffer (read through the module's dicts: ``Module.__getattr__`` costs ~0.7 us a
+        name, and every forward reads every layer's)."""
+        module = self.module
+        t = module._parameters.get(self.name)
+        return module._buffers[self.name] if t is None and self.name in module._buffers else t
+
     def get(self) -> Tensor:
-        t = getattr(self.module, self.name)
+        t = self.whole()
         return t if self.rows is None else t[self.rows]
 
 
@@ -70,13 +76,21 @@ def _cat(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def layer_tokens(state, batch_size: int) -> Tensor:
-    """Prompt tokens of every layer for this forward: [L, P, C], or [L, B, P, C] with a dropout mask per sample."""
+def prompt_parameters(state) -> list[Tensor]:
+    """Every layer's prompt parameters in layer order: [prompts_cls_0, prompts_img_0, prompts_cls_1, ...]."""
+    parts = []
+    for blk in state.blocks:
+        params = blk._modules["tcpa"]._parameters  # dict reads: see Rows.whole
+        parts += (params["prompts_cls"], params["prompts_img"])
+    return parts
+
+
+def layer_tokens(state, parts: list[Tensor], batch_size: int) -> Tensor:
+    """Prompt tokens of every layer for this forward from their parameters (``prompt_parameters``): [L, P, C], or
+    [L, B, P, C] with a dropout mask per sample."""
     config = state.config
-    if config.prompt_len_cls == config.prompt_len_img:  # [Pc, L, C] and [Pi, L, C] stack on their first dim
-        parts = [p for blk in state.blocks for p in (blk.tcpa.prompts_cls, blk.tcpa.prompts_img)]
-    else:
-        parts = [p.flatten(0, 1) for blk in state.blocks for p in (blk.tcpa.prompts_cls, blk.tcpa.prompts_img)]
+    if config.prompt_len_cls != config.prompt_len_img:  # else [Pc, L, C] and [Pi, L, C] stack on their first dim
+        parts = [p.flatten(0, 1) for p in parts]
     prompts = torch.cat(parts).view(len(state.blocks), config.num_prompts, -1)  # [L, P, C], one cat
     return forward_tokens(prompts, config, state.training, batch_size)
 
@@ -109,17 +123,20 @@ def _batchable(projections: list[KVProjection]) -> bool:
             and len({(p.kv_heads, p.head_dim, p.groups, p.biases is None) for p in projections}) == 1)
 
 
-def _affine(normed: Tensor, norms: list[nn.LayerNorm]) -> Tensor:
-    """normed [L, M, C] times each layer's LayerNorm weight plus its bias (absent ones: 1 and 0)."""
-    first = norms[0]
-    if first.weight is not None and first.bias is not None:
-        return torch.addcmul(torch.stack([n.bias for n in norms])[:, None], normed,
-                             torch.stack([n.weight for n in norms])[:, None])
-    if first.weight is not None:
-        return normed * torch.stack([n.weight for n in norms])[:, None]
-    if first.bias is not None:
-        return normed + torch.stack([n.bias for n in norms])[:, None]
-    return normed
+def _norm_parameters(norms: list[nn.LayerNorm]) -> tuple[Tensor | None, Tensor | None]:
+    """The layers' LayerNorm weights and biases stacked, [L, 1, C] each (None where the norms have none)."""
+    first = norms[0]._parameters  # dict reads: see Rows.whole
+    return tuple(None if first[name] is None else torch.stack([n._parameters[name] for n in norms])[:, None]
+                 for name in ("weight", "bias"))
+
+
+def _affine(normed: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """normed [L, M, C] times each layer's LayerNorm weight plus its bias ([L, 1, C] or None: 1 and 0)."""
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, normed, weight)
+    if weight is not None:
+        return normed * weight
+    return normed if bias is None else normed + bias
 
 
 def _pieces(rows: list[Rows], num_layers: int) -> tuple[list[Tensor], slice | None, bool]:
@@ -127,7 +144,7 @@ def _pieces(rows: list[Rows], num_layers: int) -> tuple[list[Tensor], slice | No
     the same rows (a packed projection's K/V rows): the layers' whole tensors, stacked, then those rows taken once;
     else the blocks themselves, concatenated."""
     if len(rows) == num_layers and all(r.rows == rows[0].rows for r in rows):
-        return [getattr(r.module, r.name) for r in rows], rows[0].rows, True
+        return [r.whole() for r in rows], rows[0].rows, True
     return [r.get() for r in rows], None, False
 
 
@@ -140,38 +157,63 @@ def _stacked(tensors: list[Tensor] | tuple[Tensor, ...], rows: slice | None, sta
     return blocks.view(num_layers, -1, *blocks.shape[1:])
 
 
-class _FrozenStackedLinear(torch.autograd.Function):
-    """Every layer's linear map in one batched GEMM with frozen weights: ``apply(x, bias, rows, stack, *tensors)``
-    with x [L, M, C], bias [L, 1, R] or None and the weights as ``_pieces`` gives them -> x_l @ W_l^T + b_l,
-    [L, M, R].
+class _FrozenNormLinear(torch.autograd.Function):
+    """Every layer's frozen linear map, after its frozen LayerNorm when ``eps`` is given, in one node and one batched
+    GEMM: ``apply(x, norm_weight, norm_bias, eps, bias, rows, stack, *tensors)`` with x [L, M, C], the norm's
+    parameters [L, 1, C] or None, bias [L, 1, R] or None and the weights as ``_pieces`` gives them ->
+    LN_l(x_l) @ W_l^T + b_l, [L, M, R]. Differentiable in x and the bias (the norm's parameters and the weights are
+    frozen).
 
     The stacked weight is a copy of the layers' weights (of their whole packed tensors when the K/V rows are a slice
     of them: [L, 3C, C], ~85 MB at ViT-B/16 in fp32): it is made for the GEMM and dropped, and made again in the
     backward, rather than kept for it (autograd would save the copy every step, of weights that are parameters
-    anyway). The backward keeps the weight tensors, never their modules."""
+    anyway). The backward keeps the weight tensors, never their modules, and the norm's statistics."""
 
     @staticmethod
-    def forward(ctx, x, bias, rows, stack, *tensors):
-        ctx.save_for_backward(*tensors)
+    def forward(ctx, x, norm_weight, norm_bias, eps, bias, rows, stack, *tensors):
+        mean = rstd = None
+        if eps is not None:  # [L, M, C] normalised over C, then each layer's affine
+            normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
+            h = _affine(normed, norm_weight, norm_bias)
+        else:
+            h = x
+        ctx.save_for_backward(x, norm_weight, mean, rstd, *tensors)
         ctx.layout = (rows, stack)
         weight = _stacked(tensors, rows, stack, x.shape[0]).transpose(1, 2)  # [L, C, R]
-        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
+        return torch.bmm(h, weight) if bias is None else torch.baddbmm(bias, h, weight)
 
     @staticmethod
     def backward(ctx, grad):  # grad [L, M, R]
-        tensors = ctx.saved_tensors
-        need_x, need_bias = ctx.needs_input_grad[:2]
-        grad_x = torch.bmm(grad, _stacked(tensors, *ctx.layout, grad.shape[0])) if need_x else None
-        return grad_x, grad.sum(1, keepdim=True) if need_bias else None, None, None, *([None] * len(tensors))
+        x, norm_weight, mean, rstd, *tensors = ctx.saved_tensors
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        grad_x = grad_bias = None
+        if need_x:
+            grad_x = torch.bmm(grad, _stacked(tensors, *ctx.layout, grad.shape[0]))  # [L, M, C]
+            if mean is not None:  # the norm's input gradient
+                grad_normed = grad_x if norm_weight is None else grad_x * norm_weight
+                grad_x = torch.ops.aten.native_layer_norm_backward(grad_normed, x, (x.shape[-1],), mean, rstd, None,
+                                                                   None, (True, False, False))[0]
+        if need_bias:
+            grad_bias = grad.sum(1, keepdim=True)
+        return grad_x, None, None, None, grad_bias, None, None, *([None] * len(tensors))
 
 
-def _stacked_linear(x: Tensor, bias: Tensor | None, rows: list[Rows]) -> Tensor:
-    """x [L, M, C] through each layer's linear map (``rows``: the weights' row blocks in layer order): [L, M, R]."""
+def _norm_linear(x: Tensor, norms: list[nn.LayerNorm] | None, bias: Tensor | None, rows: list[Rows]) -> Tensor:
+    """x [L, M, C] through each layer's LayerNorm (``norms``, one eps; None: no norm) and linear map (``rows``: the
+    weights' row blocks in layer order): [L, M, R]. One node where the parameters are frozen, else autograd through
+    the norm and the stacked weights."""
     tensors, common_rows, stack = _pieces(rows, x.shape[0])
-    if any(t.requires_grad for t in tensors):  # a trainable backbone projection: autograd through the stack
-        weight = _stacked(tensors, common_rows, stack, x.shape[0]).transpose(1, 2)
-        return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
-    return _FrozenStackedLinear.apply(x, bias, common_rows, stack, *tensors)
+    norm_weight, norm_bias = (None, None) if norms is None else _norm_parameters(norms)
+    frozen = not any(t.requires_grad for t in tensors)
+    norm_inside = norms is not None and frozen and not any(
+        t is not None and t.requires_grad for t in (norm_weight, norm_bias))
+    if norms is not None and not norm_inside:  # through autograd
+        x = _affine(F.layer_norm(x, (x.shape[-1],), eps=norms[0].eps), norm_weight, norm_bias)
+    if frozen:
+        norm = (norm_weight, norm_bias, norms[0].eps) if norm_inside else (None, None, None)
+        return _FrozenNormLinear.apply(x, *norm, bias, common_rows, stack, *tensors)
+    weight = _stacked(tensors, common_rows, stack, x.shape[0]).transpose(1, 2)  # a trainable backbone projection
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
 
 def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]:
@@ -179,21 +221,19 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
     L, C = tokens.shape[0], tokens.shape[-1]
     flat = tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
     first = projections[0]
-    if first.norm is not None:
-        flat = _affine(F.layer_norm(flat, (C,), eps=first.norm.eps), [p.norm for p in projections])
     bias = None if first.biases is None else _stacked(*_pieces([r for p in projections for r in p.biases], L), L)
-    kv = _stacked_linear(flat, None if bias is None else bias[:, None], [r for p in projections for r in p.weights])
+    norms = None if first.norm is None else [p.norm for p in projections]
+    kv = _norm_linear(flat, norms, None if bias is None else bias[:, None], [r for p in projections for r in p.weights])
     kv = kv.view(*tokens.shape[:-1], -1)  # [L, ..., P, 2*C_kv]
     if first.k_norm is None and first.groups == 1:  # the common case: one view for all layers
         return list(kv.unflatten(-1, (2, first.kv_heads, first.head_dim)).movedim(-4, -2).unbind(0))
     return [_heads(layer, p) for layer, p in zip(kv.unbind(0), projections)]
 
 
-def _sharded(state) -> bool:
-    """Some block's parameters are FSDP2 shards here: each block is its own shard group, whole inside its own forward
-    only (then the block running now is whole and the others are not)."""
-    return sys.modules.get("torch.distributed.tensor") is not None and any(
-        is_shard(blk.tcpa.prompts_cls) for blk in state.blocks)
+def _sharded(parts: list[Tensor]) -> bool:
+    """Some block's prompt parameters (``parts``) are FSDP2 shards here: each block is its own shard group, whole
+    inside its own forward only (then the block running now is whole and the others are not)."""
+    return any_shard(parts)
 
 
 def all_layers_kv(state, batch_size: int) -> list[Tensor | None]:
@@ -201,9 +241,12 @@ def all_layers_kv(state, batch_size: int) -> list[Tensor | None]:
     dropout mask per sample). All None when the blocks project their own: a family without a K/V projection of its
     own, or FSDP2 shards."""
     projections = state.projections
-    if projections[0] is None or _sharded(state):
+    if projections[0] is None:
         return [None] * len(projections)
-    tokens = layer_tokens(state, batch_size)  # [L, P, C] or [L, B, P, C]
+    parts = prompt_parameters(state)
+    if _sharded(parts):
+        return [None] * len(projections)
+    tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
     with torch.autocast(tokens.device.type, enabled=False):
         if _batchable(projections):
             return _batched_kv(projections, tokens)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tcpa_kernels._patch import is_shard, original_class, unwrap
+from tcpa_kernels._patch import any_shard, is_shard, original_class, unwrap
 from tcpa_kernels._validate import check_flag
 from tcpa_kernels.integrations.input_prompter import input_prompter_of
 from tcpa_kernels.integrations.models import model_family
@@ -75,7 +75,7 @@ def save_trainable(model: nn.Module, path: PathLike, metadata: dict[str, dict],
     from safetensors.torch import save_file
 
     params = _trainable(model) if params is None else params
-    sharded = any(is_shard(p) for p in params.values())
+    sharded = any_shard(params.values())
     tensors = {name: (p.full_tensor() if is_shard(p) else p).detach().contiguous().cpu() for name, p in params.items()}
     if _writes():
         save_file(tensors, str(path), metadata={key: json.dumps(meta) for key, meta in metadata.items()})

@@ -249,7 +249,8 @@ def test_eval_follows_every_parameter_change():
     torch.testing.assert_close(zeroed, model(x))
 
 
-@pytest.mark.parametrize("case", ["unequal_norm_eps", "trainable_norm1", "trainable_qkv", "frozen_weight_changed"])
+@pytest.mark.parametrize("case", ["unequal_norm_eps", "trainable_norm1", "trainable_qkv", "trainable_qkv_bias",
+                                  "frozen_weight_changed"])
 def test_prompt_kv_paths_match_reference_fp64(case):
     """The batched prompt K/V (one layer norm, the layers' affines on the prompts, one batched GEMM) and its
     per-layer fallback are exact, with a trainable norm1 or qkv and after a frozen weight changed in place."""
@@ -261,6 +262,8 @@ def test_prompt_kv_paths_match_reference_fp64(case):
         model.blocks[1].norm1.weight.requires_grad_(True)
     elif case == "trainable_qkv":  # the batched GEMM's weight and bias gradients
         model.blocks[0].attn.qkv.weight.requires_grad_(True)
+        model.blocks[1].attn.qkv.bias.requires_grad_(True)
+    elif case == "trainable_qkv_bias":  # frozen weights (one node for norm and GEMM), a trainable bias
         model.blocks[1].attn.qkv.bias.requires_grad_(True)
     else:  # the prompt K/V follow an in-place change of a frozen weight
         model(x)
@@ -320,3 +323,68 @@ def test_an_empty_batch_runs_forward_and_backward(backend):
     loss.backward()
     assert out.shape == (0, model.num_classes) and float(loss) == 0.0
     assert all(p.grad is None or not p.grad.any() for p in tk.trainable_parameters(model))
+
+
+def _autograd_nodes(t):
+    """Names of the autograd nodes t's graph runs."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+BLOCK_CASES = {  # how a timm Block's attention runs: (model kwargs, the change, the attention nodes it makes)
+    "one_node_with_proj": ({}, None, {"BlockAttentionBackward"}),
+    "one_node_layer_scale": (dict(init_values=0.1), None, {"BlockAttentionBackward", "AddmmBackward0"}),
+    "one_node_trainable_proj": ({}, "proj", {"BlockAttentionBackward", "AddmmBackward0"}),
+    "per_op_trainable_qkv": ({}, "qkv", {"MatchSelectBackward", "PackedAttentionBackward"}),
+    "per_op_qk_norm": (dict(qk_norm=True), None, {"MatchSelectBackward", "PackedAttentionBackward"}),
+}
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block_attention_paths_match_reference_fp64(case):
+    """A timm Block's attention as one autograd node (norm1, matching, qkv, attention and, when nothing sits between,
+    proj and the residual), or its per-op path when a layer trains or sits between: logits, matching loss and every
+    trainable gradient equal the fp64 reference, and the graph holds the nodes of the path the block should take."""
+    kwargs, trainable, nodes = BLOCK_CASES[case]
+    model = tk.apply_tcpa(small_vit(**kwargs).double(), backend="torch", **TCPA_KW)
+    if trainable is not None:
+        getattr(model.blocks[1].attn, trainable).weight.requires_grad_(True)
+    x = images().double()
+    logits = model(x)
+    assert nodes <= _autograd_nodes(logits)
+    assert ("PackedAttentionBackward" in nodes) == ("PackedAttentionBackward" in _autograd_nodes(logits))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(logits.square().sum() + tk.get_matching_loss(model), params)
+    ref_logits, ref_match = tcpa_vit_forward_ref(model, x, layer_params(model), **REF_KW)
+    ref_grads = torch.autograd.grad(ref_logits.square().sum() + ref_match, params, allow_unused=True)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-9)
+    for p, g, rg in zip(params, grads, ref_grads):
+        torch.testing.assert_close(g, torch.zeros_like(p) if rg is None else rg, atol=1e-9, rtol=1e-7)
+
+
+def test_block_attention_node_equals_per_op_path_under_autocast(monkeypatch):
+    """Under bf16 autocast the one node casts and multiplies as autocast runs the per-op path's linears: the same
+    logits, matching loss and trainable gradients."""
+    from tcpa_kernels.integrations import timm_vit
+
+    plan = timm_vit._block_plan
+    results = []
+    for one_node in (True, False):
+        monkeypatch.setattr(timm_vit, "_block_plan", plan if one_node else lambda blk: (False, None))
+        model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(images())
+            loss = logits.float().square().mean() + tk.get_matching_loss(model)
+        assert ("BlockAttentionBackward" in _autograd_nodes(loss)) == one_node
+        results.append((logits, tk.get_matching_loss(model), torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    (logits, match, grads), (ref_logits, ref_match, ref_grads) = results
+    assert logits.dtype == ref_logits.dtype
+    torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0)
+    torch.testing.assert_close(match, ref_match, atol=0, rtol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=0, rtol=0)

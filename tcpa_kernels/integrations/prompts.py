@@ -35,6 +35,7 @@ from tcpa_kernels._forward import record_loose
 from tcpa_kernels._validate import check_flag, check_int, check_pool_config, describe
 from tcpa_kernels.integrations.prompt_tokens import check_prompt_options, forward_tokens
 from tcpa_kernels.ops._function import topk_bits_op
+from tcpa_kernels.ops.block import block_attention
 from tcpa_kernels.ops.match_select import match, norm_match
 from tcpa_kernels.ops.packed import packed_attention
 from tcpa_kernels.ops.selection import Selection
@@ -138,14 +139,7 @@ class TCPAPrompts(nn.Module):
         whose input gradient its backward adds to the matching's in one dx), else None."""
         c = self.config
         keys_cls, keys_img = self.keys_cls, self.keys_img
-        C = keys_cls.shape[1]
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != C or x.shape[1] < self.num_prefix_tokens:
-            got = describe(x) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {C}] (the block input), got {got}")
-        backend = resolve_backend(c.backend, x.device)
-        if backend == "triton" and x.dtype == torch.float64:
-            raise TypeError(f"x: backend='triton' takes fp16/bf16/fp32, got {describe(x)}; use backend='torch'")
-        topk = (self.num_prefix_tokens, c.topk_cls, c.topk_img, backend)
+        topk = (self.num_prefix_tokens, c.topk_cls, c.topk_img, self._backend_for(x))
         if self.selection_mode == "random":  # a random k-subset per token, no matching loss
             scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
             return self.selection(topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, *topk[1:])), None, None
@@ -154,6 +148,30 @@ class TCPAPrompts(nn.Module):
             return self.selection(bits), terms, normed
         bits, terms = match(x, keys_cls, keys_img, *topk)
         return self.selection(bits), terms, None
+
+    def _backend_for(self, x: Tensor) -> str:
+        """The resolved backend for the block input x, after checking x is one ([B, N >= prefix tokens, C])."""
+        C = self.keys_cls.shape[1]
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != C or x.shape[1] < self.num_prefix_tokens:
+            got = describe(x) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {C}] (the block input), got {got}")
+        backend = resolve_backend(self.config.backend, x.device)
+        if backend == "triton" and x.dtype == torch.float64:
+            raise TypeError(f"x: backend='triton' takes fp16/bf16/fp32, got {describe(x)}; use backend='torch'")
+        return backend
+
+    def attend_block(self, x: Tensor, norm: nn.LayerNorm, qkv: nn.Linear, num_heads: int, prompt_kv: Tensor,
+                     scale: float, proj: nn.Linear | None = None) -> tuple[Tensor, Tensor]:
+        """A pre-norm block's attention from its input x ``[B, N, C]`` in one autograd node (``ops/block.py``):
+        ``norm`` (a frozen LayerNorm, fused into the matching), the matching and top-k selection, ``qkv`` (a frozen
+        linear C -> 3 * H * D), the attention over [selected prompts ; tokens] with prompt_kv ``[2, H, P, D]`` (or
+        ``[B, 2, H, P, D]``) and, when given, ``proj`` (a frozen linear H * D -> C) and the residual. Returns (out
+        ``[B, N, H*D]``, what the output projection reads, or with ``proj`` x + proj(out) ``[B, N, C]``; the
+        matching-loss terms ``[B, N]``). Top-k selection only (``selection_mode == "topk"``)."""
+        c = self.config
+        return block_attention(x, self.keys_cls, self.keys_img, prompt_kv, norm, qkv, proj, num_heads,
+                               self.num_prefix_tokens, c.topk_cls, c.topk_img, c.pool_size_cls, c.prompt_len_cls,
+                               c.prompt_len_img, scale, c.renormalize, self._backend_for(x))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prompt_kv: Tensor, selection: Selection,
                scale: float | None = None) -> Tensor:
@@ -202,10 +220,12 @@ class TCPAPrompts(nn.Module):
 
 
 def fusable_norm(norm: nn.Module) -> bool:
-    """A LayerNorm over the last dim whose parameters are frozen: the matching kernels can apply it."""
-    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-            and not (norm.weight is not None and norm.weight.requires_grad)
-            and not (norm.bias is not None and norm.bias.requires_grad))
+    """A LayerNorm over the last dim whose parameters are frozen: the matching kernels can apply it. (Read through
+    the parameter dict: a block checks it at every call.)"""
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        return False
+    weight, bias = norm._parameters["weight"], norm._parameters["bias"]
+    return not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
 
 
 def prompt_modules(model: nn.Module) -> list[TCPAPrompts]:

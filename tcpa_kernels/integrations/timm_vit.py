@@ -38,6 +38,7 @@ from tcpa_kernels.integrations.family import (
     site_prompt_kv,
 )
 from tcpa_kernels.integrations.models import ModelFamily, register_model
+from tcpa_kernels.integrations.prompts import fusable_norm
 
 # ------------------------------------------------------------------------------------------------ attention
 
@@ -144,23 +145,62 @@ class TCPAMixin:
 
     def forward(self, x, attn_mask=None, is_causal=False):
         reject_attn_mask(attn_mask, is_causal)
-        layer = self._prompt_layer
+        layer, attn = self._prompt_layer, self.attn
         fwd, record = join_forward(x, layer)
-        selection, terms, h = self.tcpa.select(x, self.norm1)  # h: norm1(x) from the kernel when it is frozen
-        record_terms(record, layer.index, terms)
         prompt_kv, _ = block_prompt_kv(self, fwd, layer, x.shape[0])  # [2, H, P, D] or [B, 2, H, P, D]
-        h = self.norm1(x) if h is None else h
-        attn = self.attn
-        B, N, _ = h.shape
-        qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]
-        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-            # qk_norm: a LayerNorm over D, the same on [B, N, H, D] as on timm's [B, H, N, D]; one restacking copy
-            qkv = torch.stack([attn.q_norm(qkv[:, :, 0]).to(qkv.dtype), attn.k_norm(qkv[:, :, 1]).to(qkv.dtype),
-                               qkv[:, :, 2]], dim=2)
-        out = self.tcpa.attend_packed(qkv, prompt_kv, selection, attn.scale)  # [B, N, C]
-        x = x + self.drop_path1(self.ls1(attention_output(attn, out, h)))
+        one_node, proj = _block_plan(self)
+        if one_node:  # with proj, the node returns x + proj(attention)
+            out, terms = self.tcpa.attend_block(x, self.norm1, attn.qkv, attn.num_heads, prompt_kv, attn.scale, proj)
+            x = out if proj is not None else x + self.drop_path1(self.ls1(attention_output(attn, out, None)))
+        else:
+            selection, terms, h = self.tcpa.select(x, self.norm1)  # h: norm1(x) from the kernel when it is frozen
+            h = self.norm1(x) if h is None else h
+            B, N, _ = h.shape
+            qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]
+            if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+                # qk_norm: a LayerNorm over D, the same on [B, N, H, D] as on timm's [B, H, N, D]; one restacking copy
+                qkv = torch.stack([attn.q_norm(qkv[:, :, 0]).to(qkv.dtype), attn.k_norm(qkv[:, :, 1]).to(qkv.dtype),
+                                   qkv[:, :, 2]], dim=2)
+            out = self.tcpa.attend_packed(qkv, prompt_kv, selection, attn.scale)  # [B, N, C]
+            x = x + self.drop_path1(self.ls1(attention_output(attn, out, h)))
+        record_terms(record, layer.index, terms)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return hand_on(x, fwd, record)
+
+
+def _frozen_linear(module: nn.Module | None) -> bool:
+    """A plain ``nn.Linear`` (not an adapter's wrapper or subclass) whose parameters are frozen."""
+    if type(module) is not nn.Linear:
+        return False
+    params = module._parameters
+    return not params["weight"].requires_grad and (params["bias"] is None or not params["bias"].requires_grad)
+
+
+def _passes_through(module: nn.Module | None) -> bool:
+    """The module returns its input unchanged: ``nn.Identity``, or dropout that draws nothing (p = 0, or eval)."""
+    if isinstance(module, nn.Dropout):
+        return module.p == 0 or not module.training
+    return isinstance(module, nn.Identity)
+
+
+def _block_plan(blk) -> tuple[bool, nn.Linear | None]:
+    """(whether the block's attention runs as one autograd node, ``TCPAPrompts.attend_block``; the proj that node
+    applies with the residual, or None).
+
+    One node: top-k selection, a frozen LayerNorm before the attention, a frozen linear qkv projection, no q/k norm
+    and no gate. With proj: a frozen linear proj and nothing else between the attention and the residual add (no
+    output norm, proj dropout, layer scale or drop path that does anything). Checked at every call, as a user may
+    unfreeze or wrap a layer between steps, through the modules' dicts (``Module.__getattr__`` costs ~0.7 us a
+    name, a host cost of every block call)."""
+    blocks, attn = blk._modules, blk._modules["attn"]
+    parts = attn._modules
+    one_node = (blk.tcpa.selection_mode == "topk" and _frozen_linear(parts.get("qkv"))
+                and isinstance(parts.get("q_norm"), nn.Identity) and isinstance(parts.get("k_norm"), nn.Identity)
+                and parts.get("gate", attn.__dict__.get("gate")) is None and fusable_norm(blocks["norm1"]))
+    plain = (one_node and _frozen_linear(parts.get("proj")) and isinstance(parts.get("norm"), nn.Identity)
+             and _passes_through(parts.get("proj_drop")) and isinstance(blocks.get("ls1"), nn.Identity)
+             and isinstance(blocks.get("drop_path1"), nn.Identity))
+    return one_node, parts["proj"] if plain else None
 
 
 @register_mixin

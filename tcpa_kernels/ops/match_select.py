@@ -212,8 +212,8 @@ class MatchSelect(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
                 k_img, backend):
-        args = (x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img)
-        terms, bits, h, mean, rstd = match_fwd(*args, backend) if traced() else _implementation(backend).forward(*args)
+        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps,
+                                                      fuse_norm, num_prefix_tokens, k_cls, k_img, backend)
         ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd)  # bits: int64, no gradient
         ctx.set_materialize_grads(False)  # no zero gradients are built for the words or an unused output
         ctx.config = (num_prefix_tokens, k_cls, k_img, backend)
@@ -224,20 +224,34 @@ class MatchSelect(torch.autograd.Function):
         """dh None: no norm fused, or its output unused (then only the matching's gradient flows)."""
         refuse_double_backward("match_select")
         x, keys_cls, keys_img, bits, norm_weight, mean, rstd = ctx.saved_tensors
-        num_prefix_tokens, k_cls, k_img, backend = ctx.config
-        need_dx, need_dkc, need_dki = ctx.needs_input_grad[:3]
-        need_dkeys = (need_dkc or need_dki) and dterms is not None
-        if dterms is None:  # the matching loss was not used: only the layer norm's gradient flows
-            dterms = x.new_zeros(x.shape[:2], dtype=_stats_dtype(x))
-        args = (dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
-                need_dx, need_dkeys)
-        dx, partials = match_bwd(*args, backend) if traced() else _implementation(backend).backward(*args)
-        dkc = dki = None
-        if need_dkeys:
-            dkeys = partials.sum(0)  # [E, C]: the sum over programs (fp32 partials), then the keys' dtype
-            dkeys = dkeys if dkeys.dtype == keys_cls.dtype else dkeys.to(keys_cls.dtype)
-            dkc, dki = dkeys.split_with_sizes((keys_cls.shape[0], keys_img.shape[0]))
-        return dx if need_dx else None, dkc, dki, *_NO_GRADS
+        dx, dkc, dki = matching_grads(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, *ctx.config,
+                                      ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]))
+        return dx, dkc, dki, *_NO_GRADS
+
+
+def matching_forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
+                     k_img, backend):
+    """``match_fwd`` (traced) or its launcher (eager): (terms, bits, h, mean, rstd), the last three None or empty
+    without ``fuse_norm``."""
+    args = (x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img)
+    return match_fwd(*args, backend) if traced() else _implementation(backend).forward(*args)
+
+
+def matching_grads(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+                   backend, need_dx, need_dkeys):
+    """The matching backward, with the fused layer norm's when dh is given: (dx, dkeys_cls, dkeys_img), None where
+    not needed. dterms None: the matching loss was not used, only the layer norm's gradient flows."""
+    need_dkeys = need_dkeys and dterms is not None
+    if dterms is None:
+        dterms = x.new_zeros(x.shape[:2], dtype=_stats_dtype(x))
+    args = (dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+            need_dx, need_dkeys)
+    dx, partials = match_bwd(*args, backend) if traced() else _implementation(backend).backward(*args)
+    if not need_dkeys:
+        return dx if need_dx else None, None, None
+    dkeys = partials.sum(0)  # [E, C]: the sum over programs (fp32 partials), then the keys' dtype
+    dkeys = dkeys if dkeys.dtype == keys_cls.dtype else dkeys.to(keys_cls.dtype)
+    return dx if need_dx else None, *dkeys.split_with_sizes((keys_cls.shape[0], keys_img.shape[0]))
 
 
 def match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,

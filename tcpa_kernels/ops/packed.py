@@ -80,8 +80,8 @@ class PackedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
                 deterministic):
-        args = (qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize)
-        out, lse = packed_attention_fwd(*args, backend) if traced() else implementation(backend).packed_forward(*args)
+        out, lse = run_packed_forward(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize,
+                                      backend)
         ctx.save_for_backward(qkv, prompt_kv, out, lse, mask, bits)
         ctx.config = (pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)
         return out
@@ -90,22 +90,32 @@ class PackedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         """Gradients of qkv (one contiguous [B, N, 3, H, D] buffer) and of prompt_kv."""
         refuse_double_backward("tcpa_packed_attention")
-        qkv, prompt_kv, out, lse, mask, bits = ctx.saved_tensors
-        pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = ctx.config
-        if grad_out.stride()[-1] != 1:  # e.g. the expanded gradient of out.sum()
-            grad_out = grad_out.contiguous()
-        B, N, _, H, D = qkv.shape
-        shared = prompt_kv.dim() == 4
-        dqkv = torch.empty((B, N, 3, H, D), dtype=qkv.dtype, device=qkv.device)
-        dprompt = prompt_grad_buffer(shared, B, H, prompt_kv.shape[-2], D, qkv.dtype, qkv.device, backend,
-                                     deterministic)
-        args = (dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale,
-                renormalize)
-        if traced():
-            packed_attention_bwd(*args, backend)
-        else:
-            implementation(backend).packed_backward(*args)
-        return dqkv, prompt_grads(dprompt, shared, prompt_kv.dtype), *_NO_GRADS
+        return *packed_grads(grad_out, *ctx.saved_tensors, *ctx.config), *_NO_GRADS
+
+
+def run_packed_forward(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend):
+    """``packed_attention_fwd`` (traced) or its launcher (eager): (out [B, N, H*D], lse)."""
+    args = (qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize)
+    return packed_attention_fwd(*args, backend) if traced() else implementation(backend).packed_forward(*args)
+
+
+def packed_grads(grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale, renormalize,
+                 backend, deterministic):
+    """The packed backward: (dqkv, one contiguous [B, N, 3, H, D] tensor; the gradient of prompt_kv, its shape and
+    dtype)."""
+    if grad_out.stride()[-1] != 1:  # e.g. the expanded gradient of out.sum()
+        grad_out = grad_out.contiguous()
+    B, N, _, H, D = qkv.shape
+    shared = prompt_kv.dim() == 4
+    dqkv = torch.empty((B, N, 3, H, D), dtype=qkv.dtype, device=qkv.device)
+    dprompt = prompt_grad_buffer(shared, B, H, prompt_kv.shape[-2], D, qkv.dtype, qkv.device, backend, deterministic)
+    args = (dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale,
+            renormalize)
+    if traced():
+        packed_attention_bwd(*args, backend)
+    else:
+        implementation(backend).packed_backward(*args)
+    return dqkv, prompt_grads(dprompt, shared, prompt_kv.dtype)
 
 
 def packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, scale: float, renormalize: bool,

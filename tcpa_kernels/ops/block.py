@@ -1,0 +1,125 @@
+"""``block_attention``: the attention half of a pre-norm ViT block as one autograd node (docs/how-it-works.md, 'In a
+ViT block').
+
+    x [B, N, C] -> norm1(x), matching, selection, loss terms    (the matching kernel, norm1 fused: ``match_select``)
+                -> qkv = norm1(x) W^T + b, [B, N, 3, H, D]       (one GEMM, frozen W and b)
+                -> attention over [selected prompts ; tokens]  (the packed kernel reads q, k, v in place: ``packed``)
+                -> out [B, N, H*D]
+                -> x + out W_proj^T + b_proj, [B, N, C]         (optional: the output projection and the residual)
+    and the matching-loss terms [B, N].
+
+The same kernels, GEMMs and saved tensors as the nodes the block would otherwise make (``MatchSelect``, the linear's,
+``PackedAttention``, the projection's and the residual's), in one: one Python autograd node each way, which is what
+a host-bound step pays per layer. Saved: x, the norm statistics and selection words (the matching's), the weights in
+their GEMMs' dtype (the linears'), qkv, out and lse (the attention's). Backward: ``dout = dy W_proj``, the attention
+kernel's dqkv and prompt gradients, one GEMM ``dh = dqkv W``, then the matching kernel's dx, to which it adds the
+layer norm's gradient of dh, plus dy through the residual.
+
+Under autocast the GEMMs run as autocast would run the linears: inputs, weights and biases cast to the autocast
+dtype (fp64 left alone), the cast weights saved for the backward GEMMs, gradients cast back to their inputs' dtypes.
+The norm's and the projections' parameters must be frozen (no gradient is computed for them); the model path checks
+it (``timm_vit``).
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tcpa_kernels.ops._function import read_in_place, refuse_double_backward
+from tcpa_kernels.ops.match_select import matching_forward, matching_grads
+from tcpa_kernels.ops.packed import packed_grads, run_packed_forward
+
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts (not fp64)
+_NO_GRADS = (None,) * 18  # BlockAttention's gradients of the norm's and projections' parameters, settings
+
+
+def _gemm_operands(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(h, weight, bias) in the dtype the linear would run in: autocast's where it is on, else as they are."""
+    device_type = h.device.type
+    if not (torch.is_autocast_enabled(device_type) and h.dtype in _AUTOCAST_DTYPES):
+        return h, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _autocast_off(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class BlockAttention(torch.autograd.Function):
+    """``apply(x, keys_cls, keys_img, prompt_kv, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
+    proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
+    backend, deterministic)`` -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C] when proj_weight is given;
+    terms [B, N]); differentiable in x, the keys and prompt_kv."""
+
+    @staticmethod
+    def forward(ctx, x, keys_cls, keys_img, prompt_kv, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
+                proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale,
+                renormalize, backend, deterministic):
+        B, N, _ = x.shape
+        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, True,
+                                                      num_prefix_tokens, k_cls, k_img, backend)
+        h, weight, bias = _gemm_operands(h, qkv_weight, qkv_bias)
+        with _autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
+            qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
+        out, lse = run_packed_forward(qkv, prompt_kv, None, bits, pool_cls, len_cls, len_img, scale, renormalize,
+                                      backend)
+        result = out
+        if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
+            out_in, proj_weight, proj_bias = _gemm_operands(out, proj_weight, proj_bias)
+            with _autocast_off(x.device.type):
+                result = x + F.linear(out_in, proj_weight, proj_bias)
+        ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out, lse,
+                              proj_weight)
+        ctx.config = (num_prefix_tokens, k_cls, k_img, pool_cls, len_cls, len_img, scale, renormalize, backend,
+                      deterministic)
+        ctx.set_materialize_grads(False)  # no zero gradients are built for an unused output
+        return result, terms
+
+    @staticmethod
+    def backward(ctx, grad_result, grad_terms):
+        refuse_double_backward("a prompted block's attention")
+        (x, keys_cls, keys_img, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out, lse,
+         proj_weight) = ctx.saved_tensors
+        num_prefix_tokens, k_cls, k_img, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = (
+            ctx.config)
+        need_x, need_keys_cls, need_keys_img, need_prompts = ctx.needs_input_grad[:4]
+        B, N, C = x.shape
+        grad_out = grad_result
+        if grad_result is not None and proj_weight is not None:  # through proj, in its GEMM's dtype
+            grad_proj = grad_result if grad_result.dtype == proj_weight.dtype else grad_result.to(proj_weight.dtype)
+            grad_out = torch.mm(grad_proj.view(B * N, C), proj_weight).view(B, N, proj_weight.shape[1])
+        dh = dprompt = None
+        if grad_out is not None and (need_x or need_prompts):
+            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, pool_cls, len_cls, len_img,
+                                         scale, renormalize, backend, deterministic)
+            if need_x:  # dh = dqkv W in the GEMM's dtype, then x's (the norm's output dtype)
+                dh = torch.mm(dqkv.view(B * N, weight.shape[0]), weight).view(B, N, C)
+                dh = dh if dh.dtype == x.dtype else dh.to(x.dtype)
+        dx = dkeys_cls = dkeys_img = None
+        if dh is not None or (grad_terms is not None and (need_x or need_keys_cls or need_keys_img)):
+            dx, dkeys_cls, dkeys_img = matching_grads(grad_terms, dh, x, keys_cls, keys_img, bits, norm_weight, mean,
+                                                      rstd, num_prefix_tokens, k_cls, k_img, backend, need_x,
+                                                      need_keys_cls or need_keys_img)
+        if need_x and proj_weight is not None and grad_result is not None:  # the residual's gradient
+            dx = grad_result if dx is None else dx + grad_result
+        return dx, dkeys_cls, dkeys_img, dprompt if need_prompts else None, *_NO_GRADS
+
+
+def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Tensor, norm: torch.nn.LayerNorm,
+                    qkv: torch.nn.Linear, proj: torch.nn.Linear | None, num_heads: int, num_prefix_tokens: int,
+                    k_cls: int, k_img: int, pool_cls: int, len_cls: int, len_img: int, scale: float, renormalize: bool,
+                    backend: str, deterministic: bool = True) -> tuple[Tensor, Tensor]:
+    """(out [B, N, H*D], what ``proj`` reads, or with ``proj`` the residual stream after the attention,
+    x + proj(out) [B, N, C]; terms [B, N], the layer's matching-loss terms) of a pre-norm block whose input is
+    x [B, N, C]. For the model path, unchecked: what ``norm_match`` and ``packed_attention`` take, with the pools'
+    keys contiguous, ``norm`` a LayerNorm over C, ``qkv`` a linear C -> 3 * H * D and ``proj`` one H * D -> C (or
+    None), all frozen."""
+    proj_weight, proj_bias = (None, None) if proj is None else (proj.weight, proj.bias)
+    return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), norm.weight, norm.bias,
+                                qkv.weight, qkv.bias, proj_weight, proj_bias, norm.eps, num_prefix_tokens, k_cls, k_img,
+                                num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)
