@@ -109,3 +109,10 @@ def refuse_interpreter_bf16(name: str, t: torch.Tensor) -> None:
     if t.dtype == torch.bfloat16 and t.device.type != "cuda":
         raise TypeError(f"{name}: backend='triton' on {t.device} tensors runs the Triton interpreter, which computes "
                         f"bf16 dots wrongly, got {describe(t)}; use backend='torch', fp16/fp32, or CUDA tensors")
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on ``device_type`` (a no-op context when it is off already: cheaper to enter)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

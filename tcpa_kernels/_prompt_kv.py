@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tcpa_kernels._backend import autocast_off
 from tcpa_kernels._patch import any_shard
 from tcpa_kernels.integrations.prompt_tokens import forward_tokens
 
@@ -247,7 +248,7 @@ def all_layers_kv(state, batch_size: int) -> list[Tensor | None]:
     if _sharded(parts):
         return [None] * len(projections)
     tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
-    with torch.autocast(tokens.device.type, enabled=False):
+    with autocast_off(tokens.device.type):
         if _batchable(projections):
             return _batched_kv(projections, tokens)
         return [layer_kv(p, t) for p, t in zip(projections, tokens.unbind(0))]

@@ -21,12 +21,11 @@ The norm's and the projections' parameters must be frozen (no gradient is comput
 it (``timm_vit``).
 """
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tcpa_kernels._backend import autocast_off
 from tcpa_kernels.ops._function import read_in_place, refuse_double_backward
 from tcpa_kernels.ops.match_select import matching_forward, matching_grads
 from tcpa_kernels.ops.packed import packed_grads, run_packed_forward
@@ -44,12 +43,6 @@ def _gemm_operands(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tens
     return h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def _autocast_off(device_type: str):
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class BlockAttention(torch.autograd.Function):
     """``apply(x, keys_cls, keys_img, prompt_kv, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
     proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
@@ -64,14 +57,14 @@ class BlockAttention(torch.autograd.Function):
         terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, True,
                                                       num_prefix_tokens, k_cls, k_img, backend)
         h, weight, bias = _gemm_operands(h, qkv_weight, qkv_bias)
-        with _autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
+        with autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
             qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
         out, lse = run_packed_forward(qkv, prompt_kv, None, bits, pool_cls, len_cls, len_img, scale, renormalize,
                                       backend)
         result = out
         if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
             out_in, proj_weight, proj_bias = _gemm_operands(out, proj_weight, proj_bias)
-            with _autocast_off(x.device.type):
+            with autocast_off(x.device.type):
                 result = x + F.linear(out_in, proj_weight, proj_bias)
         ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out, lse,
                               proj_weight)

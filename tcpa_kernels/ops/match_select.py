@@ -31,13 +31,12 @@ eager mode it calls the ops' launchers itself); ``match_select`` checks its argu
 entry of the model path (``norm_match`` with the LayerNorm fused).
 """
 
-import contextlib
 import functools
 
 import torch
 from torch import Tensor
 
-from tcpa_kernels._backend import kernels, resolve_backend, sm_count
+from tcpa_kernels._backend import autocast_off, kernels, resolve_backend, sm_count
 from tcpa_kernels._validate import check_pool_config, describe, validate_match_inputs
 from tcpa_kernels.ops._function import kernel_op, refuse_double_backward, traced
 from tcpa_kernels.ops.selection import _topk_bits_torch, entry_selection
@@ -119,13 +118,6 @@ def _backward_torch(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, 
 # ------------------------------------------------------------------------------------------- custom ops
 
 
-def _no_autocast(device_type):
-    """fp32 matching under autocast too: autocast off inside (a no-op context when it is off already)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _stats_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -139,12 +131,12 @@ class _TorchMatching:
 
     @staticmethod
     def forward(x, *args):
-        with _no_autocast(x.device.type):
+        with autocast_off(x.device.type):  # fp32 matching under autocast too
             return _forward_torch(x, *args)
 
     @staticmethod
     def backward(dterms, dh, x, *args):
-        with _no_autocast(x.device.type):
+        with autocast_off(x.device.type):  # fp32 matching under autocast too
             return _backward_torch(dterms, dh, x, *args)
 
 
