@@ -144,15 +144,17 @@ def test_grad_checkpointing_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_torch_compile_fullgraph():
-    """fullgraph=True: the prompted attention (custom ops) compiles without a graph break."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_compile_fullgraph(autocast):
+    """fullgraph=True: the prompted attention (custom ops) compiles without a graph break, under bf16 autocast too
+    (the block node reads the autocast state)."""
     model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
     x = images()
-    eager = model(x)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    out = compiled(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        eager = model(x)
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(out, eager)
-    (out.sum() + tk.get_matching_loss(model)).backward()
+    (out.float().sum() + tk.get_matching_loss(model)).backward()
     assert model.blocks[0].tcpa.prompts_img.grad is not None
 
 

@@ -7,8 +7,11 @@ chunk by chunk, so memory stays O(B*H*chunk*(N+P)) instead of O(B*H*N*(N+P)). Wo
 not). Always deterministic.
 """
 
+import functools
+
 import torch
 
+from tcpa_kernels._backend import autocast_off
 from tcpa_kernels.ops.selection import Selection
 
 CHUNK_ELEMENTS = 1 << 24  # scores per chunk: 64 MB in fp32
@@ -25,6 +28,18 @@ def _operands(k, v, prompt_k, prompt_v, cd):
         prompt_k, prompt_v = prompt_k.unbind(-4)
     prompts4 = lambda t: t if t.dim() == 4 else t.unsqueeze(0)
     return k.to(cd), v.to(cd), prompts4(prompt_k).to(cd), prompts4(prompt_v).to(cd)
+
+
+def _autocast_off(launcher):
+    """The launcher with autocast off: it computes in its compute dtype whatever autocast the caller runs under (an
+    eager call of the ops runs inside the caller's autocast, a compiled graph's op call not), as the kernels do."""
+
+    @functools.wraps(launcher)
+    def run(first, *args):
+        with autocast_off(first.device.type):
+            return launcher(first, *args)
+
+    return run
 
 
 def _chunks(selection, B, H, N, P):
@@ -48,6 +63,7 @@ def _chunk_grads(qc, do, delta, k, v, pk, pv, sel, lse, scale, renormalize):
     return p_tok, p_prompt * sel, ds_tok, ds_prompt
 
 
+@_autocast_off
 def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
     """Returns (out [B, H, N, D] in q.dtype, a transposed view of a [B, N, H, D] buffer; lse [B, H, N] natural
     log, compute dtype). prompt_k/prompt_v [H, P, D] or [B, H, P, D], or prompt_v None and prompt_k both, stacked on
@@ -72,6 +88,7 @@ def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls
     return out, lse
 
 
+@_autocast_off
 def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls,
                        len_cls, len_img, scale, renormalize):
     """Writes dq, dk, dv ([B, H, N, D], any strides) and the prompt gradients into dprompt (compute dtype):
