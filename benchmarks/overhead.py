@@ -14,7 +14,9 @@ Figures are medians in microseconds of one forward + backward, CPU-host figures 
 (``TARGETS``, over SDPA's figure): the model path's ``packed_attention`` within 1.25x, ``match`` within 1.1x, the
 validated ``tcpa_packed_attention`` within 2x. A second pass, beside SDPA again, times the other model-path entries
 (``attention`` of the [B, H, N, D] families, ``norm_match``) and the floor: a minimal autograd.Function of
-packed_attention's shape that allocates what it must and launches nothing. Figures move by some 5% from run to run
+packed_attention's shape that allocates what it must and launches nothing. A third pass times a pre-norm block's
+whole attention half: ``block_attention`` (the one node a timm Block runs) against the no-prompt block's (layer
+norm, qkv linear, SDPA, proj linear, residual). Figures move by some 5% from run to run
 on a shared machine; compare ratios from one run.
 """
 
@@ -32,6 +34,7 @@ import benchmarks.interpreter  # noqa: E402, F401  (first: CPU tensors reach the
 from benchmarks.cli import at_least  # noqa: E402
 from tcpa_kernels import _backend  # noqa: E402
 from tcpa_kernels.ops import _attention_kernels, _match_kernels, _selection_kernels  # noqa: E402
+from tcpa_kernels.ops.block import block_attention  # noqa: E402
 from tcpa_kernels.ops.match_select import match, match_select, norm_match  # noqa: E402
 from tcpa_kernels.ops.packed import packed_attention, tcpa_packed_attention  # noqa: E402
 from tcpa_kernels.ops.selection import Selection  # noqa: E402
@@ -180,15 +183,41 @@ def sdpa_step():
     return step
 
 
+def attention_half_step(prompted=True):
+    """A pre-norm block's attention half on x [B, N, C], forward + backward: ``block_attention`` (one node: norm1 +
+    matching, qkv, attention, proj, residual) or, without prompts, what timm's Block runs (layer norm, qkv linear,
+    SDPA, proj linear, residual add)."""
+    C = H * D
+    x = torch.randn(B, N, C, requires_grad=True)
+    norm, qkv, proj = torch.nn.LayerNorm(C), torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C)
+    for module in (norm, qkv, proj):
+        module.requires_grad_(False)
+    keys_cls, keys_img = torch.randn(2, C, requires_grad=True), torch.randn(2, C, requires_grad=True)
+    prompt_kv = torch.randn(2, H, P, D, requires_grad=True)
+    inputs = (x, keys_cls, keys_img, prompt_kv) if prompted else (x,)
+
+    def step():
+        if prompted:
+            y, terms = block_attention(x, keys_cls, keys_img, prompt_kv, norm, qkv, proj, H, 1, 2, 2, 2, 1, 1,
+                                       D**-0.5, False, "triton")
+            torch.autograd.grad((y, terms), inputs, (torch.ones_like(y), torch.ones_like(terms)))
+            return
+        q, k, v = qkv(norm(x)).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        y = x + proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+    return step
+
+
 TCPA_PACKED, PACKED, MATCH = ("tcpa_packed_attention (validated)", "packed_attention (model-path entry)",
                                "match (model-path entry)")
 TARGETS = {TCPA_PACKED: 2.0, PACKED: 1.25, MATCH: 1.1}  # fwd + bwd host time <= target x SDPA's
 
 
-def _table(figures, sdpa):
-    print("| per forward + backward (CPU host, launches stubbed, median) | us | x SDPA |\n|---|---|---|")
+def _table(figures, base, label="x SDPA"):
+    print(f"| per forward + backward (CPU host, launches stubbed, median) | us | {label} |\n|---|---|---|")
     for name, us in figures.items():
-        print(f"| {name} | {us:.0f} | {us / figures[sdpa]:.2f} |")
+        print(f"| {name} | {us:.0f} | {us / figures[base]:.2f} |")
 
 
 def main(argv=None):
@@ -205,9 +234,13 @@ def main(argv=None):
     more = {"attention (model-path entry, [B, H, N, D])": attention_step(),
             "norm_match (model-path entry, LayerNorm fused)": match_step(public=False, norm=True),
             "minimal autograd.Function of packed_attention's shape (the floor)": floor_step(), sdpa: sdpa_step()}
+    plain = "the same half without prompts (layer norm, qkv linear, SDPA, proj linear, residual)"
+    halves = {"block_attention (a timm Block's attention half, one node)": attention_half_step(),
+              plain: attention_half_step(prompted=False)}
     with kernels_stubbed():
         figures = median_us(steps, args.reps)
         more_figures = median_us(more, args.reps)
+        half_figures = median_us(halves, args.reps)
     _table(figures, sdpa)
     print()
     for name, target in TARGETS.items():
@@ -216,6 +249,8 @@ def main(argv=None):
         print(f"target: {name} fwd + bwd <= {target:g}x SDPA's: {ratio:.2f}x, {verdict}")
     print("\nsecond pass:\n")
     _table(more_figures, sdpa)
+    print(f"\nthird pass, a block's attention half on x [{B}, {N}, {H * D}]:\n")
+    _table(half_figures, plain, "x no prompts")
 
 
 if __name__ == "__main__":
