@@ -12,7 +12,9 @@ are at that call (nothing is kept between forwards):
   layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the prompts, and one batched
   GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to the L*P prompt rows, not
   folded into the weights: folding would write a ``[L, 2*C_kv, C]`` product every forward, ~40x the prompt rows at
-  ViT-B/16 (P = 36 of C = 768). Otherwise one norm + linear per layer.
+  ViT-B/16 (P = 36 of C = 768). With the norms and weights frozen, norm, affine and GEMM are one autograd node
+  (``_FrozenNormLinear``: one Python node each way, a host cost of every step). Otherwise one norm + linear per
+  layer.
 
 A block family says how one of its blocks projects prompts (``BlockFamily.kv_projection``, a :class:`KVProjection`)
 or that it cannot (several attentions per block): then every block's attention projects the prompt tokens itself.
@@ -231,12 +233,6 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
     return [_heads(layer, p) for layer, p in zip(kv.unbind(0), projections)]
 
 
-def _sharded(parts: list[Tensor]) -> bool:
-    """Some block's prompt parameters (``parts``) are FSDP2 shards here: each block is its own shard group, whole
-    inside its own forward only (then the block running now is whole and the others are not)."""
-    return any_shard(parts)
-
-
 def all_layers_kv(state, batch_size: int) -> list[Tensor | None]:
     """Prompt K/V of every layer for this forward, in one pass: per layer [2, H, P, D] (or [B, 2, H, P, D] with a
     dropout mask per sample). All None when the blocks project their own: a family without a K/V projection of its
@@ -245,7 +241,7 @@ def all_layers_kv(state, batch_size: int) -> list[Tensor | None]:
     if projections[0] is None:
         return [None] * len(projections)
     parts = prompt_parameters(state)
-    if _sharded(parts):
+    if any_shard(parts):  # FSDP2: each block is its own shard group, whole inside its own forward only
         return [None] * len(projections)
     tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
     with autocast_off(tokens.device.type):
