@@ -142,11 +142,11 @@ def match_step(public=True, C=32, pool=4, norm=False):
 
 
 class _Floor(torch.autograd.Function):
-    """The least an autograd.Function of packed_attention's shape does: 11 arguments; forward allocates out and lse
+    """The least an autograd.Function of packed_attention's shape does: 12 arguments; forward allocates out and lse
     and saves 5 tensors, backward allocates the 3 gradient buffers and sums the prompt partials over the batch."""
 
     @staticmethod
-    def forward(ctx, qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
+    def forward(ctx, qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend,
                 deterministic):
         out = torch.empty((B, N, H * D))
         ctx.save_for_backward(qkv, prompt_kv, out, torch.empty((B, H, N)), bits)
@@ -156,7 +156,7 @@ class _Floor(torch.autograd.Function):
     def backward(ctx, grad_out):
         qkv, prompt_kv, *_ = ctx.saved_tensors
         dqkv, dprompt, _ = torch.empty(qkv.shape), torch.empty((B, *prompt_kv.shape)), torch.empty(B * H * N)
-        return dqkv, dprompt.sum(0), *([None] * 9)
+        return dqkv, dprompt.sum(0), *([None] * 10)
 
 
 def floor_step():
@@ -166,7 +166,7 @@ def floor_step():
     bits = torch.zeros(B, N, dtype=torch.int64)
 
     def step():
-        out = _Floor.apply(qkv, prompt_kv, None, bits, 2, 1, 1, D**-0.5, False, "triton", True)
+        out = _Floor.apply(qkv, prompt_kv, None, bits, None, 2, 1, 1, D**-0.5, False, "triton", True)
         torch.autograd.grad(out, (qkv, prompt_kv), torch.ones_like(out))
 
     return step

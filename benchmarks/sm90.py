@@ -33,13 +33,14 @@ def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=
     """Compile one attention kernel variant ('fwd' | 'bwd') to a cubin; dtype: 'bf16' | 'fp16' |
     'fp32' of q/k/v/out, prompt_dtype that of the prompt K/V (default: dtype; prompt gradients are fp32).
     Returns ptxas's figures."""
+    constexprs = {"HAS_TASKS": False} | constexprs  # prompts of the batch's own, not a bank's, unless told
     if kernel == "bwd":
         constexprs = {"SPLIT": False, "GROUPED": False} | constexprs  # one program per (batch, head) unless told
     mask_type = "*u8" if constexprs["MASK_MODE"] == 0 else "*i64"
     prompt_type = f"*{prompt_dtype or dtype}"
     pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     pointers |= {"PK": prompt_type, "PV": prompt_type, "MASK": mask_type, "BITS": mask_type, "LSE": "*fp32",
-                 "DELTA": "*fp32", "DPK": "*fp32", "COUNTER": "*i32"}
+                 "DELTA": "*fp32", "DPK": "*fp32", "COUNTER": "*i32", "TASKS": "*i32"}
     return compile_fn(KERNELS[kernel], pointers, constexprs, num_warps, num_stages, aligned)
 
 

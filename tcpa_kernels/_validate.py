@@ -32,8 +32,9 @@ def check_same(name, t, ref_name, ref, *, shape=None):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {describe(t)}")
 
 
-def check_attention_inputs(q, k, v, prompt_k, prompt_v, float_dtypes):
-    """Validate q/k/v [B,H,N,D] and prompt_k/prompt_v [H,P,D] or [B,H,P,D]; return (B, H, N, P, D)."""
+def check_attention_inputs(q, k, v, prompt_k, prompt_v, float_dtypes, bank=False):
+    """Validate q/k/v [B,H,N,D] and prompt_k/prompt_v [H,P,D] or [B,H,P,D] (``bank``: [T,H,P,D], T >= 1 prompt
+    sets); return (B, H, N, P, D)."""
     check_tensor("q", q, ndim=4, dtypes=float_dtypes)
     B, H, N, D = q.shape
     if D < 1:
@@ -42,10 +43,10 @@ def check_attention_inputs(q, k, v, prompt_k, prompt_v, float_dtypes):
     check_tensor("v", v, ndim=4)
     check_same("k", k, "q", q, shape=q.shape)
     check_same("v", v, "q", q, shape=q.shape)
-    check_tensor("prompt_k", prompt_k, ndim=(3, 4))
-    check_tensor("prompt_v", prompt_v, ndim=(3, 4))
+    check_tensor("prompt_k", prompt_k, ndim=4 if bank else (3, 4))
+    check_tensor("prompt_v", prompt_v, ndim=4 if bank else (3, 4))
     P = prompt_k.shape[-2]
-    lead = (H,) if prompt_k.dim() == 3 else (B, H)
+    lead = (max(1, prompt_k.shape[0]), H) if bank else (H,) if prompt_k.dim() == 3 else (B, H)
     check_same("prompt_k", prompt_k, "q", q, shape=(*lead, P, D))
     check_same("prompt_v", prompt_v, "prompt_k", prompt_k, shape=prompt_k.shape)
     if P < 1:

@@ -5,8 +5,8 @@ at the launch configurations the library uses (LAUNCH_CONFIGS). Run as a script 
 than an sm_90 block can have (which would fail at launch on the GPU), or if the matching kernels have no MMA.
 
 Default: a subset in which every constexpr branch appears (each dtype, fp32 prompts with 16-bit q, mask encoding,
-softmax mode, head-dim bucket, atomic and deterministic prompt gradients, aligned and general arguments), ~20 s on
-2 cores. ``--all``: the full matrix, aligned (40 variants, ~10 minutes)."""
+softmax mode, head-dim bucket, atomic and deterministic prompt gradients, a prompt bank, aligned and general
+arguments), ~20 s on 2 cores. ``--all``: the full matrix, aligned (40 variants, ~15 minutes)."""
 
 import itertools
 import os
@@ -30,7 +30,8 @@ FULL = [(dtype, prompt_dtype, *v, True) for dtype in DTYPES for prompt_dtype in 
         for v in itertools.product((0, 1), (False, True), (64, 128))]
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False)), ("bwd", dict(ATOMIC=True)),
-            ("bwd", dict(ATOMIC=False, SPLIT=True))]
+            ("bwd", dict(ATOMIC=False, SPLIT=True)), ("fwd", dict(HAS_TASKS=True)),
+            ("bwd", dict(ATOMIC=False, HAS_TASKS=True))]  # HAS_TASKS: a prompt bank, a prompt set per sample
 GROUPED_LAUNCH = ("bwd", dict(ATOMIC=False, GROUPED=True))  # where the table lets the backward walk batch groups
 
 

@@ -127,10 +127,19 @@ def _softmax_step(acc, m_i, l_i, b_s, b_v, valid, sel, TAIL: tl.constexpr, RENOR
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
+def _prompt_set(TASKS, i_b, HAS_TASKS: tl.constexpr):
+    """The row of the prompt K/V that batch entry i_b reads (int64): its own (per-sample prompts; 0 with batch
+    stride 0 for shared ones), or with HAS_TASKS its task's prompt set of a bank, TASKS[i_b] (int32 [B])."""
+    if HAS_TASKS:
+        return tl.load(TASKS + i_b).to(tl.int64)
+    return i_b
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, O, LSE,
                 stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
                 ostride_b, ostride_h, ostride_n, H, N, P, D, qk_scale, n_cls_prompts, pool_cls, len_cls, len_img,
-                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_TASKS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
     n_query_blocks = tl.cdiv(N, BLOCK_M)
     i_bh = (tl.program_id(0) // n_query_blocks).to(tl.int64)  # query block fastest: one head's programs adjacent
@@ -143,8 +152,9 @@ def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, LSE,
     m_md = m_m[:, None] & m_d[None, :]
     K_BH = K + i_b * stride_b + (i_h + kv_heads) * stride_h
     V_BH = V + i_b * stride_b + (i_h + 2 * kv_heads) * stride_h
-    PK_BH = PK + i_b * pstride_b + i_h * pstride_h
-    PV_BH = PV + i_b * pstride_b + (i_h + pv_heads) * pstride_h
+    i_pb = _prompt_set(TASKS, i_b, HAS_TASKS)
+    PK_BH = PK + i_pb * pstride_b + i_h * pstride_h
+    PV_BH = PV + i_pb * pstride_b + (i_h + pv_heads) * pstride_h
     b_q = tl.load(Q + i_b * stride_b + i_h * stride_h + o_m[:, None] * stride_n + o_d[None, :], mask=m_md,
                   other=0.0)  # [BM, D_PAD]
 
@@ -227,20 +237,21 @@ def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, 
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK, COUNTER,
+def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, O, DO, LSE, DELTA, DQ, DK, DV, DPK, COUNTER,
                 stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
                 ostride_b, ostride_h, ostride_n, dostride_b, dostride_h, dostride_n,
                 dstride_b, dstride_h, dstride_n, dkv_heads, dpstride_b, dpstride_h, dpstride_n,
                 B, H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img, n_splits, batch_group,
-                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, ATOMIC: tl.constexpr,
+                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_TASKS: tl.constexpr, ATOMIC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
                 SPLIT: tl.constexpr, GROUPED: tl.constexpr):
     """The gradients of one head for one batch entry or (GROUPED) ``batch_group`` consecutive ones, one after the
     other, or (SPLIT) of
     one (batch, head) from a contiguous range of its key tiles, ``n_splits`` programs sharing them: dq, dk, dv, and
     the prompt gradients into DPK (fp32 [.., 2, H, P, D], the V half H * dpstride_h elements after the K half:
-    per-sample gradients, or partials of prompts shared by the batch, one per (batch group, head), summed over the
-    group in batch order, or with ATOMIC atomics at batch stride 0). DELTA is the fp32 scratch: delta
+    per-sample gradients (with TASKS too: the caller sums them per prompt set), or partials of prompts shared by
+    the batch, one per (batch group, head), summed over the group in batch order, or with ATOMIC atomics at batch
+    stride 0). DELTA is the fp32 scratch: delta
     [programs * N] (padded to a multiple of 16 elements), then the dq accumulator [programs, N, D] (present only
     with several key tiles; SPLIT: one per key tile, [B*H, tiles, N, D]). With SPLIT the last of a (batch, head)'s
     programs to finish (an int32 ticket per (batch, head) in COUNTER, zeroed by the caller) writes dq as the sum of
@@ -307,8 +318,9 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, O, DO, LSE, DELTA, DQ, DK, DV, DPK,
             tl.store(DV_BH + p_rows, b_dv.to(DV.dtype.element_ty), mask=m_d[None, :])
             tl.debug_barrier()  # this tile's dq scratch writes before the next tile reads them
 
-        PK_BH = PK + i_b * pstride_b + i_h * pstride_h
-        PV_BH = PV + i_b * pstride_b + (i_h + pv_heads) * pstride_h
+        i_pb = _prompt_set(TASKS, i_b, HAS_TASKS)
+        PK_BH = PK + i_pb * pstride_b + i_h * pstride_h
+        PV_BH = PV + i_pb * pstride_b + (i_h + pv_heads) * pstride_h
         i_partial = tl.cast(b_first // batch_group, tl.int64)  # the entry's own gradient, or its group's partial
         DPK_BH = DPK + i_partial * dpstride_b + i_h * dpstride_h
         DPV_BH = DPK + i_partial * dpstride_b + (i_h + H) * dpstride_h
@@ -464,13 +476,13 @@ def _selection_scalars(mask_mode, layout):
 
 
 @functools.cache
-def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, mask_mode, layout, scale,
-                  renormalize):
+def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, mask_mode, has_tasks, layout,
+                  scale, renormalize):
     """``_fwd_kernel``, writing out as a contiguous [B, N, H, D] buffer: (grid, scalars, meta, out shape ([B, N, H*D]
     packed, else [B, N, H, D]), lse shape)."""
     (B, H, N, P, D), qkv, prompts = _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides)
     meta = _launch_config(*_table_entry("fwd", D, dtype), N, P, D,
-                          (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize)))
+                          (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize), ("HAS_TASKS", has_tasks)))
     scalars = (*qkv, *prompts, N * H * D, D, H * D, H, N, P, D, scale * LOG2E, *_selection_scalars(mask_mode, layout))
     out_shape = (B, N, H * D) if packed else (B, N, H, D)
     return (B * H * cdiv(N, meta["BLOCK_M"]),), scalars, meta, out_shape, (B, H, N)
@@ -478,7 +490,8 @@ def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_s
 
 @functools.cache
 def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, out_strides,
-                   grad_out_strides, grad_strides, mask_mode, layout, scale, renormalize, atomic, prompt_groups, sms):
+                   grad_out_strides, grad_strides, mask_mode, has_tasks, layout, scale, renormalize, atomic,
+                   prompt_groups, sms):
     """``_bwd_kernel`` with contiguous prompt gradients ([2, H, P, D] with ``atomic``, else ``prompt_groups``
     partials or per-sample gradients, [prompt_groups, 2, H, P, D]): (grid, scalars, meta, elements of the fp32
     scratch: delta [programs * N] padded to a multiple of 16, then the dq accumulators when there are several key
@@ -491,7 +504,8 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
     tiles = cdiv(N + P, _launch_config(*entry, N, P, D, ())["BLOCK_N"])  # key tiles (BLOCK_N takes no flag)
     splits = 1 if (config_key(D, dtype)[1], mask_mode) in UNSPLIT_BACKWARD else key_splits(B * H, tiles, sms)
     meta = _launch_config(*entry, N, P, D, (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize),
-                                            ("ATOMIC", atomic), ("SPLIT", splits > 1), ("GROUPED", group > 1)))
+                                            ("HAS_TASKS", has_tasks), ("ATOMIC", atomic), ("SPLIT", splits > 1),
+                                            ("GROUPED", group > 1)))
     if packed:
         os, gs, ds = out_strides, grad_out_strides, grad_strides
         outs, grad_outs, grads = (os[0], D, os[1]), (gs[0], D, gs[1]), _stacked(ds[0], ds[3], ds[1], ds[2], H)
@@ -532,77 +546,81 @@ def _selection_pointer(mask, bits):
     return bits if mask is None else mask.contiguous().view(torch.uint8)
 
 
-def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, layout, scale, renormalize):
+def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layout, scale, renormalize):
     """One launch of ``_fwd_kernel`` (operands as ``_geometry`` takes them, the pointers of a packed group its one
-    tensor; layout (pool_cls, len_cls, len_img)): (out, lse). Its dots run in q's dtype: bf16 is refused off CUDA
-    (the interpreter); no launch without programs (a zero-size dimension), as in ``_backward``."""
+    tensor; tasks int32 [B] or None; layout (pool_cls, len_cls, len_img)): (out, lse). Its dots run in q's dtype:
+    bf16 is refused off CUDA (the interpreter); no launch without programs (a zero-size dimension), as in
+    ``_backward``."""
     grid, scalars, meta, out_shape, lse_shape = _forward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), 1 if mask is None else 0,
-        layout, scale, renormalize)
+        tasks is not None, layout, scale, renormalize)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
-        _fwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, out, lse, *scalars, **meta)
+        _fwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, out, lse, *scalars, **meta)
     return out, lse
 
 
 def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits,
-              layout, scale, renormalize):
+              tasks, layout, scale, renormalize):
     """One launch of ``_bwd_kernel`` (operands as ``_backward_plan`` takes them): with several programs per
     (batch, head), their zeroed tickets too."""
     grid, scalars, meta, scratch, tickets = _backward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), out.stride(),
-        grad_out.stride(), dq.stride(), 1 if mask is None else 0, layout, scale, renormalize, dprompt.dim() == 4,
+        grad_out.stride(), dq.stride(), 1 if mask is None else 0, tasks is not None, layout, scale, renormalize,
+        dprompt.dim() == 4,
         dprompt.shape[0] if dprompt.dim() == 5 else 0, sm_count(q.device))
     scratch = torch.empty(scratch, dtype=torch.float32, device=q.device)
     tickets = torch.zeros(tickets, dtype=torch.int32, device=q.device) if tickets else None
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
-        _bwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, out, grad_out, lse, scratch, dq, dk, dv,
-                          dprompt, tickets, *scalars, **meta)
+        _bwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, out, grad_out, lse, scratch, dq,
+                          dk, dv, dprompt, tickets, *scalars, **meta)
 
 
-def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
+def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
+                      renormalize):
     """One launch of ``_fwd_kernel``. q/k/v [B, H, N, D] share (b, h, n) strides with unit stride on D (the callers
-    see to it: ``shared_strides``); prompt_k/prompt_v ([H, P, D] or [B, H, P, D], q's dtype or fp32) likewise, or
-    prompt_v None and prompt_k both stacked ([2, H, P, D] or [B, 2, H, P, D], ``read_in_place``); the selection as
-    ``Selection.op_args()``. Returns (out [B, H, N, D] in q's dtype: a transposed view of a contiguous
-    [B, N, H, D] buffer; lse [B, H, N] fp32 in log2 units)."""
+    see to it: ``shared_strides``); prompt_k/prompt_v ([H, P, D] or [B, H, P, D], with tasks a bank's [T, H, P, D];
+    q's dtype or fp32) likewise, or prompt_v None and prompt_k both stacked ([2, H, P, D] or [B, 2, H, P, D], with
+    tasks [T, 2, H, P, D]; ``read_in_place``); the selection as ``Selection.op_args()``. Returns (out [B, H, N, D]
+    in q's dtype: a transposed view of a contiguous [B, N, H, D] buffer; lse [B, H, N] fp32 in log2 units)."""
     stacked = prompt_v is None
-    out, lse = _forward(False, stacked, q, k, v, prompt_k, prompt_k if stacked else prompt_v, mask, bits,
+    out, lse = _forward(False, stacked, q, k, v, prompt_k, prompt_k if stacked else prompt_v, mask, bits, tasks,
                         (pool_cls, len_cls, len_img), scale, renormalize)
     return out.transpose(1, 2), lse
 
 
-def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls,
-                       len_cls, len_img, scale, renormalize):
+def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks,
+                       pool_cls, len_cls, len_img, scale, renormalize):
     """One launch of ``_bwd_kernel``: writes dq, dk, dv ([B, H, N, D] sharing one (b, h, n) stride set with unit
     stride on D) and the prompt gradients into dprompt (fp32, contiguous): [B, 2, H, P, D] (per-sample gradients, or
-    per-(b, h) partials of prompts shared by the batch, which the caller sums), or [2, H, P, D] zero-filled, to which
+    per-(b, h) partials of prompts shared by the batch, which the caller sums, as it sums per-sample gradients
+    per prompt set of a bank), or [2, H, P, D] zero-filled, to which
     the kernel adds with atomics. The other tensors as in ``attention_forward``; grad_out and out are read through
     their own strides (unit stride on D)."""
     stacked = prompt_v is None
     _backward(False, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_k if stacked else prompt_v,
-              out, lse, mask, bits, (pool_cls, len_cls, len_img), scale, renormalize)
+              out, lse, mask, bits, tasks, (pool_cls, len_cls, len_img), scale, renormalize)
 
 
-def packed_forward(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
+def packed_forward(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize):
     """``attention_forward`` on qkv [B, N, 3, H, D] and stacked prompt_kv, both read in place (``read_in_place``):
     returns (out [B, N, H*D] contiguous, lse [B, H, N])."""
-    return _forward(True, True, qkv, qkv, qkv, prompt_kv, prompt_kv, mask, bits, (pool_cls, len_cls, len_img), scale,
-                    renormalize)
+    return _forward(True, True, qkv, qkv, qkv, prompt_kv, prompt_kv, mask, bits, tasks, (pool_cls, len_cls, len_img),
+                    scale, renormalize)
 
 
-def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale,
-                    renormalize):
+def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls, len_cls, len_img,
+                    scale, renormalize):
     """``attention_backward`` on the packed layouts: qkv and prompt_kv as in ``packed_forward``, out and grad_out
     [B, N, H*D] (unit stride on the last dim); writes dq, dk, dv into dqkv [B, N, 3, H, D] (``read_in_place``) and
     the prompt gradients into dprompt as ``attention_backward`` does."""
     _backward(True, True, dqkv, dqkv, dqkv, dprompt, grad_out, qkv, qkv, qkv, prompt_kv, prompt_kv, out, lse, mask,
-              bits, (pool_cls, len_cls, len_img), scale, renormalize)
+              bits, tasks, (pool_cls, len_cls, len_img), scale, renormalize)
 
 
 def backward_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,

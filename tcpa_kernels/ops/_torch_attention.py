@@ -21,12 +21,12 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _operands(k, v, prompt_k, prompt_v, cd):
+def _operands(k, v, prompt_k, prompt_v, tasks, cd):
     """k, v [B, H, N, D] and prompt K/V as [B|1, H, P, D], in the compute dtype (prompt_v None: prompt_k stacks
-    both on dim -4)."""
+    both on dim -4; tasks: each sample's prompt set of a bank [T, H, P, D], gathered, as a reference backend may)."""
     if prompt_v is None:
         prompt_k, prompt_v = prompt_k.unbind(-4)
-    prompts4 = lambda t: t if t.dim() == 4 else t.unsqueeze(0)
+    prompts4 = lambda t: (t if t.dim() == 4 else t.unsqueeze(0)) if tasks is None else t[tasks.long()]
     return k.to(cd), v.to(cd), prompts4(prompt_k).to(cd), prompts4(prompt_v).to(cd)
 
 
@@ -64,15 +64,16 @@ def _chunk_grads(qc, do, delta, k, v, pk, pv, sel, lse, scale, renormalize):
 
 
 @_autocast_off
-def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
+def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
+                      renormalize):
     """Returns (out [B, H, N, D] in q.dtype, a transposed view of a [B, N, H, D] buffer; lse [B, H, N] natural
-    log, compute dtype). prompt_k/prompt_v [H, P, D] or [B, H, P, D], or prompt_v None and prompt_k both, stacked on
-    dim -4; the selection as ``Selection.op_args()``."""
+    log, compute dtype). prompt_k/prompt_v [H, P, D] or [B, H, P, D] (with tasks [T, H, P, D]), or prompt_v None
+    and prompt_k both, stacked on dim -4; the selection as ``Selection.op_args()``."""
     selection = Selection(mask, bits, pool_cls, len_cls, len_img)
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
-    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, cd)
+    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, tasks, cd)
     out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, H, N, D]
     lse = torch.empty((B, H, N), dtype=cd, device=q.device)
     for start, end, sel in _chunks(selection, B, H, N, P):
@@ -89,16 +90,16 @@ def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls
 
 
 @_autocast_off
-def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, pool_cls,
-                       len_cls, len_img, scale, renormalize):
+def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks,
+                       pool_cls, len_cls, len_img, scale, renormalize):
     """Writes dq, dk, dv ([B, H, N, D], any strides) and the prompt gradients into dprompt (compute dtype):
-    [B, 2, H, P, D] (per-sample gradients or per-sample partials of shared prompts), or [2, H, P, D], to which
-    their batch sum is added (as the kernel's atomics do)."""
+    [B, 2, H, P, D] (per-sample gradients, also of a bank's sets (tasks), or per-sample partials of shared
+    prompts), or [2, H, P, D], to which their batch sum is added (as the kernel's atomics do)."""
     selection = Selection(mask, bits, pool_cls, len_cls, len_img)
     B, H, N, D = q.shape
     P = prompt_k.shape[-2]
     cd = _compute_dtype(q.dtype)
-    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, cd)
+    k, v, pk, pv = _operands(k, v, prompt_k, prompt_v, tasks, cd)
     acc_dk, acc_dv = torch.zeros_like(k), torch.zeros_like(v)  # [B, H, N, D]
     acc_prompt = torch.zeros((B, 2, H, P, D), dtype=cd, device=q.device)
     for start, end, sel in _chunks(selection, B, H, N, P):
@@ -130,18 +131,18 @@ def _heads(x, num_heads):
     return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)
 
 
-def packed_forward(qkv, prompt_kv, mask, bits, pool_cls, len_cls, len_img, scale, renormalize):
-    """``attention_forward`` on qkv [B, N, 3, H, D] and prompt_kv [2, H, P, D] or [B, 2, H, P, D]: (out [B, N, H*D]
-    contiguous, lse [B, H, N])."""
-    out, lse = attention_forward(*_split_qkv(qkv), prompt_kv, None, mask, bits, pool_cls, len_cls, len_img, scale,
-                                 renormalize)
+def packed_forward(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize):
+    """``attention_forward`` on qkv [B, N, 3, H, D] and prompt_kv [2, H, P, D] or [B, 2, H, P, D] (with tasks
+    [T, 2, H, P, D]): (out [B, N, H*D] contiguous, lse [B, H, N])."""
+    out, lse = attention_forward(*_split_qkv(qkv), prompt_kv, None, mask, bits, tasks, pool_cls, len_cls, len_img,
+                                 scale, renormalize)
     return out.transpose(1, 2).flatten(2), lse
 
 
-def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, pool_cls, len_cls, len_img, scale,
-                    renormalize):
+def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls, len_cls, len_img,
+                    scale, renormalize):
     """``attention_backward`` on the packed layouts: out and grad_out [B, N, H*D]; writes dq, dk, dv into dqkv
     [B, N, 3, H, D] and the prompt gradients into dprompt."""
     H = qkv.shape[3]
     attention_backward(*_split_qkv(dqkv), dprompt, _heads(grad_out, H), *_split_qkv(qkv), prompt_kv, None,
-                       _heads(out, H), lse, mask, bits, pool_cls, len_cls, len_img, scale, renormalize)
+                       _heads(out, H), lse, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize)

@@ -59,7 +59,7 @@ class BlockAttention(torch.autograd.Function):
         h, weight, bias = _gemm_operands(h, qkv_weight, qkv_bias)
         with autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
             qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
-        out, lse = run_packed_forward(qkv, prompt_kv, None, bits, pool_cls, len_cls, len_img, scale, renormalize,
+        out, lse = run_packed_forward(qkv, prompt_kv, None, bits, None, pool_cls, len_cls, len_img, scale, renormalize,
                                       backend)
         result = out
         if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
@@ -88,8 +88,8 @@ class BlockAttention(torch.autograd.Function):
             grad_out = torch.mm(grad_proj.view(B * N, C), proj_weight).view(B, N, proj_weight.shape[1])
         dh = dprompt = None
         if grad_out is not None and (need_x or need_prompts):
-            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, pool_cls, len_cls, len_img,
-                                         scale, renormalize, backend, deterministic)
+            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, None, pool_cls, len_cls,
+                                         len_img, scale, renormalize, backend, deterministic)
             if need_x:  # dh = dqkv W in the GEMM's dtype, then x's (the norm's output dtype)
                 dh = torch.mm(dqkv.view(B * N, weight.shape[0]), weight).view(B, N, C)
                 dh = dh if dh.dtype == x.dtype else dh.to(x.dtype)

@@ -68,7 +68,9 @@ class Selection:
     """Which prompts each query token may use, in one of the two encodings the kernels read.
 
     Either ``mask`` (bool [B, N, P]) or ``bits`` (int64 [B, N]) with the pool layout that maps prompt
-    tokens to entries: prompts are [CLS pool: pool_cls*len_cls tokens ; image pool: rest].
+    tokens to entries: prompts are [CLS pool: pool_cls*len_cls tokens ; image pool: rest]. With ``tasks``
+    (int32 [B]) the prompts are a bank of T prompt sets ([T, 2, H, P, D]) and sample b uses set ``tasks[b]``:
+    the kernels read it in place, no per-sample copy is made.
     """
 
     mask: torch.Tensor | None = None
@@ -76,11 +78,12 @@ class Selection:
     pool_cls: int = 0
     len_cls: int = 1
     len_img: int = 1
+    tasks: torch.Tensor | None = None
 
     def op_args(self) -> tuple:
-        """``(mask, bits, pool_cls, len_cls, len_img)``: a Selection as the custom ops take it (one of mask / bits
-        is None); the launchers take it so too."""
-        return self.mask, self.bits, self.pool_cls, self.len_cls, self.len_img
+        """``(mask, bits, tasks, pool_cls, len_cls, len_img)``: a Selection as the custom ops take it (one of mask /
+        bits is None; tasks None without a bank); the launchers take it so too."""
+        return self.mask, self.bits, self.tasks, self.pool_cls, self.len_cls, self.len_img
 
     def rows(self, start, end, num_prompts):
         """bool [B, end-start, P] for query tokens start..end-1 (torch backend, one chunk at a time)."""
@@ -92,8 +95,20 @@ class Selection:
         return (torch.bitwise_right_shift(self.bits[:, start:end, None], entry) & 1).bool()
 
 
+def check_tasks(tasks, B, T, device) -> None:
+    """ValueError/TypeError unless ``tasks`` is an int32 [B] tensor on device with values in [0, T) (read back from
+    the device: a sync, which the checked entries afford and the model path skips)."""
+    check_tensor("selection.tasks", tasks, ndim=1, dtypes=(torch.int32,))
+    if tasks.device != device or tuple(tasks.shape) != (B,):
+        raise ValueError(f"selection.tasks: expected int32 shape {(B,)} on {device}, got {describe(tasks)}")
+    if B and not (0 <= int(tasks.min()) and int(tasks.max()) < T):
+        raise ValueError(f"selection.tasks: expected values in [0, {T}) (the prompt sets of the bank), got "
+                         f"[{int(tasks.min())}, {int(tasks.max())}]")
+
+
 def check_selection(selection, B, N, P, device) -> None:
-    """ValueError/TypeError unless ``selection`` is a Selection for B x N query tokens and P prompts on device."""
+    """ValueError/TypeError unless ``selection`` is a Selection for B x N query tokens and P prompts on device (its
+    tasks are checked with the prompts: ``check_tasks``)."""
     if not isinstance(selection, Selection):
         raise TypeError(f"selection: expected a tcpa_kernels.ops.selection.Selection, got {type(selection).__name__}")
     if selection.mask is not None:

@@ -15,7 +15,7 @@ from tcpa_kernels._validate import (
     describe,
 )
 from tcpa_kernels.ops._function import refuse_double_backward, run_backward, run_forward
-from tcpa_kernels.ops.selection import Selection, check_selection
+from tcpa_kernels.ops.selection import Selection, check_selection, check_tasks
 
 TORCH_DTYPES = (*KERNEL_DTYPES, torch.float64)
 MAX_KERNEL_HEAD_DIM = 128
@@ -25,19 +25,19 @@ INT32_LIMIT = 2**31
 class _SelectedTCPAFunction(torch.autograd.Function):
     """[B, H, N, D] prompt-augmented attention, one kernel launch each way (``_function.run_forward`` and
     ``run_backward``: the kernel ops of ``_function.py``, or their launchers in eager mode):
-    ``apply(q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
+    ``apply(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend,
     deterministic)`` -> out [B, H, N, D]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, pool_cls, len_cls, len_img, scale, renormalize, backend,
-                deterministic):
-        return run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, (pool_cls, len_cls, len_img), scale,
+    def forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize,
+                backend, deterministic):
+        return run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, (pool_cls, len_cls, len_img), scale,
                            renormalize, backend, deterministic)
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("tcpa_attention")
-        return (*run_backward(ctx, grad_out), *([None] * 9))
+        return (*run_backward(ctx, grad_out), *([None] * 10))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_kv: torch.Tensor, selection: Selection,
@@ -78,12 +78,14 @@ def check_kernel_limits(name, t, backend, dims, row_stride):
                          f"with int32 (< {INT32_LIMIT}); got {describe(t)}, prompts P={P}; use backend='torch'")
 
 
-def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize, deterministic):
-    """Validate the attention arguments; return (backend, scale, (B, H, N, P, D))."""
+def prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize, deterministic, bank=False):
+    """Validate the attention arguments (``bank``: prompt K/V [T, H, P, D], a prompt set per task); return
+    (backend, scale, (B, H, N, P, D))."""
     check_flag("renormalize", renormalize)
     check_flag("deterministic", deterministic)
     backend = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
-    dims = check_attention_inputs(q, k, v, prompt_k, prompt_v, KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES)
+    dims = check_attention_inputs(q, k, v, prompt_k, prompt_v, KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES,
+                                  bank)
     check_kernel_limits("q", q, backend, dims, max(q.stride(2), k.stride(2), v.stride(2)))
     if scale is None:
         return backend, 1.0 / math.sqrt(dims[-1]), dims
@@ -98,10 +100,11 @@ def tcpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: 
     Args:
         q, k, v: ``[B, H, N, D]`` queries, keys and values of the real tokens (fp16/bf16/fp32; fp64 on the
             torch backend). Any b/h/n strides are read in place when q, k, v share them (timm's fused qkv).
-        prompt_k, prompt_v: ``[H, P, D]`` prompt keys/values shared by the batch, or ``[B, H, P, D]``.
+        prompt_k, prompt_v: ``[H, P, D]`` prompt keys/values shared by the batch, or ``[B, H, P, D]``; with a
+            Selection's ``tasks`` a bank of T prompt sets ``[T, H, P, D]``, sample b reading set ``tasks[b]``.
         prompt_mask: bool ``[B, N, P]``, True where token n may use prompt p; or a
             :class:`~tcpa_kernels.ops.selection.Selection` (selection words ``[B, N]`` with their pool layout, as
-            ``match_select`` returns them: no mask is built).
+            ``match_select`` returns them: no mask is built; optionally ``tasks``, int32 ``[B]``).
         scale: score scale (a finite number > 0), default ``1/sqrt(D)``.
         renormalize: False (default, the published method): unselected prompts stay in the softmax
             normaliser but contribute no value. True: ordinary masked softmax.
@@ -110,12 +113,16 @@ def tcpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: 
 
     Returns:
         ``[B, H, N, D]`` in q's dtype (a transposed view of a contiguous ``[B, N, H, D]`` tensor, so
-        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free); differentiable in q, k, v, prompt_k, prompt_v.
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free); differentiable in q, k, v, prompt_k, prompt_v (with
+        tasks: each set's gradient sums its samples').
     """
+    tasks = prompt_mask.tasks if isinstance(prompt_mask, Selection) else None
     backend, scale, (B, H, N, P, D) = prepare_attention(q, k, v, prompt_k, prompt_v, backend, scale, renormalize,
-                                                        deterministic)
+                                                        deterministic, tasks is not None)
     if isinstance(prompt_mask, Selection):
         check_selection(prompt_mask, B, N, P, q.device)
+        if tasks is not None:
+            check_tasks(tasks, B, prompt_k.shape[0], q.device)
         selection = prompt_mask
     else:
         check_tensor("prompt_mask", prompt_mask, ndim=3, dtypes=(torch.bool,))
