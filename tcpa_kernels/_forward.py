@@ -23,14 +23,22 @@ kept on a module:
 - a block recomputed during a backward starts or extends nothing: it records no loss terms and no carried prompts,
   and a block that starts a forward there redraws its dropout masks from the random state checkpointing restored.
 
+A prompt bank's forward (``bank.PromptBank``: many tasks' prompt sets on one backbone, a task per sample) runs the
+model inside :func:`bank_forward`, a per-thread scope as autocast is: the forward a block starts there holds the
+bank's call (each sample's task and the bank's per-layer parameters, :class:`BankCall`), and so do its blocks and
+their recomputations, which read the forward from their input tensors.
+
 Blocks whose attention is a module of its own (the model family's attention class, swapped) get what their layer
 computed for this call through :func:`layer_call`, a per-thread scope around the block's own forward (as autocast is
 a scope): the selection, the pre-attention norm of the input when the matching kernel computed it, the prompt K/V.
 """
 
+import contextlib
 import dataclasses
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,6 +52,46 @@ RECORD = "_tcpa_record"  # the tensor attribute that carries (weakly) the forwar
 CARRY = "_tcpa_carry"  # VPT-shallow: the tensor attribute that carries the previous block's prompt tokens' output
 
 
+class LayerBank(NamedTuple):
+    """One layer's part of a prompt bank's forward: its key sets and each sample's task."""
+
+    keys_cls: Tensor  # [T, Pc, C]
+    keys_img: Tensor  # [T, Pi, C]
+    tasks: Tensor  # int32 [B], each in [0, T)
+
+
+@dataclasses.dataclass(frozen=True)
+class BankCall:
+    """A prompt bank's forward: each sample's task (int32 [B]) and, per layer, the bank's parameters (a module with
+    ``keys_cls [T, Pc, C]``, ``keys_img [T, Pi, C]``, ``prompts_cls [T, Pc, Lc, C]``, ``prompts_img
+    [T, Pi, Li, C]``)."""
+
+    tasks: Tensor
+    layers: Sequence
+
+    def layer(self, index: int) -> LayerBank:
+        params = self.layers[index]._parameters  # dict reads: a block asks at every call
+        return LayerBank(params["keys_cls"], params["keys_img"], self.tasks)
+
+    def prompt_parameters(self) -> list[Tensor]:
+        """Every layer's prompt sets in layer order: [prompts_cls_0, prompts_img_0, prompts_cls_1, ...]."""
+        return [layer._parameters[name] for layer in self.layers for name in ("prompts_cls", "prompts_img")]
+
+
+_BANK = threading.local()
+
+
+@contextlib.contextmanager
+def bank_forward(call: BankCall) -> Iterator[None]:
+    """Inside: a forward a prompted block starts belongs to the prompt bank's ``call``."""
+    previous = getattr(_BANK, "call", None)
+    _BANK.call = call
+    try:
+        yield
+    finally:
+        _BANK.call = previous
+
+
 class PromptForward:
     """What the blocks of one forward of a prompted model share: every layer's prompt K/V. It holds ``owner``, its
     model's ``PromptState.token``, never the model, and no tensor whose graph runs through the hidden states (the
@@ -55,13 +103,19 @@ class PromptForward:
         self.grad = torch.is_grad_enabled()  # made without autograd (evaluation, a no-grad stage): K/V carry no graph
         self.last_index = -1  # the highest layer index that ran in it
         self.kv: list | None = None  # per layer: prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) or None (its own)
+        self.bank: BankCall | None = getattr(_BANK, "call", None)  # a prompt bank's forward, or None
 
     def prompt_kv(self, layer, batch_size: int) -> Tensor | None:
-        """The prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) of ``layer`` (a ``_LayerRef``) from the model's one pass
-        over all layers, made when the first block asks; None when the blocks project their own."""
+        """The prompt K/V ([2, H, P, D] or [B, 2, H, P, D]; a bank's [T, 2, H, P, D]) of ``layer`` (a ``_LayerRef``)
+        from the model's one pass over all layers, made when the first block asks; None when the blocks project
+        their own."""
         if self.kv is None:
-            self.kv = all_layers_kv(layer.state, batch_size)
+            self.kv = all_layers_kv(layer.state, batch_size, self.bank)
         return self.kv[layer.index]
+
+    def layer_bank(self, index: int) -> LayerBank | None:
+        """Layer ``index``'s part of the bank's forward, or None outside a bank."""
+        return None if self.bank is None else self.bank.layer(index)
 
 
 class LastForward:

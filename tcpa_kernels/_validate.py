@@ -70,12 +70,16 @@ def check_pool_config(name_prefix, pool_cls, pool_img, topk_cls, topk_img, promp
                          f"64-bit selection word per token), got {pool_cls} + {pool_img}")
 
 
-def validate_match_inputs(x, keys_cls, keys_img):
+def validate_match_inputs(x, keys_cls, keys_img, bank=False):
+    """x [B, N, C], keys [pool >= 1, C] each (``bank``: [T, pool, C], T >= 1 key sets, the same T for both)."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     for name, keys in (("keys_cls", keys_cls), ("keys_img", keys_img)):
-        check_tensor(name, keys, ndim=2, dtypes=FLOAT_DTYPES)
-        if keys.device != x.device or keys.shape[1] != x.shape[2] or keys.shape[0] < 1:
-            raise ValueError(f"{name}: expected shape (pool >= 1, {x.shape[2]}) on {x.device}, got {describe(keys)}")
+        check_tensor(name, keys, ndim=3 if bank else 2, dtypes=FLOAT_DTYPES)
+        lead = (max(1, keys_cls.shape[0]),) if bank else ()
+        if keys.device != x.device or keys.shape[:-2] != lead or keys.shape[-1] != x.shape[2] or keys.shape[-2] < 1:
+            sets = f"{lead[0]}, " if bank else ""
+            raise ValueError(f"{name}: expected shape ({sets}pool >= 1, {x.shape[2]}) on {x.device}, got "
+                             f"{describe(keys)}")
     check_same("keys_img", keys_img, "keys_cls", keys_cls)
 
 

@@ -67,7 +67,7 @@ def prompt_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in inner.named_parameters() if id(p) in owned}
 
 
-def save_trainable(model: nn.Module, path: PathLike, metadata: dict[str, dict],
+def save_trainable(model: nn.Module | None, path: PathLike, metadata: dict[str, dict],
                    params: dict[str, nn.Parameter] | None = None) -> None:
     """A safetensors file of ``params`` (default: the model's parameters that require grad), with each value of
     ``metadata`` as JSON under its key. FSDP2 shards are gathered on every rank (call it on all of them); only rank 0
@@ -164,7 +164,7 @@ def model_identity(model: nn.Module) -> dict:
             "num_prefix_tokens": None if family is None else family.num_prefix_tokens(inner)}
 
 
-def _check_identity(saved, model: nn.Module, arg: str, path: PathLike) -> None:
+def check_identity_of(saved, model: nn.Module, arg: str, path: PathLike) -> None:
     """ValueError naming every field the saved identity and the model's both know and disagree on."""
     if not isinstance(saved, dict):
         raise ValueError(f"{arg}: {path} holds no valid base-model identity (got {saved!r})")
@@ -216,16 +216,22 @@ def save_pretrained(model: nn.Module, dir: PathLike, extra_metadata: dict[str, d
     file ``save_prompts`` writes, and ``prompt_config.json``, its record as readable JSON (method, config, library
     ``version``, base-model ``identity``: :func:`model_identity`). Under FSDP2 call it on every rank; rank 0
     writes. ``from_pretrained(base_model, dir)`` loads it."""
-    record = _record(model)
+    write_folder(dir, _record(model), prompt_parameters(model), extra_metadata)
+
+
+def write_folder(dir: PathLike, record: dict, params: dict[str, torch.Tensor],
+                 extra_metadata: dict[str, dict] | None = None, arg: str = "dir") -> None:
+    """The adapter folder ``dir`` of ``save_pretrained`` from a prompts record (``_record``) and the tensors by the
+    plain model's parameter names (FSDP2 shards gathered on every rank; rank 0 writes)."""
     metadata = _metadata(record, extra_metadata)
     folder = Path(dir)
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"dir: expected a folder, got the file {dir}; save_pretrained writes a folder, "
+        raise ValueError(f"{arg}: expected a folder, got the file {dir}; save_pretrained writes a folder, "
                          f"save_prompts(model, {str(dir)!r}) writes one file")
     folder.mkdir(parents=True, exist_ok=True)
     if _writes():
         (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
-    save_trainable(model, folder / WEIGHTS_NAME, metadata, prompt_parameters(model))
+    save_trainable(None, folder / WEIGHTS_NAME, metadata, params)
 
 
 def _locate(path: PathLike, arg: str) -> tuple[Path, dict | None]:
@@ -246,8 +252,9 @@ def _locate(path: PathLike, arg: str) -> tuple[Path, dict | None]:
         raise ValueError(f"{arg}: {given / CONFIG_NAME} is not valid JSON ({error})") from None
 
 
-def _load(model: nn.Module, path: PathLike, arg: str, check_identity: bool) -> nn.Module:
-    check_flag("check_identity", check_identity)
+def read_checkpoint(path: PathLike, arg: str) -> tuple[dict, str, dict, dict[str, torch.Tensor]]:
+    """(record, method, config with the defaults of fields the file lacks, tensors by the current parameter names)
+    of a save_prompts file or a save_pretrained folder; ValueError naming ``arg`` for anything else."""
     file, folder_record = _locate(path, arg)
     meta, tensors = read_trainable(file, METADATA_KEY, arg)
     if folder_record is not None and folder_record != meta:
@@ -257,9 +264,15 @@ def _load(model: nn.Module, path: PathLike, arg: str, check_identity: bool) -> n
     method, config = meta.get("method"), meta.get("config")
     if method not in METHODS or not isinstance(config, dict):
         raise ValueError(f"{arg}: {path} holds no valid prompts config (method {method!r})")
-    apply, config_class = METHODS[method]
+    config_class = METHODS[method][1]
     defaults = {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
-    config = {**defaults, **{k: v for k, v in config.items() if k not in _LEGACY_FIELDS}}
+    return meta, method, {**defaults, **{k: v for k, v in config.items() if k not in _LEGACY_FIELDS}}, tensors
+
+
+def _load(model: nn.Module, path: PathLike, arg: str, check_identity: bool) -> nn.Module:
+    check_flag("check_identity", check_identity)
+    meta, method, config, tensors = read_checkpoint(path, arg)
+    apply = METHODS[method][0]
     inner = find_model(model, prompted=False)
     patched = hasattr(inner, "prompt_state")
     if patched:
@@ -273,7 +286,7 @@ def _load(model: nn.Module, path: PathLike, arg: str, check_identity: bool) -> n
         params = prompt_parameters(inner)
         _check_tensors(params, tensors, arg)
         if check_identity and "identity" in meta:  # files written before the identity existed have none
-            _check_identity(meta["identity"], inner, arg, path)
+            check_identity_of(meta["identity"], inner, arg, path)
         _copy(params, tensors)
     except BaseException:
         if not patched:

@@ -59,13 +59,13 @@ def main(variants):
     # block's LayerNorm (weight and bias; the model's path). Their dot products must run on tensor cores.
     names = ("X", "KEYS_CLS", "KEYS_IMG", "TERMS", "NORM_W", "NORM_B", "H", "MEAN", "RSTD", "DTERMS", "DX",
              "DKEYS_PARTIAL", "DH")
-    for (name, kernel, extra), norm, x_dtype in itertools.product(
+    for (name, kernel, extra), norm, x_dtype, bank in itertools.product(
             (("fwd", _match_kernels._match_fwd_kernel, dict(HAS_W=True, HAS_B=True)),
              ("bwd", _match_kernels._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))),
-            (False, True), ("fp32", "bf16")):
+            (False, True), ("fp32", "bf16"), (False, True)):  # bank: key sets of a prompt bank, a set per sample
         pointers = dict.fromkeys(names, "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
-        pointers["BITS"] = "*i64"
-        extra = extra | dict(NORM=norm, X16=x_dtype != "fp32")
+        pointers |= {"BITS": "*i64", "TASKS": "*i32"}
+        extra = extra | dict(NORM=norm, X16=x_dtype != "fp32", HAS_TASKS=bank)
         launch = dict(_match_kernels.LAUNCH[name])
         num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
         constexprs = launch | extra | dict(E_PAD=64)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from tcpa_kernels._backend import resolve_backend
-from tcpa_kernels._forward import record_loose
+from tcpa_kernels._forward import LayerBank, record_loose
 from tcpa_kernels._validate import check_flag, check_int, check_pool_config, describe
 from tcpa_kernels.integrations.prompt_tokens import check_prompt_options, forward_tokens
 from tcpa_kernels.ops._function import topk_bits_op
@@ -126,28 +126,37 @@ class TCPAPrompts(nn.Module):
         tokens = torch.cat([self.prompts_cls.flatten(0, 1), self.prompts_img.flatten(0, 1)])
         return forward_tokens(tokens, self.config, self.training, batch_size)
 
-    def selection(self, bits: Tensor) -> Selection:
+    def selection(self, bits: Tensor, tasks: Tensor | None = None) -> Selection:
         c = self.config
-        return Selection(bits=bits, pool_cls=c.pool_size_cls, len_cls=c.prompt_len_cls, len_img=c.prompt_len_img)
+        return Selection(bits=bits, pool_cls=c.pool_size_cls, len_cls=c.prompt_len_cls, len_img=c.prompt_len_img,
+                         tasks=tasks)
 
-    def select(self, x: Tensor, norm: nn.Module | None = None) -> tuple[Selection, Tensor | None, Tensor | None]:
+    def _keys(self, bank: LayerBank | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(keys_cls, keys_img, tasks): this module's keys, or a prompt bank's key sets and each sample's task."""
+        return (self.keys_cls, self.keys_img, None) if bank is None else bank
+
+    def select(self, x: Tensor, norm: nn.Module | None = None,
+               bank: LayerBank | None = None) -> tuple[Selection, Tensor | None, Tensor | None]:
         """Prompt selection of every token of the block input x [B, N, C].
 
         Returns ``(selection, terms, normed)``: the selection words; the matching-loss terms ``[B, N]`` fp32 (their
         sum is this layer's matching loss; None for random selection); ``norm(x)`` when ``norm`` (the block's
         pre-attention norm) is a frozen LayerNorm, which the matching kernel applies in the same pass over x (and
-        whose input gradient its backward adds to the matching's in one dx), else None."""
+        whose input gradient its backward adds to the matching's in one dx), else None. In a prompt bank's forward
+        (``bank``: this layer's key sets and each sample's task) each sample matches its task's keys, and the
+        selection carries the tasks for the attention."""
         c = self.config
-        keys_cls, keys_img = self.keys_cls, self.keys_img
+        keys_cls, keys_img, tasks = self._keys(bank)
         topk = (self.num_prefix_tokens, c.topk_cls, c.topk_img, self._backend_for(x))
         if self.selection_mode == "random":  # a random k-subset per token, no matching loss
             scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
-            return self.selection(topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, *topk[1:])), None, None
+            bits = topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, *topk[1:])
+            return self.selection(bits, tasks), None, None
         if norm is not None and fusable_norm(norm):
-            normed, bits, terms = norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, *topk)
-            return self.selection(bits), terms, normed
-        bits, terms = match(x, keys_cls, keys_img, *topk)
-        return self.selection(bits), terms, None
+            normed, bits, terms = norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, *topk, tasks)
+            return self.selection(bits, tasks), terms, normed
+        bits, terms = match(x, keys_cls, keys_img, *topk, tasks)
+        return self.selection(bits, tasks), terms, None
 
     def _backend_for(self, x: Tensor) -> str:
         """The resolved backend for the block input x, after checking x is one ([B, N >= prefix tokens, C])."""
@@ -161,17 +170,20 @@ class TCPAPrompts(nn.Module):
         return backend
 
     def attend_block(self, x: Tensor, norm: nn.LayerNorm, qkv: nn.Linear, num_heads: int, prompt_kv: Tensor,
-                     scale: float, proj: nn.Linear | None = None) -> tuple[Tensor, Tensor]:
+                     scale: float, proj: nn.Linear | None = None,
+                     bank: LayerBank | None = None) -> tuple[Tensor, Tensor]:
         """A pre-norm block's attention from its input x ``[B, N, C]`` in one autograd node (``ops/block.py``):
         ``norm`` (a frozen LayerNorm, fused into the matching), the matching and top-k selection, ``qkv`` (a frozen
         linear C -> 3 * H * D), the attention over [selected prompts ; tokens] with prompt_kv ``[2, H, P, D]`` (or
         ``[B, 2, H, P, D]``) and, when given, ``proj`` (a frozen linear H * D -> C) and the residual. Returns (out
         ``[B, N, H*D]``, what the output projection reads, or with ``proj`` x + proj(out) ``[B, N, C]``; the
-        matching-loss terms ``[B, N]``). Top-k selection only (``selection_mode == "topk"``)."""
+        matching-loss terms ``[B, N]``). Top-k selection only (``selection_mode == "topk"``). In a prompt bank's
+        forward (``bank``) prompt_kv is the bank's ``[T, 2, H, P, D]``, each sample using its task's set."""
         c = self.config
-        return block_attention(x, self.keys_cls, self.keys_img, prompt_kv, norm, qkv, proj, num_heads,
-                               self.num_prefix_tokens, c.topk_cls, c.topk_img, c.pool_size_cls, c.prompt_len_cls,
-                               c.prompt_len_img, scale, c.renormalize, self._backend_for(x))
+        keys_cls, keys_img, tasks = self._keys(bank)
+        return block_attention(x, keys_cls, keys_img, prompt_kv, norm, qkv, proj, num_heads, self.num_prefix_tokens,
+                               c.topk_cls, c.topk_img, c.pool_size_cls, c.prompt_len_cls, c.prompt_len_img, scale,
+                               c.renormalize, self._backend_for(x), tasks=tasks)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prompt_kv: Tensor, selection: Selection,
                scale: float | None = None) -> Tensor:

@@ -148,12 +148,14 @@ class TCPAMixin:
         layer, attn = self._prompt_layer, self.attn
         fwd, record = join_forward(x, layer)
         prompt_kv, _ = block_prompt_kv(self, fwd, layer, x.shape[0])  # [2, H, P, D] or [B, 2, H, P, D]
+        bank = fwd.layer_bank(layer.index)  # a prompt bank's forward: prompt_kv [T, 2, H, P, D], a task per sample
         one_node, proj = _block_plan(self)
         if one_node:  # with proj, the node returns x + proj(attention)
-            out, terms = self.tcpa.attend_block(x, self.norm1, attn.qkv, attn.num_heads, prompt_kv, attn.scale, proj)
+            out, terms = self.tcpa.attend_block(x, self.norm1, attn.qkv, attn.num_heads, prompt_kv, attn.scale, proj,
+                                                bank)
             x = out if proj is not None else x + self.drop_path1(self.ls1(attention_output(attn, out, None)))
         else:
-            selection, terms, h = self.tcpa.select(x, self.norm1)  # h: norm1(x) from the kernel when it is frozen
+            selection, terms, h = self.tcpa.select(x, self.norm1, bank)  # h: norm1(x) from the kernel when frozen
             h = self.norm1(x) if h is None else h
             B, N, _ = h.shape
             qkv = attn.qkv(h).view(B, N, 3, attn.num_heads, attn.head_dim)  # [B, N, 3, H, D]

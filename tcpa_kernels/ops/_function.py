@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from tcpa_kernels._backend import cdiv, kernels, next_power_of_2, sm_count
 from tcpa_kernels.ops import _torch_attention
-from tcpa_kernels.ops.selection import topk_bits
+from tcpa_kernels.ops.selection import sum_per_task, topk_bits
 
 
 def traced() -> bool:
@@ -218,11 +218,9 @@ def prompt_grads(dprompt: Tensor, shared: bool, dtype: torch.dtype, tasks: Tenso
     """The stacked prompt gradients (``[2, H, P, D]`` or ``[B, 2, H, P, D]``, in ``dtype``) from the buffer the
     backward op wrote: shared prompts' per-(b, h) partials summed over the batch here (deterministic); with
     ``tasks`` (int32 [B]) the per-sample gradients summed per prompt set of the bank, ``[num_sets, 2, H, P, D]``:
-    one GEMM with the one-hot [num_sets, B] matrix of the tasks (deterministic, no atomics)."""
+    ``selection.sum_per_task``."""
     if tasks is not None:
-        sets = torch.arange(num_sets, dtype=tasks.dtype, device=tasks.device)
-        one_hot = (sets[:, None] == tasks[None, :]).to(dprompt.dtype)  # [T, B]
-        dprompt = (one_hot @ dprompt.flatten(1)).view(num_sets, *dprompt.shape[1:])
+        dprompt = sum_per_task(dprompt, tasks, num_sets)
     elif shared and dprompt.dim() == 5:
         dprompt = dprompt.sum(0)
     return dprompt if dprompt.dtype == dtype else dprompt.to(dtype)

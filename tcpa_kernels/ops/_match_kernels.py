@@ -116,14 +116,30 @@ def _layer_norm_rows(X, NORM_W, NORM_B, H, MEAN, RSTD, o_t, m_t, N, C, stride_b,
 
 
 @triton.jit
-def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, TERMS, NORM_W, NORM_B, H, MEAN, RSTD, n_rows, N, C,
+def _task_keys(KEYS_CLS, KEYS_IMG, TASKS, i_b, pool_cls, pool_img, C):
+    """The key pointers of sample i_b's set of a bank of key sets ([T, pool_cls, C] and [T, pool_img, C])."""
+    task = tl.load(TASKS + i_b).to(tl.int64)
+    return KEYS_CLS + task * pool_cls * C, KEYS_IMG + task * pool_img * C
+
+
+@triton.jit
+def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, BITS, TERMS, NORM_W, NORM_B, H, MEAN, RSTD, n_rows, N, C,
                       stride_b, stride_n, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls, w_img,
-                      eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
+                      eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_TASKS: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
     """Selection words and loss terms of a block of tokens; with NORM also the block's layer norm h (the same rows
-    of x, read again from cache rather than by a second kernel)."""
-    o_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] row = b*N + n
-    m_t = o_t < n_rows
+    of x, read again from cache rather than by a second kernel). HAS_TASKS: a bank of key sets ([T, pool, C]),
+    sample b matching set TASKS[b]; a block then holds the rows of one sample only (cdiv(N, BLOCK_T) per sample)."""
+    if HAS_TASKS:
+        n_blocks = tl.cdiv(N, BLOCK_T)
+        i_b = (tl.program_id(0) // n_blocks).to(tl.int64)
+        KEYS_CLS, KEYS_IMG = _task_keys(KEYS_CLS, KEYS_IMG, TASKS, i_b, pool_cls, pool_img, C)
+        o_n = (tl.program_id(0) % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        o_t = i_b * N + o_n  # [BLOCK_T] row = b*N + n
+        m_t = o_n < N
+    else:
+        o_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] row = b*N + n
+        m_t = o_t < n_rows
     b_cos, _, _, b_xsum = _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls, pool_img,
                                    BLOCK_C, E_PAD, X16)
     is_prefix, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD)
@@ -137,22 +153,37 @@ def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, TERMS, NORM_W, NORM_B, H, MEA
 
 
 @triton.jit
-def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, DTERMS, DX, DKEYS_PARTIAL, NORM_W, DH, MEAN, RSTD, n_rows, N, C,
-                      stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens, pool_cls, pool_img, w_cls, w_img,
-                      NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
+def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, BITS, DTERMS, DX, DKEYS_PARTIAL, NORM_W, DH, MEAN, RSTD, n_rows,
+                      N, C, stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens, pool_cls, pool_img, w_cls,
+                      w_img, NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr, NORM: tl.constexpr,
+                      HAS_W: tl.constexpr, HAS_TASKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                      E_PAD: tl.constexpr, X16: tl.constexpr):
     """Program i_p handles token blocks i_p, i_p + n_programs, ...; dx [B, N, C] contiguous, partial [E, C] fp32.
-    With NORM, dx also gets the layer norm's input gradient from dh ([B*N, C] contiguous):
-    rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dh * w, xhat = (x - mean) * rstd."""
+    HAS_TASKS (a bank of key sets, sample b matching set TASKS[b]): program i_p handles sample i_p's blocks, and its
+    partial is that sample's key gradient (the caller sums them per set). With NORM, dx also gets the layer norm's
+    input gradient from dh ([B*N, C] contiguous): rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dh * w,
+    xhat = (x - mean) * rstd."""
     i_p = tl.program_id(0)
-    n_programs = tl.num_programs(0)
     o_e = tl.arange(0, E_PAD)
     m_e = o_e < pool_cls + pool_img
     if NEED_DKEYS:  # else DKEYS_PARTIAL is None, as DX is without NEED_DX
         p_partial = DKEYS_PARTIAL + i_p.to(tl.int64) * (pool_cls + pool_img) * C + o_e[:, None] * C
-    for i_blk in range(i_p, tl.cdiv(n_rows, BLOCK_T), n_programs):
-        o_t = i_blk * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T] row = b*N + n
-        m_t = o_t < n_rows
+    if HAS_TASKS:  # this sample's rows b*N .. b*N + N - 1, block by block
+        KEYS_CLS, KEYS_IMG = _task_keys(KEYS_CLS, KEYS_IMG, TASKS, i_p.to(tl.int64), pool_cls, pool_img, C)
+        row_start = i_p.to(tl.int64) * N
+        row_end = row_start + N
+        first_blk = 0
+        end_blk = tl.cdiv(N, BLOCK_T)
+        blk_step = 1
+    else:  # every n_programs-th block of all rows
+        row_start = tl.zeros([], dtype=tl.int64)
+        row_end = n_rows
+        first_blk = i_p
+        end_blk = tl.cdiv(n_rows, BLOCK_T)
+        blk_step = tl.num_programs(0)
+    for i_blk in range(first_blk, end_blk, blk_step):
+        o_t = row_start + i_blk * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [BLOCK_T] row = b*N + n
+        m_t = o_t < row_end
         b_cos, b_xnorm, b_knorm, _ = _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls,
                                               pool_img, BLOCK_C, E_PAD, X16)
         is_prefix, _, _ = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, 0, 0, E_PAD)
@@ -190,7 +221,7 @@ def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, BITS, DTERMS, DX, DKEYS_PARTIAL, NO
                                        tl.zeros([E_PAD, BLOCK_C], dtype=tl.float32))  # [E_PAD, BLOCK_C]
                 b_dk = (b_dkhat - b_kdot[:, None] * b_khat) * b_inv_k[:, None]
                 m_ec = m_e[:, None] & m_c[None, :]
-                if i_blk != i_p:  # later blocks add to this program's partial
+                if i_blk != first_blk:  # later blocks add to this program's partial
                     b_dk += tl.load(p_partial + o_c[None, :], mask=m_ec, other=0.0)
                 tl.store(p_partial + o_c[None, :], b_dk, mask=m_ec)
 
@@ -251,7 +282,8 @@ def _x16(x):
 
 
 @functools.cache
-def _forward_plan(shape, strides, x16, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, eps, norm, has_w, has_b):
+def _forward_plan(shape, strides, x16, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, eps, norm, has_w, has_b,
+                  has_tasks):
     """``_match_fwd_kernel`` on x of ``shape`` and (batch, token) ``strides``: (grid, args, options, the shapes
     (B, N) of bits, terms, mean, rstd and (B, N, C) of h)."""
     B, N, C = shape
@@ -259,34 +291,37 @@ def _forward_plan(shape, strides, x16, pool_cls, pool_img, num_prefix_tokens, k_
     k_max = max_topk(N, num_prefix_tokens, k_cls, k_img)
     blocks, options = _constexprs_and_options("fwd", pool_cls, pool_img, x16)
     args = (B * N, N, C, strides[0], strides[1], num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls,
-            w_img, eps, norm, has_w, has_b, *blocks)
-    return (cdiv(B * N, blocks[0]),), args, options, (B, N), (B, N, C)
+            w_img, eps, norm, has_w, has_b, has_tasks, *blocks)
+    programs = B * cdiv(N, blocks[0]) if has_tasks else cdiv(B * N, blocks[0])  # a bank: blocks of one sample
+    return (programs,), args, options, (B, N), (B, N, C)
 
 
 @functools.cache
 def _backward_plan(shape, strides, dterms_strides, x16, sms, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img,
-                   need_dx, need_dkeys, norm, has_w):
+                   need_dx, need_dkeys, norm, has_w, has_tasks):
     """``_match_bwd_kernel`` (dterms read at its own strides): (grid, args, options, the shapes of dx and of the
-    key-gradient partials)."""
+    key-gradient partials: one per program; with a bank one program, and partial, per sample)."""
     B, N, C = shape
     w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
     blocks, options = _constexprs_and_options("bwd", pool_cls, pool_img, x16)
     args = (B * N, N, C, strides[0], strides[1], dterms_strides[0], dterms_strides[1], num_prefix_tokens, pool_cls,
-            pool_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, *blocks)
-    programs = backward_programs(B * N, sms)
+            pool_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, has_tasks, *blocks)
+    programs = B if has_tasks else backward_programs(B * N, sms)
     return (programs,), args, options, (B, N, C), (programs, pool_cls + pool_img, C)
 
 
-def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img):
+def forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
+            k_img):
     """One launch of ``_match_fwd_kernel``: (terms, bits, h, mean, rstd) as ``match_select.match_fwd`` returns,
-    with None for h, mean and rstd without ``fuse_norm``. The keys are contiguous (the callers see to it)."""
+    with None for h, mean and rstd without ``fuse_norm``. The keys are contiguous (the callers see to it): [pool, C]
+    each, or with tasks (int32 [B]) a bank's [T, pool, C]."""
     strides = x.stride()
     if strides[-1] != 1:
         x = x.contiguous()
         strides = x.stride()
     grid, args, options, rows, shape = _forward_plan(
-        x.shape, strides, _x16(x), keys_cls.shape[0], keys_img.shape[0], num_prefix_tokens, k_cls, k_img, norm_eps,
-        fuse_norm, norm_weight is not None, norm_bias is not None)
+        x.shape, strides, _x16(x), keys_cls.shape[-2], keys_img.shape[-2], num_prefix_tokens, k_cls, k_img, norm_eps,
+        fuse_norm, norm_weight is not None, norm_bias is not None, tasks is not None)
     bits = torch.empty(rows, dtype=torch.int64, device=x.device)
     terms = torch.empty(rows, dtype=torch.float32, device=x.device)
     h = mean = rstd = None
@@ -295,8 +330,8 @@ def forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, 
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if grid[0]:
-        _match_fwd_kernel[grid](x, keys_cls, keys_img, bits, terms, norm_weight, norm_bias, h, mean, rstd, *args,
-                                **options)
+        _match_fwd_kernel[grid](x, keys_cls, keys_img, tasks, bits, terms, norm_weight, norm_bias, h, mean, rstd,
+                                *args, **options)
     return terms, bits, h, mean, rstd
 
 
@@ -306,21 +341,22 @@ def backward_programs(n_rows, sms):
     return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), sms or MAX_KEY_PARTIALS))
 
 
-def backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+def backward(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
              need_dx, need_dkeys):
     """One launch of ``_match_bwd_kernel``: (dx, key-gradient partials) as ``match_select.match_bwd`` returns, with
-    None for what is not needed. The keys are contiguous (the callers see to it)."""
+    None for what is not needed. The keys are contiguous (the callers see to it), a bank's with tasks."""
     strides = x.stride()
     if strides[-1] != 1:
         x = x.contiguous()
         strides = x.stride()
     grid, args, options, shape, partials_shape = _backward_plan(
-        x.shape, strides, dterms.stride(), _x16(x), sm_count(x.device), keys_cls.shape[0], keys_img.shape[0],
-        num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys, dh is not None, norm_weight is not None)
+        x.shape, strides, dterms.stride(), _x16(x), sm_count(x.device), keys_cls.shape[-2], keys_img.shape[-2],
+        num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys, dh is not None, norm_weight is not None,
+        tasks is not None)
     dx = torch.empty(shape, dtype=x.dtype, device=x.device) if need_dx else None
     partials = torch.empty(partials_shape, dtype=torch.float32, device=x.device) if need_dkeys else None
     if args[0]:  # B * N rows
-        _match_bwd_kernel[grid](x, keys_cls, keys_img, bits, dterms, dx, partials, norm_weight,
+        _match_bwd_kernel[grid](x, keys_cls, keys_img, tasks, bits, dterms, dx, partials, norm_weight,
                                 None if dh is None else dh.contiguous(), mean, rstd, *args, **options)
     elif need_dkeys:
         partials.zero_()

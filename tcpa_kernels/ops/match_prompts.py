@@ -30,7 +30,7 @@ def match_scores(x: Tensor, keys_cls: Tensor, keys_img: Tensor) -> Tensor:
     """
     validate_match_inputs(x, keys_cls, keys_img)
     with torch.autocast(x.device.type, enabled=False):
-        return _cosines_torch(x, keys_cls, keys_img)[0].to(x.dtype)
+        return _cosines_torch(x, keys_cls, keys_img, None)[0].to(x.dtype)
 
 
 def loss_from_words(scores: Tensor, bits: Tensor, num_prefix_tokens: int, topk_cls: int, topk_img: int) -> Tensor:

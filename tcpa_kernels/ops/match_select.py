@@ -39,7 +39,7 @@ from torch import Tensor
 from tcpa_kernels._backend import autocast_off, kernels, resolve_backend, sm_count
 from tcpa_kernels._validate import check_pool_config, describe, validate_match_inputs
 from tcpa_kernels.ops._function import kernel_op, refuse_double_backward, traced
-from tcpa_kernels.ops.selection import _topk_bits_torch, entry_selection
+from tcpa_kernels.ops.selection import _topk_bits_torch, check_tasks, entry_selection, sum_per_task
 
 EPS = 1e-12  # F.normalize's: norms below it are clamped
 
@@ -54,14 +54,22 @@ def group_weights(B, N, num_prefix_tokens, k_cls, k_img):
             1.0 / (B * n_img * k_img) if B and n_img else 0.0)
 
 
-def _cosines_torch(x, keys_cls, keys_img):
-    """(cos [B, N, E], |x| [B, N, 1] unclamped, normalised keys [E, C]) in fp32 (fp64 for fp64 x)."""
+def _sample_keys(keys_cls, keys_img, tasks, dtype):
+    """The keys each sample matches, [E, C] (CLS pool first), or with tasks each sample's set of a bank, [B, E, C]
+    (gathered: the reference backend may copy), and their norms [.., E, 1], in ``dtype``."""
+    keys = torch.cat([keys_cls, keys_img], dim=-2).to(dtype)
+    keys = keys if tasks is None else keys[tasks.long()]
+    return keys, torch.linalg.vector_norm(keys, dim=-1, keepdim=True)
+
+
+def _cosines_torch(x, keys_cls, keys_img, tasks):
+    """(cos [B, N, E], |x| [B, N, 1] unclamped, normalised keys [E, C] or [B, E, C]) in fp32 (fp64 for fp64 x)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    keys = torch.cat([keys_cls, keys_img]).to(dtype)
-    keys_hat = keys / torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min(EPS)  # [E, C]
+    keys, keys_norm = _sample_keys(keys_cls, keys_img, tasks, dtype)
+    keys_hat = keys / keys_norm.clamp_min(EPS)
     x = x.to(dtype)
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [B, N, 1]
-    return (x @ keys_hat.T) / x_norm.clamp_min(EPS), x_norm, keys_hat
+    return (x @ keys_hat.transpose(-1, -2)) / x_norm.clamp_min(EPS), x_norm, keys_hat
 
 
 def _token_weights(x, num_prefix_tokens, k_cls, k_img, dtype):
@@ -72,10 +80,10 @@ def _token_weights(x, num_prefix_tokens, k_cls, k_img, dtype):
     return w
 
 
-def _forward_torch(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
+def _forward_torch(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
                    k_img):
-    cos, _, _ = _cosines_torch(x, keys_cls, keys_img)
-    bits = _topk_bits_torch(cos, num_prefix_tokens, keys_cls.shape[0], k_cls, k_img)
+    cos, _, _ = _cosines_torch(x, keys_cls, keys_img, tasks)
+    bits = _topk_bits_torch(cos, num_prefix_tokens, keys_cls.shape[-2], k_cls, k_img)
     sel = entry_selection(bits, cos.shape[-1])
     terms = torch.where(sel, 1 - cos, 0).sum(-1) * _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)[:, 0]
     h = mean = rstd = None
@@ -92,9 +100,9 @@ def _forward_torch(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse
     return terms, bits, h, mean, rstd
 
 
-def _backward_torch(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
+def _backward_torch(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
                     k_img, need_dx, need_dkeys):
-    cos, x_norm, keys_hat = _cosines_torch(x, keys_cls, keys_img)
+    cos, x_norm, keys_hat = _cosines_torch(x, keys_cls, keys_img, tasks)
     xc = x.to(cos.dtype)
     w = _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)
     g = torch.where(entry_selection(bits, cos.shape[-1]), -(dterms.to(cos.dtype) * w[:, 0])[..., None], 0)  # [B,N,E]
@@ -108,10 +116,14 @@ def _backward_torch(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, 
             xhat = (xc - mean[..., None]) * rstd[..., None]
             dx = dx + rstd[..., None] * (gn - gn.mean(-1, keepdim=True) - xhat * (gn * xhat).mean(-1, keepdim=True))
         dx = dx.to(x.dtype)
-    if need_dkeys:
-        dkeys_hat = (g * inv_x).flatten(0, 1).T @ xc.flatten(0, 1)  # [E, C]
-        k_norm = torch.linalg.vector_norm(torch.cat([keys_cls, keys_img]).to(cos.dtype), dim=-1, keepdim=True)
-        dkeys = ((dkeys_hat - (g * cos).sum((0, 1))[:, None] * keys_hat) / k_norm.clamp_min(EPS))[None]
+    if need_dkeys:  # one partial [1, E, C]; with tasks one per sample [B, E, C], summed per set by the caller
+        k_norm = _sample_keys(keys_cls, keys_img, tasks, cos.dtype)[1]
+        if tasks is None:
+            dkeys_hat = (g * inv_x).flatten(0, 1).T @ xc.flatten(0, 1)  # [E, C]
+            dkeys = ((dkeys_hat - (g * cos).sum((0, 1))[:, None] * keys_hat) / k_norm.clamp_min(EPS))[None]
+        else:
+            dkeys_hat = (g * inv_x).transpose(1, 2) @ xc  # [B, E, C]
+            dkeys = (dkeys_hat - (g * cos).sum(1)[..., None] * keys_hat) / k_norm.clamp_min(EPS)
     return dx, dkeys
 
 
@@ -148,21 +160,24 @@ def _implementation(backend):
 
 
 @kernel_op("tcpa_kernels::match_fwd")
-def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-              norm_eps: float, fuse_norm: bool, num_prefix_tokens: int, k_cls: int, k_img: int,
-              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | None, norm_weight: Tensor | None,
+              norm_bias: Tensor | None, norm_eps: float, fuse_norm: bool, num_prefix_tokens: int, k_cls: int,
+              k_img: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss terms [B, N], bits int64 [B, N], h, mean, rstd): one kernel (``_match_fwd_kernel``) on the triton
-    backend. With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias or None, eps)
-    to x: h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
-    terms, bits, h, mean, rstd = _implementation(backend).forward(x, keys_cls, keys_img, norm_weight, norm_bias,
-                                                                  norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img)
+    backend. Keys [pool, C] each, or with tasks (int32 [B]) a bank's [T, pool, C], sample b matching set tasks[b].
+    With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias or None, eps) to x:
+    h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
+    terms, bits, h, mean, rstd = _implementation(backend).forward(x, keys_cls, keys_img, tasks, norm_weight,
+                                                                  norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
+                                                                  k_cls, k_img)
     if not fuse_norm:
         h, mean, rstd = x.new_empty(0), x.new_empty(0, dtype=_stats_dtype(x)), x.new_empty(0, dtype=_stats_dtype(x))
     return terms, bits, h, mean, rstd
 
 
 @match_fwd.register_fake
-def _(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img, backend):
+def _(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img,
+      backend):
     terms_dtype = torch.float64 if (backend == "torch" and x.dtype == torch.float64) else torch.float32
     stats_shape = x.shape[:2] if fuse_norm else (0,)
     return (x.new_empty(x.shape[:2], dtype=terms_dtype), x.new_empty(x.shape[:2], dtype=torch.int64),
@@ -171,42 +186,50 @@ def _(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_pr
 
 
 @kernel_op("tcpa_kernels::match_bwd")
-def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, keys_img: Tensor, bits: Tensor,
-              norm_weight: Tensor | None, mean: Tensor, rstd: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
-              need_dx: bool, need_dkeys: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(dx [B, N, C] or empty, key-gradient partials [programs, E, C] or empty): one kernel (``_match_bwd_kernel``)
-    on the triton backend. With dh (the gradient of the fused layer norm's h), dx includes the layer norm's."""
-    dx, partials = _implementation(backend).backward(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd,
-                                                     num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys)
+def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | None,
+              bits: Tensor, norm_weight: Tensor | None, mean: Tensor, rstd: Tensor, num_prefix_tokens: int,
+              k_cls: int, k_img: int, need_dx: bool, need_dkeys: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(dx [B, N, C] or empty, key-gradient partials [programs, E, C] or empty; with tasks one per sample,
+    [B, E, C]): one kernel (``_match_bwd_kernel``) on the triton backend. With dh (the gradient of the fused layer
+    norm's h), dx includes the layer norm's."""
+    dx, partials = _implementation(backend).backward(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight,
+                                                     mean, rstd, num_prefix_tokens, k_cls, k_img, need_dx,
+                                                     need_dkeys)
     return (x.new_empty(0) if dx is None else dx,
             x.new_empty(0, dtype=_partials_dtype(x, backend)) if partials is None else partials)
 
 
 @match_bwd.register_fake
-def _(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img, need_dx,
-      need_dkeys, backend):
+def _(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+      need_dx, need_dkeys, backend):
     B, N, C = x.shape
-    n_programs = kernels("_match_kernels").backward_programs(B * N, sm_count(x.device)) if backend == "triton" else 1
+    if tasks is not None:
+        n_programs = B
+    elif backend == "triton":
+        n_programs = kernels("_match_kernels").backward_programs(B * N, sm_count(x.device))
+    else:
+        n_programs = 1
     dx = x.new_empty((B, N, C) if need_dx else (0,))
-    return dx, x.new_empty((n_programs, keys_cls.shape[0] + keys_img.shape[0], C) if need_dkeys else (0,),
+    return dx, x.new_empty((n_programs, keys_cls.shape[-2] + keys_img.shape[-2], C) if need_dkeys else (0,),
                            dtype=_partials_dtype(x, backend))
 
 
-_NO_GRADS = (None,) * 8  # MatchSelect's gradients of the norm's parameters, the pool layout and flags
+_NO_GRADS = (None,) * 9  # MatchSelect's gradients of the tasks, the norm's parameters, the pool layout and flags
 
 
 class MatchSelect(torch.autograd.Function):
-    """``apply(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img,
-    backend)`` -> (terms [B, N], bits [B, N] (not differentiable)), and with ``fuse_norm`` h [B, N, C]: the
+    """``apply(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
+    k_img, backend)`` -> (terms [B, N], bits [B, N] (not differentiable)), and with ``fuse_norm`` h [B, N, C]: the
     matching kernels forward and backward (their launchers in eager mode, ``match_fwd`` / ``match_bwd`` traced);
-    the layer norm's weight and bias must be frozen (no gradient is computed for them)."""
+    the layer norm's weight and bias must be frozen (no gradient is computed for them). With tasks the keys are a
+    bank's [T, pool, C], each set's gradient the sum of its samples'."""
 
     @staticmethod
-    def forward(ctx, x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
-                k_img, backend):
-        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps,
+    def forward(ctx, x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
+                k_cls, k_img, backend):
+        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps,
                                                       fuse_norm, num_prefix_tokens, k_cls, k_img, backend)
-        ctx.save_for_backward(x, keys_cls, keys_img, bits, norm_weight, mean, rstd)  # bits: int64, no gradient
+        ctx.save_for_backward(x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd)  # bits: int64, no grad
         ctx.set_materialize_grads(False)  # no zero gradients are built for the words or an unused output
         ctx.config = (num_prefix_tokens, k_cls, k_img, backend)
         return (terms, bits, h) if fuse_norm else (terms, bits)
@@ -215,77 +238,82 @@ class MatchSelect(torch.autograd.Function):
     def backward(ctx, dterms, dbits, dh=None):
         """dh None: no norm fused, or its output unused (then only the matching's gradient flows)."""
         refuse_double_backward("match_select")
-        x, keys_cls, keys_img, bits, norm_weight, mean, rstd = ctx.saved_tensors
-        dx, dkc, dki = matching_grads(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, *ctx.config,
-                                      ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]))
+        x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd = ctx.saved_tensors
+        dx, dkc, dki = matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd,
+                                      *ctx.config, ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]))
         return dx, dkc, dki, *_NO_GRADS
 
 
-def matching_forward(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
-                     k_img, backend):
+def matching_forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
+                     k_cls, k_img, backend):
     """``match_fwd`` (traced) or its launcher (eager): (terms, bits, h, mean, rstd), the last three None or empty
     without ``fuse_norm``."""
-    args = (x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img)
+    args = (x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
+            k_img)
     return match_fwd(*args, backend) if traced() else _implementation(backend).forward(*args)
 
 
-def matching_grads(dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
-                   backend, need_dx, need_dkeys):
+def matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
+                   k_img, backend, need_dx, need_dkeys):
     """The matching backward, with the fused layer norm's when dh is given: (dx, dkeys_cls, dkeys_img), None where
     not needed. dterms None: the matching loss was not used, only the layer norm's gradient flows."""
     need_dkeys = need_dkeys and dterms is not None
     if dterms is None:
         dterms = x.new_zeros(x.shape[:2], dtype=_stats_dtype(x))
-    args = (dterms, dh, x, keys_cls, keys_img, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+    args = (dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
             need_dx, need_dkeys)
     dx, partials = match_bwd(*args, backend) if traced() else _implementation(backend).backward(*args)
     if not need_dkeys:
         return dx if need_dx else None, None, None
-    dkeys = partials.sum(0)  # [E, C]: the sum over programs (fp32 partials), then the keys' dtype
+    # [E, C]: the sum over programs (fp32 partials); with tasks [T, E, C], the samples' summed per set
+    dkeys = partials.sum(0) if tasks is None else sum_per_task(partials, tasks, keys_cls.shape[0])
     dkeys = dkeys if dkeys.dtype == keys_cls.dtype else dkeys.to(keys_cls.dtype)
-    return dx if need_dx else None, *dkeys.split_with_sizes((keys_cls.shape[0], keys_img.shape[0]))
+    return dx if need_dx else None, *dkeys.split_with_sizes((keys_cls.shape[-2], keys_img.shape[-2]), dim=-2)
 
 
 def match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
-          backend: str) -> tuple[Tensor, Tensor]:
+          backend: str, tasks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`match_select` without the argument checks, for the model path: ``(bits, terms)``.
 
     The caller guarantees what ``match_select`` checks, and contiguous keys: x ``[B, N, C]``, keys ``[Pc, C]`` and
-    ``[Pi, C]`` (the pools' parameters) of one float dtype on x's device (Pc + Pi <= 64), 1 <= k_cls <= Pc,
-    1 <= k_img <= Pi, 0 <= num_prefix_tokens <= N, backend "triton" (x not fp64) or "torch", resolved.
+    ``[Pi, C]`` (the pools' parameters; with tasks, int32 [B] in [0, T), a bank's ``[T, Pc, C]`` and
+    ``[T, Pi, C]``) of one float dtype on x's device (Pc + Pi <= 64), 1 <= k_cls <= Pc, 1 <= k_img <= Pi,
+    0 <= num_prefix_tokens <= N, backend "triton" (x not fp64) or "torch", resolved.
     """
-    terms, bits = MatchSelect.apply(x, keys_cls, keys_img, None, None, 0.0, False, num_prefix_tokens, k_cls, k_img,
-                                    backend)
+    terms, bits = MatchSelect.apply(x, keys_cls, keys_img, tasks, None, None, 0.0, False, num_prefix_tokens, k_cls,
+                                    k_img, backend)
     return bits, terms
 
 
 def norm_match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
-               norm_eps: float, num_prefix_tokens: int, k_cls: int, k_img: int,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               norm_eps: float, num_prefix_tokens: int, k_cls: int, k_img: int, backend: str,
+               tasks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`match` with the block's LayerNorm fused (one kernel each way): ``(h, bits, terms)``, h =
     ``F.layer_norm(x, (C,), norm_weight, norm_bias, norm_eps)`` in x's dtype. For the model path, unchecked as
     :func:`match`; norm_weight/norm_bias ``[C]`` or None must be frozen (no gradient is computed for them)."""
-    terms, bits, h = MatchSelect.apply(x, keys_cls, keys_img, norm_weight, norm_bias, norm_eps, True,
+    terms, bits, h = MatchSelect.apply(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, True,
                                        num_prefix_tokens, k_cls, k_img, backend)
     return h, bits, terms
 
 
 def norm_match_select(x: Tensor, norm: torch.nn.LayerNorm, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int,
-                      topk_img: int, num_prefix_tokens: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                      topk_img: int, num_prefix_tokens: int, backend: str,
+                      tasks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(norm(x), bits, terms)`` in one kernel each way: the block's frozen LayerNorm fused with the matching of x
     (both read the same rows). For the model path: inputs come from the block, the backend is resolved; only the
     norm's parameters are checked (frozen). The output h is in x's dtype (under autocast an fp32 x gives the fp32 h
     that ``F.layer_norm`` would give; a 16-bit x gives h in 16 bits, which is what the next linear layer casts it to
-    under autocast anyway)."""
+    under autocast anyway). With tasks (int32 [B]) the keys are a bank's, as :func:`match_select` takes them."""
     if any(p is not None and p.requires_grad for p in (norm.weight, norm.bias)):
         raise ValueError("norm_weight/norm_bias: the fused layer norm takes frozen parameters (it computes no "
                          "gradient for them), got a tensor that requires grad; apply the norm outside the op")
     return norm_match(x, keys_cls.contiguous(), keys_img.contiguous(), norm.weight, norm.bias, norm.eps,
-                      num_prefix_tokens, topk_cls, topk_img, backend)
+                      num_prefix_tokens, topk_cls, topk_img, backend, tasks)
 
 
 def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int, topk_img: int,
-                 num_prefix_tokens: int = 1, backend: str = "auto") -> tuple[Tensor, Tensor]:
+                 num_prefix_tokens: int = 1, backend: str = "auto",
+                 tasks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Cosine matching, top-k selection and matching-loss terms of every token, in one pass over x.
 
     Args:
@@ -296,6 +324,9 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
         topk_cls, topk_img: entries each prefix / patch token selects (1..pool size).
         num_prefix_tokens: CLS + register/distillation tokens at the start of the sequence.
         backend: "auto" | "triton" | "torch".
+        tasks: None, or int32 ``[B]``: the keys are a bank of T key sets (``[T, Pc, C]`` and ``[T, Pi, C]``) and
+            sample b matches set ``tasks[b]`` (read in place by the kernels); each set's key gradient sums its
+            samples'.
 
     Returns:
         ``(bits, terms)``: int64 ``[B, N]`` selection words (bit e = pool entry e, CLS entries first; ties go to
@@ -307,14 +338,17 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
         bits, terms = match_select(x, keys_cls, keys_img, topk_cls=10, topk_img=10)
         loss = task_loss + 0.01 * terms.sum()
     """
-    validate_match_inputs(x, keys_cls, keys_img)
+    validate_match_inputs(x, keys_cls, keys_img, tasks is not None)
     if x.shape[0] < 1:
         raise ValueError(f"x: expected shape [B, N, C] with B >= 1 (the loss is a mean over the batch), got "
                          f"{describe(x)}")
-    check_pool_config("", keys_cls.shape[0], keys_img.shape[0], topk_cls, topk_img, 1, 1, num_prefix_tokens,
+    check_pool_config("", keys_cls.shape[-2], keys_img.shape[-2], topk_cls, topk_img, 1, 1, num_prefix_tokens,
                       x.shape[1])
+    if tasks is not None:
+        check_tasks(tasks, x.shape[0], keys_cls.shape[0], x.device)
     backend = resolve_backend(backend, x.device)
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError(f"x: backend='triton' computes in fp32 and takes fp16/bf16/fp32, got {describe(x)}; "
                         "use backend='torch' for float64")
-    return match(x, keys_cls.contiguous(), keys_img.contiguous(), num_prefix_tokens, topk_cls, topk_img, backend)
+    return match(x, keys_cls.contiguous(), keys_img.contiguous(), num_prefix_tokens, topk_cls, topk_img, backend,
+                 tasks)

@@ -95,6 +95,15 @@ class Selection:
         return (torch.bitwise_right_shift(self.bits[:, start:end, None], entry) & 1).bool()
 
 
+def sum_per_task(values: torch.Tensor, tasks: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Per-sample values [B, ...] summed per prompt set of a bank: [num_tasks, ...], sample b's added to set
+    tasks[b]. One GEMM with the one-hot [num_tasks, B] matrix of the tasks: deterministic, no atomics, and a set
+    without samples gets zeros."""
+    sets = torch.arange(num_tasks, dtype=tasks.dtype, device=tasks.device)
+    one_hot = (sets[:, None] == tasks[None, :]).to(values.dtype)  # [T, B]
+    return (one_hot @ values.flatten(1)).view(num_tasks, *values.shape[1:])
+
+
 def check_tasks(tasks, B, T, device) -> None:
     """ValueError/TypeError unless ``tasks`` is an int32 [B] tensor on device with values in [0, T) (read back from
     the device: a sync, which the checked entries afford and the model path skips)."""

@@ -1,0 +1,178 @@
+"""PromptBank: TCPA tasks side by side on one backbone, a task per sample. Each sample's logits, and in training
+every task's gradients, equal those of the backbone loaded with that task alone (fp64 on the torch backend, fp32 in
+the Triton interpreter), for mixed, sorted and single-task batches; tasks save back to folders that load alone; the
+forward makes no per-sample copy of the prompt keys/values."""
+
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import tcpa_kernels as tk
+
+POOLS = dict(pool_size_cls=3, pool_size_img=4, topk_cls=2, topk_img=2, prompt_len_cls=2, prompt_len_img=1,
+             prompt_dropout=0.0)
+CLASSES = {"shirts": 3, "shoes": 5, "bags": 4}
+ORDERS = {"mixed": ["bags", "shirts", "bags", "shoes", "shirts"],
+          "sorted": ["shirts", "shirts", "shoes", "bags", "bags"], "single": ["shoes"] * 5}
+DTYPES = {"torch": torch.float64, "triton": torch.float32}
+
+
+def tiny_vit(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=6)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def task_folders(tmp_path):
+    return save_tasks(tmp_path, POOLS)
+
+
+def save_tasks(folder, pools):
+    """An adapter folder per task: the same backbone, each task's own prompts, keys and head (moved off their
+    initial values)."""
+    folders = {}
+    for seed, (name, classes) in enumerate(CLASSES.items()):
+        model = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=classes, **pools)
+        g = torch.Generator().manual_seed(10 + seed)
+        with torch.no_grad():
+            for p in tk.trainable_parameters(model):
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+        folders[name] = folder / name
+        tk.save_pretrained(model, folders[name])
+    return folders
+
+
+def images(B=5, dtype=torch.float32):
+    return torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def alone(folder, backend, dtype):
+    """The backbone with one task loaded, as ``from_pretrained`` makes it."""
+    model = tk.from_pretrained(tiny_vit(dtype), folder)
+    for blk in model.blocks:
+        blk.tcpa.config.backend = backend
+    return model
+
+
+def bank_of(task_folders, backend, dtype):
+    bank = tk.PromptBank(tiny_vit(dtype), task_folders)
+    for blk in bank.model.blocks:
+        blk.tcpa.config.backend = backend
+    return bank
+
+
+@pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "sorted"), ("torch", "single"),
+                                            ("triton", "mixed")])
+def test_logits_equal_each_task_alone(task_folders, backend, order):
+    dtype = DTYPES[backend]
+    bank, x, tasks = bank_of(task_folders, backend, dtype), images(dtype=dtype), ORDERS[order]
+    with torch.no_grad():
+        out = bank(x, tasks)
+    assert out.logits.shape == out.mask.shape == (5, max(CLASSES.values()))
+    atol, rtol = (1e-10, 1e-9) if dtype == torch.float64 else (2e-5, 2e-4)
+    for name in dict.fromkeys(tasks):
+        rows = [b for b, t in enumerate(tasks) if t == name]
+        with torch.no_grad():
+            expected = alone(task_folders[name], backend, dtype)(x[rows])  # [n, K_t]: the task alone, its samples
+        K = CLASSES[name]
+        torch.testing.assert_close(out.logits[rows, :K], expected, atol=atol, rtol=rtol)
+        assert out.mask[rows, :K].all() and not out.mask[rows, K:].any()
+        assert torch.isneginf(out.logits[rows, K:]).all()
+
+
+@pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "single"), ("triton", "sorted")])
+def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
+    """bank.loss (the sum of each task's mean cross entropy and matching loss on its samples) gives every task's
+    prompts, keys and head the gradients its model alone gets from its samples; tasks without samples get zeros."""
+    dtype = DTYPES[backend]
+    bank, x, tasks = bank_of(task_folders, backend, dtype).train(), images(dtype=dtype), ORDERS[order]
+    labels = torch.tensor([b % 3 for b in range(5)])
+    params = [p for p in bank.parameters() if p.requires_grad]
+    assert len(params) == 4 * len(bank.layers) + 2 * len(CLASSES)  # the bank's pools and heads only
+    grads = dict(zip(map(id, params), torch.autograd.grad(bank.loss(bank(x, tasks), labels, tasks), params)))
+    atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
+    for t, name in enumerate(CLASSES):
+        rows = [b for b, task in enumerate(tasks) if task == name]
+        bank_grads = [grads[id(getattr(layer, n))][t] for layer in bank.layers
+                      for n in ("keys_cls", "keys_img", "prompts_cls", "prompts_img")]
+        bank_grads += [grads[id(bank.heads[t].weight)], grads[id(bank.heads[t].bias)]]
+        if not rows:
+            assert not any(g.any() for g in bank_grads), name
+            continue
+        model = alone(task_folders[name], backend, dtype).train()
+        loss = torch.nn.functional.cross_entropy(model(x[rows]), labels[rows]) + 0.01 * tk.get_matching_loss(model)
+        model_params = [getattr(blk.tcpa, n) for blk in model.blocks
+                        for n in ("keys_cls", "keys_img", "prompts_cls", "prompts_img")]
+        expected = torch.autograd.grad(loss, [*model_params, model.head.weight, model.head.bias])
+        for got, want in zip(bank_grads, expected):
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=name)
+
+
+def test_tasks_save_back_to_folders_that_load_alone(task_folders, tmp_path):
+    bank = bank_of(task_folders, "torch", torch.float32)
+    with torch.no_grad():  # as a training step would: the saved folder holds the bank's values now
+        bank.layers[1].prompts_img[2].add_(0.25)
+        bank.heads[2].bias.sub_(1.0)
+    bank.save_pretrained({"bags": tmp_path / "bags-2"})
+    x = images()
+    with torch.no_grad():
+        expected = bank(x, ["bags"] * 5).logits[:, :CLASSES["bags"]]
+        reloaded = alone(tmp_path / "bags-2", "torch", torch.float32)(x)
+        before = alone(task_folders["bags"], "torch", torch.float32)(x)
+    torch.testing.assert_close(reloaded, expected)
+    assert not torch.allclose(before, expected)
+    with pytest.raises(ValueError, match=r"dirs: unknown task\(s\) \['hats'\]"):
+        bank.save_pretrained({"hats": tmp_path / "hats"})
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The largest number of elements of any tensor an op returns while active (a kernel op's outputs included)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_forward_makes_no_per_sample_copy_of_prompt_kv(tmp_path):
+    """With the published pools (P = 36) at B=16 a per-sample copy of one layer's prompt K/V ([B, 2, H, P, D],
+    B * P * 2C elements) would be the forward's largest tensor, 2.7x the next (the K/V of every task and layer, the
+    images): no op the forward dispatches returns one (the kernel ops' outputs included; what the Triton launchers
+    allocate inside them: tests/test_bank_attention.py)."""
+    folders = save_tasks(tmp_path, POOLS | dict(pool_size_cls=18, pool_size_img=18, prompt_len_cls=1))
+    bank, B = bank_of(folders, "triton", torch.float32), 16
+    tasks = [list(CLASSES)[b % 3] for b in range(B)]
+    with torch.no_grad(), _LargestOutput() as log:
+        bank(images(B), tasks)
+    P, C, L, T = 36, 32, 2, 3
+    assert max(L * T * P * 2 * C, B * 3 * 16 * 16) <= log.largest < B * P * 2 * C
+
+
+def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
+    model = tiny_vit()
+    other = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(pool_size_img=5)))
+    tk.save_pretrained(other, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"tasks\['other'\]: a bank's tasks share one pool layout, got pool_size_img "
+                                         r"5 \(task 'shirts': 4\)"):
+        tk.PromptBank(model, task_folders | {"other": tmp_path / "other"})
+    with pytest.raises(FileNotFoundError, match=r"tasks\['nope'\]: expected a prompts file"):
+        tk.PromptBank(model, {"nope": tmp_path / "missing"})
+    with pytest.raises(ValueError, match="tasks: expected a non-empty mapping"):
+        tk.PromptBank(model, {})
+    assert not hasattr(model, "prompt_state")
+    with pytest.raises(ValueError, match="model: expected the plain backbone"):
+        tk.PromptBank(other, task_folders)
+    bank = tk.PromptBank(model, task_folders)
+    with pytest.raises(ValueError, match=r"tasks: unknown task\(s\) \['hats'\]"):
+        bank(images(2), ["hats", "shoes"])
+    with pytest.raises(ValueError, match=r"tasks: expected one task name per sample \(2\)"):
+        bank(images(2), ["shoes"])
+    with pytest.raises(ValueError, match=r"tasks: expected task numbers in \[0, 3\), got \[0, 3\]"):
+        bank(images(2), torch.tensor([0, 3]))
