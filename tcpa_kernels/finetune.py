@@ -16,11 +16,11 @@ Usage:
     torchrun --nproc_per_node 4 -m tcpa_kernels.finetune --data DIR --weights W      # DDP, 4 processes
 
 Defaults are the published TCPA recipe: AdamW, lr 0.004, weight decay 0.1, batch size 128 (at most the training
-images), 100 epochs, warm-up for 10 % of --epochs (10) then cosine decay (set every step), random prompt selection
-for the first 10 % of --epochs (--random-epochs, rounded down; the validation always selects top-k), matching-loss
-weight 0.01, pools of 18 + 18 entries, top-10, prompt dropout 0.1, mixup alpha 0.8. The published code also turns
-the prompts into Fourier prompts (VFPT+TCPA) with a dropout mask per sample: add --prompt-transform fourier
---prompt-dropout-per-sample (the defaults are the library's: none, one mask a batch). --recipe DATASET takes the
+images), 100 epochs, warm-up from 0 for 10 % of --epochs (10) then cosine decay to 0 (set every step), random
+prompt selection for the first 10 % of --epochs (--random-epochs, rounded down; the validation always selects top-k),
+matching-loss weight 0.01, pools of 18 + 18 entries, top-10, prompt dropout 0.1, mixup alpha 0.8. The published code
+also turns the prompts into Fourier prompts (VFPT+TCPA) with a dropout mask per sample: add --prompt-transform
+fourier --prompt-dropout-per-sample (the defaults are the library's: none, one mask a batch). --recipe DATASET takes the
 learning rate, weight decay and input prompter of that dataset's released script (sh/VFPT_TCPA_<dataset>.sh of the
 TCPA code release, arXiv 2505.02406; the table RECIPES in this module); --lr, --weight-decay and --input-prompter /
 --no-input-prompter given on the command line win over it, and the CLI prints which values came from the recipe.
@@ -29,7 +29,8 @@ input_prompter=True); the released CUB script's). The rest follows timm's train.
 and on ImageFolder data RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3), flip 0.5, colour jitter 0.4, no
 AutoAugment, no random erasing (timm's create_transform). Fashion-MNIST (grey, replicated to 3 channels) gets only
 the flip, a batch at a time on tensors (data.py). Both are resized, centre-cropped and normalised with the model's
-pretrained data config (timm's resolve_data_config; --img-size overrides the input size). Fashion-MNIST on a
+pretrained data config (timm's resolve_data_config; --img-size overrides the input size, --mean / --std the
+normalisation). Fashion-MNIST on a
 --random-init backbone defaults to its 28 px rounded up to the patch size (32 for patch 16), not 224 px (about 50x
 the compute: 2 h 20 an epoch on a 2-core CPU). The start banner names every value derived this way. Full fine-tuning
 usually wants a lower --lr.
@@ -45,8 +46,9 @@ of them). Both carry this CLI's record (every option, classes, data config, epoc
 metadata key "tcpa_finetune".
 
 --resume DIR takes the run's options for every option not given (only --data, --weights, --workers, --device,
---compile, --quiet, --out and --epochs may differ; it writes to the run's folder) and ends with the tensors an
-uninterrupted run would have; a larger --epochs extends a run (the cosine schedule then spans the new length).
+--compile, --quiet, --out, --config (its values count as given) and --epochs may differ; it writes to the run's
+folder) and ends with the tensors an uninterrupted run would have; a larger --epochs extends a run (the cosine
+schedule then spans the new length).
 --eval-only reads everything else from the checkpoint (--checkpoint DIR: DIR/best.safetensors): it needs --data and,
 unless the checkpoint holds the whole model (full) or was trained on a --random-init backbone (rebuilt from the saved
 --seed), --weights; it evaluates the whole validation split (--val-limit to take fewer) and prints the image count.
@@ -55,11 +57,15 @@ torchrun (WORLD_SIZE > 1): one process per device (nccl on CUDA, gloo on CPU), D
 DistributedSampler; --batch-size is the global batch, each process takes --batch-size / world size (it must
 divide). Validation is split over the processes and summed; rank 0 prints and writes.
 
-Option names follow timm's train.py where the meaning is the same (--model, --img-size, --epochs, --lr,
---weight-decay, --warmup-epochs, --smoothing, --mixup, --cutmix, --aa, --reprob, --hflip, --scale, --ratio,
---color-jitter, --seed, --resume), with its short forms -b (--batch-size) and -j (--workers). Options only one
---method reads (--topk, --random-epochs, --match-weight, --backend: tcpa; --num-prompts: vpt; --pool-size,
---prompt-dropout: tcpa or vpt) are refused with another method when given.
+Option names follow timm's train.py where the meaning is the same (--model, --img-size, --input-size 3 S S,
+--num-classes (checked against the data's classes), --mean, --std, --epochs, --lr, --opt adamw|sgd, --momentum,
+--weight-decay, --warmup-epochs, --warmup-lr, --min-lr, --clip-grad, --clip-mode, --smoothing, --mixup, --cutmix,
+--aa, --reprob, --hflip, --scale, --ratio, --color-jitter, --seed, --resume), with its short forms -b
+(--batch-size), -j (--workers) and -c (--config: a YAML file of option values, keys with underscores; options typed
+on the command line win, and the file's values count as given). The defaults stay this CLI's: --opt adamw,
+--warmup-lr 0, no clipping. Options only one --method reads (--topk, --random-epochs, --match-weight, --backend:
+tcpa; --num-prompts: vpt; --pool-size, --prompt-dropout: tcpa or vpt), and --momentum (--opt sgd), are refused with
+another method (optimizer) when given.
 
 Bad options exit with code 2 before any data is read, with one line per bad option naming it, the expected and
 the received value, and "(not given: a default)" where the user did not set it. --quiet: no banner, progress bars
@@ -101,7 +107,7 @@ LAST, BEST, STATE = "last.safetensors", "best.safetensors", "last_state.pt"
 # ImageFolder augmentation defaults (timm's train.py); Fashion-MNIST refuses these options
 IMAGE_FOLDER_AUGMENTATION = {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "color_jitter": 0.4, "aa": None,
                              "reprob": 0.0}
-RESUME_FREE = ("data", "weights", "workers", "device", "compile", "quiet", "out", "resume", "epochs")
+RESUME_FREE = ("data", "weights", "workers", "device", "compile", "quiet", "out", "resume", "epochs", "config")
 RESUME_OWN = ("device", "out", "resume")  # what --resume does not take from the checkpoint when not given
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_FRACTION = 0.1  # warm-up and random-selection epochs: the published 10 of 100 epochs
@@ -126,7 +132,11 @@ RECIPE_SOURCE = "sh/VFPT_TCPA_{}.sh of the TCPA code release, arXiv 2505.02406"
 # what --recipe sets, and its value without a recipe (the general published recipe)
 RECIPE_DEFAULTS = {"lr": 0.004, "weight_decay": 0.1, "input_prompter": False}
 # options added after this CLI first wrote checkpoints: what a record without them means (--resume, --eval-only)
-LATER_OPTIONS = {"recipe": None, "input_prompter": False}
+LATER_OPTIONS = {"recipe": None, "input_prompter": False, "input_size": None, "num_classes": None, "mean": None,
+                 "std": None, "opt": "adamw", "momentum": 0.9, "warmup_lr": 0.0, "min_lr": 0.0, "clip_grad": None,
+                 "clip_mode": "norm", "config": None}
+OPTIMIZERS = ("adamw", "sgd")
+CLIP = {"norm": nn.utils.clip_grad_norm_, "value": nn.utils.clip_grad_value_}  # --clip-mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--img-size", type=int,
                    help="input size (default: the model's pretrained config; fashion-mnist with --random-init: 28 px "
                         "rounded up to the patch size)")
+    g.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                   help="timm's form of --img-size: 3 S S, 3 channels (Fashion-MNIST is replicated to RGB), square "
+                        "(default: as --img-size)")
+    g.add_argument("--num-classes", type=int, metavar="N",
+                   help="must equal the number of classes of --data (after --classes), which sets it (default: the "
+                        "data's)")
+    g.add_argument("--mean", type=float, nargs=3, metavar="M",
+                   help="normalisation mean, R G B (default: the model's pretrained config)")
+    g.add_argument("--std", type=float, nargs=3, metavar="S",
+                   help="normalisation std, R G B, each > 0 (default: the model's pretrained config)")
     g.add_argument("-j", "--workers", type=int, default=0,
                    help="data loader worker processes (default: 0; -j as timm's train.py)")
     g = p.add_argument_group("model and method")
@@ -174,10 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-b", "--batch-size", type=int,
                    help=f"global batch size (default: {DEFAULT_BATCH_SIZE}, at most the training images; -b as timm's "
                         "train.py)")
-    g.add_argument("--lr", type=float, help="peak learning rate, AdamW (default: 0.004, or the --recipe's)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1, or the --recipe's)")
+    g.add_argument("--opt", type=str.lower, default="adamw", metavar="{" + ",".join(OPTIMIZERS) + "}",
+                   help="optimizer, case-insensitive; sgd: nesterov, with --momentum (default: adamw)")
+    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="--opt sgd: momentum (default: 0.9)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 0.004, or the --recipe's)")
+    g.add_argument("--weight-decay", type=float,
+                   help="weight decay, decoupled with adamw, L2 with sgd (default: 0.1, or the --recipe's)")
     g.add_argument("--warmup-epochs", type=float,
                    help="linear warm-up, then cosine (default: 10 %% of --epochs, the published 10 of 100)")
+    g.add_argument("--warmup-lr", type=float, default=0.0, metavar="LR",
+                   help="learning rate the linear warm-up rises from to --lr (default: 0)")
+    g.add_argument("--min-lr", type=float, default=0.0, metavar="LR",
+                   help="learning rate the cosine decays to, at most --lr (default: 0)")
+    g.add_argument("--clip-grad", type=float, metavar="X",
+                   help="clip the trainable parameters' gradient to X > 0 before each step (default: none)")
+    g.add_argument("--clip-mode", default="norm", metavar="{" + ",".join(CLIP) + "}",
+                   help="with --clip-grad: clip the total norm or each value (default: norm)")
     g.add_argument("--random-epochs", type=int,
                    help="TCPA: epochs of random prompt selection first, < --epochs (default: 10 %% of --epochs, "
                         "rounded down)")
@@ -195,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, 0: off (default: 0.8)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, 0: off (default: 0)")
     g = p.add_argument_group("run")
+    g.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML file of option values (keys with underscores, e.g. batch_size: 64); options given on "
+                        "the command line win")
     g.add_argument("--out", help="output folder (default: runs/finetune/<date-time>)")
     g.add_argument("--resume", help="output folder or last.safetensors of a run to continue with its options "
                                     "(--epochs may extend it)")
@@ -261,9 +296,13 @@ def given_options(argv) -> set[str]:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    """Parse and check every option (exit 2 naming every bad one); --eval-only: the checkpoint's options;
-    --resume: the run's options where not given."""
-    args, given = build_parser().parse_args(argv), given_options(argv)
+    """Parse and check every option (exit 2 naming every bad one); --config: the file's values where not given (they
+    count as given); --eval-only: the checkpoint's options; --resume: the run's options where not given."""
+    args = build_parser().parse_args(argv)
+    if args.config is not None:
+        argv = [*config_argv(args.config), *argv]
+        args = build_parser().parse_args(argv)
+    given = given_options(argv)
     if args.resume is not None:
         take_run_options(args, given)
     from_recipe = resolve_recipe(args)
@@ -280,6 +319,39 @@ def parse_args(argv) -> argparse.Namespace:
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()) and args.resume is None:
         fail(f"--out: {args.out} exists and is not empty (continue a run with --resume {args.out})")
     return args
+
+
+def config_argv(path: str) -> list[str]:
+    """-c/--config FILE (timm's YAML config): its values as command-line arguments, to go before the typed ones,
+    which then win. Its keys are option names with underscores (batch_size: 64)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        fail(f"--config: expected a readable YAML file, got {path!r} ({type(error).__name__}: "
+             f"{str(error).splitlines()[0] if str(error) else ''})")
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        fail(f"--config: expected a YAML mapping of option names to values, got {path!r} holding "
+             f"{type(values).__name__}")
+    actions = {a.dest: a for a in build_parser()._actions if a.dest not in ("help", "config")}
+    unknown = [str(key) for key in values if key not in actions]
+    if unknown:
+        fail(f"--config: expected option names with underscores (e.g. batch_size) as the keys of {path!r}, got "
+             f"unknown keys {', '.join(unknown)}")
+    argv = []
+    for key, value in values.items():
+        if value is None:  # the default
+            continue
+        if actions[key].nargs == 0:  # a flag: true sets it, false its --no- form where it has one
+            if not isinstance(value, bool):
+                fail(f"--config: expected true or false for {key} in {path!r}, got {value!r}")
+            argv += [o for o in actions[key].option_strings if o.startswith("--no-") != value]
+        else:
+            items = value if isinstance(value, list) else [value]
+            argv += [option(key), *(json.dumps(v) if isinstance(v, dict) else str(v) for v in items)]
+    return argv
 
 
 def record(args) -> dict:
@@ -345,7 +417,17 @@ def check_options(args, given: set[str]) -> None:
             errors.append(f"--model-kwargs: expected a JSON object without img_size / num_classes (use --img-size; "
                           f"the classes come from --data), got {args.model_kwargs!r}")
         args.model_kwargs = {}
-    for name in ("epochs", "batch_size", "img_size", "num_prompts", "train_limit", "val_limit"):
+    if args.input_size is not None:
+        channels, height, width = args.input_size
+        if channels != 3 or height != width or height < 1:
+            errors.append(f"--input-size: expected 3 S S (3 channels, a square size S >= 1 as --img-size), got "
+                          f"{args.input_size}")
+        elif args.img_size is None:
+            args.img_size = height
+        elif args.img_size != height:
+            errors.append(f"--input-size: expected 3 {args.img_size} {args.img_size} (--img-size {args.img_size}), "
+                          f"got {args.input_size}")
+    for name in ("epochs", "batch_size", "img_size", "num_prompts", "train_limit", "val_limit", "num_classes"):
         integer(name, 1)
     epochs = args.epochs if args.epochs >= 1 else 1
     if args.warmup_epochs is None:
@@ -360,6 +442,17 @@ def check_options(args, given: set[str]) -> None:
     integer("random_epochs", 0)
     integer("seed", 0, 2**32 - 1)
     number("lr", 0.0, lo_open=True)
+    for name in ("warmup_lr", "min_lr"):
+        number(name, 0.0)
+    if args.lr > 0 and args.min_lr > args.lr:
+        errors.append(f"--min-lr: expected at most --lr ({args.lr}), got {args.min_lr}")
+    number("momentum", 0.0, 1.0, lo_open=True)
+    number("clip_grad", 0.0, lo_open=True)
+    number("mean", -math.inf)
+    number("std", 0.0, lo_open=True)
+    for name, values in (("opt", OPTIMIZERS), ("clip_mode", CLIP)):
+        if getattr(args, name) not in values:
+            errors.append(f"{option(name)}: expected {' or '.join(values)}, got {getattr(args, name)!r}")
     number("warmup_epochs", 0.0, args.epochs, hi_open=False)
     for name in ("weight_decay", "match_weight", "color_jitter", "mixup", "cutmix"):
         number(name, 0.0)
@@ -382,12 +475,14 @@ def check_options(args, given: set[str]) -> None:
         errors.append(f"--prompt-transform: applies to --method tcpa or vpt, got --method {args.method}")
     if args.fourier_fraction != 1.0 and args.prompt_transform != "fourier":
         errors.append(f"--fourier-fraction: applies with --prompt-transform fourier, got {args.fourier_fraction}")
+    if "clip_mode" in given and args.clip_grad is None:
+        errors.append(f"--clip-mode: applies with --clip-grad, got {args.clip_mode}")
     if args.method not in PROMPT_METHODS and (args.recipe is not None or args.input_prompter):
         name = "--recipe" if args.recipe is not None else "--input-prompter"
         errors.append(f"{name}: applies to --method tcpa or vpt, got --method {args.method}")
-    errors += check_method_options(args, given)
+    errors += check_dependent_options(args, given)
     errors += check_data(args)
-    if not any(e.startswith(("--model", "--img-size")) for e in errors):
+    if not any(e.startswith(("--model", "--img-size", "--input-size")) for e in errors):
         errors += check_model(args)
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():
         args.checkpoint = str(Path(args.checkpoint) / BEST)
@@ -423,19 +518,21 @@ def check_options(args, given: set[str]) -> None:
     args.num_prompts = args.num_prompts or 2 * args.pool_size
 
 
-# options that only one --method reads: refused with another method when given on the command line
-METHOD_OPTIONS = {"topk": ("tcpa",), "random_epochs": ("tcpa",), "match_weight": ("tcpa",), "backend": ("tcpa",),
-                  "pool_size": PROMPT_METHODS,  # vpt: the default of --num-prompts
-                  "num_prompts": ("vpt",), "prompt_dropout": PROMPT_METHODS}
+# options that only some values of another option read (--method, --opt): refused with another value when given
+DEPENDENT_OPTIONS = {"method": {"topk": ("tcpa",), "random_epochs": ("tcpa",), "match_weight": ("tcpa",),
+                                "backend": ("tcpa",), "pool_size": PROMPT_METHODS,  # vpt: the default of --num-prompts
+                                "num_prompts": ("vpt",), "prompt_dropout": PROMPT_METHODS},
+                     "opt": {"momentum": ("sgd",)}}
 
 
-def check_method_options(args, given: set[str]) -> list[str]:
-    """The options given on the command line that --method does not read."""
+def check_dependent_options(args, given: set[str]) -> list[str]:
+    """The options given on the command line (or --config) that --method or --opt does not read."""
     errors = []
-    for name, methods in METHOD_OPTIONS.items():
-        if name in given and args.method not in methods:
-            errors.append(f"{option(name)}: applies to --method {' or '.join(methods)}, got --method {args.method} "
-                          f"({option(name)} {getattr(args, name)})")
+    for owner, options in DEPENDENT_OPTIONS.items():
+        for name, values in options.items():
+            if name in given and getattr(args, owner) not in values:
+                errors.append(f"{option(name)}: applies to {option(owner)} {' or '.join(values)}, got {option(owner)} "
+                              f"{getattr(args, owner)} ({option(name)} {getattr(args, name)})")
     return errors
 
 
@@ -526,10 +623,12 @@ def check_data(args) -> list[str]:
             if getattr(args, name) is not None:
                 errors.append(f"{option(name)}: applies to ImageFolder data (Fashion-MNIST is augmented with "
                               f"--hflip, --mixup, --cutmix, --smoothing), got {getattr(args, name)}")
-        return errors
+        return errors + check_num_classes(args, len(args.classes or data.FASHION_MNIST_CLASSES))
     if not all((Path(args.data) / split).is_dir() for split in ("train", "val")):
         errors.append(f"--data: expected 'fashion-mnist' or a directory with train/ and val/ class folders, "
                       f"got {args.data!r}")
+    else:  # ImageFolder's classes: the folders in train/
+        errors += check_num_classes(args, sum(path.is_dir() for path in (Path(args.data) / "train").iterdir()))
     if args.classes is not None:
         errors.append(f"--classes: applies to --data fashion-mnist (an ImageFolder's classes are its folders), "
                       f"got {args.classes}")
@@ -543,6 +642,14 @@ def check_data(args) -> list[str]:
         errors.append(f"--aa: expected a timm auto-augment policy (e.g. rand-m9-mstd0.5-inc1), got {args.aa!r} "
                       f"({error})")
     return errors
+
+
+def check_num_classes(args, classes: int) -> list[str]:
+    """--num-classes (timm's), when given: the number of ``classes`` of --data, which sets it."""
+    if args.num_classes is None or args.num_classes == classes:
+        return []
+    return [f"--num-classes: expected {classes} (the classes of --data {args.data}"
+            f"{' --classes' if args.classes is not None else ''}), got {args.num_classes}"]
 
 
 def take_run_options(args, given: set[str]) -> None:
@@ -719,11 +826,20 @@ def val_loader(ds, batch_size, args, rank, world):
 # ------------------------------------------------------------------------------------------ training
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0."""
+def lr_at(step: int, total: int, warmup: int, peak: float, start: float = 0.0, end: float = 0.0) -> float:
+    """Linear warm-up from ``start`` to ``peak`` over ``warmup`` steps (the first step takes 1 / ``warmup`` of the
+    way, the last reaches ``peak``), then cosine decay to ``end`` (reached after the last step)."""
     if step < warmup:
-        return peak * (step + 1) / warmup
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return start + (peak - start) * (step + 1) / warmup
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def create_optimizer(params, args) -> torch.optim.Optimizer:
+    """--opt adamw (decoupled weight decay) or sgd (timm's: nesterov, --momentum; L2 weight decay)."""
+    if args.opt == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True,
+                               weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def peak_memory_mb(device) -> float:
@@ -858,7 +974,8 @@ def fit(args, rank, world, device) -> dict:
     if args.resume is not None:  # read before the data: a damaged file ends the run at once
         checkpoint, state_file = resume_paths(args.resume)
         state = read_state(state_file)
-    data_config = data.model_data_config(model, args.img_size)
+    data_config = data.model_data_config(model, args.img_size) | {
+        name: getattr(args, name) for name in ("mean", "std") if getattr(args, name) is not None}
     train_ds, val_ds, classes = load_data(args, data_config)
     model = add_method(model, args, len(classes)).to(device)
     if args.batch_size is None:
@@ -873,7 +990,7 @@ def fit(args, rank, world, device) -> dict:
         fail(f"--batch-size: expected at most the {len(train_ds)} training images, got {args.batch_size}")
     eval_loader = val_loader(val_ds, per_process, args, rank, world)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = create_optimizer(params, args)
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
                   num_classes=len(classes)) if args.mixup > 0 or args.cutmix > 0 else None
     soft_loss = SoftTargetCrossEntropy()
@@ -912,7 +1029,7 @@ def fit(args, rank, world, device) -> dict:
         for images, labels in bar:
             images, labels = images.to(device), labels.to(device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, warmup, args.lr)
+                group["lr"] = lr_at(step, total_steps, warmup, args.lr, args.warmup_lr, args.min_lr)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 if mixup is not None:
                     images, targets = mixup(images, labels)
@@ -925,6 +1042,9 @@ def fit(args, rank, world, device) -> dict:
                 loss = loss + args.match_weight * tk.get_matching_loss(model)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients (fp16: scaled until here)
+                CLIP[args.clip_mode](params, args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             step += 1

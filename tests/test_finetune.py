@@ -10,13 +10,16 @@ import timm
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torchvision.transforms import Normalize
 
 import tcpa_kernels as tk
 from tcpa_kernels import checkpoint, data, finetune
 
 MODEL_KWARGS = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "global_pool": "avg"}
 # average pooling: a random (unpretrained) backbone's CLS output carries little of the image
-TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "16", "--model-kwargs", json.dumps(MODEL_KWARGS)]
+TINY_MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(MODEL_KWARGS)]
+TINY = [*TINY_MODEL, "--img-size", "16"]
 # a short schedule, 2 steps an epoch on the 16 training images: every method
 QUICK_ANY = ["--warmup-epochs", "1", "--batch-size", "8"]
 # ... with small pools and one random-selection epoch: --method tcpa (the others refuse TCPA's options)
@@ -347,6 +350,27 @@ BAD = [
     ([*B, "--method", "full", "--pool-size", "4"], "--pool-size: applies to --method tcpa or vpt, got --method full"),
     ([*B, "--method", "linear", "--prompt-dropout", "0"], "--prompt-dropout: applies to --method tcpa or vpt"),
     ([*B, "--num-prompts", "4"], "--num-prompts: applies to --method vpt, got --method tcpa (--num-prompts 4)"),
+    # timm's train.py options
+    ([*B, "--input-size", "1", "16", "16"], "--input-size: expected 3 S S (3 channels, a square size S >= 1 as "
+                                            "--img-size), got [1, 16, 16]"),
+    ([*B, "--input-size", "3", "16", "32"], "--input-size: expected 3 S S (3 channels, a square size S >= 1 as "
+                                            "--img-size), got [3, 16, 32]"),
+    ([*B, "--input-size", "3", "32", "32"], "--input-size: expected 3 16 16 (--img-size 16), got [3, 32, 32]"),
+    ([*B, "--input-size", "3", "16"], "--input-size: expected 3 arguments"),
+    ([*B, "--num-classes", "5"], "--num-classes: expected 2 (the classes of --data {folder}), got 5"),
+    ([*B, "--num-classes", "0"], "--num-classes: expected an int >= 1, got 0"),
+    ([*B, "--opt", "Adam"], "--opt: expected adamw or sgd, got 'adam'"),
+    ([*B, "--momentum", "0.5"], "--momentum: applies to --opt sgd, got --opt adamw (--momentum 0.5)"),
+    ([*B, "--opt", "sgd", "--momentum", "0"], "--momentum: expected a finite number in (0.0, 1.0), got 0.0"),
+    ([*B, "--min-lr", "0.01"], "--min-lr: expected at most --lr (0.004), got 0.01"),
+    ([*B, "--min-lr", "-1"], "--min-lr: expected a finite number in [0.0, inf), got -1.0"),
+    ([*B, "--warmup-lr", "-0.1"], "--warmup-lr: expected a finite number in [0.0, inf), got -0.1"),
+    ([*B, "--clip-grad", "0"], "--clip-grad: expected a finite number in (0.0, inf), got 0.0"),
+    ([*B, "--clip-grad", "1", "--clip-mode", "agc"], "--clip-mode: expected norm or value, got 'agc'"),
+    ([*B, "--clip-mode", "value"], "--clip-mode: applies with --clip-grad, got value"),
+    ([*B, "--std", "0.5", "0", "0.5"], "--std: expected a finite number in (0.0, inf), got 0.0"),
+    ([*B, "--mean", "0.5", "nan", "0.5"], "--mean: expected a finite number in [-inf, inf), got nan"),
+    ([*B, "--mean", "0.5", "0.5"], "--mean: expected 3 arguments"),
 ]
 
 
@@ -409,6 +433,8 @@ def test_damaged_weights_and_state_files_exit_2_naming_the_option(tmp_path, fold
     (["--scale", "0.5", "1"], "--scale: applies to ImageFolder data"),
     (["--classes", "3", "11"], "--classes: expected distinct Fashion-MNIST classes in 0..9, got [3, 11]"),
     (["--classes", "3", "3"], "--classes: expected distinct Fashion-MNIST classes in 0..9, got [3, 3]"),
+    (["--classes", "3", "5", "--num-classes", "10"],
+     "--num-classes: expected 2 (the classes of --data fashion-mnist --classes), got 10"),
 ])
 def test_bad_fashion_mnist_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -615,3 +641,191 @@ def test_timm_short_options_are_aliases(folder):
     assert {"batch_size", "workers"} <= finetune.given_options(["-b", "16", "-j", "2"])
     text = finetune.build_parser().format_help()
     assert "-b BATCH_SIZE, --batch-size BATCH_SIZE" in text and "-j WORKERS, --workers WORKERS" in text
+
+
+# ----------------------------------------------------------------------------------- timm's train.py options
+
+# a linear probe on a random backbone, 2 steps an epoch: the fastest run
+LINEAR = ["--random-init", *QUICK_ANY, "--method", "linear", "--quiet"]
+
+
+@pytest.fixture
+def steps():
+    """What each optimizer step sees (the gradients after clipping, before the update): the optimizer's type,
+    learning rate, momentum and nesterov (SGD), the gradients' total norm and largest absolute value."""
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        group = optimizer.param_groups[0]
+        grads = torch.cat([p.grad.flatten() for g in optimizer.param_groups for p in g["params"] if p.grad is not None])
+        seen.append({"type": type(optimizer).__name__, "lr": group["lr"], "momentum": group.get("momentum"),
+                     "nesterov": group.get("nesterov"), "norm": float(grads.norm()), "max": float(grads.abs().max())})
+
+    handle = register_optimizer_step_pre_hook(record)
+    yield seen
+    handle.remove()
+
+
+@pytest.mark.parametrize("argv, momentum", [(["--opt", "sgd"], 0.9), (["--opt", "SGD", "--momentum", "0.5"], 0.5)])
+def test_opt_sgd_is_timms_nesterov_sgd(tmp_path, folder, steps, argv, momentum):
+    assert run("--data", folder, *LINEAR, *TINY, "--epochs", 1, "--out", tmp_path / "run", *argv) == 0
+    assert [(s["type"], s["momentum"], s["nesterov"]) for s in steps] == [("SGD", momentum, True)] * 2
+    assert meta(tmp_path / "run" / "last.safetensors")["args"]["opt"] == "sgd"
+    default = finetune.parse_args(["--data", str(folder), "--random-init"])
+    assert default.opt == "adamw" and type(finetune.create_optimizer([torch.zeros(1)], default)) is torch.optim.AdamW
+
+
+def test_warmup_lr_and_min_lr_bound_the_schedule(tmp_path, folder, steps):
+    """2 warm-up and 2 cosine steps: the warm-up rises from --warmup-lr (its first step a half of the way), the
+    cosine decays to --min-lr (reached after the last step); their defaults (0) keep the schedule as it was."""
+    assert run("--data", folder, *LINEAR, *TINY, "--epochs", 2, "--out", tmp_path / "run", "--lr", 0.01,
+               "--warmup-lr", 0.002, "--min-lr", 0.004) == 0
+    assert [s["lr"] for s in steps] == pytest.approx([0.006, 0.01, 0.01, 0.007])
+    assert finetune.lr_at(4, 4, 2, 0.01, 0.002, 0.004) == pytest.approx(0.004)
+    assert [finetune.lr_at(s, 4, 2, 0.01) for s in range(5)] == pytest.approx([0.005, 0.01, 0.01, 0.005, 0])
+
+
+@pytest.mark.parametrize("argv, clipped", [
+    ([], "norm"),
+    (["--clip-mode", "value"], "max"),
+    (["--clip-mode", "norm", "--amp", "fp16"], "norm"),  # the fp16 grad scaler's gradients are unscaled first
+], ids=["norm", "value", "norm-fp16"])
+def test_clip_grad_clips_the_gradients_before_each_step(tmp_path, folder, steps, argv, clipped):
+    """Unclipped, the gradients' norm is about 1 (their largest value 0.3): clipped to 1e-3, every step sees it."""
+    assert run("--data", folder, *LINEAR, *TINY, "--epochs", 2, "--out", tmp_path / "run", "--clip-grad", 1e-3,
+               *argv) == 0
+    assert len(steps) >= 3 and all(s[clipped] == pytest.approx(1e-3, rel=1e-4) for s in steps), steps
+
+
+def test_mean_std_reach_the_transforms_and_the_checkpoint(tmp_path, folder, monkeypatch):
+    made, datasets = [], data.datasets
+    monkeypatch.setattr(data, "datasets", lambda *a: made.append(datasets(*a)) or made[-1])
+    out = tmp_path / "run"
+    mean, std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    assert run("--data", folder, *LINEAR, *TINY, "--epochs", 1, "--out", out, "--mean", *mean, "--std", *std) == 0
+    for ds in made[0]:  # train and val
+        normalize = [t for t in ds.transform.transforms if isinstance(t, Normalize)]
+        assert len(normalize) == 1
+        torch.testing.assert_close(torch.as_tensor(normalize[0].mean), torch.tensor(mean))
+        torch.testing.assert_close(torch.as_tensor(normalize[0].std), torch.tensor(std))
+    config = meta(out / "last.safetensors")["data_config"]
+    assert (config["mean"], config["std"]) == (mean, std)  # --eval-only normalises the same way
+    assert evaluate(out / "last.safetensors", "--data", folder)["val_acc"] == log(out)["val_acc"]
+
+
+def test_input_size_is_img_size(tmp_path, folder):
+    base = ["--data", str(folder), "--random-init", *QUICK_ANY, "--method", "linear", "--quiet", "--epochs", "1"]
+    by_input_size = finetune.parse_args([*base, *TINY_MODEL, "--input-size", "3", "16", "16", "--num-classes", "2",
+                                         "--out", str(tmp_path / "a")])
+    by_img_size = finetune.parse_args([*base, *TINY, "--out", str(tmp_path / "b")])
+    assert by_input_size.img_size == 16 and "img_size" not in by_input_size._defaults
+    differ = {k for k in vars(by_img_size) if getattr(by_img_size, k) != getattr(by_input_size, k)}
+    assert differ == {"input_size", "num_classes", "out"}
+    for args in (by_input_size, by_img_size):
+        finetune.train(args)
+    a, b = (safetensors.torch.load_file(tmp_path / name / "last.safetensors") for name in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_file_gives_defaults_the_command_line_wins(tmp_path, folder, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"method: linear\nbatch_size: 4\nlr: 0.01\nopt: SGD\nmomentum: 0.8\nwarmup_epochs: 1\n"
+                      f"scale: [0.5, 1.0]\nmodel_kwargs: {json.dumps(MODEL_KWARGS)}\nquiet: true\ncompile: false\n"
+                      "input_prompter: null\n")
+    args = finetune.parse_args(["-c", str(config), "--data", str(folder), "--random-init", "--lr", "0.02",
+                                "--scale", "0.25", "1"])
+    assert (args.method, args.batch_size, args.lr, args.opt, args.momentum, args.scale, args.model_kwargs) == \
+        ("linear", 4, 0.02, "sgd", 0.8, [0.25, 1.0], MODEL_KWARGS)
+    assert (args.quiet, args.compile, args.input_prompter, args.config) == (True, False, False, str(config))
+    assert "warmup_epochs" not in args._defaults and "random_epochs" in args._defaults  # the file's are given
+    config.write_text("recipe: cub\ninput_prompter: false\n")
+    args = finetune.parse_args(["--config", str(config), "--data", str(folder), "--random-init"])
+    assert (args.lr, args.input_prompter) == (0.0015, False)
+    assert capsys.readouterr().out.endswith("as given: --no-input-prompter\n")
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "--config: expected a readable YAML file, got '{path}' (FileNotFoundError: "),
+    ("lr: [1", "--config: expected a readable YAML file, got '{path}' (ParserError: "),
+    ("- 1\n", "--config: expected a YAML mapping of option names to values, got '{path}' holding list"),
+    ("batch-size: 4\nfoo: 1\n", "--config: expected option names with underscores (e.g. batch_size) as the keys of "
+                                 "'{path}', got unknown keys batch-size, foo"),
+    ("quiet: 1\n", "--config: expected true or false for quiet in '{path}', got 1"),
+    ("opt: adam\n", "--opt: expected adamw or sgd, got 'adam'"),
+    ("method: linear\ntopk: 2\n", "--topk: applies to --method tcpa, got --method linear (--topk 2)"),
+    ("opt: adamw\nmomentum: 0.5\n", "--momentum: applies to --opt sgd, got --opt adamw (--momentum 0.5)"),
+    ("lr: -1\n", "--lr: expected a finite number in (0.0, inf), got -1.0 (float)\n"),  # given: no "(not given"
+], ids=["missing", "bad-yaml", "list", "unknown-keys", "flag", "opt", "topk", "momentum", "lr"])
+def test_bad_config_files_exit_2(tmp_path, folder, capsys, text, message):
+    path = tmp_path / "config.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as info:
+        finetune.main(["--data", str(folder), "--random-init", *TINY, "-c", str(path)])
+    assert info.value.code == 2 and message.format(path=path) in capsys.readouterr().err
+
+
+def test_every_bad_timm_option_in_one_message(folder, capsys):
+    with pytest.raises(SystemExit) as info:
+        finetune.main(["--data", str(folder), "--random-init", *TINY, "--opt", "adam", "--min-lr", "1",
+                       "--clip-grad", "-1", "--momentum", "0.5", "--num-classes", "3"])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert sorted(line.split()[2] for line in lines) == ["--clip-grad:", "--min-lr:", "--momentum:", "--num-classes:",
+                                                         "--opt:"], lines
+
+
+def test_resume_alone_keeps_the_timm_options(tmp_path, folder, steps):
+    """A run set up by a config file and the command line continues with every new option from its record (the
+    file is gone)."""
+    config = tmp_path / "config.yaml"
+    config.write_text("opt: sgd\nmomentum: 0.5\nclip_grad: 0.001\nclip_mode: value\n")
+    out = tmp_path / "run"
+    assert run("--data", folder, *LINEAR, *TINY_MODEL, "--input-size", 3, 16, 16, "--num-classes", 2, "--epochs", 1,
+               "--lr", 0.01, "--warmup-lr", 0.002, "--min-lr", 0.004, "--mean", 0.1, 0.2, 0.3, "--std", 0.4, 0.5, 0.6,
+               "-c", config, "--out", out) == 0
+    first = meta(out / "last.safetensors")["args"]
+    config.unlink()
+    steps.clear()
+    assert run("--resume", out, "--epochs", 2) == 0
+    saved = meta(out / "last.safetensors")
+    assert {k: saved["args"][k] for k in finetune.LATER_OPTIONS} == {k: first[k] for k in finetune.LATER_OPTIONS}
+    assert saved["args"]["img_size"] == 16 and saved["data_config"]["std"] == [0.4, 0.5, 0.6]
+    assert [(s["type"], s["momentum"], s["nesterov"]) for s in steps] == [("SGD", 0.5, True)] * 2
+    assert [s["lr"] for s in steps] == pytest.approx([0.01, 0.007])  # the cosine of 2 epochs, to --min-lr
+    assert all(s["max"] == pytest.approx(1e-3, rel=1e-4) for s in steps)
+
+
+def test_runs_recorded_before_the_timm_options_resume_with_their_defaults(tmp_path, folder):
+    old = tmp_path / "old"
+    argv = ["--data", str(folder), "--random-init"]
+    record = json.loads(json.dumps(vars(finetune.parse_args([*argv, "--out", str(old)]))))
+    new = ("input_size", "num_classes", "mean", "std", "opt", "momentum", "warmup_lr", "min_lr", "clip_grad",
+           "clip_mode", "config")
+    for name in new:
+        del record[name]
+    old.mkdir()
+    safetensors.torch.save_file({"x": torch.zeros(1)}, old / finetune.LAST,
+                                metadata={finetune.CLI_KEY: json.dumps({"epoch": 1, "args": record})})
+    (old / finetune.STATE).write_bytes(b"")
+    args = finetune.parse_args([*argv, "--resume", str(old)])
+    assert {name: getattr(args, name) for name in new} == {
+        "input_size": None, "num_classes": None, "mean": None, "std": None, "opt": "adamw", "momentum": 0.9,
+        "warmup_lr": 0.0, "min_lr": 0.0, "clip_grad": None, "clip_mode": "norm", "config": None}
+
+
+def test_timm_options_are_in_help_with_their_defaults():
+    parser = finetune.build_parser()
+    groups = {a.dest: g.title for g in parser._action_groups for a in g._group_actions}
+    expected = {"input_size": "data", "num_classes": "data", "mean": "data", "std": "data",
+                "opt": "training recipe", "momentum": "training recipe", "warmup_lr": "training recipe",
+                "min_lr": "training recipe", "clip_grad": "training recipe", "clip_mode": "training recipe",
+                "config": "run"}
+    assert {name: groups[name] for name in expected} == expected
+    text = re.sub(r"\s+", " ", parser.format_help())
+    for shown in ("--input-size C H W", "--num-classes N", "--mean M M M", "--std S S S", "--opt {adamw,sgd}",
+                  "--momentum M", "--warmup-lr LR", "--min-lr LR", "--clip-grad X", "--clip-mode {norm,value}",
+                  "-c FILE, --config FILE", "(default: adamw)", "(default: 0.9)", "(default: norm)"):
+        assert shown in text, shown
+    helps = {a.dest: a.help for a in parser._actions}
+    assert all("default" in helps[name] or name == "config" for name in expected)
