@@ -140,11 +140,18 @@ class PromptBank(nn.Module):
         """The sum over the last forward's tasks (``tasks``: that forward's, one per sample) of each task's matching
         loss as its model alone would compute it on its samples (the loss terms weighted by the task's own sample
         count, not the batch's); 0 before a forward."""
-        record = last_forward(state_of(find_model(self.model)))
-        if record is None or not record.terms:
+        per_sample = self._per_sample_terms()
+        if per_sample is None:
             return self.class_counts.new_zeros((), dtype=torch.float32)
-        per_sample = torch.stack(list(record.terms.values())).sum((0, 2))  # [B]: every layer's terms of the sample
-        index = self.task_index(tasks, per_sample.shape[0], per_sample.device)
+        return self._matching_loss(per_sample, self.task_index(tasks, per_sample.shape[0], per_sample.device))
+
+    def _per_sample_terms(self) -> Tensor | None:
+        """Every layer's matching-loss terms of each sample of the last forward, summed: [B] (None: none)."""
+        record = last_forward(state_of(find_model(self.model)))
+        return None if record is None or not record.terms else torch.stack(list(record.terms.values())).sum((0, 2))
+
+    def _matching_loss(self, per_sample: Tensor, index: Tensor) -> Tensor:
+        """The terms reweighted from the batch's sample count to each sample's task's (the loss weights 1 / B)."""
         return (per_sample * (per_sample.shape[0] / _task_counts(index, len(self.task_names))[index])).sum()
 
     def loss(self, output: BankOutput, labels: Tensor, tasks: Sequence[str] | Tensor,
@@ -156,7 +163,9 @@ class PromptBank(nn.Module):
         index = self.task_index(tasks, output.logits.shape[0], output.logits.device)
         counts = _task_counts(index, len(self.task_names))[index]  # [B]: samples of each sample's task
         task_means = (F.cross_entropy(output.logits, labels, reduction="none") / counts).sum()
-        return task_means + matching_weight * self.matching_loss(index)
+        per_sample = self._per_sample_terms()
+        return task_means if per_sample is None else task_means + matching_weight * self._matching_loss(per_sample,
+                                                                                                          index)
 
     def save_pretrained(self, dirs: Mapping[str, PathLike]) -> None:
         """Write each named task to its own adapter folder (``save_pretrained``'s format: ``from_pretrained`` loads it
@@ -174,8 +183,9 @@ class PromptBank(nn.Module):
 
 
 def _task_counts(index: Tensor, num_tasks: int) -> Tensor:
-    """Samples per task [T] (fp32) of the task index [B]."""
-    return torch.bincount(index, minlength=num_tasks).float()
+    """Samples per task [T] (fp32) of the task index [B] (a one-hot sum: a static shape, no host sync)."""
+    tasks = torch.arange(num_tasks, dtype=index.dtype, device=index.device)
+    return (tasks[:, None] == index[None, :]).sum(1).float()
 
 
 def _common_config(records: dict) -> dict:

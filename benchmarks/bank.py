@@ -1,0 +1,198 @@
+"""A prompt bank's cost against one task's, CPU proxies (docs/how-it-works.md, 'Prompt banks'):
+
+    python benchmarks/bank.py                      # census (ViT-B/16, batch 128, bf16) and host time
+    python -m benchmarks.bank --tasks 8 --json bank.json
+
+- census (``benchmarks/census.py``'s method: one train step under FakeTensorMode, ops and bytes of every op that
+  reaches the dispatcher, no compute): a ``PromptBank`` of ``--tasks`` tasks (pools 18 + 18, top-k 10, 10 classes
+  each) on a mixed batch of ``--batch`` (tasks interleaved, the same number of samples each), loss
+  ``bank.loss``; against one task's TCPA model on a batch of the same size, and against ``--tasks`` separate
+  batches of ``batch / tasks`` on that model (what running each task's requests on its own costs).
+- host time (``benchmarks/host.py``'s method: the ViT-B/16 structure at width 12, 16 px images, Triton launches
+  stubbed, one thread, methods interleaved round by round): a train step of the bank on a mixed batch of
+  ``--tasks`` images (one per task) against one task's model on the same number of images.
+
+Targets (issue text): the mixed batch <= 1.05x the single-task batch's ops and bytes, and <= 1.10x its host time.
+These are proxies measured on the CPU, not GPU times.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm  # noqa: E402
+
+import benchmarks.interpreter  # noqa: E402, F401  (first: the kernels on CPU tensors need the interpreter)
+import tcpa_kernels as tk  # noqa: E402
+from benchmarks import census, host  # noqa: E402
+from benchmarks.cli import at_least  # noqa: E402
+
+POOLS = dict(pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, backend="triton")
+CLASSES = 10  # per task
+TARGETS = {"ops": 1.05, "bytes": 1.05, "host": 1.10}
+
+
+def task_folders(backbone, tasks: int, folder: Path) -> dict[str, Path]:
+    """``tasks`` adapter folders of ``backbone()`` (each its own random pools, keys and head)."""
+    model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **POOLS)
+    folders = {}
+    for t in range(tasks):
+        with torch.no_grad():
+            for p in tk.trainable_parameters(model):
+                p.uniform_(-1, 1)
+        folders[f"task{t}"] = folder / f"task{t}"
+        tk.save_pretrained(model, folders[f"task{t}"])
+    return folders
+
+
+def mixed_tasks(names: list[str], batch: int) -> list[str]:
+    """Each task ``batch / len(names)`` times, interleaved (task0, task1, ..., task0, ...)."""
+    return [names[b % len(names)] for b in range(batch)]
+
+
+def bank_step(bank: tk.PromptBank, tasks: list[str], dtype: torch.dtype):
+    """loss_fn(bank, images, labels) of a mixed-batch train step under autocast to ``dtype`` (CPU)."""
+
+    def loss_fn(net, images, labels):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return net.loss(net(images, tasks), labels, tasks)
+
+    return loss_fn
+
+
+def single_step(model, dtype: torch.dtype):
+    def loss_fn(net, images, labels):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = torch.nn.functional.cross_entropy(net(images), labels)
+            return loss + 0.01 * tk.get_matching_loss(model)
+
+    return loss_fn
+
+
+def _counted(result: dict) -> dict:
+    return {"ops": sum(result["ops"].values()), "bytes": sum(result["bytes"].values()),
+            "saved_bytes": result["saved_bytes"]}
+
+
+def measure_census(tasks: int, batch: int, img: int = 224, dtype=torch.bfloat16) -> dict:
+    """Ops and bytes of the mixed bank step, the single-task step and the separate batches' steps (summed)."""
+    def backbone():
+        return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=img, num_classes=CLASSES)
+
+    images = torch.randn(batch, 3, img, img)
+    labels = torch.randint(0, CLASSES, (batch,))
+    with tempfile.TemporaryDirectory() as folder:
+        folders = task_folders(backbone, tasks, Path(folder))
+        bank = tk.PromptBank(backbone(), folders).train()
+        mixed = _counted(census.count_step(bank, (images, labels), bank_step(bank, mixed_tasks(list(folders), batch),
+                                                                              dtype)))
+    model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **POOLS).train()
+    single = _counted(census.count_step(model, (images, labels), single_step(model, dtype)))
+    part = batch // tasks
+    model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **POOLS).train()
+    one = _counted(census.count_step(model, (images[:part], labels[:part]), single_step(model, dtype)))
+    separate = {key: tasks * value for key, value in one.items()}
+    return {"mixed": mixed, "single_task": single, "separate": separate,
+            "ratios": {name: {key: figures[key] / single[key] for key in ("ops", "bytes")}
+                       for name, figures in (("mixed", mixed), ("separate", separate))}}
+
+
+def measure_host(tasks: int, rounds: int, steps: int, warmup: int) -> dict:
+    """Host ms per train step (launches stubbed): the bank on ``tasks`` images, one per task, and one task's model
+    on as many."""
+    def backbone():
+        kwargs = dict(host.MODEL)
+        return timm.create_model(kwargs.pop("model_name"), **(kwargs | dict(num_classes=CLASSES)))
+
+    torch.manual_seed(0)
+    images = torch.randn(tasks, 3, host.MODEL["img_size"], host.MODEL["img_size"])
+    labels = torch.randint(0, CLASSES, (tasks,))
+    with tempfile.TemporaryDirectory() as folder:
+        folders = task_folders(backbone, tasks, Path(folder))
+        bank = tk.PromptBank(backbone(), folders).train()
+    model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **POOLS).train()
+    runs = {"mixed": (bank, bank_step(bank, mixed_tasks(list(folders), tasks), torch.float32)),
+            "single_task": (model, single_step(model, torch.float32))}
+
+    def step_of(net, loss_fn):
+        params = [p for p in net.parameters() if p.requires_grad]
+
+        def step():
+            loss_fn(net, images, labels).backward()
+            for p in params:
+                p.grad = None
+
+        return step
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for net, loss_fn in runs.values():  # real kernels once, in the interpreter
+            step_of(net, loss_fn)()
+        with host.kernels_stubbed():
+            steps_of = {name: step_of(*run) for name, run in runs.items()}
+            for step in steps_of.values():
+                host._time_steps(step, warmup)
+            per_round = {name: [] for name in runs}
+            for _ in range(rounds):
+                for name, step in steps_of.items():
+                    per_round[name].append(statistics.median(host._time_steps(step, steps)))
+    finally:
+        torch.set_num_threads(threads)
+    medians = {name: statistics.median(values) for name, values in per_round.items()}
+    return {"median_ms": medians, "round_medians_ms": per_round, "ratio": medians["mixed"] / medians["single_task"]}
+
+
+def format_report(result: dict) -> str:
+    c, h = result["census"], result["host"]
+    lines = [f"census, ViT-B/16, batch {result['settings']['batch']}, bf16 (CPU proxy: ops and bytes, no compute):",
+             "| step | ops | GB in+out | saved GB | ops vs single task | bytes vs single task |",
+             "|---|---|---|---|---|---|"]
+    for name in ("single_task", "mixed", "separate"):
+        f = c[name]
+        ratio = c["ratios"].get(name, {"ops": 1.0, "bytes": 1.0})
+        lines.append(f"| {name} | {f['ops']} | {f['bytes'] / 1e9:.2f} | {f['saved_bytes'] / 1e9:.2f} | "
+                     f"{ratio['ops']:.3f}x | {ratio['bytes']:.3f}x |")
+    lines += ["", f"host time of a train step, launches stubbed (CPU proxy), {result['settings']['tasks']} images: "
+              f"mixed {h['median_ms']['mixed']:.3f} ms, single task {h['median_ms']['single_task']:.3f} ms, "
+              f"{h['ratio']:.3f}x", "",
+              f"targets: mixed <= {TARGETS['ops']}x ops and <= {TARGETS['bytes']}x bytes of the single-task batch, "
+              f"<= {TARGETS['host']}x its host time"]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python benchmarks/bank.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=8, help="tasks in the bank (default 8)")
+    parser.add_argument("--batch", type=int, default=128, help="census batch, a multiple of --tasks (default 128)")
+    parser.add_argument("--rounds", type=int, default=7, help="host-time rounds (default 7)")
+    parser.add_argument("--steps", type=int, default=15, help="host-time steps per round (default 15)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args(argv)
+    at_least(parser, args, 1, "tasks", "batch", "rounds", "steps")
+    at_least(parser, args, 0, "warmup")
+    if args.batch % args.tasks:
+        parser.error(f"--batch: expected a multiple of --tasks ({args.tasks}), got {args.batch}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
+              "census": measure_census(args.tasks, args.batch),
+              "host": measure_host(args.tasks, args.rounds, args.steps, args.warmup),
+              "environment": host.environment()}
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
