@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import timm  # noqa: E402
-
 import benchmarks.interpreter  # noqa: E402, F401  (first: the kernels on CPU tensors need the interpreter)
 import tcpa_kernels as tk  # noqa: E402
 from benchmarks import census, host  # noqa: E402
@@ -61,7 +59,7 @@ def bank_step(bank: tk.PromptBank, tasks: list[str], dtype: torch.dtype):
 
     def loss_fn(net, images, labels):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            return net.loss(net(images, tasks), labels, tasks)
+            return net.loss(net(images, tasks), labels)
 
     return loss_fn
 
@@ -83,6 +81,8 @@ def _counted(result: dict) -> dict:
 def measure_census(tasks: int, batch: int, img: int = 224, dtype=torch.bfloat16) -> dict:
     """Ops and bytes of the mixed bank step, the single-task step and the separate batches' steps (summed)."""
     def backbone():
+        import timm  # after benchmarks.interpreter: timm imports triton
+
         return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=img, num_classes=CLASSES)
 
     images = torch.randn(batch, 3, img, img)
@@ -107,6 +107,8 @@ def measure_host(tasks: int, rounds: int, steps: int, warmup: int) -> dict:
     """Host ms per train step (launches stubbed): the bank on ``tasks`` images, one per task, and one task's model
     on as many."""
     def backbone():
+        import timm
+
         kwargs = dict(host.MODEL)
         return timm.create_model(kwargs.pop("model_name"), **(kwargs | dict(num_classes=CLASSES)))
 

@@ -40,7 +40,7 @@ def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=
     prompt_type = f"*{prompt_dtype or dtype}"
     pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     pointers |= {"PK": prompt_type, "PV": prompt_type, "MASK": mask_type, "BITS": mask_type, "LSE": "*fp32",
-                 "DELTA": "*fp32", "DPK": "*fp32", "COUNTER": "*i32", "TASKS": "*i32"}
+                 "DELTA": "*fp32", "DPK": "*fp32", "COUNTER": "*i32", "TASKS": "*i64"}
     return compile_fn(KERNELS[kernel], pointers, constexprs, num_warps, num_stages, aligned)
 
 

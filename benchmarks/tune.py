@@ -88,7 +88,7 @@ def _compile_match(job: tuple[str, str, tuple]) -> dict:
     fn = {"fwd": _match_kernels._match_fwd_kernel, "bwd": _match_kernels._match_bwd_kernel}[kernel]
     pointers = dict.fromkeys(("KEYS_CLS", "KEYS_IMG", "TERMS", "NORM_W", "NORM_B", "MEAN", "RSTD", "DTERMS",
                               "DKEYS_PARTIAL"), "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
-    pointers |= {"BITS": "*i64", "TASKS": "*i32"}
+    pointers |= {"BITS": "*i64", "TASKS": "*i64"}
     launch = dict(zip(MATCH_FIELDS, candidate))
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
     constexprs = launch | MATCH_FLAGS[kernel] | dict(NORM=True, E_PAD=64, X16=x_dtype != "fp32")

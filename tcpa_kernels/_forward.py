@@ -57,25 +57,22 @@ class LayerBank(NamedTuple):
 
     keys_cls: Tensor  # [T, Pc, C]
     keys_img: Tensor  # [T, Pi, C]
-    tasks: Tensor  # int32 [B], each in [0, T)
+    tasks: Tensor  # int [B], each in [0, T)
 
 
 @dataclasses.dataclass(frozen=True)
 class BankCall:
-    """A prompt bank's forward: each sample's task (int32 [B]) and, per layer, the bank's parameters (a module with
-    ``keys_cls [T, Pc, C]``, ``keys_img [T, Pi, C]``, ``prompts_cls [T, Pc, Lc, C]``, ``prompts_img
-    [T, Pi, Li, C]``)."""
+    """A prompt bank's forward: each sample's task (int [B]), per layer the bank's key sets (a module with
+    ``keys_cls [T, Pc, C]`` and ``keys_img [T, Pi, C]``) and every layer's prompt tokens of every task
+    (``prompts [L, T, P, C]``)."""
 
     tasks: Tensor
     layers: Sequence
+    prompts: Tensor
 
     def layer(self, index: int) -> LayerBank:
         params = self.layers[index]._parameters  # dict reads: a block asks at every call
         return LayerBank(params["keys_cls"], params["keys_img"], self.tasks)
-
-    def prompt_parameters(self) -> list[Tensor]:
-        """Every layer's prompt sets in layer order: [prompts_cls_0, prompts_img_0, prompts_cls_1, ...]."""
-        return [layer._parameters[name] for layer in self.layers for name in ("prompts_cls", "prompts_img")]
 
 
 _BANK = threading.local()

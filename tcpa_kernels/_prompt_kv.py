@@ -233,13 +233,6 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
     return [_heads(layer, p) for layer, p in zip(kv.unbind(0), projections)]
 
 
-def bank_tokens(state, parts: list[Tensor]) -> Tensor:
-    """Prompt tokens of every layer and task of a prompt bank (``BankCall.prompt_parameters``: [T, Pc, Lc, C] and
-    [T, Pi, Li, C] per layer) for this forward: [L, T, P, C], one cat and one dropout draw (a mask shared by the
-    batch)."""
-    T, C = parts[0].shape[0], parts[0].shape[-1]
-    tokens = torch.cat([p.flatten(1, 2) for p in parts], dim=1).view(T, len(parts) // 2, -1, C).transpose(0, 1)
-    return forward_tokens(tokens, state.config, state.training, 0)
 
 
 def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
@@ -250,11 +243,13 @@ def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
     projections = state.projections
     if projections[0] is None:
         return [None] * len(projections)
-    parts = prompt_parameters(state) if bank is None else bank.prompt_parameters()
+    parts = prompt_parameters(state) if bank is None else [bank.prompts]
     if any_shard(parts):  # FSDP2: each block is its own shard group, whole inside its own forward only
         return [None] * len(projections)
-    # [L, P, C] or [L, B, P, C]; a bank's [L, T, P, C]
-    tokens = layer_tokens(state, parts, batch_size) if bank is None else bank_tokens(state, parts)
+    if bank is None:
+        tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
+    else:  # every task's, [L, T, P, C]: one dropout mask for the batch (a bank has no mask per sample)
+        tokens = forward_tokens(bank.prompts, state.config, state.training, batch_size)
     with autocast_off(tokens.device.type):
         if _batchable(projections):
             return _batched_kv(projections, tokens)

@@ -1,21 +1,22 @@
 """``PromptBank``: many TCPA tasks on one frozen backbone, a task per sample (docs/how-it-works.md, 'Prompt banks').
 
 Each task is an adapter folder (or prompts file) that ``save_pretrained`` wrote for the same backbone: its pools,
-keys and head. The bank holds every task's pools and keys stacked per layer, ``[T, ...]``, and its heads; one forward
-takes images and a task per sample. Its layers run the single-task kernels with a task index per sample: matching
+keys and head. The bank holds every task's prompts, keys and head stacked, ``[.., T, ..]``; one forward takes images
+and a task per sample. Its layers run the single-task kernels with a task index per sample: matching
 reads each sample's key set and the attention each sample's prompt set in place (``Selection.tasks``), and the prompt
 keys/values of every task and layer are one batched projection per forward. No prompt is copied per sample.
 
     bank = PromptBank(timm.create_model("vit_base_patch16_224", pretrained=True),
                       {"cifar100": "runs/cifar100", "dtd": "runs/dtd"})
     out = bank(images, ["dtd", "cifar100", ...])          # BankOutput: logits [B, K_max] (-inf padded), mask
-    loss = bank.loss(out, labels, ["dtd", "cifar100", ...])  # training several tasks in one batch
+    loss = bank.loss(out, labels)                         # training several tasks in one batch
     bank.save_pretrained({"dtd": "runs/dtd-2"})
 
 The tasks share one pool layout (the configs may differ in the head only) and a timm ``VisionTransformer`` with
 ``Block`` blocks is the backbone (other families: one model per task for now).
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -27,6 +28,7 @@ from tcpa_kernels._forward import BankCall, bank_forward, last_forward
 from tcpa_kernels._validate import check_number, describe
 from tcpa_kernels.checkpoint import PathLike, check_identity_of, model_identity, read_checkpoint, write_folder
 from tcpa_kernels.integrations.timm_vit import TCPAMixin
+from tcpa_kernels.ops.selection import task_one_hot
 from tcpa_kernels.vit import apply_tcpa, find_model, remove_prompts, state_of
 
 _POOL_NAMES = ("keys_cls", "keys_img", "prompts_cls", "prompts_img")
@@ -34,22 +36,29 @@ _FIXED_PER_BANK = ("prompt_dropout_per_sample", "input_prompter")  # options a b
 
 
 class BankOutput(NamedTuple):
-    """A bank forward's result: each sample's logits from its own task's head, ``[B, K_max]`` (K_max the most
-    classes of a task in the bank), ``-inf`` past the sample's task's classes (softmax, argmax and cross entropy
-    read it as is); ``mask``: bool ``[B, K_max]``, True on the sample's task's classes."""
+    """A bank forward's result: ``logits``, each sample's logits from its own task's head, ``[B, K_max]`` (K_max
+    the most classes of a task in the bank), ``-inf`` past the sample's task's classes (softmax, argmax and cross
+    entropy read it as is); ``tasks``: int64 ``[B]``, each sample's task number (the order of
+    ``PromptBank.task_names``); ``mask``: bool ``[B, K_max]``, True on the sample's task's classes (made when
+    read)."""
 
     logits: Tensor
-    mask: Tensor
+    tasks: Tensor
+    class_mask: Tensor  # the bank's [T, K_max]: True on each task's classes
+
+    @property
+    def mask(self) -> Tensor:
+        return self.class_mask[self.tasks]
 
 
 class _BankLayer(nn.Module):
-    """One layer's pools of every task: ``keys_cls [T, Pc, C]``, ``keys_img [T, Pi, C]``, ``prompts_cls
-    [T, Pc, Lc, C]``, ``prompts_img [T, Pi, Li, C]`` (task t's are its single-task model's)."""
+    """One layer's key sets of every task: ``keys_cls [T, Pc, C]``, ``keys_img [T, Pi, C]`` (task t's are its
+    single-task model's)."""
 
-    def __init__(self, tensors: dict[str, Tensor]):
+    def __init__(self, keys_cls: Tensor, keys_img: Tensor):
         super().__init__()
-        for name in _POOL_NAMES:
-            self.register_parameter(name, nn.Parameter(tensors[name]))
+        self.keys_cls = nn.Parameter(keys_cls)
+        self.keys_img = nn.Parameter(keys_img)
 
 
 class PromptBank(nn.Module):
@@ -62,9 +71,12 @@ class PromptBank(nn.Module):
             (``save_pretrained`` / ``save_prompts``), at least one; TCPA, one pool layout for all.
         check_identity: refuse a task saved for another backbone (``model_identity``), as ``from_pretrained``.
 
-    The bank's parameters are its layers' stacked pools (``bank.layers[i]``) and its heads (``bank.heads[t]``, one
-    ``nn.Linear`` per task); they train, the backbone (and the prompt module ``apply_tcpa`` gave it, unused here)
-    is frozen. Inputs are checked and the model is left as it was on any error.
+    Parameters (they train; the backbone, and the prompt module ``apply_tcpa`` gave it, unused here, are frozen):
+    ``prompts [L, T, P, C]``, every layer's prompt tokens of every task (CLS pool first; one tensor, so the forward
+    gathers nothing and the backward accumulates one gradient), ``layers[i].keys_cls [T, Pc, C]`` and
+    ``layers[i].keys_img [T, Pi, C]``, ``head_weight [T, K_max, C]`` and ``head_bias [T, K_max]`` (task t's head
+    in its first K_t rows, zeros after: every head in one GEMM). Inputs are checked, and the model is left as it was
+    on any error.
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True):
@@ -81,30 +93,33 @@ class PromptBank(nn.Module):
         apply_tcpa(inner, **(config | {"num_classes": None}))
         try:
             _check_backbone(inner)
-            tensors = {name: _task_tensors(inner, name, path, records[name], check_identity)
-                       for name, path in tasks.items()}
+            loaded = [_task_tensors(inner, name, path, records[name], check_identity) for name, path in tasks.items()]
         except BaseException:
             remove_prompts(inner)
             raise
+        state = state_of(inner)
         self.model = model
         self.task_names = list(tasks)
         self.records = {name: records[name][0] for name in tasks}  # what each task's file says of itself
-        layers = range(len(state_of(inner).blocks))
-        self.layers = nn.ModuleList(_BankLayer({n: torch.stack([tensors[t][0][i][n] for t in tasks])
-                                                for n in _POOL_NAMES}) for i in layers)
-        reference = state_of(inner).blocks[0].tcpa.keys_cls  # the device and dtype of the prompts
-        self.heads = nn.ModuleList(_head(*(t.to(reference) for t in tensors[name][1])) for name in tasks)
-        classes = [head.out_features for head in self.heads]
-        self.max_classes = max(classes)
-        self.register_buffer("class_offsets", torch.tensor([0, *classes[:-1]], device=reference.device).cumsum(0),
-                             persistent=False)
-        self.register_buffer("class_counts", torch.tensor(classes, device=reference.device), persistent=False)
-        state = state_of(inner)
+        self.prompts = nn.Parameter(torch.stack([torch.stack([torch.cat([layer["prompts_cls"].flatten(0, 1),
+                                                                         layer["prompts_img"].flatten(0, 1)])
+                                                              for layer in layers]) for layers, _ in loaded], 1))
+        self.layers = nn.ModuleList(_BankLayer(*(torch.stack([layers[i][n] for layers, _ in loaded])
+                                                 for n in ("keys_cls", "keys_img")))
+                                    for i in range(len(state.blocks)))
+        classes = [weight.shape[0] for _, (weight, _) in loaded]
+        pad = [max(classes) - k for k in classes]
+        self.head_weight = nn.Parameter(torch.stack([F.pad(w, (0, 0, 0, n)) for (_, (w, _)), n in zip(loaded, pad)]))
+        self.head_bias = nn.Parameter(torch.stack([F.pad(b, (0, n)) for (_, (_, b)), n in zip(loaded, pad)]))
+        mask = torch.arange(max(classes)) < torch.tensor(classes)[:, None]  # [T, K_max]: each task's classes
+        self.register_buffer("class_mask", mask.to(self.head_bias.device), persistent=False)
+        self.register_buffer("class_pad", self.head_bias.new_zeros(mask.shape).masked_fill(~self.class_mask, -math.inf),
+                             persistent=False)  # added to the heads' bias: -inf past each task's classes
         for module in (*(blk.tcpa for blk in state.blocks), *(getattr(inner, n) for n in state.original_heads)):
             module.requires_grad_(False)  # the backbone's own prompts and head: not used by the bank
 
     def task_index(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device) -> Tensor:
-        """Each sample's task as int32 ``[B]`` on ``device``: from task names, or an integer tensor of task numbers
+        """Each sample's task as int64 ``[B]`` on ``device``: from task names, or an integer tensor of task numbers
         (the order of ``task_names``) checked to be in range."""
         if isinstance(tasks, Tensor):
             if tasks.dtype not in (torch.int32, torch.int64) or tasks.shape != (batch_size,):
@@ -113,59 +128,58 @@ class PromptBank(nn.Module):
             if batch_size and not (0 <= int(tasks.min()) and int(tasks.max()) < len(self.task_names)):
                 raise ValueError(f"tasks: expected task numbers in [0, {len(self.task_names)}), got "
                                  f"[{int(tasks.min())}, {int(tasks.max())}]")
-            return tasks.to(device=device, dtype=torch.int32)
+            return tasks.to(device=device, dtype=torch.int64)
         if isinstance(tasks, str) or not isinstance(tasks, Sequence) or len(tasks) != batch_size:
             raise ValueError(f"tasks: expected one task name per sample ({batch_size}), got {tasks!r}")
         numbers = {name: i for i, name in enumerate(self.task_names)}
         unknown = sorted({t for t in tasks if t not in numbers}, key=str)
         if unknown:
             raise ValueError(f"tasks: unknown task(s) {unknown}; the bank holds {self.task_names}")
-        return torch.tensor([numbers[t] for t in tasks], dtype=torch.int32).to(device)
+        return torch.tensor([numbers[t] for t in tasks]).to(device)
 
     def forward(self, images: Tensor, tasks: Sequence[str] | Tensor) -> BankOutput:
         """Each sample's logits from its task's prompts and head: images ``[B, 3, H, W]``, tasks one per sample."""
         index = self.task_index(tasks, images.shape[0], images.device)
         inner = find_model(self.model)
-        with bank_forward(BankCall(index, self.layers)):
+        with bank_forward(BankCall(index, self.layers, self.prompts)):
             features = inner.forward_head(inner.forward_features(images), pre_logits=True)  # [B, C]
-        weight = torch.cat([head.weight for head in self.heads])  # [sum K, C]: every head, one GEMM
-        bias = torch.cat([head.bias for head in self.heads])
-        logits = F.linear(features, weight.to(features.dtype), bias.to(features.dtype))  # [B, sum K]
-        classes = torch.arange(self.max_classes, device=logits.device)  # [K_max]
-        mask = classes < self.class_counts[index][:, None]  # [B, K_max]
-        columns = (self.class_offsets[index][:, None] + classes).clamp_max(logits.shape[1] - 1)
-        return BankOutput(logits.gather(1, columns).masked_fill(~mask, float("-inf")), mask)
+        T, K = self.class_mask.shape
+        logits = F.linear(features, self.head_weight.flatten(0, 1), (self.head_bias + self.class_pad).flatten())
+        # [B, K]: each sample's task's K logits of the [B, T, K] every head gave
+        logits = logits.view(-1, T, K).gather(1, index[:, None, None].expand(-1, 1, K)).squeeze(1)
+        return BankOutput(logits, index, self.class_mask)
 
-    def matching_loss(self, tasks: Sequence[str] | Tensor) -> Tensor:
-        """The sum over the last forward's tasks (``tasks``: that forward's, one per sample) of each task's matching
-        loss as its model alone would compute it on its samples (the loss terms weighted by the task's own sample
-        count, not the batch's); 0 before a forward."""
-        per_sample = self._per_sample_terms()
-        if per_sample is None:
-            return self.class_counts.new_zeros((), dtype=torch.float32)
-        return self._matching_loss(per_sample, self.task_index(tasks, per_sample.shape[0], per_sample.device))
+    def matching_loss(self, output: BankOutput) -> Tensor:
+        """The sum over the tasks of the forward that gave ``output`` (the last one) of each task's matching loss
+        as its model alone would compute it on its samples (the loss terms weighted by the task's own sample count,
+        not the batch's); 0 before a forward."""
+        terms = self._per_sample_terms()
+        if terms is None:
+            return self.head_bias.new_zeros((), dtype=torch.float32)
+        return (terms * (terms.shape[0] * self._sample_weights(output.tasks, terms.dtype))).sum()
 
     def _per_sample_terms(self) -> Tensor | None:
         """Every layer's matching-loss terms of each sample of the last forward, summed: [B] (None: none)."""
         record = last_forward(state_of(find_model(self.model)))
         return None if record is None or not record.terms else torch.stack(list(record.terms.values())).sum((0, 2))
 
-    def _matching_loss(self, per_sample: Tensor, index: Tensor) -> Tensor:
-        """The terms reweighted from the batch's sample count to each sample's task's (the loss weights 1 / B)."""
-        return (per_sample * (per_sample.shape[0] / _task_counts(index, len(self.task_names))[index])).sum()
+    def _sample_weights(self, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B]: 1 / the number of samples of the sample's task, in ``dtype``, from the tasks' one-hot matrix (which
+        the backward reduces by too: ``selection.task_one_hot``)."""
+        counts = task_one_hot(index, len(self.task_names), dtype).sum(1)  # [T]
+        return counts[index].reciprocal()
 
-    def loss(self, output: BankOutput, labels: Tensor, tasks: Sequence[str] | Tensor,
-             matching_weight: float = 0.01) -> Tensor:
+    def loss(self, output: BankOutput, labels: Tensor, matching_weight: float = 0.01) -> Tensor:
         """Training several tasks in one batch: the sum over the batch's tasks of (the task's mean cross entropy on
         its samples + ``matching_weight`` x its matching loss), so each task gets the gradients its model alone
-        would get from its samples. ``labels`` [B]: each sample's class in its task."""
+        would get from its samples. ``output``: the last forward's; ``labels`` [B]: each sample's class in its
+        task."""
         check_number("matching_weight", matching_weight, lo=0.0, hi=float("inf"))
-        index = self.task_index(tasks, output.logits.shape[0], output.logits.device)
-        counts = _task_counts(index, len(self.task_names))[index]  # [B]: samples of each sample's task
-        task_means = (F.cross_entropy(output.logits, labels, reduction="none") / counts).sum()
-        per_sample = self._per_sample_terms()
-        return task_means if per_sample is None else task_means + matching_weight * self._matching_loss(per_sample,
-                                                                                                          index)
+        per_sample = F.cross_entropy(output.logits, labels, reduction="none")  # [B]
+        terms = self._per_sample_terms()
+        if terms is not None:  # the terms' weights 1 / B become the task's 1 / B_t, with the cross entropy's
+            per_sample = per_sample + (matching_weight * per_sample.shape[0]) * terms
+        return torch.dot(per_sample, self._sample_weights(output.tasks, per_sample.dtype))
 
     def save_pretrained(self, dirs: Mapping[str, PathLike]) -> None:
         """Write each named task to its own adapter folder (``save_pretrained``'s format: ``from_pretrained`` loads it
@@ -173,19 +187,21 @@ class PromptBank(nn.Module):
         unknown = sorted(set(dirs) - set(self.task_names))
         if unknown:
             raise ValueError(f"dirs: unknown task(s) {unknown}; the bank holds {self.task_names}")
+        blocks = state_of(find_model(self.model)).blocks
         for name, folder in dirs.items():
             t = self.task_names.index(name)
-            tensors = {f"blocks.{i}.tcpa.{n}": getattr(layer, n)[t] for i, layer in enumerate(self.layers)
-                       for n in _POOL_NAMES}
-            tensors |= {"head.weight": self.heads[t].weight, "head.bias": self.heads[t].bias}
+            tensors = {}
+            for i, (blk, layer) in enumerate(zip(blocks, self.layers)):
+                cls_shape, img_shape = blk.tcpa.prompts_cls.shape, blk.tcpa.prompts_img.shape  # one task's
+                prompts = self.prompts[i, t]  # [P, C]: the CLS pool's rows first
+                tensors |= {f"blocks.{i}.tcpa.keys_cls": layer.keys_cls[t],
+                            f"blocks.{i}.tcpa.keys_img": layer.keys_img[t],
+                            f"blocks.{i}.tcpa.prompts_cls": prompts[:cls_shape[:2].numel()].view(cls_shape),
+                            f"blocks.{i}.tcpa.prompts_img": prompts[cls_shape[:2].numel():].view(img_shape)}
+            classes = int(self.class_mask[t].sum())
+            tensors |= {"head.weight": self.head_weight[t, :classes], "head.bias": self.head_bias[t, :classes]}
             record = self.records[name] | {"identity": model_identity(self.model)}
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
-
-
-def _task_counts(index: Tensor, num_tasks: int) -> Tensor:
-    """Samples per task [T] (fp32) of the task index [B] (a one-hot sum: a static shape, no host sync)."""
-    tasks = torch.arange(num_tasks, dtype=index.dtype, device=index.device)
-    return (tasks[:, None] == index[None, :]).sum(1).float()
 
 
 def _common_config(records: dict) -> dict:
@@ -237,13 +253,5 @@ def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, ch
             head[1].shape != head[0].shape[:1]:
         raise ValueError(f"{arg}: expected a head (weight [K, {width}], bias [K]), got "
                          f"{[None if t is None else tuple(t.shape) for t in head]}")
-    return layers, (head[0], head[1])
-
-
-def _head(weight: Tensor, bias: Tensor) -> nn.Linear:
-    head = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    return head
-
+    reference = state.blocks[0].tcpa.keys_cls  # the backbone's device and dtype
+    return layers, (head[0].to(reference), head[1].to(reference))

@@ -64,7 +64,7 @@ def main(variants):
              ("bwd", _match_kernels._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))),
             (False, True), ("fp32", "bf16"), (False, True)):  # bank: key sets of a prompt bank, a set per sample
         pointers = dict.fromkeys(names, "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
-        pointers |= {"BITS": "*i64", "TASKS": "*i32"}
+        pointers |= {"BITS": "*i64", "TASKS": "*i64"}
         extra = extra | dict(NORM=norm, X16=x_dtype != "fp32", HAS_TASKS=bank)
         launch = dict(_match_kernels.LAUNCH[name])
         num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")

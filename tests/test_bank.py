@@ -92,22 +92,28 @@ def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
     bank, x, tasks = bank_of(task_folders, backend, dtype).train(), images(dtype=dtype), ORDERS[order]
     labels = torch.tensor([b % 3 for b in range(5)])
     params = [p for p in bank.parameters() if p.requires_grad]
-    assert len(params) == 4 * len(bank.layers) + 2 * len(CLASSES)  # the bank's pools and heads only
-    grads = dict(zip(map(id, params), torch.autograd.grad(bank.loss(bank(x, tasks), labels, tasks), params)))
+    own = [bank.prompts, *bank.layers.parameters(), bank.head_weight, bank.head_bias]
+    assert sorted(map(id, params)) == sorted(map(id, own))  # the bank's own only: the backbone's are frozen
+    grads = dict(zip(map(id, params), torch.autograd.grad(bank.loss(bank(x, tasks), labels), params)))
     atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
     for t, name in enumerate(CLASSES):
-        rows = [b for b, task in enumerate(tasks) if task == name]
-        bank_grads = [grads[id(getattr(layer, n))][t] for layer in bank.layers
-                      for n in ("keys_cls", "keys_img", "prompts_cls", "prompts_img")]
-        bank_grads += [grads[id(bank.heads[t].weight)], grads[id(bank.heads[t].bias)]]
+        rows, K = [b for b, task in enumerate(tasks) if task == name], CLASSES[name]
+        bank_grads = [grads[id(getattr(layer, n))][t] for layer in bank.layers for n in ("keys_cls", "keys_img")]
+        bank_grads += [grads[id(bank.prompts)][:, t], grads[id(bank.head_weight)][t, :K],
+                       grads[id(bank.head_bias)][t, :K]]
+        assert not grads[id(bank.head_weight)][t, K:].any() and not grads[id(bank.head_bias)][t, K:].any()
         if not rows:
             assert not any(g.any() for g in bank_grads), name
             continue
         model = alone(task_folders[name], backend, dtype).train()
         loss = torch.nn.functional.cross_entropy(model(x[rows]), labels[rows]) + 0.01 * tk.get_matching_loss(model)
-        model_params = [getattr(blk.tcpa, n) for blk in model.blocks
-                        for n in ("keys_cls", "keys_img", "prompts_cls", "prompts_img")]
-        expected = torch.autograd.grad(loss, [*model_params, model.head.weight, model.head.bias])
+        keys = [getattr(blk.tcpa, n) for blk in model.blocks for n in ("keys_cls", "keys_img")]
+        prompts = [getattr(blk.tcpa, n) for blk in model.blocks for n in ("prompts_cls", "prompts_img")]
+        expected = torch.autograd.grad(loss, [*keys, *prompts, model.head.weight, model.head.bias])
+        pools = expected[len(keys):-2]  # per layer: prompts_cls [Pc, Lc, C], prompts_img [Pi, Li, C]
+        expected = [*expected[:len(keys)], torch.stack([torch.cat([c.flatten(0, 1), i.flatten(0, 1)])
+                                                        for c, i in zip(pools[::2], pools[1::2])]),
+                    *expected[-2:]]  # the prompts as the bank holds them: [L, P, C], CLS pool first
         for got, want in zip(bank_grads, expected):
             torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=name)
 
@@ -115,8 +121,9 @@ def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
 def test_tasks_save_back_to_folders_that_load_alone(task_folders, tmp_path):
     bank = bank_of(task_folders, "torch", torch.float32)
     with torch.no_grad():  # as a training step would: the saved folder holds the bank's values now
-        bank.layers[1].prompts_img[2].add_(0.25)
-        bank.heads[2].bias.sub_(1.0)
+        bank.prompts[1, 2].add_(0.25)
+        bank.layers[0].keys_img[2].mul_(-1)
+        bank.head_bias[2].sub_(1.0)
     bank.save_pretrained({"bags": tmp_path / "bags-2"})
     x = images()
     with torch.no_grad():

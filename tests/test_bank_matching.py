@@ -16,9 +16,9 @@ ORDERS = {"mixed": [2, 0, 2, 1], "sorted": [0, 0, 1, 2], "single": [1, 1, 1, 1]}
 
 def _bank_inputs(dtype, order):
     """x [B, N, C] (sample b well separated against its own set's keys), bank_cls [T, Pc, C], bank_img [T, Pi, C]
-    (leaves requiring grad), tasks int32 [B]."""
+    (leaves requiring grad), tasks int64 [B] (the bank's dtype; the attention's tests take int32)."""
     sets = [separated_inputs(B, N, C, POOL_CLS, POOL_IMG, dtype, seed=t) for t in range(T)]
-    tasks = torch.tensor(ORDERS[order], dtype=torch.int32, device=DEVICE)
+    tasks = torch.tensor(ORDERS[order], device=DEVICE)
     x = torch.stack([sets[t][0][b] for b, t in enumerate(ORDERS[order])])
     banks = [torch.stack([s[i] for s in sets]) for i in (1, 2)]
     return [t.detach().requires_grad_() for t in (x, *banks)], tasks

@@ -129,7 +129,7 @@ def _softmax_step(acc, m_i, l_i, b_s, b_v, valid, sel, TAIL: tl.constexpr, RENOR
 @triton.jit
 def _prompt_set(TASKS, i_b, HAS_TASKS: tl.constexpr):
     """The row of the prompt K/V that batch entry i_b reads (int64): its own (per-sample prompts; 0 with batch
-    stride 0 for shared ones), or with HAS_TASKS its task's prompt set of a bank, TASKS[i_b] (int32 [B])."""
+    stride 0 for shared ones), or with HAS_TASKS its task's prompt set of a bank, TASKS[i_b] (int [B])."""
     if HAS_TASKS:
         return tl.load(TASKS + i_b).to(tl.int64)
     return i_b
@@ -548,7 +548,7 @@ def _selection_pointer(mask, bits):
 
 def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layout, scale, renormalize):
     """One launch of ``_fwd_kernel`` (operands as ``_geometry`` takes them, the pointers of a packed group its one
-    tensor; tasks int32 [B] or None; layout (pool_cls, len_cls, len_img)): (out, lse). Its dots run in q's dtype:
+    tensor; tasks int [B] or None; layout (pool_cls, len_cls, len_img)): (out, lse). Its dots run in q's dtype:
     bf16 is refused off CUDA (the interpreter); no launch without programs (a zero-size dimension), as in
     ``_backward``."""
     grid, scalars, meta, out_shape, lse_shape = _forward_plan(

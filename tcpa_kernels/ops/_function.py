@@ -124,7 +124,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: T
     """One launch of the forward kernel: (out [B, H, N, D], a transposed view of a contiguous [B, N, H, D] buffer;
     lse [B, H, N]). q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or [B, H, P, D]) share
     theirs, unit stride on D; or prompt_v None and prompt_k both, stacked on dim -4 (``[2, H, P, D]`` or
-    ``[B, 2, H, P, D]``, ``read_in_place``); with tasks (int32 [B]) a bank of prompt sets, [T, ...] in place of
+    ``[B, 2, H, P, D]``, ``read_in_place``); with tasks (int [B]) a bank of prompt sets, [T, ...] in place of
     [B, ...], sample b reading set tasks[b]. The selection is a bool mask [B, N, P] or int64 selection words [B, N]
     with their pool layout (``Selection.op_args()``: the other one None)."""
     return implementation(backend).attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls,
@@ -217,7 +217,7 @@ def prompt_grads(dprompt: Tensor, shared: bool, dtype: torch.dtype, tasks: Tenso
                  num_sets: int = 0) -> Tensor:
     """The stacked prompt gradients (``[2, H, P, D]`` or ``[B, 2, H, P, D]``, in ``dtype``) from the buffer the
     backward op wrote: shared prompts' per-(b, h) partials summed over the batch here (deterministic); with
-    ``tasks`` (int32 [B]) the per-sample gradients summed per prompt set of the bank, ``[num_sets, 2, H, P, D]``:
+    ``tasks`` (int [B]) the per-sample gradients summed per prompt set of the bank, ``[num_sets, 2, H, P, D]``:
     ``selection.sum_per_task``."""
     if tasks is not None:
         dprompt = sum_per_task(dprompt, tasks, num_sets)

@@ -314,7 +314,7 @@ def forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse
             k_img):
     """One launch of ``_match_fwd_kernel``: (terms, bits, h, mean, rstd) as ``match_select.match_fwd`` returns,
     with None for h, mean and rstd without ``fuse_norm``. The keys are contiguous (the callers see to it): [pool, C]
-    each, or with tasks (int32 [B]) a bank's [T, pool, C]."""
+    each, or with tasks (int [B]) a bank's [T, pool, C]."""
     strides = x.stride()
     if strides[-1] != 1:
         x = x.contiguous()

@@ -47,7 +47,7 @@ class BlockAttention(torch.autograd.Function):
     """``apply(x, keys_cls, keys_img, prompt_kv, tasks, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
     proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
     backend, deterministic)`` -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C] when proj_weight is given;
-    terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int32 [B]) the keys and prompt_kv are
+    terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int [B]) the keys and prompt_kv are
     a prompt bank's ([T, pool, C], [T, 2, H, P, D]), sample b using set tasks[b]."""
 
     @staticmethod

@@ -164,7 +164,7 @@ def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | Non
               norm_bias: Tensor | None, norm_eps: float, fuse_norm: bool, num_prefix_tokens: int, k_cls: int,
               k_img: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss terms [B, N], bits int64 [B, N], h, mean, rstd): one kernel (``_match_fwd_kernel``) on the triton
-    backend. Keys [pool, C] each, or with tasks (int32 [B]) a bank's [T, pool, C], sample b matching set tasks[b].
+    backend. Keys [pool, C] each, or with tasks (int [B]) a bank's [T, pool, C], sample b matching set tasks[b].
     With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias or None, eps) to x:
     h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
     terms, bits, h, mean, rstd = _implementation(backend).forward(x, keys_cls, keys_img, tasks, norm_weight,
@@ -265,10 +265,14 @@ def matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, 
     dx, partials = match_bwd(*args, backend) if traced() else _implementation(backend).backward(*args)
     if not need_dkeys:
         return dx if need_dx else None, None, None
-    # [E, C]: the sum over programs (fp32 partials); with tasks [T, E, C], the samples' summed per set
-    dkeys = partials.sum(0) if tasks is None else sum_per_task(partials, tasks, keys_cls.shape[0])
+    pool_cls = keys_cls.shape[-2]
+    if tasks is not None:  # each pool's [T, pool, C] by itself (contiguous, as its parameter): summed per set
+        dkeys = [sum_per_task(part, tasks, keys_cls.shape[0]) for part in (partials[:, :pool_cls],
+                                                                          partials[:, pool_cls:])]
+        return dx if need_dx else None, *(d if d.dtype == keys_cls.dtype else d.to(keys_cls.dtype) for d in dkeys)
+    dkeys = partials.sum(0)  # [E, C]: the sum over programs (fp32 partials), then the keys' dtype
     dkeys = dkeys if dkeys.dtype == keys_cls.dtype else dkeys.to(keys_cls.dtype)
-    return dx if need_dx else None, *dkeys.split_with_sizes((keys_cls.shape[-2], keys_img.shape[-2]), dim=-2)
+    return dx if need_dx else None, *dkeys.split_with_sizes((pool_cls, keys_img.shape[-2]))
 
 
 def match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
@@ -276,7 +280,7 @@ def match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, num_prefix_tokens: int,
     """:func:`match_select` without the argument checks, for the model path: ``(bits, terms)``.
 
     The caller guarantees what ``match_select`` checks, and contiguous keys: x ``[B, N, C]``, keys ``[Pc, C]`` and
-    ``[Pi, C]`` (the pools' parameters; with tasks, int32 [B] in [0, T), a bank's ``[T, Pc, C]`` and
+    ``[Pi, C]`` (the pools' parameters; with tasks, int [B] in [0, T), a bank's ``[T, Pc, C]`` and
     ``[T, Pi, C]``) of one float dtype on x's device (Pc + Pi <= 64), 1 <= k_cls <= Pc, 1 <= k_img <= Pi,
     0 <= num_prefix_tokens <= N, backend "triton" (x not fp64) or "torch", resolved.
     """
@@ -303,7 +307,7 @@ def norm_match_select(x: Tensor, norm: torch.nn.LayerNorm, keys_cls: Tensor, key
     (both read the same rows). For the model path: inputs come from the block, the backend is resolved; only the
     norm's parameters are checked (frozen). The output h is in x's dtype (under autocast an fp32 x gives the fp32 h
     that ``F.layer_norm`` would give; a 16-bit x gives h in 16 bits, which is what the next linear layer casts it to
-    under autocast anyway). With tasks (int32 [B]) the keys are a bank's, as :func:`match_select` takes them."""
+    under autocast anyway). With tasks (int [B]) the keys are a bank's, as :func:`match_select` takes them."""
     if any(p is not None and p.requires_grad for p in (norm.weight, norm.bias)):
         raise ValueError("norm_weight/norm_bias: the fused layer norm takes frozen parameters (it computes no "
                          "gradient for them), got a tensor that requires grad; apply the norm outside the op")
@@ -324,7 +328,7 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
         topk_cls, topk_img: entries each prefix / patch token selects (1..pool size).
         num_prefix_tokens: CLS + register/distillation tokens at the start of the sequence.
         backend: "auto" | "triton" | "torch".
-        tasks: None, or int32 ``[B]``: the keys are a bank of T key sets (``[T, Pc, C]`` and ``[T, Pi, C]``) and
+        tasks: None, or int ``[B]``: the keys are a bank of T key sets (``[T, Pc, C]`` and ``[T, Pi, C]``) and
             sample b matches set ``tasks[b]`` (read in place by the kernels); each set's key gradient sums its
             samples'.
 

@@ -39,7 +39,7 @@ def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, mask: Tensor | None, bi
                          tasks: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float,
                          renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
     """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` and prompt_kv ``[2, H, P, D]`` or
-    ``[B, 2, H, P, D]`` (with tasks, int32 [B], a bank's ``[T, 2, H, P, D]``), both read in place
+    ``[B, 2, H, P, D]`` (with tasks, int [B], a bank's ``[T, 2, H, P, D]``), both read in place
     (``read_in_place``): (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``)."""
     return implementation(backend).packed_forward(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img,
                                                   scale, renormalize)
@@ -147,8 +147,8 @@ def tcpa_packed_attention(qkv: Tensor, prompt_kv: Tensor, selection: Selection, 
             place); fp32 or qkv's dtype (the Triton kernels cast fp32 prompts to qkv's dtype after loading them: no
             cast copy).
         selection: which prompts each token may use: selection words (int64 ``[B, N]``, bit e = pool entry e, with
-            the pool layout pool_cls/len_cls/len_img) or a bool mask ``[B, N, P]``; optionally ``tasks`` (int32
-            ``[B]``, values in [0, T)).
+            the pool layout pool_cls/len_cls/len_img) or a bool mask ``[B, N, P]``; optionally ``tasks`` (int32 or
+            int64 ``[B]``, values in [0, T)).
         scale: score scale, a finite number > 0 (``attn.scale``, usually ``D ** -0.5``).
         renormalize: False (the published method): unselected prompts stay in the softmax normaliser but add no
             value. True: ordinary masked softmax.

@@ -69,7 +69,7 @@ class Selection:
 
     Either ``mask`` (bool [B, N, P]) or ``bits`` (int64 [B, N]) with the pool layout that maps prompt
     tokens to entries: prompts are [CLS pool: pool_cls*len_cls tokens ; image pool: rest]. With ``tasks``
-    (int32 [B]) the prompts are a bank of T prompt sets ([T, 2, H, P, D]) and sample b uses set ``tasks[b]``:
+    (int32 or int64 [B]) the prompts are a bank of T prompt sets ([T, 2, H, P, D]) and sample b uses set ``tasks[b]``:
     the kernels read it in place, no per-sample copy is made.
     """
 
@@ -95,21 +95,34 @@ class Selection:
         return (torch.bitwise_right_shift(self.bits[:, start:end, None], entry) & 1).bool()
 
 
+_ONE_HOT = "_tcpa_one_hot"  # the attribute of a tasks tensor that keeps its one-hot matrices, by (T, dtype)
+
+
+def task_one_hot(tasks: torch.Tensor, num_tasks: int, dtype: torch.dtype) -> torch.Tensor:
+    """The one-hot [num_tasks, B] matrix of the tasks (int [B]) in ``dtype``: made once per tasks tensor and dtype
+    and kept on it, so a forward's layers (which share one tasks tensor) reduce by one matrix."""
+    one_hots = tasks.__dict__.setdefault(_ONE_HOT, {})
+    if (num_tasks, dtype) not in one_hots:  # 1 at (tasks[b], b): a fill and a scatter
+        one_hot = torch.zeros((num_tasks, tasks.shape[0]), dtype=dtype, device=tasks.device)
+        one_hots[num_tasks, dtype] = one_hot.scatter_(0, (tasks if tasks.dtype == torch.int64 else tasks.long())[None],
+                                                      1)
+    return one_hots[num_tasks, dtype]
+
+
 def sum_per_task(values: torch.Tensor, tasks: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Per-sample values [B, ...] summed per prompt set of a bank: [num_tasks, ...], sample b's added to set
-    tasks[b]. One GEMM with the one-hot [num_tasks, B] matrix of the tasks: deterministic, no atomics, and a set
-    without samples gets zeros."""
-    sets = torch.arange(num_tasks, dtype=tasks.dtype, device=tasks.device)
-    one_hot = (sets[:, None] == tasks[None, :]).to(values.dtype)  # [T, B]
-    return (one_hot @ values.flatten(1)).view(num_tasks, *values.shape[1:])
+    """Per-sample values [B, ...] (a view whose trailing dims flatten to one stride is read in place) summed per
+    prompt set of a bank: contiguous [num_tasks, ...], sample b's added to set tasks[b]. One GEMM with the one-hot
+    [num_tasks, B] matrix of the tasks (``task_one_hot``): deterministic, no atomics, and a set without samples gets
+    zeros."""
+    return (task_one_hot(tasks, num_tasks, values.dtype) @ values.flatten(1)).view(num_tasks, *values.shape[1:])
 
 
 def check_tasks(tasks, B, T, device) -> None:
-    """ValueError/TypeError unless ``tasks`` is an int32 [B] tensor on device with values in [0, T) (read back from
-    the device: a sync, which the checked entries afford and the model path skips)."""
-    check_tensor("selection.tasks", tasks, ndim=1, dtypes=(torch.int32,))
+    """ValueError/TypeError unless ``tasks`` is an int32 or int64 [B] tensor on device with values in [0, T) (read
+    back from the device: a sync, which the checked entries afford and the model path skips)."""
+    check_tensor("selection.tasks", tasks, ndim=1, dtypes=(torch.int32, torch.int64))
     if tasks.device != device or tuple(tasks.shape) != (B,):
-        raise ValueError(f"selection.tasks: expected int32 shape {(B,)} on {device}, got {describe(tasks)}")
+        raise ValueError(f"selection.tasks: expected int32/int64 shape {(B,)} on {device}, got {describe(tasks)}")
     if B and not (0 <= int(tasks.min()) and int(tasks.max()) < T):
         raise ValueError(f"selection.tasks: expected values in [0, {T}) (the prompt sets of the bank), got "
                          f"[{int(tasks.min())}, {int(tasks.max())}]")

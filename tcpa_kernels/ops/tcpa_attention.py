@@ -104,7 +104,7 @@ def tcpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_k: 
             Selection's ``tasks`` a bank of T prompt sets ``[T, H, P, D]``, sample b reading set ``tasks[b]``.
         prompt_mask: bool ``[B, N, P]``, True where token n may use prompt p; or a
             :class:`~tcpa_kernels.ops.selection.Selection` (selection words ``[B, N]`` with their pool layout, as
-            ``match_select`` returns them: no mask is built; optionally ``tasks``, int32 ``[B]``).
+            ``match_select`` returns them: no mask is built; optionally ``tasks``, int ``[B]``).
         scale: score scale (a finite number > 0), default ``1/sqrt(D)``.
         renormalize: False (default, the published method): unselected prompts stay in the softmax
             normaliser but contribute no value. True: ordinary masked softmax.
