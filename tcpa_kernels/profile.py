@@ -10,7 +10,7 @@ Defaults depend on the device: CPU runs vit_tiny at 64 px, batch 8, on one threa
 is the PyTorch backend, not the kernels; one thread, because torch's threads stall one another on a busy machine);
 CUDA runs ViT-B/16 at 224 px, batch 128, bf16 autocast (docs/how-it-works.md, 'Targets').
 
-Every time is the median of --reps rounds (default 5 on CPU, 10 on CUDA); round r times every method once, in an
+Every time is the median of --reps rounds (default 7 on CPU, 10 on CUDA); round r times every method once, in an
 order rotated by r, so that a burst of load on the machine lands on all methods, not on one. The table and the JSON
 give each median with its spread: min-max and the interquartile range (IQR). A figure whose IQR is over 10 % of its
 median is named in a warning (the IQR rather than max-min, because one stray sample, which the median ignores,
@@ -35,7 +35,7 @@ from tcpa_kernels._validate import MAX_POOL_ENTRIES
 
 OUTPUTS = ("profile.json", "profile.png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_DEFAULTS = dict(model="vit_tiny_patch16_224", img_size=64, batch_size=8, dtype="fp32", reps=5, threads=1,
+CPU_DEFAULTS = dict(model="vit_tiny_patch16_224", img_size=64, batch_size=8, dtype="fp32", reps=7, threads=1,
                     sweep_batch=[2, 4, 8], sweep_pool=[4, 9, 18], sweep_img=[32, 64])
 CUDA_DEFAULTS = dict(model="vit_base_patch16_224", img_size=224, batch_size=128, dtype="bf16", reps=10, threads=0,
                      sweep_batch=[32, 64, 128, 256], sweep_pool=[9, 18, 32], sweep_img=[224, 384])
@@ -54,7 +54,7 @@ def parse_args(argv):
     parser.add_argument("--topk", type=int, default=10, help="entries each token selects (default 10)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (fp32: no autocast)")
     parser.add_argument("--reps", type=int, help="timed rounds: every method once per round, in rotating order; a "
-                                                 "figure is their median (default 5 on CPU, 10 on CUDA)")
+                                                 "figure is their median (default 7 on CPU, 10 on CUDA)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads of torch while measuring; 0: torch's default (default 1 on CPU: on a shared "
                              "machine torch's threads stall one another, and a step varies 40x; 0 on CUDA)")
