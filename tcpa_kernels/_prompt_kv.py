@@ -245,6 +245,9 @@ def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
         return [None] * len(projections)
     parts = prompt_parameters(state) if bank is None else [bank.prompts]
     if any_shard(parts):  # FSDP2: each block is its own shard group, whole inside its own forward only
+        if bank is not None:
+            raise ValueError("model: a prompt bank does not run on FSDP2 shards (its blocks would project the "
+                             "backbone's own prompts); run it unsharded")
         return [None] * len(projections)
     if bank is None:
         tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]

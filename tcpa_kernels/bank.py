@@ -12,8 +12,10 @@ keys/values of every task and layer are one batched projection per forward. No p
     loss = bank.loss(out, labels)                         # training several tasks in one batch
     bank.save_pretrained({"dtd": "runs/dtd-2"})
 
-The tasks share one pool layout (the configs may differ in the head only) and a timm ``VisionTransformer`` with
-``Block`` blocks is the backbone (other families: one model per task for now).
+The tasks share one pool layout (the configs may differ in the head only); the backbone is a timm
+``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched projection: ``Block``,
+``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``; other model families: one model per
+task for now).
 """
 
 import math
@@ -25,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tcpa_kernels._forward import BankCall, bank_forward, last_forward
+from tcpa_kernels._patch import original_class
 from tcpa_kernels._validate import check_number, describe
 from tcpa_kernels.checkpoint import PathLike, check_identity_of, model_identity, read_checkpoint, write_folder
-from tcpa_kernels.integrations.timm_vit import TCPAMixin
 from tcpa_kernels.ops.selection import task_one_hot
 from tcpa_kernels.vit import apply_tcpa, find_model, remove_prompts, state_of
 
@@ -65,8 +67,9 @@ class PromptBank(nn.Module):
     """TCPA tasks side by side on one frozen backbone (see the module docstring).
 
     Args:
-        model: the plain backbone (a timm ``VisionTransformer`` of ``Block`` blocks, not yet prompted): the bank
-            patches it with the tasks' pool layout (``apply_tcpa``) and holds it as ``bank.model``.
+        model: the plain backbone (a timm ``VisionTransformer`` or ``Eva``, see the module docstring; not yet
+            prompted): the bank patches it with the tasks' pool layout (``apply_tcpa``) and holds it as
+            ``bank.model``.
         tasks: task name -> adapter folder or prompts file saved by this library for this backbone
             (``save_pretrained`` / ``save_prompts``), at least one; TCPA, one pool layout for all.
         check_identity: refuse a task saved for another backbone (``model_identity``), as ``from_pretrained``.
@@ -223,11 +226,15 @@ def _common_config(records: dict) -> dict:
 
 
 def _check_backbone(inner: nn.Module) -> None:
-    blocks = state_of(inner).blocks
-    others = sorted({type(blk).__name__ for blk in blocks if not isinstance(blk, TCPAMixin)})
-    if others or not hasattr(inner, "forward_head"):
-        raise ValueError(f"model: a prompt bank runs on a timm VisionTransformer of Block blocks, got "
-                         f"{type(inner).__name__} with {others or 'no forward_head'}")
+    """A timm model (``forward_head``) whose every block has its prompt K/V batched with the others'
+    (``KVProjection``): the one pass that gives every task's K/V. Else ValueError naming what is not."""
+    state = state_of(inner)
+    own = sorted({type(blk).__name__ for blk, p in zip(state.blocks, state.projections) if p is None})
+    plain = original_class(inner)
+    if own or not hasattr(inner, "forward_head") or "timm" not in plain.__module__.split("."):
+        raise ValueError(f"model: a prompt bank runs on a timm VisionTransformer or Eva whose blocks' prompt K/V are "
+                         f"one batched projection (not ParallelThingsBlock), got {plain.__name__}"
+                         f"{' with ' + ', '.join(own) if own else ''}")
 
 
 def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, check_identity: bool):

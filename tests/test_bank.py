@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import tcpa_kernels as tk
+from tests._helpers import TIMM_FAMILIES
 
 POOLS = dict(pool_size_cls=3, pool_size_img=4, topk_cls=2, topk_img=2, prompt_len_cls=2, prompt_len_img=1,
              prompt_dropout=0.0)
@@ -118,6 +119,39 @@ def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
             torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=name)
 
 
+@pytest.mark.parametrize("family", ["eva02", "vit_res_post_block", "vit_parallel_scaling_block"])
+def test_other_timm_families_equal_each_task_alone(family, tmp_path):
+    """Every timm block family whose prompt K/V are one batched projection (the selection carries the tasks into
+    its attention modules or its own attention): logits and gradients of a mixed batch, fp64, torch backend."""
+    def backbone():
+        torch.manual_seed(0)
+        return TIMM_FAMILIES[family]().double().eval()
+
+    folders = {}
+    for seed, (name, classes) in enumerate(CLASSES.items()):
+        model = tk.apply_tcpa(backbone(), backend="torch", num_classes=classes, **POOLS)
+        with torch.no_grad():
+            for p in tk.trainable_parameters(model):
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
+        folders[name] = tmp_path / name
+        tk.save_pretrained(model, folders[name])
+    bank, x, tasks = tk.PromptBank(backbone(), folders).train(), images(dtype=torch.float64), ORDERS["mixed"]
+    out = bank(x, tasks)
+    grads = torch.autograd.grad(bank.loss(out, torch.tensor([1, 0, 2, 1, 0])), [bank.prompts, bank.head_bias])
+    for t, name in enumerate(CLASSES):
+        rows, K = [b for b, task in enumerate(tasks) if task == name], CLASSES[name]
+        model = tk.from_pretrained(backbone(), folders[name]).train()
+        logits = model(x[rows])
+        torch.testing.assert_close(out.logits[rows, :K], logits, atol=1e-10, rtol=1e-9)
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 2, 1, 0])[rows])
+        loss = loss + 0.01 * tk.get_matching_loss(model)
+        expected = torch.autograd.grad(loss, [blk.tcpa.prompts_img for blk in model.blocks] + [model.head.bias])
+        cls_rows = POOLS["pool_size_cls"] * POOLS["prompt_len_cls"]
+        for i, want in enumerate(expected[:-1]):
+            torch.testing.assert_close(grads[0][i, t, cls_rows:], want.flatten(0, 1), atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(grads[1][t, :K], expected[-1], atol=1e-10, rtol=1e-8)
+
+
 def test_tasks_save_back_to_folders_that_load_alone(task_folders, tmp_path):
     bank = bank_of(task_folders, "torch", torch.float32)
     with torch.no_grad():  # as a training step would: the saved folder holds the bank's values now
@@ -176,6 +210,13 @@ def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
     assert not hasattr(model, "prompt_state")
     with pytest.raises(ValueError, match="model: expected the plain backbone"):
         tk.PromptBank(other, task_folders)
+    things = TIMM_FAMILIES["vit_parallel_things_block"]()  # each branch projects its own prompts: no batched pass
+    tk.save_pretrained(tk.apply_tcpa(TIMM_FAMILIES["vit_parallel_things_block"](), backend="torch", **POOLS),
+                       tmp_path / "things")
+    with pytest.raises(ValueError, match="model: a prompt bank runs on a timm VisionTransformer or Eva whose blocks' "
+                                         "prompt K/V are one batched projection .*ParallelThingsBlock"):
+        tk.PromptBank(things, {"things": tmp_path / "things"})
+    assert not hasattr(things, "prompt_state")
     bank = tk.PromptBank(model, task_folders)
     with pytest.raises(ValueError, match=r"tasks: unknown task\(s\) \['hats'\]"):
         bank(images(2), ["hats", "shoes"])

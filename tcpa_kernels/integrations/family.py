@@ -175,7 +175,8 @@ class TCPABlockMixin:
         reject_attn_mask(kwargs.get("attn_mask"), kwargs.get("is_causal", False))
         layer = self._prompt_layer
         fwd, record = join_forward(x, layer)
-        selection, terms, normed = self.tcpa.select(x, self._tcpa_norm)
+        # a prompt bank's forward: each sample's key set and prompt set (prompt_kv [T, 2, H, P, D]) by its task
+        selection, terms, normed = self.tcpa.select(x, self._tcpa_norm, fwd.layer_bank(layer.index))
         record_terms(record, layer.index, terms)
         prompt_kv, tokens = block_prompt_kv(self, fwd, layer, x.shape[0])
         previous = enter_layer(LayerCall(self.tcpa, x, normed, selection, prompt_kv, tokens))

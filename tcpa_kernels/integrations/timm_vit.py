@@ -215,7 +215,7 @@ class TCPAParallelScalingMixin:
         B, N, C = x.shape
         layer = self._prompt_layer
         fwd, record = join_forward(x, layer)
-        selection, terms, h = self.tcpa.select(x, self.in_norm)
+        selection, terms, h = self.tcpa.select(x, self.in_norm, fwd.layer_bank(layer.index))  # bank: as TCPAMixin
         record_terms(record, layer.index, terms)
         prompt_kv, _ = block_prompt_kv(self, fwd, layer, B)
         q, k, v, x_mlp = self._tcpa_heads(self.in_norm(x) if h is None else h)  # [B, H, N, D], [B, N, hidden]
