@@ -53,26 +53,37 @@ CARRY = "_tcpa_carry"  # VPT-shallow: the tensor attribute that carries the prev
 
 
 class LayerBank(NamedTuple):
-    """One layer's part of a prompt bank's forward: its key sets and each sample's task."""
+    """One layer's part of a prompt bank's forward: its key sets, each sample's task and each sample's row of the
+    forward's prompt sets."""
 
     keys_cls: Tensor  # [T, Pc, C]
     keys_img: Tensor  # [T, Pi, C]
-    tasks: Tensor  # int [B], each in [0, T)
+    tasks: Tensor  # int [B], each in [0, T): the key set a sample matches
+    prompt_tasks: Tensor  # int [B]: the row of the forward's prompt K/V ([T', 2, H, P, D]) a sample attends to
 
 
 @dataclasses.dataclass(frozen=True)
 class BankCall:
     """A prompt bank's forward: each sample's task (int [B]), per layer the bank's key sets (a module with
-    ``keys_cls [T, Pc, C]`` and ``keys_img [T, Pi, C]``) and every layer's prompt tokens of every task
-    (``prompts [L, T, P, C]``)."""
+    ``keys_cls [T, Pc, C]`` and ``keys_img [T, Pi, C]``), every layer's prompt tokens of every task (``prompts
+    [L, T, P, C]``), and the tasks whose prompt K/V the forward computes: ``present`` (int [T'], the tasks of the
+    batch, in order) with each sample's row among them (``prompt_tasks``), or None and the tasks themselves (every
+    task's)."""
 
     tasks: Tensor
     layers: Sequence
     prompts: Tensor
+    present: Tensor | None = None
+    prompt_tasks: Tensor | None = None
 
     def layer(self, index: int) -> LayerBank:
         params = self.layers[index]._parameters  # dict reads: a block asks at every call
-        return LayerBank(params["keys_cls"], params["keys_img"], self.tasks)
+        prompt_tasks = self.tasks if self.prompt_tasks is None else self.prompt_tasks
+        return LayerBank(params["keys_cls"], params["keys_img"], self.tasks, prompt_tasks)
+
+    def prompt_sets(self) -> Tensor:
+        """The prompt tokens whose K/V this forward computes: [L, T', P, C] (every task's: the parameter itself)."""
+        return self.prompts if self.present is None else self.prompts.index_select(1, self.present)
 
 
 _BANK = threading.local()

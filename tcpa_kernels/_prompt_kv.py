@@ -251,8 +251,8 @@ def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
         return [None] * len(projections)
     if bank is None:
         tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
-    else:  # every task's, [L, T, P, C]: one dropout mask for the batch (a bank has no mask per sample)
-        tokens = forward_tokens(bank.prompts, state.config, state.training, batch_size)
+    else:  # the batch's tasks', [L, T', P, C]: one dropout mask for the batch (a bank has no mask per sample)
+        tokens = forward_tokens(bank.prompt_sets(), state.config, state.training, batch_size)
     with autocast_off(tokens.device.type):
         if _batchable(projections):
             return _batched_kv(projections, tokens)

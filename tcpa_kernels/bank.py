@@ -144,13 +144,27 @@ class PromptBank(nn.Module):
         """Each sample's logits from its task's prompts and head: images ``[B, 3, H, W]``, tasks one per sample."""
         index = self.task_index(tasks, images.shape[0], images.device)
         inner = find_model(self.model)
-        with bank_forward(BankCall(index, self.layers, self.prompts)):
+        with bank_forward(self._call(tasks, index)):
             features = inner.forward_head(inner.forward_features(images), pre_logits=True)  # [B, C]
         T, K = self.class_mask.shape
         logits = F.linear(features, self.head_weight.flatten(0, 1), (self.head_bias + self.class_pad).flatten())
         # [B, K]: each sample's task's K logits of the [B, T, K] every head gave
         logits = logits.view(-1, T, K).gather(1, index[:, None, None].expand(-1, 1, K)).squeeze(1)
         return BankOutput(logits, index, self.class_mask)
+
+    def _call(self, tasks: Sequence[str] | Tensor, index: Tensor) -> BankCall:
+        """The forward's bank call. Task names are known on the host: the forward computes the prompt K/V of the
+        batch's tasks only (a batch of few tasks from a large bank does not pay for the others). Task numbers in a
+        tensor would need a sync to read: every task's K/V."""
+        if isinstance(tasks, Tensor):
+            return BankCall(index, self.layers, self.prompts)
+        numbers = {name: i for i, name in enumerate(self.task_names)}
+        present = sorted({numbers[t] for t in tasks})
+        if len(present) == len(self.task_names):
+            return BankCall(index, self.layers, self.prompts)
+        row = {task: i for i, task in enumerate(present)}  # a task's row among the present ones
+        packed = torch.tensor(present + [row[numbers[t]] for t in tasks]).to(index.device)  # one copy to the device
+        return BankCall(index, self.layers, self.prompts, packed[:len(present)], packed[len(present):])
 
     def matching_loss(self, output: BankOutput) -> Tensor:
         """The sum over the tasks of the forward that gave ``output`` (the last one) of each task's matching loss

@@ -16,7 +16,8 @@ POOLS = dict(pool_size_cls=3, pool_size_img=4, topk_cls=2, topk_img=2, prompt_le
              prompt_dropout=0.0)
 CLASSES = {"shirts": 3, "shoes": 5, "bags": 4}
 ORDERS = {"mixed": ["bags", "shirts", "bags", "shoes", "shirts"],
-          "sorted": ["shirts", "shirts", "shoes", "bags", "bags"], "single": ["shoes"] * 5}
+          "sorted": ["shirts", "shirts", "shoes", "bags", "bags"], "single": ["shoes"] * 5,
+          "two_of_three": ["bags", "shirts", "bags", "shirts", "bags"]}  # the prompt K/V of the batch's tasks only
 DTYPES = {"torch": torch.float64, "triton": torch.float32}
 
 
@@ -85,7 +86,8 @@ def test_logits_equal_each_task_alone(task_folders, backend, order):
         assert torch.isneginf(out.logits[rows, K:]).all()
 
 
-@pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "single"), ("triton", "sorted")])
+@pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "single"), ("triton", "sorted"),
+                                            ("triton", "two_of_three")])
 def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
     """bank.loss (the sum of each task's mean cross entropy and matching loss on its samples) gives every task's
     prompts, keys and head the gradients its model alone gets from its samples; tasks without samples get zeros."""
@@ -168,6 +170,34 @@ def test_tasks_save_back_to_folders_that_load_alone(task_folders, tmp_path):
     assert not torch.allclose(before, expected)
     with pytest.raises(ValueError, match=r"dirs: unknown task\(s\) \['hats'\]"):
         bank.save_pretrained({"hats": tmp_path / "hats"})
+
+
+class _GemmRows(TorchDispatchMode):
+    """The rows of every batched GEMM's first operand (the prompt pass's [L, M, C] @ [L, C, R]) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
+            self.rows.append(args[-2].shape[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_prompt_kv_of_the_batch_tasks_only(task_folders):
+    """Task names, known on the host: the prompt pass projects the prompts of the batch's tasks only (M = T' * P
+    rows); task numbers in a tensor: every task's (reading them would sync). Both give the same logits."""
+    bank, x, P = bank_of(task_folders, "torch", torch.float64), images(dtype=torch.float64), 3 * 2 + 4 * 1
+    tasks = ORDERS["two_of_three"]
+    numbers = torch.tensor([bank.task_names.index(t) for t in tasks])
+    with torch.no_grad():
+        with _GemmRows() as by_name:
+            named = bank(x, tasks)
+        with _GemmRows() as by_number:
+            numbered = bank(x, numbers)
+    assert by_name.rows == [2 * P] and by_number.rows == [3 * P]
+    torch.testing.assert_close(named.logits, numbered.logits, atol=1e-12, rtol=1e-12)
 
 
 class _LargestOutput(TorchDispatchMode):

@@ -131,9 +131,10 @@ class TCPAPrompts(nn.Module):
         return Selection(bits=bits, pool_cls=c.pool_size_cls, len_cls=c.prompt_len_cls, len_img=c.prompt_len_img,
                          tasks=tasks)
 
-    def _keys(self, bank: LayerBank | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(keys_cls, keys_img, tasks): this module's keys, or a prompt bank's key sets and each sample's task."""
-        return (self.keys_cls, self.keys_img, None) if bank is None else bank
+    def _keys(self, bank: LayerBank | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(keys_cls, keys_img, tasks, prompt_tasks): this module's keys, or a prompt bank's key sets, each sample's
+        task and its row of the forward's prompt sets."""
+        return (self.keys_cls, self.keys_img, None, None) if bank is None else bank
 
     def select(self, x: Tensor, norm: nn.Module | None = None,
                bank: LayerBank | None = None) -> tuple[Selection, Tensor | None, Tensor | None]:
@@ -146,17 +147,17 @@ class TCPAPrompts(nn.Module):
         (``bank``: this layer's key sets and each sample's task) each sample matches its task's keys, and the
         selection carries the tasks for the attention."""
         c = self.config
-        keys_cls, keys_img, tasks = self._keys(bank)
+        keys_cls, keys_img, tasks, prompt_tasks = self._keys(bank)
         topk = (self.num_prefix_tokens, c.topk_cls, c.topk_img, self._backend_for(x))
         if self.selection_mode == "random":  # a random k-subset per token, no matching loss
             scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
             bits = topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, *topk[1:])
-            return self.selection(bits, tasks), None, None
+            return self.selection(bits, prompt_tasks), None, None
         if norm is not None and fusable_norm(norm):
             normed, bits, terms = norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, *topk, tasks)
-            return self.selection(bits, tasks), terms, normed
+            return self.selection(bits, prompt_tasks), terms, normed
         bits, terms = match(x, keys_cls, keys_img, *topk, tasks)
-        return self.selection(bits, tasks), terms, None
+        return self.selection(bits, prompt_tasks), terms, None
 
     def _backend_for(self, x: Tensor) -> str:
         """The resolved backend for the block input x, after checking x is one ([B, N >= prefix tokens, C])."""
@@ -180,10 +181,10 @@ class TCPAPrompts(nn.Module):
         matching-loss terms ``[B, N]``). Top-k selection only (``selection_mode == "topk"``). In a prompt bank's
         forward (``bank``) prompt_kv is the bank's ``[T, 2, H, P, D]``, each sample using its task's set."""
         c = self.config
-        keys_cls, keys_img, tasks = self._keys(bank)
+        keys_cls, keys_img, tasks, prompt_tasks = self._keys(bank)
         return block_attention(x, keys_cls, keys_img, prompt_kv, norm, qkv, proj, num_heads, self.num_prefix_tokens,
                                c.topk_cls, c.topk_img, c.pool_size_cls, c.prompt_len_cls, c.prompt_len_img, scale,
-                               c.renormalize, self._backend_for(x), tasks=tasks)
+                               c.renormalize, self._backend_for(x), tasks=tasks, prompt_tasks=prompt_tasks)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prompt_kv: Tensor, selection: Selection,
                scale: float | None = None) -> Tensor:

@@ -44,31 +44,32 @@ def _gemm_operands(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tens
 
 
 class BlockAttention(torch.autograd.Function):
-    """``apply(x, keys_cls, keys_img, prompt_kv, tasks, norm_weight, norm_bias, qkv_weight, qkv_bias, proj_weight,
-    proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
-    backend, deterministic)`` -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C] when proj_weight is given;
-    terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int [B]) the keys and prompt_kv are
-    a prompt bank's ([T, pool, C], [T, 2, H, P, D]), sample b using set tasks[b]."""
+    """``apply(x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, norm_weight, norm_bias, qkv_weight, qkv_bias,
+    proj_weight, proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale,
+    renormalize, backend, deterministic)`` -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C] when
+    proj_weight is given; terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int [B]) the keys
+    are a prompt bank's ([T, pool, C]), sample b matching set tasks[b], and prompt_kv its prompt sets
+    ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b]."""
 
     @staticmethod
-    def forward(ctx, x, keys_cls, keys_img, prompt_kv, tasks, norm_weight, norm_bias, qkv_weight, qkv_bias,
-                proj_weight, proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls,
-                len_img, scale, renormalize, backend, deterministic):
+    def forward(ctx, x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, norm_weight, norm_bias, qkv_weight,
+                qkv_bias, proj_weight, proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls,
+                len_cls, len_img, scale, renormalize, backend, deterministic):
         B, N, _ = x.shape
         terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps,
                                                       True, num_prefix_tokens, k_cls, k_img, backend)
         h, weight, bias = _gemm_operands(h, qkv_weight, qkv_bias)
         with autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
             qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
-        out, lse = run_packed_forward(qkv, prompt_kv, None, bits, tasks, pool_cls, len_cls, len_img, scale,
+        out, lse = run_packed_forward(qkv, prompt_kv, None, bits, prompt_tasks, pool_cls, len_cls, len_img, scale,
                                       renormalize, backend)
         result = out
         if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
             out_in, proj_weight, proj_bias = _gemm_operands(out, proj_weight, proj_bias)
             with autocast_off(x.device.type):
                 result = x + F.linear(out_in, proj_weight, proj_bias)
-        ctx.save_for_backward(x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out,
-                              lse, proj_weight)
+        ctx.save_for_backward(x, keys_cls, keys_img, tasks, prompt_tasks, bits, norm_weight, mean, rstd, weight, qkv,
+                              prompt_kv, out, lse, proj_weight)
         ctx.config = (num_prefix_tokens, k_cls, k_img, pool_cls, len_cls, len_img, scale, renormalize, backend,
                       deterministic)
         ctx.set_materialize_grads(False)  # no zero gradients are built for an unused output
@@ -77,7 +78,7 @@ class BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result, grad_terms):
         refuse_double_backward("a prompted block's attention")
-        (x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out, lse,
+        (x, keys_cls, keys_img, tasks, prompt_tasks, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out, lse,
          proj_weight) = ctx.saved_tensors
         num_prefix_tokens, k_cls, k_img, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = (
             ctx.config)
@@ -89,8 +90,8 @@ class BlockAttention(torch.autograd.Function):
             grad_out = torch.mm(grad_proj.view(B * N, C), proj_weight).view(B, N, proj_weight.shape[1])
         dh = dprompt = None
         if grad_out is not None and (need_x or need_prompts):
-            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, tasks, pool_cls, len_cls,
-                                         len_img, scale, renormalize, backend, deterministic)
+            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, prompt_tasks, pool_cls,
+                                         len_cls, len_img, scale, renormalize, backend, deterministic)
             if need_x:  # dh = dqkv W in the GEMM's dtype, then x's (the norm's output dtype)
                 dh = torch.mm(dqkv.view(B * N, weight.shape[0]), weight).view(B, N, C)
                 dh = dh if dh.dtype == x.dtype else dh.to(x.dtype)
@@ -101,20 +102,23 @@ class BlockAttention(torch.autograd.Function):
                                                       need_keys_cls or need_keys_img)
         if need_x and proj_weight is not None and grad_result is not None:  # the residual's gradient
             dx = grad_result if dx is None else dx + grad_result
-        return dx, dkeys_cls, dkeys_img, dprompt if need_prompts else None, None, *_NO_GRADS
+        return dx, dkeys_cls, dkeys_img, dprompt if need_prompts else None, None, None, *_NO_GRADS
 
 
 def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Tensor, norm: torch.nn.LayerNorm,
                     qkv: torch.nn.Linear, proj: torch.nn.Linear | None, num_heads: int, num_prefix_tokens: int,
                     k_cls: int, k_img: int, pool_cls: int, len_cls: int, len_img: int, scale: float, renormalize: bool,
-                    backend: str, deterministic: bool = True, tasks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    backend: str, deterministic: bool = True, tasks: Tensor | None = None,
+                    prompt_tasks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out [B, N, H*D], what ``proj`` reads, or with ``proj`` the residual stream after the attention,
     x + proj(out) [B, N, C]; terms [B, N], the layer's matching-loss terms) of a pre-norm block whose input is
-    x [B, N, C]. For the model path, unchecked: what ``norm_match`` and ``packed_attention`` take (with tasks, int32
-    [B], a prompt bank's keys [T, pool, C] and prompt_kv [T, 2, H, P, D]), with the pools' keys contiguous,
+    x [B, N, C]. For the model path, unchecked: what ``norm_match`` and ``packed_attention`` take (with tasks and
+    prompt_tasks, int [B], a prompt bank's keys [T, pool, C] and prompt_kv [T', 2, H, P, D]: ``BlockAttention``),
+    with the pools' keys contiguous,
     ``norm`` a LayerNorm over C, ``qkv`` a linear C -> 3 * H * D and ``proj`` one H * D -> C (or None), all
     frozen."""
     proj_weight, proj_bias = (None, None) if proj is None else (proj.weight, proj.bias)
-    return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), tasks, norm.weight, norm.bias,
-                                qkv.weight, qkv.bias, proj_weight, proj_bias, norm.eps, num_prefix_tokens, k_cls, k_img,
-                                num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)
+    return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), tasks, prompt_tasks,
+                                norm.weight, norm.bias, qkv.weight, qkv.bias, proj_weight, proj_bias, norm.eps,
+                                num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale,
+                                renormalize, backend, deterministic)
