@@ -172,6 +172,16 @@ def test_tasks_save_back_to_folders_that_load_alone(task_folders, tmp_path):
         bank.save_pretrained({"hats": tmp_path / "hats"})
 
 
+def test_torch_compile_runs_the_bank(task_folders):
+    """torch.compile(bank) (with graph breaks: task names are Python) gives the eager logits and trains."""
+    bank, x, tasks = bank_of(task_folders, "torch", torch.float32).train(), images(), ORDERS["mixed"]
+    expected = bank(x, tasks)
+    compiled = torch.compile(bank, backend="aot_eager")(x, tasks)
+    torch.testing.assert_close(compiled.logits, expected.logits)  # -inf where expected is
+    bank.loss(compiled, torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert bank.prompts.grad is not None and bank.prompts.grad.abs().sum() > 0
+
+
 class _GemmRows(TorchDispatchMode):
     """The rows of every batched GEMM's first operand (the prompt pass's [L, M, C] @ [L, C, R]) while active."""
 
