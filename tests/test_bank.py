@@ -86,6 +86,21 @@ def test_logits_equal_each_task_alone(task_folders, backend, order):
         assert torch.isneginf(out.logits[rows, K:]).all()
 
 
+def test_bf16_autocast_logits_equal_each_task_alone(task_folders):
+    """Under bf16 autocast (the prompt pass in the parameters' dtype, the GEMMs as autocast runs them) a mixed
+    batch's logits equal each task's model alone under the same autocast."""
+    bank, x, tasks = bank_of(task_folders, "torch", torch.float32).train(), images(), ORDERS["mixed"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bank(x, tasks)
+        bank.loss(out, torch.tensor([0, 1, 2, 0, 1])).backward()
+    for name in CLASSES:
+        rows = [b for b, task in enumerate(tasks) if task == name]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = alone(task_folders[name], "torch", torch.float32).train()(x[rows])
+        torch.testing.assert_close(out.logits[rows, :CLASSES[name]], expected, atol=2e-2, rtol=5e-2)
+    assert bank.prompts.grad.isfinite().all() and bank.head_weight.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "single"), ("triton", "sorted"),
                                             ("triton", "two_of_three")])
 def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
