@@ -2,6 +2,7 @@
 
     python benchmarks/bank.py                      # census (ViT-B/16, batch 128, bf16) and host time
     python -m benchmarks.bank --tasks 8 --json bank.json
+    python benchmarks/bank.py --time --json bank-gpu.json   # on a GPU: real steps, timed
 
 - census (``benchmarks/census.py``'s method: one train step under FakeTensorMode, ops and bytes of every op that
   reaches the dispatcher, no compute): a ``PromptBank`` of ``--tasks`` tasks (pools 18 + 18, top-k 10, 10 classes
@@ -16,7 +17,8 @@
   launches).
 
 Targets (issue text): the mixed batch <= 1.05x the single-task batch's ops and bytes, and <= 1.10x its host time.
-These are proxies measured on the CPU, not GPU times.
+These are proxies measured on the CPU, not GPU times. ``--time`` measures real steps instead (``measure_time``:
+on a GPU, the mixed batch against the single-task batch and against the separate batches).
 """
 
 import argparse
@@ -33,6 +35,7 @@ import benchmarks.interpreter  # noqa: E402, F401  (first: the kernels on CPU te
 import tcpa_kernels as tk  # noqa: E402
 from benchmarks import census, host  # noqa: E402
 from benchmarks.cli import at_least  # noqa: E402
+from tcpa_kernels import bench  # noqa: E402
 
 POOLS = dict(pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, backend="triton")
 CLASSES = 10  # per task
@@ -159,6 +162,70 @@ def measure_host(tasks: int, rounds: int, steps: int, warmup: int, depth: int = 
             "one_task_bank_ratio": medians["one_task_bank"] / medians["single_task"]}
 
 
+def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224, dtype=torch.bfloat16,
+                 model_name: str = "vit_base_patch16_224", reps: int = 10) -> dict:
+    """Wall time (ms; CUDA events on a GPU) of real train steps (forward, loss, backward, AdamW) and eval
+    forwards, in interleaved rounds (``bench.interleaved_samples``): the bank on a mixed batch, one task's model on
+    the same batch, and that model on ``tasks`` separate batches of ``batch / tasks`` (one figure: all of them).
+    For a GPU (``gpu_run.sh run3``); on the CPU it runs the torch backend."""
+    def backbone():
+        import timm
+
+        return timm.create_model(model_name, pretrained=False, img_size=img, num_classes=CLASSES).to(device)
+
+    images = torch.randn(batch, 3, img, img, device=device)
+    labels = torch.randint(0, CLASSES, (batch,), device=device)
+    pools = POOLS | {"backend": "auto"}
+    with tempfile.TemporaryDirectory() as folder:
+        model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **pools)
+        folders = {}
+        for t in range(tasks):
+            folders[f"task{t}"] = Path(folder) / f"task{t}"
+            tk.save_pretrained(model, folders[f"task{t}"])
+        bank = tk.PromptBank(backbone(), folders)
+    names = mixed_tasks(list(folders), batch)
+    part = batch // tasks
+
+    def trainer(net, loss_of):
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+
+        def step(x, y):
+            net.train()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = loss_of(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    bank_train = trainer(bank, lambda x, y: bank.loss(bank(x, names[:len(x)]), y))
+    model_train = trainer(model, lambda x, y: torch.nn.functional.cross_entropy(model(x), y)
+                          + 0.01 * tk.get_matching_loss(model))
+
+    @torch.no_grad()
+    def infer(run):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            run()
+
+    steps = {"train_mixed": lambda: bank_train(images, labels),
+             "train_single_task": lambda: model_train(images, labels),
+             "train_separate": lambda: [model_train(images[i:i + part], labels[i:i + part])
+                                        for i in range(0, batch, part)],
+             "eval_mixed": lambda: infer(lambda: bank.eval()(images, names)),
+             "eval_single_task": lambda: infer(lambda: model.eval()(images)),
+             "eval_separate": lambda: infer(lambda: [model.eval()(images[i:i + part]) for i in range(0, batch, part)])}
+    for step in steps.values():  # compilation, optimizer state
+        step()
+    figures = {name: bench.summarize(samples) for name, samples in bench.interleaved_samples(steps, device,
+                                                                                              reps).items()}
+    ratios = {f"{mode}_{other}": figures[f"{mode}_mixed"]["median"] / figures[f"{mode}_{other}"]["median"]
+              for mode in ("train", "eval") for other in ("single_task", "separate")}
+    return {"device": bench.environment(device), "settings": dict(tasks=tasks, batch=batch, img=img, model=model_name,
+                                                                   dtype=str(dtype), reps=reps),
+            "ms": figures, "mixed_over": ratios}
+
+
 def format_report(result: dict) -> str:
     c, h = result["census"], result["host"]
     lines = [f"census, ViT-B/16, batch {result['settings']['batch']}, bf16 (CPU proxy: ops and bytes, no compute):",
@@ -186,6 +253,8 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=15, help="host-time steps per round (default 15)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--time", action="store_true",
+                        help="instead, time real train steps and eval forwards on the device (a GPU: bf16, ViT-B/16)")
     args = parser.parse_args(argv)
     at_least(parser, args, 1, "tasks", "batch", "rounds", "steps")
     at_least(parser, args, 0, "warmup")
@@ -196,6 +265,14 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.time:
+        result = measure_time(args.tasks, args.batch, bench.default_device())
+        print("\n".join(f"{name}: {f['median']:.2f} ms [{f['min']:.2f}-{f['max']:.2f}]"
+                        for name, f in result["ms"].items()))
+        print("mixed / other:", {k: round(v, 3) for k, v in result["mixed_over"].items()})
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
     result = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
               "census": measure_census(args.tasks, args.batch),
               "host": measure_host(args.tasks, args.rounds, args.steps, args.warmup),

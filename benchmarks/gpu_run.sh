@@ -12,7 +12,8 @@
 #       (benchmarks/matching_accuracy.py), Nsight Compute on the kernels at the §6 shape, then the launch-
 #       configuration sweep (benchmarks/tune.py: attention and matching kernels)
 #   bash benchmarks/gpu_run.sh run3 [540]   every benchmark shape and sweep (pytest benchmarks/ --benchmark-only),
-#       then the profiling CLI's table and PNG
+#       a prompt bank's mixed batch against one task's and separate batches (benchmarks/bank.py --time), then the
+#       profiling CLI's table and PNG
 # The package is used from the tree (PYTHONPATH=.): nothing is installed. Results go to benchmarks/results/ or to
 # $RESULTS when set (at most 8 files per run); commit them under benchmarks/results/.
 set -uo pipefail
@@ -83,5 +84,7 @@ case "$stage" in
         2>&1 | tee "$out/bench-$level.log" | tail -n 6
       cp benchmarks/results/*-"$level".json "$out/" 2>/dev/null
     done
+    # a prompt bank: 8 tasks mixed in a batch of 128 against one task's batch and 8 separate batches of 16
+    step 90 "$py" benchmarks/bank.py --time --json "$out/bank-gpu.json" 2>&1 | tail -n 8
     step 600 "$py" -m tcpa_kernels.profile --out "$out" 2>&1 | tail -n 20 ;;
 esac
