@@ -22,9 +22,10 @@ def _heads(x):
     return x.unflatten(-1, (H, -1)).transpose(1, 2)
 
 
-def _inputs(backend, order, seed=0):
-    """(qkv [B, N, 3, H, D], bank [T, 2, H, P, D], both leaves requiring grad; a selection with tasks; grad_out)."""
-    dtype = torch.float64 if backend == "torch" else torch.float32
+def _inputs(backend, order, seed=0, dtype=None):
+    """(qkv [B, N, 3, H, D], bank [T, 2, H, P, D], both leaves requiring grad; a selection with tasks; grad_out),
+    in ``dtype`` (default: fp64 on the torch backend, fp32 on the Triton one)."""
+    dtype = dtype or (torch.float64 if backend == "torch" else torch.float32)
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE, dtype).requires_grad_()
     bank = torch.randn(T, 2, H, P, D, generator=g).to(DEVICE, dtype).requires_grad_()
@@ -55,6 +56,16 @@ def test_packed_bank_matches_each_set_alone(backend, order, renormalize, poison_
     assert_matches_reference(_heads(out), (dqkv, dbank), ref, ref_grads, qkv.dtype, names=("qkv", "bank"))
     if order == "single":  # sets no sample uses get a zero gradient
         assert not dbank[[0, 2]].any()
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fp16_packed_bank_in_the_kernels(renormalize, poison_buffers):
+    """The 16-bit kernel variants read a bank too (the interpreter's fp16 dots are right; bf16 is GPU-only)."""
+    qkv, bank, selection, grad_out = _inputs("triton", "mixed", seed=2, dtype=torch.float16)
+    out = tcpa_packed_attention(qkv, bank, selection, scale=D**-0.5, renormalize=renormalize, backend="triton")
+    dqkv, dbank = torch.autograd.grad(out, (qkv, bank), grad_out)
+    ref, ref_grads = _reference(qkv, bank, selection, renormalize, grad_out)
+    assert_matches_reference(_heads(out), (dqkv, dbank), ref, ref_grads, torch.float16, names=("qkv", "bank"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
