@@ -14,8 +14,9 @@ keys/values of every task and layer are one batched projection per forward. No p
 
 The tasks share one pool layout (the configs may differ in the head only); the backbone is a timm
 ``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched projection: ``Block``,
-``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``; other model families: one model per
-task for now).
+``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging Face image classifier
+(``ViT``, ``Dinov2``, ``CLIP``, ``Siglip`` ``...ForImageClassification``), with one linear head; open_clip models have
+no head to stack: one model per task.
 """
 
 import math
@@ -67,9 +68,8 @@ class PromptBank(nn.Module):
     """TCPA tasks side by side on one frozen backbone (see the module docstring).
 
     Args:
-        model: the plain backbone (a timm ``VisionTransformer`` or ``Eva``, see the module docstring; not yet
-            prompted): the bank patches it with the tasks' pool layout (``apply_tcpa``) and holds it as
-            ``bank.model``.
+        model: the plain backbone (timm or Hugging Face, see the module docstring; not yet prompted): the bank
+            patches it with the tasks' pool layout (``apply_tcpa``) and holds it as ``bank.model``.
         tasks: task name -> adapter folder or prompts file saved by this library for this backbone
             (``save_pretrained`` / ``save_prompts``), at least one; TCPA, one pool layout for all.
         check_identity: refuse a task saved for another backbone (``model_identity``), as ``from_pretrained``.
@@ -143,9 +143,8 @@ class PromptBank(nn.Module):
     def forward(self, images: Tensor, tasks: Sequence[str] | Tensor) -> BankOutput:
         """Each sample's logits from its task's prompts and head: images ``[B, 3, H, W]``, tasks one per sample."""
         index = self.task_index(tasks, images.shape[0], images.device)
-        inner = find_model(self.model)
         with bank_forward(self._call(tasks, index)):
-            features = inner.forward_head(inner.forward_features(images), pre_logits=True)  # [B, C]
+            features = _features(find_model(self.model), images)  # [B, C]: what the backbone's head would read
         T, K = self.class_mask.shape
         logits = F.linear(features, self.head_weight.flatten(0, 1), (self.head_bias + self.class_pad).flatten())
         # [B, K]: each sample's task's K logits of the [B, T, K] every head gave
@@ -205,18 +204,19 @@ class PromptBank(nn.Module):
         if unknown:
             raise ValueError(f"dirs: unknown task(s) {unknown}; the bank holds {self.task_names}")
         blocks = state_of(find_model(self.model)).blocks
+        inner = find_model(self.model)
+        head, names = _head_name(inner), pool_names(inner)
         for name, folder in dirs.items():
             t = self.task_names.index(name)
             tensors = {}
             for i, (blk, layer) in enumerate(zip(blocks, self.layers)):
                 cls_shape, img_shape = blk.tcpa.prompts_cls.shape, blk.tcpa.prompts_img.shape  # one task's
                 prompts = self.prompts[i, t]  # [P, C]: the CLS pool's rows first
-                tensors |= {f"blocks.{i}.tcpa.keys_cls": layer.keys_cls[t],
-                            f"blocks.{i}.tcpa.keys_img": layer.keys_img[t],
-                            f"blocks.{i}.tcpa.prompts_cls": prompts[:cls_shape[:2].numel()].view(cls_shape),
-                            f"blocks.{i}.tcpa.prompts_img": prompts[cls_shape[:2].numel():].view(img_shape)}
+                tensors |= {names[i]["keys_cls"]: layer.keys_cls[t], names[i]["keys_img"]: layer.keys_img[t],
+                            names[i]["prompts_cls"]: prompts[:cls_shape[:2].numel()].view(cls_shape),
+                            names[i]["prompts_img"]: prompts[cls_shape[:2].numel():].view(img_shape)}
             classes = int(self.class_mask[t].sum())
-            tensors |= {"head.weight": self.head_weight[t, :classes], "head.bias": self.head_bias[t, :classes]}
+            tensors |= {f"{head}.weight": self.head_weight[t, :classes], f"{head}.bias": self.head_bias[t, :classes]}
             record = self.records[name] | {"identity": model_identity(self.model)}
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
 
@@ -239,16 +239,47 @@ def _common_config(records: dict) -> dict:
     return first
 
 
+def _is_timm(inner: nn.Module) -> bool:
+    return "timm" in original_class(inner).__module__.split(".")
+
+
+def _head_name(inner: nn.Module) -> str:
+    """The name of the backbone's one classification head (timm ``head``, Hugging Face ``classifier``)."""
+    return next(iter(state_of(inner).original_heads))
+
+
+def pool_names(inner: nn.Module) -> list[dict[str, str]]:
+    """Per layer, each pool parameter's name in the patched backbone (what its prompts files call it: timm
+    ``blocks.{i}.tcpa.keys_cls``, Hugging Face ``vit.encoder.layer.{i}.tcpa.keys_cls``, ...)."""
+    names = {id(p): name for name, p in inner.named_parameters()}
+    return [{n: names[id(getattr(blk.tcpa, n))] for n in _POOL_NAMES} for blk in state_of(inner).blocks]
+
+
 def _check_backbone(inner: nn.Module) -> None:
-    """A timm model (``forward_head``) whose every block has its prompt K/V batched with the others'
-    (``KVProjection``): the one pass that gives every task's K/V. Else ValueError naming what is not."""
+    """A timm model (``forward_head``) or a Hugging Face image classifier, with one linear head, whose every block
+    has its prompt K/V batched with the others' (``KVProjection``): the one pass that gives every task's K/V. Else
+    ValueError naming what is not."""
     state = state_of(inner)
-    own = sorted({type(blk).__name__ for blk, p in zip(state.blocks, state.projections) if p is None})
-    plain = original_class(inner)
-    if own or not hasattr(inner, "forward_head") or "timm" not in plain.__module__.split("."):
-        raise ValueError(f"model: a prompt bank runs on a timm VisionTransformer or Eva whose blocks' prompt K/V are "
-                         f"one batched projection (not ParallelThingsBlock), got {plain.__name__}"
-                         f"{' with ' + ', '.join(own) if own else ''}")
+    own = sorted({original_class(blk).__name__ for blk, p in zip(state.blocks, state.projections) if p is None})
+    heads = [getattr(inner, name) for name in state.original_heads]
+    model_ok = hasattr(inner, "forward_head") if _is_timm(inner) else "classifier" in state.original_heads
+    if own or not model_ok or len(heads) != 1 or not isinstance(heads[0], nn.Linear):
+        raise ValueError(f"model: a prompt bank runs on a timm VisionTransformer or Eva, or a Hugging Face image "
+                         f"classifier, with one linear head and blocks whose prompt K/V are one batched projection "
+                         f"(not ParallelThingsBlock), got {original_class(inner).__name__}"
+                         f"{' with ' + ', '.join(own) if own else ''} and heads {sorted(state.original_heads)}")
+
+
+def _features(inner: nn.Module, images: Tensor) -> Tensor:
+    """[B, C]: what the backbone's head reads. timm: ``forward_head(..., pre_logits=True)``; Hugging Face: the
+    model's own forward, its ``classifier`` returning its input for this call (a forward hook)."""
+    if _is_timm(inner):
+        return inner.forward_head(inner.forward_features(images), pre_logits=True)
+    hook = inner.classifier.register_forward_hook(lambda module, args, out: args[0])
+    try:
+        return inner(pixel_values=images).logits
+    finally:
+        hook.remove()
 
 
 def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, check_identity: bool):
@@ -260,16 +291,16 @@ def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, ch
         check_identity_of(meta["identity"], inner, arg, path)
     state = state_of(inner)
     layers = []
-    for i, blk in enumerate(state.blocks):
-        pools = {n: tensors.get(f"blocks.{i}.tcpa.{n}") for n in _POOL_NAMES}
+    for blk, names in zip(state.blocks, pool_names(inner)):
+        pools = {n: tensors.get(names[n]) for n in _POOL_NAMES}
         for n, t in pools.items():
             expected = getattr(blk.tcpa, n)
             if t is None or t.shape != expected.shape:
-                raise ValueError(f"{arg}: blocks.{i}.tcpa.{n}: expected shape {tuple(expected.shape)}, got "
+                raise ValueError(f"{arg}: {names[n]}: expected shape {tuple(expected.shape)}, got "
                                  f"{None if t is None else tuple(t.shape)}")
         layers.append({n: t.to(getattr(blk.tcpa, n)) for n, t in pools.items()})
-    head = [tensors.get(f"{next(iter(state.original_heads))}.{p}") for p in ("weight", "bias")]
-    width = state.blocks[0].tcpa.keys_cls.shape[1]
+    head = [tensors.get(f"{_head_name(inner)}.{p}") for p in ("weight", "bias")]
+    width = getattr(inner, _head_name(inner)).in_features  # what the head reads: C, or 2C (Dinov2's CLS + mean)
     if head[0] is None or head[1] is None or head[0].dim() != 2 or head[0].shape[1] != width or \
             head[1].shape != head[0].shape[:1]:
         raise ValueError(f"{arg}: expected a head (weight [K, {width}], bias [K]), got "

@@ -169,6 +169,38 @@ def test_other_timm_families_equal_each_task_alone(family, tmp_path):
         torch.testing.assert_close(grads[1][t, :K], expected[-1], atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("name", ["vit_classifier", "dinov2_classifier_swiglu"])
+def test_hugging_face_classifiers_equal_each_task_alone(name, tmp_path):
+    """A Hugging Face image classifier as the backbone: its classifier's input through the bank's heads; logits and
+    gradients of a mixed batch equal each task's model alone (fp64, torch backend); tasks save back."""
+    pytest.importorskip("transformers")
+    from tests.test_hf import plain_model
+
+    folders = {}
+    for seed, (task, classes) in enumerate(CLASSES.items()):
+        model = tk.apply_tcpa(plain_model(name), backend="torch", num_classes=classes, **POOLS)
+        with torch.no_grad():
+            for p in tk.trainable_parameters(model):
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
+        folders[task] = tmp_path / task
+        tk.save_pretrained(model, folders[task])
+    bank, x, tasks = tk.PromptBank(plain_model(name), folders).train(), images(dtype=torch.float64), ORDERS["mixed"]
+    out = bank(x, tasks)
+    grads = torch.autograd.grad(bank.loss(out, torch.tensor([1, 0, 2, 1, 0])), [bank.head_weight])
+    for t, task in enumerate(CLASSES):
+        rows, K = [b for b, task_b in enumerate(tasks) if task_b == task], CLASSES[task]
+        model = tk.from_pretrained(plain_model(name), folders[task]).train()
+        logits = model(pixel_values=x[rows]).logits
+        torch.testing.assert_close(out.logits[rows, :K], logits, atol=1e-10, rtol=1e-9)
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 0, 2, 1, 0])[rows])
+        (expected,) = torch.autograd.grad(loss + 0.01 * tk.get_matching_loss(model), [model.classifier.weight])
+        torch.testing.assert_close(grads[0][t, :K], expected, atol=1e-10, rtol=1e-8)
+    bank.save_pretrained({"bags": tmp_path / "bags-2"})
+    reloaded = tk.from_pretrained(plain_model(name), tmp_path / "bags-2").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=x).logits, bank.eval()(x, ["bags"] * 5).logits[:, :4])
+
+
 def test_tasks_save_back_to_folders_that_load_alone(task_folders, tmp_path):
     bank = bank_of(task_folders, "torch", torch.float32)
     with torch.no_grad():  # as a training step would: the saved folder holds the bank's values now
@@ -268,8 +300,8 @@ def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
     things = TIMM_FAMILIES["vit_parallel_things_block"]()  # each branch projects its own prompts: no batched pass
     tk.save_pretrained(tk.apply_tcpa(TIMM_FAMILIES["vit_parallel_things_block"](), backend="torch", **POOLS),
                        tmp_path / "things")
-    with pytest.raises(ValueError, match="model: a prompt bank runs on a timm VisionTransformer or Eva whose blocks' "
-                                         "prompt K/V are one batched projection .*ParallelThingsBlock"):
+    with pytest.raises(ValueError, match="model: a prompt bank runs on .* blocks whose prompt K/V are one batched "
+                                         "projection .*got VisionTransformer with ParallelThingsBlock"):
         tk.PromptBank(things, {"things": tmp_path / "things"})
     assert not hasattr(things, "prompt_state")
     bank = tk.PromptBank(model, task_folders)
