@@ -15,8 +15,8 @@ keys/values of every task and layer are one batched projection per forward. No p
 The tasks share one pool layout (the configs may differ in the head only); the backbone is a timm
 ``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched projection: ``Block``,
 ``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging Face image classifier
-(``ViT``, ``Dinov2``, ``CLIP``, ``Siglip`` ``...ForImageClassification``), with one linear head; open_clip models have
-no head to stack: one model per task.
+with a ``classifier`` (tested: ``ViTForImageClassification``, ``Dinov2ForImageClassification``), with one linear
+head; open_clip models have no head to stack: one model per task.
 """
 
 import math
