@@ -33,16 +33,16 @@ def task_folders(tmp_path):
     return save_tasks(tmp_path, POOLS)
 
 
-def save_tasks(folder, pools):
-    """An adapter folder per task: the same backbone, each task's own prompts, keys and head (moved off their
-    initial values)."""
+def save_tasks(folder, pools, backbone=tiny_vit):
+    """An adapter folder per task: the same backbone (``backbone()``), each task's own prompts, keys and head (moved
+    off their initial values)."""
     folders = {}
     for seed, (name, classes) in enumerate(CLASSES.items()):
-        model = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=classes, **pools)
+        model = tk.apply_tcpa(backbone(), backend="torch", num_classes=classes, **pools)
         g = torch.Generator().manual_seed(10 + seed)
         with torch.no_grad():
             for p in tk.trainable_parameters(model):
-                p.add_(0.5 * torch.randn(p.shape, generator=g))
+                p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         folders[name] = folder / name
         tk.save_pretrained(model, folders[name])
     return folders
@@ -144,14 +144,7 @@ def test_other_timm_families_equal_each_task_alone(family, tmp_path):
         torch.manual_seed(0)
         return TIMM_FAMILIES[family]().double().eval()
 
-    folders = {}
-    for seed, (name, classes) in enumerate(CLASSES.items()):
-        model = tk.apply_tcpa(backbone(), backend="torch", num_classes=classes, **POOLS)
-        with torch.no_grad():
-            for p in tk.trainable_parameters(model):
-                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
-        folders[name] = tmp_path / name
-        tk.save_pretrained(model, folders[name])
+    folders = save_tasks(tmp_path, POOLS, backbone)
     bank, x, tasks = tk.PromptBank(backbone(), folders).train(), images(dtype=torch.float64), ORDERS["mixed"]
     out = bank(x, tasks)
     grads = torch.autograd.grad(bank.loss(out, torch.tensor([1, 0, 2, 1, 0])), [bank.prompts, bank.head_bias])
@@ -176,14 +169,7 @@ def test_hugging_face_classifiers_equal_each_task_alone(name, tmp_path):
     pytest.importorskip("transformers")
     from tests.test_hf import plain_model
 
-    folders = {}
-    for seed, (task, classes) in enumerate(CLASSES.items()):
-        model = tk.apply_tcpa(plain_model(name), backend="torch", num_classes=classes, **POOLS)
-        with torch.no_grad():
-            for p in tk.trainable_parameters(model):
-                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
-        folders[task] = tmp_path / task
-        tk.save_pretrained(model, folders[task])
+    folders = save_tasks(tmp_path, POOLS, lambda: plain_model(name))
     bank, x, tasks = tk.PromptBank(plain_model(name), folders).train(), images(dtype=torch.float64), ORDERS["mixed"]
     out = bank(x, tasks)
     grads = torch.autograd.grad(bank.loss(out, torch.tensor([1, 0, 2, 1, 0])), [bank.head_weight])
