@@ -54,22 +54,18 @@ def group_weights(B, N, num_prefix_tokens, k_cls, k_img):
             1.0 / (B * n_img * k_img) if B and n_img else 0.0)
 
 
-def _sample_keys(keys_cls, keys_img, tasks, dtype):
-    """The keys each sample matches, [E, C] (CLS pool first), or with tasks each sample's set of a bank, [B, E, C]
-    (gathered: the reference backend may copy), and their norms [.., E, 1], in ``dtype``."""
-    keys = torch.cat([keys_cls, keys_img], dim=-2).to(dtype)
-    keys = keys if tasks is None else keys[tasks.long()]
-    return keys, torch.linalg.vector_norm(keys, dim=-1, keepdim=True)
-
-
 def _cosines_torch(x, keys_cls, keys_img, tasks):
-    """(cos [B, N, E], |x| [B, N, 1] unclamped, normalised keys [E, C] or [B, E, C]) in fp32 (fp64 for fp64 x)."""
+    """(cos [B, N, E], |x| [B, N, 1] unclamped, the keys normalised and their norms clamped ([E, C] and [E, 1]; with
+    tasks each sample's set of the bank, gathered as the reference backend may, [B, E, C] and [B, E, 1])) in fp32
+    (fp64 for fp64 x)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    keys, keys_norm = _sample_keys(keys_cls, keys_img, tasks, dtype)
-    keys_hat = keys / keys_norm.clamp_min(EPS)
+    keys = torch.cat([keys_cls, keys_img], dim=-2).to(dtype)  # CLS pool first
+    keys = keys if tasks is None else keys[tasks.long()]
+    keys_norm = torch.linalg.vector_norm(keys, dim=-1, keepdim=True).clamp_min(EPS)
+    keys_hat = keys / keys_norm
     x = x.to(dtype)
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [B, N, 1]
-    return (x @ keys_hat.transpose(-1, -2)) / x_norm.clamp_min(EPS), x_norm, keys_hat
+    return (x @ keys_hat.transpose(-1, -2)) / x_norm.clamp_min(EPS), x_norm, keys_hat, keys_norm
 
 
 def _token_weights(x, num_prefix_tokens, k_cls, k_img, dtype):
@@ -82,7 +78,7 @@ def _token_weights(x, num_prefix_tokens, k_cls, k_img, dtype):
 
 def _forward_torch(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
                    k_img):
-    cos, _, _ = _cosines_torch(x, keys_cls, keys_img, tasks)
+    cos = _cosines_torch(x, keys_cls, keys_img, tasks)[0]
     bits = _topk_bits_torch(cos, num_prefix_tokens, keys_cls.shape[-2], k_cls, k_img)
     sel = entry_selection(bits, cos.shape[-1])
     terms = torch.where(sel, 1 - cos, 0).sum(-1) * _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)[:, 0]
@@ -102,7 +98,7 @@ def _forward_torch(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_ep
 
 def _backward_torch(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
                     k_img, need_dx, need_dkeys):
-    cos, x_norm, keys_hat = _cosines_torch(x, keys_cls, keys_img, tasks)
+    cos, x_norm, keys_hat, k_norm = _cosines_torch(x, keys_cls, keys_img, tasks)
     xc = x.to(cos.dtype)
     w = _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)
     g = torch.where(entry_selection(bits, cos.shape[-1]), -(dterms.to(cos.dtype) * w[:, 0])[..., None], 0)  # [B,N,E]
@@ -117,13 +113,12 @@ def _backward_torch(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight,
             dx = dx + rstd[..., None] * (gn - gn.mean(-1, keepdim=True) - xhat * (gn * xhat).mean(-1, keepdim=True))
         dx = dx.to(x.dtype)
     if need_dkeys:  # one partial [1, E, C]; with tasks one per sample [B, E, C], summed per set by the caller
-        k_norm = _sample_keys(keys_cls, keys_img, tasks, cos.dtype)[1]
         if tasks is None:
             dkeys_hat = (g * inv_x).flatten(0, 1).T @ xc.flatten(0, 1)  # [E, C]
-            dkeys = ((dkeys_hat - (g * cos).sum((0, 1))[:, None] * keys_hat) / k_norm.clamp_min(EPS))[None]
+            dkeys = ((dkeys_hat - (g * cos).sum((0, 1))[:, None] * keys_hat) / k_norm)[None]
         else:
             dkeys_hat = (g * inv_x).transpose(1, 2) @ xc  # [B, E, C]
-            dkeys = (dkeys_hat - (g * cos).sum(1)[..., None] * keys_hat) / k_norm.clamp_min(EPS)
+            dkeys = (dkeys_hat - (g * cos).sum(1)[..., None] * keys_hat) / k_norm
     return dx, dkeys
 
 
