@@ -233,8 +233,6 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
     return [_heads(layer, p) for layer, p in zip(kv.unbind(0), projections)]
 
 
-
-
 def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
     """Prompt K/V of every layer for this forward, in one pass: per layer [2, H, P, D] (or [B, 2, H, P, D] with a
     dropout mask per sample; a prompt bank's forward, ``bank`` (a ``_forward.BankCall``): [T, 2, H, P, D], the

@@ -132,38 +132,44 @@ class PromptBank(nn.Module):
                 raise ValueError(f"tasks: expected task numbers in [0, {len(self.task_names)}), got "
                                  f"[{int(tasks.min())}, {int(tasks.max())}]")
             return tasks.to(device=device, dtype=torch.int64)
+        return torch.tensor(self._task_numbers(tasks, batch_size)).to(device)
+
+    def _task_numbers(self, tasks: Sequence[str], batch_size: int) -> list[int]:
+        """Each sample's task number from its task's name; ValueError naming ``tasks`` for unknown names."""
         if isinstance(tasks, str) or not isinstance(tasks, Sequence) or len(tasks) != batch_size:
             raise ValueError(f"tasks: expected one task name per sample ({batch_size}), got {tasks!r}")
         numbers = {name: i for i, name in enumerate(self.task_names)}
         unknown = sorted({t for t in tasks if t not in numbers}, key=str)
         if unknown:
             raise ValueError(f"tasks: unknown task(s) {unknown}; the bank holds {self.task_names}")
-        return torch.tensor([numbers[t] for t in tasks]).to(device)
+        return [numbers[t] for t in tasks]
 
     def forward(self, images: Tensor, tasks: Sequence[str] | Tensor) -> BankOutput:
         """Each sample's logits from its task's prompts and head: images ``[B, 3, H, W]``, tasks one per sample."""
-        index = self.task_index(tasks, images.shape[0], images.device)
-        with bank_forward(self._call(tasks, index)):
+        call = self._call(tasks, images.shape[0], images.device)
+        with bank_forward(call):
             features = _features(find_model(self.model), images)  # [B, C]: what the backbone's head would read
         T, K = self.class_mask.shape
         logits = F.linear(features, self.head_weight.flatten(0, 1), (self.head_bias + self.class_pad).flatten())
         # [B, K]: each sample's task's K logits of the [B, T, K] every head gave
-        logits = logits.view(-1, T, K).gather(1, index[:, None, None].expand(-1, 1, K)).squeeze(1)
-        return BankOutput(logits, index, self.class_mask)
+        logits = logits.view(-1, T, K).gather(1, call.tasks[:, None, None].expand(-1, 1, K)).squeeze(1)
+        return BankOutput(logits, call.tasks, self.class_mask)
 
-    def _call(self, tasks: Sequence[str] | Tensor, index: Tensor) -> BankCall:
+    def _call(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device) -> BankCall:
         """The forward's bank call. Task names are known on the host: the forward computes the prompt K/V of the
-        batch's tasks only (a batch of few tasks from a large bank does not pay for the others). Task numbers in a
+        batch's tasks only (a batch of few tasks from a large bank does not pay for the others), and the task
+        numbers, those tasks and each sample's row among them reach the device in one copy. Task numbers in a
         tensor would need a sync to read: every task's K/V."""
         if isinstance(tasks, Tensor):
-            return BankCall(index, self.layers, self.prompts)
-        numbers = {name: i for i, name in enumerate(self.task_names)}
-        present = sorted({numbers[t] for t in tasks})
+            return BankCall(self.task_index(tasks, batch_size, device), self.layers, self.prompts)
+        numbers = self._task_numbers(tasks, batch_size)
+        present = sorted(set(numbers))
         if len(present) == len(self.task_names):
-            return BankCall(index, self.layers, self.prompts)
+            return BankCall(torch.tensor(numbers).to(device), self.layers, self.prompts)
         row = {task: i for i, task in enumerate(present)}  # a task's row among the present ones
-        packed = torch.tensor(present + [row[numbers[t]] for t in tasks]).to(index.device)  # one copy to the device
-        return BankCall(index, self.layers, self.prompts, packed[:len(present)], packed[len(present):])
+        packed = torch.tensor(numbers + present + [row[t] for t in numbers]).to(device)
+        index, present, rows = packed.split_with_sizes((batch_size, len(present), batch_size))
+        return BankCall(index, self.layers, self.prompts, present, rows)
 
     def matching_loss(self, output: BankOutput) -> Tensor:
         """The sum over the tasks of the forward that gave ``output`` (the last one) of each task's matching loss
