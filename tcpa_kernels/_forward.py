@@ -164,10 +164,6 @@ def _in_backward() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-def _deref(handle):
-    return handle() if isinstance(handle, weakref.ref) else handle
-
-
 def join_forward(x: Tensor, layer) -> tuple[PromptForward, LastForward | None]:
     """(the forward the block input ``x`` of layer ``layer`` (a ``_LayerRef``) belongs to, where this call records
     what outlives it: that forward's ``LastForward``, or None during a recomputation and for a forward another one
@@ -181,7 +177,11 @@ def join_forward(x: Tensor, layer) -> tuple[PromptForward, LastForward | None]:
     thread's ``PromptState.last`` owns it), so no block reads another block's side effects (dynamo's checkpoint
     cannot trace that)."""
     state = layer.state
-    fwd, record = _deref(getattr(x, HANDLE, None)), _deref(getattr(x, RECORD, None))
+    fwd, record = getattr(x, HANDLE, None), getattr(x, RECORD, None)
+    if type(fwd) is weakref.ref:  # (inline: a block pays each call)
+        fwd = fwd()
+    if record is not None:  # always a weak reference
+        record = record()
     replay = _in_backward()
     if fwd is None and not (replay or torch.compiler.is_compiling()) and is_fully_sharded(state.blocks[layer.index]):
         record = last_forward(state)

@@ -129,7 +129,7 @@ def _batchable(projections: list[KVProjection]) -> bool:
 def _norm_parameters(norms: list[nn.LayerNorm]) -> tuple[Tensor | None, Tensor | None]:
     """The layers' LayerNorm weights and biases stacked, [L, 1, C] each (None where the norms have none)."""
     first = norms[0]._parameters  # dict reads: see Rows.whole
-    return tuple(None if first[name] is None else torch.stack([n._parameters[name] for n in norms])[:, None]
+    return tuple(None if first[name] is None else torch.stack([n._parameters[name] for n in norms]).unsqueeze(1)
                  for name in ("weight", "bias"))
 
 
@@ -226,11 +226,12 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
     first = projections[0]
     bias = None if first.biases is None else _stacked(*_pieces([r for p in projections for r in p.biases], L), L)
     norms = None if first.norm is None else [p.norm for p in projections]
-    kv = _norm_linear(flat, norms, None if bias is None else bias[:, None], [r for p in projections for r in p.weights])
-    kv = kv.view(*tokens.shape[:-1], -1)  # [L, ..., P, 2*C_kv]
+    kv = _norm_linear(flat, norms, None if bias is None else bias.unsqueeze(1),
+                      [r for p in projections for r in p.weights])  # [L, M, 2*C_kv]
     if first.k_norm is None and first.groups == 1:  # the common case: one view for all layers
-        return list(kv.unflatten(-1, (2, first.kv_heads, first.head_dim)).movedim(-4, -2).unbind(0))
-    return [_heads(layer, p) for layer, p in zip(kv.unbind(0), projections)]
+        kv = kv.view(*tokens.shape[:-1], 2, first.kv_heads, first.head_dim)  # [L, ..., P, 2, H, D]
+        return list(kv.movedim(-4, -2).unbind(0))
+    return [_heads(layer, p) for layer, p in zip(kv.view(*tokens.shape[:-1], -1).unbind(0), projections)]
 
 
 def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:

@@ -134,7 +134,10 @@ class TCPAPrompts(nn.Module):
     def _keys(self, bank: LayerBank | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """(keys_cls, keys_img, tasks, prompt_tasks): this module's keys, or a prompt bank's key sets, each sample's
         task and its row of the forward's prompt sets."""
-        return (self.keys_cls, self.keys_img, None, None) if bank is None else bank
+        if bank is not None:
+            return bank
+        params = self._parameters  # dict reads: a block asks at every call (``Module.__getattr__``: ~0.7 us a name)
+        return params["keys_cls"], params["keys_img"], None, None
 
     def select(self, x: Tensor, norm: nn.Module | None = None,
                bank: LayerBank | None = None) -> tuple[Selection, Tensor | None, Tensor | None]:
@@ -161,7 +164,7 @@ class TCPAPrompts(nn.Module):
 
     def _backend_for(self, x: Tensor) -> str:
         """The resolved backend for the block input x, after checking x is one ([B, N >= prefix tokens, C])."""
-        C = self.keys_cls.shape[1]
+        C = self._parameters["keys_cls"].shape[1]
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != C or x.shape[1] < self.num_prefix_tokens:
             got = describe(x) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x: expected [B, N >= {self.num_prefix_tokens}, {C}] (the block input), got {got}")

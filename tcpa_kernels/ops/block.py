@@ -31,47 +31,55 @@ from tcpa_kernels.ops.match_select import matching_forward, matching_grads
 from tcpa_kernels.ops.packed import packed_grads, run_packed_forward
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts (not fp64)
-_NO_GRADS = (None,) * 18  # BlockAttention's gradients of the norm's and projections' parameters, settings
+_NO_GRADS = (None,) * 9  # BlockAttention's gradients of the tasks, the norm's and projections' parameters, settings
 
 
-def _gemm_operands(h: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(h, weight, bias) in the dtype the linear would run in: autocast's where it is on, else as they are."""
-    device_type = h.device.type
-    if not (torch.is_autocast_enabled(device_type) and h.dtype in _AUTOCAST_DTYPES):
+def _gemm_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype the block's linears run in under autocast (None: autocast is off, or leaves x's dtype alone)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype in _AUTOCAST_DTYPES:
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _gemm_operands(dtype: torch.dtype | None, h: Tensor, weight: Tensor,
+                   bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(h, weight, bias) in the dtype the linear runs in: ``dtype`` (``_gemm_dtype``), or as they are (None)."""
+    if dtype is None:
         return h, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
     return h.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 class BlockAttention(torch.autograd.Function):
     """``apply(x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, norm_weight, norm_bias, qkv_weight, qkv_bias,
-    proj_weight, proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale,
-    renormalize, backend, deterministic)`` -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C] when
-    proj_weight is given; terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int [B]) the keys
+    proj_weight, proj_bias, settings)`` with ``settings = (norm_eps, num_prefix_tokens, k_cls, k_img, num_heads,
+    pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)`` (one argument: each argument of an
+    autograd function costs host time at every call) -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C]
+    when proj_weight is given; terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int [B]) the keys
     are a prompt bank's ([T, pool, C]), sample b matching set tasks[b], and prompt_kv its prompt sets
     ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b]."""
 
     @staticmethod
     def forward(ctx, x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, norm_weight, norm_bias, qkv_weight,
-                qkv_bias, proj_weight, proj_bias, norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls,
-                len_cls, len_img, scale, renormalize, backend, deterministic):
+                qkv_bias, proj_weight, proj_bias, settings):
+        (norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend,
+         _) = settings
         B, N, _ = x.shape
         terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps,
                                                       True, num_prefix_tokens, k_cls, k_img, backend)
-        h, weight, bias = _gemm_operands(h, qkv_weight, qkv_bias)
+        dtype = _gemm_dtype(h)
+        h, weight, bias = _gemm_operands(dtype, h, qkv_weight, qkv_bias)
         with autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
             qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
-        out, lse = run_packed_forward(qkv, prompt_kv, None, bits, prompt_tasks, pool_cls, len_cls, len_img, scale,
-                                      renormalize, backend)
-        result = out
-        if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
-            out_in, proj_weight, proj_bias = _gemm_operands(out, proj_weight, proj_bias)
-            with autocast_off(x.device.type):
+            out, lse = run_packed_forward(qkv, prompt_kv, None, bits, prompt_tasks, pool_cls, len_cls, len_img, scale,
+                                          renormalize, backend)
+            result = out
+            if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
+                out_in, proj_weight, proj_bias = _gemm_operands(dtype, out, proj_weight, proj_bias)
                 result = x + F.linear(out_in, proj_weight, proj_bias)
         ctx.save_for_backward(x, keys_cls, keys_img, tasks, prompt_tasks, bits, norm_weight, mean, rstd, weight, qkv,
                               prompt_kv, out, lse, proj_weight)
-        ctx.config = (num_prefix_tokens, k_cls, k_img, pool_cls, len_cls, len_img, scale, renormalize, backend,
-                      deterministic)
+        ctx.settings = settings
         ctx.set_materialize_grads(False)  # no zero gradients are built for an unused output
         return result, terms
 
@@ -80,8 +88,8 @@ class BlockAttention(torch.autograd.Function):
         refuse_double_backward("a prompted block's attention")
         (x, keys_cls, keys_img, tasks, prompt_tasks, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out, lse,
          proj_weight) = ctx.saved_tensors
-        num_prefix_tokens, k_cls, k_img, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic = (
-            ctx.config)
+        (_, num_prefix_tokens, k_cls, k_img, _, pool_cls, len_cls, len_img, scale, renormalize, backend,
+         deterministic) = ctx.settings
         need_x, need_keys_cls, need_keys_img, need_prompts = ctx.needs_input_grad[:4]
         B, N, C = x.shape
         grad_out = grad_result
@@ -102,7 +110,7 @@ class BlockAttention(torch.autograd.Function):
                                                       need_keys_cls or need_keys_img)
         if need_x and proj_weight is not None and grad_result is not None:  # the residual's gradient
             dx = grad_result if dx is None else dx + grad_result
-        return dx, dkeys_cls, dkeys_img, dprompt if need_prompts else None, None, None, *_NO_GRADS
+        return dx, dkeys_cls, dkeys_img, dprompt if need_prompts else None, *_NO_GRADS
 
 
 def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Tensor, norm: torch.nn.LayerNorm,
@@ -117,8 +125,10 @@ def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Te
     with the pools' keys contiguous,
     ``norm`` a LayerNorm over C, ``qkv`` a linear C -> 3 * H * D and ``proj`` one H * D -> C (or None), all
     frozen."""
-    proj_weight, proj_bias = (None, None) if proj is None else (proj.weight, proj.bias)
+    norm_params, qkv_params = norm._parameters, qkv._parameters  # dict reads: ``Module.__getattr__`` costs ~0.7 us
+    proj_params = {"weight": None, "bias": None} if proj is None else proj._parameters
+    settings = (norm.eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
+                backend, deterministic)
     return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), tasks, prompt_tasks,
-                                norm.weight, norm.bias, qkv.weight, qkv.bias, proj_weight, proj_bias, norm.eps,
-                                num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale,
-                                renormalize, backend, deterministic)
+                                norm_params["weight"], norm_params["bias"], qkv_params["weight"], qkv_params["bias"],
+                                proj_params["weight"], proj_params["bias"], settings)
