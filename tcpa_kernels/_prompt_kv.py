@@ -222,7 +222,7 @@ def _norm_linear(x: Tensor, norms: list[nn.LayerNorm] | None, bias: Tensor | Non
 def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]:
     """One layer norm and one batched GEMM for all layers: tokens [L, ..., P, C] -> per layer [..., 2, H, P, D]."""
     L, C = tokens.shape[0], tokens.shape[-1]
-    flat = tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
+    flat = tokens if tokens.dim() == 3 else tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
     first = projections[0]
     bias = None if first.biases is None else _stacked(*_pieces([r for p in projections for r in p.biases], L), L)
     norms = None if first.norm is None else [p.norm for p in projections]

@@ -197,7 +197,7 @@ def _block_plan(blk) -> tuple[bool, nn.Linear | None]:
     name, a host cost of every block call)."""
     blocks, attn = blk._modules, blk._modules["attn"]
     parts = attn._modules
-    one_node = (blk.tcpa.selection_mode == "topk" and _frozen_linear(parts.get("qkv"))
+    one_node = (blocks["tcpa"].selection_mode == "topk" and _frozen_linear(parts.get("qkv"))
                 and isinstance(parts.get("q_norm"), nn.Identity) and isinstance(parts.get("k_norm"), nn.Identity)
                 and parts.get("gate", attn.__dict__.get("gate")) is None and fusable_norm(blocks["norm1"]))
     plain = (one_node and _frozen_linear(parts.get("proj")) and isinstance(parts.get("norm"), nn.Identity)

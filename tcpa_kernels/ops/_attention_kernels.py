@@ -554,8 +554,9 @@ def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, la
     grid, scalars, meta, out_shape, lse_shape = _forward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), 1 if mask is None else 0,
         tasks is not None, layout, scale, renormalize)
-    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    device = q.device
+    out = torch.empty(out_shape, dtype=q.dtype, device=device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
@@ -567,13 +568,13 @@ def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k,
               tasks, layout, scale, renormalize):
     """One launch of ``_bwd_kernel`` (operands as ``_backward_plan`` takes them): with several programs per
     (batch, head), their zeroed tickets too."""
+    device = q.device
     grid, scalars, meta, scratch, tickets = _backward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), out.stride(),
         grad_out.stride(), dq.stride(), 1 if mask is None else 0, tasks is not None, layout, scale, renormalize,
-        dprompt.dim() == 4,
-        dprompt.shape[0] if dprompt.dim() == 5 else 0, sm_count(q.device))
-    scratch = torch.empty(scratch, dtype=torch.float32, device=q.device)
-    tickets = torch.zeros(tickets, dtype=torch.int32, device=q.device) if tickets else None
+        dprompt.dim() == 4, dprompt.shape[0] if dprompt.dim() == 5 else 0, sm_count(device))
+    scratch = torch.empty(scratch, dtype=torch.float32, device=device)
+    tickets = torch.zeros(tickets, dtype=torch.int32, device=device) if tickets else None
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)

@@ -322,13 +322,14 @@ def forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse
     grid, args, options, rows, shape = _forward_plan(
         x.shape, strides, _x16(x), keys_cls.shape[-2], keys_img.shape[-2], num_prefix_tokens, k_cls, k_img, norm_eps,
         fuse_norm, norm_weight is not None, norm_bias is not None, tasks is not None)
-    bits = torch.empty(rows, dtype=torch.int64, device=x.device)
-    terms = torch.empty(rows, dtype=torch.float32, device=x.device)
+    device = x.device
+    bits = torch.empty(rows, dtype=torch.int64, device=device)
+    terms = torch.empty(rows, dtype=torch.float32, device=device)
     h = mean = rstd = None
     if fuse_norm:  # the layer norm's output h [B, N, C] in x's dtype, mean and rstd [B, N] fp32
-        h = torch.empty(shape, dtype=x.dtype, device=x.device)
-        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        h = torch.empty(shape, dtype=x.dtype, device=device)
+        mean = torch.empty(rows, dtype=torch.float32, device=device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=device)
     if grid[0]:
         _match_fwd_kernel[grid](x, keys_cls, keys_img, tasks, bits, terms, norm_weight, norm_bias, h, mean, rstd,
                                 *args, **options)
@@ -349,12 +350,13 @@ def backward(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, 
     if strides[-1] != 1:
         x = x.contiguous()
         strides = x.stride()
+    device = x.device
     grid, args, options, shape, partials_shape = _backward_plan(
-        x.shape, strides, dterms.stride(), _x16(x), sm_count(x.device), keys_cls.shape[-2], keys_img.shape[-2],
+        x.shape, strides, dterms.stride(), _x16(x), sm_count(device), keys_cls.shape[-2], keys_img.shape[-2],
         num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys, dh is not None, norm_weight is not None,
         tasks is not None)
-    dx = torch.empty(shape, dtype=x.dtype, device=x.device) if need_dx else None
-    partials = torch.empty(partials_shape, dtype=torch.float32, device=x.device) if need_dkeys else None
+    dx = torch.empty(shape, dtype=x.dtype, device=device) if need_dx else None
+    partials = torch.empty(partials_shape, dtype=torch.float32, device=device) if need_dkeys else None
     if args[0]:  # B * N rows
         _match_bwd_kernel[grid](x, keys_cls, keys_img, tasks, bits, dterms, dx, partials, norm_weight,
                                 None if dh is None else dh.contiguous(), mean, rstd, *args, **options)

@@ -108,8 +108,9 @@ def packed_grads(grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls
         grad_out = grad_out.contiguous()
     B, N, _, H, D = qkv.shape
     shared = tasks is None and prompt_kv.dim() == 4
-    dqkv = torch.empty((B, N, 3, H, D), dtype=qkv.dtype, device=qkv.device)
-    dprompt = prompt_grad_buffer(shared, B, H, prompt_kv.shape[-2], D, qkv.dtype, qkv.device, backend, deterministic)
+    device = qkv.device
+    dqkv = torch.empty((B, N, 3, H, D), dtype=qkv.dtype, device=device)
+    dprompt = prompt_grad_buffer(shared, B, H, prompt_kv.shape[-2], D, qkv.dtype, device, backend, deterministic)
     args = (dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
             renormalize)
     if traced():
