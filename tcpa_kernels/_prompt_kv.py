@@ -203,19 +203,22 @@ class _FrozenNormLinear(torch.autograd.Function):
 
 def _norm_linear(x: Tensor, norms: list[nn.LayerNorm] | None, bias: Tensor | None, rows: list[Rows]) -> Tensor:
     """x [L, M, C] through each layer's LayerNorm (``norms``, one eps; None: no norm) and linear map (``rows``: the
-    weights' row blocks in layer order): [L, M, R]. One node where the parameters are frozen, else autograd through
-    the norm and the stacked weights."""
+    weights' row blocks in layer order): [L, M, R]. One node where the parameters are frozen and a gradient flows
+    back through x or the bias; else plain ops (autograd through the norm and the stacked weights, or nothing
+    recorded: evaluation, where the node would be host time for nothing and where dynamo, inlining its forward under
+    ``no_grad``, would pass it the norm's eps as a tensor)."""
     tensors, common_rows, stack = _pieces(rows, x.shape[0])
     norm_weight, norm_bias = (None, None) if norms is None else _norm_parameters(norms)
-    frozen = not any(t.requires_grad for t in tensors)
-    norm_inside = norms is not None and frozen and not any(
+    node = (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+            and not any(t.requires_grad for t in tensors))
+    norm_inside = norms is not None and node and not any(
         t is not None and t.requires_grad for t in (norm_weight, norm_bias))
-    if norms is not None and not norm_inside:  # through autograd
+    if norms is not None and not norm_inside:  # plain ops
         x = _affine(F.layer_norm(x, (x.shape[-1],), eps=norms[0].eps), norm_weight, norm_bias)
-    if frozen:
+    if node:
         norm = (norm_weight, norm_bias, norms[0].eps) if norm_inside else (None, None, None)
         return _FrozenNormLinear.apply(x, *norm, bias, common_rows, stack, *tensors)
-    weight = _stacked(tensors, common_rows, stack, x.shape[0]).transpose(1, 2)  # a trainable backbone projection
+    weight = _stacked(tensors, common_rows, stack, x.shape[0]).transpose(1, 2)  # [L, C, R]
     return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
 

@@ -123,14 +123,18 @@ class PromptBank(nn.Module):
 
     def task_index(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device) -> Tensor:
         """Each sample's task as int64 ``[B]`` on ``device``: from task names, or an integer tensor of task numbers
-        (the order of ``task_names``) checked to be in range."""
+        (the order of ``task_names``) checked to be in range: read back in eager mode (a sync), while compiling by
+        an assertion on the device (no sync, so the step can be one graph, CUDA graphs included)."""
         if isinstance(tasks, Tensor):
             if tasks.dtype not in (torch.int32, torch.int64) or tasks.shape != (batch_size,):
                 raise ValueError(f"tasks: expected task names or an int32/int64 tensor [{batch_size}] of task numbers, "
                                  f"got {describe(tasks)}")
-            if batch_size and not (0 <= int(tasks.min()) and int(tasks.max()) < len(self.task_names)):
-                raise ValueError(f"tasks: expected task numbers in [0, {len(self.task_names)}), got "
-                                 f"[{int(tasks.min())}, {int(tasks.max())}]")
+            T = len(self.task_names)
+            if torch.compiler.is_compiling():
+                torch._assert_async(((tasks >= 0) & (tasks < T)).all(), f"tasks: expected task numbers in [0, {T})")
+            elif batch_size and not (0 <= int(tasks.min()) and int(tasks.max()) < T):
+                raise ValueError(f"tasks: expected task numbers in [0, {T}), got [{int(tasks.min())}, "
+                                 f"{int(tasks.max())}]")
             return tasks.to(device=device, dtype=torch.int64)
         return torch.tensor(self._task_numbers(tasks, batch_size)).to(device)
 

@@ -206,13 +206,45 @@ def test_tasks_save_back_to_folders_that_load_alone(task_folders, tmp_path):
 
 
 def test_torch_compile_runs_the_bank(task_folders):
-    """torch.compile(bank) (with graph breaks: task names are Python) gives the eager logits and trains."""
+    """torch.compile(bank) with task names (Python values: the graph specialises on them) gives the eager logits and
+    trains."""
     bank, x, tasks = bank_of(task_folders, "torch", torch.float32).train(), images(), ORDERS["mixed"]
     expected = bank(x, tasks)
     compiled = torch.compile(bank, backend="aot_eager")(x, tasks)
     torch.testing.assert_close(compiled.logits, expected.logits)  # -inf where expected is
     bank.loss(compiled, torch.tensor([0, 1, 2, 0, 1])).backward()
     assert bank.prompts.grad is not None and bank.prompts.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_with_task_numbers(task_folders, backend):
+    """Task numbers in a tensor: a train step (forward and the bank's loss) compiles to one graph, no sync (what CUDA
+    graphs need), and gives eager's loss and every gradient (the same dropout masks from the same seed)."""
+    bank, x = bank_of(task_folders, backend, torch.float32).train(), images()
+    bank.model.prompt_state.config.prompt_dropout = 0.3  # the bank's forward draws one mask for the batch
+    trainable = {name: p for name, p in bank.named_parameters() if p.requires_grad}
+    tasks, labels = torch.tensor([2, 0, 2, 1, 0]), torch.tensor([0, 1, 2, 0, 1])
+
+    def step(images, tasks, labels):
+        return bank.loss(bank(images, tasks), labels)
+
+    results = []
+    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(3)
+        loss = run(x, tasks, labels)
+        results.append((loss.detach(), torch.autograd.grad(loss, list(trainable.values()))))
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, loss)
+    for name, g, compiled_g in zip(trainable, grads, compiled_grads):
+        torch.testing.assert_close(compiled_g, g, msg=name)
+
+
+def test_compiled_task_numbers_out_of_range_raise(task_folders):
+    """Compiled, the range of the task numbers is asserted on the device instead of read back: still an error."""
+    compiled = torch.compile(bank_of(task_folders, "torch", torch.float32).eval(), fullgraph=True,
+                             backend="aot_eager")
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"tasks: expected task numbers in \[0, 3\)"):
+        compiled(images(), torch.tensor([0, 1, 3, 0, 2]))
 
 
 class _GemmRows(TorchDispatchMode):

@@ -158,6 +158,19 @@ def test_torch_compile_fullgraph(autocast):
     assert model.blocks[0].tcpa.prompts_img.grad is not None
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_evaluation_under_no_grad(backend):
+    """A compiled model evaluated under no_grad (a validation loop) is one graph too, equal to eager: there the prompt
+    K/V pass runs as plain ops (dynamo, inlining an autograd function's forward without grad, passed the norm's eps
+    to it as a tensor)."""
+    model = tk.apply_tcpa(small_vit(), backend=backend, **TCPA_KW).eval()
+    x = images()
+    with torch.no_grad():
+        eager = model(x)
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, eager)
+
+
 def test_topk_bits_op_opcheck():
     """The selection op the random-selection epochs use (the attention and matching ops are opchecked in
     test_packed.py and test_match_select.py)."""

@@ -57,7 +57,8 @@ class BlockAttention(torch.autograd.Function):
     autograd function costs host time at every call) -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C]
     when proj_weight is given; terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int [B]) the keys
     are a prompt bank's ([T, pool, C]), sample b matching set tasks[b], and prompt_kv its prompt sets
-    ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b]."""
+    ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b] (None: tasks[b]; one tensor is not passed twice,
+    which dynamo cannot trace)."""
 
     @staticmethod
     def forward(ctx, x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, norm_weight, norm_bias, qkv_weight,
@@ -71,8 +72,8 @@ class BlockAttention(torch.autograd.Function):
         h, weight, bias = _gemm_operands(dtype, h, qkv_weight, qkv_bias)
         with autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
             qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
-            out, lse = run_packed_forward(qkv, prompt_kv, None, bits, prompt_tasks, pool_cls, len_cls, len_img, scale,
-                                          renormalize, backend)
+            out, lse = run_packed_forward(qkv, prompt_kv, None, bits, tasks if prompt_tasks is None else prompt_tasks,
+                                          pool_cls, len_cls, len_img, scale, renormalize, backend)
             result = out
             if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
                 out_in, proj_weight, proj_bias = _gemm_operands(dtype, out, proj_weight, proj_bias)
@@ -98,7 +99,8 @@ class BlockAttention(torch.autograd.Function):
             grad_out = torch.mm(grad_proj.view(B * N, C), proj_weight).view(B, N, proj_weight.shape[1])
         dh = dprompt = None
         if grad_out is not None and (need_x or need_prompts):
-            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, prompt_tasks, pool_cls,
+            attention_tasks = tasks if prompt_tasks is None else prompt_tasks
+            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, attention_tasks, pool_cls,
                                          len_cls, len_img, scale, renormalize, backend, deterministic)
             if need_x:  # dh = dqkv W in the GEMM's dtype, then x's (the norm's output dtype)
                 dh = torch.mm(dqkv.view(B * N, weight.shape[0]), weight).view(B, N, C)
@@ -129,6 +131,7 @@ def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Te
     proj_params = {"weight": None, "bias": None} if proj is None else proj._parameters
     settings = (norm.eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
                 backend, deterministic)
-    return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), tasks, prompt_tasks,
+    return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), tasks,
+                                None if prompt_tasks is tasks else prompt_tasks,
                                 norm_params["weight"], norm_params["bias"], qkv_params["weight"], qkv_params["bias"],
                                 proj_params["weight"], proj_params["bias"], settings)

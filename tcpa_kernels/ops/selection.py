@@ -99,14 +99,22 @@ _ONE_HOT = "_tcpa_one_hot"  # the attribute of a tasks tensor that keeps its one
 
 
 def task_one_hot(tasks: torch.Tensor, num_tasks: int, dtype: torch.dtype) -> torch.Tensor:
-    """The one-hot [num_tasks, B] matrix of the tasks (int [B]) in ``dtype``: made once per tasks tensor and dtype
-    and kept on it, so a forward's layers (which share one tasks tensor) reduce by one matrix."""
+    """The one-hot [num_tasks, B] matrix of the tasks (int [B]) in ``dtype``: in eager mode made once per tasks
+    tensor and dtype and kept on it, so a forward's layers (which share one tasks tensor) reduce by one matrix; while
+    compiling made where it is used (the graph is the place to share it, and dynamo cannot trace a tensor's
+    ``__dict__``)."""
+    if torch.compiler.is_compiling():
+        return _one_hot(tasks, num_tasks, dtype)
     one_hots = tasks.__dict__.setdefault(_ONE_HOT, {})
-    if (num_tasks, dtype) not in one_hots:  # 1 at (tasks[b], b): a fill and a scatter
-        one_hot = torch.zeros((num_tasks, tasks.shape[0]), dtype=dtype, device=tasks.device)
-        one_hots[num_tasks, dtype] = one_hot.scatter_(0, (tasks if tasks.dtype == torch.int64 else tasks.long())[None],
-                                                      1)
+    if (num_tasks, dtype) not in one_hots:
+        one_hots[num_tasks, dtype] = _one_hot(tasks, num_tasks, dtype)
     return one_hots[num_tasks, dtype]
+
+
+def _one_hot(tasks: torch.Tensor, num_tasks: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 at (tasks[b], b) of a [num_tasks, B] matrix: a fill and a scatter."""
+    one_hot = torch.zeros((num_tasks, tasks.shape[0]), dtype=dtype, device=tasks.device)
+    return one_hot.scatter_(0, (tasks if tasks.dtype == torch.int64 else tasks.long())[None], 1)
 
 
 def sum_per_task(values: torch.Tensor, tasks: torch.Tensor, num_tasks: int) -> torch.Tensor:
