@@ -96,7 +96,7 @@ def measure_census(tasks: int, batch: int, img: int = 224, dtype=torch.bfloat16,
     labels = torch.randint(0, CLASSES, (batch,))
     with tempfile.TemporaryDirectory() as folder:
         folders = task_folders(backbone, tasks, Path(folder))
-        bank = tk.PromptBank(backbone(), folders).train()
+        bank = tk.PromptBank(backbone(), folders, backend=POOLS["backend"]).train()
         mixed = _counted(census.count_step(bank, (images, labels), bank_step(bank, mixed_tasks(list(folders), batch),
                                                                               dtype)))
     model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **POOLS).train()
@@ -124,9 +124,9 @@ def measure_host(tasks: int, rounds: int, steps: int, warmup: int, depth: int = 
     labels = torch.randint(0, CLASSES, (tasks,))
     with tempfile.TemporaryDirectory() as folder:
         folders = task_folders(backbone, tasks, Path(folder))
-        bank = tk.PromptBank(backbone(), folders).train()
+        bank = tk.PromptBank(backbone(), folders, backend=POOLS["backend"]).train()
         first = next(iter(folders))
-        one_task = tk.PromptBank(backbone(), {first: folders[first]}).train()
+        one_task = tk.PromptBank(backbone(), {first: folders[first]}, backend=POOLS["backend"]).train()
     model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **POOLS).train()
     runs = {"mixed": (bank, bank_step(bank, mixed_tasks(list(folders), tasks), torch.float32)),
             "single_task": (model, single_step(model, torch.float32)),
@@ -182,7 +182,7 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
         for t in range(tasks):
             folders[f"task{t}"] = Path(folder) / f"task{t}"
             tk.save_pretrained(model, folders[f"task{t}"])
-        bank = tk.PromptBank(backbone(), folders)
+        bank = tk.PromptBank(backbone(), folders, backend=POOLS["backend"])
     names = mixed_tasks(list(folders), batch)
     part = batch // tasks
 

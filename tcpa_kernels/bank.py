@@ -12,11 +12,12 @@ keys/values of every task and layer are one batched projection per forward. No p
     loss = bank.loss(out, labels)                         # training several tasks in one batch
     bank.save_pretrained({"dtd": "runs/dtd-2"})
 
-The tasks share one pool layout (the configs may differ in the head only); the backbone is a timm
-``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched projection: ``Block``,
-``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging Face image classifier
-with a ``classifier`` (tested: ``ViTForImageClassification``, ``Dinov2ForImageClassification``), with one linear
-head; open_clip models have no head to stack: one model per task.
+The tasks share one pool layout (pool sizes, top-k, prompt lengths, mask semantics, prompt transform; the head may
+differ, and so may the kernel backend and prompt dropout they were saved with: the bank takes its own); the
+backbone is a timm ``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched
+projection: ``Block``, ``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging
+Face image classifier with a ``classifier`` (tested: ``ViTForImageClassification``,
+``Dinov2ForImageClassification``), with one linear head; open_clip models have no head to stack: one model per task.
 """
 
 import math
@@ -73,6 +74,9 @@ class PromptBank(nn.Module):
         tasks: task name -> adapter folder or prompts file saved by this library for this backbone
             (``save_pretrained`` / ``save_prompts``), at least one; TCPA, one pool layout for all.
         check_identity: refuse a task saved for another backbone (``model_identity``), as ``from_pretrained``.
+        backend: the kernels' backend, "auto" | "triton" | "torch" (whatever the tasks were saved with).
+        prompt_dropout: the prompt dropout of the bank's training forwards (one mask for the batch); None: the
+            tasks', which must then agree (a bank that only serves can take any, e.g. 0.0).
 
     Parameters (they train; the backbone, and the prompt module ``apply_tcpa`` gave it, unused here, are frozen):
     ``prompts [L, T, P, C]``, every layer's prompt tokens of every task (CLS pool first; one tensor, so the forward
@@ -82,7 +86,8 @@ class PromptBank(nn.Module):
     on any error.
     """
 
-    def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True):
+    def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True,
+                 backend: str = "auto", prompt_dropout: float | None = None):
         super().__init__()
         if not isinstance(tasks, Mapping) or not tasks or not all(isinstance(name, str) for name in tasks):
             raise ValueError(f"tasks: expected a non-empty mapping of task name (str) -> adapter folder or prompts "
@@ -92,8 +97,9 @@ class PromptBank(nn.Module):
             raise ValueError("model: expected the plain backbone (the bank adds the tasks' prompts itself), got a "
                              "model patched by apply_tcpa/apply_vpt; pass it through remove_prompts first")
         records = {name: read_checkpoint(path, f"tasks[{name!r}]") for name, path in tasks.items()}
-        config = _common_config(records)
-        apply_tcpa(inner, **(config | {"num_classes": None}))
+        own = {"num_classes": None, "backend": backend} | ({} if prompt_dropout is None else
+                                                           {"prompt_dropout": prompt_dropout})
+        apply_tcpa(inner, **(_common_config(records, own) | own))
         try:
             _check_backbone(inner)
             loaded = [_task_tensors(inner, name, path, records[name], check_identity) for name, path in tasks.items()]
@@ -231,17 +237,19 @@ class PromptBank(nn.Module):
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
 
 
-def _common_config(records: dict) -> dict:
-    """The pool layout every task shares (its config but the head's class count); ValueError naming the task and
-    the field that differ, and anything a bank does not run."""
+def _common_config(records: dict, own: dict) -> dict:
+    """The pool layout every task shares (its config but the fields the bank sets itself, ``own``: the head's class
+    count, the backend, the prompt dropout when given); ValueError naming the task and the field that differ, and
+    anything a bank does not run."""
     first_name, (_, method, first, _) = next(iter(records.items()))
     for name, (_, method, config, _) in records.items():
         if method != "tcpa":
             raise ValueError(f"tasks[{name!r}]: expected TCPA prompts, got {method}")
         differ = [f"{k} {config[k]!r} (task {first_name!r}: {first[k]!r})" for k in config
-                  if k != "num_classes" and config[k] != first[k]]
+                  if k not in own and config[k] != first[k]]
         if differ:
-            raise ValueError(f"tasks[{name!r}]: a bank's tasks share one pool layout, got {'; '.join(differ)}")
+            hint = "; pass prompt_dropout= to the bank" if any(d.startswith("prompt_dropout ") for d in differ) else ""
+            raise ValueError(f"tasks[{name!r}]: a bank's tasks share one pool layout, got {'; '.join(differ)}{hint}")
         refused = [k for k in _FIXED_PER_BANK if config[k]]
         if refused:
             raise ValueError(f"tasks[{name!r}]: {', '.join(refused)}=True is not run by a prompt bank (one model per "

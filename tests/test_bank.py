@@ -33,12 +33,13 @@ def task_folders(tmp_path):
     return save_tasks(tmp_path, POOLS)
 
 
-def save_tasks(folder, pools, backbone=tiny_vit):
+def save_tasks(folder, pools, backbone=tiny_vit, options=None):
     """An adapter folder per task: the same backbone (``backbone()``), each task's own prompts, keys and head (moved
-    off their initial values)."""
+    off their initial values); ``options``: task name -> more ``apply_tcpa`` arguments of that task."""
     folders = {}
     for seed, (name, classes) in enumerate(CLASSES.items()):
-        model = tk.apply_tcpa(backbone(), backend="torch", num_classes=classes, **pools)
+        kwargs = {"backend": "torch"} | pools | (options or {}).get(name, {})
+        model = tk.apply_tcpa(backbone(), num_classes=classes, **kwargs)
         g = torch.Generator().manual_seed(10 + seed)
         with torch.no_grad():
             for p in tk.trainable_parameters(model):
@@ -61,10 +62,7 @@ def alone(folder, backend, dtype):
 
 
 def bank_of(task_folders, backend, dtype):
-    bank = tk.PromptBank(tiny_vit(dtype), task_folders)
-    for blk in bank.model.blocks:
-        blk.tcpa.config.backend = backend
-    return bank
+    return tk.PromptBank(tiny_vit(dtype), task_folders, backend=backend)
 
 
 @pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "sorted"), ("torch", "single"),
@@ -299,6 +297,29 @@ def test_forward_makes_no_per_sample_copy_of_prompt_kv(tmp_path):
         bank(images(B), tasks)
     P, C, L, T = 36, 32, 2, 3
     assert max(L * T * P * 2 * C, B * 3 * 16 * 16) <= log.largest < B * P * 2 * C
+
+
+def test_backend_and_prompt_dropout_are_the_banks_own(tmp_path):
+    """The backend and the prompt dropout a task was saved with are not part of its pool layout: the bank takes its
+    own (``backend=``, ``prompt_dropout=``). Without ``prompt_dropout=``, tasks that disagree on it are refused,
+    naming the field and the argument. A task saved back keeps its own values."""
+    options = {"shirts": {"backend": "auto", "prompt_dropout": 0.0}, "shoes": {"prompt_dropout": 0.3}}
+    folders = save_tasks(tmp_path, POOLS, options=options)
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"tasks\['shoes'\]: a bank's tasks share one pool layout, got prompt_dropout "
+                                         r"0.3 \(task 'shirts': 0.0\); pass prompt_dropout= to the bank"):
+        tk.PromptBank(model, folders)
+    assert not hasattr(model, "prompt_state")
+    bank = tk.PromptBank(model, folders, backend="torch", prompt_dropout=0.2)
+    assert (bank.model.prompt_state.config.backend, bank.model.prompt_state.config.prompt_dropout) == ("torch", 0.2)
+    x = images()
+    with torch.no_grad():
+        for name in folders:
+            torch.testing.assert_close(bank(x, [name] * 5).logits[:, :CLASSES[name]],
+                                       alone(folders[name], "torch", torch.float32)(x))
+    bank.save_pretrained({"shirts": tmp_path / "shirts-2"})
+    config = tk.from_pretrained(tiny_vit(), tmp_path / "shirts-2").prompt_state.config
+    assert (config.backend, config.prompt_dropout) == ("auto", 0.0)
 
 
 def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):

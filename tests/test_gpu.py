@@ -163,9 +163,7 @@ def test_prompt_bank_cuda_graphs_equal_eager(tmp_path):
     fullgraph=True)``: one graph, captured once and replayed for batches of other tasks, logits equal eager's."""
     from tests.test_bank import POOLS, save_tasks, tiny_vit
 
-    bank = tk.PromptBank(tiny_vit(), save_tasks(tmp_path, POOLS)).cuda().eval()
-    for blk in bank.model.blocks:
-        blk.tcpa.config.backend = "triton"
+    bank = tk.PromptBank(tiny_vit(), save_tasks(tmp_path, POOLS), backend="triton").cuda().eval()
     compiled = torch.compile(bank, mode="reduce-overhead", fullgraph=True)
     g = torch.Generator("cuda").manual_seed(0)
     for _ in range(4):
