@@ -14,10 +14,13 @@ Methods, interleaved round by round in one process, model in ``.train()`` mode:
 - ``no_prompts``: the frozen model, the head trains, a gradient required at the patch-embedding output (a forward
   hook ``out.requires_grad_()``), so the backward crosses every block as in prompt tuning;
 - ``vpt_deep``: ``tk.apply_vpt(model, num_prompts=36, deep=True)``;
-- ``tcpa``: ``tk.apply_tcpa(model, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, backend="triton")``.
+- ``tcpa``: ``tk.apply_tcpa(model, pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, backend="triton")``;
+- where tcpa's extra time goes (ablations, not targets; by name in ``--methods``): ``tcpa_constant_kv``, tcpa with
+  every layer's prompt K/V replaced by constant tensors (no prompt K/V pass, no prompt gradient), and
+  ``tcpa_frozen_keys``, tcpa with the keys frozen (no key gradient).
 
-One step = forward, cross entropy (+ 0.01 x ``tk.get_matching_loss`` for tcpa), backward, grads set to None
-(``--optimizer``: plus an AdamW step, ``fused=False``, ``foreach=True`` as PyTorch picks on CUDA).
+One step = forward, cross entropy (+ 0.01 x ``tk.get_matching_loss`` for tcpa and its ablations), backward, grads
+set to None (``--optimizer``: plus an AdamW step, ``fused=False``, ``foreach=True`` as PyTorch picks on CUDA).
 
 How the kernels are stubbed: one real step per method first runs the kernels in the Triton interpreter (fp32; this
 imports the kernel modules), with ``TRITON_INTERPRET=1`` set before triton is imported; then every
@@ -59,6 +62,7 @@ from benchmarks.cli import at_least, method_list  # noqa: E402
 from tcpa_kernels import bench  # noqa: E402
 
 METHODS = ("no_prompts", "vpt_deep", "tcpa")
+ABLATIONS = ("tcpa_constant_kv", "tcpa_frozen_keys")  # tcpa with one part of its work removed (module docstring)
 MODES = ("eager", "compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"no_prompts": 1.25, "vpt_deep": 1.0}  # tcpa's ms per step over each, at most
@@ -118,10 +122,37 @@ def kernels_stubbed():
 # ------------------------------------------------------------------------------------------------ models
 
 
+@contextlib.contextmanager
+def constant_prompt_kv(models):
+    """Inside, the forwards of these prompted models take every layer's prompt K/V from constant tensors (their
+    values at entry, detached) instead of the prompt K/V pass: the ``tcpa_constant_kv`` ablation."""
+    from tcpa_kernels import _forward
+
+    pass_kv = _forward.all_layers_kv
+    constant = {id(m.prompt_state): [t.detach() for t in pass_kv(m.prompt_state, 1)] for m in models}
+
+    def prompt_kv(state, batch_size, bank=None):
+        kv = constant.get(id(state))
+        return pass_kv(state, batch_size, bank) if kv is None else kv
+
+    _forward.all_layers_kv = prompt_kv
+    try:
+        yield
+    finally:
+        _forward.all_layers_kv = pass_kv
+
+
 def build_model(method: str, depth: int = 12) -> torch.nn.Module:
-    """The tiny ViT-B/16-shaped timm model prompted by ``method`` (one of METHODS), in train mode."""
+    """The tiny ViT-B/16-shaped timm model prompted by ``method`` (one of METHODS or ABLATIONS), in train mode."""
     import timm
 
+    if method in ABLATIONS:  # tcpa's model; tcpa_constant_kv's constant K/V are set up by the measurement
+        model = build_model("tcpa", depth)
+        if method == "tcpa_frozen_keys":
+            for blk in model.blocks:
+                blk.tcpa.keys_cls.requires_grad_(False)
+                blk.tcpa.keys_img.requires_grad_(False)
+        return model
     kwargs = dict(MODEL)
     model = timm.create_model(kwargs.pop("model_name"), depth=depth, **kwargs)
     if method == "no_prompts":
@@ -147,7 +178,7 @@ def make_step(method, model, runner, dtype, optimizer=False):
     def step():
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             loss = torch.nn.functional.cross_entropy(runner(images), labels)
-            if method == "tcpa":
+            if method.startswith("tcpa"):
                 loss = loss + 0.01 * tk.get_matching_loss(model)
         loss.backward()
         if opt is not None:
@@ -199,9 +230,9 @@ def measure(methods=METHODS, modes=("eager",), *, rounds=7, steps=15, warmup=5, 
     "kernels_stubbed": n}``; a ratio is the method's median over the other method's median in the same mode (None
     where that method was not timed).
     """
-    if not set(methods) <= set(METHODS) or not set(modes) <= set(MODES) or "eager" not in modes:
-        raise ValueError(f"methods, modes: expected some of {METHODS} and 'eager' (+ 'compile'), got {methods}, "
-                         f"{modes}")
+    if not set(methods) <= set(METHODS + ABLATIONS) or not set(modes) <= set(MODES) or "eager" not in modes:
+        raise ValueError(f"methods, modes: expected some of {METHODS + ABLATIONS} and 'eager' (+ 'compile'), got "
+                         f"{methods}, {modes}")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -217,7 +248,8 @@ def _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_ba
     for method, model in models.items():  # real kernels once, in the interpreter (fp32: it refuses bf16 dots)
         make_step(method, model, model, torch.float32)()
     notes, used_backend = [], None
-    with kernels_stubbed() as n_kernels:
+    constant = [models[m] for m in methods if m == "tcpa_constant_kv"]
+    with kernels_stubbed() as n_kernels, constant_prompt_kv(constant):
         steps_of = {}
         for method, model in models.items():
             steps_of[method, "eager"] = make_step(method, model, model, dtype, optimizer)
@@ -290,13 +322,14 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=7, help="rounds, each timing every method and mode (default 7)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps per method and mode per round (default 15)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per method and mode first (default 5)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, from {', '.join(METHODS + ABLATIONS)}")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) (inductor)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp32, or bf16 (CPU autocast)")
     parser.add_argument("--optimizer", action="store_true", help="add an AdamW step (fused=False) to every step")
     parser.add_argument("--json", help="also write every figure, versions and the platform to this JSON file")
     args = parser.parse_args(argv)
-    args.methods = method_list(parser, args.methods, METHODS)
+    args.methods = method_list(parser, args.methods, METHODS + ABLATIONS)
     at_least(parser, args, 1, "rounds", "steps")
     at_least(parser, args, 0, "warmup")
     return args

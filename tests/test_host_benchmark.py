@@ -3,7 +3,9 @@
 import math
 
 import pytest
+import torch
 
+import tcpa_kernels as tk
 from benchmarks import host
 
 
@@ -52,3 +54,23 @@ def test_cli_rejects_bad_values(capsys):
         with pytest.raises(SystemExit) as exit_info:
             host.parse_args(argv)
         assert exit_info.value.code == 2 and option in capsys.readouterr().err, option
+
+
+def test_ablations_remove_their_part_and_restore_the_pass():
+    """tcpa_constant_kv runs no prompt K/V pass (its prompts get no gradient), tcpa_frozen_keys no key gradient; the
+    pass is the library's again afterwards. On one block, where nothing before the block trains, each drops one
+    backward launch: the attention's (constant K/V), the matching's (frozen keys)."""
+    from tcpa_kernels import _forward, _prompt_kv
+
+    measured = host.measure(("tcpa",) + host.ABLATIONS, rounds=1, steps=1, warmup=0, depth=1)
+    launches = {m: measured["results"][m]["eager"]["launches_per_step"] for m in ("tcpa",) + host.ABLATIONS}
+    assert launches == {"tcpa": 4, "tcpa_constant_kv": 3, "tcpa_frozen_keys": 3}
+    assert _forward.all_layers_kv is _prompt_kv.all_layers_kv
+    model = host.build_model("tcpa_constant_kv", depth=1)
+    prompts = model.blocks[0].tcpa
+    with host.constant_prompt_kv([model]):
+        loss = model(torch.randn(1, 3, 16, 16)).sum() + tk.get_matching_loss(model)
+    grads = torch.autograd.grad(loss, [prompts.prompts_img, prompts.keys_img], allow_unused=True)
+    assert grads[0] is None and grads[1] is not None
+    frozen = host.build_model("tcpa_frozen_keys", depth=1)
+    assert not frozen.blocks[0].tcpa.keys_cls.requires_grad and frozen.blocks[0].tcpa.prompts_cls.requires_grad
