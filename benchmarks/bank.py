@@ -182,7 +182,7 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
         for t in range(tasks):
             folders[f"task{t}"] = Path(folder) / f"task{t}"
             tk.save_pretrained(model, folders[f"task{t}"])
-        bank = tk.PromptBank(backbone(), folders, backend=POOLS["backend"])
+        bank = tk.PromptBank(backbone(), folders, backend=pools["backend"])
     names = mixed_tasks(list(folders), batch)
     part = batch // tasks
 
