@@ -112,6 +112,10 @@ class PromptForward:
         self.last_index = -1  # the highest layer index that ran in it
         self.kv: list | None = None  # per layer: prompt K/V ([2, H, P, D] or [B, 2, H, P, D]) or None (its own)
         self.bank: BankCall | None = getattr(_BANK, "call", None)  # a prompt bank's forward, or None
+        if self.bank is None and state.bank_only:
+            raise RuntimeError("model: a PromptBank's backbone runs inside the bank's forward only (its own prompt "
+                               "modules are unused placeholders): call bank(images, tasks), or "
+                               "tk.remove_prompts(bank.model) for the plain backbone")
 
     def prompt_kv(self, layer, batch_size: int) -> Tensor | None:
         """The prompt K/V ([2, H, P, D] or [B, 2, H, P, D]; a bank's [T, 2, H, P, D]) of ``layer`` (a ``_LayerRef``)

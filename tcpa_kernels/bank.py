@@ -107,6 +107,7 @@ class PromptBank(nn.Module):
             remove_prompts(inner)
             raise
         state = state_of(inner)
+        state.bank_only = True
         self.model = model
         self.task_names = list(tasks)
         self.records = {name: records[name][0] for name in tasks}  # what each task's file says of itself

@@ -115,6 +115,7 @@ class PromptState:
     last: threading.local = dataclasses.field(default_factory=threading.local, repr=False, compare=False)
     token: object = dataclasses.field(default_factory=object, repr=False, compare=False)  # what its forwards name
     disabled: bool = dataclasses.field(default=False, repr=False, compare=False)  # inside disable_prompts
+    bank_only: bool = False  # a PromptBank's backbone: its own prompt modules are unused placeholders
 
     def __getstate__(self):
         return {name: value for name, value in self.__dict__.items() if name != "last"}

@@ -299,6 +299,16 @@ def test_forward_makes_no_per_sample_copy_of_prompt_kv(tmp_path):
     assert max(L * T * P * 2 * C, B * 3 * 16 * 16) <= log.largest < B * P * 2 * C
 
 
+def test_the_backbone_alone_refuses_to_run(task_folders):
+    """bank.model holds placeholder prompt modules (the tasks are the bank's parameters): run alone it would use them
+    silently; it raises instead, naming the bank's call. The bank runs, and remove_prompts gives the plain model."""
+    bank = bank_of(task_folders, "torch", torch.float32)
+    with pytest.raises(RuntimeError, match=r"call bank\(images, tasks\)"):
+        bank.model(images())
+    bank(images(), ORDERS["mixed"])
+    torch.testing.assert_close(tk.remove_prompts(bank.model)(images()), tiny_vit()(images()))
+
+
 def test_backend_and_prompt_dropout_are_the_banks_own(tmp_path):
     """The backend and the prompt dropout a task was saved with are not part of its pool layout: the bank takes its
     own (``backend=``, ``prompt_dropout=``). Without ``prompt_dropout=``, tasks that disagree on it are refused,
