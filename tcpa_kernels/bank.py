@@ -13,7 +13,8 @@ keys/values of every task and layer are one batched projection per forward. No p
     bank.save_pretrained({"dtd": "runs/dtd-2"})
 
 The tasks share one pool layout (pool sizes, top-k, prompt lengths, mask semantics, prompt transform; the head may
-differ, and so may the kernel backend and prompt dropout they were saved with: the bank takes its own); the
+differ, and so may the kernel backend and prompt dropout they were saved with: the bank takes its own; tasks with
+an input prompter run it on their own images: ``TaskInputPrompters``); the
 backbone is a timm ``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched
 projection: ``Block``, ``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging
 Face image classifier with a ``classifier`` (tested: ``ViTForImageClassification``,
@@ -32,11 +33,13 @@ from tcpa_kernels._forward import BankCall, bank_forward, last_forward
 from tcpa_kernels._patch import original_class
 from tcpa_kernels._validate import check_number, describe
 from tcpa_kernels.checkpoint import PathLike, check_identity_of, model_identity, read_checkpoint, write_folder
+from tcpa_kernels.integrations.input_prompter import ATTRIBUTE, InputPrompter, TaskInputPrompters, image_channels
+from tcpa_kernels.integrations.models import model_family
 from tcpa_kernels.ops.selection import task_one_hot
 from tcpa_kernels.vit import apply_tcpa, find_model, remove_prompts, state_of
 
 _POOL_NAMES = ("keys_cls", "keys_img", "prompts_cls", "prompts_img")
-_FIXED_PER_BANK = ("prompt_dropout_per_sample", "input_prompter")  # options a bank does not run (True refused)
+_FIXED_PER_BANK = ("prompt_dropout_per_sample",)  # options a bank does not run (True refused)
 
 
 class BankOutput(NamedTuple):
@@ -82,8 +85,8 @@ class PromptBank(nn.Module):
     ``prompts [L, T, P, C]``, every layer's prompt tokens of every task (CLS pool first; one tensor, so the forward
     gathers nothing and the backward accumulates one gradient), ``layers[i].keys_cls [T, Pc, C]`` and
     ``layers[i].keys_img [T, Pi, C]``, ``head_weight [T, K_max, C]`` and ``head_bias [T, K_max]`` (task t's head
-    in its first K_t rows, zeros after: every head in one GEMM). Inputs are checked, and the model is left as it was
-    on any error.
+    in its first K_t rows, zeros after: every head in one GEMM), and ``input_prompters`` (``TaskInputPrompters``)
+    when a task has an input prompter. Inputs are checked, and the model is left as it was on any error.
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True,
@@ -97,12 +100,13 @@ class PromptBank(nn.Module):
             raise ValueError("model: expected the plain backbone (the bank adds the tasks' prompts itself), got a "
                              "model patched by apply_tcpa/apply_vpt; pass it through remove_prompts first")
         records = {name: read_checkpoint(path, f"tasks[{name!r}]") for name, path in tasks.items()}
-        own = {"num_classes": None, "backend": backend} | ({} if prompt_dropout is None else
-                                                           {"prompt_dropout": prompt_dropout})
+        own = {"num_classes": None, "backend": backend, "input_prompter": False} | (
+            {} if prompt_dropout is None else {"prompt_dropout": prompt_dropout})  # the bank runs the prompters
         apply_tcpa(inner, **(_common_config(records, own) | own))
         try:
             _check_backbone(inner)
             loaded = [_task_tensors(inner, name, path, records[name], check_identity) for name, path in tasks.items()]
+            prompters = [_task_prompter(inner, name, records[name]) for name in tasks]
         except BaseException:
             remove_prompts(inner)
             raise
@@ -125,6 +129,8 @@ class PromptBank(nn.Module):
         self.register_buffer("class_mask", mask.to(self.head_bias.device), persistent=False)
         self.register_buffer("class_pad", self.head_bias.new_zeros(mask.shape).masked_fill(~self.class_mask, -math.inf),
                              persistent=False)  # added to the heads' bias: -inf past each task's classes
+        # the tasks' input prompters (None: no task has one), run on each sample's image before the backbone
+        self.input_prompters = None if not any(prompters) else TaskInputPrompters(prompters)
         for module in (*(blk.tcpa for blk in state.blocks), *(getattr(inner, n) for n in state.original_heads)):
             module.requires_grad_(False)  # the backbone's own prompts and head: not used by the bank
 
@@ -158,6 +164,8 @@ class PromptBank(nn.Module):
     def forward(self, images: Tensor, tasks: Sequence[str] | Tensor) -> BankOutput:
         """Each sample's logits from its task's prompts and head: images ``[B, 3, H, W]``, tasks one per sample."""
         call = self._call(tasks, images.shape[0], images.device)
+        if self.input_prompters is not None:  # as the patch embedding of each task's model alone runs its own
+            images = self.input_prompters(images, call.tasks)
         with bank_forward(call):
             features = _features(find_model(self.model), images)  # [B, C]: what the backbone's head would read
         T, K = self.class_mask.shape
@@ -234,6 +242,10 @@ class PromptBank(nn.Module):
                             names[i]["prompts_img"]: prompts[cls_shape[:2].numel():].view(img_shape)}
             classes = int(self.class_mask[t].sum())
             tensors |= {f"{head}.weight": self.head_weight[t, :classes], f"{head}.bias": self.head_bias[t, :classes]}
+            prompter = None if self.input_prompters is None else self.input_prompters.task(t)
+            if prompter is not None:
+                site = _prompter_site(inner)
+                tensors |= {f"{site}.{ATTRIBUTE}.{n}": tensor for n, tensor in prompter.items()}
             record = self.records[name] | {"identity": model_identity(self.model)}
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
 
@@ -326,3 +338,30 @@ def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, ch
                          f"{[None if t is None else tuple(t.shape) for t in head]}")
     reference = state.blocks[0].tcpa.keys_cls  # the backbone's device and dtype
     return layers, (head[0].to(reference), head[1].to(reference))
+
+
+def _prompter_site(inner: nn.Module) -> str:
+    """The name of the module an input prompter runs before (the model family's patch embedding), or ''."""
+    site = model_family(inner).patch_embedding(inner)
+    return next((name for name, module in inner.named_modules() if module is site), "") if site is not None else ""
+
+
+def _task_prompter(inner: nn.Module, name: str, record: tuple) -> dict[str, Tensor] | None:
+    """A task's input prompter tensors by name (``InputPrompter``'s), checked against the backbone's image channels,
+    or None for a task saved without one; ValueError naming the task."""
+    _, _, config, tensors = record
+    if not config.get("input_prompter"):
+        return None
+    site = _prompter_site(inner)
+    if not site:
+        raise ValueError(f"tasks[{name!r}]: input_prompter=True, but the backbone has no patch embedding to run it "
+                         "before")
+    channels = image_channels(model_family(inner).patch_embedding(inner))
+    expected = {n: p.shape for n, p in InputPrompter(channels, 3 * channels).named_parameters()}
+    found = {n: tensors.get(f"{site}.{ATTRIBUTE}.{n}") for n in expected}
+    if any(t is None or t.shape != expected[n] for n, t in found.items()):
+        raise ValueError(f"tasks[{name!r}]: expected its input prompter {site}.{ATTRIBUTE}.* of shapes "
+                         f"{ {n: tuple(s) for n, s in expected.items()} }, got "
+                         f"{ {n: None if t is None else tuple(t.shape) for n, t in found.items()} }")
+    reference = state_of(inner).blocks[0].tcpa.keys_cls  # the backbone's device and dtype
+    return {n: t.to(reference) for n, t in found.items()}

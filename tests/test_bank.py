@@ -134,6 +134,39 @@ def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
             torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_input_prompters_equal_each_task_alone(tmp_path, backend):
+    """Tasks saved with an input prompter (the published CUB recipe) and without, in one bank: each image goes
+    through its own task's prompter (none: unchanged). Logits and the prompters' gradients equal each task's model
+    alone; a task without one gets no gradient in its empty slots and is saved back without one."""
+    dtype = DTYPES[backend]
+    options = {"shirts": {"input_prompter": True}, "bags": {"input_prompter": True}}
+    folders = save_tasks(tmp_path, POOLS, options=options)
+    bank = tk.PromptBank(tiny_vit(dtype), folders, backend=backend).train()
+    x, tasks, labels = images(dtype=dtype), ORDERS["mixed"], torch.tensor([b % 3 for b in range(5)])
+    out = bank(x, tasks)
+    grads = torch.autograd.grad(bank.loss(out, labels), list(bank.input_prompters.parameters()))
+    atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
+    for t, name in enumerate(CLASSES):
+        rows = [b for b, task in enumerate(tasks) if task == name]
+        model = alone(folders[name], backend, dtype).train()
+        logits = model(x[rows])
+        torch.testing.assert_close(out.logits[rows, :CLASSES[name]], logits.detach(), atol=atol, rtol=rtol)
+        prompter = model.patch_embed._modules.get("input_prompter")
+        if prompter is None:
+            assert not any(g[t].any() for g in grads), name
+            continue
+        loss = torch.nn.functional.cross_entropy(logits, labels[rows]) + 0.01 * tk.get_matching_loss(model)
+        expected = torch.autograd.grad(loss, [prompter.conv1.weight, prompter.conv1.bias, prompter.prelu.weight,
+                                              prompter.conv2.weight, prompter.conv2.bias])
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got[t], want, atol=atol, rtol=rtol, msg=name)
+    bank.save_pretrained({"bags": tmp_path / "bags-2", "shoes": tmp_path / "shoes-2"})
+    bags = tk.from_pretrained(tiny_vit(dtype), tmp_path / "bags-2").patch_embed.input_prompter
+    torch.testing.assert_close(bags.conv2.weight, bank.input_prompters.conv2_weight[2])
+    assert "input_prompter" not in tk.from_pretrained(tiny_vit(dtype), tmp_path / "shoes-2").patch_embed._modules
+
+
 @pytest.mark.parametrize("family", ["eva02", "vit_res_post_block", "vit_parallel_scaling_block"])
 def test_other_timm_families_equal_each_task_alone(family, tmp_path):
     """Every timm block family whose prompt K/V are one batched projection (the selection carries the tasks into

@@ -10,12 +10,14 @@ with the prompts and are saved with them; ``remove_prompts`` takes the submodule
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tcpa_kernels._patch import original_class, prompted_class, register_mixin
 from tcpa_kernels._validate import check_int
 
 ATTRIBUTE = "input_prompter"  # the patch embedding's submodule
+PARAMETERS = ("conv1.weight", "conv1.bias", "prelu.weight", "conv2.weight", "conv2.bias")  # an InputPrompter's
 
 
 class InputPrompter(nn.Module):
@@ -43,6 +45,47 @@ class InputPrompter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.prelu(self.conv1(x))  # [B, C, H, W] -> [B, hidden, H, W]
         return x + self.conv2(h)  # [B, hidden, H, W] -> [B, C, H, W], added to the image
+
+
+class TaskInputPrompters(nn.Module):
+    """The input prompters of a prompt bank's tasks, run per sample: image b through the prompter of its task
+    ``tasks[b]``, as :class:`InputPrompter` runs it. ``prompters``: per task its prompter's tensors by name
+    (``PARAMETERS``), or None for a task without one (its images pass unchanged, and its zero slots get no gradient).
+
+    Parameters ``[T, ...]`` of each prompter tensor (``conv1_weight [T, hidden, C, k, k]`` ...). The forward gathers
+    each sample's weights (a few thousand numbers per sample) and runs each convolution once for the batch, grouped
+    by sample (``groups=B``)."""
+
+    def __init__(self, prompters: list[dict[str, torch.Tensor] | None]):
+        super().__init__()
+        first = next(p for p in prompters if p is not None)
+        for name in PARAMETERS:
+            stacked = torch.stack([first[name].new_zeros(first[name].shape) if p is None else p[name]
+                                   for p in prompters])
+            self.register_parameter(name.replace(".", "_"), nn.Parameter(stacked))
+        self.has_prompter = [p is not None for p in prompters]
+        self.register_buffer("present", torch.tensor(self.has_prompter, device=first["conv1.weight"].device),
+                             persistent=False)
+
+    def task(self, t: int) -> dict[str, torch.Tensor] | None:
+        """Task t's prompter tensors by name (views), or None where it has none."""
+        if not self.has_prompter[t]:
+            return None
+        return {name: getattr(self, name.replace(".", "_"))[t] for name in PARAMETERS}
+
+    def forward(self, images: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W], tasks int64 [B] -> [B, C, H, W]."""
+        B, C, H, W = images.shape
+        if B == 0:
+            return images
+        w1 = self.conv1_weight[tasks]  # [B, hidden, C, k, k]
+        hidden, pad = w1.shape[1], w1.shape[-1] // 2
+        h = F.conv2d(images.reshape(1, B * C, H, W), w1.flatten(0, 1), self.conv1_bias[tasks].flatten(), padding=pad,
+                     groups=B)  # [1, B * hidden, H, W]
+        h = F.prelu(h, self.prelu_weight[tasks].expand(B, hidden).flatten())
+        out = F.conv2d(h, self.conv2_weight[tasks].flatten(0, 1), self.conv2_bias[tasks].flatten(), padding=pad,
+                       groups=B).view(B, C, H, W)
+        return images + out * self.present[tasks].to(out.dtype)[:, None, None, None]
 
 
 @register_mixin
