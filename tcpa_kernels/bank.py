@@ -244,7 +244,7 @@ class PromptBank(nn.Module):
             tensors |= {f"{head}.weight": self.head_weight[t, :classes], f"{head}.bias": self.head_bias[t, :classes]}
             prompter = None if self.input_prompters is None else self.input_prompters.task(t)
             if prompter is not None:
-                site = _prompter_site(inner)
+                site = _prompter_site(inner)[0]
                 tensors |= {f"{site}.{ATTRIBUTE}.{n}": tensor for n, tensor in prompter.items()}
             record = self.records[name] | {"identity": model_identity(self.model)}
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
@@ -252,8 +252,8 @@ class PromptBank(nn.Module):
 
 def _common_config(records: dict, own: dict) -> dict:
     """The pool layout every task shares (its config but the fields the bank sets itself, ``own``: the head's class
-    count, the backend, the prompt dropout when given); ValueError naming the task and the field that differ, and
-    anything a bank does not run."""
+    count, the backend, the input prompter, the prompt dropout when given); ValueError naming the task and the field
+    that differ, and anything a bank does not run."""
     first_name, (_, method, first, _) = next(iter(records.items()))
     for name, (_, method, config, _) in records.items():
         if method != "tcpa":
@@ -340,10 +340,11 @@ def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, ch
     return layers, (head[0].to(reference), head[1].to(reference))
 
 
-def _prompter_site(inner: nn.Module) -> str:
-    """The name of the module an input prompter runs before (the model family's patch embedding), or ''."""
+def _prompter_site(inner: nn.Module) -> tuple[str, nn.Module | None]:
+    """(name, module) of the module an input prompter runs before: the model family's patch embedding ('', None:
+    none)."""
     site = model_family(inner).patch_embedding(inner)
-    return next((name for name, module in inner.named_modules() if module is site), "") if site is not None else ""
+    return next((name for name, module in inner.named_modules() if module is site), ""), site
 
 
 def _task_prompter(inner: nn.Module, name: str, record: tuple) -> dict[str, Tensor] | None:
@@ -352,11 +353,11 @@ def _task_prompter(inner: nn.Module, name: str, record: tuple) -> dict[str, Tens
     _, _, config, tensors = record
     if not config.get("input_prompter"):
         return None
-    site = _prompter_site(inner)
-    if not site:
+    site, module = _prompter_site(inner)
+    if module is None:
         raise ValueError(f"tasks[{name!r}]: input_prompter=True, but the backbone has no patch embedding to run it "
                          "before")
-    channels = image_channels(model_family(inner).patch_embedding(inner))
+    channels = image_channels(module)
     expected = {n: p.shape for n, p in InputPrompter(channels, 3 * channels).named_parameters()}
     found = {n: tensors.get(f"{site}.{ATTRIBUTE}.{n}") for n in expected}
     if any(t is None or t.shape != expected[n] for n, t in found.items()):
