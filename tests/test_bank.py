@@ -196,11 +196,12 @@ def test_other_timm_families_equal_each_task_alone(family, tmp_path):
 @pytest.mark.parametrize("name", ["vit_classifier", "dinov2_classifier_swiglu"])
 def test_hugging_face_classifiers_equal_each_task_alone(name, tmp_path):
     """A Hugging Face image classifier as the backbone: its classifier's input through the bank's heads; logits and
-    gradients of a mixed batch equal each task's model alone (fp64, torch backend); tasks save back."""
+    gradients of a mixed batch equal each task's model alone (fp64, torch backend; one task with an input prompter
+    in front of the model's patch embedding); tasks save back."""
     pytest.importorskip("transformers")
     from tests.test_hf import plain_model
 
-    folders = save_tasks(tmp_path, POOLS, lambda: plain_model(name))
+    folders = save_tasks(tmp_path, POOLS, lambda: plain_model(name), options={"shoes": {"input_prompter": True}})
     bank, x, tasks = tk.PromptBank(plain_model(name), folders).train(), images(dtype=torch.float64), ORDERS["mixed"]
     out = bank(x, tasks)
     grads = torch.autograd.grad(bank.loss(out, torch.tensor([1, 0, 2, 1, 0])), [bank.head_weight])
