@@ -163,11 +163,13 @@ def measure_host(tasks: int, rounds: int, steps: int, warmup: int, depth: int = 
 
 
 def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224, dtype=torch.bfloat16,
-                 model_name: str = "vit_base_patch16_224", reps: int = 10) -> dict:
+                 model_name: str = "vit_base_patch16_224", reps: int = 10, graphs: bool = False) -> dict:
     """Wall time (ms; CUDA events on a GPU) of real train steps (forward, loss, backward, AdamW) and eval
     forwards, in interleaved rounds (``bench.interleaved_samples``): the bank on a mixed batch, one task's model on
-    the same batch, and that model on ``tasks`` separate batches of ``batch / tasks`` (one figure: all of them).
-    For a GPU (``gpu_run.sh run3``); on the CPU it runs the torch backend."""
+    the same batch, and that model on ``tasks`` separate batches of ``batch / tasks`` (one figure: all of them); with
+    ``graphs`` on a GPU also the bank's mixed eval forward captured in CUDA graphs (``torch.compile(bank,
+    mode="reduce-overhead", fullgraph=True)``, task numbers in a tensor; a compiler failure is noted, the other
+    figures stand). For a GPU (``gpu_run.sh run3``); on the CPU it runs the torch backend."""
     def backbone():
         import timm
 
@@ -215,15 +217,26 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
              "eval_mixed": lambda: infer(lambda: bank.eval()(images, names)),
              "eval_single_task": lambda: infer(lambda: model.eval()(images)),
              "eval_separate": lambda: infer(lambda: [model.eval()(images[i:i + part]) for i in range(0, batch, part)])}
-    for step in steps.values():  # compilation, optimizer state
-        step()
+    notes = []
+    if graphs and device.type == "cuda":  # serving the mixed batch as one captured graph: task numbers in a tensor
+        numbers = torch.tensor([bank.task_names.index(name) for name in names], device=device)
+        served = torch.compile(bank, mode="reduce-overhead", fullgraph=True)
+        steps["eval_mixed_cuda_graphs"] = lambda: infer(lambda: served.eval()(images, numbers))
+    for name, step in list(steps.items()):  # compilation, optimizer state
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 (a compiler failure: the other figures stand)
+            if name != "eval_mixed_cuda_graphs":
+                raise
+            notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+            del steps[name]
     figures = {name: bench.summarize(samples) for name, samples in bench.interleaved_samples(steps, device,
                                                                                               reps).items()}
     ratios = {f"{mode}_{other}": figures[f"{mode}_mixed"]["median"] / figures[f"{mode}_{other}"]["median"]
               for mode in ("train", "eval") for other in ("single_task", "separate")}
     return {"device": bench.environment(device), "settings": dict(tasks=tasks, batch=batch, img=img, model=model_name,
                                                                    dtype=str(dtype), reps=reps),
-            "ms": figures, "mixed_over": ratios}
+            "ms": figures, "mixed_over": ratios, "notes": notes}
 
 
 def format_report(result: dict) -> str:
@@ -255,6 +268,8 @@ def parse_args(argv):
     parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--time", action="store_true",
                         help="instead, time real train steps and eval forwards on the device (a GPU: bf16, ViT-B/16)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="with --time on a GPU, also the mixed eval forward captured in CUDA graphs (a compile)")
     args = parser.parse_args(argv)
     at_least(parser, args, 1, "tasks", "batch", "rounds", "steps")
     at_least(parser, args, 0, "warmup")
@@ -266,10 +281,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.time:
-        result = measure_time(args.tasks, args.batch, bench.default_device())
+        result = measure_time(args.tasks, args.batch, bench.default_device(), graphs=args.graphs)
         print("\n".join(f"{name}: {f['median']:.2f} ms [{f['min']:.2f}-{f['max']:.2f}]"
                         for name, f in result["ms"].items()))
         print("mixed / other:", {k: round(v, 3) for k, v in result["mixed_over"].items()})
+        print("\n".join(f"note: {note}" for note in result["notes"]))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
         return
