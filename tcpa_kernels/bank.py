@@ -145,9 +145,10 @@ class PromptBank(nn.Module):
             T = len(self.task_names)
             if torch.compiler.is_compiling():
                 torch._assert_async(((tasks >= 0) & (tasks < T)).all(), f"tasks: expected task numbers in [0, {T})")
-            elif batch_size and not (0 <= int(tasks.min()) and int(tasks.max()) < T):
-                raise ValueError(f"tasks: expected task numbers in [0, {T}), got [{int(tasks.min())}, "
-                                 f"{int(tasks.max())}]")
+            elif batch_size:
+                low, high = torch.stack(torch.aminmax(tasks)).tolist()  # one read-back
+                if not (0 <= low and high < T):
+                    raise ValueError(f"tasks: expected task numbers in [0, {T}), got [{low}, {high}]")
             return tasks.to(device=device, dtype=torch.int64)
         return torch.tensor(self._task_numbers(tasks, batch_size)).to(device)
 
