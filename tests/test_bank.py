@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import tcpa_kernels as tk
+from tcpa_kernels.checkpoint import read_checkpoint, write_folder
 from tests._helpers import TIMM_FAMILIES
 
 POOLS = dict(pool_size_cls=3, pool_size_img=4, topk_cls=2, topk_img=2, prompt_len_cls=2, prompt_len_img=1,
@@ -165,6 +166,13 @@ def test_input_prompters_equal_each_task_alone(tmp_path, backend):
     bags = tk.from_pretrained(tiny_vit(dtype), tmp_path / "bags-2").patch_embed.input_prompter
     torch.testing.assert_close(bags.conv2.weight, bank.input_prompters.conv2_weight[2])
     assert "input_prompter" not in tk.from_pretrained(tiny_vit(dtype), tmp_path / "shoes-2").patch_embed._modules
+    record, _, _, tensors = read_checkpoint(folders["bags"], "dir")  # a prompter task's file without one tensor
+    write_folder(tmp_path / "broken", record, {k: v for k, v in tensors.items() if not k.endswith("conv2.weight")})
+    model = tiny_vit(dtype)
+    with pytest.raises(ValueError, match=r"tasks\['broken'\]: expected its input prompter patch_embed\.input_prompter"
+                                         r"\.\* of shapes .*got .*'conv2\.weight': None"):
+        tk.PromptBank(model, {"shoes": folders["shoes"], "broken": tmp_path / "broken"})
+    assert not hasattr(model, "prompt_state")
 
 
 @pytest.mark.parametrize("family", ["eva02", "vit_res_post_block", "vit_parallel_scaling_block"])
