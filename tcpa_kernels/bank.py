@@ -106,7 +106,8 @@ class PromptBank(nn.Module):
         try:
             _check_backbone(inner)
             loaded = [_task_tensors(inner, name, path, records[name], check_identity) for name, path in tasks.items()]
-            prompters = [_task_prompter(inner, name, records[name]) for name in tasks]
+            site = _prompter_site(inner)
+            prompters = [_task_prompter(inner, *site, name, records[name]) for name in tasks]
         except BaseException:
             remove_prompts(inner)
             raise
@@ -231,7 +232,7 @@ class PromptBank(nn.Module):
             raise ValueError(f"dirs: unknown task(s) {unknown}; the bank holds {self.task_names}")
         blocks = state_of(find_model(self.model)).blocks
         inner = find_model(self.model)
-        head, names = _head_name(inner), pool_names(inner)
+        head, names, site = _head_name(inner), pool_names(inner), _prompter_site(inner)[0]
         for name, folder in dirs.items():
             t = self.task_names.index(name)
             tensors = {}
@@ -245,7 +246,6 @@ class PromptBank(nn.Module):
             tensors |= {f"{head}.weight": self.head_weight[t, :classes], f"{head}.bias": self.head_bias[t, :classes]}
             prompter = None if self.input_prompters is None else self.input_prompters.task(t)
             if prompter is not None:
-                site = _prompter_site(inner)[0]
                 tensors |= {f"{site}.{ATTRIBUTE}.{n}": tensor for n, tensor in prompter.items()}
             record = self.records[name] | {"identity": model_identity(self.model)}
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
@@ -348,13 +348,14 @@ def _prompter_site(inner: nn.Module) -> tuple[str, nn.Module | None]:
     return next((name for name, module in inner.named_modules() if module is site), ""), site
 
 
-def _task_prompter(inner: nn.Module, name: str, record: tuple) -> dict[str, Tensor] | None:
-    """A task's input prompter tensors by name (``InputPrompter``'s), checked against the backbone's image channels,
-    or None for a task saved without one; ValueError naming the task."""
+def _task_prompter(inner: nn.Module, site: str, module: nn.Module | None, name: str,
+                   record: tuple) -> dict[str, Tensor] | None:
+    """A task's input prompter tensors by name (``InputPrompter``'s; ``site``, ``module``: ``_prompter_site``),
+    checked against the backbone's image channels, or None for a task saved without one; ValueError naming the
+    task."""
     _, _, config, tensors = record
     if not config.get("input_prompter"):
         return None
-    site, module = _prompter_site(inner)
     if module is None:
         raise ValueError(f"tasks[{name!r}]: input_prompter=True, but the backbone has no patch embedding to run it "
                          "before")
