@@ -33,21 +33,22 @@ def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=
     """Compile one attention kernel variant ('fwd' | 'bwd') to a cubin; dtype: 'bf16' | 'fp16' |
     'fp32' of q/k/v/out, prompt_dtype that of the prompt K/V (default: dtype; prompt gradients are fp32).
     Returns ptxas's figures."""
-    constexprs = {"HAS_TASKS": False} | constexprs  # prompts of the batch's own, not a bank's, unless told
+    constexprs = {"HAS_TASKS": False, "HAS_LAYOUTS": False} | constexprs  # the batch's own prompts unless told
     if kernel == "bwd":
         constexprs = {"SPLIT": False, "GROUPED": False} | constexprs  # one program per (batch, head) unless told
     mask_type = "*u8" if constexprs["MASK_MODE"] == 0 else "*i64"
     prompt_type = f"*{prompt_dtype or dtype}"
     pointers = {name: f"*{dtype}" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
     pointers |= {"PK": prompt_type, "PV": prompt_type, "MASK": mask_type, "BITS": mask_type, "LSE": "*fp32",
-                 "DELTA": "*fp32", "DPK": "*fp32", "COUNTER": "*i32", "TASKS": "*i64"}
+                 "DELTA": "*fp32", "DPK": "*fp32", "COUNTER": "*i32", "TASKS": "*i64",
+                 "LAYOUTS": "*i64"}
     return compile_fn(KERNELS[kernel], pointers, constexprs, num_warps, num_stages, aligned)
 
 
 def compile_fn(fn, pointers, constexprs, num_warps=4, num_stages=3, aligned=True):
     """Compile a @triton.jit function for sm_90: ``pointers`` maps pointer arguments to types ('*bf16', ...);
-    other arguments are constexprs or i32 scalars (fp32 for the softmax scales)."""
-    scalars = {"qk_scale": "fp32", "sm_scale": "fp32"}
+    other arguments are constexprs or i32 scalars (fp32 for the softmax scales, loss weights and eps)."""
+    scalars = dict.fromkeys(("qk_scale", "sm_scale", "w_cls", "w_img", "eps"), "fp32")
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
                  for name in fn.arg_names}
     aligned_args = (set(pointers) | _ALIGNED_INTS) if aligned else set()

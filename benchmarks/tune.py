@@ -240,13 +240,13 @@ def _tune_matching(shape: tuple, x_dtype: str, smoke: bool, report: dict, save: 
     keys_img = torch.empty(pool_img, C, device=device).uniform_(-1, 1)  # [Pi, C]
     weight = 1 + 0.1 * torch.randn(C, device=device)  # [C] the LayerNorm's (fp32, frozen)
     bias = 0.1 * torch.randn(C, device=device)
-    args = (x, keys_cls, keys_img, None, weight, bias, eps, True, 1, topk, topk)  # one prefix token, no bank
+    args = (x, keys_cls, keys_img, None, None, weight, bias, eps, True, 1, topk, topk)  # one prefix token, no bank
     terms, bits, h, mean, rstd = kernels.forward(*args)
     dterms, dh = torch.randn_like(terms), torch.randn_like(h)  # [B, N] fp32, [B, N, C] in x's dtype
 
     def backward():  # (dx [B, N, C], dkeys [Pc + Pi, C])
-        dx, partials = kernels.backward(dterms, dh, x, keys_cls, keys_img, None, bits, weight, mean, rstd, 1, topk,
-                                        topk, True, True)
+        dx, partials = kernels.backward(dterms, dh, x, keys_cls, keys_img, None, None, bits, weight, mean, rstd, 1,
+                                        topk, topk, True, True)
         return dx, partials.sum(0)
 
     def compare(result, baseline) -> dict:

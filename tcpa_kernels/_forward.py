@@ -60,6 +60,7 @@ class LayerBank(NamedTuple):
     keys_img: Tensor  # [T, Pi, C]
     tasks: Tensor  # int [B], each in [0, T): the key set a sample matches
     prompt_tasks: Tensor  # int [B]: the row of the forward's prompt K/V ([T', 2, H, P, D]) a sample attends to
+    layouts: Tensor | None  # int [B, 4]: each sample's own pools and top-k (``Selection.layouts``); None: the model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +69,19 @@ class BankCall:
     ``keys_cls [T, Pc, C]`` and ``keys_img [T, Pi, C]``), every layer's prompt tokens of every task (``prompts
     [L, T, P, C]``), and the tasks whose prompt K/V the forward computes: ``present`` (int [T'], the tasks of the
     batch, in order) with each sample's row among them (``prompt_tasks``), or None and the tasks themselves (every
-    task's)."""
+    task's); ``layouts``, each sample's own pool sizes and top-k inside the padded ones when the tasks' differ."""
 
     tasks: Tensor
     layers: Sequence
     prompts: Tensor
     present: Tensor | None = None
     prompt_tasks: Tensor | None = None
+    layouts: Tensor | None = None
 
     def layer(self, index: int) -> LayerBank:
         params = self.layers[index]._parameters  # dict reads: a block asks at every call
         prompt_tasks = self.tasks if self.prompt_tasks is None else self.prompt_tasks
-        return LayerBank(params["keys_cls"], params["keys_img"], self.tasks, prompt_tasks)
+        return LayerBank(params["keys_cls"], params["keys_img"], self.tasks, prompt_tasks, self.layouts)
 
     def prompt_sets(self) -> Tensor:
         """The prompt tokens whose K/V this forward computes: [L, T', P, C] (every task's: the parameter itself)."""

@@ -12,9 +12,10 @@ keys/values of every task and layer are one batched projection per forward. No p
     loss = bank.loss(out, labels)                         # training several tasks in one batch
     bank.save_pretrained({"dtd": "runs/dtd-2"})
 
-The tasks share one pool layout (pool sizes, top-k, prompt lengths, mask semantics, prompt transform; the head may
-differ, and so may the kernel backend and prompt dropout they were saved with: the bank takes its own; tasks with
-an input prompter run it on their own images: ``TaskInputPrompters``); the
+The tasks share their prompt lengths, mask semantics and prompt transform; their pool sizes and top-k may differ (the
+bank pads every pool to the largest, and each sample uses its own task's entries only: ``Selection.layouts``), as
+may their heads, and the kernel backend and prompt dropout they were saved with (the bank takes its own); tasks with
+an input prompter run it on their own images (``TaskInputPrompters``); the
 backbone is a timm ``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched
 projection: ``Block``, ``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging
 Face image classifier with a ``classifier`` (tested: ``ViTForImageClassification``,
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from tcpa_kernels._forward import BankCall, bank_forward, last_forward
 from tcpa_kernels._patch import original_class
-from tcpa_kernels._validate import check_number, describe
+from tcpa_kernels._validate import MAX_POOL_ENTRIES, check_number, describe
 from tcpa_kernels.checkpoint import PathLike, check_identity_of, model_identity, read_checkpoint, write_folder
 from tcpa_kernels.integrations.input_prompter import ATTRIBUTE, InputPrompter, TaskInputPrompters, image_channels
 from tcpa_kernels.integrations.models import model_family
@@ -39,6 +40,7 @@ from tcpa_kernels.ops.selection import task_one_hot
 from tcpa_kernels.vit import apply_tcpa, find_model, remove_prompts, state_of
 
 _POOL_NAMES = ("keys_cls", "keys_img", "prompts_cls", "prompts_img")
+_LAYOUT_FIELDS = ("pool_size_cls", "pool_size_img", "topk_cls", "topk_img")  # may differ between a bank's tasks
 _FIXED_PER_BANK = ("prompt_dropout_per_sample",)  # options a bank does not run (True refused)
 
 
@@ -60,7 +62,7 @@ class BankOutput(NamedTuple):
 
 class _BankLayer(nn.Module):
     """One layer's key sets of every task: ``keys_cls [T, Pc, C]``, ``keys_img [T, Pi, C]`` (task t's are its
-    single-task model's)."""
+    single-task model's, in its first rows: pools of different sizes are padded with zeros to the largest)."""
 
     def __init__(self, keys_cls: Tensor, keys_img: Tensor):
         super().__init__()
@@ -73,9 +75,11 @@ class PromptBank(nn.Module):
 
     Args:
         model: the plain backbone (timm or Hugging Face, see the module docstring; not yet prompted): the bank
-            patches it with the tasks' pool layout (``apply_tcpa``) and holds it as ``bank.model``.
+            patches it with the tasks' largest pools and top-k (``apply_tcpa``) and holds it as ``bank.model``.
         tasks: task name -> adapter folder or prompts file saved by this library for this backbone
-            (``save_pretrained`` / ``save_prompts``), at least one; TCPA, one pool layout for all.
+            (``save_pretrained`` / ``save_prompts``), at least one; TCPA, with one prompt length per pool, mask
+            semantics and prompt transform for all (pool sizes and top-k may differ; the largest CLS pool and the
+            largest image pool together at most 64 entries).
         check_identity: refuse a task saved for another backbone (``model_identity``), as ``from_pretrained``.
         backend: the kernels' backend, "auto" | "triton" | "torch" (whatever the tasks were saved with).
         prompt_dropout: the prompt dropout of the bank's training forwards (one mask for the batch); None: the
@@ -84,9 +88,12 @@ class PromptBank(nn.Module):
     Parameters (they train; the backbone, and the prompt module ``apply_tcpa`` gave it, unused here, are frozen):
     ``prompts [L, T, P, C]``, every layer's prompt tokens of every task (CLS pool first; one tensor, so the forward
     gathers nothing and the backward accumulates one gradient), ``layers[i].keys_cls [T, Pc, C]`` and
-    ``layers[i].keys_img [T, Pi, C]``, ``head_weight [T, K_max, C]`` and ``head_bias [T, K_max]`` (task t's head
-    in its first K_t rows, zeros after: every head in one GEMM), and ``input_prompters`` (``TaskInputPrompters``)
-    when a task has an input prompter. Inputs are checked, and the model is left as it was on any error.
+    ``layers[i].keys_img [T, Pi, C]`` (Pc, Pi and P the largest task's; a smaller task's keys and prompts fill the
+    first rows of each pool, zeros after, which it never reads and whose gradients are zero), ``head_weight
+    [T, K_max, C]`` and ``head_bias [T, K_max]`` (task t's head in its first K_t rows, zeros after: every head in
+    one GEMM), and ``input_prompters`` (``TaskInputPrompters``) when a task has an input prompter. Buffers:
+    ``task_layouts``, int64 ``[T, 4]``, each task's own (Pc, Pi, k_cls, k_img) (also ``layouts``, a list), or None
+    when all tasks have the same. Inputs are checked, and the model is left as it was on any error.
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True,
@@ -102,10 +109,12 @@ class PromptBank(nn.Module):
         records = {name: read_checkpoint(path, f"tasks[{name!r}]") for name, path in tasks.items()}
         own = {"num_classes": None, "backend": backend, "input_prompter": False} | (
             {} if prompt_dropout is None else {"prompt_dropout": prompt_dropout})  # the bank runs the prompters
-        apply_tcpa(inner, **(_common_config(records, own) | own))
+        config, layouts = _common_config(records, own)
+        apply_tcpa(inner, **(config | own))
         try:
             _check_backbone(inner)
-            loaded = [_task_tensors(inner, name, path, records[name], check_identity) for name, path in tasks.items()]
+            loaded = [_task_tensors(inner, name, path, records[name], layout, check_identity)
+                      for (name, path), layout in zip(tasks.items(), layouts)]
             site = _prompter_site(inner)
             prompters = [_task_prompter(inner, *site, name, records[name]) for name in tasks]
         except BaseException:
@@ -116,9 +125,13 @@ class PromptBank(nn.Module):
         self.model = model
         self.task_names = list(tasks)
         self.records = {name: records[name][0] for name in tasks}  # what each task's file says of itself
+        self.layouts = layouts  # each task's own (Pc, Pi, k_cls, k_img)
         self.prompts = nn.Parameter(torch.stack([torch.stack([torch.cat([layer["prompts_cls"].flatten(0, 1),
                                                                          layer["prompts_img"].flatten(0, 1)])
                                                               for layer in layers]) for layers, _ in loaded], 1))
+        differ = len(set(layouts)) > 1  # else every task's is the model's: no per-sample layout
+        self.register_buffer("task_layouts", torch.tensor(layouts, device=self.prompts.device) if differ else None,
+                             persistent=False)
         self.layers = nn.ModuleList(_BankLayer(*(torch.stack([layers[i][n] for layers, _ in loaded])
                                                  for n in ("keys_cls", "keys_img")))
                                     for i in range(len(state.blocks)))
@@ -179,18 +192,25 @@ class PromptBank(nn.Module):
     def _call(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device) -> BankCall:
         """The forward's bank call. Task names are known on the host: the forward computes the prompt K/V of the
         batch's tasks only (a batch of few tasks from a large bank does not pay for the others), and the task
-        numbers, those tasks and each sample's row among them reach the device in one copy. Task numbers in a
-        tensor would need a sync to read: every task's K/V."""
+        numbers, those tasks, each sample's row among them and (tasks of different pools) each sample's own pools
+        reach the device in one copy. Task numbers in a tensor would need a sync to read: every task's K/V, the
+        pools gathered on the device."""
         if isinstance(tasks, Tensor):
-            return BankCall(self.task_index(tasks, batch_size, device), self.layers, self.prompts)
+            index = self.task_index(tasks, batch_size, device)
+            layouts = None if self.task_layouts is None else self.task_layouts[index]  # [B, 4]
+            return BankCall(index, self.layers, self.prompts, layouts=layouts)
         numbers = self._task_numbers(tasks, batch_size)
         present = sorted(set(numbers))
-        if len(present) == len(self.task_names):
-            return BankCall(torch.tensor(numbers).to(device), self.layers, self.prompts)
+        every = len(present) == len(self.task_names)
         row = {task: i for i, task in enumerate(present)}  # a task's row among the present ones
-        packed = torch.tensor(numbers + present + [row[t] for t in numbers]).to(device)
-        index, present, rows = packed.split_with_sizes((batch_size, len(present), batch_size))
-        return BankCall(index, self.layers, self.prompts, present, rows)
+        parts = [numbers] + ([] if every else [present, [row[t] for t in numbers]])
+        if self.task_layouts is not None:
+            parts.append([value for t in numbers for value in self.layouts[t]])
+        flat = torch.tensor([v for part in parts for v in part]).to(device)
+        packed = flat.split_with_sizes(list(map(len, parts))) if len(parts) > 1 else (flat,)
+        layouts = None if self.task_layouts is None else packed[-1].view(batch_size, 4)
+        return BankCall(packed[0], self.layers, self.prompts, *((None, None) if every else packed[1:3]),
+                        layouts=layouts)
 
     def matching_loss(self, output: BankOutput) -> Tensor:
         """The sum over the tasks of the forward that gave ``output`` (the last one) of each task's matching loss
@@ -235,13 +255,16 @@ class PromptBank(nn.Module):
         head, names, site = _head_name(inner), pool_names(inner), _prompter_site(inner)[0]
         for name, folder in dirs.items():
             t = self.task_names.index(name)
+            own_cls, own_img = self.layouts[t][:2]
             tensors = {}
             for i, (blk, layer) in enumerate(zip(blocks, self.layers)):
-                cls_shape, img_shape = blk.tcpa.prompts_cls.shape, blk.tcpa.prompts_img.shape  # one task's
-                prompts = self.prompts[i, t]  # [P, C]: the CLS pool's rows first
-                tensors |= {names[i]["keys_cls"]: layer.keys_cls[t], names[i]["keys_img"]: layer.keys_img[t],
-                            names[i]["prompts_cls"]: prompts[:cls_shape[:2].numel()].view(cls_shape),
-                            names[i]["prompts_img"]: prompts[cls_shape[:2].numel():].view(img_shape)}
+                (pool_cls, len_cls, C), len_img = blk.tcpa.prompts_cls.shape, blk.tcpa.prompts_img.shape[1]
+                prompts = self.prompts[i, t]  # [P, C]: the CLS pool's rows first, each pool padded to the largest
+                tensors |= {names[i]["keys_cls"]: layer.keys_cls[t, :own_cls],
+                            names[i]["keys_img"]: layer.keys_img[t, :own_img],
+                            names[i]["prompts_cls"]: prompts[:own_cls * len_cls].view(own_cls, len_cls, C),
+                            names[i]["prompts_img"]: prompts[pool_cls * len_cls:][:own_img * len_img].view(
+                                own_img, len_img, C)}
             classes = int(self.class_mask[t].sum())
             tensors |= {f"{head}.weight": self.head_weight[t, :classes], f"{head}.bias": self.head_bias[t, :classes]}
             prompter = None if self.input_prompters is None else self.input_prompters.task(t)
@@ -251,24 +274,35 @@ class PromptBank(nn.Module):
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
 
 
-def _common_config(records: dict, own: dict) -> dict:
-    """The pool layout every task shares (its config but the fields the bank sets itself, ``own``: the head's class
-    count, the backend, the input prompter, the prompt dropout when given); ValueError naming the task and the field
-    that differ, and anything a bank does not run."""
+def _common_config(records: dict, own: dict) -> tuple[dict, list[tuple[int, int, int, int]]]:
+    """(the config the bank patches its backbone with, each task's own (Pc, Pi, k_cls, k_img)): the tasks' config but
+    the fields the bank sets itself (``own``: the head's class count, the backend, the input prompter, the prompt
+    dropout when given), with the largest pools and top-k of the tasks. ValueError naming the task and the field
+    that differ (a pool size, with Fourier prompts: their transform mixes a layer's prompt tokens, so padding would
+    change it), pools of more than 64 entries together, and anything a bank does not run."""
     first_name, (_, method, first, _) = next(iter(records.items()))
+    pools = () if first.get("prompt_transform") == "fourier" else ("pool_size_cls", "pool_size_img")
+    may_differ = {*own, "topk_cls", "topk_img", *pools}
     for name, (_, method, config, _) in records.items():
         if method != "tcpa":
             raise ValueError(f"tasks[{name!r}]: expected TCPA prompts, got {method}")
         differ = [f"{k} {config[k]!r} (task {first_name!r}: {first[k]!r})" for k in config
-                  if k not in own and config[k] != first[k]]
+                  if k not in may_differ and config[k] != first[k]]
         if differ:
             hint = "; pass prompt_dropout= to the bank" if any(d.startswith("prompt_dropout ") for d in differ) else ""
-            raise ValueError(f"tasks[{name!r}]: a bank's tasks share one pool layout, got {'; '.join(differ)}{hint}")
+            raise ValueError(f"tasks[{name!r}]: a bank's tasks share their prompt lengths, mask semantics, prompt "
+                             f"transform (and with Fourier prompts their pool sizes), got {'; '.join(differ)}{hint}")
         refused = [k for k in _FIXED_PER_BANK if config[k]]
         if refused:
             raise ValueError(f"tasks[{name!r}]: {', '.join(refused)}=True is not run by a prompt bank (one model per "
                              "task for now)")
-    return first
+    layouts = [tuple(config[k] for k in _LAYOUT_FIELDS) for _, _, config, _ in records.values()]
+    largest = dict(zip(_LAYOUT_FIELDS, map(max, zip(*layouts))))
+    if largest["pool_size_cls"] + largest["pool_size_img"] > MAX_POOL_ENTRIES:
+        raise ValueError(f"tasks: the bank pads every task's pools to the largest CLS pool and the largest image pool, "
+                         f"at most {MAX_POOL_ENTRIES} entries together, got {largest['pool_size_cls']} + "
+                         f"{largest['pool_size_img']} (pools {dict(zip(records, layouts))})")
+    return first | largest, layouts
 
 
 def _is_timm(inner: nn.Module) -> bool:
@@ -314,23 +348,29 @@ def _features(inner: nn.Module, images: Tensor) -> Tensor:
         hook.remove()
 
 
-def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, check_identity: bool):
+def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, layout: tuple[int, int, int, int],
+                  check_identity: bool):
     """(per layer {pool name: tensor}, (head weight [K, C], head bias [K])) of one task, checked against the
-    patched backbone: every pool tensor of its shape, a head over its width; ValueError naming the task."""
+    patched backbone: every pool tensor of the task's own pool size (``layout``: (Pc, Pi, k_cls, k_img)) and the
+    backbone's other dims, padded with zero rows to the backbone's (the largest) pools; a head over its width;
+    ValueError naming the task."""
     meta, _, config, tensors = record
     arg = f"tasks[{name!r}]"
     if check_identity and "identity" in meta:
         check_identity_of(meta["identity"], inner, arg, path)
     state = state_of(inner)
+    own_sizes = dict(keys_cls=layout[0], prompts_cls=layout[0], keys_img=layout[1], prompts_img=layout[1])
     layers = []
     for blk, names in zip(state.blocks, pool_names(inner)):
         pools = {n: tensors.get(names[n]) for n in _POOL_NAMES}
         for n, t in pools.items():
-            expected = getattr(blk.tcpa, n)
-            if t is None or t.shape != expected.shape:
-                raise ValueError(f"{arg}: {names[n]}: expected shape {tuple(expected.shape)}, got "
+            padded = getattr(blk.tcpa, n)
+            expected = (own_sizes[n], *padded.shape[1:])
+            if t is None or t.shape != expected:
+                raise ValueError(f"{arg}: {names[n]}: expected shape {expected}, got "
                                  f"{None if t is None else tuple(t.shape)}")
-        layers.append({n: t.to(getattr(blk.tcpa, n)) for n, t in pools.items()})
+        layers.append({n: _pad_rows(t.to(getattr(blk.tcpa, n)), getattr(blk.tcpa, n).shape[0])
+                       for n, t in pools.items()})
     head = [tensors.get(f"{_head_name(inner)}.{p}") for p in ("weight", "bias")]
     width = getattr(inner, _head_name(inner)).in_features  # what the head reads: C, or 2C (Dinov2's CLS + mean)
     if head[0] is None or head[1] is None or head[0].dim() != 2 or head[0].shape[1] != width or \
@@ -339,6 +379,11 @@ def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, ch
                          f"{[None if t is None else tuple(t.shape) for t in head]}")
     reference = state.blocks[0].tcpa.keys_cls  # the backbone's device and dtype
     return layers, (head[0].to(reference), head[1].to(reference))
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """t [r, ...] with zero rows after its own up to ``rows``."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 def _prompter_site(inner: nn.Module) -> tuple[str, nn.Module | None]:

@@ -54,7 +54,7 @@ class DenseTCPAMixin:
         if prompts.selection_mode == "topk":  # the published matching: a scores tensor, its top-k, the loss from it
             n_pre = prompts.num_prefix_tokens
             scores = match_scores(x, prompts.keys_cls, prompts.keys_img)  # [B, N, Pc+Pi]
-            bits = topk_bits_op(scores.detach(), n_pre, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
+            bits = topk_bits_op(scores.detach(), None, n_pre, cfg.pool_size_cls, cfg.topk_cls, cfg.topk_img,
                                 resolve_backend(cfg.backend, x.device))
             selection, terms = prompts.selection(bits), loss_from_words(scores, bits, n_pre, cfg.topk_cls,
                                                                       cfg.topk_img)[None]

@@ -30,8 +30,8 @@ FULL = [(dtype, prompt_dtype, *v, True) for dtype in DTYPES for prompt_dtype in 
         for v in itertools.product((0, 1), (False, True), (64, 128))]
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 LAUNCHES = [("fwd", {}), ("bwd", dict(ATOMIC=False)), ("bwd", dict(ATOMIC=True)),
-            ("bwd", dict(ATOMIC=False, SPLIT=True)), ("fwd", dict(HAS_TASKS=True)),
-            ("bwd", dict(ATOMIC=False, HAS_TASKS=True))]  # HAS_TASKS: a prompt bank, a prompt set per sample
+            ("bwd", dict(ATOMIC=False, SPLIT=True)), ("fwd", dict(HAS_TASKS=True, HAS_LAYOUTS=True)),
+            ("bwd", dict(ATOMIC=False, HAS_TASKS=True, HAS_LAYOUTS=True))]  # a prompt bank: a set and pools per sample
 GROUPED_LAUNCH = ("bwd", dict(ATOMIC=False, GROUPED=True))  # where the table lets the backward walk batch groups
 
 
@@ -52,8 +52,8 @@ def main(variants):
             print(line, flush=True)
             if (aligned and figures["spill_ops"]) or figures["shared_bytes"] > SM90_MAX_SHARED:
                 rejected.append(line)
-    print(sm90.compile_fn(_selection_kernels._topk_bits_kernel, {"SCORES": "*fp32", "BITS": "*i64"},
-                          dict(BLOCK_T=32, E_PAD=64)), flush=True)
+    print(sm90.compile_fn(_selection_kernels._topk_bits_kernel, {"SCORES": "*fp32", "BITS": "*i64", "LAYOUTS": "*i64"},
+                          dict(HAS_LAYOUTS=False, BLOCK_T=32, E_PAD=64)), flush=True)
     # matching with fp32 keys, 64 pool entries, at the library's launch configurations, on an fp32 residual stream
     # x (3xTF32 dots) and a bf16 one (X16: two bf16 dots per product): alone (match_select) and fused with the
     # block's LayerNorm (weight and bias; the model's path). Their dot products must run on tensor cores.
@@ -64,8 +64,8 @@ def main(variants):
              ("bwd", _match_kernels._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))),
             (False, True), ("fp32", "bf16"), (False, True)):  # bank: key sets of a prompt bank, a set per sample
         pointers = dict.fromkeys(names, "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
-        pointers |= {"BITS": "*i64", "TASKS": "*i64"}
-        extra = extra | dict(NORM=norm, X16=x_dtype != "fp32", HAS_TASKS=bank)
+        pointers |= {"BITS": "*i64", "TASKS": "*i64", "LAYOUTS": "*i64"}
+        extra = extra | dict(NORM=norm, X16=x_dtype != "fp32", HAS_TASKS=bank, HAS_LAYOUTS=bank)
         launch = dict(_match_kernels.LAUNCH[name])
         num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
         constexprs = launch | extra | dict(E_PAD=64)

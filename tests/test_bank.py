@@ -20,6 +20,9 @@ ORDERS = {"mixed": ["bags", "shirts", "bags", "shoes", "shirts"],
           "sorted": ["shirts", "shirts", "shoes", "bags", "bags"], "single": ["shoes"] * 5,
           "two_of_three": ["bags", "shirts", "bags", "shirts", "bags"]}  # the prompt K/V of the batch's tasks only
 DTYPES = {"torch": torch.float64, "triton": torch.float32}
+# the tasks' own pools: "shared" all POOLS; "different" pool sizes and top-k per task (padded to 4 + 6 in the bank)
+LAYOUTS = {"shared": None, "different": {"shirts": dict(pool_size_cls=2, topk_cls=1, pool_size_img=6, topk_img=3),
+                                         "shoes": dict(pool_size_cls=4, topk_cls=3, pool_size_img=3, topk_img=1)}}
 
 
 def tiny_vit(dtype=torch.float32, seed=0):
@@ -66,10 +69,14 @@ def bank_of(task_folders, backend, dtype):
     return tk.PromptBank(tiny_vit(dtype), task_folders, backend=backend)
 
 
-@pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "sorted"), ("torch", "single"),
-                                            ("triton", "mixed")])
-def test_logits_equal_each_task_alone(task_folders, backend, order):
-    dtype = DTYPES[backend]
+@pytest.mark.parametrize("backend, order, layouts", [("torch", "mixed", "shared"), ("torch", "sorted", "shared"),
+                                                     ("torch", "single", "shared"), ("triton", "mixed", "shared"),
+                                                     ("torch", "mixed", "different"), ("torch", "single", "different"),
+                                                     ("triton", "two_of_three", "different")])
+def test_logits_equal_each_task_alone(tmp_path, backend, order, layouts):
+    """Each sample's logits are its task's model alone; with tasks of different pool sizes and top-k too (task names
+    here; task numbers: ``test_task_numbers_with_different_pools``)."""
+    dtype, task_folders = DTYPES[backend], save_tasks(tmp_path, POOLS, options=LAYOUTS[layouts])
     bank, x, tasks = bank_of(task_folders, backend, dtype), images(dtype=dtype), ORDERS[order]
     with torch.no_grad():
         out = bank(x, tasks)
@@ -100,12 +107,17 @@ def test_bf16_autocast_logits_equal_each_task_alone(task_folders):
     assert bank.prompts.grad.isfinite().all() and bank.head_weight.grad.isfinite().all()
 
 
-@pytest.mark.parametrize("backend, order", [("torch", "mixed"), ("torch", "single"), ("triton", "sorted"),
-                                            ("triton", "two_of_three")])
-def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
+@pytest.mark.parametrize("backend, order, layouts", [("torch", "mixed", "shared"), ("torch", "single", "shared"),
+                                                     ("triton", "sorted", "shared"),
+                                                     ("triton", "two_of_three", "shared"),
+                                                     ("torch", "mixed", "different"), ("torch", "sorted", "different"),
+                                                     ("triton", "mixed", "different")])
+def test_training_gradients_equal_each_task_alone(tmp_path, backend, order, layouts):
     """bank.loss (the sum of each task's mean cross entropy and matching loss on its samples) gives every task's
-    prompts, keys and head the gradients its model alone gets from its samples; tasks without samples get zeros."""
-    dtype = DTYPES[backend]
+    prompts, keys and head the gradients its model alone gets from its samples; tasks without samples get zeros.
+    Tasks of different pool sizes and top-k: each task's own rows of the padded pools get its model's gradients, the
+    padding zeros."""
+    dtype, task_folders = DTYPES[backend], save_tasks(tmp_path, POOLS, options=LAYOUTS[layouts])
     bank, x, tasks = bank_of(task_folders, backend, dtype).train(), images(dtype=dtype), ORDERS[order]
     labels = torch.tensor([b % 3 for b in range(5)])
     params = [p for p in bank.parameters() if p.requires_grad]
@@ -113,12 +125,19 @@ def test_training_gradients_equal_each_task_alone(task_folders, backend, order):
     assert sorted(map(id, params)) == sorted(map(id, own))  # the bank's own only: the backbone's are frozen
     grads = dict(zip(map(id, params), torch.autograd.grad(bank.loss(bank(x, tasks), labels), params)))
     atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
+    padded_cls = max(bank.layouts[t][0] for t in range(3)) * POOLS["prompt_len_cls"]  # the bank's CLS-pool rows
     for t, name in enumerate(CLASSES):
         rows, K = [b for b, task in enumerate(tasks) if task == name], CLASSES[name]
-        bank_grads = [grads[id(getattr(layer, n))][t] for layer in bank.layers for n in ("keys_cls", "keys_img")]
-        bank_grads += [grads[id(bank.prompts)][:, t], grads[id(bank.head_weight)][t, :K],
+        own_cls, own_img = bank.layouts[t][:2]  # this task's pool sizes
+        own = torch.zeros(grads[id(bank.prompts)].shape[2], dtype=torch.bool)  # its rows of the padded prompts
+        own[:own_cls * POOLS["prompt_len_cls"]] = own[padded_cls:padded_cls + own_img * POOLS["prompt_len_img"]] = True
+        keys = [(grads[id(getattr(layer, n))][t], size) for layer in bank.layers
+                for n, size in (("keys_cls", own_cls), ("keys_img", own_img))]  # the padded pools, its own size
+        bank_grads = [g[:size] for g, size in keys]
+        bank_grads += [grads[id(bank.prompts)][:, t, own], grads[id(bank.head_weight)][t, :K],
                        grads[id(bank.head_bias)][t, :K]]
         assert not grads[id(bank.head_weight)][t, K:].any() and not grads[id(bank.head_bias)][t, K:].any()
+        assert not grads[id(bank.prompts)][:, t, ~own].any() and not any(g[size:].any() for g, size in keys)
         if not rows:
             assert not any(g.any() for g in bank_grads), name
             continue
@@ -358,8 +377,8 @@ def test_backend_and_prompt_dropout_are_the_banks_own(tmp_path):
     options = {"shirts": {"backend": "auto", "prompt_dropout": 0.0}, "shoes": {"prompt_dropout": 0.3}}
     folders = save_tasks(tmp_path, POOLS, options=options)
     model = tiny_vit()
-    with pytest.raises(ValueError, match=r"tasks\['shoes'\]: a bank's tasks share one pool layout, got prompt_dropout "
-                                         r"0.3 \(task 'shirts': 0.0\); pass prompt_dropout= to the bank"):
+    with pytest.raises(ValueError, match=r"tasks\['shoes'\]: a bank's tasks share .*, got prompt_dropout 0.3 \(task "
+                                         r"'shirts': 0.0\); pass prompt_dropout= to the bank"):
         tk.PromptBank(model, folders)
     assert not hasattr(model, "prompt_state")
     bank = tk.PromptBank(model, folders, backend="torch", prompt_dropout=0.2)
@@ -376,11 +395,18 @@ def test_backend_and_prompt_dropout_are_the_banks_own(tmp_path):
 
 def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
     model = tiny_vit()
-    other = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(pool_size_img=5)))
+    other = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(prompt_len_img=2)))
     tk.save_pretrained(other, tmp_path / "other")
-    with pytest.raises(ValueError, match=r"tasks\['other'\]: a bank's tasks share one pool layout, got pool_size_img "
-                                         r"5 \(task 'shirts': 4\)"):
+    with pytest.raises(ValueError, match=r"tasks\['other'\]: a bank's tasks share their prompt lengths, .*got "
+                                         r"prompt_len_img 2 \(task 'shirts': 1\)"):
         tk.PromptBank(model, task_folders | {"other": tmp_path / "other"})
+    large = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(pool_size_img=61)))
+    tk.save_pretrained(large, tmp_path / "large")  # 3 + 61 entries alone, 4 + 61 padded with another task's pools
+    small_img = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(pool_size_cls=4)))
+    tk.save_pretrained(small_img, tmp_path / "small_img")
+    with pytest.raises(ValueError, match=r"tasks: the bank pads every task's pools to the largest CLS pool and the "
+                                         r"largest image pool, at most 64 entries together, got 4 \+ 61"):
+        tk.PromptBank(model, {"large": tmp_path / "large", "small_img": tmp_path / "small_img"})
     with pytest.raises(FileNotFoundError, match=r"tasks\['nope'\]: expected a prompts file"):
         tk.PromptBank(model, {"nope": tmp_path / "missing"})
     with pytest.raises(ValueError, match="tasks: expected a non-empty mapping"):
@@ -402,3 +428,63 @@ def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
         bank(images(2), ["shoes"])
     with pytest.raises(ValueError, match=r"tasks: expected task numbers in \[0, 3\), got \[0, 3\]"):
         bank(images(2), torch.tensor([0, 3]))
+
+
+def test_different_pools_with_task_numbers_compile_and_save_back(tmp_path):
+    """Tasks of different pool sizes and top-k: task numbers in a tensor (each sample's pools gathered on the device)
+    give the logits task names give, a train step with them compiles to one graph with eager's loss and gradients,
+    and a task saved back has its own pools and loads alone with the bank's logits."""
+    folders = save_tasks(tmp_path, POOLS, options=LAYOUTS["different"])
+    bank, x, tasks = bank_of(folders, "torch", torch.float64).train(), images(dtype=torch.float64), ORDERS["mixed"]
+    numbers, labels = torch.tensor([bank.task_names.index(t) for t in tasks]), torch.tensor([0, 1, 2, 0, 1])
+    torch.testing.assert_close(bank(x, numbers).logits, bank(x, tasks).logits, atol=1e-12, rtol=1e-12)
+    trainable = [p for p in bank.parameters() if p.requires_grad]
+
+    def step(images, tasks, labels):
+        return bank.loss(bank(images, tasks), labels)
+
+    losses, grads = [], []
+    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        loss = run(x, numbers, labels)
+        losses.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, trainable))
+    torch.testing.assert_close(losses[1], losses[0])
+    for compiled_g, g in zip(*grads):
+        torch.testing.assert_close(compiled_g, g)
+    bank.eval().save_pretrained({"shirts": tmp_path / "shirts-2"})
+    reloaded = alone(tmp_path / "shirts-2", "torch", torch.float64)
+    assert tuple(reloaded.blocks[0].tcpa.keys_img.shape) == (6, 32)  # its own pool, not the bank's padded one
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), bank(x, ["shirts"] * 5).logits[:, :CLASSES["shirts"]])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_random_selection_keeps_each_sample_in_its_own_pools(backend):
+    """The published recipe's first epochs select at random: with per-sample layouts each token still picks its own
+    k among its own pool's entries (the kernel and its torch twin; the bank's blocks run this op)."""
+    from tcpa_kernels.ops.selection import entry_selection, topk_bits
+
+    layouts = torch.tensor([[2, 6, 1, 3], [4, 3, 3, 1], [3, 4, 2, 2]])  # (Pc, Pi, k_cls, k_img) of each sample
+    scores = torch.rand(3, 5, 4 + 6, generator=torch.Generator().manual_seed(0))
+    bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=4, k_cls=3, k_img=3, backend=backend, layouts=layouts)
+    picked = entry_selection(bits, 10)  # [B, N, E]
+    for b, (own_cls, own_img, k_cls, k_img) in enumerate(layouts.tolist()):
+        assert picked[b, :1, :own_cls].sum(-1).eq(k_cls).all() and not picked[b, :1, own_cls:].any()
+        assert picked[b, 1:, 4:4 + own_img].sum(-1).eq(k_img).all() and not picked[b, 1:, :4].any()
+        assert not picked[b, 1:, 4 + own_img:].any()
+    expected = topk_bits(scores, num_prefix_tokens=1, pool_cls=4, k_cls=3, k_img=3, backend="torch", layouts=layouts)
+    assert torch.equal(bits, expected)
+
+
+def test_fourier_tasks_of_different_pool_sizes_are_refused(tmp_path):
+    """The Fourier transform mixes a layer's prompt tokens among themselves, so zero rows padding a smaller task's
+    pools would change its prompts: such tasks must share their pool sizes (their top-k may differ)."""
+    fourier = POOLS | dict(prompt_transform="fourier")
+    folders = save_tasks(tmp_path, fourier, options={"shoes": dict(topk_cls=1)})
+    tk.PromptBank(tiny_vit(), folders)  # different top-k: no padding
+    folders = save_tasks(tmp_path / "sizes", fourier, options={"shoes": dict(pool_size_img=5)})
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"tasks\['shoes'\]: .*\(and with Fourier prompts their pool sizes\), got "
+                                         r"pool_size_img 5 \(task 'shirts': 4\)"):
+        tk.PromptBank(model, folders)
+    assert not hasattr(model, "prompt_state")

@@ -196,18 +196,19 @@ def test_custom_ops_pass_opcheck(backend):
     x, kc, ki = (t.detach() for t in separated_inputs(2, 5, 32, 3, 4))
     weight, bias = torch.rand(32) + 0.5, torch.randn(32)
     for norm in ((None, None, 0.0, False), (weight, bias, 1e-6, True), (None, None, 1e-5, True)):
-        torch.library.opcheck(match_fwd.overload, (x, kc, ki, None, *norm, 1, 2, 2, backend))
-    _, bits, h, mean, rstd = match_fwd(x, kc, ki, None, weight, bias, 1e-6, True, 1, 2, 2, backend)
+        torch.library.opcheck(match_fwd.overload, (x, kc, ki, None, None, *norm, 1, 2, 2, backend))
+    _, bits, h, mean, rstd = match_fwd(x, kc, ki, None, None, weight, bias, 1e-6, True, 1, 2, 2, backend)
     dterms, dh = torch.randn(2, 5), torch.randn_like(h)
     for dh_, stats in ((dh, (weight, mean, rstd)), (None, (None, mean[:0], rstd[:0]))):
-        torch.library.opcheck(match_bwd.overload, (dterms, dh_, x, kc, ki, None, bits, *stats, 1, 2, 2, True, True,
-                                                   backend))
+        torch.library.opcheck(match_bwd.overload, (dterms, dh_, x, kc, ki, None, None, bits, *stats, 1, 2, 2, True,
+                                                   True, backend))
     banks, tasks = (torch.stack([keys, keys.flip(0)]) for keys in (kc, ki)), torch.tensor([1, 0], dtype=torch.int32)
     bank_cls, bank_img = banks  # two key sets, a set per sample
-    torch.library.opcheck(match_fwd.overload, (x, bank_cls, bank_img, tasks, weight, bias, 1e-6, True, 1, 2, 2,
-                                               backend))
-    torch.library.opcheck(match_bwd.overload, (dterms, dh, x, bank_cls, bank_img, tasks, bits, weight, mean, rstd, 1,
-                                               2, 2, True, True, backend))
+    for layouts in (None, torch.tensor([[2, 4, 1, 2], [3, 3, 2, 1]])):  # with layouts: each sample's own pools
+        torch.library.opcheck(match_fwd.overload, (x, bank_cls, bank_img, tasks, layouts, weight, bias, 1e-6, True,
+                                                   1, 2, 2, backend))
+        torch.library.opcheck(match_bwd.overload, (dterms, dh, x, bank_cls, bank_img, tasks, layouts, bits, weight,
+                                                   mean, rstd, 1, 2, 2, True, True, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -265,8 +265,8 @@ def test_opcheck(backend):
     dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
     mask = torch.rand(B, N, P, device=DEVICE) < 0.5
     for prompts in (shared.unbind(0), (shared, None)):  # separate [H, P, D], stacked [2, H, P, D]
-        torch.library.opcheck(attention_fwd.overload, (q, k, v, *prompts, mask, None, None, 0, 1, 1, 0.25, True,
-                                                       backend))
+        torch.library.opcheck(attention_fwd.overload, (q, k, v, *prompts, mask, None, None, None, 0, 1, 1, 0.25,
+                                                       True, backend))
         out, lse = attention_fwd(q, k, v, *prompts, *sel, 0.25, False, backend)
         for dprompt in dprompts:
             torch.library.opcheck(attention_bwd.overload, (dq, dk, dv, dprompt, torch.randn_like(out), q, k, v,

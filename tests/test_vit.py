@@ -176,7 +176,7 @@ def test_topk_bits_op_opcheck():
     test_packed.py and test_match_select.py)."""
     from tcpa_kernels.ops._function import topk_bits_op
 
-    torch.library.opcheck(topk_bits_op.overload, (torch.rand(2, 5, 6), 1, 2, 1, 2, "torch"))
+    torch.library.opcheck(topk_bits_op.overload, (torch.rand(2, 5, 6), None, 1, 2, 1, 2, "torch"))
 
 
 def test_autocast_bf16_runs():

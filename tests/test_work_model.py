@@ -128,9 +128,10 @@ def test_matching_model_counts_executed_dots(dtype):
     keys_cls, keys_img = torch.randn(3, s.C, generator=g), torch.randn(3, s.C, generator=g)
     weight, bias = torch.randn(s.C, generator=g), torch.randn(s.C, generator=g)
     with executed_work() as forward:
-        terms, bits, h, mean, rstd = kernels.forward(x, keys_cls, keys_img, None, weight, bias, 1e-6, True, 1, 2, 2)
+        terms, bits, h, mean, rstd = kernels.forward(x, keys_cls, keys_img, None, None, weight, bias, 1e-6, True, 1, 2,
+                                                     2)
     with executed_work() as backward:
-        kernels.backward(torch.ones_like(terms), torch.randn_like(h), x, keys_cls, keys_img, None, bits, weight,
+        kernels.backward(torch.ones_like(terms), torch.randn_like(h), x, keys_cls, keys_img, None, None, bits, weight,
                          mean, rstd, 1, 2, 2, True, True)
     model = work_model.matching(s, x_size=x.element_size())
     for direction, executed in (("fwd", forward), ("bwd", backward)):

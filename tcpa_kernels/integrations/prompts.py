@@ -126,18 +126,18 @@ class TCPAPrompts(nn.Module):
         tokens = torch.cat([self.prompts_cls.flatten(0, 1), self.prompts_img.flatten(0, 1)])
         return forward_tokens(tokens, self.config, self.training, batch_size)
 
-    def selection(self, bits: Tensor, tasks: Tensor | None = None) -> Selection:
+    def selection(self, bits: Tensor, tasks: Tensor | None = None, layouts: Tensor | None = None) -> Selection:
         c = self.config
         return Selection(bits=bits, pool_cls=c.pool_size_cls, len_cls=c.prompt_len_cls, len_img=c.prompt_len_img,
-                         tasks=tasks)
+                         tasks=tasks, layouts=layouts)
 
-    def _keys(self, bank: LayerBank | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """(keys_cls, keys_img, tasks, prompt_tasks): this module's keys, or a prompt bank's key sets, each sample's
-        task and its row of the forward's prompt sets."""
+    def _keys(self, bank: LayerBank | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(keys_cls, keys_img, tasks, prompt_tasks, layouts): this module's keys, or a prompt bank's key sets, each
+        sample's task, its row of the forward's prompt sets and its own pools (None: this module's)."""
         if bank is not None:
             return bank
         params = self._parameters  # dict reads: a block asks at every call (``Module.__getattr__``: ~0.7 us a name)
-        return params["keys_cls"], params["keys_img"], None, None
+        return params["keys_cls"], params["keys_img"], None, None, None
 
     def select(self, x: Tensor, norm: nn.Module | None = None,
                bank: LayerBank | None = None) -> tuple[Selection, Tensor | None, Tensor | None]:
@@ -150,17 +150,18 @@ class TCPAPrompts(nn.Module):
         (``bank``: this layer's key sets and each sample's task) each sample matches its task's keys, and the
         selection carries the tasks for the attention."""
         c = self.config
-        keys_cls, keys_img, tasks, prompt_tasks = self._keys(bank)
+        keys_cls, keys_img, tasks, prompt_tasks, layouts = self._keys(bank)
         topk = (self.num_prefix_tokens, c.topk_cls, c.topk_img, self._backend_for(x))
         if self.selection_mode == "random":  # a random k-subset per token, no matching loss
             scores = torch.rand(*x.shape[:2], c.pool_size_cls + c.pool_size_img, device=x.device)
-            bits = topk_bits_op(scores, self.num_prefix_tokens, c.pool_size_cls, *topk[1:])
-            return self.selection(bits, prompt_tasks), None, None
+            bits = topk_bits_op(scores, layouts, self.num_prefix_tokens, c.pool_size_cls, *topk[1:])
+            return self.selection(bits, prompt_tasks, layouts), None, None
         if norm is not None and fusable_norm(norm):
-            normed, bits, terms = norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, *topk, tasks)
-            return self.selection(bits, prompt_tasks), terms, normed
-        bits, terms = match(x, keys_cls, keys_img, *topk, tasks)
-        return self.selection(bits, prompt_tasks), terms, None
+            normed, bits, terms = norm_match(x, keys_cls, keys_img, norm.weight, norm.bias, norm.eps, *topk, tasks,
+                                             layouts)
+            return self.selection(bits, prompt_tasks, layouts), terms, normed
+        bits, terms = match(x, keys_cls, keys_img, *topk, tasks, layouts)
+        return self.selection(bits, prompt_tasks, layouts), terms, None
 
     def _backend_for(self, x: Tensor) -> str:
         """The resolved backend for the block input x, after checking x is one ([B, N >= prefix tokens, C])."""
@@ -184,10 +185,11 @@ class TCPAPrompts(nn.Module):
         matching-loss terms ``[B, N]``). Top-k selection only (``selection_mode == "topk"``). In a prompt bank's
         forward (``bank``) prompt_kv is the bank's ``[T, 2, H, P, D]``, each sample using its task's set."""
         c = self.config
-        keys_cls, keys_img, tasks, prompt_tasks = self._keys(bank)
+        keys_cls, keys_img, tasks, prompt_tasks, layouts = self._keys(bank)
         return block_attention(x, keys_cls, keys_img, prompt_kv, norm, qkv, proj, num_heads, self.num_prefix_tokens,
                                c.topk_cls, c.topk_img, c.pool_size_cls, c.prompt_len_cls, c.prompt_len_img, scale,
-                               c.renormalize, self._backend_for(x), tasks=tasks, prompt_tasks=prompt_tasks)
+                               c.renormalize, self._backend_for(x), tasks=tasks, prompt_tasks=prompt_tasks,
+                               layouts=layouts)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, prompt_kv: Tensor, selection: Selection,
                scale: float | None = None) -> Tensor:

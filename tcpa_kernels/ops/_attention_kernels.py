@@ -127,6 +127,19 @@ def _softmax_step(acc, m_i, l_i, b_s, b_v, valid, sel, TAIL: tl.constexpr, RENOR
 
 
 @triton.jit
+def _live_prompts(LAYOUTS, i_b, o_p, is_prompt, n_cls_prompts, len_cls, len_img, HAS_LAYOUTS: tl.constexpr):
+    """is_prompt [BLOCK_N] narrowed, with HAS_LAYOUTS, to the prompts batch entry i_b has: its own pools inside the
+    padded ones (LAYOUTS int [B, 4]: the first LAYOUTS[b, 0] CLS entries' prompts and the first LAYOUTS[b, 1] image
+    entries'). The others are treated as keys past N + P: in neither the normaliser nor the output, zero gradients."""
+    live = is_prompt
+    if HAS_LAYOUTS:  # resolved at compile time: one return type
+        cls_end = tl.load(LAYOUTS + i_b * 4).to(tl.int32) * len_cls
+        img_end = n_cls_prompts + tl.load(LAYOUTS + i_b * 4 + 1).to(tl.int32) * len_img
+        live = is_prompt & ((o_p < cls_end) | ((o_p >= n_cls_prompts) & (o_p < img_end)))
+    return live
+
+
+@triton.jit
 def _prompt_set(TASKS, i_b, HAS_TASKS: tl.constexpr):
     """The row of the prompt K/V that batch entry i_b reads (int64): its own (per-sample prompts; 0 with batch
     stride 0 for shared ones), or with HAS_TASKS its task's prompt set of a bank, TASKS[i_b] (int [B])."""
@@ -136,11 +149,12 @@ def _prompt_set(TASKS, i_b, HAS_TASKS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, O, LSE,
+def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, LAYOUTS, O, LSE,
                 stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
                 ostride_b, ostride_h, ostride_n, H, N, P, D, qk_scale, n_cls_prompts, pool_cls, len_cls, len_img,
                 MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_TASKS: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_LAYOUTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                PRECISION: tl.constexpr):
     n_query_blocks = tl.cdiv(N, BLOCK_M)
     i_bh = (tl.program_id(0) // n_query_blocks).to(tl.int64)  # query block fastest: one head's programs adjacent
     i_b = i_bh // H
@@ -169,6 +183,7 @@ def _fwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, O, LSE,
     for start_n in range(n_full, N + P, BLOCK_N):
         b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n, N,
                                                         P, o_d, m_d, BLOCK_N)
+        is_prompt = _live_prompts(LAYOUTS, i_b, o_p, is_prompt, n_cls_prompts, len_cls, len_img, HAS_LAYOUTS)
         sel = _tail_selection(MASK, BITS, i_b, o_m, m_m, o_p, is_token, is_prompt, N, P, n_cls_prompts, pool_cls,
                               len_cls, len_img, MASK_MODE)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
@@ -237,14 +252,14 @@ def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, 
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, O, DO, LSE, DELTA, DQ, DK, DV, DPK, COUNTER,
+def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, LAYOUTS, O, DO, LSE, DELTA, DQ, DK, DV, DPK, COUNTER,
                 stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
                 ostride_b, ostride_h, ostride_n, dostride_b, dostride_h, dostride_n,
                 dstride_b, dstride_h, dstride_n, dkv_heads, dpstride_b, dpstride_h, dpstride_n,
                 B, H, N, P, D, qk_scale, sm_scale, n_cls_prompts, pool_cls, len_cls, len_img, n_splits, batch_group,
-                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_TASKS: tl.constexpr, ATOMIC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                SPLIT: tl.constexpr, GROUPED: tl.constexpr):
+                MASK_MODE: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_TASKS: tl.constexpr,
+                HAS_LAYOUTS: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D_PAD: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, GROUPED: tl.constexpr):
     """The gradients of one head for one batch entry or (GROUPED) ``batch_group`` consecutive ones, one after the
     other, or (SPLIT) of
     one (batch, head) from a contiguous range of its key tiles, ``n_splits`` programs sharing them: dq, dk, dv, and
@@ -327,9 +342,10 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, O, DO, LSE, DELTA, DQ, DK, D
         for start_n in range(tl.maximum(first_start, n_full), end_n, BLOCK_N):
             b_k, b_v, o_p, is_token, is_prompt = _tail_keys(K_BH, V_BH, PK_BH, PV_BH, stride_n, pstride_n, start_n,
                                                             N, P, o_d, m_d, BLOCK_N)
+            is_live = _live_prompts(LAYOUTS, i_b, o_p, is_prompt, n_cls_prompts, len_cls, len_img, HAS_LAYOUTS)
             b_dk, b_dv = _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH,
                                        DQ_ACC_BH, DQ_BH, stride_n, dostride_n, dstride_n, MASK, BITS,
-                                       i_b, o_p, is_token, is_prompt, N, P, D, qk_scale, sm_scale, n_cls_prompts,
+                                       i_b, o_p, is_token, is_live, N, P, D, qk_scale, sm_scale, n_cls_prompts,
                                        pool_cls, len_cls, len_img, True, MASK_MODE, RENORMALIZE, BLOCK_M,
                                        BLOCK_N, D_PAD, PRECISION, SPLIT)
             b_dk = b_dk * sm_scale
@@ -339,7 +355,7 @@ def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, O, DO, LSE, DELTA, DQ, DK, D
             tl.store(DK_BH + p_tok, b_dk.to(DK.dtype.element_ty), mask=m_tok)
             tl.store(DV_BH + p_tok, b_dv.to(DV.dtype.element_ty), mask=m_tok)
             p_prm = o_p[:, None] * dpstride_n + o_d[None, :]
-            m_prm = is_prompt[:, None] & m_d[None, :]
+            m_prm = is_prompt[:, None] & m_d[None, :]  # a sample's prompts it does not have: zeros
             if ATOMIC:
                 tl.atomic_add(DPK_BH + p_prm, b_dk, mask=m_prm)
                 tl.atomic_add(DPV_BH + p_prm, b_dv, mask=m_prm)
@@ -469,29 +485,32 @@ def _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides):
     return (B, H, N, prompt_shape[-2], D), qkv, prompts
 
 
-def _selection_scalars(mask_mode, layout):
-    """The kernels' (n_cls_prompts, pool_cls, len_cls, len_img) of a selection's (pool_cls, len_cls, len_img)."""
+def _selection_scalars(mask_mode, has_layouts, layout):
+    """The kernels' (n_cls_prompts, pool_cls, len_cls, len_img) of a selection's (pool_cls, len_cls, len_img) (unused
+    by a bool mask without layouts)."""
     pool_cls, len_cls, len_img = layout
-    return (pool_cls * len_cls, pool_cls, len_cls, len_img) if mask_mode else (0, 0, 1, 1)
+    return (pool_cls * len_cls, pool_cls, len_cls, len_img) if mask_mode or has_layouts else (0, 0, 1, 1)
 
 
 @functools.cache
-def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, mask_mode, has_tasks, layout,
-                  scale, renormalize):
+def _forward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, mask_mode, has_tasks,
+                  has_layouts, layout, scale, renormalize):
     """``_fwd_kernel``, writing out as a contiguous [B, N, H, D] buffer: (grid, scalars, meta, out shape ([B, N, H*D]
     packed, else [B, N, H, D]), lse shape)."""
     (B, H, N, P, D), qkv, prompts = _geometry(packed, stacked, shape, strides, prompt_shape, prompt_strides)
     meta = _launch_config(*_table_entry("fwd", D, dtype), N, P, D,
-                          (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize), ("HAS_TASKS", has_tasks)))
-    scalars = (*qkv, *prompts, N * H * D, D, H * D, H, N, P, D, scale * LOG2E, *_selection_scalars(mask_mode, layout))
+                          (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize), ("HAS_TASKS", has_tasks),
+                           ("HAS_LAYOUTS", has_layouts)))
+    scalars = (*qkv, *prompts, N * H * D, D, H * D, H, N, P, D, scale * LOG2E,
+               *_selection_scalars(mask_mode, has_layouts, layout))
     out_shape = (B, N, H * D) if packed else (B, N, H, D)
     return (B * H * cdiv(N, meta["BLOCK_M"]),), scalars, meta, out_shape, (B, H, N)
 
 
 @functools.cache
 def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_strides, out_strides,
-                   grad_out_strides, grad_strides, mask_mode, has_tasks, layout, scale, renormalize, atomic,
-                   prompt_groups, sms):
+                   grad_out_strides, grad_strides, mask_mode, has_tasks, has_layouts, layout, scale, renormalize,
+                   atomic, prompt_groups, sms):
     """``_bwd_kernel`` with contiguous prompt gradients ([2, H, P, D] with ``atomic``, else ``prompt_groups``
     partials or per-sample gradients, [prompt_groups, 2, H, P, D]): (grid, scalars, meta, elements of the fp32
     scratch: delta [programs * N] padded to a multiple of 16, then the dq accumulators when there are several key
@@ -504,8 +523,8 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
     tiles = cdiv(N + P, _launch_config(*entry, N, P, D, ())["BLOCK_N"])  # key tiles (BLOCK_N takes no flag)
     splits = 1 if (config_key(D, dtype)[1], mask_mode) in UNSPLIT_BACKWARD else key_splits(B * H, tiles, sms)
     meta = _launch_config(*entry, N, P, D, (("MASK_MODE", mask_mode), ("RENORMALIZE", renormalize),
-                                            ("HAS_TASKS", has_tasks), ("ATOMIC", atomic), ("SPLIT", splits > 1),
-                                            ("GROUPED", group > 1)))
+                                            ("HAS_TASKS", has_tasks), ("HAS_LAYOUTS", has_layouts), ("ATOMIC", atomic),
+                                            ("SPLIT", splits > 1), ("GROUPED", group > 1)))
     if packed:
         os, gs, ds = out_strides, grad_out_strides, grad_strides
         outs, grad_outs, grads = (os[0], D, os[1]), (gs[0], D, gs[1]), _stacked(ds[0], ds[3], ds[1], ds[2], H)
@@ -513,7 +532,7 @@ def _backward_plan(packed, stacked, dtype, shape, strides, prompt_shape, prompt_
         outs, grad_outs, grads = out_strides[:3], grad_out_strides[:3], (*grad_strides[:3], 0)
     dprompts = (0 if atomic else 2 * H * P * D, P * D, D)
     scalars = (*qkv, *prompts, *outs, *grad_outs, *grads, *dprompts, B, H, N, P, D, scale * LOG2E, scale,
-               *_selection_scalars(mask_mode, layout), splits, group)
+               *_selection_scalars(mask_mode, has_layouts, layout), splits, group)
     programs = B * H * splits if splits > 1 else cdiv(B, group) * H
     accumulators = (B * H * tiles if splits > 1 else programs) * N * D if tiles > 1 else 0  # dq's fp32 accumulators
     scratch = cdiv(programs * N, 16) * 16 + accumulators
@@ -546,43 +565,45 @@ def _selection_pointer(mask, bits):
     return bits if mask is None else mask.contiguous().view(torch.uint8)
 
 
-def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layout, scale, renormalize):
+def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, layout, scale, renormalize):
     """One launch of ``_fwd_kernel`` (operands as ``_geometry`` takes them, the pointers of a packed group its one
-    tensor; tasks int [B] or None; layout (pool_cls, len_cls, len_img)): (out, lse). Its dots run in q's dtype:
-    bf16 is refused off CUDA (the interpreter); no launch without programs (a zero-size dimension), as in
+    tensor; tasks int [B] or None; layouts int [B, 4] or None; layout (pool_cls, len_cls, len_img)): (out, lse).
+    Its dots run in q's dtype: bf16 is refused off CUDA (the interpreter); no launch without programs (a zero-size
+    dimension), as in
     ``_backward``."""
     grid, scalars, meta, out_shape, lse_shape = _forward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), 1 if mask is None else 0,
-        tasks is not None, layout, scale, renormalize)
+        tasks is not None, layouts is not None, layout, scale, renormalize)
     device = q.device
     out = torch.empty(out_shape, dtype=q.dtype, device=device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
-        _fwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, out, lse, *scalars, **meta)
+        _fwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, lse, *scalars,
+                          **meta)
     return out, lse
 
 
 def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits,
-              tasks, layout, scale, renormalize):
+              tasks, layouts, layout, scale, renormalize):
     """One launch of ``_bwd_kernel`` (operands as ``_backward_plan`` takes them): with several programs per
     (batch, head), their zeroed tickets too."""
     device = q.device
     grid, scalars, meta, scratch, tickets = _backward_plan(
         packed, stacked, q.dtype, q.shape, q.stride(), prompt_k.shape, prompt_k.stride(), out.stride(),
-        grad_out.stride(), dq.stride(), 1 if mask is None else 0, tasks is not None, layout, scale, renormalize,
-        dprompt.dim() == 4, dprompt.shape[0] if dprompt.dim() == 5 else 0, sm_count(device))
+        grad_out.stride(), dq.stride(), 1 if mask is None else 0, tasks is not None, layouts is not None, layout,
+        scale, renormalize, dprompt.dim() == 4, dprompt.shape[0] if dprompt.dim() == 5 else 0, sm_count(device))
     scratch = torch.empty(scratch, dtype=torch.float32, device=device)
     tickets = torch.zeros(tickets, dtype=torch.int32, device=device) if tickets else None
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
-        _bwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, out, grad_out, lse, scratch, dq,
-                          dk, dv, dprompt, tickets, *scalars, **meta)
+        _bwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, grad_out, lse,
+                          scratch, dq, dk, dv, dprompt, tickets, *scalars, **meta)
 
 
-def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
+def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale,
                       renormalize):
     """One launch of ``_fwd_kernel``. q/k/v [B, H, N, D] share (b, h, n) strides with unit stride on D (the callers
     see to it: ``shared_strides``); prompt_k/prompt_v ([H, P, D] or [B, H, P, D], with tasks a bank's [T, H, P, D];
@@ -591,12 +612,12 @@ def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, 
     in q's dtype: a transposed view of a contiguous [B, N, H, D] buffer; lse [B, H, N] fp32 in log2 units)."""
     stacked = prompt_v is None
     out, lse = _forward(False, stacked, q, k, v, prompt_k, prompt_k if stacked else prompt_v, mask, bits, tasks,
-                        (pool_cls, len_cls, len_img), scale, renormalize)
+                        layouts, (pool_cls, len_cls, len_img), scale, renormalize)
     return out.transpose(1, 2), lse
 
 
 def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks,
-                       pool_cls, len_cls, len_img, scale, renormalize):
+                       layouts, pool_cls, len_cls, len_img, scale, renormalize):
     """One launch of ``_bwd_kernel``: writes dq, dk, dv ([B, H, N, D] sharing one (b, h, n) stride set with unit
     stride on D) and the prompt gradients into dprompt (fp32, contiguous): [B, 2, H, P, D] (per-sample gradients, or
     per-(b, h) partials of prompts shared by the batch, which the caller sums, as it sums per-sample gradients
@@ -605,23 +626,23 @@ def attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_
     their own strides (unit stride on D)."""
     stacked = prompt_v is None
     _backward(False, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_k if stacked else prompt_v,
-              out, lse, mask, bits, tasks, (pool_cls, len_cls, len_img), scale, renormalize)
+              out, lse, mask, bits, tasks, layouts, (pool_cls, len_cls, len_img), scale, renormalize)
 
 
-def packed_forward(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize):
+def packed_forward(qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize):
     """``attention_forward`` on qkv [B, N, 3, H, D] and stacked prompt_kv, both read in place (``read_in_place``):
     returns (out [B, N, H*D] contiguous, lse [B, H, N])."""
-    return _forward(True, True, qkv, qkv, qkv, prompt_kv, prompt_kv, mask, bits, tasks, (pool_cls, len_cls, len_img),
-                    scale, renormalize)
+    return _forward(True, True, qkv, qkv, qkv, prompt_kv, prompt_kv, mask, bits, tasks, layouts,
+                    (pool_cls, len_cls, len_img), scale, renormalize)
 
 
-def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls, len_cls, len_img,
-                    scale, renormalize):
+def packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, layouts, pool_cls, len_cls,
+                    len_img, scale, renormalize):
     """``attention_backward`` on the packed layouts: qkv and prompt_kv as in ``packed_forward``, out and grad_out
     [B, N, H*D] (unit stride on the last dim); writes dq, dk, dv into dqkv [B, N, 3, H, D] (``read_in_place``) and
     the prompt gradients into dprompt as ``attention_backward`` does."""
     _backward(True, True, dqkv, dqkv, dqkv, dprompt, grad_out, qkv, qkv, qkv, prompt_kv, prompt_kv, out, lse, mask,
-              bits, tasks, (pool_cls, len_cls, len_img), scale, renormalize)
+              bits, tasks, layouts, (pool_cls, len_cls, len_img), scale, renormalize)
 
 
 def backward_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, selection, scale, renormalize, deterministic,

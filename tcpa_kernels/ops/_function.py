@@ -119,20 +119,22 @@ def accumulation_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
 
 @kernel_op("tcpa_kernels::attention_fwd")
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor | None, mask: Tensor | None,
-                  bits: Tensor | None, tasks: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float,
-                  renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
+                  bits: Tensor | None, tasks: Tensor | None, layouts: Tensor | None, pool_cls: int, len_cls: int,
+                  len_img: int, scale: float, renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
     """One launch of the forward kernel: (out [B, H, N, D], a transposed view of a contiguous [B, N, H, D] buffer;
     lse [B, H, N]). q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or [B, H, P, D]) share
     theirs, unit stride on D; or prompt_v None and prompt_k both, stacked on dim -4 (``[2, H, P, D]`` or
     ``[B, 2, H, P, D]``, ``read_in_place``); with tasks (int [B]) a bank of prompt sets, [T, ...] in place of
-    [B, ...], sample b reading set tasks[b]. The selection is a bool mask [B, N, P] or int64 selection words [B, N]
-    with their pool layout (``Selection.op_args()``: the other one None)."""
-    return implementation(backend).attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls,
-                                                     len_cls, len_img, scale, renormalize)
+    [B, ...], sample b reading set tasks[b]; with layouts (int [B, 4]) each sample's own pools inside the padded
+    ones. The selection is a bool mask [B, N, P] or int64 selection words [B, N] with their pool layout
+    (``Selection.op_args()``: the other one None)."""
+    return implementation(backend).attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts,
+                                                     pool_cls, len_cls, len_img, scale, renormalize)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend):
+def _(q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize,
+      backend):
     B, H, N, D = q.shape
     return q.new_empty((B, N, H, D)).transpose(1, 2), q.new_empty((B, H, N), dtype=accumulation_dtype(backend, q.dtype))
 
@@ -140,33 +142,34 @@ def _(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img
 @kernel_op("tcpa_kernels::attention_bwd", mutates_args=("dq", "dk", "dv", "dprompt"))
 def attention_bwd(dq: Tensor, dk: Tensor, dv: Tensor, dprompt: Tensor, grad_out: Tensor, q: Tensor, k: Tensor,
                   v: Tensor, prompt_k: Tensor, prompt_v: Tensor | None, out: Tensor, lse: Tensor, mask: Tensor | None,
-                  bits: Tensor | None, tasks: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float,
-                  renormalize: bool, backend: str) -> None:
+                  bits: Tensor | None, tasks: Tensor | None, layouts: Tensor | None, pool_cls: int, len_cls: int,
+                  len_img: int, scale: float, renormalize: bool, backend: str) -> None:
     """One launch of the backward kernel: writes dq, dk and dv ([B, H, N, D] sharing one (b, h, n) stride set
     with unit stride on D) and the prompt gradients into dprompt (``prompt_grad_buffer``); the other tensors as
     ``attention_fwd`` takes them, grad_out and out ([B, H, N, D], unit stride on D) read through their own
     strides."""
     implementation(backend).attention_backward(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse,
-                                               mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize)
+                                               mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale,
+                                               renormalize)
 
 
 @attention_bwd.register_fake
-def _(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks, pool_cls, len_cls,
-      len_img, scale, renormalize, backend):
+def _(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks, layouts, pool_cls,
+      len_cls, len_img, scale, renormalize, backend):
     return None
 
 
 @kernel_op("tcpa_kernels::topk_bits")
-def topk_bits_op(scores: Tensor, num_prefix_tokens: int, pool_cls: int, k_cls: int, k_img: int,
+def topk_bits_op(scores: Tensor, layouts: Tensor | None, num_prefix_tokens: int, pool_cls: int, k_cls: int, k_img: int,
                  backend: str) -> Tensor:
-    """Selection words int64 [B, N] of scores [B, N, pool_cls + pool_img] (``selection.topk_bits``), one launch;
-    not differentiable. For the model path: arguments unchecked, backend resolved."""
+    """Selection words int64 [B, N] of scores [B, N, pool_cls + pool_img] (``selection.topk_bits``; layouts int
+    [B, 4] or None), one launch; not differentiable. For the model path: arguments unchecked, backend resolved."""
     return topk_bits(scores, num_prefix_tokens=num_prefix_tokens, pool_cls=pool_cls, k_cls=k_cls, k_img=k_img,
-                     backend=backend)
+                     backend=backend, layouts=layouts)
 
 
 @topk_bits_op.register_fake
-def _(scores, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
+def _(scores, layouts, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
     return scores.new_empty(scores.shape[:2], dtype=torch.int64)
 
 
@@ -259,10 +262,10 @@ def attention_grads(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k:
                     out: Tensor, lse: Tensor, selection: tuple, scale: float, renormalize: bool, backend: str,
                     deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The [B, H, N, D] attention backward: the backward op (or in eager mode its launcher), with the aten work
-    before and after it. Tensors as ``attention_bwd`` takes them, ``selection`` its (mask, bits, tasks, pool_cls,
-    len_cls, len_img). Returns dq, dk, dv (``token_grad_buffers``) and the gradients of (prompt_k, prompt_v) stacked
-    on dim -4 (``[2, H, P, D]``, ``[B, 2, H, P, D]`` or with tasks ``[T, 2, H, P, D]``) in prompt_k's dtype
-    (``prompt_grads``)."""
+    before and after it. Tensors as ``attention_bwd`` takes them, ``selection`` its (mask, bits, tasks, layouts,
+    pool_cls, len_cls, len_img). Returns dq, dk, dv (``token_grad_buffers``) and the gradients of (prompt_k,
+    prompt_v) stacked on dim -4 (``[2, H, P, D]``, ``[B, 2, H, P, D]`` or with tasks ``[T, 2, H, P, D]``) in
+    prompt_k's dtype (``prompt_grads``)."""
     if grad_out.stride()[-1] != 1:  # e.g. the expanded gradient of out.sum()
         grad_out = grad_out.contiguous()
     B, H, N, D = q.shape
@@ -278,29 +281,30 @@ def attention_grads(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k:
     return dq, dk, dv, prompt_grads(dprompt, shared, prompt_k.dtype, tasks, prompt_k.shape[0])
 
 
-def run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layout, scale, renormalize, backend,
+def run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, layout, scale, renormalize, backend,
                 deterministic):
-    """Forward of the [B, H, N, D] autograd Functions (selection: mask or bits, tasks or None, and layout (pool_cls,
-    len_cls, len_img)); returns out [B, H, N, D] (a transposed view of [B, N, H, D]). ``prompt_v`` None:
-    ``prompt_k`` holds both, stacked on dim -4 (``[2, H, P, D]`` or ``[B, 2, H, P, D]``), and gets one stacked
-    gradient."""
+    """Forward of the [B, H, N, D] autograd Functions (selection: mask or bits, tasks and layouts or None, and
+    layout (pool_cls, len_cls, len_img)); returns out [B, H, N, D] (a transposed view of [B, N, H, D]).
+    ``prompt_v`` None: ``prompt_k`` holds both, stacked on dim -4 (``[2, H, P, D]`` or ``[B, 2, H, P, D]``), and
+    gets one stacked gradient."""
     q, k, v = shared_strides(q, k, v)
     if prompt_v is None:
         prompt_k = read_in_place(prompt_k, -4)
     else:
         prompt_k, prompt_v = shared_strides(prompt_k, prompt_v)
-    args = (q, k, v, prompt_k, prompt_v, mask, bits, tasks, *layout, scale, renormalize)
+    args = (q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, *layout, scale, renormalize)
     out, lse = attention_fwd(*args, backend) if traced() else implementation(backend).attention_forward(*args)
-    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks)
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks, layouts)
     ctx.config = (layout, scale, renormalize, backend, deterministic)
     return out
 
 
 def run_backward(ctx, grad_out):
     """Grads of (q, k, v, prompt_k, prompt_v); None for inputs that need none."""
-    q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks = ctx.saved_tensors
+    q, k, v, prompt_k, prompt_v, out, lse, mask, bits, tasks, layouts = ctx.saved_tensors
     layout, scale, renormalize, backend, deterministic = ctx.config
-    dq, dk, dv, dprompt = attention_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse, (mask, bits, tasks, *layout),
-                                          scale, renormalize, backend, deterministic)
+    dq, dk, dv, dprompt = attention_grads(grad_out, q, k, v, prompt_k, prompt_v, out, lse,
+                                          (mask, bits, tasks, layouts, *layout), scale, renormalize, backend,
+                                          deterministic)
     grads = (dq, dk, dv, dprompt, None) if prompt_v is None else (dq, dk, dv, *dprompt.unbind(-4))
     return [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5])]

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from tcpa_kernels._backend import cdiv, next_power_of_2, sm_count
-from tcpa_kernels.ops._selection_kernels import own_pool, select_topk
+from tcpa_kernels.ops._selection_kernels import own_pool, row_layout, select_topk
 from tcpa_kernels.ops.match_select import group_weights
 from tcpa_kernels.ops.selection import max_topk
 
@@ -123,13 +123,16 @@ def _task_keys(KEYS_CLS, KEYS_IMG, TASKS, i_b, pool_cls, pool_img, C):
 
 
 @triton.jit
-def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, BITS, TERMS, NORM_W, NORM_B, H, MEAN, RSTD, n_rows, N, C,
-                      stride_b, stride_n, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls, w_img,
+def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, TERMS, NORM_W, NORM_B, H, MEAN, RSTD, n_rows, N,
+                      C, stride_b, stride_n, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls, w_img,
                       eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_TASKS: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
+                      HAS_LAYOUTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr,
+                      X16: tl.constexpr):
     """Selection words and loss terms of a block of tokens; with NORM also the block's layer norm h (the same rows
     of x, read again from cache rather than by a second kernel). HAS_TASKS: a bank of key sets ([T, pool, C]),
-    sample b matching set TASKS[b]; a block then holds the rows of one sample only (cdiv(N, BLOCK_T) per sample)."""
+    sample b matching set TASKS[b]; a block then holds the rows of one sample only (cdiv(N, BLOCK_T) per sample).
+    HAS_LAYOUTS: each sample's own pools and k (LAYOUTS [B, 4], ``row_layout``), w_cls / w_img the weights of k = 1
+    (divided by the row's k)."""
     if HAS_TASKS:
         n_blocks = tl.cdiv(N, BLOCK_T)
         i_b = (tl.program_id(0) // n_blocks).to(tl.int64)
@@ -142,9 +145,10 @@ def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, BITS, TERMS, NORM_W, NORM_B,
         m_t = o_t < n_rows
     b_cos, _, _, b_xsum = _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls, pool_img,
                                    BLOCK_C, E_PAD, X16)
-    is_prefix, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD)
+    own_cls, own_img, kc, ki = row_layout(LAYOUTS, o_t, m_t, N, pool_cls, pool_img, k_cls, k_img, HAS_LAYOUTS)
+    is_prefix, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, own_cls, own_img, kc, ki, E_PAD)
     b_bits, sel = select_topk(b_cos, m_valid, k_row, k_max)
-    b_terms = tl.sum(tl.where(sel, 1.0 - b_cos, 0.0), 1) * tl.where(is_prefix, w_cls, w_img)  # [BLOCK_T]
+    b_terms = tl.sum(tl.where(sel, 1.0 - b_cos, 0.0), 1) * _row_weights(is_prefix, k_row, w_cls, w_img, HAS_LAYOUTS)
     tl.store(BITS + o_t, b_bits, mask=m_t)
     tl.store(TERMS + o_t, b_terms, mask=m_t)
     if NORM:
@@ -153,11 +157,21 @@ def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, BITS, TERMS, NORM_W, NORM_B,
 
 
 @triton.jit
-def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, BITS, DTERMS, DX, DKEYS_PARTIAL, NORM_W, DH, MEAN, RSTD, n_rows,
-                      N, C, stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens, pool_cls, pool_img, w_cls,
-                      w_img, NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr, NORM: tl.constexpr,
-                      HAS_W: tl.constexpr, HAS_TASKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                      E_PAD: tl.constexpr, X16: tl.constexpr):
+def _row_weights(is_prefix, k_row, w_cls, w_img, HAS_LAYOUTS: tl.constexpr):
+    """w_t of rows [BLOCK_T]: their group's weight, over the row's own k with HAS_LAYOUTS (w_cls / w_img then being
+    the weights of k = 1)."""
+    w = tl.where(is_prefix, w_cls, w_img)
+    if HAS_LAYOUTS:  # resolved at compile time: one return type
+        w = w / k_row.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, DTERMS, DX, DKEYS_PARTIAL, NORM_W, DH, MEAN, RSTD,
+                      n_rows, N, C, stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens, pool_cls, pool_img,
+                      k_cls, k_img, w_cls, w_img, NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr,
+                      NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_LAYOUTS: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
     """Program i_p handles token blocks i_p, i_p + n_programs, ...; dx [B, N, C] contiguous, partial [E, C] fp32.
     HAS_TASKS (a bank of key sets, sample b matching set TASKS[b]): program i_p handles sample i_p's blocks, and its
     partial is that sample's key gradient (the caller sums them per set). With NORM, dx also gets the layer norm's
@@ -186,11 +200,13 @@ def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, BITS, DTERMS, DX, DKEYS_PART
         m_t = o_t < row_end
         b_cos, b_xnorm, b_knorm, _ = _cosines(X, KEYS_CLS, KEYS_IMG, o_t, m_t, N, C, stride_b, stride_n, pool_cls,
                                               pool_img, BLOCK_C, E_PAD, X16)
-        is_prefix, _, _ = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, 0, 0, E_PAD)
+        _, _, kc, ki = row_layout(LAYOUTS, o_t, m_t, N, pool_cls, pool_img, k_cls, k_img, HAS_LAYOUTS)
+        is_prefix = (o_t % N) < num_prefix_tokens
+        b_w = _row_weights(is_prefix, tl.where(is_prefix, kc, ki), w_cls, w_img, HAS_LAYOUTS)  # [BLOCK_T]
         b_bits = tl.load(BITS + o_t, mask=m_t, other=0)  # [BLOCK_T] int64
         sel = ((b_bits[:, None] >> o_e[None, :].to(tl.int64)) & 1) != 0
         b_dterm = tl.load(DTERMS + (o_t // N) * dstride_b + (o_t % N) * dstride_n, mask=m_t, other=0.0)
-        b_g = tl.where(sel & m_t[:, None], -(b_dterm * tl.where(is_prefix, w_cls, w_img))[:, None], 0.0)  # dL/dcos
+        b_g = tl.where(sel & m_t[:, None], -(b_dterm * b_w)[:, None], 0.0)  # dL/dcos
         b_gcos = b_g * b_cos  # [BLOCK_T, E_PAD]
         b_inv_x = 1.0 / tl.maximum(b_xnorm, 1e-12)  # [BLOCK_T]
         b_xcoef = tl.where(b_xnorm > 1e-12, tl.sum(b_gcos, 1) * b_inv_x * b_inv_x, 0.0)  # clamped norm: no x term
@@ -283,35 +299,35 @@ def _x16(x):
 
 @functools.cache
 def _forward_plan(shape, strides, x16, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img, eps, norm, has_w, has_b,
-                  has_tasks):
+                  has_tasks, has_layouts):
     """``_match_fwd_kernel`` on x of ``shape`` and (batch, token) ``strides``: (grid, args, options, the shapes
     (B, N) of bits, terms, mean, rstd and (B, N, C) of h)."""
     B, N, C = shape
-    w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
+    w_cls, w_img = _weights(B, N, num_prefix_tokens, k_cls, k_img, has_layouts)
     k_max = max_topk(N, num_prefix_tokens, k_cls, k_img)
     blocks, options = _constexprs_and_options("fwd", pool_cls, pool_img, x16)
     args = (B * N, N, C, strides[0], strides[1], num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls,
-            w_img, eps, norm, has_w, has_b, has_tasks, *blocks)
+            w_img, eps, norm, has_w, has_b, has_tasks, has_layouts, *blocks)
     programs = B * cdiv(N, blocks[0]) if has_tasks else cdiv(B * N, blocks[0])  # a bank: blocks of one sample
     return (programs,), args, options, (B, N), (B, N, C)
 
 
 @functools.cache
 def _backward_plan(shape, strides, dterms_strides, x16, sms, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img,
-                   need_dx, need_dkeys, norm, has_w, has_tasks):
+                   need_dx, need_dkeys, norm, has_w, has_tasks, has_layouts):
     """``_match_bwd_kernel`` (dterms read at its own strides): (grid, args, options, the shapes of dx and of the
     key-gradient partials: one per program; with a bank one program, and partial, per sample)."""
     B, N, C = shape
-    w_cls, w_img = group_weights(B, N, num_prefix_tokens, k_cls, k_img)
+    w_cls, w_img = _weights(B, N, num_prefix_tokens, k_cls, k_img, has_layouts)
     blocks, options = _constexprs_and_options("bwd", pool_cls, pool_img, x16)
     args = (B * N, N, C, strides[0], strides[1], dterms_strides[0], dterms_strides[1], num_prefix_tokens, pool_cls,
-            pool_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, has_tasks, *blocks)
+            pool_img, k_cls, k_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, has_tasks, has_layouts, *blocks)
     programs = B if has_tasks else backward_programs(B * N, sms)
     return (programs,), args, options, (B, N, C), (programs, pool_cls + pool_img, C)
 
 
-def forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
-            k_img):
+def forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
+            k_cls, k_img):
     """One launch of ``_match_fwd_kernel``: (terms, bits, h, mean, rstd) as ``match_select.match_fwd`` returns,
     with None for h, mean and rstd without ``fuse_norm``. The keys are contiguous (the callers see to it): [pool, C]
     each, or with tasks (int [B]) a bank's [T, pool, C]."""
@@ -321,7 +337,7 @@ def forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse
         strides = x.stride()
     grid, args, options, rows, shape = _forward_plan(
         x.shape, strides, _x16(x), keys_cls.shape[-2], keys_img.shape[-2], num_prefix_tokens, k_cls, k_img, norm_eps,
-        fuse_norm, norm_weight is not None, norm_bias is not None, tasks is not None)
+        fuse_norm, norm_weight is not None, norm_bias is not None, tasks is not None, layouts is not None)
     device = x.device
     bits = torch.empty(rows, dtype=torch.int64, device=device)
     terms = torch.empty(rows, dtype=torch.float32, device=device)
@@ -331,9 +347,17 @@ def forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse
         mean = torch.empty(rows, dtype=torch.float32, device=device)
         rstd = torch.empty(rows, dtype=torch.float32, device=device)
     if grid[0]:
-        _match_fwd_kernel[grid](x, keys_cls, keys_img, tasks, bits, terms, norm_weight, norm_bias, h, mean, rstd,
-                                *args, **options)
+        _match_fwd_kernel[grid](x, keys_cls, keys_img, tasks, layouts, bits, terms, norm_weight, norm_bias, h, mean,
+                                rstd, *args, **options)
     return terms, bits, h, mean, rstd
+
+
+def _weights(B, N, num_prefix_tokens, k_cls, k_img, has_layouts):
+    """The kernels' (w_cls, w_img): ``group_weights``, of k = 1 with per-sample layouts (the kernels divide by the
+    row's k)."""
+    if has_layouts:
+        k_cls = k_img = 1
+    return group_weights(B, N, num_prefix_tokens, k_cls, k_img)
 
 
 def backward_programs(n_rows, sms):
@@ -342,8 +366,8 @@ def backward_programs(n_rows, sms):
     return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), sms or MAX_KEY_PARTIALS))
 
 
-def backward(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
-             need_dx, need_dkeys):
+def backward(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens,
+             k_cls, k_img, need_dx, need_dkeys):
     """One launch of ``_match_bwd_kernel``: (dx, key-gradient partials) as ``match_select.match_bwd`` returns, with
     None for what is not needed. The keys are contiguous (the callers see to it), a bank's with tasks."""
     strides = x.stride()
@@ -354,11 +378,11 @@ def backward(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, 
     grid, args, options, shape, partials_shape = _backward_plan(
         x.shape, strides, dterms.stride(), _x16(x), sm_count(device), keys_cls.shape[-2], keys_img.shape[-2],
         num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys, dh is not None, norm_weight is not None,
-        tasks is not None)
+        tasks is not None, layouts is not None)
     dx = torch.empty(shape, dtype=x.dtype, device=device) if need_dx else None
     partials = torch.empty(partials_shape, dtype=torch.float32, device=device) if need_dkeys else None
     if args[0]:  # B * N rows
-        _match_bwd_kernel[grid](x, keys_cls, keys_img, tasks, bits, dterms, dx, partials, norm_weight,
+        _match_bwd_kernel[grid](x, keys_cls, keys_img, tasks, layouts, bits, dterms, dx, partials, norm_weight,
                                 None if dh is None else dh.contiguous(), mean, rstd, *args, **options)
     elif need_dkeys:
         partials.zero_()

@@ -39,19 +39,36 @@ def select_topk(b_s, m_valid, k_row, k_max):
 
 
 @triton.jit
-def own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD: tl.constexpr):
-    """For rows o_t (= b*N + n): (is_prefix [BLOCK_T], valid entries bool [BLOCK_T, E_PAD], k [BLOCK_T])."""
+def own_pool(o_t, N, num_prefix_tokens, pool_cls, own_cls, own_img, k_cls, k_img, E_PAD: tl.constexpr):
+    """For rows o_t (= b*N + n) of pools whose image entries start at pool_cls: (is_prefix [BLOCK_T], valid entries
+    bool [BLOCK_T, E_PAD], k [BLOCK_T]). A row's own pools are its first own_cls CLS entries and first own_img image
+    entries, and it picks k_cls / k_img of them (scalars, or per row: ``row_layout``)."""
     is_prefix = (o_t % N) < num_prefix_tokens
     o_e = tl.arange(0, E_PAD)
     lo = tl.where(is_prefix, 0, pool_cls)
-    hi = tl.where(is_prefix, pool_cls, pool_cls + pool_img)
+    hi = tl.where(is_prefix, own_cls, pool_cls + own_img)
     m_valid = (o_e[None, :] >= lo[:, None]) & (o_e[None, :] < hi[:, None])
     return is_prefix, m_valid, tl.where(is_prefix, k_cls, k_img)
 
 
 @triton.jit
+def row_layout(LAYOUTS, o_t, m_t, N, pool_cls, pool_img, k_cls, k_img, HAS_LAYOUTS: tl.constexpr):
+    """(own_cls, own_img, k_cls, k_img) of rows o_t: their sample's row of LAYOUTS (int [B, 4], a bank of tasks with
+    pools of different sizes) with HAS_LAYOUTS, else the scalars themselves (one layout for all)."""
+    own_cls, own_img, kc, ki = pool_cls, pool_img, k_cls, k_img
+    if HAS_LAYOUTS:  # resolved at compile time: one return type
+        p_row = LAYOUTS + (o_t // N) * 4
+        own_cls = tl.load(p_row, mask=m_t, other=1)
+        own_img = tl.load(p_row + 1, mask=m_t, other=1)
+        kc = tl.load(p_row + 2, mask=m_t, other=1)
+        ki = tl.load(p_row + 3, mask=m_t, other=1)
+    return own_cls, own_img, kc, ki
+
+
+@triton.jit
 def _topk_bits_kernel(
     SCORES,  # [B*N, E] float, E = pool_cls + pool_img
+    LAYOUTS,  # [B, 4] int: each sample's own pools and k (HAS_LAYOUTS), else unused
     BITS,  # [B*N] int64 (output)
     n_rows,
     N,
@@ -61,13 +78,15 @@ def _topk_bits_kernel(
     k_cls,
     k_img,
     k_max,
+    HAS_LAYOUTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     E_PAD: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] row = b*N + n
     m_t = o_t < n_rows
-    _, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, E_PAD)
+    own_cls, own_img, kc, ki = row_layout(LAYOUTS, o_t, m_t, N, pool_cls, pool_img, k_cls, k_img, HAS_LAYOUTS)
+    _, m_valid, k_row = own_pool(o_t, N, num_prefix_tokens, pool_cls, own_cls, own_img, kc, ki, E_PAD)
     m_valid = m_valid & m_t[:, None]
     o_e = tl.arange(0, E_PAD)
     b_s = tl.load(SCORES + o_t[:, None] * (pool_cls + pool_img) + o_e[None, :], mask=m_valid, other=0.0)
@@ -75,8 +94,9 @@ def _topk_bits_kernel(
     tl.store(BITS + o_t, b_bits, mask=m_t)
 
 
-def topk_bits(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
-    """One launch of ``_topk_bits_kernel``: scores [B, N, E] (fp16/bf16/fp32) -> bits int64 [B, N]."""
+def topk_bits(scores, num_prefix_tokens, pool_cls, k_cls, k_img, layouts=None):
+    """One launch of ``_topk_bits_kernel``: scores [B, N, E] (fp16/bf16/fp32) -> bits int64 [B, N]; layouts int
+    [B, 4] (``Selection.layouts``) or None."""
     B, N, E = scores.shape
     scores = scores.contiguous()
     bits = torch.empty(B, N, dtype=torch.int64, device=scores.device)
@@ -85,8 +105,8 @@ def topk_bits(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
         return bits
     BLOCK_T = 32
     _topk_bits_kernel[(cdiv(n_rows, BLOCK_T),)](
-        scores, bits, n_rows, N, num_prefix_tokens, pool_cls, E - pool_cls, k_cls, k_img,
-        max_topk(N, num_prefix_tokens, k_cls, k_img),
+        scores, layouts, bits, n_rows, N, num_prefix_tokens, pool_cls, E - pool_cls, k_cls, k_img,
+        max_topk(N, num_prefix_tokens, k_cls, k_img), layouts is not None,
         BLOCK_T=BLOCK_T, E_PAD=next_power_of_2(E),
     )
     return bits

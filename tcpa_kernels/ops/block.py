@@ -31,7 +31,7 @@ from tcpa_kernels.ops.match_select import matching_forward, matching_grads
 from tcpa_kernels.ops.packed import packed_grads, run_packed_forward
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts (not fp64)
-_NO_GRADS = (None,) * 9  # BlockAttention's gradients of the tasks, the norm's and projections' parameters, settings
+_NO_GRADS = (None,) * 10  # BlockAttention's gradients of the tasks, layouts, norm's and projections' params, settings
 
 
 def _gemm_dtype(x: Tensor) -> torch.dtype | None:
@@ -51,35 +51,36 @@ def _gemm_operands(dtype: torch.dtype | None, h: Tensor, weight: Tensor,
 
 
 class BlockAttention(torch.autograd.Function):
-    """``apply(x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, norm_weight, norm_bias, qkv_weight, qkv_bias,
-    proj_weight, proj_bias, settings)`` with ``settings = (norm_eps, num_prefix_tokens, k_cls, k_img, num_heads,
-    pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)`` (one argument: each argument of an
-    autograd function costs host time at every call) -> (out [B, N, H*D], or x + out W_proj^T + b_proj [B, N, C]
-    when proj_weight is given; terms [B, N]); differentiable in x, the keys and prompt_kv. With tasks (int [B]) the keys
-    are a prompt bank's ([T, pool, C]), sample b matching set tasks[b], and prompt_kv its prompt sets
-    ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b] (None: tasks[b]; one tensor is not passed twice,
-    which dynamo cannot trace)."""
+    """``apply(x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, layouts, norm_weight, norm_bias, qkv_weight,
+    qkv_bias, proj_weight, proj_bias, settings)`` with ``settings = (norm_eps, num_prefix_tokens, k_cls, k_img,
+    num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)`` (one argument: each
+    argument of an autograd function costs host time at every call) -> (out [B, N, H*D], or x + out W_proj^T +
+    b_proj [B, N, C] when proj_weight is given; terms [B, N]); differentiable in x, the keys and prompt_kv. With
+    tasks (int [B]) the keys are a prompt bank's ([T, pool, C]), sample b matching set tasks[b], and prompt_kv its
+    prompt sets ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b] (None: tasks[b]; one tensor is not
+    passed twice, which dynamo cannot trace); with layouts (int [B, 4], ``Selection.layouts``) each sample's own
+    pools inside the padded ones."""
 
     @staticmethod
-    def forward(ctx, x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, norm_weight, norm_bias, qkv_weight,
-                qkv_bias, proj_weight, proj_bias, settings):
+    def forward(ctx, x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, layouts, norm_weight, norm_bias,
+                qkv_weight, qkv_bias, proj_weight, proj_bias, settings):
         (norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend,
          _) = settings
         B, N, _ = x.shape
-        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps,
-                                                      True, num_prefix_tokens, k_cls, k_img, backend)
+        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias,
+                                                      norm_eps, True, num_prefix_tokens, k_cls, k_img, backend)
         dtype = _gemm_dtype(h)
         h, weight, bias = _gemm_operands(dtype, h, qkv_weight, qkv_bias)
         with autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
             qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
             out, lse = run_packed_forward(qkv, prompt_kv, None, bits, tasks if prompt_tasks is None else prompt_tasks,
-                                          pool_cls, len_cls, len_img, scale, renormalize, backend)
+                                          layouts, pool_cls, len_cls, len_img, scale, renormalize, backend)
             result = out
             if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
                 out_in, proj_weight, proj_bias = _gemm_operands(dtype, out, proj_weight, proj_bias)
                 result = x + F.linear(out_in, proj_weight, proj_bias)
-        ctx.save_for_backward(x, keys_cls, keys_img, tasks, prompt_tasks, bits, norm_weight, mean, rstd, weight, qkv,
-                              prompt_kv, out, lse, proj_weight)
+        ctx.save_for_backward(x, keys_cls, keys_img, tasks, prompt_tasks, layouts, bits, norm_weight, mean, rstd,
+                              weight, qkv, prompt_kv, out, lse, proj_weight)
         ctx.settings = settings
         ctx.set_materialize_grads(False)  # no zero gradients are built for an unused output
         return result, terms
@@ -87,8 +88,8 @@ class BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_result, grad_terms):
         refuse_double_backward("a prompted block's attention")
-        (x, keys_cls, keys_img, tasks, prompt_tasks, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv, out, lse,
-         proj_weight) = ctx.saved_tensors
+        (x, keys_cls, keys_img, tasks, prompt_tasks, layouts, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv,
+         out, lse, proj_weight) = ctx.saved_tensors
         (_, num_prefix_tokens, k_cls, k_img, _, pool_cls, len_cls, len_img, scale, renormalize, backend,
          deterministic) = ctx.settings
         need_x, need_keys_cls, need_keys_img, need_prompts = ctx.needs_input_grad[:4]
@@ -100,16 +101,16 @@ class BlockAttention(torch.autograd.Function):
         dh = dprompt = None
         if grad_out is not None and (need_x or need_prompts):
             attention_tasks = tasks if prompt_tasks is None else prompt_tasks
-            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, attention_tasks, pool_cls,
-                                         len_cls, len_img, scale, renormalize, backend, deterministic)
+            dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, attention_tasks, layouts,
+                                         pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)
             if need_x:  # dh = dqkv W in the GEMM's dtype, then x's (the norm's output dtype)
                 dh = torch.mm(dqkv.view(B * N, weight.shape[0]), weight).view(B, N, C)
                 dh = dh if dh.dtype == x.dtype else dh.to(x.dtype)
         dx = dkeys_cls = dkeys_img = None
         if dh is not None or (grad_terms is not None and (need_x or need_keys_cls or need_keys_img)):
-            dx, dkeys_cls, dkeys_img = matching_grads(grad_terms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight,
-                                                      mean, rstd, num_prefix_tokens, k_cls, k_img, backend, need_x,
-                                                      need_keys_cls or need_keys_img)
+            dx, dkeys_cls, dkeys_img = matching_grads(grad_terms, dh, x, keys_cls, keys_img, tasks, layouts, bits,
+                                                      norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+                                                      backend, need_x, need_keys_cls or need_keys_img)
         if need_x and proj_weight is not None and grad_result is not None:  # the residual's gradient
             dx = grad_result if dx is None else dx + grad_result
         return dx, dkeys_cls, dkeys_img, dprompt if need_prompts else None, *_NO_GRADS
@@ -119,11 +120,12 @@ def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Te
                     qkv: torch.nn.Linear, proj: torch.nn.Linear | None, num_heads: int, num_prefix_tokens: int,
                     k_cls: int, k_img: int, pool_cls: int, len_cls: int, len_img: int, scale: float, renormalize: bool,
                     backend: str, deterministic: bool = True, tasks: Tensor | None = None,
-                    prompt_tasks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    prompt_tasks: Tensor | None = None, layouts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out [B, N, H*D], what ``proj`` reads, or with ``proj`` the residual stream after the attention,
     x + proj(out) [B, N, C]; terms [B, N], the layer's matching-loss terms) of a pre-norm block whose input is
     x [B, N, C]. For the model path, unchecked: what ``norm_match`` and ``packed_attention`` take (with tasks and
-    prompt_tasks, int [B], a prompt bank's keys [T, pool, C] and prompt_kv [T', 2, H, P, D]: ``BlockAttention``),
+    prompt_tasks, int [B], a prompt bank's keys [T, pool, C] and prompt_kv [T', 2, H, P, D], and layouts:
+    ``BlockAttention``),
     with the pools' keys contiguous,
     ``norm`` a LayerNorm over C, ``qkv`` a linear C -> 3 * H * D and ``proj`` one H * D -> C (or None), all
     frozen."""
@@ -132,6 +134,6 @@ def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Te
     settings = (norm.eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
                 backend, deterministic)
     return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), tasks,
-                                None if prompt_tasks is tasks else prompt_tasks,
+                                None if prompt_tasks is tasks else prompt_tasks, layouts,
                                 norm_params["weight"], norm_params["bias"], qkv_params["weight"], qkv_params["bias"],
                                 proj_params["weight"], proj_params["bias"], settings)

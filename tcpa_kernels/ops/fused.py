@@ -30,8 +30,8 @@ class TCPAAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prompt_k, prompt_v, scores, pool_cls, topk_cls, topk_img, prompt_len_cls,
                 prompt_len_img, num_prefix_tokens, scale, renormalize, backend, deterministic):
-        bits = topk_bits_op(scores.detach(), num_prefix_tokens, pool_cls, topk_cls, topk_img, backend)  # [B, N] int64
-        out = run_forward(ctx, q, k, v, prompt_k, prompt_v, None, bits, None,
+        bits = topk_bits_op(scores.detach(), None, num_prefix_tokens, pool_cls, topk_cls, topk_img, backend)  # [B, N]
+        out = run_forward(ctx, q, k, v, prompt_k, prompt_v, None, bits, None, None,
                           (pool_cls, prompt_len_cls, prompt_len_img), scale, renormalize, backend, deterministic)
         ctx.mark_non_differentiable(bits)
         return out, bits

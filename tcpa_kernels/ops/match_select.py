@@ -39,7 +39,7 @@ from torch import Tensor
 from tcpa_kernels._backend import autocast_off, kernels, resolve_backend, sm_count
 from tcpa_kernels._validate import check_pool_config, describe, validate_match_inputs
 from tcpa_kernels.ops._function import kernel_op, refuse_double_backward, traced
-from tcpa_kernels.ops.selection import _topk_bits_torch, check_tasks, entry_selection, sum_per_task
+from tcpa_kernels.ops.selection import _topk_bits_torch, check_layouts, check_tasks, entry_selection, sum_per_task
 
 EPS = 1e-12  # F.normalize's: norms below it are clamped
 
@@ -68,20 +68,26 @@ def _cosines_torch(x, keys_cls, keys_img, tasks):
     return (x @ keys_hat.transpose(-1, -2)) / x_norm.clamp_min(EPS), x_norm, keys_hat, keys_norm
 
 
-def _token_weights(x, num_prefix_tokens, k_cls, k_img, dtype):
-    """w_t of every token: [N, 1]."""
+def _token_weights(x, num_prefix_tokens, k_cls, k_img, layouts, dtype):
+    """w_t of every token: [N] (with layouts, each sample's own k: [B, N])."""
+    if layouts is not None:
+        w_cls, w_img = group_weights(x.shape[0], x.shape[1], num_prefix_tokens, 1, 1)
+        k = layouts[:, 2:].to(dtype)  # [B, 2]: each sample's k_cls, k_img
+        return torch.cat([(w_cls / k[:, :1]).expand(-1, num_prefix_tokens),
+                          (w_img / k[:, 1:]).expand(-1, x.shape[1] - num_prefix_tokens)], dim=1)
     w_cls, w_img = group_weights(x.shape[0], x.shape[1], num_prefix_tokens, k_cls, k_img)
-    w = torch.full((x.shape[1], 1), w_img, dtype=dtype, device=x.device)
+    w = torch.full((x.shape[1],), w_img, dtype=dtype, device=x.device)
     w[:num_prefix_tokens] = w_cls
     return w
 
 
-def _forward_torch(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
-                   k_img):
+def _forward_torch(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, fuse_norm,
+                   num_prefix_tokens, k_cls, k_img):
     cos = _cosines_torch(x, keys_cls, keys_img, tasks)[0]
-    bits = _topk_bits_torch(cos, num_prefix_tokens, keys_cls.shape[-2], k_cls, k_img)
+    bits = _topk_bits_torch(cos, num_prefix_tokens, keys_cls.shape[-2], k_cls, k_img, layouts)
     sel = entry_selection(bits, cos.shape[-1])
-    terms = torch.where(sel, 1 - cos, 0).sum(-1) * _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)[:, 0]
+    terms = torch.where(sel, 1 - cos, 0).sum(-1) * _token_weights(x, num_prefix_tokens, k_cls, k_img, layouts,
+                                                                  cos.dtype)
     h = mean = rstd = None
     if fuse_norm:
         xc = x.to(cos.dtype)
@@ -96,12 +102,12 @@ def _forward_torch(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_ep
     return terms, bits, h, mean, rstd
 
 
-def _backward_torch(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
-                    k_img, need_dx, need_dkeys):
+def _backward_torch(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
+                    num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys):
     cos, x_norm, keys_hat, k_norm = _cosines_torch(x, keys_cls, keys_img, tasks)
     xc = x.to(cos.dtype)
-    w = _token_weights(x, num_prefix_tokens, k_cls, k_img, cos.dtype)
-    g = torch.where(entry_selection(bits, cos.shape[-1]), -(dterms.to(cos.dtype) * w[:, 0])[..., None], 0)  # [B,N,E]
+    w = _token_weights(x, num_prefix_tokens, k_cls, k_img, layouts, cos.dtype)
+    g = torch.where(entry_selection(bits, cos.shape[-1]), -(dterms.to(cos.dtype) * w)[..., None], 0)  # [B, N, E]
     inv_x = 1 / x_norm.clamp_min(EPS)  # [B, N, 1]
     dx = dkeys = None
     if need_dx:
@@ -155,14 +161,16 @@ def _implementation(backend):
 
 
 @kernel_op("tcpa_kernels::match_fwd")
-def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | None, norm_weight: Tensor | None,
-              norm_bias: Tensor | None, norm_eps: float, fuse_norm: bool, num_prefix_tokens: int, k_cls: int,
-              k_img: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | None, layouts: Tensor | None,
+              norm_weight: Tensor | None, norm_bias: Tensor | None, norm_eps: float, fuse_norm: bool,
+              num_prefix_tokens: int, k_cls: int, k_img: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                      Tensor]:
     """(loss terms [B, N], bits int64 [B, N], h, mean, rstd): one kernel (``_match_fwd_kernel``) on the triton
-    backend. Keys [pool, C] each, or with tasks (int [B]) a bank's [T, pool, C], sample b matching set tasks[b].
-    With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias or None, eps) to x:
-    h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
-    terms, bits, h, mean, rstd = _implementation(backend).forward(x, keys_cls, keys_img, tasks, norm_weight,
+    backend. Keys [pool, C] each, or with tasks (int [B]) a bank's [T, pool, C], sample b matching set tasks[b];
+    with layouts (int [B, 4], ``Selection.layouts``) each sample's own pools and k inside the padded ones (k_cls,
+    k_img: the largest). With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias
+    or None, eps) to x: h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
+    terms, bits, h, mean, rstd = _implementation(backend).forward(x, keys_cls, keys_img, tasks, layouts, norm_weight,
                                                                   norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
                                                                   k_cls, k_img)
     if not fuse_norm:
@@ -171,8 +179,8 @@ def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | Non
 
 
 @match_fwd.register_fake
-def _(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img,
-      backend):
+def _(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
+      k_img, backend):
     terms_dtype = torch.float64 if (backend == "torch" and x.dtype == torch.float64) else torch.float32
     stats_shape = x.shape[:2] if fuse_norm else (0,)
     return (x.new_empty(x.shape[:2], dtype=terms_dtype), x.new_empty(x.shape[:2], dtype=torch.int64),
@@ -182,20 +190,21 @@ def _(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm,
 
 @kernel_op("tcpa_kernels::match_bwd")
 def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | None,
-              bits: Tensor, norm_weight: Tensor | None, mean: Tensor, rstd: Tensor, num_prefix_tokens: int,
-              k_cls: int, k_img: int, need_dx: bool, need_dkeys: bool, backend: str) -> tuple[Tensor, Tensor]:
+              layouts: Tensor | None, bits: Tensor, norm_weight: Tensor | None, mean: Tensor, rstd: Tensor,
+              num_prefix_tokens: int, k_cls: int, k_img: int, need_dx: bool, need_dkeys: bool,
+              backend: str) -> tuple[Tensor, Tensor]:
     """(dx [B, N, C] or empty, key-gradient partials [programs, E, C] or empty; with tasks one per sample,
     [B, E, C]): one kernel (``_match_bwd_kernel``) on the triton backend. With dh (the gradient of the fused layer
     norm's h), dx includes the layer norm's."""
-    dx, partials = _implementation(backend).backward(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight,
-                                                     mean, rstd, num_prefix_tokens, k_cls, k_img, need_dx,
-                                                     need_dkeys)
+    dx, partials = _implementation(backend).backward(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits,
+                                                     norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+                                                     need_dx, need_dkeys)
     return (x.new_empty(0) if dx is None else dx,
             x.new_empty(0, dtype=_partials_dtype(x, backend)) if partials is None else partials)
 
 
 @match_bwd.register_fake
-def _(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+def _(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
       need_dx, need_dkeys, backend):
     B, N, C = x.shape
     if tasks is not None:
@@ -209,22 +218,22 @@ def _(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, n
                            dtype=_partials_dtype(x, backend))
 
 
-_NO_GRADS = (None,) * 9  # MatchSelect's gradients of the tasks, the norm's parameters, the pool layout and flags
+_NO_GRADS = (None,) * 10  # MatchSelect's gradients of the tasks, layouts, the norm's parameters, pool layout, flags
 
 
 class MatchSelect(torch.autograd.Function):
-    """``apply(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
-    k_img, backend)`` -> (terms [B, N], bits [B, N] (not differentiable)), and with ``fuse_norm`` h [B, N, C]: the
-    matching kernels forward and backward (their launchers in eager mode, ``match_fwd`` / ``match_bwd`` traced);
-    the layer norm's weight and bias must be frozen (no gradient is computed for them). With tasks the keys are a
-    bank's [T, pool, C], each set's gradient the sum of its samples'."""
+    """``apply(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
+    k_cls, k_img, backend)`` -> (terms [B, N], bits [B, N] (not differentiable)), and with ``fuse_norm`` h [B, N, C]:
+    the matching kernels forward and backward (their launchers in eager mode, ``match_fwd`` / ``match_bwd``
+    traced); the layer norm's weight and bias must be frozen (no gradient is computed for them). With tasks the keys
+    are a bank's [T, pool, C], each set's gradient the sum of its samples'; with layouts each sample's own pools."""
 
     @staticmethod
-    def forward(ctx, x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
-                k_cls, k_img, backend):
-        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps,
-                                                      fuse_norm, num_prefix_tokens, k_cls, k_img, backend)
-        ctx.save_for_backward(x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd)  # bits: int64, no grad
+    def forward(ctx, x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, fuse_norm,
+                num_prefix_tokens, k_cls, k_img, backend):
+        terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias,
+                                                      norm_eps, fuse_norm, num_prefix_tokens, k_cls, k_img, backend)
+        ctx.save_for_backward(x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd)  # bits: no grad
         ctx.set_materialize_grads(False)  # no zero gradients are built for the words or an unused output
         ctx.config = (num_prefix_tokens, k_cls, k_img, backend)
         return (terms, bits, h) if fuse_norm else (terms, bits)
@@ -233,30 +242,30 @@ class MatchSelect(torch.autograd.Function):
     def backward(ctx, dterms, dbits, dh=None):
         """dh None: no norm fused, or its output unused (then only the matching's gradient flows)."""
         refuse_double_backward("match_select")
-        x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd = ctx.saved_tensors
-        dx, dkc, dki = matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd,
+        x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd = ctx.saved_tensors
+        dx, dkc, dki = matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
                                       *ctx.config, ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]))
         return dx, dkc, dki, *_NO_GRADS
 
 
-def matching_forward(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
-                     k_cls, k_img, backend):
+def matching_forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, fuse_norm,
+                     num_prefix_tokens, k_cls, k_img, backend):
     """``match_fwd`` (traced) or its launcher (eager): (terms, bits, h, mean, rstd), the last three None or empty
     without ``fuse_norm``."""
-    args = (x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens, k_cls,
-            k_img)
+    args = (x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, fuse_norm, num_prefix_tokens,
+            k_cls, k_img)
     return match_fwd(*args, backend) if traced() else _implementation(backend).forward(*args)
 
 
-def matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
-                   k_img, backend, need_dx, need_dkeys):
+def matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
+                   num_prefix_tokens, k_cls, k_img, backend, need_dx, need_dkeys):
     """The matching backward, with the fused layer norm's when dh is given: (dx, dkeys_cls, dkeys_img), None where
     not needed. dterms None: the matching loss was not used, only the layer norm's gradient flows."""
     need_dkeys = need_dkeys and dterms is not None
     if dterms is None:
         dterms = x.new_zeros(x.shape[:2], dtype=_stats_dtype(x))
-    args = (dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
-            need_dx, need_dkeys)
+    args = (dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
+            k_img, need_dx, need_dkeys)
     dx, partials = match_bwd(*args, backend) if traced() else _implementation(backend).backward(*args)
     if not need_dkeys:
         return dx if need_dx else None, None, None
@@ -271,48 +280,50 @@ def matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, bits, norm_weight, 
 
 
 def match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int,
-          backend: str, tasks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+          backend: str, tasks: Tensor | None = None, layouts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`match_select` without the argument checks, for the model path: ``(bits, terms)``.
 
     The caller guarantees what ``match_select`` checks, and contiguous keys: x ``[B, N, C]``, keys ``[Pc, C]`` and
     ``[Pi, C]`` (the pools' parameters; with tasks, int [B] in [0, T), a bank's ``[T, Pc, C]`` and
     ``[T, Pi, C]``) of one float dtype on x's device (Pc + Pi <= 64), 1 <= k_cls <= Pc, 1 <= k_img <= Pi,
-    0 <= num_prefix_tokens <= N, backend "triton" (x not fp64) or "torch", resolved.
+    0 <= num_prefix_tokens <= N, backend "triton" (x not fp64) or "torch", resolved; layouts None or as
+    ``match_select`` checks them.
     """
-    terms, bits = MatchSelect.apply(x, keys_cls, keys_img, tasks, None, None, 0.0, False, num_prefix_tokens, k_cls,
-                                    k_img, backend)
+    terms, bits = MatchSelect.apply(x, keys_cls, keys_img, tasks, layouts, None, None, 0.0, False, num_prefix_tokens,
+                                    k_cls, k_img, backend)
     return bits, terms
 
 
 def norm_match(x: Tensor, keys_cls: Tensor, keys_img: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
                norm_eps: float, num_prefix_tokens: int, k_cls: int, k_img: int, backend: str,
-               tasks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               tasks: Tensor | None = None, layouts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`match` with the block's LayerNorm fused (one kernel each way): ``(h, bits, terms)``, h =
     ``F.layer_norm(x, (C,), norm_weight, norm_bias, norm_eps)`` in x's dtype. For the model path, unchecked as
     :func:`match`; norm_weight/norm_bias ``[C]`` or None must be frozen (no gradient is computed for them)."""
-    terms, bits, h = MatchSelect.apply(x, keys_cls, keys_img, tasks, norm_weight, norm_bias, norm_eps, True,
+    terms, bits, h = MatchSelect.apply(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, True,
                                        num_prefix_tokens, k_cls, k_img, backend)
     return h, bits, terms
 
 
 def norm_match_select(x: Tensor, norm: torch.nn.LayerNorm, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int,
-                      topk_img: int, num_prefix_tokens: int, backend: str,
-                      tasks: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      topk_img: int, num_prefix_tokens: int, backend: str, tasks: Tensor | None = None,
+                      layouts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(norm(x), bits, terms)`` in one kernel each way: the block's frozen LayerNorm fused with the matching of x
     (both read the same rows). For the model path: inputs come from the block, the backend is resolved; only the
     norm's parameters are checked (frozen). The output h is in x's dtype (under autocast an fp32 x gives the fp32 h
     that ``F.layer_norm`` would give; a 16-bit x gives h in 16 bits, which is what the next linear layer casts it to
-    under autocast anyway). With tasks (int [B]) the keys are a bank's, as :func:`match_select` takes them."""
+    under autocast anyway). With tasks (int [B]) the keys are a bank's, and layouts, as :func:`match_select` takes
+    them."""
     if any(p is not None and p.requires_grad for p in (norm.weight, norm.bias)):
         raise ValueError("norm_weight/norm_bias: the fused layer norm takes frozen parameters (it computes no "
                          "gradient for them), got a tensor that requires grad; apply the norm outside the op")
     return norm_match(x, keys_cls.contiguous(), keys_img.contiguous(), norm.weight, norm.bias, norm.eps,
-                      num_prefix_tokens, topk_cls, topk_img, backend, tasks)
+                      num_prefix_tokens, topk_cls, topk_img, backend, tasks, layouts)
 
 
 def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int, topk_img: int,
-                 num_prefix_tokens: int = 1, backend: str = "auto",
-                 tasks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 num_prefix_tokens: int = 1, backend: str = "auto", tasks: Tensor | None = None,
+                 layouts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Cosine matching, top-k selection and matching-loss terms of every token, in one pass over x.
 
     Args:
@@ -326,6 +337,11 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
         tasks: None, or int ``[B]``: the keys are a bank of T key sets (``[T, Pc, C]`` and ``[T, Pi, C]``) and
             sample b matches set ``tasks[b]`` (read in place by the kernels); each set's key gradient sums its
             samples'.
+        layouts: None, or int ``[B, 4]``: each sample's ``(pool_cls, pool_img, k_cls, k_img)`` inside the padded
+            pools (tasks of a bank with pools of different sizes, ``Selection.layouts``): sample b's prefix tokens
+            choose ``layouts[b, 2]`` of the first ``layouts[b, 0]`` CLS entries, its patch tokens
+            ``layouts[b, 3]`` of the first ``layouts[b, 1]`` image entries, each k at most topk_cls / topk_img; its
+            loss terms are weighted by its own k.
 
     Returns:
         ``(bits, terms)``: int64 ``[B, N]`` selection words (bit e = pool entry e, CLS entries first; ties go to
@@ -345,9 +361,11 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
                       x.shape[1])
     if tasks is not None:
         check_tasks(tasks, x.shape[0], keys_cls.shape[0], x.device)
+    if layouts is not None:
+        check_layouts(layouts, x.shape[0], (keys_cls.shape[-2], keys_img.shape[-2]), (topk_cls, topk_img), x.device)
     backend = resolve_backend(backend, x.device)
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError(f"x: backend='triton' computes in fp32 and takes fp16/bf16/fp32, got {describe(x)}; "
                         "use backend='torch' for float64")
     return match(x, keys_cls.contiguous(), keys_img.contiguous(), num_prefix_tokens, topk_cls, topk_img, backend,
-                 tasks)
+                 tasks, layouts)

@@ -36,54 +36,55 @@ from tcpa_kernels.ops.tcpa_attention import TORCH_DTYPES, check_kernel_limits
 
 @kernel_op("tcpa_kernels::packed_attention_fwd")
 def packed_attention_fwd(qkv: Tensor, prompt_kv: Tensor, mask: Tensor | None, bits: Tensor | None,
-                         tasks: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float,
-                         renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
+                         tasks: Tensor | None, layouts: Tensor | None, pool_cls: int, len_cls: int, len_img: int,
+                         scale: float, renormalize: bool, backend: str) -> tuple[Tensor, Tensor]:
     """One launch of the forward kernel on qkv ``[B, N, 3, H, D]`` and prompt_kv ``[2, H, P, D]`` or
     ``[B, 2, H, P, D]`` (with tasks, int [B], a bank's ``[T, 2, H, P, D]``), both read in place
     (``read_in_place``): (out ``[B, N, H*D]`` contiguous, lse ``[B, H, N]``)."""
-    return implementation(backend).packed_forward(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img,
-                                                  scale, renormalize)
+    return implementation(backend).packed_forward(qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls,
+                                                  len_img, scale, renormalize)
 
 
 @packed_attention_fwd.register_fake
-def _(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend):
+def _(qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize, backend):
     B, N, _, H, D = qkv.shape
     return qkv.new_empty((B, N, H * D)), qkv.new_empty((B, H, N), dtype=accumulation_dtype(backend, qkv.dtype))
 
 
 @kernel_op("tcpa_kernels::packed_attention_bwd", mutates_args=("dqkv", "dprompt"))
 def packed_attention_bwd(dqkv: Tensor, dprompt: Tensor, grad_out: Tensor, qkv: Tensor, prompt_kv: Tensor, out: Tensor,
-                         lse: Tensor, mask: Tensor | None, bits: Tensor | None, tasks: Tensor | None, pool_cls: int,
-                         len_cls: int, len_img: int, scale: float, renormalize: bool, backend: str) -> None:
+                         lse: Tensor, mask: Tensor | None, bits: Tensor | None, tasks: Tensor | None,
+                         layouts: Tensor | None, pool_cls: int, len_cls: int, len_img: int, scale: float,
+                         renormalize: bool, backend: str) -> None:
     """One launch of the backward kernel on the packed layouts: writes dq, dk, dv into dqkv ``[B, N, 3, H, D]``
     (``read_in_place``) and the prompt gradients into dprompt (``_function.prompt_grad_buffer``); grad_out and out
     ``[B, N, H*D]`` with unit stride on the last dim."""
     implementation(backend).packed_backward(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks,
-                                            pool_cls, len_cls, len_img, scale, renormalize)
+                                            layouts, pool_cls, len_cls, len_img, scale, renormalize)
 
 
 @packed_attention_bwd.register_fake
-def _(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
-      renormalize, backend):
+def _(dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, layouts, pool_cls, len_cls, len_img,
+      scale, renormalize, backend):
     return None
 
 
-_NO_GRADS = (None,) * 10  # PackedAttention's gradients of the selection, layout and flags
+_NO_GRADS = (None,) * 11  # PackedAttention's gradients of the selection, layouts, layout and flags
 
 
 class PackedAttention(torch.autograd.Function):
-    """``apply(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend,
+    """``apply(qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize, backend,
     deterministic)``
     -> out ``[B, N, H*D]``: the forward kernel, and the backward kernel writing dq, dk, dv into one
     ``[B, N, 3, H, D]`` gradient buffer (qkv and prompt_kv as ``read_in_place`` leaves them). Eager mode calls the
     launchers, a traced call the ops (``_function.implementation``)."""
 
     @staticmethod
-    def forward(ctx, qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend,
-                deterministic):
-        out, lse = run_packed_forward(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
+    def forward(ctx, qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize,
+                backend, deterministic):
+        out, lse = run_packed_forward(qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale,
                                       renormalize, backend)
-        ctx.save_for_backward(qkv, prompt_kv, out, lse, mask, bits, tasks)
+        ctx.save_for_backward(qkv, prompt_kv, out, lse, mask, bits, tasks, layouts)
         ctx.config = (pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)
         return out
 
@@ -94,13 +95,14 @@ class PackedAttention(torch.autograd.Function):
         return *packed_grads(grad_out, *ctx.saved_tensors, *ctx.config), *_NO_GRADS
 
 
-def run_packed_forward(qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend):
+def run_packed_forward(qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize,
+                       backend):
     """``packed_attention_fwd`` (traced) or its launcher (eager): (out [B, N, H*D], lse)."""
-    args = (qkv, prompt_kv, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize)
+    args = (qkv, prompt_kv, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize)
     return packed_attention_fwd(*args, backend) if traced() else implementation(backend).packed_forward(*args)
 
 
-def packed_grads(grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
+def packed_grads(grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale,
                  renormalize, backend, deterministic):
     """The packed backward: (dqkv, one contiguous [B, N, 3, H, D] tensor; the gradient of prompt_kv, its shape and
     dtype: with tasks the per-sample gradients summed per prompt set)."""
@@ -111,8 +113,8 @@ def packed_grads(grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls
     device = qkv.device
     dqkv = torch.empty((B, N, 3, H, D), dtype=qkv.dtype, device=device)
     dprompt = prompt_grad_buffer(shared, B, H, prompt_kv.shape[-2], D, qkv.dtype, device, backend, deterministic)
-    args = (dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, pool_cls, len_cls, len_img, scale,
-            renormalize)
+    args = (dqkv, dprompt, grad_out, qkv, prompt_kv, out, lse, mask, bits, tasks, layouts, pool_cls, len_cls, len_img,
+            scale, renormalize)
     if traced():
         packed_attention_bwd(*args, backend)
     else:

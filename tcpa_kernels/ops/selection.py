@@ -24,18 +24,29 @@ from tcpa_kernels._backend import kernels
 from tcpa_kernels._validate import MAX_POOL_ENTRIES, check_tensor, describe
 
 
-def _topk_bits_torch(scores, num_prefix_tokens, pool_cls, k_cls, k_img):
-    """Torch twin of the kernel. scores [B, N, E] -> bits int64 [B, N] (NaN ranks as -inf)."""
+def _topk_bits_torch(scores, num_prefix_tokens, pool_cls, k_cls, k_img, layouts=None):
+    """Torch twin of the kernel. scores [B, N, E] -> bits int64 [B, N] (NaN ranks as -inf). ``layouts`` (int [B, 4]
+    or None): each sample's own pools inside the padded ones (``Selection.layouts``): its rows choose among its own
+    entries, its own k of them."""
     scores = scores.masked_fill(scores.isnan(), float("-inf"))
-    weights = torch.ones(scores.shape[-1], dtype=torch.int64, device=scores.device)
-    weights = torch.bitwise_left_shift(weights, torch.arange(scores.shape[-1], device=scores.device))
+    E = scores.shape[-1]
+    weights = torch.ones(E, dtype=torch.int64, device=scores.device)
+    weights = torch.bitwise_left_shift(weights, torch.arange(E, device=scores.device))
     bits = torch.empty(scores.shape[:2], dtype=torch.int64, device=scores.device)
-    groups = ((slice(0, num_prefix_tokens), slice(0, pool_cls), k_cls),
-              (slice(num_prefix_tokens, None), slice(pool_cls, None), k_img))
-    for tokens, entries, k in groups:
+    groups = ((slice(0, num_prefix_tokens), slice(0, pool_cls), k_cls, 0),
+              (slice(num_prefix_tokens, None), slice(pool_cls, None), k_img, 1))
+    for tokens, entries, k, column in groups:
         s = scores[:, tokens, entries]
+        picked = weights[entries]
+        if layouts is None:
+            order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+            bits[:, tokens] = picked[order].sum(-1)  # distinct powers of two: sum == or
+            continue
+        own = torch.arange(s.shape[-1], device=s.device) < layouts[:, column, None]  # [B, pool]: the sample's own
+        s = s.masked_fill(~own[:, None], float("-inf"))  # ranked below its own entries (ties: lower index first)
         order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
-        bits[:, tokens] = weights[entries][order].sum(-1)  # distinct powers of two: sum == or
+        kept = torch.arange(order.shape[-1], device=s.device) < layouts[:, 2 + column, None, None]  # its own k
+        bits[:, tokens] = torch.where(kept, picked[order], 0).sum(-1)
     return bits
 
 
@@ -44,17 +55,19 @@ def max_topk(num_tokens, num_prefix_tokens, k_cls, k_img):
     return max(k_cls if num_prefix_tokens > 0 else 0, k_img if num_tokens > num_prefix_tokens else 0)
 
 
-def topk_bits(scores, *, num_prefix_tokens, pool_cls, k_cls, k_img, backend):
+def topk_bits(scores, *, num_prefix_tokens, pool_cls, k_cls, k_img, backend, layouts=None):
     """Per-token selection words from matching scores.
 
     scores: [B, N, pool_cls + pool_img]; prefix tokens (the first ``num_prefix_tokens``) choose their
-    top ``k_cls`` among the first ``pool_cls`` columns, patch tokens their top ``k_img`` among the rest.
+    top ``k_cls`` among the first ``pool_cls`` columns, patch tokens their top ``k_img`` among the rest; with
+    ``layouts`` (int [B, 4], ``Selection.layouts``) each sample's rows among its own entries, its own k of them.
     returns int64 [B, N]. Selection is not differentiable. fp64 scores take the torch twin on either backend: the
     kernel ranks on an int32 key of the fp32 value, so fp64 scores closer than fp32's resolution would tie there.
     """
     if backend == "torch" or scores.dtype == torch.float64:
-        return _topk_bits_torch(scores.detach(), num_prefix_tokens, pool_cls, k_cls, k_img)
-    return kernels("_selection_kernels").topk_bits(scores.detach(), num_prefix_tokens, pool_cls, k_cls, k_img)
+        return _topk_bits_torch(scores.detach(), num_prefix_tokens, pool_cls, k_cls, k_img, layouts)
+    return kernels("_selection_kernels").topk_bits(scores.detach(), num_prefix_tokens, pool_cls, k_cls, k_img,
+                                                   layouts)
 
 
 def entry_selection(bits, num_entries):
@@ -70,7 +83,10 @@ class Selection:
     Either ``mask`` (bool [B, N, P]) or ``bits`` (int64 [B, N]) with the pool layout that maps prompt
     tokens to entries: prompts are [CLS pool: pool_cls*len_cls tokens ; image pool: rest]. With ``tasks``
     (int32 or int64 [B]) the prompts are a bank of T prompt sets ([T, 2, H, P, D]) and sample b uses set ``tasks[b]``:
-    the kernels read it in place, no per-sample copy is made.
+    the kernels read it in place, no per-sample copy is made. With ``layouts`` (int32 or int64 [B, 4]: each
+    sample's ``(pool_cls, pool_img, k_cls, k_img)``, a bank of tasks with pools of different sizes padded to the
+    largest) sample b's CLS pool is entries ``[0, layouts[b, 0])`` of the padded one and its image pool the first
+    ``layouts[b, 1]`` image entries: the other prompts do not exist for it (not even in the softmax's normaliser).
     """
 
     mask: torch.Tensor | None = None
@@ -79,11 +95,12 @@ class Selection:
     len_cls: int = 1
     len_img: int = 1
     tasks: torch.Tensor | None = None
+    layouts: torch.Tensor | None = None
 
     def op_args(self) -> tuple:
-        """``(mask, bits, tasks, pool_cls, len_cls, len_img)``: a Selection as the custom ops take it (one of mask /
-        bits is None; tasks None without a bank); the launchers take it so too."""
-        return self.mask, self.bits, self.tasks, self.pool_cls, self.len_cls, self.len_img
+        """``(mask, bits, tasks, layouts, pool_cls, len_cls, len_img)``: a Selection as the custom ops take it (one
+        of mask / bits is None; tasks and layouts None without a bank); the launchers take it so too."""
+        return self.mask, self.bits, self.tasks, self.layouts, self.pool_cls, self.len_cls, self.len_img
 
     def rows(self, start, end, num_prompts):
         """bool [B, end-start, P] for query tokens start..end-1 (torch backend, one chunk at a time)."""
@@ -92,7 +109,18 @@ class Selection:
         n_cls = self.pool_cls * self.len_cls
         p = torch.arange(num_prompts, device=self.bits.device)
         entry = torch.where(p < n_cls, p // self.len_cls, self.pool_cls + (p - n_cls) // self.len_img)
-        return (torch.bitwise_right_shift(self.bits[:, start:end, None], entry) & 1).bool()
+        rows = (torch.bitwise_right_shift(self.bits[:, start:end, None], entry) & 1).bool()
+        return rows if self.layouts is None else rows & self.live(num_prompts)
+
+    def live(self, num_prompts):
+        """bool [B, 1, P]: the prompts each sample has (``layouts``), or None (all of them)."""
+        if self.layouts is None:
+            return None
+        n_cls = self.pool_cls * self.len_cls
+        p = torch.arange(num_prompts, device=self.layouts.device)
+        cls_end = (self.layouts[:, 0] * self.len_cls)[:, None]  # [B, 1]
+        img_end = n_cls + (self.layouts[:, 1] * self.len_img)[:, None]
+        return ((p < cls_end) | ((p >= n_cls) & (p < img_end)))[:, None]
 
 
 _ONE_HOT = "_tcpa_one_hot"  # the attribute of a tasks tensor that keeps its one-hot matrices, by (T, dtype)
@@ -136,12 +164,37 @@ def check_tasks(tasks, B, T, device) -> None:
                          f"[{int(tasks.min())}, {int(tasks.max())}]")
 
 
+def check_layouts(layouts, B, pools, topk, device, name="layouts") -> None:
+    """ValueError/TypeError unless ``layouts`` (``Selection.layouts``) is an int32 or int64 [B, 4] tensor on device
+    whose rows are pools inside the padded ``pools`` (pool_cls, pool_img), each at least one entry, choosing
+    1..(its pool size) entries, at most ``topk`` (k_cls, k_img, the kernels' bound; None: the attention, which
+    reads the pools only) (read back from the device: a sync, which the checked entries afford and the model path
+    skips)."""
+    check_tensor(name, layouts, ndim=2, dtypes=(torch.int32, torch.int64))
+    if layouts.device != device or tuple(layouts.shape) != (B, 4):
+        raise ValueError(f"{name}: expected int32/int64 shape {(B, 4)} on {device}, got {describe(layouts)}")
+    if not layouts.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor (the kernels read rows of 4), got strides "
+                         f"{layouts.stride()}")
+    bounds = (*pools, *(topk or pools))
+    for column, (field, bound) in enumerate(zip(("pool_cls", "pool_img", "k_cls", "k_img"), bounds)):
+        values = layouts[:, column]
+        upper = values.new_full(values.shape, bound) if column < 2 else layouts[:, column - 2].clamp(max=bound)
+        if B and not bool(((values >= 1) & (values <= upper)).all()):
+            raise ValueError(f"{name}: expected each sample's {field} in [1, {bound}]"
+                             f"{'' if column < 2 else ', at most its pool'}, got [{int(values.min())}, "
+                             f"{int(values.max())}]")
+
+
 def check_selection(selection, B, N, P, device) -> None:
     """ValueError/TypeError unless ``selection`` is a Selection for B x N query tokens and P prompts on device (its
     tasks are checked with the prompts: ``check_tasks``)."""
     if not isinstance(selection, Selection):
         raise TypeError(f"selection: expected a tcpa_kernels.ops.selection.Selection, got {type(selection).__name__}")
     if selection.mask is not None:
+        if selection.layouts is not None:
+            raise ValueError("selection.layouts: per-sample pool layouts come with selection words (bits), got a "
+                             "mask (which says per prompt what each token uses)")
         check_tensor("selection.mask", selection.mask, ndim=3, dtypes=(torch.bool,))
         if selection.mask.device != device or tuple(selection.mask.shape) != (B, N, P):
             raise ValueError(f"selection.mask: expected bool shape {(B, N, P)} on {device}, "
@@ -158,3 +211,5 @@ def check_selection(selection, B, N, P, device) -> None:
     if not valid or pool_cls + (P - n_cls + len_img - 1) // len_img > MAX_POOL_ENTRIES:
         raise ValueError(f"selection: expected a pool layout of P={P} prompts (pool_cls * len_cls <= P, at most "
                          f"{MAX_POOL_ENTRIES} entries), got pool_cls={pool_cls}, len_cls={len_cls}, len_img={len_img}")
+    if selection.layouts is not None:
+        check_layouts(selection.layouts, B, (pool_cls, (P - n_cls) // len_img), None, device, "selection.layouts")

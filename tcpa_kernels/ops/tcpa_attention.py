@@ -25,19 +25,19 @@ INT32_LIMIT = 2**31
 class _SelectedTCPAFunction(torch.autograd.Function):
     """[B, H, N, D] prompt-augmented attention, one kernel launch each way (``_function.run_forward`` and
     ``run_backward``: the kernel ops of ``_function.py``, or their launchers in eager mode):
-    ``apply(q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize, backend,
-    deterministic)`` -> out [B, H, N, D]."""
+    ``apply(q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale, renormalize,
+    backend, deterministic)`` -> out [B, H, N, D]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, pool_cls, len_cls, len_img, scale, renormalize,
-                backend, deterministic):
-        return run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, (pool_cls, len_cls, len_img), scale,
-                           renormalize, backend, deterministic)
+    def forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale,
+                renormalize, backend, deterministic):
+        return run_forward(ctx, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, (pool_cls, len_cls, len_img),
+                           scale, renormalize, backend, deterministic)
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("tcpa_attention")
-        return (*run_backward(ctx, grad_out), *([None] * 10))
+        return (*run_backward(ctx, grad_out), *([None] * 11))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prompt_kv: torch.Tensor, selection: Selection,
