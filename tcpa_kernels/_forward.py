@@ -59,7 +59,8 @@ class LayerBank(NamedTuple):
     keys_cls: Tensor  # [T, Pc, C]
     keys_img: Tensor  # [T, Pi, C]
     tasks: Tensor  # int [B], each in [0, T): the key set a sample matches
-    prompt_tasks: Tensor  # int [B]: the row of the forward's prompt K/V ([T', 2, H, P, D]) a sample attends to
+    prompt_tasks: Tensor | None  # int [B]: the row of the forward's prompt K/V ([T', 2, H, P, D]) a sample attends
+    # to; None: the forward's prompt K/V are per sample ([B, 2, H, P, D], a prompt-dropout mask each)
     layouts: Tensor | None  # int [B, 4]: each sample's own pools and top-k (``Selection.layouts``); None: the model's
 
 
@@ -69,7 +70,9 @@ class BankCall:
     ``keys_cls [T, Pc, C]`` and ``keys_img [T, Pi, C]``), every layer's prompt tokens of every task (``prompts
     [L, T, P, C]``), and the tasks whose prompt K/V the forward computes: ``present`` (int [T'], the tasks of the
     batch, in order) with each sample's row among them (``prompt_tasks``), or None and the tasks themselves (every
-    task's); ``layouts``, each sample's own pool sizes and top-k inside the padded ones when the tasks' differ."""
+    task's), or with ``per_sample`` (a prompt-dropout mask per sample) ``present`` the tasks themselves: each
+    sample's task's prompts, K/V per sample; ``layouts``, each sample's own pool sizes and top-k inside the padded
+    ones when the tasks' differ."""
 
     tasks: Tensor
     layers: Sequence
@@ -77,10 +80,11 @@ class BankCall:
     present: Tensor | None = None
     prompt_tasks: Tensor | None = None
     layouts: Tensor | None = None
+    per_sample: bool = False
 
     def layer(self, index: int) -> LayerBank:
         params = self.layers[index]._parameters  # dict reads: a block asks at every call
-        prompt_tasks = self.tasks if self.prompt_tasks is None else self.prompt_tasks
+        prompt_tasks = None if self.per_sample else self.tasks if self.prompt_tasks is None else self.prompt_tasks
         return LayerBank(params["keys_cls"], params["keys_img"], self.tasks, prompt_tasks, self.layouts)
 
     def prompt_sets(self) -> Tensor:

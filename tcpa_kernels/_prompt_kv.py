@@ -240,8 +240,8 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]
 def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
     """Prompt K/V of every layer for this forward, in one pass: per layer [2, H, P, D] (or [B, 2, H, P, D] with a
     dropout mask per sample; a prompt bank's forward, ``bank`` (a ``_forward.BankCall``): [T, 2, H, P, D], the
-    bank's T prompt sets). All None when the blocks project their own: a family without a K/V projection of its
-    own, or FSDP2 shards."""
+    bank's T prompt sets, or [B, 2, H, P, D], each sample's task's set with its own dropout mask). All None when
+    the blocks project their own: a family without a K/V projection of its own, or FSDP2 shards."""
     projections = state.projections
     if projections[0] is None:
         return [None] * len(projections)
@@ -253,8 +253,8 @@ def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
         return [None] * len(projections)
     if bank is None:
         tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
-    else:  # the batch's tasks', [L, T', P, C]: one dropout mask for the batch (a bank has no mask per sample)
-        tokens = forward_tokens(bank.prompt_sets(), state.config, state.training, batch_size)
+    else:  # the batch's tasks', [L, T', P, C], or each sample's task's, [L, B, P, C]: one mask over all of them
+        tokens = forward_tokens(bank.prompt_sets(), state.config, state.training, None)
     with autocast_off(tokens.device.type):
         if _batchable(projections):
             return _batched_kv(projections, tokens)

@@ -14,7 +14,8 @@ keys/values of every task and layer are one batched projection per forward. No p
 
 The tasks share their prompt lengths, mask semantics and prompt transform; their pool sizes and top-k may differ (the
 bank pads every pool to the largest, and each sample uses its own task's entries only: ``Selection.layouts``), as
-may their heads, and the kernel backend and prompt dropout they were saved with (the bank takes its own); tasks with
+may their heads, and the kernel backend and prompt dropout (rate, per sample or not) they were saved with (the bank
+takes its own); tasks with
 an input prompter run it on their own images (``TaskInputPrompters``); the
 backbone is a timm ``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched
 projection: ``Block``, ``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging
@@ -41,7 +42,6 @@ from tcpa_kernels.vit import apply_tcpa, find_model, remove_prompts, state_of
 
 _POOL_NAMES = ("keys_cls", "keys_img", "prompts_cls", "prompts_img")
 _LAYOUT_FIELDS = ("pool_size_cls", "pool_size_img", "topk_cls", "topk_img")  # may differ between a bank's tasks
-_FIXED_PER_BANK = ("prompt_dropout_per_sample",)  # options a bank does not run (True refused)
 
 
 class BankOutput(NamedTuple):
@@ -82,8 +82,12 @@ class PromptBank(nn.Module):
             largest image pool together at most 64 entries).
         check_identity: refuse a task saved for another backbone (``model_identity``), as ``from_pretrained``.
         backend: the kernels' backend, "auto" | "triton" | "torch" (whatever the tasks were saved with).
-        prompt_dropout: the prompt dropout of the bank's training forwards (one mask for the batch); None: the
-            tasks', which must then agree (a bank that only serves can take any, e.g. 0.0).
+        prompt_dropout: the prompt dropout of the bank's training forwards; None: the tasks', which must then agree
+            (a bank that only serves can take any, e.g. 0.0).
+        prompt_dropout_per_sample: in training, one prompt-dropout mask per sample (the published code's; each
+            sample's task's prompt K/V are then computed per sample, ``[B, 2, H, P, D]`` per layer, as a task's
+            model alone computes them) or, False, one mask per task for the batch; None: the tasks', which must
+            then agree.
 
     Parameters (they train; the backbone, and the prompt module ``apply_tcpa`` gave it, unused here, are frozen):
     ``prompts [L, T, P, C]``, every layer's prompt tokens of every task (CLS pool first; one tensor, so the forward
@@ -97,7 +101,8 @@ class PromptBank(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True,
-                 backend: str = "auto", prompt_dropout: float | None = None):
+                 backend: str = "auto", prompt_dropout: float | None = None,
+                 prompt_dropout_per_sample: bool | None = None):
         super().__init__()
         if not isinstance(tasks, Mapping) or not tasks or not all(isinstance(name, str) for name in tasks):
             raise ValueError(f"tasks: expected a non-empty mapping of task name (str) -> adapter folder or prompts "
@@ -107,8 +112,9 @@ class PromptBank(nn.Module):
             raise ValueError("model: expected the plain backbone (the bank adds the tasks' prompts itself), got a "
                              "model patched by apply_tcpa/apply_vpt; pass it through remove_prompts first")
         records = {name: read_checkpoint(path, f"tasks[{name!r}]") for name, path in tasks.items()}
-        own = {"num_classes": None, "backend": backend, "input_prompter": False} | (
-            {} if prompt_dropout is None else {"prompt_dropout": prompt_dropout})  # the bank runs the prompters
+        own = {"num_classes": None, "backend": backend, "input_prompter": False}  # the bank runs the prompters
+        given = {"prompt_dropout": prompt_dropout, "prompt_dropout_per_sample": prompt_dropout_per_sample}
+        own |= {name: value for name, value in given.items() if value is not None}
         config, layouts = _common_config(records, own)
         apply_tcpa(inner, **(config | own))
         try:
@@ -122,6 +128,7 @@ class PromptBank(nn.Module):
             raise
         state = state_of(inner)
         state.bank_only = True
+        self._config = state.config  # the bank's dropout settings, read at each forward
         self.model = model
         self.task_names = list(tasks)
         self.records = {name: records[name][0] for name in tasks}  # what each task's file says of itself
@@ -178,7 +185,9 @@ class PromptBank(nn.Module):
 
     def forward(self, images: Tensor, tasks: Sequence[str] | Tensor) -> BankOutput:
         """Each sample's logits from its task's prompts and head: images ``[B, 3, H, W]``, tasks one per sample."""
-        call = self._call(tasks, images.shape[0], images.device)
+        config = self._config
+        per_sample = config.prompt_dropout_per_sample and self.training and config.prompt_dropout > 0
+        call = self._call(tasks, images.shape[0], images.device, per_sample)
         if self.input_prompters is not None:  # as the patch embedding of each task's model alone runs its own
             images = self.input_prompters(images, call.tasks)
         with bank_forward(call):
@@ -189,19 +198,22 @@ class PromptBank(nn.Module):
         logits = logits.view(-1, T, K).gather(1, call.tasks[:, None, None].expand(-1, 1, K)).squeeze(1)
         return BankOutput(logits, call.tasks, self.class_mask)
 
-    def _call(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device) -> BankCall:
+    def _call(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device,
+              per_sample: bool) -> BankCall:
         """The forward's bank call. Task names are known on the host: the forward computes the prompt K/V of the
         batch's tasks only (a batch of few tasks from a large bank does not pay for the others), and the task
         numbers, those tasks, each sample's row among them and (tasks of different pools) each sample's own pools
         reach the device in one copy. Task numbers in a tensor would need a sync to read: every task's K/V, the
-        pools gathered on the device."""
+        pools gathered on the device. ``per_sample`` (a prompt-dropout mask per sample): each sample's task's
+        prompts, K/V per sample."""
         if isinstance(tasks, Tensor):
             index = self.task_index(tasks, batch_size, device)
             layouts = None if self.task_layouts is None else self.task_layouts[index]  # [B, 4]
-            return BankCall(index, self.layers, self.prompts, layouts=layouts)
+            return BankCall(index, self.layers, self.prompts, index if per_sample else None, layouts=layouts,
+                            per_sample=per_sample)
         numbers = self._task_numbers(tasks, batch_size)
         present = sorted(set(numbers))
-        every = len(present) == len(self.task_names)
+        every = per_sample or len(present) == len(self.task_names)  # no subset of the tasks to project
         row = {task: i for i, task in enumerate(present)}  # a task's row among the present ones
         parts = [numbers] + ([] if every else [present, [row[t] for t in numbers]])
         if self.task_layouts is not None:
@@ -209,8 +221,8 @@ class PromptBank(nn.Module):
         flat = torch.tensor([v for part in parts for v in part]).to(device)
         packed = flat.split_with_sizes(list(map(len, parts))) if len(parts) > 1 else (flat,)
         layouts = None if self.task_layouts is None else packed[-1].view(batch_size, 4)
-        return BankCall(packed[0], self.layers, self.prompts, *((None, None) if every else packed[1:3]),
-                        layouts=layouts)
+        present, rows = (packed[0] if per_sample else None, None) if every else packed[1:3]
+        return BankCall(packed[0], self.layers, self.prompts, present, rows, layouts=layouts, per_sample=per_sample)
 
     def matching_loss(self, output: BankOutput) -> Tensor:
         """The sum over the tasks of the forward that gave ``output`` (the last one) of each task's matching loss
@@ -277,9 +289,9 @@ class PromptBank(nn.Module):
 def _common_config(records: dict, own: dict) -> tuple[dict, list[tuple[int, int, int, int]]]:
     """(the config the bank patches its backbone with, each task's own (Pc, Pi, k_cls, k_img)): the tasks' config but
     the fields the bank sets itself (``own``: the head's class count, the backend, the input prompter, the prompt
-    dropout when given), with the largest pools and top-k of the tasks. ValueError naming the task and the field
-    that differ (a pool size, with Fourier prompts: their transform mixes a layer's prompt tokens, so padding would
-    change it), pools of more than 64 entries together, and anything a bank does not run."""
+    dropout settings when given), with the largest pools and top-k of the tasks. ValueError naming the task and the
+    field that differ (a pool size, with Fourier prompts: their transform mixes a layer's prompt tokens, so padding
+    would change it) and pools of more than 64 entries together."""
     first_name, (_, method, first, _) = next(iter(records.items()))
     pools = () if first.get("prompt_transform") == "fourier" else ("pool_size_cls", "pool_size_img")
     may_differ = {*own, "topk_cls", "topk_img", *pools}
@@ -289,13 +301,11 @@ def _common_config(records: dict, own: dict) -> tuple[dict, list[tuple[int, int,
         differ = [f"{k} {config[k]!r} (task {first_name!r}: {first[k]!r})" for k in config
                   if k not in may_differ and config[k] != first[k]]
         if differ:
-            hint = "; pass prompt_dropout= to the bank" if any(d.startswith("prompt_dropout ") for d in differ) else ""
+            own_fields = [k for k in ("prompt_dropout", "prompt_dropout_per_sample") if any(
+                d.startswith(f"{k} ") for d in differ)]
+            hint = "".join(f"; pass {k}= to the bank" for k in own_fields)
             raise ValueError(f"tasks[{name!r}]: a bank's tasks share their prompt lengths, mask semantics, prompt "
                              f"transform (and with Fourier prompts their pool sizes), got {'; '.join(differ)}{hint}")
-        refused = [k for k in _FIXED_PER_BANK if config[k]]
-        if refused:
-            raise ValueError(f"tasks[{name!r}]: {', '.join(refused)}=True is not run by a prompt bank (one model per "
-                             "task for now)")
     layouts = [tuple(config[k] for k in _LAYOUT_FIELDS) for _, _, config, _ in records.values()]
     largest = dict(zip(_LAYOUT_FIELDS, map(max, zip(*layouts))))
     if largest["pool_size_cls"] + largest["pool_size_img"] > MAX_POOL_ENTRIES:

@@ -372,8 +372,8 @@ def test_the_backbone_alone_refuses_to_run(task_folders):
 
 def test_backend_and_prompt_dropout_are_the_banks_own(tmp_path):
     """The backend and the prompt dropout a task was saved with are not part of its pool layout: the bank takes its
-    own (``backend=``, ``prompt_dropout=``). Without ``prompt_dropout=``, tasks that disagree on it are refused,
-    naming the field and the argument. A task saved back keeps its own values."""
+    own (``backend=``, ``prompt_dropout=``, ``prompt_dropout_per_sample=``). Without them, tasks that disagree are
+    refused, naming the field and the argument. A task saved back keeps its own values."""
     options = {"shirts": {"backend": "auto", "prompt_dropout": 0.0}, "shoes": {"prompt_dropout": 0.3}}
     folders = save_tasks(tmp_path, POOLS, options=options)
     model = tiny_vit()
@@ -391,6 +391,12 @@ def test_backend_and_prompt_dropout_are_the_banks_own(tmp_path):
     bank.save_pretrained({"shirts": tmp_path / "shirts-2"})
     config = tk.from_pretrained(tiny_vit(), tmp_path / "shirts-2").prompt_state.config
     assert (config.backend, config.prompt_dropout) == ("auto", 0.0)
+    folders = save_tasks(tmp_path / "masks", POOLS, options={"bags": {"prompt_dropout_per_sample": True}})
+    with pytest.raises(ValueError, match=r"tasks\['bags'\]: .*got prompt_dropout_per_sample True \(task 'shirts': "
+                                         r"False\); pass prompt_dropout_per_sample= to the bank"):
+        tk.PromptBank(tiny_vit(), folders)
+    bank = tk.PromptBank(tiny_vit(), folders, prompt_dropout_per_sample=True)
+    assert bank.model.prompt_state.config.prompt_dropout_per_sample
 
 
 def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
@@ -488,3 +494,52 @@ def test_fourier_tasks_of_different_pool_sizes_are_refused(tmp_path):
                                          r"pool_size_img 5 \(task 'shirts': 4\)"):
         tk.PromptBank(model, folders)
     assert not hasattr(model, "prompt_state")
+
+
+@pytest.mark.parametrize("backend, layouts, form", [("torch", "shared", "names"), ("torch", "different", "numbers"),
+                                                    ("triton", "different", "names")])
+def test_prompt_dropout_per_sample_equals_each_sample_alone(tmp_path, backend, layouts, form):
+    """Tasks saved with a prompt-dropout mask per sample (the published code's): in training each sample attends to
+    its task's prompts under its own mask, ``[L, B, P, C]`` drawn in one call. Each sample's logits, and every
+    task's gradients, equal its task's model alone on that sample with its prompts multiplied by that sample's
+    mask (rescaled), the task's loss the mean over its samples; task names or numbers."""
+    dtype, p = DTYPES[backend], 0.4
+    folders = save_tasks(tmp_path, POOLS | dict(prompt_dropout=p, prompt_dropout_per_sample=True),
+                         options=LAYOUTS[layouts])
+    bank, x, tasks = bank_of(folders, backend, dtype).train(), images(dtype=dtype), ORDERS["mixed"]
+    labels = torch.tensor([b % 3 for b in range(5)])
+    torch.manual_seed(7)
+    out = bank(x, tasks if form == "names" else torch.tensor([bank.task_names.index(t) for t in tasks]))
+    torch.manual_seed(7)  # the bank's one draw: every layer's prompt rows of every sample
+    masks = torch.nn.functional.dropout(torch.ones(bank.prompts.shape[0], 5, *bank.prompts.shape[2:], dtype=dtype), p)
+    assert not torch.equal(masks[:, 0], masks[:, 2])  # two samples of one task: their own masks
+    grads = torch.autograd.grad(bank.loss(out, labels), [bank.prompts, bank.head_bias])
+    atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
+    padded_cls = max(layout[0] for layout in bank.layouts) * POOLS["prompt_len_cls"]
+    for t, name in enumerate(CLASSES):
+        rows, K = [b for b, task in enumerate(tasks) if task == name], CLASSES[name]
+        model = alone(folders[name], backend, dtype).train()
+        model.prompt_state.config.prompt_dropout = 0.0  # the bank's masks instead, applied below
+        own_cls, own_img = bank.layouts[t][:2]
+        params = [getattr(blk.tcpa, n) for blk in model.blocks for n in ("prompts_cls", "prompts_img")]
+        loss = 0
+        for b in rows:  # the sample alone, its task's prompts under its own mask
+            masked = {}
+            for i, blk in enumerate(model.blocks):
+                mask = masks[i, b]  # [P, C] of the bank's padded rows
+                for n, start, own in (("prompts_cls", 0, own_cls), ("prompts_img", padded_cls, own_img)):
+                    prompts = getattr(blk.tcpa, n)
+                    masked[f"blocks.{i}.tcpa.{n}"] = prompts * mask[start:start + own * prompts.shape[1]].view_as(
+                        prompts)
+            logits = torch.func.functional_call(model, masked, (x[b:b + 1],))
+            torch.testing.assert_close(out.logits[b:b + 1, :K], logits, atol=atol, rtol=rtol, msg=f"sample {b}")
+            loss = loss + torch.nn.functional.cross_entropy(logits, labels[b:b + 1]) + 0.01 * tk.get_matching_loss(
+                model)
+        expected = torch.autograd.grad(loss / len(rows), [*params, model.head.bias])
+        for i in range(len(model.blocks)):
+            got = grads[0][i, t]
+            torch.testing.assert_close(got[:own_cls * POOLS["prompt_len_cls"]], expected[2 * i].flatten(0, 1),
+                                       atol=atol, rtol=rtol)
+            torch.testing.assert_close(got[padded_cls:padded_cls + own_img * POOLS["prompt_len_img"]],
+                                       expected[2 * i + 1].flatten(0, 1), atol=atol, rtol=rtol)
+        torch.testing.assert_close(grads[1][t, :K], expected[-1], atol=atol, rtol=rtol)

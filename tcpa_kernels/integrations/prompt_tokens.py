@@ -48,10 +48,11 @@ def drop_prompts(prompts: Tensor, p: float, training: bool, batch_size: int | No
     return F.dropout(prompts, p, training=training)
 
 
-def forward_tokens(prompts: Tensor, config, training: bool, batch_size: int) -> Tensor:
+def forward_tokens(prompts: Tensor, config, training: bool, batch_size: int | None) -> Tensor:
     """A TCPA layer's prompts [..., P, C] for one forward (``config``: a PoolConfig): prompt dropout, one mask per
     sample -> [..., B, P, C] when the config asks for it and a mask is drawn at all (training, p > 0), else one mask
-    for the batch -> [..., P, C]; then the prompt transform."""
-    per_sample = config.prompt_dropout_per_sample and training and config.prompt_dropout > 0
+    for the batch -> [..., P, C]; then the prompt transform. ``batch_size`` None: one mask over the whole tensor
+    whatever the config (a prompt bank's per-sample prompt sets, which are per sample already)."""
+    per_sample = batch_size is not None and config.prompt_dropout_per_sample and training and config.prompt_dropout > 0
     prompts = drop_prompts(prompts, config.prompt_dropout, training, batch_size if per_sample else None)
     return transform_prompts(prompts, config.prompt_transform, config.fourier_fraction)

@@ -53,19 +53,21 @@ def _gemm_operands(dtype: torch.dtype | None, h: Tensor, weight: Tensor,
 class BlockAttention(torch.autograd.Function):
     """``apply(x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, layouts, norm_weight, norm_bias, qkv_weight,
     qkv_bias, proj_weight, proj_bias, settings)`` with ``settings = (norm_eps, num_prefix_tokens, k_cls, k_img,
-    num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)`` (one argument: each
+    num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic, prompts_by_task)`` (one
+    argument: each
     argument of an autograd function costs host time at every call) -> (out [B, N, H*D], or x + out W_proj^T +
     b_proj [B, N, C] when proj_weight is given; terms [B, N]); differentiable in x, the keys and prompt_kv. With
     tasks (int [B]) the keys are a prompt bank's ([T, pool, C]), sample b matching set tasks[b], and prompt_kv its
-    prompt sets ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b] (None: tasks[b]; one tensor is not
-    passed twice, which dynamo cannot trace); with layouts (int [B, 4], ``Selection.layouts``) each sample's own
-    pools inside the padded ones."""
+    prompt sets ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b] (``prompts_by_task``: set tasks[b],
+    prompt_tasks None: one tensor is not passed twice, which dynamo cannot trace; prompt_tasks None otherwise:
+    prompt_kv shared or per sample, as without a bank); with layouts (int [B, 4], ``Selection.layouts``) each
+    sample's own pools inside the padded ones."""
 
     @staticmethod
     def forward(ctx, x, keys_cls, keys_img, prompt_kv, tasks, prompt_tasks, layouts, norm_weight, norm_bias,
                 qkv_weight, qkv_bias, proj_weight, proj_bias, settings):
         (norm_eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize, backend,
-         _) = settings
+         _, prompts_by_task) = settings
         B, N, _ = x.shape
         terms, bits, h, mean, rstd = matching_forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias,
                                                       norm_eps, True, num_prefix_tokens, k_cls, k_img, backend)
@@ -73,7 +75,7 @@ class BlockAttention(torch.autograd.Function):
         h, weight, bias = _gemm_operands(dtype, h, qkv_weight, qkv_bias)
         with autocast_off(x.device.type):  # qkv [B, N, 3, H, D]
             qkv = F.linear(h, weight, bias).view(B, N, 3, num_heads, weight.shape[0] // (3 * num_heads))
-            out, lse = run_packed_forward(qkv, prompt_kv, None, bits, tasks if prompt_tasks is None else prompt_tasks,
+            out, lse = run_packed_forward(qkv, prompt_kv, None, bits, tasks if prompts_by_task else prompt_tasks,
                                           layouts, pool_cls, len_cls, len_img, scale, renormalize, backend)
             result = out
             if proj_weight is not None:  # the output projection and the residual: x + proj(out), [B, N, C]
@@ -91,7 +93,7 @@ class BlockAttention(torch.autograd.Function):
         (x, keys_cls, keys_img, tasks, prompt_tasks, layouts, bits, norm_weight, mean, rstd, weight, qkv, prompt_kv,
          out, lse, proj_weight) = ctx.saved_tensors
         (_, num_prefix_tokens, k_cls, k_img, _, pool_cls, len_cls, len_img, scale, renormalize, backend,
-         deterministic) = ctx.settings
+         deterministic, prompts_by_task) = ctx.settings
         need_x, need_keys_cls, need_keys_img, need_prompts = ctx.needs_input_grad[:4]
         B, N, C = x.shape
         grad_out = grad_result
@@ -100,7 +102,7 @@ class BlockAttention(torch.autograd.Function):
             grad_out = torch.mm(grad_proj.view(B * N, C), proj_weight).view(B, N, proj_weight.shape[1])
         dh = dprompt = None
         if grad_out is not None and (need_x or need_prompts):
-            attention_tasks = tasks if prompt_tasks is None else prompt_tasks
+            attention_tasks = tasks if prompts_by_task else prompt_tasks
             dqkv, dprompt = packed_grads(grad_out, qkv, prompt_kv, out, lse, None, bits, attention_tasks, layouts,
                                          pool_cls, len_cls, len_img, scale, renormalize, backend, deterministic)
             if need_x:  # dh = dqkv W in the GEMM's dtype, then x's (the norm's output dtype)
@@ -131,9 +133,10 @@ def block_attention(x: Tensor, keys_cls: Tensor, keys_img: Tensor, prompt_kv: Te
     frozen."""
     norm_params, qkv_params = norm._parameters, qkv._parameters  # dict reads: ``Module.__getattr__`` costs ~0.7 us
     proj_params = {"weight": None, "bias": None} if proj is None else proj._parameters
+    by_task = tasks is not None and prompt_tasks is tasks
     settings = (norm.eps, num_prefix_tokens, k_cls, k_img, num_heads, pool_cls, len_cls, len_img, scale, renormalize,
-                backend, deterministic)
+                backend, deterministic, by_task)
     return BlockAttention.apply(x, keys_cls, keys_img, read_in_place(prompt_kv, -4), tasks,
-                                None if prompt_tasks is tasks else prompt_tasks, layouts,
+                                None if by_task else prompt_tasks, layouts,
                                 norm_params["weight"], norm_params["bias"], qkv_params["weight"], qkv_params["bias"],
                                 proj_params["weight"], proj_params["bias"], settings)
