@@ -49,7 +49,7 @@ case "$stage" in
     {
       nvidia-smi
       "$py" -m pip list 2>/dev/null | grep -iE "^(torch|triton|timm|transformers|open.clip.torch|numpy|pytest) "
-      step 150 "$py" -m pytest tests -m gpu -q -rfE -p no:cacheprovider
+      step 210 "$py" -m pytest tests -m gpu -q -rfE -p no:cacheprovider
     } 2>&1 | tee "$out/gpu-tests.log"
     # compute-sanitizer on every kernel at small shapes; the caching allocator off, so memcheck sees each
     # allocation's real bounds

@@ -12,8 +12,8 @@ keys/values of every task and layer are one batched projection per forward. No p
     loss = bank.loss(out, labels)                         # training several tasks in one batch
     bank.save_pretrained({"dtd": "runs/dtd-2"})
 
-The tasks share their prompt lengths, mask semantics and prompt transform; their pool sizes and top-k may differ (the
-bank pads every pool to the largest, and each sample uses its own task's entries only: ``Selection.layouts``), as
+The tasks share their mask semantics and prompt transform; their pool sizes, top-k and prompt lengths may differ (the
+bank pads every pool to the largest, and each sample uses its own task's prompts only: ``Selection.layouts``), as
 may their heads, and the kernel backend and prompt dropout (rate, per sample or not) they were saved with (the bank
 takes its own); tasks with
 an input prompter run it on their own images (``TaskInputPrompters``); the
@@ -41,7 +41,8 @@ from tcpa_kernels.ops.selection import task_one_hot
 from tcpa_kernels.vit import apply_tcpa, find_model, remove_prompts, state_of
 
 _POOL_NAMES = ("keys_cls", "keys_img", "prompts_cls", "prompts_img")
-_LAYOUT_FIELDS = ("pool_size_cls", "pool_size_img", "topk_cls", "topk_img")  # may differ between a bank's tasks
+# what may differ between a bank's tasks (a Selection.layouts row: pools padded to the largest)
+_LAYOUT_FIELDS = ("pool_size_cls", "pool_size_img", "topk_cls", "topk_img", "prompt_len_cls", "prompt_len_img")
 
 
 class BankOutput(NamedTuple):
@@ -77,9 +78,9 @@ class PromptBank(nn.Module):
         model: the plain backbone (timm or Hugging Face, see the module docstring; not yet prompted): the bank
             patches it with the tasks' largest pools and top-k (``apply_tcpa``) and holds it as ``bank.model``.
         tasks: task name -> adapter folder or prompts file saved by this library for this backbone
-            (``save_pretrained`` / ``save_prompts``), at least one; TCPA, with one prompt length per pool, mask
-            semantics and prompt transform for all (pool sizes and top-k may differ; the largest CLS pool and the
-            largest image pool together at most 64 entries).
+            (``save_pretrained`` / ``save_prompts``), at least one; TCPA, with one mask semantics and prompt
+            transform for all (pool sizes, top-k and prompt lengths may differ, but not with Fourier prompts; the
+            largest CLS pool and the largest image pool together at most 64 entries).
         check_identity: refuse a task saved for another backbone (``model_identity``), as ``from_pretrained``.
         backend: the kernels' backend, "auto" | "triton" | "torch" (whatever the tasks were saved with).
         prompt_dropout: the prompt dropout of the bank's training forwards; None: the tasks', which must then agree
@@ -92,12 +93,13 @@ class PromptBank(nn.Module):
     Parameters (they train; the backbone, and the prompt module ``apply_tcpa`` gave it, unused here, are frozen):
     ``prompts [L, T, P, C]``, every layer's prompt tokens of every task (CLS pool first; one tensor, so the forward
     gathers nothing and the backward accumulates one gradient), ``layers[i].keys_cls [T, Pc, C]`` and
-    ``layers[i].keys_img [T, Pi, C]`` (Pc, Pi and P the largest task's; a smaller task's keys and prompts fill the
-    first rows of each pool, zeros after, which it never reads and whose gradients are zero), ``head_weight
-    [T, K_max, C]`` and ``head_bias [T, K_max]`` (task t's head in its first K_t rows, zeros after: every head in
-    one GEMM), and ``input_prompters`` (``TaskInputPrompters``) when a task has an input prompter. Buffers:
-    ``task_layouts``, int64 ``[T, 4]``, each task's own (Pc, Pi, k_cls, k_img) (also ``layouts``, a list), or None
-    when all tasks have the same. Inputs are checked, and the model is left as it was on any error.
+    ``layers[i].keys_img [T, Pi, C]`` (Pc, Pi, P and the prompt lengths the largest task's; a smaller task's keys
+    and prompts fill the first entries of each pool and the first tokens of each entry, zeros after, which it never
+    reads and whose gradients are zero), ``head_weight [T, K_max, C]`` and ``head_bias [T, K_max]`` (task t's head
+    in its first K_t rows, zeros after: every head in one GEMM), and ``input_prompters`` (``TaskInputPrompters``)
+    when a task has an input prompter. Buffer ``task_layouts``: int64 ``[T, 6]``, each task's own (Pc, Pi, k_cls,
+    k_img, Lc, Li) (also ``layouts``, a list), or None when all tasks have the same. Inputs are checked, and the
+    model is left as it was on any error.
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True,
@@ -132,7 +134,7 @@ class PromptBank(nn.Module):
         self.model = model
         self.task_names = list(tasks)
         self.records = {name: records[name][0] for name in tasks}  # what each task's file says of itself
-        self.layouts = layouts  # each task's own (Pc, Pi, k_cls, k_img)
+        self.layouts = layouts  # each task's own (Pc, Pi, k_cls, k_img, Lc, Li)
         self.prompts = nn.Parameter(torch.stack([torch.stack([torch.cat([layer["prompts_cls"].flatten(0, 1),
                                                                          layer["prompts_img"].flatten(0, 1)])
                                                               for layer in layers]) for layers, _ in loaded], 1))
@@ -208,7 +210,7 @@ class PromptBank(nn.Module):
         prompts, K/V per sample."""
         if isinstance(tasks, Tensor):
             index = self.task_index(tasks, batch_size, device)
-            layouts = None if self.task_layouts is None else self.task_layouts[index]  # [B, 4]
+            layouts = None if self.task_layouts is None else self.task_layouts[index]  # [B, 6]
             return BankCall(index, self.layers, self.prompts, index if per_sample else None, layouts=layouts,
                             per_sample=per_sample)
         numbers = self._task_numbers(tasks, batch_size)
@@ -220,7 +222,7 @@ class PromptBank(nn.Module):
             parts.append([value for t in numbers for value in self.layouts[t]])
         flat = torch.tensor([v for part in parts for v in part]).to(device)
         packed = flat.split_with_sizes(list(map(len, parts))) if len(parts) > 1 else (flat,)
-        layouts = None if self.task_layouts is None else packed[-1].view(batch_size, 4)
+        layouts = None if self.task_layouts is None else packed[-1].view(batch_size, len(_LAYOUT_FIELDS))
         present, rows = (packed[0] if per_sample else None, None) if every else packed[1:3]
         return BankCall(packed[0], self.layers, self.prompts, present, rows, layouts=layouts, per_sample=per_sample)
 
@@ -267,16 +269,15 @@ class PromptBank(nn.Module):
         head, names, site = _head_name(inner), pool_names(inner), _prompter_site(inner)[0]
         for name, folder in dirs.items():
             t = self.task_names.index(name)
-            own_cls, own_img = self.layouts[t][:2]
+            own_cls, own_img, _, _, own_len_cls, own_len_img = self.layouts[t]
             tensors = {}
             for i, (blk, layer) in enumerate(zip(blocks, self.layers)):
-                (pool_cls, len_cls, C), len_img = blk.tcpa.prompts_cls.shape, blk.tcpa.prompts_img.shape[1]
-                prompts = self.prompts[i, t]  # [P, C]: the CLS pool's rows first, each pool padded to the largest
+                cls_shape, img_shape = blk.tcpa.prompts_cls.shape, blk.tcpa.prompts_img.shape  # the padded pools
+                cls, img = self.prompts[i, t].split_with_sizes((cls_shape[:2].numel(), img_shape[:2].numel()))
                 tensors |= {names[i]["keys_cls"]: layer.keys_cls[t, :own_cls],
                             names[i]["keys_img"]: layer.keys_img[t, :own_img],
-                            names[i]["prompts_cls"]: prompts[:own_cls * len_cls].view(own_cls, len_cls, C),
-                            names[i]["prompts_img"]: prompts[pool_cls * len_cls:][:own_img * len_img].view(
-                                own_img, len_img, C)}
+                            names[i]["prompts_cls"]: cls.view(cls_shape)[:own_cls, :own_len_cls],
+                            names[i]["prompts_img"]: img.view(img_shape)[:own_img, :own_len_img]}
             classes = int(self.class_mask[t].sum())
             tensors |= {f"{head}.weight": self.head_weight[t, :classes], f"{head}.bias": self.head_bias[t, :classes]}
             prompter = None if self.input_prompters is None else self.input_prompters.task(t)
@@ -286,15 +287,17 @@ class PromptBank(nn.Module):
             write_folder(folder, record, tensors, arg=f"dirs[{name!r}]")
 
 
-def _common_config(records: dict, own: dict) -> tuple[dict, list[tuple[int, int, int, int]]]:
-    """(the config the bank patches its backbone with, each task's own (Pc, Pi, k_cls, k_img)): the tasks' config but
-    the fields the bank sets itself (``own``: the head's class count, the backend, the input prompter, the prompt
-    dropout settings when given), with the largest pools and top-k of the tasks. ValueError naming the task and the
-    field that differ (a pool size, with Fourier prompts: their transform mixes a layer's prompt tokens, so padding
-    would change it) and pools of more than 64 entries together."""
+def _common_config(records: dict, own: dict) -> tuple[dict, list[tuple[int, ...]]]:
+    """(the config the bank patches its backbone with, each task's own (Pc, Pi, k_cls, k_img, Lc, Li)): the tasks'
+    config but the fields the bank sets itself (``own``: the head's class count, the backend, the input prompter,
+    the prompt dropout settings when given), with the largest pools, top-k and prompt lengths of the tasks.
+    ValueError naming the task and the field that differ (a pool size or prompt length, with Fourier prompts: their
+    transform mixes a layer's prompt tokens, so padding would change it) and pools of more than 64 entries
+    together."""
     first_name, (_, method, first, _) = next(iter(records.items()))
-    pools = () if first.get("prompt_transform") == "fourier" else ("pool_size_cls", "pool_size_img")
-    may_differ = {*own, "topk_cls", "topk_img", *pools}
+    sizes = () if first.get("prompt_transform") == "fourier" else (
+        "pool_size_cls", "pool_size_img", "prompt_len_cls", "prompt_len_img")  # Fourier: no padding
+    may_differ = {*own, "topk_cls", "topk_img", *sizes}
     for name, (_, method, config, _) in records.items():
         if method != "tcpa":
             raise ValueError(f"tasks[{name!r}]: expected TCPA prompts, got {method}")
@@ -304,8 +307,9 @@ def _common_config(records: dict, own: dict) -> tuple[dict, list[tuple[int, int,
             own_fields = [k for k in ("prompt_dropout", "prompt_dropout_per_sample") if any(
                 d.startswith(f"{k} ") for d in differ)]
             hint = "".join(f"; pass {k}= to the bank" for k in own_fields)
-            raise ValueError(f"tasks[{name!r}]: a bank's tasks share their prompt lengths, mask semantics, prompt "
-                             f"transform (and with Fourier prompts their pool sizes), got {'; '.join(differ)}{hint}")
+            raise ValueError(f"tasks[{name!r}]: a bank's tasks share their mask semantics and prompt transform (and "
+                             f"with Fourier prompts their pool sizes and prompt lengths), got {'; '.join(differ)}"
+                             f"{hint}")
     layouts = [tuple(config[k] for k in _LAYOUT_FIELDS) for _, _, config, _ in records.values()]
     largest = dict(zip(_LAYOUT_FIELDS, map(max, zip(*layouts))))
     if largest["pool_size_cls"] + largest["pool_size_img"] > MAX_POOL_ENTRIES:
@@ -358,29 +362,30 @@ def _features(inner: nn.Module, images: Tensor) -> Tensor:
         hook.remove()
 
 
-def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, layout: tuple[int, int, int, int],
+def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, layout: tuple[int, ...],
                   check_identity: bool):
     """(per layer {pool name: tensor}, (head weight [K, C], head bias [K])) of one task, checked against the
-    patched backbone: every pool tensor of the task's own pool size (``layout``: (Pc, Pi, k_cls, k_img)) and the
-    backbone's other dims, padded with zero rows to the backbone's (the largest) pools; a head over its width;
-    ValueError naming the task."""
+    patched backbone: every pool tensor of the task's own pool size and prompt length (``layout``: (Pc, Pi, k_cls,
+    k_img, Lc, Li)) and the backbone's width, padded with zeros to the backbone's (the largest) pools; a head over
+    its width; ValueError naming the task."""
     meta, _, config, tensors = record
     arg = f"tasks[{name!r}]"
     if check_identity and "identity" in meta:
         check_identity_of(meta["identity"], inner, arg, path)
     state = state_of(inner)
-    own_sizes = dict(keys_cls=layout[0], prompts_cls=layout[0], keys_img=layout[1], prompts_img=layout[1])
+    pool_cls, pool_img, _, _, len_cls, len_img = layout
+    own_sizes = dict(keys_cls=(pool_cls,), prompts_cls=(pool_cls, len_cls), keys_img=(pool_img,),
+                     prompts_img=(pool_img, len_img))  # the leading dims of each tensor that are the task's own
     layers = []
     for blk, names in zip(state.blocks, pool_names(inner)):
         pools = {n: tensors.get(names[n]) for n in _POOL_NAMES}
         for n, t in pools.items():
             padded = getattr(blk.tcpa, n)
-            expected = (own_sizes[n], *padded.shape[1:])
+            expected = (*own_sizes[n], *padded.shape[len(own_sizes[n]):])
             if t is None or t.shape != expected:
                 raise ValueError(f"{arg}: {names[n]}: expected shape {expected}, got "
                                  f"{None if t is None else tuple(t.shape)}")
-        layers.append({n: _pad_rows(t.to(getattr(blk.tcpa, n)), getattr(blk.tcpa, n).shape[0])
-                       for n, t in pools.items()})
+        layers.append({n: _pad(t.to(getattr(blk.tcpa, n)), getattr(blk.tcpa, n).shape) for n, t in pools.items()})
     head = [tensors.get(f"{_head_name(inner)}.{p}") for p in ("weight", "bias")]
     width = getattr(inner, _head_name(inner)).in_features  # what the head reads: C, or 2C (Dinov2's CLS + mean)
     if head[0] is None or head[1] is None or head[0].dim() != 2 or head[0].shape[1] != width or \
@@ -391,9 +396,13 @@ def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, la
     return layers, (head[0].to(reference), head[1].to(reference))
 
 
-def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    """t [r, ...] with zero rows after its own up to ``rows``."""
-    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+def _pad(t: Tensor, shape: torch.Size) -> Tensor:
+    """t with zeros after its own entries (and tokens) up to ``shape``."""
+    if t.shape == shape:
+        return t
+    padded = t.new_zeros(shape)
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    return padded
 
 
 def _prompter_site(inner: nn.Module) -> tuple[str, nn.Module | None]:

@@ -20,9 +20,12 @@ ORDERS = {"mixed": ["bags", "shirts", "bags", "shoes", "shirts"],
           "sorted": ["shirts", "shirts", "shoes", "bags", "bags"], "single": ["shoes"] * 5,
           "two_of_three": ["bags", "shirts", "bags", "shirts", "bags"]}  # the prompt K/V of the batch's tasks only
 DTYPES = {"torch": torch.float64, "triton": torch.float32}
-# the tasks' own pools: "shared" all POOLS; "different" pool sizes and top-k per task (padded to 4 + 6 in the bank)
-LAYOUTS = {"shared": None, "different": {"shirts": dict(pool_size_cls=2, topk_cls=1, pool_size_img=6, topk_img=3),
-                                         "shoes": dict(pool_size_cls=4, topk_cls=3, pool_size_img=3, topk_img=1)}}
+# the tasks' own pools: "shared" all POOLS; "different" pool sizes, top-k and prompt lengths per task (padded to
+# 4 entries of 3 tokens + 6 entries of 2 in the bank)
+LAYOUTS = {"shared": None,
+           "different": {"shirts": dict(pool_size_cls=2, topk_cls=1, pool_size_img=6, topk_img=3, prompt_len_cls=3),
+                         "shoes": dict(pool_size_cls=4, topk_cls=3, pool_size_img=3, topk_img=1, prompt_len_cls=1,
+                                       prompt_len_img=2)}}
 
 
 def tiny_vit(dtype=torch.float32, seed=0):
@@ -67,6 +70,17 @@ def alone(folder, backend, dtype):
 
 def bank_of(task_folders, backend, dtype):
     return tk.PromptBank(tiny_vit(dtype), task_folders, backend=backend)
+
+
+def own_rows(bank, t):
+    """bool [P]: task t's rows of the bank's padded prompt rows (its first entries' first tokens in each pool; the
+    CLS pool's rows first), in its model's order (``prompts_cls.flatten(0, 1)``, then ``prompts_img``'s)."""
+    config = bank.model.prompt_state.config  # the padded pools
+    own_cls, own_img, _, _, own_len_cls, own_len_img = bank.layouts[t]
+    cls = torch.zeros(config.pool_size_cls, config.prompt_len_cls, dtype=torch.bool)
+    img = torch.zeros(config.pool_size_img, config.prompt_len_img, dtype=torch.bool)
+    cls[:own_cls, :own_len_cls] = img[:own_img, :own_len_img] = True
+    return torch.cat([cls.flatten(), img.flatten()])
 
 
 @pytest.mark.parametrize("backend, order, layouts", [("torch", "mixed", "shared"), ("torch", "sorted", "shared"),
@@ -125,12 +139,10 @@ def test_training_gradients_equal_each_task_alone(tmp_path, backend, order, layo
     assert sorted(map(id, params)) == sorted(map(id, own))  # the bank's own only: the backbone's are frozen
     grads = dict(zip(map(id, params), torch.autograd.grad(bank.loss(bank(x, tasks), labels), params)))
     atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
-    padded_cls = max(bank.layouts[t][0] for t in range(3)) * POOLS["prompt_len_cls"]  # the bank's CLS-pool rows
     for t, name in enumerate(CLASSES):
         rows, K = [b for b, task in enumerate(tasks) if task == name], CLASSES[name]
         own_cls, own_img = bank.layouts[t][:2]  # this task's pool sizes
-        own = torch.zeros(grads[id(bank.prompts)].shape[2], dtype=torch.bool)  # its rows of the padded prompts
-        own[:own_cls * POOLS["prompt_len_cls"]] = own[padded_cls:padded_cls + own_img * POOLS["prompt_len_img"]] = True
+        own = own_rows(bank, t)  # its rows of the padded prompts
         keys = [(grads[id(getattr(layer, n))][t], size) for layer in bank.layers
                 for n, size in (("keys_cls", own_cls), ("keys_img", own_img))]  # the padded pools, its own size
         bank_grads = [g[:size] for g, size in keys]
@@ -401,10 +413,10 @@ def test_backend_and_prompt_dropout_are_the_banks_own(tmp_path):
 
 def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
     model = tiny_vit()
-    other = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(prompt_len_img=2)))
+    other = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(renormalize=True)))
     tk.save_pretrained(other, tmp_path / "other")
-    with pytest.raises(ValueError, match=r"tasks\['other'\]: a bank's tasks share their prompt lengths, .*got "
-                                         r"prompt_len_img 2 \(task 'shirts': 1\)"):
+    with pytest.raises(ValueError, match=r"tasks\['other'\]: a bank's tasks share their mask semantics and prompt "
+                                         r"transform .*got renormalize True \(task 'shirts': False\)"):
         tk.PromptBank(model, task_folders | {"other": tmp_path / "other"})
     large = tk.apply_tcpa(tiny_vit(), backend="torch", num_classes=2, **(POOLS | dict(pool_size_img=61)))
     tk.save_pretrained(large, tmp_path / "large")  # 3 + 61 entries alone, 4 + 61 padded with another task's pools
@@ -470,11 +482,11 @@ def test_random_selection_keeps_each_sample_in_its_own_pools(backend):
     k among its own pool's entries (the kernel and its torch twin; the bank's blocks run this op)."""
     from tcpa_kernels.ops.selection import entry_selection, topk_bits
 
-    layouts = torch.tensor([[2, 6, 1, 3], [4, 3, 3, 1], [3, 4, 2, 2]])  # (Pc, Pi, k_cls, k_img) of each sample
+    layouts = torch.tensor([[2, 6, 1, 3, 1, 1], [4, 3, 3, 1, 1, 1], [3, 4, 2, 2, 1, 1]])  # (Pc, Pi, k_cls, k_img, ..)
     scores = torch.rand(3, 5, 4 + 6, generator=torch.Generator().manual_seed(0))
     bits = topk_bits(scores, num_prefix_tokens=1, pool_cls=4, k_cls=3, k_img=3, backend=backend, layouts=layouts)
     picked = entry_selection(bits, 10)  # [B, N, E]
-    for b, (own_cls, own_img, k_cls, k_img) in enumerate(layouts.tolist()):
+    for b, (own_cls, own_img, k_cls, k_img, _, _) in enumerate(layouts.tolist()):
         assert picked[b, :1, :own_cls].sum(-1).eq(k_cls).all() and not picked[b, :1, own_cls:].any()
         assert picked[b, 1:, 4:4 + own_img].sum(-1).eq(k_img).all() and not picked[b, 1:, :4].any()
         assert not picked[b, 1:, 4 + own_img:].any()
@@ -484,14 +496,15 @@ def test_random_selection_keeps_each_sample_in_its_own_pools(backend):
 
 def test_fourier_tasks_of_different_pool_sizes_are_refused(tmp_path):
     """The Fourier transform mixes a layer's prompt tokens among themselves, so zero rows padding a smaller task's
-    pools would change its prompts: such tasks must share their pool sizes (their top-k may differ)."""
+    pools would change its prompts: such tasks must share their pool sizes and prompt lengths (their top-k may
+    differ)."""
     fourier = POOLS | dict(prompt_transform="fourier")
     folders = save_tasks(tmp_path, fourier, options={"shoes": dict(topk_cls=1)})
     tk.PromptBank(tiny_vit(), folders)  # different top-k: no padding
     folders = save_tasks(tmp_path / "sizes", fourier, options={"shoes": dict(pool_size_img=5)})
     model = tiny_vit()
-    with pytest.raises(ValueError, match=r"tasks\['shoes'\]: .*\(and with Fourier prompts their pool sizes\), got "
-                                         r"pool_size_img 5 \(task 'shirts': 4\)"):
+    with pytest.raises(ValueError, match=r"tasks\['shoes'\]: .*\(and with Fourier prompts their pool sizes and prompt "
+                                         r"lengths\), got pool_size_img 5 \(task 'shirts': 4\)"):
         tk.PromptBank(model, folders)
     assert not hasattr(model, "prompt_state")
 
@@ -515,31 +528,26 @@ def test_prompt_dropout_per_sample_equals_each_sample_alone(tmp_path, backend, l
     assert not torch.equal(masks[:, 0], masks[:, 2])  # two samples of one task: their own masks
     grads = torch.autograd.grad(bank.loss(out, labels), [bank.prompts, bank.head_bias])
     atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
-    padded_cls = max(layout[0] for layout in bank.layouts) * POOLS["prompt_len_cls"]
     for t, name in enumerate(CLASSES):
         rows, K = [b for b, task in enumerate(tasks) if task == name], CLASSES[name]
         model = alone(folders[name], backend, dtype).train()
         model.prompt_state.config.prompt_dropout = 0.0  # the bank's masks instead, applied below
-        own_cls, own_img = bank.layouts[t][:2]
+        own = own_rows(bank, t)
         params = [getattr(blk.tcpa, n) for blk in model.blocks for n in ("prompts_cls", "prompts_img")]
         loss = 0
         for b in rows:  # the sample alone, its task's prompts under its own mask
             masked = {}
             for i, blk in enumerate(model.blocks):
-                mask = masks[i, b]  # [P, C] of the bank's padded rows
-                for n, start, own in (("prompts_cls", 0, own_cls), ("prompts_img", padded_cls, own_img)):
-                    prompts = getattr(blk.tcpa, n)
-                    masked[f"blocks.{i}.tcpa.{n}"] = prompts * mask[start:start + own * prompts.shape[1]].view_as(
-                        prompts)
+                cls, img = blk.tcpa.prompts_cls, blk.tcpa.prompts_img
+                mask_cls, mask_img = masks[i, b, own].split_with_sizes((cls[:, :, 0].numel(), img[:, :, 0].numel()))
+                masked |= {f"blocks.{i}.tcpa.prompts_cls": cls * mask_cls.view_as(cls),
+                           f"blocks.{i}.tcpa.prompts_img": img * mask_img.view_as(img)}
             logits = torch.func.functional_call(model, masked, (x[b:b + 1],))
             torch.testing.assert_close(out.logits[b:b + 1, :K], logits, atol=atol, rtol=rtol, msg=f"sample {b}")
             loss = loss + torch.nn.functional.cross_entropy(logits, labels[b:b + 1]) + 0.01 * tk.get_matching_loss(
                 model)
         expected = torch.autograd.grad(loss / len(rows), [*params, model.head.bias])
         for i in range(len(model.blocks)):
-            got = grads[0][i, t]
-            torch.testing.assert_close(got[:own_cls * POOLS["prompt_len_cls"]], expected[2 * i].flatten(0, 1),
-                                       atol=atol, rtol=rtol)
-            torch.testing.assert_close(got[padded_cls:padded_cls + own_img * POOLS["prompt_len_img"]],
-                                       expected[2 * i + 1].flatten(0, 1), atol=atol, rtol=rtol)
+            want = torch.cat([expected[2 * i].flatten(0, 1), expected[2 * i + 1].flatten(0, 1)])
+            torch.testing.assert_close(grads[0][i, t, own], want, atol=atol, rtol=rtol)
         torch.testing.assert_close(grads[1][t, :K], expected[-1], atol=atol, rtol=rtol)

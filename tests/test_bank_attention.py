@@ -116,16 +116,17 @@ def test_bank_argument_errors():
         call(prompt_kv=bank[0])
 
 
-# Tasks whose own pools differ, (pool_cls, pool_img, k_cls, k_img) each, inside padded pools of POOL_CLS CLS entries
-# of one prompt and the image entries of LEN_IMG prompts after them (P_PAD prompts); task 2 has every prompt.
-LAYOUTS = [(1, 3, 1, 2), (2, 1, 2, 1), (2, 3, 1, 3)]
+# Tasks whose own pools differ, (pool_cls, pool_img, k_cls, k_img, len_cls, len_img) each, inside padded pools of
+# POOL_CLS CLS entries of one prompt and the image entries of LEN_IMG prompts after them (P_PAD prompts); task 1's
+# image entries have one prompt (the first of each padded entry), task 2 has every prompt.
+LAYOUTS = [(1, 3, 1, 2, 1, 2), (2, 1, 2, 1, 1, 1), (2, 3, 1, 3, 1, 2)]
 POOL_CLS, LEN_IMG, P_PAD = 2, 2, 8
 
 
 def _live_prompts(task):
-    """The prompt indices task ``task`` has: its CLS entries' prompts, then its image entries'."""
-    pool_cls, pool_img = LAYOUTS[task][:2]
-    return [*range(pool_cls), *range(POOL_CLS, POOL_CLS + pool_img * LEN_IMG)]
+    """The prompt indices task ``task`` has: its CLS entries' prompts, then its image entries' first tokens."""
+    pool_cls, pool_img, _, _, _, len_img = LAYOUTS[task]
+    return [*range(pool_cls), *(POOL_CLS + e * LEN_IMG + o for e in range(pool_img) for o in range(len_img))]
 
 
 def _live_bits(tasks):
@@ -265,7 +266,7 @@ def test_bank_layouts_argument_errors():
 
     def edited(column, value):
         out = selection.layouts.clone()
-        out[1, column] = value  # sample 1: task 0's (1, 3, 1, 2)
+        out[1, column] = value  # sample 1: task 0's (1, 3, 1, 2, 1, 2)
         return out
 
     mask = Selection(bits=selection.bits, pool_cls=POOL_CLS, len_img=LEN_IMG).rows(0, N, P_PAD)
@@ -280,7 +281,10 @@ def test_bank_layouts_argument_errors():
     with pytest.raises(ValueError, match=r"selection.layouts: expected each sample's k_cls in \[1, 2\], at most its "
                                          r"pool, got \[1, 2\]"):
         call(edited(2, 2))  # k_cls 2 of its CLS pool of 1
-    with pytest.raises(ValueError, match=r"selection.layouts: expected int32/int64 shape \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"selection.layouts: expected each sample's len_img in \[1, 2\], "
+                                         r"got \[1, 3\]"):
+        call(edited(5, 3))  # entries longer than the padded ones
+    with pytest.raises(ValueError, match=r"selection.layouts: expected int32/int64 shape \(4, 6\)"):
         call(selection.layouts[:2])
     with pytest.raises(TypeError, match=r"selection.layouts: expected dtype"):
         call(selection.layouts.float())

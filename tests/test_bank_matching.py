@@ -31,39 +31,57 @@ def test_bank_matching_matches_each_set_alone(backend, order, fused_norm, poison
     dtype = torch.float64 if backend == "torch" else torch.float32
     inputs, tasks = _bank_inputs(dtype, order)
     kwargs = dict(topk_cls=K_CLS, topk_img=K_IMG, num_prefix_tokens=PREFIX, backend=backend, tasks=tasks)
-    norm = torch.nn.LayerNorm(C, eps=1e-6).to(DEVICE, dtype).requires_grad_(False)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.normal_()
-    if fused_norm:
-        h, bits, terms = norm_match_select(inputs[0], norm, *inputs[1:], **kwargs)
-    else:
-        bits, terms = match_select(*inputs, **kwargs)
+    bits, terms, h, norm = _bank_matching(inputs, kwargs, fused_norm)
     for b, t in enumerate(ORDERS[order]):  # the selection of the sample against its own set alone
         alone, _ = match_select(inputs[0][b:b + 1], inputs[1][t], inputs[2][t], **(kwargs | dict(tasks=None)))
         assert torch.equal(bits[b:b + 1], alone), f"sample {b}"
 
+    def reference(x, bank_cls, bank_img):  # each sample alone, with the batch's weights
+        return torch.cat([reference_terms(x[b:b + 1], bank_cls[t], bank_img[t], K_CLS, K_IMG, PREFIX)
+                          for b, t in enumerate(ORDERS[order])]) / B
+
+    grads = _assert_matches_reference(inputs, terms, h, norm, reference)
+    if order == "single":  # sets no sample matched get a zero gradient
+        assert not grads[1][[0, 2]].any() and not grads[2][[0, 2]].any()
+
+
+def _bank_matching(inputs, kwargs, fused_norm):
+    """(bits, terms, h, norm): ``match_select`` of inputs (x, keys_cls, keys_img) with ``kwargs``, or with
+    ``fused_norm`` ``norm_match_select`` with a frozen LayerNorm ``norm`` of random affine (h its output; else
+    None)."""
+    x = inputs[0]
+    norm = torch.nn.LayerNorm(C, eps=1e-6).to(DEVICE, x.dtype).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    if fused_norm:
+        h, bits, terms = norm_match_select(x, norm, *inputs[1:], **kwargs)
+        return bits, terms, h, norm
+    return *match_select(*inputs, **kwargs), None, norm
+
+
+def _assert_matches_reference(inputs, terms, h, norm, reference):
+    """The loss terms, and the gradients of inputs (x, keys_cls, keys_img) through them (and through the fused norm's
+    h when given), equal fp64's: ``reference(x, keys_cls, keys_img)`` gives the reference terms. Returns the
+    gradients."""
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    ref_x, ref_cls, ref_img = ref_inputs
-    ref_terms = torch.cat([reference_terms(ref_x[b:b + 1], ref_cls[t], ref_img[t], K_CLS, K_IMG, PREFIX)
-                           for b, t in enumerate(ORDERS[order])]) / B  # each alone, with the batch's weights
-    atol, rtol = TOLERANCE[dtype]
+    ref_terms = reference(*ref_inputs)
+    atol, rtol = TOLERANCE[inputs[0].dtype]
     torch.testing.assert_close(terms.double(), ref_terms, atol=atol, rtol=rtol)
     g = torch.Generator().manual_seed(1)
     dterms = torch.randn(B, N, generator=g, dtype=torch.float64).to(DEVICE)
     outputs, ref_outputs, cotangents = [terms], [ref_terms], [dterms]
-    if fused_norm:  # the norm's gradient flows into dx with the matching's
+    if h is not None:  # the norm's gradient flows into dx with the matching's
         outputs.append(h)
-        ref_outputs.append(torch.nn.functional.layer_norm(ref_x, (C,), norm.weight.double(), norm.bias.double(),
-                                                          norm.eps))
+        ref_outputs.append(torch.nn.functional.layer_norm(ref_inputs[0], (C,), norm.weight.double(),
+                                                          norm.bias.double(), norm.eps))
         cotangents.append(torch.randn(B, N, C, generator=g, dtype=torch.float64).to(DEVICE))
     grads = torch.autograd.grad(outputs, inputs, [c.to(o.dtype) for c, o in zip(cotangents, outputs)])
-    ref_grads = torch.autograd.grad(ref_outputs, ref_inputs, cotangents)
+    ref_grads = torch.autograd.grad(ref_outputs, ref_inputs, cotangents, materialize_grads=True)
     for name, grad, ref in zip(("x", "bank_cls", "bank_img"), grads, ref_grads):
         assert grad.shape == ref.shape, name
         torch.testing.assert_close(grad.double(), ref, atol=atol * float(ref.abs().max()), rtol=rtol, msg=name)
-    if order == "single":  # sets no sample matched get a zero gradient
-        assert not grads[1][[0, 2]].any() and not grads[2][[0, 2]].any()
+    return grads
 
 
 def test_bank_matching_argument_errors():
@@ -87,7 +105,7 @@ TOPK_CLS, TOPK_IMG = (max(layout[i] for layout in LAYOUTS) for i in (2, 3))
 def _layout_inputs(dtype, order, layouts_dtype=torch.int64):
     """x [B, N, C] (sample b well separated against its task's own keys), bank_cls [T, PAD_CLS, C], bank_img
     [T, PAD_IMG, C] (leaves requiring grad: task t's own keys, then padding rows close to every token, which would
-    win the top-k were they read into it), tasks int64 [B] and layouts [B, 4] (each sample's task's)."""
+    win the top-k were they read into it), tasks int64 [B] and layouts [B, 6] (each sample's task's)."""
     sets = [separated_inputs(B, N, C, pc, pi, torch.float64, seed=t) for t, (pc, pi, _, _) in enumerate(LAYOUTS)]
     g = torch.Generator().manual_seed(T)
     banks = []
@@ -100,7 +118,8 @@ def _layout_inputs(dtype, order, layouts_dtype=torch.int64):
         banks.append(torch.stack(rows))
     x = torch.stack([sets[t][0][b] for b, t in enumerate(ORDERS[order])]).detach()
     tasks = torch.tensor(ORDERS[order], device=DEVICE)
-    layouts = torch.tensor([LAYOUTS[t] for t in ORDERS[order]], dtype=layouts_dtype, device=DEVICE)
+    layouts = torch.tensor([LAYOUTS[t] + (1, 1) for t in ORDERS[order]], dtype=layouts_dtype,
+                           device=DEVICE)  # prompt lengths, which matching does not read: 1
     return [t.to(dtype).requires_grad_() for t in (x, *banks)], tasks, layouts
 
 
@@ -135,39 +154,18 @@ def test_bank_layouts_match_each_task_alone(backend, order, fused_norm, poison_m
     inputs, tasks, layouts = _layout_inputs(dtype, order, torch.int32 if fused_norm else torch.int64)
     kwargs = dict(topk_cls=TOPK_CLS, topk_img=TOPK_IMG, num_prefix_tokens=PREFIX, backend=backend, tasks=tasks,
                   layouts=layouts)
-    norm = torch.nn.LayerNorm(C, eps=1e-6).to(DEVICE, dtype).requires_grad_(False)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.normal_()
-    if fused_norm:
-        h, bits, terms = norm_match_select(inputs[0], norm, *inputs[1:], **kwargs)
-    else:
-        bits, terms = match_select(*inputs, **kwargs)
+    bits, terms, h, norm = _bank_matching(inputs, kwargs, fused_norm)
     own = [LAYOUTS[t] for t in ORDERS[order]]
     for b, (t, (pc, pi, kc, ki)) in enumerate(zip(ORDERS[order], own)):  # the sample against its own keys alone
         alone, _ = match_select(inputs[0][b:b + 1], inputs[1][t, :pc], inputs[2][t, :pi], topk_cls=kc, topk_img=ki,
                                 num_prefix_tokens=PREFIX, backend=backend)
         assert torch.equal(bits[b:b + 1], _padded_bits(alone, pc)), f"sample {b}"
 
-    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    ref_x, ref_cls, ref_img = ref_inputs
-    ref_terms = torch.cat([reference_terms(ref_x[b:b + 1], ref_cls[t, :pc], ref_img[t, :pi], kc, ki, PREFIX)
-                           for b, (t, (pc, pi, kc, ki)) in enumerate(zip(ORDERS[order], own))]) / B
-    atol, rtol = TOLERANCE[dtype]
-    torch.testing.assert_close(terms.double(), ref_terms, atol=atol, rtol=rtol)
-    g = torch.Generator().manual_seed(1)
-    dterms = torch.randn(B, N, generator=g, dtype=torch.float64).to(DEVICE)
-    outputs, ref_outputs, cotangents = [terms], [ref_terms], [dterms]
-    if fused_norm:
-        outputs.append(h)
-        ref_outputs.append(torch.nn.functional.layer_norm(ref_x, (C,), norm.weight.double(), norm.bias.double(),
-                                                          norm.eps))
-        cotangents.append(torch.randn(B, N, C, generator=g, dtype=torch.float64).to(DEVICE))
-    grads = torch.autograd.grad(outputs, inputs, [c.to(o.dtype) for c, o in zip(cotangents, outputs)])
-    ref_grads = torch.autograd.grad(ref_outputs, ref_inputs, cotangents, materialize_grads=True)
-    for name, grad, ref in zip(("x", "bank_cls", "bank_img"), grads, ref_grads):
-        assert grad.shape == ref.shape, name
-        torch.testing.assert_close(grad.double(), ref, atol=atol * float(ref.abs().max()), rtol=rtol, msg=name)
+    def reference(x, bank_cls, bank_img):  # each sample alone against its own keys, with the batch's weights
+        return torch.cat([reference_terms(x[b:b + 1], bank_cls[t, :pc], bank_img[t, :pi], kc, ki, PREFIX)
+                          for b, (t, (pc, pi, kc, ki)) in enumerate(zip(ORDERS[order], own))]) / B
+
+    grads = _assert_matches_reference(inputs, terms, h, norm, reference)
     for t, (pc, pi, _, _) in enumerate(LAYOUTS):  # padding rows: never read into the loss
         assert not grads[1][t, pc:].any() and not grads[2][t, pi:].any(), f"task {t}"
     for t in set(range(T)) - set(ORDERS[order]):
@@ -205,9 +203,9 @@ def test_bank_layouts_argument_errors():
         out[row, column] = value
         return out
 
-    with pytest.raises(ValueError, match=r"layouts: expected int32/int64 shape \(4, 4\) on \S+, got shape \(4, 3\)"):
-        call(layouts[:, :3].contiguous())
-    with pytest.raises(ValueError, match=r"layouts: expected int32/int64 shape \(4, 4\) on \S+, got shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"layouts: expected int32/int64 shape \(4, 6\) on \S+, got shape \(4, 4\)"):
+        call(layouts[:, :4].contiguous())
+    with pytest.raises(ValueError, match=r"layouts: expected int32/int64 shape \(4, 6\) on \S+, got shape \(3, 6\)"):
         call(layouts[:3])
     with pytest.raises(ValueError, match=r"layouts: expected 2-d tensor"):
         call(layouts.flatten())

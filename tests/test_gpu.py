@@ -158,12 +158,15 @@ def test_cuda_graphs_reduce_overhead_equals_eager(train):
                 optimizer.step()
 
 
-def test_prompt_bank_cuda_graphs_equal_eager(tmp_path):
+@pytest.mark.parametrize("layouts", ["shared", "different"])
+def test_prompt_bank_cuda_graphs_equal_eager(tmp_path, layouts):
     """A prompt bank served with task numbers in a tensor under ``torch.compile(mode="reduce-overhead",
-    fullgraph=True)``: one graph, captured once and replayed for batches of other tasks, logits equal eager's."""
-    from tests.test_bank import POOLS, save_tasks, tiny_vit
+    fullgraph=True)``: one graph, captured once and replayed for batches of other tasks, logits equal eager's (tasks
+    of one pool layout, and of different ones: each sample's gathered on the device)."""
+    from tests.test_bank import LAYOUTS, POOLS, save_tasks, tiny_vit
 
-    bank = tk.PromptBank(tiny_vit(), save_tasks(tmp_path, POOLS), backend="triton").cuda().eval()
+    folders = save_tasks(tmp_path, POOLS, options=LAYOUTS[layouts])
+    bank = tk.PromptBank(tiny_vit(), folders, backend="triton").cuda().eval()
     compiled = torch.compile(bank, mode="reduce-overhead", fullgraph=True)
     g = torch.Generator("cuda").manual_seed(0)
     for _ in range(4):
@@ -173,3 +176,30 @@ def test_prompt_bank_cuda_graphs_equal_eager(tmp_path):
             expected = bank(x, tasks).logits
             out = compiled(x, tasks).logits.clone()  # a replay's output lives in the graph's memory pool
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_prompt_bank_of_different_pools_triton_equals_torch(tmp_path, autocast):
+    """A bank of tasks with different pool sizes, top-k and prompt lengths, prompt dropout per sample, on CUDA
+    (per-sample layouts in the matching and attention kernels, bf16 autocast too) against the torch backend on the
+    same parameters and masks: logits and every trainable gradient of ``bank.loss``."""
+    from tests.test_bank import LAYOUTS, ORDERS, POOLS, save_tasks, tiny_vit
+
+    folders = save_tasks(tmp_path, POOLS | dict(prompt_dropout=0.2, prompt_dropout_per_sample=True),
+                         options=LAYOUTS["different"])
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1)).cuda()
+    labels = torch.tensor([0, 1, 2, 0, 1], device="cuda")
+    results = []
+    for backend in ("triton", "torch"):
+        bank = tk.PromptBank(tiny_vit(), folders, backend=backend).cuda().train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            torch.manual_seed(2)  # the same prompt dropout masks
+            out = bank(x, ORDERS["mixed"])
+            loss = bank.loss(out, labels)
+        trainable = [p for p in bank.parameters() if p.requires_grad]
+        results.append((out.logits.float(), torch.autograd.grad(loss, trainable)))
+    atol, rtol = (2e-2, 5e-2) if autocast else (1e-4, 1e-3)
+    (logits, grads), (ref_logits, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), rg.float(), atol=atol * float(rg.abs().max()), rtol=rtol)

@@ -204,7 +204,7 @@ def test_custom_ops_pass_opcheck(backend):
                                                    True, backend))
     banks, tasks = (torch.stack([keys, keys.flip(0)]) for keys in (kc, ki)), torch.tensor([1, 0], dtype=torch.int32)
     bank_cls, bank_img = banks  # two key sets, a set per sample
-    for layouts in (None, torch.tensor([[2, 4, 1, 2], [3, 3, 2, 1]])):  # with layouts: each sample's own pools
+    for layouts in (None, torch.tensor([[2, 4, 1, 2, 1, 1], [3, 3, 2, 1, 1, 1]])):  # with layouts: its own pools
         torch.library.opcheck(match_fwd.overload, (x, bank_cls, bank_img, tasks, layouts, weight, bias, 1e-6, True,
                                                    1, 2, 2, backend))
         torch.library.opcheck(match_bwd.overload, (dterms, dh, x, bank_cls, bank_img, tasks, layouts, bits, weight,

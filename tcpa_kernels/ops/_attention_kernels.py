@@ -129,13 +129,18 @@ def _softmax_step(acc, m_i, l_i, b_s, b_v, valid, sel, TAIL: tl.constexpr, RENOR
 @triton.jit
 def _live_prompts(LAYOUTS, i_b, o_p, is_prompt, n_cls_prompts, len_cls, len_img, HAS_LAYOUTS: tl.constexpr):
     """is_prompt [BLOCK_N] narrowed, with HAS_LAYOUTS, to the prompts batch entry i_b has: its own pools inside the
-    padded ones (LAYOUTS int [B, 4]: the first LAYOUTS[b, 0] CLS entries' prompts and the first LAYOUTS[b, 1] image
-    entries'). The others are treated as keys past N + P: in neither the normaliser nor the output, zero gradients."""
+    padded ones (LAYOUTS int [B, 6]: of the CLS pool's entries of len_cls tokens, the first LAYOUTS[b, 0] entries'
+    first LAYOUTS[b, 4] tokens; of the image pool's, the first LAYOUTS[b, 1] entries' first LAYOUTS[b, 5]). The
+    others are treated as keys past N + P: in neither the normaliser nor the output, zero gradients."""
     live = is_prompt
     if HAS_LAYOUTS:  # resolved at compile time: one return type
-        cls_end = tl.load(LAYOUTS + i_b * 4).to(tl.int32) * len_cls
-        img_end = n_cls_prompts + tl.load(LAYOUTS + i_b * 4 + 1).to(tl.int32) * len_img
-        live = is_prompt & ((o_p < cls_end) | ((o_p >= n_cls_prompts) & (o_p < img_end)))
+        p_row = LAYOUTS + i_b * 6
+        is_cls = o_p < n_cls_prompts
+        o_q = tl.where(is_cls, o_p, o_p - n_cls_prompts)  # the prompt's index in its pool
+        length = tl.where(is_cls, len_cls, len_img)
+        own_entries = tl.where(is_cls, tl.load(p_row).to(tl.int32), tl.load(p_row + 1).to(tl.int32))
+        own_length = tl.where(is_cls, tl.load(p_row + 4).to(tl.int32), tl.load(p_row + 5).to(tl.int32))
+        live = is_prompt & (o_q // length < own_entries) & (o_q % length < own_length)
     return live
 
 
@@ -567,7 +572,7 @@ def _selection_pointer(mask, bits):
 
 def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, layout, scale, renormalize):
     """One launch of ``_fwd_kernel`` (operands as ``_geometry`` takes them, the pointers of a packed group its one
-    tensor; tasks int [B] or None; layouts int [B, 4] or None; layout (pool_cls, len_cls, len_img)): (out, lse).
+    tensor; tasks int [B] or None; layouts int [B, 6] or None; layout (pool_cls, len_cls, len_img)): (out, lse).
     Its dots run in q's dtype: bf16 is refused off CUDA (the interpreter); no launch without programs (a zero-size
     dimension), as in
     ``_backward``."""

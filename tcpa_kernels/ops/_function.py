@@ -125,7 +125,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: T
     lse [B, H, N]). q/k/v [B, H, N, D] share (b, h, n) strides, prompt_k/prompt_v ([H, P, D] or [B, H, P, D]) share
     theirs, unit stride on D; or prompt_v None and prompt_k both, stacked on dim -4 (``[2, H, P, D]`` or
     ``[B, 2, H, P, D]``, ``read_in_place``); with tasks (int [B]) a bank of prompt sets, [T, ...] in place of
-    [B, ...], sample b reading set tasks[b]; with layouts (int [B, 4]) each sample's own pools inside the padded
+    [B, ...], sample b reading set tasks[b]; with layouts (int [B, 6]) each sample's own pools inside the padded
     ones. The selection is a bool mask [B, N, P] or int64 selection words [B, N] with their pool layout
     (``Selection.op_args()``: the other one None)."""
     return implementation(backend).attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts,
@@ -163,7 +163,7 @@ def _(dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k, prompt_v, out, lse, mask
 def topk_bits_op(scores: Tensor, layouts: Tensor | None, num_prefix_tokens: int, pool_cls: int, k_cls: int, k_img: int,
                  backend: str) -> Tensor:
     """Selection words int64 [B, N] of scores [B, N, pool_cls + pool_img] (``selection.topk_bits``; layouts int
-    [B, 4] or None), one launch; not differentiable. For the model path: arguments unchecked, backend resolved."""
+    [B, 6] or None), one launch; not differentiable. For the model path: arguments unchecked, backend resolved."""
     return topk_bits(scores, num_prefix_tokens=num_prefix_tokens, pool_cls=pool_cls, k_cls=k_cls, k_img=k_img,
                      backend=backend, layouts=layouts)
 

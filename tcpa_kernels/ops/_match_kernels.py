@@ -131,7 +131,7 @@ def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, TERMS, NORM_W
     """Selection words and loss terms of a block of tokens; with NORM also the block's layer norm h (the same rows
     of x, read again from cache rather than by a second kernel). HAS_TASKS: a bank of key sets ([T, pool, C]),
     sample b matching set TASKS[b]; a block then holds the rows of one sample only (cdiv(N, BLOCK_T) per sample).
-    HAS_LAYOUTS: each sample's own pools and k (LAYOUTS [B, 4], ``row_layout``), w_cls / w_img the weights of k = 1
+    HAS_LAYOUTS: each sample's own pools and k (LAYOUTS [B, 6], ``row_layout``), w_cls / w_img the weights of k = 1
     (divided by the row's k)."""
     if HAS_TASKS:
         n_blocks = tl.cdiv(N, BLOCK_T)

@@ -53,11 +53,11 @@ def own_pool(o_t, N, num_prefix_tokens, pool_cls, own_cls, own_img, k_cls, k_img
 
 @triton.jit
 def row_layout(LAYOUTS, o_t, m_t, N, pool_cls, pool_img, k_cls, k_img, HAS_LAYOUTS: tl.constexpr):
-    """(own_cls, own_img, k_cls, k_img) of rows o_t: their sample's row of LAYOUTS (int [B, 4], a bank of tasks with
+    """(own_cls, own_img, k_cls, k_img) of rows o_t: their sample's row of LAYOUTS (int [B, 6], a bank of tasks with
     pools of different sizes) with HAS_LAYOUTS, else the scalars themselves (one layout for all)."""
     own_cls, own_img, kc, ki = pool_cls, pool_img, k_cls, k_img
     if HAS_LAYOUTS:  # resolved at compile time: one return type
-        p_row = LAYOUTS + (o_t // N) * 4
+        p_row = LAYOUTS + (o_t // N) * 6
         own_cls = tl.load(p_row, mask=m_t, other=1)
         own_img = tl.load(p_row + 1, mask=m_t, other=1)
         kc = tl.load(p_row + 2, mask=m_t, other=1)
@@ -68,7 +68,7 @@ def row_layout(LAYOUTS, o_t, m_t, N, pool_cls, pool_img, k_cls, k_img, HAS_LAYOU
 @triton.jit
 def _topk_bits_kernel(
     SCORES,  # [B*N, E] float, E = pool_cls + pool_img
-    LAYOUTS,  # [B, 4] int: each sample's own pools and k (HAS_LAYOUTS), else unused
+    LAYOUTS,  # [B, 6] int: each sample's own pools and k (HAS_LAYOUTS), else unused
     BITS,  # [B*N] int64 (output)
     n_rows,
     N,
@@ -96,7 +96,7 @@ def _topk_bits_kernel(
 
 def topk_bits(scores, num_prefix_tokens, pool_cls, k_cls, k_img, layouts=None):
     """One launch of ``_topk_bits_kernel``: scores [B, N, E] (fp16/bf16/fp32) -> bits int64 [B, N]; layouts int
-    [B, 4] (``Selection.layouts``) or None."""
+    [B, 6] (``Selection.layouts``) or None."""
     B, N, E = scores.shape
     scores = scores.contiguous()
     bits = torch.empty(B, N, dtype=torch.int64, device=scores.device)

@@ -60,7 +60,7 @@ class BlockAttention(torch.autograd.Function):
     tasks (int [B]) the keys are a prompt bank's ([T, pool, C]), sample b matching set tasks[b], and prompt_kv its
     prompt sets ([T', 2, H, P, D]), sample b attending to set prompt_tasks[b] (``prompts_by_task``: set tasks[b],
     prompt_tasks None: one tensor is not passed twice, which dynamo cannot trace; prompt_tasks None otherwise:
-    prompt_kv shared or per sample, as without a bank); with layouts (int [B, 4], ``Selection.layouts``) each
+    prompt_kv shared or per sample, as without a bank); with layouts (int [B, 6], ``Selection.layouts``) each
     sample's own pools inside the padded ones."""
 
     @staticmethod

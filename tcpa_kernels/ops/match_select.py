@@ -72,7 +72,7 @@ def _token_weights(x, num_prefix_tokens, k_cls, k_img, layouts, dtype):
     """w_t of every token: [N] (with layouts, each sample's own k: [B, N])."""
     if layouts is not None:
         w_cls, w_img = group_weights(x.shape[0], x.shape[1], num_prefix_tokens, 1, 1)
-        k = layouts[:, 2:].to(dtype)  # [B, 2]: each sample's k_cls, k_img
+        k = layouts[:, 2:4].to(dtype)  # [B, 2]: each sample's k_cls, k_img
         return torch.cat([(w_cls / k[:, :1]).expand(-1, num_prefix_tokens),
                           (w_img / k[:, 1:]).expand(-1, x.shape[1] - num_prefix_tokens)], dim=1)
     w_cls, w_img = group_weights(x.shape[0], x.shape[1], num_prefix_tokens, k_cls, k_img)
@@ -167,7 +167,7 @@ def match_fwd(x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | Non
                                                                                       Tensor]:
     """(loss terms [B, N], bits int64 [B, N], h, mean, rstd): one kernel (``_match_fwd_kernel``) on the triton
     backend. Keys [pool, C] each, or with tasks (int [B]) a bank's [T, pool, C], sample b matching set tasks[b];
-    with layouts (int [B, 4], ``Selection.layouts``) each sample's own pools and k inside the padded ones (k_cls,
+    with layouts (int [B, 6], ``Selection.layouts``) each sample's own pools and k inside the padded ones (k_cls,
     k_img: the largest). With ``fuse_norm`` the same kernel also applies the block's LayerNorm (frozen weight/bias
     or None, eps) to x: h [B, N, C] in x's dtype, mean and rstd [B, N]; else those three are empty."""
     terms, bits, h, mean, rstd = _implementation(backend).forward(x, keys_cls, keys_img, tasks, layouts, norm_weight,
@@ -337,8 +337,9 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
         tasks: None, or int ``[B]``: the keys are a bank of T key sets (``[T, Pc, C]`` and ``[T, Pi, C]``) and
             sample b matches set ``tasks[b]`` (read in place by the kernels); each set's key gradient sums its
             samples'.
-        layouts: None, or int ``[B, 4]``: each sample's ``(pool_cls, pool_img, k_cls, k_img)`` inside the padded
-            pools (tasks of a bank with pools of different sizes, ``Selection.layouts``): sample b's prefix tokens
+        layouts: None, or int ``[B, 6]``: each sample's ``(pool_cls, pool_img, k_cls, k_img, ...)`` inside the
+            padded pools (tasks of a bank whose pools differ, ``Selection.layouts``; the prompt lengths of the last
+            two columns are the attention's): sample b's prefix tokens
             choose ``layouts[b, 2]`` of the first ``layouts[b, 0]`` CLS entries, its patch tokens
             ``layouts[b, 3]`` of the first ``layouts[b, 1]`` image entries, each k at most topk_cls / topk_img; its
             loss terms are weighted by its own k.
@@ -362,7 +363,8 @@ def match_select(x: Tensor, keys_cls: Tensor, keys_img: Tensor, *, topk_cls: int
     if tasks is not None:
         check_tasks(tasks, x.shape[0], keys_cls.shape[0], x.device)
     if layouts is not None:
-        check_layouts(layouts, x.shape[0], (keys_cls.shape[-2], keys_img.shape[-2]), (topk_cls, topk_img), x.device)
+        check_layouts(layouts, x.shape[0], (keys_cls.shape[-2], keys_img.shape[-2]), (topk_cls, topk_img), None,
+                      x.device)
     backend = resolve_backend(backend, x.device)
     if backend == "triton" and x.dtype == torch.float64:
         raise TypeError(f"x: backend='triton' computes in fp32 and takes fp16/bf16/fp32, got {describe(x)}; "

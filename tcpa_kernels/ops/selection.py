@@ -25,7 +25,7 @@ from tcpa_kernels._validate import MAX_POOL_ENTRIES, check_tensor, describe
 
 
 def _topk_bits_torch(scores, num_prefix_tokens, pool_cls, k_cls, k_img, layouts=None):
-    """Torch twin of the kernel. scores [B, N, E] -> bits int64 [B, N] (NaN ranks as -inf). ``layouts`` (int [B, 4]
+    """Torch twin of the kernel. scores [B, N, E] -> bits int64 [B, N] (NaN ranks as -inf). ``layouts`` (int [B, 6]
     or None): each sample's own pools inside the padded ones (``Selection.layouts``): its rows choose among its own
     entries, its own k of them."""
     scores = scores.masked_fill(scores.isnan(), float("-inf"))
@@ -60,7 +60,7 @@ def topk_bits(scores, *, num_prefix_tokens, pool_cls, k_cls, k_img, backend, lay
 
     scores: [B, N, pool_cls + pool_img]; prefix tokens (the first ``num_prefix_tokens``) choose their
     top ``k_cls`` among the first ``pool_cls`` columns, patch tokens their top ``k_img`` among the rest; with
-    ``layouts`` (int [B, 4], ``Selection.layouts``) each sample's rows among its own entries, its own k of them.
+    ``layouts`` (int [B, 6], ``Selection.layouts``) each sample's rows among its own entries, its own k of them.
     returns int64 [B, N]. Selection is not differentiable. fp64 scores take the torch twin on either backend: the
     kernel ranks on an int32 key of the fp32 value, so fp64 scores closer than fp32's resolution would tie there.
     """
@@ -83,10 +83,12 @@ class Selection:
     Either ``mask`` (bool [B, N, P]) or ``bits`` (int64 [B, N]) with the pool layout that maps prompt
     tokens to entries: prompts are [CLS pool: pool_cls*len_cls tokens ; image pool: rest]. With ``tasks``
     (int32 or int64 [B]) the prompts are a bank of T prompt sets ([T, 2, H, P, D]) and sample b uses set ``tasks[b]``:
-    the kernels read it in place, no per-sample copy is made. With ``layouts`` (int32 or int64 [B, 4]: each
-    sample's ``(pool_cls, pool_img, k_cls, k_img)``, a bank of tasks with pools of different sizes padded to the
-    largest) sample b's CLS pool is entries ``[0, layouts[b, 0])`` of the padded one and its image pool the first
-    ``layouts[b, 1]`` image entries: the other prompts do not exist for it (not even in the softmax's normaliser).
+    the kernels read it in place, no per-sample copy is made. With ``layouts`` (int32 or int64 [B, 6]: each
+    sample's ``(pool_cls, pool_img, k_cls, k_img, len_cls, len_img)``, a bank of tasks whose pools differ, padded to
+    the largest pools and prompt lengths) sample b's CLS pool is entries ``[0, layouts[b, 0])`` of the padded one,
+    each entry's first ``layouts[b, 4]`` prompt tokens, and its image pool the first ``layouts[b, 1]`` image
+    entries, each entry's first ``layouts[b, 5]`` tokens: the other prompts do not exist for it (not even in the
+    softmax's normaliser). Matching reads the first four columns.
     """
 
     mask: torch.Tensor | None = None
@@ -118,9 +120,13 @@ class Selection:
             return None
         n_cls = self.pool_cls * self.len_cls
         p = torch.arange(num_prompts, device=self.layouts.device)
-        cls_end = (self.layouts[:, 0] * self.len_cls)[:, None]  # [B, 1]
-        img_end = n_cls + (self.layouts[:, 1] * self.len_img)[:, None]
-        return ((p < cls_end) | ((p >= n_cls) & (p < img_end)))[:, None]
+        is_cls = p < n_cls
+        q = torch.where(is_cls, p, p - n_cls)  # the prompt's index in its pool
+        length = torch.where(is_cls, self.len_cls, self.len_img)  # the padded pool's tokens per entry
+        own = self.layouts[:, None]  # [B, 1, 6]
+        own_entries = torch.where(is_cls, own[..., 0], own[..., 1])  # [B, P]
+        own_length = torch.where(is_cls, own[..., 4], own[..., 5])
+        return ((q // length < own_entries) & (q % length < own_length))[:, None]
 
 
 _ONE_HOT = "_tcpa_one_hot"  # the attribute of a tasks tensor that keeps its one-hot matrices, by (T, dtype)
@@ -164,25 +170,27 @@ def check_tasks(tasks, B, T, device) -> None:
                          f"[{int(tasks.min())}, {int(tasks.max())}]")
 
 
-def check_layouts(layouts, B, pools, topk, device, name="layouts") -> None:
-    """ValueError/TypeError unless ``layouts`` (``Selection.layouts``) is an int32 or int64 [B, 4] tensor on device
+def check_layouts(layouts, B, pools, topk, lengths, device, name="layouts") -> None:
+    """ValueError/TypeError unless ``layouts`` (``Selection.layouts``) is an int32 or int64 [B, 6] tensor on device
     whose rows are pools inside the padded ``pools`` (pool_cls, pool_img), each at least one entry, choosing
     1..(its pool size) entries, at most ``topk`` (k_cls, k_img, the kernels' bound; None: the attention, which
-    reads the pools only) (read back from the device: a sync, which the checked entries afford and the model path
-    skips)."""
+    reads the pools only), entries of 1..``lengths`` (len_cls, len_img) tokens (None: matching, which does not read
+    them) (read back from the device: a sync, which the checked entries afford and the model path skips)."""
     check_tensor(name, layouts, ndim=2, dtypes=(torch.int32, torch.int64))
-    if layouts.device != device or tuple(layouts.shape) != (B, 4):
-        raise ValueError(f"{name}: expected int32/int64 shape {(B, 4)} on {device}, got {describe(layouts)}")
+    if layouts.device != device or tuple(layouts.shape) != (B, 6):
+        raise ValueError(f"{name}: expected int32/int64 shape {(B, 6)} on {device}, got {describe(layouts)}")
     if not layouts.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (the kernels read rows of 4), got strides "
                          f"{layouts.stride()}")
-    bounds = (*pools, *(topk or pools))
-    for column, (field, bound) in enumerate(zip(("pool_cls", "pool_img", "k_cls", "k_img"), bounds)):
+    bounds = (*pools, *(topk or pools), *(lengths or ()))
+    for column, (field, bound) in enumerate(zip(("pool_cls", "pool_img", "k_cls", "k_img", "len_cls", "len_img"),
+                                                bounds)):
         values = layouts[:, column]
-        upper = values.new_full(values.shape, bound) if column < 2 else layouts[:, column - 2].clamp(max=bound)
+        upper = layouts[:, column - 2].clamp(max=bound) if field.startswith("k_") else values.new_full(values.shape,
+                                                                                                      bound)
         if B and not bool(((values >= 1) & (values <= upper)).all()):
             raise ValueError(f"{name}: expected each sample's {field} in [1, {bound}]"
-                             f"{'' if column < 2 else ', at most its pool'}, got [{int(values.min())}, "
+                             f"{', at most its pool' if field.startswith('k_') else ''}, got [{int(values.min())}, "
                              f"{int(values.max())}]")
 
 
@@ -212,4 +220,5 @@ def check_selection(selection, B, N, P, device) -> None:
         raise ValueError(f"selection: expected a pool layout of P={P} prompts (pool_cls * len_cls <= P, at most "
                          f"{MAX_POOL_ENTRIES} entries), got pool_cls={pool_cls}, len_cls={len_cls}, len_img={len_img}")
     if selection.layouts is not None:
-        check_layouts(selection.layouts, B, (pool_cls, (P - n_cls) // len_img), None, device, "selection.layouts")
+        check_layouts(selection.layouts, B, (pool_cls, (P - n_cls) // len_img), None, (len_cls, len_img), device,
+                      "selection.layouts")
