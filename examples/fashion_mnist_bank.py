@@ -4,8 +4,8 @@ offline, CPU).
 1. The frozen backbone: a small ViT pretrained on classes 0-4 (``examples/fashion_mnist_transfer.py``'s, reused from
    OUT/pretrain, else trained here the same way).
 2. Each task is its own class subset of the other classes, trained alone with the fine-tuning CLI (TCPA, its
-   defaults on a short schedule: warm-up and random selection for 10 % of the epochs); its checkpoint holds its
-   prompts, keys and head.
+   defaults on a short schedule: warm-up and random selection for 10 % of the epochs; each task its own pool size
+   and top-k); its checkpoint holds its prompts, keys and head.
 3. Serving: one ``PromptBank`` of every task's checkpoint on one copy of the backbone; every task's validation
    images, shuffled together, go through it in mixed batches. Each task's accuracy is compared with its model alone
    (the backbone with that task's checkpoint loaded) on the same images, and the wall time of the mixed batches with
@@ -36,6 +36,8 @@ MODEL_NAME, IMG_SIZE = "vit_tiny_patch16_224", 28
 MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}  # the transfer example's backbone
 PRETRAIN_CLASSES = [0, 1, 2, 3, 4]
 TASKS = {"sandal-shirt": [5, 6], "sneaker-bag": [7, 8], "boot-sandal-bag": [9, 5, 8]}  # Fashion-MNIST class ids
+POOLS = {"sandal-shirt": ["--pool-size", "8", "--topk", "4"], "sneaker-bag": [],  # each task's own pools (CLI
+         "boot-sandal-bag": ["--pool-size", "24", "--topk", "12"]}  # defaults: 18 entries, top-10), one bank
 
 
 def finetune(args: list[str]) -> None:
@@ -99,10 +101,11 @@ def accuracies(predictions, labels, tasks) -> dict[str, float]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| task | classes | val images | accuracy, bank (mixed batches) | accuracy, its model alone |",
-             "|---|---|---|---|---|"]
+    lines = ["| task | classes | pools (CLS + image), top-k | val images | accuracy, bank (mixed batches) | "
+             "accuracy, its model alone |", "|---|---|---|---|---|---|"]
     for name, classes in TASKS.items():
-        lines.append(f"| {name} | {classes} | {result['val_images'][name]} | "
+        pool_cls, pool_img, topk, _ = result["pools"][name]
+        lines.append(f"| {name} | {classes} | {pool_cls} + {pool_img}, top-{topk} | {result['val_images'][name]} | "
                      f"{100 * result['accuracy_bank'][name]:.2f} % | {100 * result['accuracy_alone'][name]:.2f} % |")
     t = result["seconds"]
     lines += ["", f"Predictions that differ between the bank and the models alone: {result['differing_predictions']} "
@@ -131,11 +134,11 @@ def main():
                   "--mixup", "0", "--out", str(out / "pretrain")])
     checkpoints = {}
     for name, classes in TASKS.items():
-        run = out / f"bank_{name}"
+        run = out / "_".join([f"bank_{name}", *(option.lstrip("-") for option in POOLS[name])])
         if not (run / "log.json").exists():
             finetune(["--method", "tcpa", "--classes", *map(str, classes), "--weights", str(weights), "--epochs",
                       str(settings.epochs), "--train-limit", str(settings.train_limit), "--seed", str(settings.seed),
-                      "--out", str(run)])
+                      *POOLS[name], "--out", str(run)])
         checkpoints[name] = run / "last.safetensors"
 
     images, labels, tasks = mixed_validation(weights, settings.val_limit, settings.seed)
@@ -143,6 +146,7 @@ def main():
     bank_predictions, bank_seconds = serve(bank, images, tasks, settings.batch)
     alone_predictions, alone_seconds = alone(weights, checkpoints, images, tasks, settings.batch)
     result = {"settings": vars(settings), "threads": torch.get_num_threads(), "tasks": TASKS,
+              "pools": {name: bank.layouts[t][:4] for t, name in enumerate(bank.task_names)},  # Pc, Pi, k_cls, k_img
               "val_images": {name: tasks.count(name) for name in TASKS},
               "accuracy_bank": accuracies(bank_predictions, labels, tasks),
               "accuracy_alone": accuracies(alone_predictions, labels, tasks),

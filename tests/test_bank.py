@@ -425,6 +425,12 @@ def test_bank_errors_leave_the_model_as_it_was(task_folders, tmp_path):
     with pytest.raises(ValueError, match=r"tasks: the bank pads every task's pools to the largest CLS pool and the "
                                          r"largest image pool, at most 64 entries together, got 4 \+ 61"):
         tk.PromptBank(model, {"large": tmp_path / "large", "small_img": tmp_path / "small_img"})
+    record, _, _, tensors = read_checkpoint(tmp_path / "small_img", "dir")  # pools not of its own config's sizes
+    tensors["blocks.1.tcpa.prompts_cls"] = tensors["blocks.1.tcpa.prompts_cls"][:3]
+    write_folder(tmp_path / "cut", record, tensors)
+    with pytest.raises(ValueError, match=r"tasks\['cut'\]: blocks\.1\.tcpa\.prompts_cls: expected shape \(4, 2, 32\), "
+                                         r"got \(3, 2, 32\)"):
+        tk.PromptBank(model, task_folders | {"cut": tmp_path / "cut"})
     with pytest.raises(FileNotFoundError, match=r"tasks\['nope'\]: expected a prompts file"):
         tk.PromptBank(model, {"nope": tmp_path / "missing"})
     with pytest.raises(ValueError, match="tasks: expected a non-empty mapping"):
