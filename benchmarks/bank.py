@@ -39,6 +39,7 @@ from tcpa_kernels import bench  # noqa: E402
 
 POOLS = dict(pool_size_cls=18, pool_size_img=18, topk_cls=10, topk_img=10, backend="triton")
 CLASSES = 10  # per task
+SMALL_POOLS = dict(pool_size_cls=12, pool_size_img=12, topk_cls=6, topk_img=6)  # --time: the odd tasks of a bank
 TARGETS = {"ops": 1.05, "bytes": 1.05, "host": 1.10}
 
 
@@ -166,7 +167,9 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
                  model_name: str = "vit_base_patch16_224", reps: int = 10, graphs: bool = False) -> dict:
     """Wall time (ms; CUDA events on a GPU) of real train steps (forward, loss, backward, AdamW) and eval
     forwards, in interleaved rounds (``bench.interleaved_samples``): the bank on a mixed batch, one task's model on
-    the same batch, and that model on ``tasks`` separate batches of ``batch / tasks`` (one figure: all of them); with
+    the same batch, and that model on ``tasks`` separate batches of ``batch / tasks`` (one figure: all of them);
+    ``mixed_pools``: a bank whose odd tasks have smaller pools (``SMALL_POOLS``, padded: per-sample layouts in the
+    kernels) on the mixed batch; with
     ``graphs`` on a GPU also the bank's mixed eval forward captured in CUDA graphs (``torch.compile(bank,
     mode="reduce-overhead", fullgraph=True)``, task numbers in a tensor; a compiler failure is noted, the other
     figures stand). For a GPU (``gpu_run.sh run3``); on the CPU it runs the torch backend."""
@@ -180,11 +183,16 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
     pools = POOLS | {"backend": "auto"}
     with tempfile.TemporaryDirectory() as folder:
         model = tk.apply_tcpa(backbone(), num_classes=CLASSES, **pools)
-        folders = {}
+        small = tk.apply_tcpa(backbone(), num_classes=CLASSES, **(pools | SMALL_POOLS))
+        folders, pool_folders = {}, {}
         for t in range(tasks):
             folders[f"task{t}"] = Path(folder) / f"task{t}"
             tk.save_pretrained(model, folders[f"task{t}"])
+            pool_folders[f"task{t}"] = Path(folder) / f"pools{t}"
+            tk.save_pretrained(small if t % 2 else model, pool_folders[f"task{t}"])
         bank = tk.PromptBank(backbone(), folders, backend=pools["backend"])
+        pools_bank = tk.PromptBank(backbone(), pool_folders, backend=pools["backend"])
+        del small
     names = mixed_tasks(list(folders), batch)
     part = batch // tasks
 
@@ -202,6 +210,7 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
         return step
 
     bank_train = trainer(bank, lambda x, y: bank.loss(bank(x, names[:len(x)]), y))
+    pools_train = trainer(pools_bank, lambda x, y: pools_bank.loss(pools_bank(x, names), y))
     model_train = trainer(model, lambda x, y: torch.nn.functional.cross_entropy(model(x), y)
                           + 0.01 * tk.get_matching_loss(model))
 
@@ -211,10 +220,12 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
             run()
 
     steps = {"train_mixed": lambda: bank_train(images, labels),
+             "train_mixed_pools": lambda: pools_train(images, labels),
              "train_single_task": lambda: model_train(images, labels),
              "train_separate": lambda: [model_train(images[i:i + part], labels[i:i + part])
                                         for i in range(0, batch, part)],
              "eval_mixed": lambda: infer(lambda: bank.eval()(images, names)),
+             "eval_mixed_pools": lambda: infer(lambda: pools_bank.eval()(images, names)),
              "eval_single_task": lambda: infer(lambda: model.eval()(images)),
              "eval_separate": lambda: infer(lambda: [model.eval()(images[i:i + part]) for i in range(0, batch, part)])}
     notes = []
@@ -234,6 +245,8 @@ def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224
                                                                                               reps).items()}
     ratios = {f"{mode}_{other}": figures[f"{mode}_mixed"]["median"] / figures[f"{mode}_{other}"]["median"]
               for mode in ("train", "eval") for other in ("single_task", "separate")}
+    ratios |= {f"{mode}_pools_over_mixed": figures[f"{mode}_mixed_pools"]["median"] / figures[f"{mode}_mixed"]["median"]
+               for mode in ("train", "eval")}  # what per-sample layouts cost
     return {"device": bench.environment(device), "settings": dict(tasks=tasks, batch=batch, img=img, model=model_name,
                                                                    dtype=str(dtype), reps=reps),
             "ms": figures, "mixed_over": ratios, "notes": notes}

@@ -31,10 +31,13 @@ def test_time_runs_every_step_and_ratio():
     """``--time`` (for a GPU) at a tiny size on the CPU: every step timed, the ratios of its medians."""
     result = bank.measure_time(2, 4, torch.device("cpu"), img=32, dtype=torch.float32,
                                model_name="vit_tiny_patch16_224", reps=1)
-    modes = [f"{mode}_{run}" for mode in ("train", "eval") for run in ("mixed", "single_task", "separate")]
+    modes = [f"{mode}_{run}" for mode in ("train", "eval")
+             for run in ("mixed", "mixed_pools", "single_task", "separate")]
     assert sorted(result["ms"]) == sorted(modes) and all(f["median"] > 0 for f in result["ms"].values())
     assert result["mixed_over"]["train_separate"] == (result["ms"]["train_mixed"]["median"]
                                                       / result["ms"]["train_separate"]["median"])
+    assert result["mixed_over"]["eval_pools_over_mixed"] == (result["ms"]["eval_mixed_pools"]["median"]
+                                                             / result["ms"]["eval_mixed"]["median"])
 
 
 def test_cli_rejects_bad_values(capsys):
