@@ -7,7 +7,7 @@ Public API (docs/how-it-works.md, 'Public API'): ``tcpa_attention``, ``match_pro
 ``PromptBank``, many tasks' prompts on one backbone, a task per sample.
 """
 
-from tcpa_kernels.bank import BankOutput, PromptBank
+from tcpa_kernels.bank import BankFeatures, BankOutput, PromptBank
 from tcpa_kernels.checkpoint import from_pretrained, load_prompts, save_pretrained, save_prompts
 from tcpa_kernels.integrations.input_prompter import InputPrompter
 from tcpa_kernels.integrations.prompts import TCPAPrompts
@@ -41,5 +41,5 @@ __all__ = [
     "apply_tcpa", "apply_vpt", "remove_prompts", "remove_tcpa", "get_matching_loss", "set_selection",
     "trainable_parameters", "count_parameters", "print_trainable_parameters", "disable_prompts", "find_model",
     "save_prompts", "load_prompts", "save_pretrained", "from_pretrained", "TCPAConfig", "VPTConfig", "PromptState",
-    "PromptBank", "BankOutput",
+    "PromptBank", "BankOutput", "BankFeatures",
 ]

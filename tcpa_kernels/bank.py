@@ -20,7 +20,9 @@ an input prompter run it on their own images (``TaskInputPrompters``); the
 backbone is a timm ``VisionTransformer`` or ``Eva`` (every block family whose prompt K/V are one batched
 projection: ``Block``, ``ResPostBlock``, ``ParallelScalingBlock``, ``EvaBlock``, ``EvaBlockPostNorm``) or a Hugging
 Face image classifier with a ``classifier`` (tested: ``ViTForImageClassification``,
-``Dinov2ForImageClassification``), with one linear head; open_clip models have no head to stack: one model per task.
+``Dinov2ForImageClassification``), with one linear head, or an open_clip model or vision tower: it has no head (its
+image embeddings are compared with class embeddings of the caller's), so its bank gives each sample's embedding,
+``bank.features(images, tasks)``, and ``bank.matching_loss`` for training.
 """
 
 import math
@@ -59,6 +61,15 @@ class BankOutput(NamedTuple):
     @property
     def mask(self) -> Tensor:
         return self.class_mask[self.tasks]
+
+
+class BankFeatures(NamedTuple):
+    """``PromptBank.features``' result: ``features`` ``[B, C]``, each sample's with its task's prompts: what the
+    backbone's head reads (timm: the pre-logits; Hugging Face: the classifier's input; open_clip: ``encode_image``'s
+    image embedding, or the tower's output); ``tasks``: int64 ``[B]``, each sample's task number."""
+
+    features: Tensor
+    tasks: Tensor
 
 
 class _BankLayer(nn.Module):
@@ -144,18 +155,26 @@ class PromptBank(nn.Module):
         self.layers = nn.ModuleList(_BankLayer(*(torch.stack([layers[i][n] for layers, _ in loaded])
                                                  for n in ("keys_cls", "keys_img")))
                                     for i in range(len(state.blocks)))
-        classes = [weight.shape[0] for _, (weight, _) in loaded]
-        pad = [max(classes) - k for k in classes]
-        self.head_weight = nn.Parameter(torch.stack([F.pad(w, (0, 0, 0, n)) for (_, (w, _)), n in zip(loaded, pad)]))
-        self.head_bias = nn.Parameter(torch.stack([F.pad(b, (0, n)) for (_, (_, b)), n in zip(loaded, pad)]))
-        mask = torch.arange(max(classes)) < torch.tensor(classes)[:, None]  # [T, K_max]: each task's classes
-        self.register_buffer("class_mask", mask.to(self.head_bias.device), persistent=False)
-        self.register_buffer("class_pad", self.head_bias.new_zeros(mask.shape).masked_fill(~self.class_mask, -math.inf),
-                             persistent=False)  # added to the heads' bias: -inf past each task's classes
+        self._stack_heads([head for _, head in loaded])
         # the tasks' input prompters (None: no task has one), run on each sample's image before the backbone
         self.input_prompters = None if not any(prompters) else TaskInputPrompters(prompters)
         for module in (*(blk.tcpa for blk in state.blocks), *(getattr(inner, n) for n in state.original_heads)):
             module.requires_grad_(False)  # the backbone's own prompts and head: not used by the bank
+
+    def _stack_heads(self, heads: list[tuple[Tensor, Tensor] | None]) -> None:
+        """``head_weight``, ``head_bias``, ``class_mask`` and ``class_pad`` of the tasks' heads ((weight [K_t, C],
+        bias [K_t]) each), or all None for a backbone without heads (open_clip)."""
+        if heads[0] is None:
+            self.head_weight = self.head_bias = self.class_mask = self.class_pad = None
+            return
+        classes = [weight.shape[0] for weight, _ in heads]
+        pad = [max(classes) - k for k in classes]
+        self.head_weight = nn.Parameter(torch.stack([F.pad(w, (0, 0, 0, n)) for (w, _), n in zip(heads, pad)]))
+        self.head_bias = nn.Parameter(torch.stack([F.pad(b, (0, n)) for (_, b), n in zip(heads, pad)]))
+        mask = torch.arange(max(classes)) < torch.tensor(classes)[:, None]  # [T, K_max]: each task's classes
+        self.register_buffer("class_mask", mask.to(self.head_bias.device), persistent=False)
+        self.register_buffer("class_pad", self.head_bias.new_zeros(mask.shape).masked_fill(~self.class_mask, -math.inf),
+                             persistent=False)  # added to the heads' bias: -inf past each task's classes
 
     def task_index(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device) -> Tensor:
         """Each sample's task as int64 ``[B]`` on ``device``: from task names, or an integer tensor of task numbers
@@ -187,18 +206,27 @@ class PromptBank(nn.Module):
 
     def forward(self, images: Tensor, tasks: Sequence[str] | Tensor) -> BankOutput:
         """Each sample's logits from its task's prompts and head: images ``[B, 3, H, W]``, tasks one per sample."""
+        if self.head_weight is None:
+            raise ValueError(f"model: {original_class(find_model(self.model)).__name__} has no classification head to "
+                             f"stack (open_clip: image embeddings); call bank.features(images, tasks) and compare "
+                             f"each sample's with its task's class embeddings")
+        features, index = self.features(images, tasks)  # [B, C]
+        T, K = self.class_mask.shape
+        logits = F.linear(features, self.head_weight.flatten(0, 1), (self.head_bias + self.class_pad).flatten())
+        # [B, K]: each sample's task's K logits of the [B, T, K] every head gave
+        logits = logits.view(-1, T, K).gather(1, index[:, None, None].expand(-1, 1, K)).squeeze(1)
+        return BankOutput(logits, index, self.class_mask)
+
+    def features(self, images: Tensor, tasks: Sequence[str] | Tensor) -> BankFeatures:
+        """Each sample's features (``BankFeatures``) from its task's prompts: images ``[B, 3, H, W]``, tasks one per
+        sample. The only forward of a bank without heads (open_clip); ``matching_loss`` takes its result too."""
         config = self._config
         per_sample = config.prompt_dropout_per_sample and self.training and config.prompt_dropout > 0
         call = self._call(tasks, images.shape[0], images.device, per_sample)
         if self.input_prompters is not None:  # as the patch embedding of each task's model alone runs its own
             images = self.input_prompters(images, call.tasks)
         with bank_forward(call):
-            features = _features(find_model(self.model), images)  # [B, C]: what the backbone's head would read
-        T, K = self.class_mask.shape
-        logits = F.linear(features, self.head_weight.flatten(0, 1), (self.head_bias + self.class_pad).flatten())
-        # [B, K]: each sample's task's K logits of the [B, T, K] every head gave
-        logits = logits.view(-1, T, K).gather(1, call.tasks[:, None, None].expand(-1, 1, K)).squeeze(1)
-        return BankOutput(logits, call.tasks, self.class_mask)
+            return BankFeatures(_features(find_model(self.model), images, self.head_weight is None), call.tasks)
 
     def _call(self, tasks: Sequence[str] | Tensor, batch_size: int, device: torch.device,
               per_sample: bool) -> BankCall:
@@ -226,13 +254,13 @@ class PromptBank(nn.Module):
         present, rows = (packed[0] if per_sample else None, None) if every else packed[1:3]
         return BankCall(packed[0], self.layers, self.prompts, present, rows, layouts=layouts, per_sample=per_sample)
 
-    def matching_loss(self, output: BankOutput) -> Tensor:
+    def matching_loss(self, output: BankOutput | BankFeatures) -> Tensor:
         """The sum over the tasks of the forward that gave ``output`` (the last one) of each task's matching loss
         as its model alone would compute it on its samples (the loss terms weighted by the task's own sample count,
         not the batch's); 0 before a forward."""
         terms = self._per_sample_terms()
         if terms is None:
-            return self.head_bias.new_zeros((), dtype=torch.float32)
+            return self.prompts.new_zeros((), dtype=torch.float32)
         return (terms * (terms.shape[0] * self._sample_weights(output.tasks, terms.dtype))).sum()
 
     def _per_sample_terms(self) -> Tensor | None:
@@ -252,6 +280,9 @@ class PromptBank(nn.Module):
         would get from its samples. ``output``: the last forward's; ``labels`` [B]: each sample's class in its
         task."""
         check_number("matching_weight", matching_weight, lo=0.0, hi=float("inf"))
+        if not isinstance(output, BankOutput):
+            raise TypeError(f"output: expected the BankOutput of bank(images, tasks), got {type(output).__name__}; "
+                            f"features take a loss of the caller's plus bank.matching_loss(output)")
         per_sample = F.cross_entropy(output.logits, labels, reduction="none")  # [B]
         terms = self._per_sample_terms()
         if terms is not None:  # the terms' weights 1 / B become the task's 1 / B_t, with the cross entropy's
@@ -266,7 +297,7 @@ class PromptBank(nn.Module):
             raise ValueError(f"dirs: unknown task(s) {unknown}; the bank holds {self.task_names}")
         blocks = state_of(find_model(self.model)).blocks
         inner = find_model(self.model)
-        head, names, site = _head_name(inner), pool_names(inner), _prompter_site(inner)[0]
+        names, site = pool_names(inner), _prompter_site(inner)[0]
         for name, folder in dirs.items():
             t = self.task_names.index(name)
             own_cls, own_img, _, _, own_len_cls, own_len_img = self.layouts[t]
@@ -278,8 +309,10 @@ class PromptBank(nn.Module):
                             names[i]["keys_img"]: layer.keys_img[t, :own_img],
                             names[i]["prompts_cls"]: cls.view(cls_shape)[:own_cls, :own_len_cls],
                             names[i]["prompts_img"]: img.view(img_shape)[:own_img, :own_len_img]}
-            classes = int(self.class_mask[t].sum())
-            tensors |= {f"{head}.weight": self.head_weight[t, :classes], f"{head}.bias": self.head_bias[t, :classes]}
+            if self.head_weight is not None:
+                head, classes = _head_name(inner), int(self.class_mask[t].sum())
+                tensors |= {f"{head}.weight": self.head_weight[t, :classes],
+                            f"{head}.bias": self.head_bias[t, :classes]}
             prompter = None if self.input_prompters is None else self.input_prompters.task(t)
             if prompter is not None:
                 tensors |= {f"{site}.{ATTRIBUTE}.{n}": tensor for n, tensor in prompter.items()}
@@ -335,24 +368,36 @@ def pool_names(inner: nn.Module) -> list[dict[str, str]]:
     return [{n: names[id(getattr(blk.tcpa, n))] for n in _POOL_NAMES} for blk in state_of(inner).blocks]
 
 
+def _headless(inner: nn.Module) -> bool:
+    """An open_clip model or vision tower: image embeddings, no classification head (its family has none)."""
+    return not model_family(inner).heads
+
+
 def _check_backbone(inner: nn.Module) -> None:
-    """A timm model (``forward_head``) or a Hugging Face image classifier, with one linear head, whose every block
-    has its prompt K/V batched with the others' (``KVProjection``): the one pass that gives every task's K/V. Else
-    ValueError naming what is not."""
+    """A timm model (``forward_head``) or a Hugging Face image classifier with one linear head, or an open_clip
+    model or tower (no head), whose every block has its prompt K/V batched with the others' (``KVProjection``): the
+    one pass that gives every task's K/V. Else ValueError naming what is not."""
     state = state_of(inner)
     own = sorted({original_class(blk).__name__ for blk, p in zip(state.blocks, state.projections) if p is None})
     heads = [getattr(inner, name) for name in state.original_heads]
-    model_ok = hasattr(inner, "forward_head") if _is_timm(inner) else "classifier" in state.original_heads
-    if own or not model_ok or len(heads) != 1 or not isinstance(heads[0], nn.Linear):
+    if _headless(inner):
+        heads_ok = True
+    else:
+        model_ok = hasattr(inner, "forward_head") if _is_timm(inner) else "classifier" in state.original_heads
+        heads_ok = model_ok and len(heads) == 1 and isinstance(heads[0], nn.Linear)
+    if own or not heads_ok:
         raise ValueError(f"model: a prompt bank runs on a timm VisionTransformer or Eva, or a Hugging Face image "
-                         f"classifier, with one linear head and blocks whose prompt K/V are one batched projection "
-                         f"(not ParallelThingsBlock), got {original_class(inner).__name__}"
+                         f"classifier, with one linear head, or an open_clip model, with blocks whose prompt K/V are "
+                         f"one batched projection (not ParallelThingsBlock), got {original_class(inner).__name__}"
                          f"{' with ' + ', '.join(own) if own else ''} and heads {sorted(state.original_heads)}")
 
 
-def _features(inner: nn.Module, images: Tensor) -> Tensor:
-    """[B, C]: what the backbone's head reads. timm: ``forward_head(..., pre_logits=True)``; Hugging Face: the
-    model's own forward, its ``classifier`` returning its input for this call (a forward hook)."""
+def _features(inner: nn.Module, images: Tensor, headless: bool) -> Tensor:
+    """[B, C]: what the backbone's head reads. timm: ``forward_head(..., pre_logits=True)``; ``headless`` (open_clip,
+    ``_headless``): a CLIP model's ``encode_image``, a tower's output; Hugging Face: the model's own forward, its
+    ``classifier`` returning its input for this call (a forward hook)."""
+    if headless:
+        return inner.encode_image(images) if hasattr(inner, "encode_image") else inner(images)
     if _is_timm(inner):
         return inner.forward_head(inner.forward_features(images), pre_logits=True)
     hook = inner.classifier.register_forward_hook(lambda module, args, out: args[0])
@@ -364,7 +409,8 @@ def _features(inner: nn.Module, images: Tensor) -> Tensor:
 
 def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, layout: tuple[int, ...],
                   check_identity: bool):
-    """(per layer {pool name: tensor}, (head weight [K, C], head bias [K])) of one task, checked against the
+    """(per layer {pool name: tensor}, (head weight [K, C], head bias [K]) or None for a backbone without heads)
+    of one task, checked against the
     patched backbone: every pool tensor of the task's own pool size and prompt length (``layout``: (Pc, Pi, k_cls,
     k_img, Lc, Li)) and the backbone's width, padded with zeros to the backbone's (the largest) pools; a head over
     its width; ValueError naming the task."""
@@ -386,6 +432,8 @@ def _task_tensors(inner: nn.Module, name: str, path: PathLike, record: tuple, la
                 raise ValueError(f"{arg}: {names[n]}: expected shape {expected}, got "
                                  f"{None if t is None else tuple(t.shape)}")
         layers.append({n: _pad(t.to(getattr(blk.tcpa, n)), getattr(blk.tcpa, n).shape) for n, t in pools.items()})
+    if _headless(inner):
+        return layers, None
     head = [tensors.get(f"{_head_name(inner)}.{p}") for p in ("weight", "bias")]
     width = getattr(inner, _head_name(inner)).in_features  # what the head reads: C, or 2C (Dinov2's CLS + mean)
     if head[0] is None or head[1] is None or head[0].dim() != 2 or head[0].shape[1] != width or \

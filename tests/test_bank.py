@@ -42,11 +42,12 @@ def task_folders(tmp_path):
 
 def save_tasks(folder, pools, backbone=tiny_vit, options=None):
     """An adapter folder per task: the same backbone (``backbone()``), each task's own prompts, keys and head (moved
-    off their initial values); ``options``: task name -> more ``apply_tcpa`` arguments of that task."""
+    off their initial values; ``pools`` with ``num_classes=None``: the backbone's head, or none); ``options``: task
+    name -> more ``apply_tcpa`` arguments of that task."""
     folders = {}
     for seed, (name, classes) in enumerate(CLASSES.items()):
-        kwargs = {"backend": "torch"} | pools | (options or {}).get(name, {})
-        model = tk.apply_tcpa(backbone(), num_classes=classes, **kwargs)
+        kwargs = {"backend": "torch", "num_classes": classes} | pools | (options or {}).get(name, {})
+        model = tk.apply_tcpa(backbone(), **kwargs)
         g = torch.Generator().manual_seed(10 + seed)
         with torch.no_grad():
             for p in tk.trainable_parameters(model):
@@ -557,3 +558,77 @@ def test_prompt_dropout_per_sample_equals_each_sample_alone(tmp_path, backend, l
             want = torch.cat([expected[2 * i].flatten(0, 1), expected[2 * i + 1].flatten(0, 1)])
             torch.testing.assert_close(grads[0][i, t, own], want, atol=atol, rtol=rtol)
         torch.testing.assert_close(grads[1][t, :K], expected[-1], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend, layouts", [("torch", "different"), ("triton", "shared")])
+def test_open_clip_features_and_gradients_equal_each_task_alone(tmp_path, backend, layouts):
+    """An open_clip CLIP model (no head: image embeddings): ``bank.features`` gives each sample its task's model's
+    ``encode_image``, and a loss on the features plus ``bank.matching_loss`` gives every task's prompts and keys
+    its model's gradients; tasks save back without a head; ``bank(images, tasks)`` and ``bank.loss`` say what to
+    call instead."""
+    open_clip = pytest.importorskip("open_clip")
+    from tests.test_open_clip import TEXT, VISION
+
+    dtype = DTYPES[backend]
+
+    def clip():
+        torch.manual_seed(0)
+        return open_clip.CLIP(embed_dim=8, vision_cfg=VISION, text_cfg=TEXT).to(dtype).eval()
+
+    folders = save_tasks(tmp_path, POOLS | {"num_classes": None}, clip, options=LAYOUTS[layouts])
+    bank, x, tasks = tk.PromptBank(clip(), folders, backend=backend).train(), images(dtype=dtype), ORDERS["mixed"]
+    out = bank.features(x, tasks)
+    params = [bank.prompts, *bank.layers.parameters()]
+    assert sorted(map(id, params)) == sorted(id(p) for p in bank.parameters() if p.requires_grad)
+    grads = torch.autograd.grad(out.features.square().sum() + 0.01 * bank.matching_loss(out), params)
+    atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)
+    for t, name in enumerate(CLASSES):
+        rows = [b for b, task in enumerate(tasks) if task == name]
+        model = tk.from_pretrained(clip(), folders[name]).train()
+        for blk in tk.find_model(model).prompt_state.blocks:
+            blk.tcpa.config.backend = backend
+        features = model.encode_image(x[rows])
+        torch.testing.assert_close(out.features[rows], features, atol=atol, rtol=rtol)
+        blocks = tk.find_model(model).prompt_state.blocks
+        keys = [getattr(blk.tcpa, n) for blk in blocks for n in ("keys_cls", "keys_img")]
+        prompts = [getattr(blk.tcpa, n) for blk in blocks for n in ("prompts_cls", "prompts_img")]
+        expected = torch.autograd.grad(features.square().sum() + 0.01 * tk.get_matching_loss(model), keys + prompts)
+        own, (own_cls, own_img) = own_rows(bank, t), bank.layouts[t][:2]
+        for i in range(len(bank.layers)):
+            torch.testing.assert_close(grads[1 + 2 * i][t, :own_cls], expected[2 * i], atol=atol, rtol=rtol)
+            torch.testing.assert_close(grads[2 + 2 * i][t, :own_img], expected[2 * i + 1], atol=atol, rtol=rtol)
+            want = torch.cat([p.flatten(0, 1) for p in expected[len(keys) + 2 * i:len(keys) + 2 * i + 2]])
+            torch.testing.assert_close(grads[0][i, t, own], want, atol=atol, rtol=rtol)
+    bank.save_pretrained({"shoes": tmp_path / "shoes-2"})
+    reloaded = tk.from_pretrained(clip(), tmp_path / "shoes-2").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.encode_image(x), bank.eval().features(x, ["shoes"] * 5).features,
+                                   atol=atol, rtol=rtol)
+    with pytest.raises(ValueError, match=r"model: CLIP has no classification head to stack .*bank\.features"):
+        bank(x, tasks)
+    with pytest.raises(TypeError, match=r"output: expected the BankOutput of bank\(images, tasks\), got BankFeatures"):
+        bank.loss(out, torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["tower", "tower_custom_block", "clip_timm_trunk", "custom_text_clip_attn_pool"])
+def test_open_clip_towers_features_equal_each_task_alone(tmp_path, name):
+    """Every open_clip model kind the library prompts (a native tower, with open_clip's own attention, a tower
+    wrapping a timm trunk, a CustomTextCLIP with an attentional pooler): each sample's features are its task's model
+    alone (fp64, torch backend, tasks of different pools)."""
+    pytest.importorskip("open_clip")
+    from tests.test_open_clip import MODELS
+
+    def backbone():
+        torch.manual_seed(0)
+        return MODELS[name]().double().eval()
+
+    folders = save_tasks(tmp_path, POOLS | {"num_classes": None}, backbone, options=LAYOUTS["different"])
+    size = 48 if name == "clip_timm_trunk" else 16
+    x = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        out = tk.PromptBank(backbone(), folders).features(x, ORDERS["mixed"])
+        for task in CLASSES:
+            rows = [b for b, t in enumerate(ORDERS["mixed"]) if t == task]
+            model = tk.from_pretrained(backbone(), folders[task])
+            expected = model.encode_image(x[rows]) if hasattr(model, "encode_image") else model(x[rows])
+            torch.testing.assert_close(out.features[rows], expected, atol=1e-12, rtol=1e-10)
