@@ -61,7 +61,7 @@ class LayerBank(NamedTuple):
     tasks: Tensor  # int [B], each in [0, T): the key set a sample matches
     prompt_tasks: Tensor | None  # int [B]: the row of the forward's prompt K/V ([T', 2, H, P, D]) a sample attends
     # to; None: the forward's prompt K/V are per sample ([B, 2, H, P, D], a prompt-dropout mask each)
-    layouts: Tensor | None  # int [B, 6]: each sample's own pools and top-k (``Selection.layouts``); None: the model's
+    layouts: Tensor | None  # int [B, 6]: each sample's own pools, top-k, prompt lengths (``Selection.layouts``) or None
 
 
 @dataclasses.dataclass(frozen=True)

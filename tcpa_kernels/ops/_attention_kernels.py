@@ -7,6 +7,10 @@ prompts, 64-key tiles) runs 4 key tiles per query block, as FlashAttention does 
 plain. Tokens go first: every tile up to the first prompt-only tile holds a token, so the running max is finite
 from the first tile on and no all-masked row needs a guard.
 
+A prompt bank (``Selection.tasks``, HAS_TASKS): each batch entry reads its task's prompt set of ``[T, 2, H, P, D]``
+in place (``_prompt_set``); with per-sample pool layouts (``Selection.layouts``, HAS_LAYOUTS, tasks whose pools
+differ, padded) a tail tile's prompts outside the entry's own pools count as keys past N + P (``_live_prompts``).
+
 Forward, one launch: one program per (batch*head, query block), on a 1-D grid with the query block fastest, so
 the programs that read one head's K/V run side by side and share it through L2. Online softmax over the key
 tiles. Every prompt score enters the running max and the normaliser; only selected prompts enter the

@@ -180,14 +180,13 @@ def check_layouts(layouts, B, pools, topk, lengths, device, name="layouts") -> N
     if layouts.device != device or tuple(layouts.shape) != (B, 6):
         raise ValueError(f"{name}: expected int32/int64 shape {(B, 6)} on {device}, got {describe(layouts)}")
     if not layouts.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous tensor (the kernels read rows of 4), got strides "
+        raise ValueError(f"{name}: expected a contiguous tensor (the kernels read rows of 6), got strides "
                          f"{layouts.stride()}")
     bounds = (*pools, *(topk or pools), *(lengths or ()))
     for column, (field, bound) in enumerate(zip(("pool_cls", "pool_img", "k_cls", "k_img", "len_cls", "len_img"),
                                                 bounds)):
         values = layouts[:, column]
-        upper = layouts[:, column - 2].clamp(max=bound) if field.startswith("k_") else values.new_full(values.shape,
-                                                                                                      bound)
+        upper = layouts[:, column - 2].clamp(max=bound) if field.startswith("k_") else bound  # a k: its pool too
         if B and not bool(((values >= 1) & (values <= upper)).all()):
             raise ValueError(f"{name}: expected each sample's {field} in [1, {bound}]"
                              f"{', at most its pool' if field.startswith('k_') else ''}, got [{int(values.min())}, "
