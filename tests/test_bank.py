@@ -288,12 +288,14 @@ def test_torch_compile_runs_the_bank(task_folders):
     assert bank.prompts.grad is not None and bank.prompts.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fullgraph_compile_with_task_numbers(task_folders, backend):
+@pytest.mark.parametrize("backend, per_sample", [("torch", False), ("triton", False), ("torch", True)])
+def test_fullgraph_compile_with_task_numbers(task_folders, backend, per_sample):
     """Task numbers in a tensor: a train step (forward and the bank's loss) compiles to one graph, no sync (what CUDA
-    graphs need), and gives eager's loss and every gradient (the same dropout masks from the same seed)."""
+    graphs need), and gives eager's loss and every gradient (the same dropout masks from the same seed), with one
+    mask per task for the batch or one per sample."""
     bank, x = bank_of(task_folders, backend, torch.float32).train(), images()
-    bank.model.prompt_state.config.prompt_dropout = 0.3  # the bank's forward draws one mask for the batch
+    bank.model.prompt_state.config.prompt_dropout = 0.3  # the bank's forward draws the masks
+    bank.model.prompt_state.config.prompt_dropout_per_sample = per_sample
     trainable = {name: p for name, p in bank.named_parameters() if p.requires_grad}
     tasks, labels = torch.tensor([2, 0, 2, 1, 0]), torch.tensor([0, 1, 2, 0, 1])
 
