@@ -566,8 +566,8 @@ def test_prompt_dropout_per_sample_equals_each_sample_alone(tmp_path, backend, l
 def test_open_clip_features_and_gradients_equal_each_task_alone(tmp_path, backend, layouts):
     """An open_clip CLIP model (no head: image embeddings): ``bank.features`` gives each sample its task's model's
     ``encode_image``, and a loss on the features plus ``bank.matching_loss`` gives every task's prompts and keys
-    its model's gradients; tasks save back without a head; ``bank(images, tasks)`` and ``bank.loss`` say what to
-    call instead."""
+    its model's gradients; tasks save back without a head; with task numbers ``bank.features`` compiles to one
+    graph; ``bank(images, tasks)`` and ``bank.loss`` say what to call instead."""
     open_clip = pytest.importorskip("open_clip")
     from tests.test_open_clip import TEXT, VISION
 
@@ -606,6 +606,10 @@ def test_open_clip_features_and_gradients_equal_each_task_alone(tmp_path, backen
     with torch.no_grad():
         torch.testing.assert_close(reloaded.encode_image(x), bank.eval().features(x, ["shoes"] * 5).features,
                                    atol=atol, rtol=rtol)
+    numbers = torch.tensor([bank.task_names.index(t) for t in tasks])
+    compiled = torch.compile(bank.features, fullgraph=True, backend="aot_eager")  # one graph, task numbers
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, numbers).features, bank.features(x, tasks).features)
     with pytest.raises(ValueError, match=r"model: CLIP has no classification head to stack .*bank\.features"):
         bank(x, tasks)
     with pytest.raises(TypeError, match=r"output: expected the BankOutput of bank\(images, tasks\), got BankFeatures"):
