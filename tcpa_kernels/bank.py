@@ -107,10 +107,10 @@ class PromptBank(nn.Module):
     ``layers[i].keys_img [T, Pi, C]`` (Pc, Pi, P and the prompt lengths the largest task's; a smaller task's keys
     and prompts fill the first entries of each pool and the first tokens of each entry, zeros after, which it never
     reads and whose gradients are zero), ``head_weight [T, K_max, C]`` and ``head_bias [T, K_max]`` (task t's head
-    in its first K_t rows, zeros after: every head in one GEMM), and ``input_prompters`` (``TaskInputPrompters``)
-    when a task has an input prompter. Buffer ``task_layouts``: int64 ``[T, 6]``, each task's own (Pc, Pi, k_cls,
-    k_img, Lc, Li) (also ``layouts``, a list), or None when all tasks have the same. Inputs are checked, and the
-    model is left as it was on any error.
+    in its first K_t rows, zeros after: every head in one GEMM; None on an open_clip backbone, which has no head),
+    and ``input_prompters`` (``TaskInputPrompters``) when a task has an input prompter. Buffer ``task_layouts``:
+    int64 ``[T, 6]``, each task's own (Pc, Pi, k_cls, k_img, Lc, Li) (also ``layouts``, a list), or None when all
+    tasks have the same. Inputs are checked, and the model is left as it was on any error.
     """
 
     def __init__(self, model: nn.Module, tasks: Mapping[str, PathLike], *, check_identity: bool = True,
