@@ -295,8 +295,8 @@ class PromptBank(nn.Module):
         unknown = sorted(set(dirs) - set(self.task_names))
         if unknown:
             raise ValueError(f"dirs: unknown task(s) {unknown}; the bank holds {self.task_names}")
-        blocks = state_of(find_model(self.model)).blocks
         inner = find_model(self.model)
+        blocks = state_of(inner).blocks
         names, site = pool_names(inner), _prompter_site(inner)[0]
         for name, folder in dirs.items():
             t = self.task_names.index(name)
