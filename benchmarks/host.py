@@ -29,7 +29,16 @@ imports the kernel modules), with ``TRITON_INTERPRET=1`` set before triton is im
 ``tcpa_kernels._backend._check_interpreter`` (is the interpreter on?) and, wherever it is bound,
 ``refuse_interpreter_bf16`` (the interpreter's bf16 dots are wrong; reached under ``--dtype bf16`` only). A stubbed
 kernel leaves its outputs uninitialised: the figures are times, the values are meaningless. The stubs count their
-calls: the table's "stubbed launches per step" is the number of Triton launches a GPU step would make.
+calls: the table's "launches per step" is the number of Triton launches a GPU step would make.
+
+``--launch driver`` keeps Triton's own dispatch in the figure, which the stubs leave out: Triton runs with its CUDA
+driver replaced by a stand-in (``benchmarks/fake_driver.py``; the interpreter off), so each launch goes through
+the project's launch path and, where it calls it, ``JITFunction.run`` (argument binding, specialisation, cache
+lookup), down to the compiled kernel's launcher, which records its arguments and returns. The first step compiles
+the kernels for sm_90 (a minute or two, then Triton's cache). The CPU-only checks are stubbed as above. The ablation
+``tcpa_triton_dispatch`` (this mode only) is tcpa with every launch through ``kernel[grid]`` (Triton's dispatch at
+every call, ``tcpa_kernels.ops._launch``), what the project's launches cost before they called compiled kernels
+directly.
 
 Timing: ``torch.set_num_threads(1)``; ``--warmup`` steps per method and mode, then ``--rounds`` rounds, each timing
 ``--steps`` steps of every method and mode in turn; a round's figure is its median step, the reported figure the
@@ -42,15 +51,23 @@ launches, allocator and CUDA-graph options differ.
 """
 
 import os
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (timm does): kernels on CPU tensors
+
+def _driver_launch(argv: list[str]) -> bool:
+    """``--launch driver`` among the arguments: read before anything imports triton (timm does), as Triton's real
+    dispatch needs the interpreter off at that import and the stubs need it on."""
+    return "--launch=driver" in argv or any(a == "--launch" and argv[i + 1:i + 2] == ["driver"]
+                                            for i, a in enumerate(argv))
+
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if _driver_launch(sys.argv[1:]) else "1")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -63,6 +80,7 @@ from tcpa_kernels import bench  # noqa: E402
 
 METHODS = ("no_prompts", "vpt_deep", "tcpa")
 ABLATIONS = ("tcpa_constant_kv", "tcpa_frozen_keys")  # tcpa with one part of its work removed (module docstring)
+DISPATCH_ABLATION = "tcpa_triton_dispatch"  # --launch driver only: Triton's dispatch at every launch
 MODES = ("eager", "compile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"no_prompts": 1.25, "vpt_deep": 1.0}  # tcpa's ms per step over each, at most
@@ -98,15 +116,16 @@ def _project_modules():
 
 
 @contextlib.contextmanager
-def kernels_stubbed():
-    """Inside: every Triton kernel of the loaded ``tcpa_kernels*`` modules launches nothing, and the CPU-only
-    interpreter checks pass. Yields the number of kernels stubbed (attributes, counted once per kernel object)."""
+def kernels_stubbed(kernels: bool = True):
+    """Inside: every Triton kernel of the loaded ``tcpa_kernels*`` modules launches nothing (``kernels``; else they
+    launch as they would: ``--launch driver``), and the CPU-only interpreter checks pass. Yields the number of
+    kernels stubbed (attributes, counted once per kernel object)."""
     import triton
 
     saved = []
     for module in _project_modules():
         for name, value in vars(module).items():
-            if isinstance(value, triton.runtime.KernelInterface):
+            if kernels and isinstance(value, triton.runtime.KernelInterface):
                 saved.append((module, name, value, _NoLaunch()))
             elif name in CPU_CHECKS and callable(value):
                 saved.append((module, name, value, _no_op))
@@ -146,7 +165,7 @@ def build_model(method: str, depth: int = 12) -> torch.nn.Module:
     """The tiny ViT-B/16-shaped timm model prompted by ``method`` (one of METHODS or ABLATIONS), in train mode."""
     import timm
 
-    if method in ABLATIONS:  # tcpa's model; tcpa_constant_kv's constant K/V are set up by the measurement
+    if method in ABLATIONS + (DISPATCH_ABLATION,):  # tcpa's model; constant K/V and dispatch: the measurement
         model = build_model("tcpa", depth)
         if method == "tcpa_frozen_keys":
             for blk in model.blocks:
@@ -221,8 +240,10 @@ def _time_steps(step, n):
 
 
 def measure(methods=METHODS, modes=("eager",), *, rounds=7, steps=15, warmup=5, dtype=torch.float32,
-            optimizer=False, compile_backend="inductor", depth=12, threads=1) -> dict:
-    """Host ms per train step of every method and mode, kernels stubbed.
+            optimizer=False, compile_backend="inductor", depth=12, threads=1, launch="stub") -> dict:
+    """Host ms per train step of every method and mode, kernels stubbed (``launch="stub"``) or launched through
+    Triton's dispatch into a stand-in driver (``"driver"``: the process must have imported triton with
+    TRITON_INTERPRET=0).
 
     Returns ``{"results": {method: {mode: {"median_ms", "min_ms", "max_ms", "round_medians_ms",
     "launches_per_step"}}}, "ratios":
@@ -230,29 +251,41 @@ def measure(methods=METHODS, modes=("eager",), *, rounds=7, steps=15, warmup=5, 
     "kernels_stubbed": n}``; a ratio is the method's median over the other method's median in the same mode (None
     where that method was not timed).
     """
-    if not set(methods) <= set(METHODS + ABLATIONS) or not set(modes) <= set(MODES) or "eager" not in modes:
-        raise ValueError(f"methods, modes: expected some of {METHODS + ABLATIONS} and 'eager' (+ 'compile'), got "
-                         f"{methods}, {modes}")
+    known = METHODS + ABLATIONS + ((DISPATCH_ABLATION,) if launch == "driver" else ())
+    if not set(methods) <= set(known) or not set(modes) <= set(MODES) or "eager" not in modes:
+        raise ValueError(f"methods, modes: expected some of {known} and 'eager' (+ 'compile'), got {methods}, {modes}")
+    if launch not in ("stub", "driver"):
+        raise ValueError(f"launch: expected 'stub' or 'driver', got {launch!r}")
+    if launch == "driver":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise ValueError("launch='driver': expected triton imported with TRITON_INTERPRET=0 (pass --launch driver "
+                             "on the command line, or set it before anything imports triton), got TRITON_INTERPRET=1")
+        from benchmarks import fake_driver
+
+        fake_driver.install()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            return _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_backend, depth)
+            return _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_backend, depth, launch)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_backend, depth):
+def _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_backend, depth, launch):
     models = {m: build_model(m, depth) for m in methods}
-    for method, model in models.items():  # real kernels once, in the interpreter (fp32: it refuses bf16 dots)
-        make_step(method, model, model, torch.float32)()
+    with contextlib.nullcontext() if launch == "stub" else kernels_stubbed(kernels=False):
+        for method, model in models.items():  # real kernels once, in the interpreter (fp32: it refuses bf16 dots),
+            make_step(method, model, model, torch.float32)()  # or compiled for sm_90 with the stand-in driver
     notes, used_backend = [], None
     constant = [models[m] for m in methods if m == "tcpa_constant_kv"]
-    with kernels_stubbed() as n_kernels, constant_prompt_kv(constant):
+    with kernels_stubbed(launch == "stub") as n_kernels, constant_prompt_kv(constant):
         steps_of = {}
         for method, model in models.items():
             steps_of[method, "eager"] = make_step(method, model, model, dtype, optimizer)
+            if method == DISPATCH_ABLATION:
+                steps_of[method, "eager"] = _triton_dispatch(steps_of[method, "eager"])
             if "compile" in modes:
                 step, used_backend, note = _compiled(
                     model, lambda runner, method=method, model=model: make_step(method, model, runner, dtype,
@@ -266,9 +299,9 @@ def _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_ba
         per_round, launches = {key: [] for key in keys}, dict.fromkeys(keys, 0)
         for _ in range(rounds):
             for key in keys:
-                before = _NoLaunch.launches
+                before = _launch_count()
                 per_round[key].append(statistics.median(_time_steps(steps_of[key], steps)))
-                launches[key] += _NoLaunch.launches - before
+                launches[key] += _launch_count() - before
     results = {m: {mode: {"median_ms": statistics.median(per_round[m, mode]), "min_ms": min(per_round[m, mode]),
                           "max_ms": max(per_round[m, mode]), "round_medians_ms": per_round[m, mode],
                           "launches_per_step": launches[m, mode] / (rounds * steps)}
@@ -280,7 +313,27 @@ def _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_ba
     ratios = {m: {mode: {"vs_no_prompts": ratio(m, mode, "no_prompts"), "vs_vpt_deep": ratio(m, mode, "vpt_deep")}
                   for mode in modes} for m in methods}
     return {"results": results, "ratios": ratios, "compile_backend": used_backend, "notes": notes,
-            "kernels_stubbed": n_kernels}
+            "kernels_stubbed": n_kernels, "launch": launch}
+
+
+def _launch_count() -> int:
+    """Launches so far: the stubs' and the stand-in driver's."""
+    fake_driver = sys.modules.get("benchmarks.fake_driver")
+    return _NoLaunch.launches + (fake_driver.launches() if fake_driver else 0)
+
+
+def _triton_dispatch(step):
+    """``step`` with every launch through ``kernel[grid]`` (``DISPATCH_ABLATION``)."""
+    from tcpa_kernels.ops import _launch
+
+    def dispatched():
+        direct, _launch.DIRECT = _launch.DIRECT, False
+        try:
+            step()
+        finally:
+            _launch.DIRECT = direct
+
+    return dispatched
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -295,7 +348,7 @@ def format_report(measured: dict) -> str:
     results, ratios = measured["results"], measured["ratios"]
     lines = [f"| method | mode | ms per step (median) | min | max | vs no_prompts (tcpa target <= "
              f"{TARGETS['no_prompts']:.2f}x) | vs vpt_deep (tcpa target <= {TARGETS['vpt_deep']:.2f}x) "
-             "| stubbed launches per step |", "|---|---|---|---|---|---|---|---|"]
+             "| Triton launches per step |", "|---|---|---|---|---|---|---|---|"]
     for method, per_mode in results.items():
         for mode, r in per_mode.items():
             shown = mode if mode == "eager" else f"compile ({measured['compile_backend']})"
@@ -327,9 +380,13 @@ def parse_args(argv):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) (inductor)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp32, or bf16 (CPU autocast)")
     parser.add_argument("--optimizer", action="store_true", help="add an AdamW step (fused=False) to every step")
+    parser.add_argument("--launch", choices=("stub", "driver"), default="stub",
+                        help="stub: Triton launches are no-ops (default); driver: through Triton's dispatch into a "
+                             "stand-in CUDA driver (kernels compiled for sm_90 first)")
     parser.add_argument("--json", help="also write every figure, versions and the platform to this JSON file")
     args = parser.parse_args(argv)
-    args.methods = method_list(parser, args.methods, METHODS + ABLATIONS)
+    args.methods = method_list(parser, args.methods,
+                               METHODS + ABLATIONS + ((DISPATCH_ABLATION,) if args.launch == "driver" else ()))
     at_least(parser, args, 1, "rounds", "steps")
     at_least(parser, args, 0, "warmup")
     return args
@@ -338,13 +395,17 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     modes = ("eager", "compile") if args.compile else ("eager",)
+    if args.launch == "driver" and not _driver_launch(sys.argv[1:]):
+        raise SystemExit("--launch driver: pass it on the command line (it is read before triton is imported)")
     measured = measure(args.methods, modes, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                       dtype=DTYPES[args.dtype], optimizer=args.optimizer)
-    print(f"CPU host time of one train step, Triton launches stubbed (no-op; a proxy for a host-bound GPU step, not "
-          f"GPU time): ViT-B/16 structure (12 blocks, 12 heads) at width 12, batch 1, 16 px, {args.dtype}, "
-          f"{'forward + backward + AdamW' if args.optimizer else 'forward + backward'}, 1 thread, "
-          f"{measured['kernels_stubbed']} kernels stubbed; median of {args.rounds} rounds x {args.steps} steps "
-          f"({environment()['processor']}, torch {torch.__version__})\n")
+                       dtype=DTYPES[args.dtype], optimizer=args.optimizer, launch=args.launch)
+    launches = (f"{measured['kernels_stubbed']} kernels stubbed (no-op launches)" if args.launch == "stub" else
+                "Triton launches through its dispatch into a stand-in CUDA driver (nothing runs)")
+    print(f"CPU host time of one train step, {launches}; a proxy for a host-bound GPU step, not GPU time: ViT-B/16 "
+          f"structure (12 blocks, 12 heads) at width 12, batch 1, 16 px, {args.dtype}, "
+          f"{'forward + backward + AdamW' if args.optimizer else 'forward + backward'}, 1 thread; median of "
+          f"{args.rounds} rounds x {args.steps} steps ({environment()['processor']}, torch {torch.__version__}, "
+          f"triton {environment()['triton']})\n")
     print(format_report(measured))
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -60,6 +60,7 @@ import triton.language as tl
 
 from tcpa_kernels._backend import cdiv, next_power_of_2, refuse_interpreter_bf16, sm_count
 from tcpa_kernels.ops._function import attention_grads, config_key
+from tcpa_kernels.ops._launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -589,8 +590,8 @@ def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, la
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
-        _fwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, lse, *scalars,
-                          **meta)
+        launch(_fwd_kernel, grid, (q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, lse),
+               scalars, meta)
     return out, lse
 
 
@@ -608,8 +609,8 @@ def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k,
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
-        _bwd_kernel[grid](q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, grad_out, lse,
-                          scratch, dq, dk, dv, dprompt, tickets, *scalars, **meta)
+        launch(_bwd_kernel, grid, (q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, grad_out,
+                                   lse, scratch, dq, dk, dv, dprompt, tickets), scalars, meta)
 
 
 def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from tcpa_kernels._backend import cdiv, next_power_of_2, sm_count
+from tcpa_kernels.ops._launch import launch
 from tcpa_kernels.ops._selection_kernels import own_pool, row_layout, select_topk
 from tcpa_kernels.ops.match_select import group_weights
 from tcpa_kernels.ops.selection import max_topk
@@ -347,8 +348,8 @@ def forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_
         mean = torch.empty(rows, dtype=torch.float32, device=device)
         rstd = torch.empty(rows, dtype=torch.float32, device=device)
     if grid[0]:
-        _match_fwd_kernel[grid](x, keys_cls, keys_img, tasks, layouts, bits, terms, norm_weight, norm_bias, h, mean,
-                                rstd, *args, **options)
+        launch(_match_fwd_kernel, grid, (x, keys_cls, keys_img, tasks, layouts, bits, terms, norm_weight, norm_bias,
+                                         h, mean, rstd), args, options)
     return terms, bits, h, mean, rstd
 
 
@@ -382,8 +383,9 @@ def backward(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weigh
     dx = torch.empty(shape, dtype=x.dtype, device=device) if need_dx else None
     partials = torch.empty(partials_shape, dtype=torch.float32, device=device) if need_dkeys else None
     if args[0]:  # B * N rows
-        _match_bwd_kernel[grid](x, keys_cls, keys_img, tasks, layouts, bits, dterms, dx, partials, norm_weight,
-                                None if dh is None else dh.contiguous(), mean, rstd, *args, **options)
+        launch(_match_bwd_kernel, grid, (x, keys_cls, keys_img, tasks, layouts, bits, dterms, dx, partials,
+                                         norm_weight, None if dh is None else dh.contiguous(), mean, rstd), args,
+               options)
     elif need_dkeys:
         partials.zero_()
     return dx, partials
