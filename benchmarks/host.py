@@ -389,14 +389,15 @@ def parse_args(argv):
                                METHODS + ABLATIONS + ((DISPATCH_ABLATION,) if args.launch == "driver" else ()))
     at_least(parser, args, 1, "rounds", "steps")
     at_least(parser, args, 0, "warmup")
+    if args.launch == "driver" and os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("--launch driver: expected TRITON_INTERPRET unset or 0 (Triton's real dispatch; the interpreter "
+                     "was on when triton was imported), got TRITON_INTERPRET=1")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     modes = ("eager", "compile") if args.compile else ("eager",)
-    if args.launch == "driver" and not _driver_launch(sys.argv[1:]):
-        raise SystemExit("--launch driver: pass it on the command line (it is read before triton is imported)")
     measured = measure(args.methods, modes, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
                        dtype=DTYPES[args.dtype], optimizer=args.optimizer, launch=args.launch)
     launches = (f"{measured['kernels_stubbed']} kernels stubbed (no-op launches)" if args.launch == "stub" else

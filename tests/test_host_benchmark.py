@@ -50,10 +50,16 @@ def test_report_and_kernels_restored(measured):
 
 def test_cli_rejects_bad_values(capsys):
     for argv, option in ((["--methods", "tcpa,vpt"], "--methods"), (["--rounds", "0"], "--rounds"),
-                         (["--dtype", "fp16"], "--dtype")):
+                         (["--dtype", "fp16"], "--dtype"), (["--methods", "tcpa_triton_dispatch"], "--methods"),
+                         (["--launch", "driver"], "TRITON_INTERPRET=1")):  # the suite imports triton interpreted
         with pytest.raises(SystemExit) as exit_info:
             host.parse_args(argv)
         assert exit_info.value.code == 2 and option in capsys.readouterr().err, option
+
+
+def test_driver_launch_refused_in_an_interpreted_process():
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=0"):
+        host.measure(["tcpa"], launch="driver")
 
 
 def test_ablations_remove_their_part_and_restore_the_pass():

@@ -13,11 +13,10 @@ launcher's cached plan (``functools.cache``) for a given shape. The first launch
 dtypes and alignments) goes through ``kernel[grid]``, which compiles and returns the compiled kernel; later ones
 call that compiled kernel's launcher directly, with the arguments ``JITFunction.run`` would pass it (the same call
 in Triton 3.6 to 3.9). Everything Triton specialises on is in the key: the plan's scalars and meta-parameters are
-fixed by the plan objects' identity (kept alive by the cache, so an identity is never reused; the kernels are
-module globals), and the pointers by
-their dtype and 16-byte alignment. Triton's dispatch runs instead whenever launch hooks are registered (profilers
-read their metadata), in the interpreter (its kernels are no ``JITFunction``) and with
-``TCPA_KERNELS_DIRECT_LAUNCH=0`` in the environment.
+fixed by the plan objects' identity (a direct entry keeps them alive, so their identities are not reused; the
+kernels are module globals), and the pointers by their dtype and 16-byte alignment. Triton's dispatch runs instead
+whenever launch hooks are registered (profilers read their metadata), in the interpreter (its kernels are no
+``JITFunction``) and with ``TCPA_KERNELS_DIRECT_LAUNCH=0`` in the environment.
 """
 
 import os
@@ -33,12 +32,13 @@ _cache: dict = {}  # (id(kernel), device, process, id(scalars), id(meta), pointe
 
 
 class _Direct:
-    """A compiled kernel and the arguments after the pointers, in the kernel's signature order."""
+    """A compiled kernel and the arguments after the pointers, in the kernel's signature order (and the plan's
+    objects, kept alive: their identities are in the cache key)."""
 
-    __slots__ = ("compiled", "tail", "scalars", "meta")
+    __slots__ = ("compiled", "tail", "plan")
 
-    def __init__(self, compiled, tail, scalars, meta):
-        self.compiled, self.tail, self.scalars, self.meta = compiled, tail, scalars, meta
+    def __init__(self, compiled, tail, plan):
+        self.compiled, self.tail, self.plan = compiled, tail, plan
 
 
 def _signature(pointers: tuple) -> tuple:
@@ -55,7 +55,7 @@ def _signature(pointers: tuple) -> tuple:
 
 def _no_hooks(hook) -> bool:
     """No launch hook is registered (Triton 3.6-3.9 keep them in a ``HookChain``)."""
-    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+    return hook is None or (isinstance(hook, knobs.HookChain) and not hook.calls)
 
 
 def _entry(kernel, compiled, pointers: tuple, scalars: tuple, meta: dict):
@@ -67,7 +67,7 @@ def _entry(kernel, compiled, pointers: tuple, scalars: tuple, meta: dict):
     rest = names[len(pointers) + len(scalars):]
     if not all(name in meta for name in rest):
         return _DISPATCH
-    return _Direct(compiled, (*scalars, *(meta[name] for name in rest)), scalars, meta)
+    return _Direct(compiled, (*scalars, *(meta[name] for name in rest)), (scalars, meta))
 
 
 def launch(kernel, grid: tuple, pointers: tuple, scalars: tuple, meta: dict) -> None:
@@ -82,7 +82,7 @@ def launch(kernel, grid: tuple, pointers: tuple, scalars: tuple, meta: dict) -> 
     device = active.get_current_device()
     key = (id(kernel), device, os.getpid(), id(scalars), id(meta), _signature(pointers))  # pid: a forked child reloads
     entry = _cache.get(key)
-    if entry is None or entry is _DISPATCH or entry.scalars is not scalars or entry.meta is not meta:
+    if entry is None or entry is _DISPATCH:
         compiled = kernel[grid](*pointers, *scalars, **meta)
         if entry is None:
             _cache[key] = _entry(kernel, compiled, pointers, scalars, meta)
