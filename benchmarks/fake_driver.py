@@ -5,20 +5,19 @@
 ``install()`` makes Triton believe it drives one Hopper GPU (sm_90, 132 SMs): a kernel's first launch compiles it
 with Triton's real compiler (down to a cubin, as ``benchmarks/sm90.py`` does), and every launch runs
 ``JITFunction.run`` (argument binding, specialisation, cache lookup) up to the compiled kernel's launcher, which is
-replaced by a recorder: nothing runs, and the outputs keep whatever their memory held. CPU tensors stand in for
-device memory (Triton reads only their addresses and dtypes before the launcher). ``LAUNCHES`` keeps the last
-launches: each compiled kernel's launcher (one per compiled kernel) and the arguments it received.
+replaced by a counter: nothing runs, and the outputs keep whatever their memory held. CPU tensors stand in for
+device memory (Triton reads only their addresses and dtypes before the launcher). With ``install(record=True)``
+(tests), ``last_launch()`` is the last launch: the compiled kernel's launcher (one per compiled kernel) and the
+arguments it received; without, no launch keeps a reference to its arguments, as a real launcher keeps none (kept
+references would delay the frees of the tensors and change the host time being measured).
 
 TRITON_INTERPRET must be 0 (unset) when triton is first imported: the interpreter binds triton's own helpers then.
 """
-
-import collections
 
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 TARGET = GPUTarget("cuda", 90, 32)
-LAUNCHES: collections.deque = collections.deque(maxlen=64)  # (launcher, its arguments), newest last
 
 
 class _Utils:
@@ -35,21 +34,32 @@ class _Utils:
 
 
 class _Launcher:
-    """Stands in for a compiled kernel's launcher (one per compiled kernel): records itself and its arguments."""
+    """Stands in for a compiled kernel's launcher (one per compiled kernel): counts the launches of every kernel
+    and, when recording, keeps the last one."""
 
     calls = 0  # launches of every kernel
+    record = False
+    last: tuple | None = None  # (launcher, its arguments) of the last launch, when recording
 
     def __init__(self, src, metadata):
         pass
 
     def __call__(self, *args):
         _Launcher.calls += 1
-        LAUNCHES.append((self, args))
+        if _Launcher.record:
+            _Launcher.last = (self, args)
 
 
 def launches() -> int:
     """Launches so far, every kernel's."""
     return _Launcher.calls
+
+
+def last_launch() -> tuple:
+    """(launcher, arguments) of the last launch (``install(record=True)``)."""
+    if _Launcher.last is None:
+        raise RuntimeError("no launch recorded: install(record=True) before launching")
+    return _Launcher.last
 
 
 class FakeCudaDriver:
@@ -73,6 +83,8 @@ class FakeCudaDriver:
         return True
 
 
-def install() -> None:
-    """Make the stand-in driver Triton's active driver (for the rest of the process)."""
+def install(record: bool = False) -> None:
+    """Make the stand-in driver Triton's active driver (for the rest of the process); ``record``: keep the last
+    launch for ``last_launch()``."""
+    _Launcher.record = record
     driver.set_active(FakeCudaDriver())

@@ -5,9 +5,10 @@ compiled kernel's launcher what Triton's own dispatch hands it, with Triton's CU
 For every launch of a TCPA train step (a two-block timm ViT, fwd + bwd, fp32 and fp16 autocast): the launch
 through ``kernel[grid]`` and the direct one reach the same compiled kernel's launcher with the same grid, stream,
 metadata and arguments (the very tensor objects; the direct launch passes no launch metadata and no hooks, which
-Triton reads only when a hook is registered); with one pointer moved off 16-byte alignment, both reach another
-compiled kernel, the same one. A second step makes no call to Triton's dispatch. A registered launch
-hook sends launches through Triton's dispatch, which hands the launcher its metadata and hooks."""
+Triton reads only when a hook is registered); with one input, and one output, moved off 16-byte alignment, or one
+input in another dtype, both reach another compiled kernel, the same one. A second step makes no call to Triton's
+dispatch. A registered launch hook sends launches through Triton's dispatch, which hands the launcher its
+metadata and hooks."""
 
 import os
 import sys
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 
 from benchmarks import fake_driver, host  # noqa: E402
 
-fake_driver.install()
+fake_driver.install(record=True)
 
 import timm  # noqa: E402
 import triton  # noqa: E402
@@ -28,6 +29,9 @@ import tcpa_kernels as tk  # noqa: E402
 from tcpa_kernels.ops import _attention_kernels, _launch, _match_kernels  # noqa: E402
 
 LAUNCHING_MODULES = (_attention_kernels, _match_kernels)
+# per kernel, an input whose dtype is not fixed by the launch plan: the prompt K/V (fp32 or the tokens' dtype),
+# the CLS keys (parameters: fp32 whatever x's dtype)
+DTYPE_PROBES = {"_fwd_kernel": 3, "_bwd_kernel": 3, "_match_fwd_kernel": 1, "_match_bwd_kernel": 1}
 failures = []
 
 
@@ -37,12 +41,12 @@ def check(ok, message):
 
 
 def recorded_calls(step):
-    """The ``launch`` calls of ``step()``: (kernel, grid, pointers, scalars, meta)."""
+    """The ``launch`` calls of ``step()``: (kernel, grid, inputs, outputs, scalars, meta)."""
     calls = []
 
-    def recording(kernel, grid, pointers, scalars, meta):
-        calls.append((kernel, grid, pointers, scalars, meta))
-        _launch.launch(kernel, grid, pointers, scalars, meta)
+    def recording(*call):
+        calls.append(call)
+        _launch.launch(*call)
 
     for module in LAUNCHING_MODULES:
         module.launch = recording
@@ -63,7 +67,7 @@ def launched(call, direct):
             _launch.launch(*call)
     finally:
         _launch.DIRECT = True
-    return fake_driver.LAUNCHES[-1]
+    return fake_driver.last_launch()
 
 
 def same_arguments(a, b):
@@ -99,13 +103,23 @@ def check_step(label, step):
         triton.runtime.jit.JITFunction.run = run
     check(not dispatched, f"{label}: {len(dispatched)} launches of a second step went through Triton's dispatch")
     for i, call in enumerate(calls):
-        kernel, grid, pointers, scalars, meta = call
+        kernel, grid, inputs, outputs, scalars, meta = call
         name = f"{label} launch {i} ({kernel.__name__})"
         aligned = compare(name, call)
-        which = next(j for j, t in enumerate(pointers) if t is not None and t.dtype.is_floating_point)
-        moved = (*pointers[:which], misaligned(pointers[which]), *pointers[which + 1:])
-        other = compare(f"{name}, pointer {which} misaligned", (kernel, grid, moved, scalars, meta))
-        check(other is not aligned, f"{name}: pointer {which} misaligned reached the aligned kernel")
+        for group, tensors in (("input", inputs), ("output", outputs)):  # the first floating-point one of each
+            which = next(j for j, t in enumerate(tensors) if t is not None and t.dtype.is_floating_point)
+            odd = misaligned(tensors[which])
+            moved = tuple(odd if t is tensors[which] else t for t in tensors)  # where it repeats too
+            moved_call = ((kernel, grid, moved, outputs, scalars, meta) if group == "input"
+                          else (kernel, grid, inputs, moved, scalars, meta))
+            other = compare(f"{name}, {group} {which} misaligned", moved_call)
+            check(other is not aligned, f"{name}: {group} {which} misaligned reached the aligned kernel")
+        which = DTYPE_PROBES[kernel.__name__]  # an input whose dtype the plan leaves open, in fp32 / fp16
+        t = inputs[which]
+        swapped = t.to(torch.float16 if t.dtype == torch.float32 else torch.float32)
+        moved = tuple(swapped if u is t else u for u in inputs)  # where it repeats too
+        other = compare(f"{name}, input {which} as {swapped.dtype}", (kernel, grid, moved, outputs, scalars, meta))
+        check(other is not aligned, f"{name}: input {which} as {swapped.dtype} reached the {t.dtype} kernel")
     return calls
 
 
@@ -135,7 +149,7 @@ def main():
         knobs.runtime.launch_enter_hook.add(hook)
         try:
             _launch.launch(*calls[0])
-            args = fake_driver.LAUNCHES[-1][1]
+            args = fake_driver.last_launch()[1]
             check(args[6] is not None and args[7] is knobs.runtime.launch_enter_hook,
                   f"with a launch hook registered: expected Triton's launch metadata and hooks, got {args[6:9]}")
         finally:

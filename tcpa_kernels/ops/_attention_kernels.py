@@ -262,7 +262,7 @@ def _bwd_key_tile(b_k, b_v, start_n, last_start, Q_BH, DO_BH, LSE_BH, DELTA_BH, 
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, LAYOUTS, O, DO, LSE, DELTA, DQ, DK, DV, DPK, COUNTER,
+def _bwd_kernel(Q, K, V, PK, PV, MASK, BITS, TASKS, LAYOUTS, O, DO, LSE, DQ, DK, DV, DPK, DELTA, COUNTER,
                 stride_b, stride_h, stride_n, kv_heads, pstride_b, pstride_h, pstride_n, pv_heads,
                 ostride_b, ostride_h, ostride_n, dostride_b, dostride_h, dostride_n,
                 dstride_b, dstride_h, dstride_n, dkv_heads, dpstride_b, dpstride_h, dpstride_n,
@@ -590,7 +590,7 @@ def _forward(packed, stacked, q, k, v, prompt_k, prompt_v, mask, bits, tasks, la
     refuse_interpreter_bf16("q", q)
     if grid[0]:
         selection = _selection_pointer(mask, bits)
-        launch(_fwd_kernel, grid, (q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, lse),
+        launch(_fwd_kernel, grid, (q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts), (out, lse),
                scalars, meta)
     return out, lse
 
@@ -610,7 +610,7 @@ def _backward(packed, stacked, dq, dk, dv, dprompt, grad_out, q, k, v, prompt_k,
     if grid[0]:
         selection = _selection_pointer(mask, bits)
         launch(_bwd_kernel, grid, (q, k, v, prompt_k, prompt_v, selection, selection, tasks, layouts, out, grad_out,
-                                   lse, scratch, dq, dk, dv, dprompt, tickets), scalars, meta)
+                                   lse, dq, dk, dv, dprompt), (scratch, tickets), scalars, meta)
 
 
 def attention_forward(q, k, v, prompt_k, prompt_v, mask, bits, tasks, layouts, pool_cls, len_cls, len_img, scale,

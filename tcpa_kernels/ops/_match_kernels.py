@@ -124,7 +124,7 @@ def _task_keys(KEYS_CLS, KEYS_IMG, TASKS, i_b, pool_cls, pool_img, C):
 
 
 @triton.jit
-def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, TERMS, NORM_W, NORM_B, H, MEAN, RSTD, n_rows, N,
+def _match_fwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, NORM_W, NORM_B, BITS, TERMS, H, MEAN, RSTD, n_rows, N,
                       C, stride_b, stride_n, num_prefix_tokens, pool_cls, pool_img, k_cls, k_img, k_max, w_cls, w_img,
                       eps, NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_TASKS: tl.constexpr,
                       HAS_LAYOUTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr,
@@ -168,7 +168,7 @@ def _row_weights(is_prefix, k_row, w_cls, w_img, HAS_LAYOUTS: tl.constexpr):
 
 
 @triton.jit
-def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, DTERMS, DX, DKEYS_PARTIAL, NORM_W, DH, MEAN, RSTD,
+def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, DTERMS, NORM_W, DH, MEAN, RSTD, DX, DKEYS_PARTIAL,
                       n_rows, N, C, stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens, pool_cls, pool_img,
                       k_cls, k_img, w_cls, w_img, NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr,
                       NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_LAYOUTS: tl.constexpr,
@@ -348,8 +348,8 @@ def forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_
         mean = torch.empty(rows, dtype=torch.float32, device=device)
         rstd = torch.empty(rows, dtype=torch.float32, device=device)
     if grid[0]:
-        launch(_match_fwd_kernel, grid, (x, keys_cls, keys_img, tasks, layouts, bits, terms, norm_weight, norm_bias,
-                                         h, mean, rstd), args, options)
+        launch(_match_fwd_kernel, grid, (x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias),
+               (bits, terms, h, mean, rstd), args, options)
     return terms, bits, h, mean, rstd
 
 
@@ -383,8 +383,8 @@ def backward(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weigh
     dx = torch.empty(shape, dtype=x.dtype, device=device) if need_dx else None
     partials = torch.empty(partials_shape, dtype=torch.float32, device=device) if need_dkeys else None
     if args[0]:  # B * N rows
-        launch(_match_bwd_kernel, grid, (x, keys_cls, keys_img, tasks, layouts, bits, dterms, dx, partials,
-                                         norm_weight, None if dh is None else dh.contiguous(), mean, rstd), args,
+        launch(_match_bwd_kernel, grid, (x, keys_cls, keys_img, tasks, layouts, bits, dterms, norm_weight,
+                                         None if dh is None else dh.contiguous(), mean, rstd), (dx, partials), args,
                options)
     elif need_dkeys:
         partials.zero_()
