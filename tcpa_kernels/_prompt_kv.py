@@ -7,7 +7,9 @@ They depend on the parameters only, so one forward computes them for all layers 
 are at that call (nothing is kept between forwards):
 
 - the prompt tokens of all layers: one ``cat``, one dropout draw (one mask for the batch -> ``[L, P, C]``, or one per
-  sample -> ``[L, B, P, C]``) and the prompt transform (VFPT's Fourier prompts);
+  sample -> ``[L, B, P, C]``) and the prompt transform (VFPT's Fourier prompts). In the common case (one mask, no
+  transform, a gradient to compute) the ``cat`` and the dropout run inside the projection's node below
+  (:class:`PromptParts`), so they add no autograd nodes of their own;
 - when every layer's norm is a LayerNorm with one eps and every layer the same projection shape (a ViT's blocks): one
   layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the prompts, and one batched
   GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to the L*P prompt rows, not
@@ -88,13 +90,38 @@ def prompt_parameters(state) -> list[Tensor]:
     return parts
 
 
-def layer_tokens(state, parts: list[Tensor], batch_size: int) -> Tensor:
+@dataclasses.dataclass(frozen=True)
+class PromptParts:
+    """Every layer's prompt parameters as the prompt tokens ``[L, P, C]`` they make, one dropout mask for all of
+    them (``p``, 0: none), not yet concatenated: the projection node concatenates and drops them out itself
+    (``_FrozenNormLinear``); ``tensor()`` makes them with plain ops."""
+
+    parts: list[Tensor]  # [prompts_cls_0, prompts_img_0, ...], to concatenate on dim 0 (``layer_tokens``)
+    shape: tuple[int, int, int]  # [L, P, C]
+    p: float  # dropout probability, 0 <= p < 1
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(t.requires_grad for t in self.parts)
+
+    def tensor(self) -> Tensor:
+        tokens = torch.cat(self.parts).view(self.shape)
+        return F.dropout(tokens, self.p) if self.p else tokens
+
+
+def layer_tokens(state, parts: list[Tensor], batch_size: int) -> Tensor | PromptParts:
     """Prompt tokens of every layer for this forward from their parameters (``prompt_parameters``): [L, P, C], or
-    [L, B, P, C] with a dropout mask per sample."""
+    [L, B, P, C] with a dropout mask per sample; as ``PromptParts`` where a gradient flows to them, one mask serves
+    the batch and no transform follows."""
     config = state.config
     if config.prompt_len_cls != config.prompt_len_img:  # else [Pc, L, C] and [Pi, L, C] stack on their first dim
         parts = [p.flatten(0, 1) for p in parts]
-    prompts = torch.cat(parts).view(len(state.blocks), config.num_prompts, -1)  # [L, P, C], one cat
+    shape = (len(state.blocks), config.num_prompts, parts[0].shape[-1])
+    p = config.prompt_dropout if state.training else 0.0
+    if (torch.is_grad_enabled() and config.prompt_transform == "none" and p < 1
+            and not (p and config.prompt_dropout_per_sample) and any(t.requires_grad for t in parts)):
+        return PromptParts(parts, shape, p)
+    prompts = torch.cat(parts).view(shape)  # [L, P, C], one cat
     return forward_tokens(prompts, config, state.training, batch_size)
 
 
@@ -162,70 +189,105 @@ def _stacked(tensors: list[Tensor] | tuple[Tensor, ...], rows: slice | None, sta
 
 class _FrozenNormLinear(torch.autograd.Function):
     """Every layer's frozen linear map, after its frozen LayerNorm when ``eps`` is given, in one node and one batched
-    GEMM: ``apply(x, norm_weight, norm_bias, eps, bias, rows, stack, *tensors)`` with x [L, M, C], the norm's
-    parameters [L, 1, C] or None, bias [L, 1, R] or None and the weights as ``_pieces`` gives them ->
-    LN_l(x_l) @ W_l^T + b_l, [L, M, R]. Differentiable in x and the bias (the norm's parameters and the weights are
-    frozen).
+    GEMM: ``apply(x, spec, norm_weight, norm_bias, bias, *tensors)`` with x [L, M, C] (or None: see ``dropout``),
+    ``spec = (eps, rows, stack, weights, dropout)``, the norm's parameters [L, 1, C] or None, bias [L, 1, R] or None,
+    ``tensors`` the ``weights`` tensors ``_pieces`` gives, then with ``dropout`` (the shape [L, P, C] and the
+    probability of ``PromptParts``) the prompt parameters, which the node concatenates into x and drops out
+    (``native_dropout``: one mask) -> LN_l(x_l) @ W_l^T + b_l, [L, M, R]. Differentiable in x (or the prompt
+    parameters) and the bias (the norm's parameters and the weights are frozen).
 
     The stacked weight is a copy of the layers' weights (of their whole packed tensors when the K/V rows are a slice
     of them: [L, 3C, C], ~85 MB at ViT-B/16 in fp32): it is made for the GEMM and dropped, and made again in the
     backward, rather than kept for it (autograd would save the copy every step, of weights that are parameters
-    anyway). The backward keeps the weight tensors, never their modules, and the norm's statistics."""
+    anyway). The backward keeps the weight tensors, never their modules, the norm's statistics and the dropout
+    mask."""
 
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, eps, bias, rows, stack, *tensors):
+    def forward(ctx, x, spec, norm_weight, norm_bias, bias, *tensors):
+        eps, rows, stack, weights, dropout = spec
+        mask = None
+        if dropout is not None:  # x from the prompt parameters: one cat, one mask
+            shape, p = dropout
+            parts = tensors[weights:]
+            ctx.sizes = [t.shape[0] for t in parts]  # the cat's gradient: split back along dim 0
+            x = torch.cat(parts)
+            ctx.cat_shape = x.shape
+            x = x.view(shape)
+            if p:
+                x, mask = torch.native_dropout(x, p, True)
+        tensors = tensors[:weights]
         mean = rstd = None
         if eps is not None:  # [L, M, C] normalised over C, then each layer's affine
             normed, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
             h = _affine(normed, norm_weight, norm_bias)
         else:
             h = x
-        ctx.save_for_backward(x, norm_weight, mean, rstd, *tensors)
-        ctx.layout = (rows, stack)
+        ctx.save_for_backward(x, norm_weight, mean, rstd, mask, *tensors)
+        ctx.spec = spec
         weight = _stacked(tensors, rows, stack, x.shape[0]).transpose(1, 2)  # [L, C, R]
         return torch.bmm(h, weight) if bias is None else torch.baddbmm(bias, h, weight)
 
     @staticmethod
     def backward(ctx, grad):  # grad [L, M, R]
-        x, norm_weight, mean, rstd, *tensors = ctx.saved_tensors
-        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        x, norm_weight, mean, rstd, mask, *tensors = ctx.saved_tensors
+        _, rows, stack, weights, dropout = ctx.spec
+        needs = ctx.needs_input_grad
+        need_x, need_bias = needs[0] or any(needs[5 + weights:]), needs[4]
         grad_x = grad_bias = None
         if need_x:
-            grad_x = torch.bmm(grad, _stacked(tensors, *ctx.layout, grad.shape[0]))  # [L, M, C]
+            grad_x = torch.bmm(grad, _stacked(tensors, rows, stack, grad.shape[0]))  # [L, M, C]
             if mean is not None:  # the norm's input gradient
                 grad_normed = grad_x if norm_weight is None else grad_x * norm_weight
                 grad_x = torch.ops.aten.native_layer_norm_backward(grad_normed, x, (x.shape[-1],), mean, rstd, None,
                                                                    None, (True, False, False))[0]
         if need_bias:
             grad_bias = grad.sum(1, keepdim=True)
-        return grad_x, None, None, None, grad_bias, None, None, *([None] * len(tensors))
+        if dropout is None:
+            return grad_x, None, None, None, grad_bias, *([None] * weights)
+        parts = (None,) * len(ctx.sizes)
+        if grad_x is not None:  # the prompt parameters' gradients: views of one tensor
+            if mask is not None:
+                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - dropout[1]))
+            parts = grad_x.view(ctx.cat_shape).split_with_sizes(ctx.sizes)
+        return None, None, None, None, grad_bias, *([None] * weights), *parts
 
 
-def _norm_linear(x: Tensor, norms: list[nn.LayerNorm] | None, bias: Tensor | None, rows: list[Rows]) -> Tensor:
-    """x [L, M, C] through each layer's LayerNorm (``norms``, one eps; None: no norm) and linear map (``rows``: the
-    weights' row blocks in layer order): [L, M, R]. One node where the parameters are frozen and a gradient flows
-    back through x or the bias; else plain ops (autograd through the norm and the stacked weights, or nothing
-    recorded: evaluation, where the node would be host time for nothing and where dynamo, inlining its forward under
-    ``no_grad``, would pass it the norm's eps as a tensor)."""
+def _norm_linear(x: Tensor | PromptParts, norms: list[nn.LayerNorm] | None, bias: Tensor | None,
+                 rows: list[Rows]) -> Tensor:
+    """x [L, M, C] (or the ``PromptParts`` that make it) through each layer's LayerNorm (``norms``, one eps; None: no
+    norm) and linear map (``rows``: the weights' row blocks in layer order): [L, M, R]. One node where the
+    parameters are frozen and a gradient flows back through x or the bias; else plain ops (autograd through the norm
+    and the stacked weights, or nothing recorded: evaluation, where the node would be host time for nothing and
+    where dynamo, inlining its forward under ``no_grad``, would pass it the norm's eps as a tensor)."""
     tensors, common_rows, stack = _pieces(rows, x.shape[0])
     norm_weight, norm_bias = (None, None) if norms is None else _norm_parameters(norms)
     node = (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
             and not any(t.requires_grad for t in tensors))
     norm_inside = norms is not None and node and not any(
         t is not None and t.requires_grad for t in (norm_weight, norm_bias))
+    parts = isinstance(x, PromptParts)
+    if parts and not node:
+        x, parts = x.tensor(), False
     if norms is not None and not norm_inside:  # plain ops
-        x = _affine(F.layer_norm(x, (x.shape[-1],), eps=norms[0].eps), norm_weight, norm_bias)
+        x, parts = _affine(F.layer_norm(_tensor(x), (x.shape[-1],), eps=norms[0].eps), norm_weight, norm_bias), False
     if node:
-        norm = (norm_weight, norm_bias, norms[0].eps) if norm_inside else (None, None, None)
-        return _FrozenNormLinear.apply(x, *norm, bias, common_rows, stack, *tensors)
+        eps = norms[0].eps if norm_inside else None
+        spec = (eps, common_rows, stack, len(tensors), (x.shape, x.p) if parts else None)
+        norm = (norm_weight, norm_bias) if norm_inside else (None, None)
+        return _FrozenNormLinear.apply(None if parts else x, spec, *norm, bias, *tensors, *(x.parts if parts else ()))
     weight = _stacked(tensors, common_rows, stack, x.shape[0]).transpose(1, 2)  # [L, C, R]
     return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)
 
 
-def _batched_kv(projections: list[KVProjection], tokens: Tensor) -> list[Tensor]:
-    """One layer norm and one batched GEMM for all layers: tokens [L, ..., P, C] -> per layer [..., 2, H, P, D]."""
+def _tensor(x: Tensor | PromptParts) -> Tensor:
+    return x.tensor() if isinstance(x, PromptParts) else x
+
+
+def _batched_kv(projections: list[KVProjection], tokens: Tensor | PromptParts) -> list[Tensor]:
+    """One layer norm and one batched GEMM for all layers: tokens [L, ..., P, C] (or the ``PromptParts`` of
+    [L, P, C]) -> per layer [..., 2, H, P, D]."""
     L, C = tokens.shape[0], tokens.shape[-1]
-    flat = tokens if tokens.dim() == 3 else tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
+    flat = tokens if len(tokens.shape) == 3 else tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
     first = projections[0]
     bias = None if first.biases is None else _stacked(*_pieces([r for p in projections for r in p.biases], L), L)
     norms = None if first.norm is None else [p.norm for p in projections]
@@ -255,7 +317,7 @@ def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
         tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
     else:  # the batch's tasks', [L, T', P, C], or each sample's task's, [L, B, P, C]: one mask over all of them
         tokens = forward_tokens(bank.prompt_sets(), state.config, state.training, None)
-    with autocast_off(tokens.device.type):
+    with autocast_off(parts[0].device.type):
         if _batchable(projections):
             return _batched_kv(projections, tokens)
-        return [layer_kv(p, t) for p, t in zip(projections, tokens.unbind(0))]
+        return [layer_kv(p, t) for p, t in zip(projections, _tensor(tokens).unbind(0))]

@@ -91,8 +91,9 @@ def test_fourier_tcpa_matches_fp64_official_style(case, fraction):
 
 
 def recorded_dropout(monkeypatch):
-    """Replaces torch's dropout by itself plus a record of the prompt-dropout outputs (p == DROP)."""
-    records, dropout = [], torch.nn.functional.dropout
+    """Replaces torch's dropout (and ``torch.native_dropout``, which the prompt pass node calls) by itself plus a
+    record of the prompt-dropout outputs (p == DROP)."""
+    records, dropout, native_dropout = [], torch.nn.functional.dropout, torch.native_dropout
 
     def recording(input, p=0.5, training=True, inplace=False):
         out = dropout(input, p, training, inplace)
@@ -100,18 +101,27 @@ def recorded_dropout(monkeypatch):
             records.append(out.detach())
         return out
 
+    def native_recording(input, p, train):
+        out, mask = native_dropout(input, p, train)
+        if train and p == DROP:
+            records.append(out.detach())
+        return out, mask
+
     monkeypatch.setattr(torch.nn.functional, "dropout", recording)
+    monkeypatch.setattr(torch, "native_dropout", native_recording)
     return records
 
 
+@pytest.mark.parametrize("transform", ["fourier", "none"])
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_prompt_dropout_matches_fp64_official_style(case, per_sample, monkeypatch):
+def test_prompt_dropout_matches_fp64_official_style(case, per_sample, transform, monkeypatch):
     """Training-mode forward and gradients with the masks the model drew: one per sample (published) or one for
-    the batch, followed by the Fourier transform."""
+    the batch, followed by the Fourier transform or not (one mask and no transform: drawn inside the prompt pass's
+    node, ``_prompt_kv.PromptParts``)."""
     family, attention = CASES[case]
     plain, model = prompted(family, attention, prompt_dropout=DROP, prompt_dropout_per_sample=per_sample,
-                            prompt_transform="fourier")
+                            prompt_transform=transform)
     model.train()
     records = recorded_dropout(monkeypatch)
     x = images()
@@ -124,7 +134,7 @@ def test_prompt_dropout_matches_fp64_official_style(case, per_sample, monkeypatc
         assert not torch.equal(masks[:, 0], masks[:, 1]), "samples share a dropout mask"
     multipliers = list(masks.double().div(1 - DROP).unbind(0))
     assert_prompted_matches_reference(
-        (logits, match), reference(plain, model, x, prompt_transform="fourier", dropout=multipliers),
+        (logits, match), reference(plain, model, x, prompt_transform=transform, dropout=multipliers),
         tk.trainable_parameters(model))
 
 
