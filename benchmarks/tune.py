@@ -43,7 +43,7 @@ MATCH_CANDIDATES = {
     "bwd": [(32, 16, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (32, 16, 4, 1), (64, 16, 8, 1), (16, 16, 4, 1)],
 }
 MATCH_FLAGS = {"fwd": dict(HAS_W=True, HAS_B=True, HAS_TASKS=False),
-               "bwd": dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True, HAS_TASKS=False)}
+               "bwd": dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True, HAS_RES=True, HAS_TASKS=False)}
 # (label, B, N, C, pool_cls, pool_img, topk) at which the matching candidates are timed, and the dtypes of x
 MATCH_GPU_SHAPE, MATCH_GPU_DTYPES = ("vit_b_b128_n197_c768_p18+18_k10", 128, 197, 768, 18, 18, 10), ("fp32", "bf16")
 MATCH_SMOKE_SHAPE, MATCH_SMOKE_DTYPES = ("cpu_smoke_b1_n9_c32_p3+4_k2", 1, 9, 32, 3, 4, 2), ("fp32", "fp16")
@@ -87,7 +87,7 @@ def _compile_match(job: tuple[str, str, tuple]) -> dict:
     x_dtype, kernel, candidate = job
     fn = {"fwd": _match_kernels._match_fwd_kernel, "bwd": _match_kernels._match_bwd_kernel}[kernel]
     pointers = dict.fromkeys(("KEYS_CLS", "KEYS_IMG", "TERMS", "NORM_W", "NORM_B", "MEAN", "RSTD", "DTERMS",
-                              "DKEYS_PARTIAL"), "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
+                              "DKEYS_PARTIAL"), "*fp32") | dict.fromkeys(("X", "H", "DX", "DH", "DRES"), f"*{x_dtype}")
     pointers |= {"BITS": "*i64", "TASKS": "*i64"}
     launch = dict(zip(MATCH_FIELDS, candidate))
     num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
@@ -243,10 +243,11 @@ def _tune_matching(shape: tuple, x_dtype: str, smoke: bool, report: dict, save: 
     args = (x, keys_cls, keys_img, None, None, weight, bias, eps, True, 1, topk, topk)  # one prefix token, no bank
     terms, bits, h, mean, rstd = kernels.forward(*args)
     dterms, dh = torch.randn_like(terms), torch.randn_like(h)  # [B, N] fp32, [B, N, C] in x's dtype
+    dres = torch.randn_like(x)  # the residual's gradient, added to dx as in a block's backward
 
     def backward():  # (dx [B, N, C], dkeys [Pc + Pi, C])
-        dx, partials = kernels.backward(dterms, dh, x, keys_cls, keys_img, None, None, bits, weight, mean, rstd, 1,
-                                        topk, topk, True, True)
+        dx, partials = kernels.backward(dterms, dh, dres, x, keys_cls, keys_img, None, None, bits, weight, mean, rstd,
+                                        1, topk, topk, True, True)
         return dx, partials.sum(0)
 
     def compare(result, baseline) -> dict:

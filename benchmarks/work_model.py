@@ -250,11 +250,11 @@ def matching(s: LayerShape, x_size: int = FP32) -> Component:
         if direction == "fwd":  # x -> h, mean, rstd, words, terms
             topk = TOPK_OPS * k_max * rows * e_pad
             work[direction] = [Kernel(**dots, cuda=topk, hbm_bytes=layer_norm(M, C, x_size).hbm_bytes + side)]
-        else:  # x, dh, mean, rstd, words, dterms -> dx, partials
+        else:  # x, dh, mean, rstd, words, dterms, the residual's gradient (fp32) -> dx, partials
             dots["tf32"] += 3 * tile_pass  # dx = g @ khat
             partials = match_kernels.backward_programs(M, SM_COUNT) * E * C * FP32
             norm = layer_norm(M, C, x_size, backward=True).hbm_bytes
-            work[direction] = [Kernel(**dots, hbm_bytes=norm + side + partials)]
+            work[direction] = [Kernel(**dots, hbm_bytes=norm + side + partials + M * C * FP32)]
     return work
 
 
@@ -263,8 +263,9 @@ def _attention(work: dict[str, Work]) -> Component:
             for d, w in work.items()}
 
 
-def backbone(s: LayerShape) -> dict[str, Component]:
-    """The layer's GEMMs and elementwise kernels past norm1 and the attention: the same with and without prompts."""
+def backbone(s: LayerShape, prompted: bool) -> dict[str, Component]:
+    """The layer's GEMMs and elementwise kernels past norm1 and the attention: the same with and without prompts,
+    but for the attention's residual gradient add, which TCPA's matching backward does (``prompted``)."""
     M, C = s.B * s.N, s.C
     row = M * C  # elements of one [B, N, C] tensor
     shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)]  # (out, in) of qkv, proj, fc1, fc2
@@ -276,9 +277,10 @@ def backbone(s: LayerShape) -> dict[str, Component]:
         # casts of h and norm2's h, of 4 weights and 4 biases; 2 residual adds; norm2; GELU
         "fwd": [cast.scaled(2), Kernel(hbm_bytes=params * (FP32 + BF16), launches=8), add.scaled(2),
                 layer_norm(M, C), Kernel(hbm_bytes=2 * 4 * row * BF16)],
-        # gradient casts at the 2 residual branches and the 2 norms' outputs; GELU's; norm2's; 2 gradient adds
+        # gradient casts at the 2 residual branches and the 2 norms' outputs; GELU's; norm2's; 2 gradient adds (1
+        # with prompts: the matching backward adds the attention's residual gradient)
         "bwd": [cast.scaled(4), Kernel(hbm_bytes=3 * 4 * row * BF16), layer_norm(M, C, backward=True),
-                Kernel(hbm_bytes=3 * row * FP32).scaled(2)],  # fp32 + fp32 -> fp32
+                Kernel(hbm_bytes=3 * row * FP32).scaled(1 if prompted else 2)],  # fp32 + fp32 -> fp32
     }
     return {"GEMMs": gemms, "elementwise": elementwise}
 
@@ -322,7 +324,7 @@ def layer(s: LayerShape, prompted: bool) -> dict[str, Component]:
         attention = _attention(fa2(s.B, s.H, s.N, 0, s.D))
         attention["bwd"].append(Kernel(hbm_bytes=2 * 2 * 3 * M * C * BF16, launches=2))  # dq, dk, dv -> dqkv
     extra = {"prompt K/V (model / L)": prompt_kv(s), "reductions": reductions(s)} if prompted else {}
-    return {"norm1 | matching": front, "attention": attention, **backbone(s), **extra}
+    return {"norm1 | matching": front, "attention": attention, **backbone(s, prompted), **extra}
 
 
 def total(kernels: list[Kernel]) -> tuple[Kernel, float]:

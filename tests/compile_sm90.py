@@ -58,12 +58,12 @@ def main(variants):
     # x (3xTF32 dots) and a bf16 one (X16: two bf16 dots per product): alone (match_select) and fused with the
     # block's LayerNorm (weight and bias; the model's path). Their dot products must run on tensor cores.
     names = ("X", "KEYS_CLS", "KEYS_IMG", "TERMS", "NORM_W", "NORM_B", "H", "MEAN", "RSTD", "DTERMS", "DX",
-             "DKEYS_PARTIAL", "DH")
+             "DKEYS_PARTIAL", "DH", "DRES")
     for (name, kernel, extra), norm, x_dtype, bank in itertools.product(
             (("fwd", _match_kernels._match_fwd_kernel, dict(HAS_W=True, HAS_B=True)),
-             ("bwd", _match_kernels._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True))),
+             ("bwd", _match_kernels._match_bwd_kernel, dict(NEED_DX=True, NEED_DKEYS=True, HAS_W=True, HAS_RES=True))),
             (False, True), ("fp32", "bf16"), (False, True)):  # bank: key sets of a prompt bank, a set per sample
-        pointers = dict.fromkeys(names, "*fp32") | dict.fromkeys(("X", "H", "DX", "DH"), f"*{x_dtype}")
+        pointers = dict.fromkeys(names, "*fp32") | dict.fromkeys(("X", "H", "DX", "DH", "DRES"), f"*{x_dtype}")
         pointers |= {"BITS": "*i64", "TASKS": "*i64", "LAYOUTS": "*i64"}
         extra = extra | dict(NORM=norm, X16=x_dtype != "fp32", HAS_TASKS=bank, HAS_LAYOUTS=bank)
         launch = dict(_match_kernels.LAUNCH[name])

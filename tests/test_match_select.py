@@ -200,15 +200,34 @@ def test_custom_ops_pass_opcheck(backend):
     _, bits, h, mean, rstd = match_fwd(x, kc, ki, None, None, weight, bias, 1e-6, True, 1, 2, 2, backend)
     dterms, dh = torch.randn(2, 5), torch.randn_like(h)
     for dh_, stats in ((dh, (weight, mean, rstd)), (None, (None, mean[:0], rstd[:0]))):
-        torch.library.opcheck(match_bwd.overload, (dterms, dh_, x, kc, ki, None, None, bits, *stats, 1, 2, 2, True,
-                                                   True, backend))
+        for dres in (None, torch.randn_like(x)):
+            torch.library.opcheck(match_bwd.overload, (dterms, dh_, dres, x, kc, ki, None, None, bits, *stats, 1, 2,
+                                                       2, True, True, backend))
     banks, tasks = (torch.stack([keys, keys.flip(0)]) for keys in (kc, ki)), torch.tensor([1, 0], dtype=torch.int32)
     bank_cls, bank_img = banks  # two key sets, a set per sample
     for layouts in (None, torch.tensor([[2, 4, 1, 2, 1, 1], [3, 3, 2, 1, 1, 1]])):  # with layouts: its own pools
         torch.library.opcheck(match_fwd.overload, (x, bank_cls, bank_img, tasks, layouts, weight, bias, 1e-6, True,
                                                    1, 2, 2, backend))
-        torch.library.opcheck(match_bwd.overload, (dterms, dh, x, bank_cls, bank_img, tasks, layouts, bits, weight,
-                                                   mean, rstd, 1, 2, 2, True, True, backend))
+        torch.library.opcheck(match_bwd.overload, (dterms, dh, None, x, bank_cls, bank_img, tasks, layouts, bits,
+                                                   weight, mean, rstd, 1, 2, 2, True, True, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_adds_the_residual_gradient(backend):
+    """``match_bwd``'s dres (a block's gradient around its attention, added by the matching backward itself): dx
+    is dx without it plus dres, in fp32 to the bit; the key gradients do not change; without dx, dres is unused."""
+    x, kc, ki = (t.detach() for t in separated_inputs(2, 5, 32, 3, 4))
+    weight, bias = torch.rand(32) + 0.5, torch.randn(32)
+    _, bits, h, mean, rstd = match_fwd(x, kc, ki, None, None, weight, bias, 1e-6, True, 1, 2, 2, backend)
+    dterms, dh, dres = torch.randn(2, 5), torch.randn_like(h), torch.randn_like(x)
+    args = (x, kc, ki, None, None, bits, weight, mean, rstd, 1, 2, 2)
+    dx, partials = match_bwd(dterms, dh, None, *args, True, True, backend)
+    dx_res, partials_res = match_bwd(dterms, dh, dres, *args, True, True, backend)
+    torch.testing.assert_close(dx_res, dx + dres, atol=0, rtol=0)
+    torch.testing.assert_close(partials_res, partials, atol=0, rtol=0)
+    no_dx, keys_only = match_bwd(dterms, dh, dres, *args, False, True, backend)
+    assert no_dx.numel() == 0
+    torch.testing.assert_close(keys_only, partials, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -168,16 +168,18 @@ def _row_weights(is_prefix, k_row, w_cls, w_img, HAS_LAYOUTS: tl.constexpr):
 
 
 @triton.jit
-def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, DTERMS, NORM_W, DH, MEAN, RSTD, DX, DKEYS_PARTIAL,
-                      n_rows, N, C, stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens, pool_cls, pool_img,
-                      k_cls, k_img, w_cls, w_img, NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr,
-                      NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_TASKS: tl.constexpr, HAS_LAYOUTS: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr, X16: tl.constexpr):
+def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, DTERMS, NORM_W, DH, MEAN, RSTD, DRES, DX,
+                      DKEYS_PARTIAL, n_rows, N, C, stride_b, stride_n, dstride_b, dstride_n, num_prefix_tokens,
+                      pool_cls, pool_img, k_cls, k_img, w_cls, w_img, NEED_DX: tl.constexpr, NEED_DKEYS: tl.constexpr,
+                      NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_TASKS: tl.constexpr,
+                      HAS_LAYOUTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, E_PAD: tl.constexpr,
+                      X16: tl.constexpr):
     """Program i_p handles token blocks i_p, i_p + n_programs, ...; dx [B, N, C] contiguous, partial [E, C] fp32.
     HAS_TASKS (a bank of key sets, sample b matching set TASKS[b]): program i_p handles sample i_p's blocks, and its
     partial is that sample's key gradient (the caller sums them per set). With NORM, dx also gets the layer norm's
     input gradient from dh ([B*N, C] contiguous): rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dh * w,
-    xhat = (x - mean) * rstd."""
+    xhat = (x - mean) * rstd. With HAS_RES, dx also gets DRES ([B*N, C] contiguous): the gradient the residual
+    stream passes around the block's attention (added in fp32 before dx is rounded to its dtype)."""
     i_p = tl.program_id(0)
     o_e = tl.arange(0, E_PAD)
     m_e = o_e < pool_cls + pool_img
@@ -232,6 +234,8 @@ def _match_bwd_kernel(X, KEYS_CLS, KEYS_IMG, TASKS, LAYOUTS, BITS, DTERMS, NORM_
                     b_gn = _norm_upstream(NORM_W, DH, o_t, o_c, m_c, m_tc, C, HAS_W)  # [BLOCK_T, BLOCK_C]
                     b_xhat = (b_x - b_mean[:, None]) * b_rstd[:, None]
                     b_dx += b_rstd[:, None] * (b_gn - (b_gsum[:, None] + b_xhat * b_gxsum[:, None]) / C)
+                if HAS_RES:
+                    b_dx += tl.load(DRES + o_t[:, None] * C + o_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
                 tl.store(DX + o_t[:, None] * C + o_c[None, :], b_dx.to(DX.dtype.element_ty), mask=m_tc)
             if NEED_DKEYS:
                 b_dkhat = _precise_dot(tl.trans(b_g * b_inv_x[:, None]), b_x_in,
@@ -315,14 +319,15 @@ def _forward_plan(shape, strides, x16, pool_cls, pool_img, num_prefix_tokens, k_
 
 @functools.cache
 def _backward_plan(shape, strides, dterms_strides, x16, sms, pool_cls, pool_img, num_prefix_tokens, k_cls, k_img,
-                   need_dx, need_dkeys, norm, has_w, has_tasks, has_layouts):
+                   need_dx, need_dkeys, norm, has_w, has_res, has_tasks, has_layouts):
     """``_match_bwd_kernel`` (dterms read at its own strides): (grid, args, options, the shapes of dx and of the
     key-gradient partials: one per program; with a bank one program, and partial, per sample)."""
     B, N, C = shape
     w_cls, w_img = _weights(B, N, num_prefix_tokens, k_cls, k_img, has_layouts)
     blocks, options = _constexprs_and_options("bwd", pool_cls, pool_img, x16)
     args = (B * N, N, C, strides[0], strides[1], dterms_strides[0], dterms_strides[1], num_prefix_tokens, pool_cls,
-            pool_img, k_cls, k_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, has_tasks, has_layouts, *blocks)
+            pool_img, k_cls, k_img, w_cls, w_img, need_dx, need_dkeys, norm, has_w, has_res, has_tasks, has_layouts,
+            *blocks)
     programs = B if has_tasks else backward_programs(B * N, sms)
     return (programs,), args, options, (B, N, C), (programs, pool_cls + pool_img, C)
 
@@ -367,10 +372,11 @@ def backward_programs(n_rows, sms):
     return max(1, min(cdiv(n_rows, LAUNCH["bwd"]["BLOCK_T"]), sms or MAX_KEY_PARTIALS))
 
 
-def backward(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens,
+def backward(dterms, dh, dres, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens,
              k_cls, k_img, need_dx, need_dkeys):
     """One launch of ``_match_bwd_kernel``: (dx, key-gradient partials) as ``match_select.match_bwd`` returns, with
-    None for what is not needed. The keys are contiguous (the callers see to it), a bank's with tasks."""
+    None for what is not needed; dres (or None) a residual gradient dx includes. The keys are contiguous (the callers
+    see to it), a bank's with tasks."""
     strides = x.stride()
     if strides[-1] != 1:
         x = x.contiguous()
@@ -379,13 +385,13 @@ def backward(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weigh
     grid, args, options, shape, partials_shape = _backward_plan(
         x.shape, strides, dterms.stride(), _x16(x), sm_count(device), keys_cls.shape[-2], keys_img.shape[-2],
         num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys, dh is not None, norm_weight is not None,
-        tasks is not None, layouts is not None)
+        dres is not None, tasks is not None, layouts is not None)
     dx = torch.empty(shape, dtype=x.dtype, device=device) if need_dx else None
     partials = torch.empty(partials_shape, dtype=torch.float32, device=device) if need_dkeys else None
     if args[0]:  # B * N rows
         launch(_match_bwd_kernel, grid, (x, keys_cls, keys_img, tasks, layouts, bits, dterms, norm_weight,
-                                         None if dh is None else dh.contiguous(), mean, rstd), (dx, partials), args,
-               options)
+                                         None if dh is None else dh.contiguous(), mean, rstd,
+                                         None if dres is None else dres.contiguous()), (dx, partials), args, options)
     elif need_dkeys:
         partials.zero_()
     return dx, partials

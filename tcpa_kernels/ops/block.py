@@ -13,7 +13,7 @@ The same kernels, GEMMs and saved tensors as the nodes the block would otherwise
 a host-bound step pays per layer. Saved: x, the norm statistics and selection words (the matching's), the weights in
 their GEMMs' dtype (the linears'), qkv, out and lse (the attention's). Backward: ``dout = dy W_proj``, the attention
 kernel's dqkv and prompt gradients, one GEMM ``dh = dqkv W``, then the matching kernel's dx, to which it adds the
-layer norm's gradient of dh, plus dy through the residual.
+layer norm's gradient of dh and dy through the residual (in the same kernel: no separate add).
 
 Under autocast the GEMMs run as autocast would run the linears: inputs, weights and biases cast to the autocast
 dtype (fp64 left alone), the cast weights saved for the backward GEMMs, gradients cast back to their inputs' dtypes.
@@ -109,12 +109,13 @@ class BlockAttention(torch.autograd.Function):
                 dh = torch.mm(dqkv.view(B * N, weight.shape[0]), weight).view(B, N, C)
                 dh = dh if dh.dtype == x.dtype else dh.to(x.dtype)
         dx = dkeys_cls = dkeys_img = None
+        residual = grad_result if need_x and proj_weight is not None else None  # the gradient around the attention
         if dh is not None or (grad_terms is not None and (need_x or need_keys_cls or need_keys_img)):
-            dx, dkeys_cls, dkeys_img = matching_grads(grad_terms, dh, x, keys_cls, keys_img, tasks, layouts, bits,
-                                                      norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
+            dx, dkeys_cls, dkeys_img = matching_grads(grad_terms, dh, residual, x, keys_cls, keys_img, tasks, layouts,
+                                                      bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
                                                       backend, need_x, need_keys_cls or need_keys_img)
-        if need_x and proj_weight is not None and grad_result is not None:  # the residual's gradient
-            dx = grad_result if dx is None else dx + grad_result
+        elif residual is not None:
+            dx = residual
         return dx, dkeys_cls, dkeys_img, dprompt if need_prompts else None, *_NO_GRADS
 
 

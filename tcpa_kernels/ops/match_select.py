@@ -102,7 +102,7 @@ def _forward_torch(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias
     return terms, bits, h, mean, rstd
 
 
-def _backward_torch(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
+def _backward_torch(dterms, dh, dres, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
                     num_prefix_tokens, k_cls, k_img, need_dx, need_dkeys):
     cos, x_norm, keys_hat, k_norm = _cosines_torch(x, keys_cls, keys_img, tasks)
     xc = x.to(cos.dtype)
@@ -117,6 +117,8 @@ def _backward_torch(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, nor
             gn = dh.to(cos.dtype) * (1 if norm_weight is None else norm_weight.to(cos.dtype))
             xhat = (xc - mean[..., None]) * rstd[..., None]
             dx = dx + rstd[..., None] * (gn - gn.mean(-1, keepdim=True) - xhat * (gn * xhat).mean(-1, keepdim=True))
+        if dres is not None:  # the residual stream's gradient
+            dx = dx + dres.to(cos.dtype)
         dx = dx.to(x.dtype)
     if need_dkeys:  # one partial [1, E, C]; with tasks one per sample [B, E, C], summed per set by the caller
         if tasks is None:
@@ -148,9 +150,9 @@ class _TorchMatching:
             return _forward_torch(x, *args)
 
     @staticmethod
-    def backward(dterms, dh, x, *args):
+    def backward(dterms, dh, dres, x, *args):
         with autocast_off(x.device.type):  # fp32 matching under autocast too
-            return _backward_torch(dterms, dh, x, *args)
+            return _backward_torch(dterms, dh, dres, x, *args)
 
 
 @functools.cache
@@ -189,14 +191,15 @@ def _(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bias, norm_eps, f
 
 
 @kernel_op("tcpa_kernels::match_bwd")
-def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, keys_img: Tensor, tasks: Tensor | None,
-              layouts: Tensor | None, bits: Tensor, norm_weight: Tensor | None, mean: Tensor, rstd: Tensor,
-              num_prefix_tokens: int, k_cls: int, k_img: int, need_dx: bool, need_dkeys: bool,
+def match_bwd(dterms: Tensor, dh: Tensor | None, dres: Tensor | None, x: Tensor, keys_cls: Tensor, keys_img: Tensor,
+              tasks: Tensor | None, layouts: Tensor | None, bits: Tensor, norm_weight: Tensor | None, mean: Tensor,
+              rstd: Tensor, num_prefix_tokens: int, k_cls: int, k_img: int, need_dx: bool, need_dkeys: bool,
               backend: str) -> tuple[Tensor, Tensor]:
     """(dx [B, N, C] or empty, key-gradient partials [programs, E, C] or empty; with tasks one per sample,
     [B, E, C]): one kernel (``_match_bwd_kernel``) on the triton backend. With dh (the gradient of the fused layer
-    norm's h), dx includes the layer norm's."""
-    dx, partials = _implementation(backend).backward(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits,
+    norm's h), dx includes the layer norm's; with dres ([B, N, C]: a residual gradient, what a block's input gets
+    around its attention) dx includes it too."""
+    dx, partials = _implementation(backend).backward(dterms, dh, dres, x, keys_cls, keys_img, tasks, layouts, bits,
                                                      norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
                                                      need_dx, need_dkeys)
     return (x.new_empty(0) if dx is None else dx,
@@ -204,8 +207,8 @@ def match_bwd(dterms: Tensor, dh: Tensor | None, x: Tensor, keys_cls: Tensor, ke
 
 
 @match_bwd.register_fake
-def _(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls, k_img,
-      need_dx, need_dkeys, backend):
+def _(dterms, dh, dres, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
+      k_img, need_dx, need_dkeys, backend):
     B, N, C = x.shape
     if tasks is not None:
         n_programs = B
@@ -243,8 +246,8 @@ class MatchSelect(torch.autograd.Function):
         """dh None: no norm fused, or its output unused (then only the matching's gradient flows)."""
         refuse_double_backward("match_select")
         x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd = ctx.saved_tensors
-        dx, dkc, dki = matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
-                                      *ctx.config, ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]))
+        dx, dkc, dki = matching_grads(dterms, dh, None, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean,
+                                      rstd, *ctx.config, ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:3]))
         return dx, dkc, dki, *_NO_GRADS
 
 
@@ -257,15 +260,16 @@ def matching_forward(x, keys_cls, keys_img, tasks, layouts, norm_weight, norm_bi
     return match_fwd(*args, backend) if traced() else _implementation(backend).forward(*args)
 
 
-def matching_grads(dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
+def matching_grads(dterms, dh, dres, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd,
                    num_prefix_tokens, k_cls, k_img, backend, need_dx, need_dkeys):
-    """The matching backward, with the fused layer norm's when dh is given: (dx, dkeys_cls, dkeys_img), None where
-    not needed. dterms None: the matching loss was not used, only the layer norm's gradient flows."""
+    """The matching backward, with the fused layer norm's when dh is given and a residual gradient (dres, added to
+    dx) when given: (dx, dkeys_cls, dkeys_img), None where not needed. dterms None: the matching loss was not used,
+    only the layer norm's (and the residual's) gradient flows."""
     need_dkeys = need_dkeys and dterms is not None
     if dterms is None:
         dterms = x.new_zeros(x.shape[:2], dtype=_stats_dtype(x))
-    args = (dterms, dh, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens, k_cls,
-            k_img, need_dx, need_dkeys)
+    args = (dterms, dh, dres, x, keys_cls, keys_img, tasks, layouts, bits, norm_weight, mean, rstd, num_prefix_tokens,
+            k_cls, k_img, need_dx, need_dkeys)
     dx, partials = match_bwd(*args, backend) if traced() else _implementation(backend).backward(*args)
     if not need_dkeys:
         return dx if need_dx else None, None, None
