@@ -193,7 +193,7 @@ class _FrozenNormLinear(torch.autograd.Function):
     ``spec = (eps, rows, stack, weights, dropout)``, the norm's parameters [L, 1, C] or None, bias [L, 1, R] or None,
     ``tensors`` the ``weights`` tensors ``_pieces`` gives, then with ``dropout`` (the shape [L, P, C] and the
     probability of ``PromptParts``) the prompt parameters, which the node concatenates into x and drops out
-    (``native_dropout``: one mask) -> LN_l(x_l) @ W_l^T + b_l, [L, M, R]. Differentiable in x (or the prompt
+    (``_dropout``: one mask) -> LN_l(x_l) @ W_l^T + b_l, [L, M, R]. Differentiable in x (or the prompt
     parameters) and the bias (the norm's parameters and the weights are frozen).
 
     The stacked weight is a copy of the layers' weights (of their whole packed tensors when the K/V rows are a slice
@@ -214,7 +214,7 @@ class _FrozenNormLinear(torch.autograd.Function):
             ctx.cat_shape = x.shape
             x = x.view(shape)
             if p:
-                x, mask = torch.native_dropout(x, p, True)
+                x, mask = _dropout(x, p)
         tensors = tensors[:weights]
         mean = rstd = None
         if eps is not None:  # [L, M, C] normalised over C, then each layer's affine
@@ -246,10 +246,22 @@ class _FrozenNormLinear(torch.autograd.Function):
             return grad_x, None, None, None, grad_bias, *([None] * weights)
         parts = (None,) * len(ctx.sizes)
         if grad_x is not None:  # the prompt parameters' gradients: views of one tensor
-            if mask is not None:
-                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - dropout[1]))
+            if mask is not None:  # dropout's backward: the mask, or the multiplier _dropout kept
+                grad_x = (torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - dropout[1]))
+                          if mask.dtype == torch.bool else grad_x * mask)
             parts = grad_x.view(ctx.cat_shape).split_with_sizes(ctx.sizes)
         return None, None, None, None, grad_bias, *([None] * weights), *parts
+
+
+def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(x dropped out with probability p, what its backward needs) with the kernels ``F.dropout`` uses on x's device:
+    on CUDA the fused ``native_dropout`` (its bool mask), elsewhere a Bernoulli draw of multipliers 0 or 1 / (1 - p)
+    and one product (the multipliers: the backward is one product too, where ``native_dropout``'s backward casts
+    its mask on the CPU)."""
+    if x.is_cuda:
+        return torch.native_dropout(x, p, True)
+    multipliers = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * multipliers, multipliers
 
 
 def _norm_linear(x: Tensor | PromptParts, norms: list[nn.LayerNorm] | None, bias: Tensor | None,

@@ -10,6 +10,7 @@ import torch
 
 import tcpa_kernels as tk
 from reference.prefix import deep_vpt_prompts, prefix_prompts
+from tcpa_kernels import _prompt_kv
 from tcpa_kernels._forward import last_forward
 from tcpa_kernels.dense_baseline import apply_dense_tcpa
 from tcpa_kernels.integrations.prompt_tokens import transform_prompts
@@ -90,10 +91,10 @@ def test_fourier_tcpa_matches_fp64_official_style(case, fraction):
     assert not torch.allclose(none(x), model(x))
 
 
-def recorded_dropout(monkeypatch):
-    """Replaces torch's dropout (and ``torch.native_dropout``, which the prompt pass node calls) by itself plus a
-    record of the prompt-dropout outputs (p == DROP)."""
-    records, dropout, native_dropout = [], torch.nn.functional.dropout, torch.native_dropout
+def recorded_dropout(monkeypatch, fused=False):
+    """Replaces torch's dropout, and the prompt pass node's (``_prompt_kv._dropout``; ``fused``: CUDA's kernel,
+    ``native_dropout``, on any device), by itself plus a record of the prompt-dropout outputs (p == DROP)."""
+    records, dropout, node_dropout = [], torch.nn.functional.dropout, _prompt_kv._dropout
 
     def recording(input, p=0.5, training=True, inplace=False):
         out = dropout(input, p, training, inplace)
@@ -101,29 +102,29 @@ def recorded_dropout(monkeypatch):
             records.append(out.detach())
         return out
 
-    def native_recording(input, p, train):
-        out, mask = native_dropout(input, p, train)
-        if train and p == DROP:
+    def node_recording(input, p):
+        out, mask = torch.native_dropout(input, p, True) if fused else node_dropout(input, p)
+        if p == DROP:
             records.append(out.detach())
         return out, mask
 
     monkeypatch.setattr(torch.nn.functional, "dropout", recording)
-    monkeypatch.setattr(torch, "native_dropout", native_recording)
+    monkeypatch.setattr(_prompt_kv, "_dropout", node_recording)
     return records
 
 
-@pytest.mark.parametrize("transform", ["fourier", "none"])
+@pytest.mark.parametrize(("transform", "fused"), [("fourier", False), ("none", False), ("none", True)])
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_prompt_dropout_matches_fp64_official_style(case, per_sample, transform, monkeypatch):
+def test_prompt_dropout_matches_fp64_official_style(case, per_sample, transform, fused, monkeypatch):
     """Training-mode forward and gradients with the masks the model drew: one per sample (published) or one for
     the batch, followed by the Fourier transform or not (one mask and no transform: drawn inside the prompt pass's
-    node, ``_prompt_kv.PromptParts``)."""
+    node, ``_prompt_kv.PromptParts``, with the CPU's kernels or, ``fused``, CUDA's)."""
     family, attention = CASES[case]
     plain, model = prompted(family, attention, prompt_dropout=DROP, prompt_dropout_per_sample=per_sample,
                             prompt_transform=transform)
     model.train()
-    records = recorded_dropout(monkeypatch)
+    records = recorded_dropout(monkeypatch, fused)
     x = images()
     logits, match = model(x), tk.get_matching_loss(model)
     L, B, C = len(model.blocks), x.shape[0], model.embed_dim
