@@ -34,7 +34,7 @@ calls: the table's "launches per step" is the number of Triton launches a GPU st
 ``--launch driver`` keeps Triton's own dispatch in the figure, which the stubs leave out: Triton runs with its CUDA
 driver replaced by a stand-in (``benchmarks/fake_driver.py``; the interpreter off), so each launch goes through
 the project's launch path and, where it calls it, ``JITFunction.run`` (argument binding, specialisation, cache
-lookup), down to the compiled kernel's launcher, which records its arguments and returns. The first step compiles
+lookup), down to the compiled kernel's launcher, which counts the launch and returns. The first step compiles
 the kernels for sm_90 (a minute or two, then Triton's cache). The CPU-only checks are stubbed as above. The ablation
 ``tcpa_triton_dispatch`` (this mode only) is tcpa with every launch through ``kernel[grid]`` (Triton's dispatch at
 every call, ``tcpa_kernels.ops._launch``), what the project's launches cost before they called compiled kernels
