@@ -2,16 +2,18 @@
 compiled kernel's launcher what Triton's own dispatch hands it, with Triton's CUDA driver replaced by a stand-in
 (``benchmarks/fake_driver.py``: kernels compiled for sm_90, nothing runs). Exits 1 with the differences otherwise.
 
-For every launch of a TCPA train step (a two-block timm ViT, fwd + bwd, fp32 and fp16 autocast): the launch
-through ``kernel[grid]`` and the direct one reach the same compiled kernel's launcher with the same grid, stream,
-metadata and arguments (the very tensor objects; the direct launch passes no launch metadata and no hooks, which
-Triton reads only when a hook is registered); with one input, and one output, moved off 16-byte alignment, or one
-input in another dtype, both reach another compiled kernel, the same one. A second step makes no call to Triton's
-dispatch. A registered launch hook sends launches through Triton's dispatch, which hands the launcher its
-metadata and hooks."""
+For every launch of a TCPA train step (a two-block timm ViT, fwd + bwd, fp32 and fp16 autocast; a prompt bank of
+two tasks with different pools, fp32): the launch through ``kernel[grid]`` and the direct one reach the same
+compiled kernel's launcher with the same grid, stream, metadata and arguments (the very tensor objects; the direct
+launch passes no launch metadata and no hooks, which Triton reads only when a hook is registered); with one input,
+and one output, moved off 16-byte alignment, or one input in another dtype, both reach another compiled kernel, the
+same one. A second step makes no call to Triton's dispatch. A registered launch hook sends launches through
+Triton's dispatch, which hands the launcher its metadata and hooks."""
 
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"
 
@@ -133,15 +135,37 @@ def train_step(model, images, dtype):
     return step
 
 
+def vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5)
+
+
+def bank_step(folder, images):
+    """A train step of a prompt bank of two tasks with different pools, a task per sample (the kernels' task and
+    layout pointers)."""
+    folders = {}
+    for name, pools in (("a", dict(pool_size_cls=4, pool_size_img=6, topk_cls=2, topk_img=3)),
+                        ("b", dict(pool_size_cls=3, pool_size_img=4, topk_cls=1, topk_img=2))):
+        folders[name] = Path(folder) / name
+        tk.save_pretrained(tk.apply_tcpa(vit(), backend="triton", **pools), folders[name])
+    bank = tk.PromptBank(vit(), folders, backend="triton").train()
+    tasks, labels = ["a", "b", "a"], torch.tensor([0, 1, 2])
+
+    def step():
+        bank.loss(bank(images, tasks), labels).backward()
+        bank.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main():
     torch.manual_seed(0)
     with host.kernels_stubbed(kernels=False):  # the CPU-only checks pass: the tensors stand in for device memory
-        model = tk.apply_tcpa(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
-                                                num_classes=5), pool_size_cls=4, pool_size_img=6, topk_cls=2,
-                              topk_img=3, backend="triton").train()
+        model = tk.apply_tcpa(vit(), pool_size_cls=4, pool_size_img=6, topk_cls=2, topk_img=3, backend="triton")
         images = torch.randn(3, 3, 32, 32)
-        calls = check_step("fp32 step", train_step(model, images, torch.float32))
+        calls = check_step("fp32 step", train_step(model.train(), images, torch.float32))
         check_step("fp16 step", train_step(model, images, torch.float16))
+        with tempfile.TemporaryDirectory() as folder:
+            check_step("bank step", bank_step(folder, images))
 
         def hook(metadata):
             pass
