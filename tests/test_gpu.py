@@ -105,6 +105,34 @@ def test_lean_model_path_triton_equals_torch(autocast, options):
         torch.testing.assert_close(g.float(), rg.float(), atol=atol * float(rg.abs().max()), rtol=rtol)
 
 
+@pytest.mark.parametrize("width", [64, 36], ids=["aligned", "bf16_k_v_off_16_bytes"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_direct_launches_equal_tritons_dispatch_bitwise(width, autocast, monkeypatch):
+    """The project's direct launches (``ops/_launch.py``) run the very kernels Triton's dispatch picks: a TCPA train
+    step gives bitwise the logits, matching loss and trainable gradients it gives with every launch through
+    ``kernel[grid]``; at width 36 the bf16 k and v slices of qkv sit 8 bytes off a 16-byte boundary."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tcpa_kernels.ops import _launch
+
+    results = []
+    for direct in (True, False, True):
+        monkeypatch.setattr(_launch, "DIRECT", direct)
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=32, patch_size=4, embed_dim=width, depth=2, num_heads=2, num_classes=5)
+        model = tk.apply_tcpa(model.cuda(), backend="triton", pool_size_cls=4, pool_size_img=6, topk_cls=2,
+                              topk_img=3).train()
+        x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            torch.manual_seed(2)  # the same prompt dropout mask
+            logits = model(x).float()
+            loss = logits.square().mean() + tk.get_matching_loss(model)
+        results.append((logits, loss, *torch.autograd.grad(loss, tk.trainable_parameters(model))))
+    for run in results[1:]:  # dispatch, then direct again (from the cache)
+        for a, b in zip(results[0], run, strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("family", ["vit_res_post_block", "vit_parallel_scaling_block", "eva02",
                                     "eva_rope_gqa_dinov3"])
 def test_other_block_families_triton_equal_torch(family):
