@@ -1,6 +1,8 @@
 """Prompted models under DistributedDataParallel and FSDP2 (fully_shard), 2 CPU processes over gloo: gradients
 equal single-process ones, and the helpers (save/load/remove prompts) see through the wrapper or the shards."""
 
+import gc
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -59,6 +61,11 @@ def _worker(rank, wrap, tmp):
     grads = {name: _full(g) for name, g in {"ddp": _ddp, "fsdp": _fsdp}[wrap](model, shard, tmp).items()}
     if rank == 0:
         torch.save(grads, f"{tmp}/grads.pt")
+    # free the wrappers' tensors and any pending collectives while the group and the interpreter are alive: a gloo
+    # worker thread that frees a tensor during interpreter shutdown can abort the process (pytorch/pytorch#179291;
+    # the FSDP2 case aborted once in CI)
+    del model, grads
+    gc.collect()
     dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
 
