@@ -26,6 +26,7 @@ be made and saved for backward otherwise); the attention kernels cast the prompt
 """
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +100,7 @@ class PromptParts:
     parts: list[Tensor]  # [prompts_cls_0, prompts_img_0, ...], to concatenate on dim 0 (``layer_tokens``)
     shape: tuple[int, int, int]  # [L, P, C]
     p: float  # dropout probability, 0 <= p < 1
-
-    @property
-    def requires_grad(self) -> bool:
-        return any(t.requires_grad for t in self.parts)
+    requires_grad: ClassVar[bool] = True  # ``layer_tokens`` makes them only where a part requires grad
 
     def tensor(self) -> Tensor:
         tokens = torch.cat(self.parts).view(self.shape)
