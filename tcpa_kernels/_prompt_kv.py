@@ -26,15 +26,17 @@ be made and saved for backward otherwise); the attention kernels cast the prompt
 """
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcpa_kernels._backend import autocast_off
+from tcpa_kernels._backend import autocast_off, interpreter_enabled, kernels, resolve_backend
 from tcpa_kernels._patch import any_shard
 from tcpa_kernels.integrations.prompt_tokens import forward_tokens
+from tcpa_kernels.ops._function import traced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,39 @@ class KVProjection:
 
     def bias(self) -> Tensor | None:
         return None if self.biases is None else _cat([rows.get() for rows in self.biases])
+
+    @functools.cached_property
+    def kv_blocks(self) -> tuple[tuple[Rows, int], ...] | None:
+        """((key weight rows, first row), (value weight rows, first row)[, (key bias, first), (value bias, first)])
+        where the block's key rows and its value rows are each one block of rows of a weight (of one packed weight,
+        or of two) and so are its biases', with neither a k norm nor grouped heads after: what the prompt K/V
+        kernels read (``_kernel_inputs``); else None. Made at the first forward (the block's structure, not its
+        values)."""
+        half = self.kv_heads * self.head_dim
+        weights = _key_value_blocks(self.weights, half)
+        biases = None if self.biases is None else _key_value_blocks(self.biases, half)
+        if self.k_norm is not None or self.groups != 1 or weights is None or (self.biases is not None and
+                                                                              biases is None):
+            return None
+        return weights + (biases or ())
+
+
+def _key_value_blocks(blocks: tuple[Rows, ...], half: int) -> tuple[tuple[Rows, int], tuple[Rows, int]] | None:
+    """((Rows, first row) of the key rows, of the value rows) of ``blocks``: one block of 2 * half rows, or two of
+    half rows each; else None."""
+    spans = []
+    for rows in blocks:
+        n = rows.whole().shape[0]
+        start, stop, step = (0, n, 1) if rows.rows is None else rows.rows.indices(n)
+        if step != 1:
+            return None
+        spans.append((rows, start, stop - start))
+    if len(spans) == 1 and spans[0][2] == 2 * half:
+        rows, start, _ = spans[0]
+        return (rows, start), (rows, start + half)
+    if len(spans) == 2 and spans[0][2] == spans[1][2] == half:
+        return (spans[0][0], spans[0][1]), (spans[1][0], spans[1][1])
+    return None
 
 
 def _cat(tensors: list[Tensor]) -> Tensor:
@@ -205,14 +240,7 @@ class _FrozenNormLinear(torch.autograd.Function):
         eps, rows, stack, weights, dropout = spec
         mask = None
         if dropout is not None:  # x from the prompt parameters: one cat, one mask
-            shape, p = dropout
-            parts = tensors[weights:]
-            ctx.sizes = [t.shape[0] for t in parts]  # the cat's gradient: split back along dim 0
-            x = torch.cat(parts)
-            ctx.cat_shape = x.shape
-            x = x.view(shape)
-            if p:
-                x, mask = _dropout(x, p)
+            x, mask = _prompt_tokens(ctx, tensors[weights:], dropout)
         tensors = tensors[:weights]
         mean = rstd = None
         if eps is not None:  # [L, M, C] normalised over C, then each layer's affine
@@ -242,13 +270,30 @@ class _FrozenNormLinear(torch.autograd.Function):
             grad_bias = grad.sum(1, keepdim=True)
         if dropout is None:
             return grad_x, None, None, None, grad_bias, *([None] * weights)
-        parts = (None,) * len(ctx.sizes)
-        if grad_x is not None:  # the prompt parameters' gradients: views of one tensor
-            if mask is not None:  # dropout's backward: the mask, or the multiplier _dropout kept
-                grad_x = (torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - dropout[1]))
-                          if mask.dtype == torch.bool else grad_x * mask)
-            parts = grad_x.view(ctx.cat_shape).split_with_sizes(ctx.sizes)
+        parts = (None,) * len(ctx.sizes) if grad_x is None else _part_grads(ctx, grad_x, mask, dropout[1])
         return None, None, None, None, grad_bias, *([None] * weights), *parts
+
+
+def _prompt_tokens(ctx, parts: tuple[Tensor, ...], dropout: tuple[tuple[int, int, int], float]) -> tuple[Tensor,
+                                                                                                        Tensor | None]:
+    """Inside a node's forward: (the prompt tokens [L, P, C] the prompt parameters ``parts`` make, one cat then
+    one dropout mask (``dropout``: (shape, p)), what the dropout's backward needs or None), keeping on ``ctx`` what
+    ``_part_grads`` needs."""
+    shape, p = dropout
+    ctx.sizes = [t.shape[0] for t in parts]  # the cat's gradient: split back along dim 0
+    x = torch.cat(parts)
+    ctx.cat_shape = x.shape
+    x = x.view(shape)
+    return _dropout(x, p) if p else (x, None)
+
+
+def _part_grads(ctx, grad_x: Tensor, mask: Tensor | None, p: float) -> tuple[Tensor, ...]:
+    """The prompt parameters' gradients from the tokens' grad_x [L, P, C] (``_prompt_tokens``' ctx and mask): the
+    dropout's backward (its bool mask, or the multipliers ``_dropout`` kept), then views of one tensor."""
+    if mask is not None:
+        grad_x = (torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p)) if mask.dtype == torch.bool
+                  else grad_x * mask)
+    return grad_x.view(ctx.cat_shape).split_with_sizes(ctx.sizes)
 
 
 def _dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -293,11 +338,107 @@ def _tensor(x: Tensor | PromptParts) -> Tensor:
     return x.tensor() if isinstance(x, PromptParts) else x
 
 
-def _batched_kv(projections: list[KVProjection], tokens: Tensor | PromptParts) -> list[Tensor]:
-    """One layer norm and one batched GEMM for all layers: tokens [L, ..., P, C] (or the ``PromptParts`` of
-    [L, P, C]) -> per layer [..., 2, H, P, D]."""
+class _PromptKV(torch.autograd.Function):
+    """The triton backend's prompt K/V pass as one node: ``apply(x, spec, *parts)`` with x [L, M, C] (or None: the
+    prompt parameters ``parts`` make it, ``_prompt_tokens``), ``spec = (kernel inputs, dropout)`` (``_kernel_inputs``;
+    dropout: (shape, p) with parts, else None) -> kv [L, T, 2, H, P, D] (``_prompt_kv_kernels``: one launch each
+    way). Differentiable in x (or the parts); the norms, weights and biases are frozen, read by the kernels through
+    the table of their addresses (the node keeps the tensors alive until its backward)."""
+
+    @staticmethod
+    def forward(ctx, x, spec, *parts):
+        inputs, dropout = spec
+        mask = None
+        if dropout is not None:
+            x, mask = _prompt_tokens(ctx, parts, dropout)
+        kv, mean, rstd = kernels("_prompt_kv_kernels").forward(x, *inputs.launch)
+        ctx.save_for_backward(x, mean, rstd, mask)
+        ctx.spec = spec
+        return kv
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [L, T, 2, H, P, D]
+        x, mean, rstd, mask = ctx.saved_tensors
+        inputs, dropout = ctx.spec
+        table, _, _, _, rows, _, has_w = inputs.launch[:7]
+        grad_x = kernels("_prompt_kv_kernels").backward(grad, x, table, mean, rstd, has_w, rows)
+        if dropout is None:
+            return grad_x, None
+        return None, None, *_part_grads(ctx, grad_x, mask, dropout[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelInputs:
+    """What the prompt K/V kernels take besides x: ``launch``, the arguments of ``_prompt_kv_kernels.forward``
+    after x (table, sets, heads, head_dim, first rows, eps, has_w, has_b, has_bias), and the frozen tensors the
+    table points to (kept alive by the node)."""
+
+    launch: tuple
+    tensors: tuple[Tensor, ...]
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, sets: int) -> _KernelInputs | None:
+    """The kernels' inputs for x [L, M, C] (M = sets * P) through ``projections`` (``_batchable``), or None where
+    the kernels do not apply and the torch ops run: a layer whose key or value rows are not one block of a weight
+    (``KVProjection.kv_blocks``), or not at the same rows in every layer, a norm, weight or bias that requires grad,
+    a tensor that is not x's dtype (fp32, fp16 or bf16; bf16 off CUDA: the interpreter's bf16 dots are wrong) or
+    not contiguous (checked once per set of addresses: ``_prompt_kv_kernels.weight_table``), or tracing
+    (torch.compile, a dispatch mode: the torch ops are what they trace)."""
+    first = projections[0]
+    dtype = x.dtype if isinstance(x, Tensor) else x.parts[0].dtype
+    device = first.weights[0].whole().device
+    if dtype not in _KERNEL_DTYPES or traced() or not (device.type == "cuda" or (
+            interpreter_enabled() and dtype != torch.bfloat16)):
+        return None
+    blocks = [p.kv_blocks for p in projections]
+    starts = None if blocks[0] is None else tuple(start for _, start in blocks[0])
+    if starts is None or any(b is None or tuple(start for _, start in b) != starts for b in blocks):
+        return None
+    has_bias = len(starts) == 4
+    layers = []
+    for p, b in zip(projections, blocks):
+        norm = {} if p.norm is None else p.norm._parameters  # dict reads: see Rows.whole
+        weights = [rows.whole() for rows, _ in b]
+        layers.append((weights[0], weights[1], norm.get("weight"), norm.get("bias"),
+                       *(weights[2:] if has_bias else (None, None))))
+    tensors = tuple(t for layer in layers for t in layer if t is not None)
+    if any(t.requires_grad for t in tensors):
+        return None
+    heads, head_dim = first.kv_heads, first.head_dim
+    half = heads * head_dim
+    starts = starts if has_bias else (*starts, 0, 0)
+    table = kernels("_prompt_kv_kernels").weight_table(dtype, x.shape[-1], tuple(s + half for s in starts), layers)
+    if table is None:
+        return None
+    has_w, has_b = layers[0][2] is not None, layers[0][3] is not None
+    eps = None if first.norm is None else first.norm.eps
+    return _KernelInputs((table, sets, heads, head_dim, starts, eps, has_w, has_b, has_bias), tensors)
+
+
+def _kernel_kv(inputs: _KernelInputs, x: Tensor | PromptParts) -> Tensor:
+    """kv [L, T, 2, H, P, D] of x [L, M, C] (or its ``PromptParts``) through the prompt K/V kernels: one node where a
+    gradient flows back to x, else one launch."""
+    if isinstance(x, PromptParts):
+        return _PromptKV.apply(None, (inputs, (x.shape, x.p)), *x.parts)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PromptKV.apply(x, (inputs, None))
+    return kernels("_prompt_kv_kernels").forward(x, *inputs.launch)[0]
+
+
+def _batched_kv(projections: list[KVProjection], tokens: Tensor | PromptParts, backend: str) -> list[Tensor]:
+    """One layer norm and one batched GEMM for all layers (on the triton backend, where ``_kernel_inputs`` allows:
+    one kernel each way): tokens [L, ..., P, C] (or the ``PromptParts`` of [L, P, C]) -> per layer
+    [..., 2, H, P, D]."""
     L, C = tokens.shape[0], tokens.shape[-1]
     flat = tokens if len(tokens.shape) == 3 else tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
+    sets = 1 if len(tokens.shape) == 3 else tokens.shape[1]
+    inputs = _kernel_inputs(projections, flat, sets) if backend == "triton" else None
+    if inputs is not None:
+        kv = _kernel_kv(inputs, flat)  # [L, sets, 2, H, P, D]
+        return list((kv.squeeze(1) if len(tokens.shape) == 3 else kv).unbind(0))
     first = projections[0]
     bias = None if first.biases is None else _stacked(*_pieces([r for p in projections for r in p.biases], L), L)
     norms = None if first.norm is None else [p.norm for p in projections]
@@ -329,5 +470,5 @@ def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
         tokens = forward_tokens(bank.prompt_sets(), state.config, state.training, None)
     with autocast_off(parts[0].device.type):
         if _batchable(projections):
-            return _batched_kv(projections, tokens)
+            return _batched_kv(projections, tokens, resolve_backend(state.config.backend, parts[0].device))
         return [layer_kv(p, t) for p, t in zip(projections, _tensor(tokens).unbind(0))]

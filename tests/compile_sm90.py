@@ -2,7 +2,8 @@
 at the launch configurations the library uses (LAUNCH_CONFIGS). Run as a script with TRITON_INTERPRET=0
 (tests/test_compile.py does); prints one line per kernel with ptxas's registers and spill instructions, and exits
 1 if a variant compiled with ViT-shape (aligned) arguments spills registers, if any needs more shared memory
-than an sm_90 block can have (which would fail at launch on the GPU), or if the matching kernels have no MMA.
+than an sm_90 block can have (which would fail at launch on the GPU), or if the matching or prompt K/V
+kernels have no MMA.
 
 Default: a subset in which every constexpr branch appears (each dtype, fp32 prompts with 16-bit q, mask encoding,
 softmax mode, head-dim bucket, atomic and deterministic prompt gradients, a prompt bank, aligned and general
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 
 from benchmarks import sm90  # noqa: E402
 from tcpa_kernels.ops import _attention_kernels as kernels  # noqa: E402
-from tcpa_kernels.ops import _match_kernels, _selection_kernels  # noqa: E402
+from tcpa_kernels.ops import _match_kernels, _prompt_kv_kernels, _selection_kernels  # noqa: E402
 from tcpa_kernels.ops._function import GROUPED_BACKWARD, config_key  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -74,9 +75,25 @@ def main(variants):
         print(line, flush=True)
         if figures["spill_ops"] or figures["shared_bytes"] > SM90_MAX_SHARED or not figures["mma"]:
             rejected.append(line)
+    # the prompt K/V pass (every layer's norm and K/V rows, one launch each way), fp32 (3xTF32) and bf16 weights,
+    # with the norm (its weight and bias, and the qkv bias) and without (post-norm blocks): dots on tensor cores
+    for (name, kernel), norm, dtype in itertools.product(
+            (("fwd", _prompt_kv_kernels._kv_fwd_kernel), ("bwd", _prompt_kv_kernels._kv_bwd_kernel)), (True, False),
+            ("fp32", "bf16")):
+        pointers = dict.fromkeys(("X", "OUT", "G", "DX"), f"*{dtype}") | {"TABLE": "*i64", "MEAN": "*fp32",
+                                                                          "RSTD": "*fp32"}
+        launch = dict(_prompt_kv_kernels.LAUNCH[name])
+        num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
+        flags = dict(NORM=norm, HAS_W=norm) | (dict(HAS_B=norm, HAS_BIAS=True) if name == "fwd" else {})
+        constexprs = launch | flags | dict(PRECISION=_prompt_kv_kernels._precision(DTYPES[dtype]))
+        figures = sm90.compile_fn(kernel, pointers, constexprs, num_warps, num_stages)
+        line = f"prompt_kv_{name} {dtype} {constexprs} warps={num_warps} stages={num_stages} {figures}"
+        print(line, flush=True)
+        if figures["spill_ops"] or figures["shared_bytes"] > SM90_MAX_SHARED or not figures["mma"]:
+            rejected.append(line)
     if rejected:
-        print("register spills at ViT-shape arguments, more shared memory than sm_90 has, or matching off the "
-              "tensor cores:\n"
+        print("register spills at ViT-shape arguments, more shared memory than sm_90 has, or matching or the prompt "
+              "K/V pass off the tensor cores:\n"
               + "\n".join(rejected), file=sys.stderr)
         return 1
     return 0

@@ -231,3 +231,33 @@ def test_prompt_bank_of_different_pools_triton_equals_torch(tmp_path, autocast):
     torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.float(), rg.float(), atol=atol * float(rg.abs().max()), rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prompt_kv_kernels_match_fp64_at_vit_b(dtype):
+    """The prompt K/V pass's kernels (one launch each way) at ViT-B/16's width, 12 layers and 36 prompts, in bf16
+    (which the interpreter cannot run) and fp32 (3xTF32), against fp64 from the definition."""
+    import timm
+
+    from tcpa_kernels import _prompt_kv
+    from tcpa_kernels.vit import state_of
+    from tests.test_prompt_kv_kernels import reference_kv
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.Linear)) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.1)
+    model = tk.apply_tcpa(model, backend="triton", prompt_dropout=0.0).to("cuda", dtype).train()
+    params = _prompt_kv.prompt_parameters(state_of(model))
+    kv = _prompt_kv.all_layers_kv(state_of(model), 8)
+    ref = reference_kv(model)
+    weights = [torch.randn(r.shape, dtype=torch.float64, device="cuda") for r in ref]
+    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
+    tolerance = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    for k, r in zip(kv, ref):
+        torch.testing.assert_close(k.double() / r.abs().max(), r / r.abs().max(), **tolerance)
+    for g, rg in zip(grads, ref_grads):
+        scale = rg.double().abs().max()
+        torch.testing.assert_close(g.double() / scale, rg.double() / scale, **tolerance)

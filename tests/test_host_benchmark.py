@@ -64,13 +64,14 @@ def test_driver_launch_refused_in_an_interpreted_process():
 
 def test_ablations_remove_their_part_and_restore_the_pass():
     """tcpa_constant_kv runs no prompt K/V pass (its prompts get no gradient), tcpa_frozen_keys no key gradient; the
-    pass is the library's again afterwards. On one block, where nothing before the block trains, each drops one
-    backward launch: the attention's (constant K/V), the matching's (frozen keys)."""
+    pass is the library's again afterwards. On one block, where nothing before the block trains: the prompt K/V
+    pass is one launch each way, which tcpa_constant_kv drops, with the attention's backward launch (nothing before
+    the block needs its gradient); tcpa_frozen_keys drops the matching's backward launch."""
     from tcpa_kernels import _forward, _prompt_kv
 
     measured = host.measure(("tcpa",) + host.ABLATIONS, rounds=1, steps=1, warmup=0, depth=1)
     launches = {m: measured["results"][m]["eager"]["launches_per_step"] for m in ("tcpa",) + host.ABLATIONS}
-    assert launches == {"tcpa": 4, "tcpa_constant_kv": 3, "tcpa_frozen_keys": 3}
+    assert launches == {"tcpa": 6, "tcpa_constant_kv": 3, "tcpa_frozen_keys": 5}
     assert _forward.all_layers_kv is _prompt_kv.all_layers_kv
     model = host.build_model("tcpa_constant_kv", depth=1)
     prompts = model.blocks[0].tcpa

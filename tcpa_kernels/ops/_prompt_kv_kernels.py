@@ -1,0 +1,268 @@
+"""Triton kernels of the prompt K/V pass (``tcpa_kernels/_prompt_kv.py``): every layer's prompt tokens through the
+layer's frozen LayerNorm and the K/V rows of its frozen packed input projection, one launch for all layers each way
+(docs/how-it-works.md, 'Prompt keys and values'). Imported only on the triton backend.
+
+    forward:  x [L, M, C] -> h = LN_l(x_l) (affine: the layer's norm weight and bias)
+                          -> kv = h [W_k ; W_v]^T + [b_k ; b_v]   (R = 2 * H * D columns: the layer's H * D key
+                             rows of its projection, then its H * D value rows, each a block of rows of a weight:
+                             of one packed qkv weight, or of separate k and v weights)
+                          written as [L, T, 2, H, P, D] (M = T * P rows: T prompt sets of P tokens), so that each
+                          layer's K/V are one contiguous [T, 2, H, P, D] the attention kernels read in place
+    backward: g (the same layout) -> dh = (g [W_k ; W_v]) * norm weight -> dx = LN's input gradient of dh
+
+The layers' weights are separate tensors: the kernels read them through a table of their addresses (int64
+[L, 6]: the key rows' and the value rows' weights, the norm's weight and bias, the key and value biases; 0 where
+absent), so no
+stacked copy of the weights is made (the batched GEMM of the torch path copies the layers' whole packed weights,
+[L, 3C, C], every forward and again every backward). The table depends on the addresses only and is made once per
+set of addresses (``weight_table``): it holds no values, and the kernels read the weights as they are at the launch.
+
+Dot products on tensor cores with fp32 accumulation: fp32 operands as 3xTF32, 16-bit operands in their dtype. The
+norm's statistics are fp32, the variance from a second pass over the rows (x - mean, as ``_match_kernels``).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tcpa_kernels._backend import cdiv
+from tcpa_kernels.ops._launch import launch
+
+# Rows, output columns and channels per block, warps, stages: chosen offline from the sm_90 compile report (fp32
+# and bf16, with and without the norm: tiles ptxas fits without spilling; with 4 warps the fp32 tiles spilled). The
+# backward's programs take the norm's row sums over all of C in a first pass and recompute the small GEMM in the
+# second rather than keep a [BLOCK_M, C] gradient. Not timed on a GPU yet; tests/compile_sm90.py checks them.
+LAUNCH = {"fwd": dict(BLOCK_M=32, BLOCK_R=64, BLOCK_C=32, num_warps=8, num_stages=2),
+          "bwd": dict(BLOCK_M=32, BLOCK_R=32, BLOCK_C=64, num_warps=8, num_stages=2)}
+TABLE_COLUMNS = 6  # key weight, value weight, norm weight, norm bias, key bias, value bias
+_MAX_TABLES = 64  # distinct address sets kept (a model's parameters do not move between steps)
+_tables: dict = {}
+
+
+@triton.jit
+def _pointer(TABLE, l, column: tl.constexpr, like):
+    """Layer l's address in ``column`` of the table, as a pointer to ``like``'s element type."""
+    return tl.load(TABLE + l * 6 + column).to(tl.pointer_type(like.dtype.element_ty))
+
+
+@triton.jit
+def _kv_rows(TABLE, l, first: tl.constexpr, o_r, half, k_row0, v_row0, stride, like):
+    """Pointers [BLOCK_R] to rows o_r (``stride`` elements apart) of layer l's [key rows ; value rows]: row r < half
+    of the key block, from row k_row0 of the tensor in column ``first``; else of the value block, from row v_row0
+    of the next column's."""
+    return tl.where(o_r < half, _pointer(TABLE, l, first, like) + (k_row0 + o_r) * stride,
+                    _pointer(TABLE, l, first + 1, like) + (v_row0 + o_r - half) * stride)
+
+
+@triton.jit
+def _row_stats(p_x, m_m, C, eps, BLOCK_C: tl.constexpr):
+    """(mean, rstd) [BLOCK_M] fp32 of the rows p_x (C channels at unit stride): the variance from a second pass."""
+    b_sum = tl.zeros([p_x.shape[0]], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        b_sum += tl.sum(tl.load(p_x[:, None] + o_c[None, :], mask=m_m[:, None] & (o_c < C)[None, :],
+                                other=0.0).to(tl.float32), 1)
+    b_mean = b_sum / C
+    b_var = tl.zeros([p_x.shape[0]], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_mc = m_m[:, None] & (o_c < C)[None, :]
+        b_d = tl.where(m_mc, tl.load(p_x[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
+                       - b_mean[:, None], 0.0)
+        b_var += tl.sum(b_d * b_d, 1)
+    return b_mean, 1.0 / tl.sqrt(b_var / C + eps)
+
+
+@triton.jit
+def _kv_offsets(o_m, o_r, M, R, P, D, l):
+    """Offsets in [L, T, 2H, P, D] of rows o_m (m = t * P + p) and columns o_r (r = (s * H + h) * D + d)."""
+    return l * M * R + ((o_m // P) * P * R + o_m % P * D)[:, None] + ((o_r // D) * P * D + o_r % D)[None, :]
+
+
+@triton.jit
+def _kv_fwd_kernel(X, TABLE, OUT, MEAN, RSTD, M, C, R, k_row0, v_row0, kb_row0, vb_row0, P, D, eps, stride_xl,
+                   stride_xm,
+                   NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (l, i_m, i_r): kv rows i_m, columns i_r of layer l (module docstring); with NORM the program of
+    column block 0 also writes the rows' mean and rstd ([L, M] fp32)."""
+    l = tl.program_id(0)
+    o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_m, m_r = o_m < M, o_r < R
+    p_x = X + l * stride_xl + o_m * stride_xm  # [BLOCK_M] row pointers
+    p_w = _kv_rows(TABLE, l, 0, o_r, R // 2, k_row0, v_row0, C, X)  # [BLOCK_R] row starts
+    if NORM:
+        b_mean, b_rstd = _row_stats(p_x, m_m, C, eps, BLOCK_C)
+        if tl.program_id(2) == 0:
+            tl.store(MEAN + l * M + o_m, b_mean, mask=m_m)
+            tl.store(RSTD + l * M + o_m, b_rstd, mask=m_m)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < C
+        b_h = tl.load(p_x[:, None] + o_c[None, :], mask=m_m[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        if NORM:
+            b_h = (b_h - b_mean[:, None]) * b_rstd[:, None]
+            if HAS_W:
+                b_h *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                b_h += tl.load(_pointer(TABLE, l, 3, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        b_w = tl.load(p_w[:, None] + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)  # [BLOCK_R, C]
+        acc = tl.dot(b_h.to(b_w.dtype), tl.trans(b_w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(_kv_rows(TABLE, l, 4, o_r, R // 2, kb_row0, vb_row0, 1, X), mask=m_r,
+                       other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + _kv_offsets(o_m, o_r, M, R, P, D, l), acc.to(OUT.dtype.element_ty),
+             mask=m_m[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION: tl.constexpr,
+            BLOCK_R: tl.constexpr):
+    """(g [W_k ; W_v])[rows o_m, channels o_c] of layer l: [BLOCK_M, BLOCK_C] fp32, over R in blocks."""
+    acc = tl.zeros([o_m.shape[0], o_c.shape[0]], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        b_g = tl.load(G + _kv_offsets(o_m, o_r, M, R, P, D, l), mask=m_m[:, None] & m_r[None, :], other=0.0)
+        p_w = _kv_rows(TABLE, l, 0, o_r, R // 2, k_row0, v_row0, C, X)  # [BLOCK_R] row starts
+        b_w = tl.load(p_w[:, None] + o_c[None, :], mask=m_r[:, None] & m_c[None, :], other=0.0)
+        acc = tl.dot(b_g.to(b_w.dtype), b_w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _kv_bwd_kernel(G, X, TABLE, MEAN, RSTD, DX, M, C, R, k_row0, v_row0, P, D, stride_xl, stride_xm,
+                   NORM: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (l, i_m): dx ([L, M, C] contiguous) of rows i_m of layer l. With NORM, a first pass over C takes the
+    row sums of dn = dh * w and dn * xhat that the norm's backward needs, a second recomputes dn and writes
+    dx = rstd * (dn - (sum dn + xhat * sum dn * xhat) / C); without, dx = dh."""
+    l = tl.program_id(0)
+    o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    p_x = X + l * stride_xl + o_m * stride_xm
+    p_dx = DX + l * M * C + o_m * C
+    if NORM:
+        b_mean = tl.load(MEAN + l * M + o_m, mask=m_m, other=0.0)
+        b_rstd = tl.load(RSTD + l * M + o_m, mask=m_m, other=0.0)
+        b_dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        b_dxsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            o_c = c0 + tl.arange(0, BLOCK_C)
+            m_c = o_c < C
+            b_dn = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION, BLOCK_R)
+            if HAS_W:
+                b_dn *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+            b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_m[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            b_dsum += tl.sum(b_dn, 1)
+            b_dxsum += tl.sum(b_dn * (b_x - b_mean[:, None]) * b_rstd[:, None], 1)
+    for c0 in range(0, C, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        m_c = o_c < C
+        m_mc = m_m[:, None] & m_c[None, :]
+        b_dx = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION, BLOCK_R)
+        if NORM:
+            if HAS_W:
+                b_dx *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+            b_xhat = (tl.load(p_x[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
+                      - b_mean[:, None]) * b_rstd[:, None]
+            b_dx = b_rstd[:, None] * (b_dx - (b_dsum[:, None] + b_xhat * b_dxsum[:, None]) / C)
+        tl.store(p_dx[:, None] + o_c[None, :], b_dx.to(DX.dtype.element_ty), mask=m_mc)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def weight_table(dtype: torch.dtype, C: int, rows: tuple[int, int, int, int],
+                 layers: list[tuple]) -> torch.Tensor | None:
+    """int64 [L, 6] on the tensors' device: per layer (``layers``: (key weight, value weight, norm weight, norm
+    bias, key bias, value bias), None where absent) their addresses, 0 for None; None unless every tensor is
+    ``dtype`` on one device and contiguous, each weight [>= rows, C] and each bias [>= rows] (``rows``: the rows the
+    key and value blocks need of the weights and of the biases), each norm parameter [C]. Made and checked once per
+    set of addresses (the table holds no values: the kernels read the tensors as they are at each launch)."""
+    addresses = tuple(0 if t is None else t.data_ptr() for layer in layers for t in layer)
+    device = layers[0][0].device
+    key = (device, dtype, C, rows, addresses)
+    if key not in _tables:
+        if len(_tables) >= _MAX_TABLES:
+            _tables.clear()
+        least = ((rows[0], C), (rows[1], C), (C,), (C,), (rows[2],), (rows[3],))  # what each column needs at least
+        ok = all(t is None or (t.dtype == dtype and t.device == device and t.dim() == len(need)
+                               and t.shape[0] >= need[0] and t.shape[1:] == need[1:] and t.is_contiguous())
+                 for layer in layers for t, need in zip(layer, least))
+        _tables[key] = torch.tensor(addresses, dtype=torch.int64).view(-1, TABLE_COLUMNS).to(device) if ok else None
+    return _tables[key]
+
+
+def forget_plans():
+    """Drop the cached launch plans (after an edit of LAUNCH)."""
+    _forward_plan.cache_clear()
+    _backward_plan.cache_clear()
+
+
+def _options(kernel: str) -> tuple[tuple[int, int, int], dict]:
+    launch_ = LAUNCH[kernel]
+    return ((launch_["BLOCK_M"], launch_["BLOCK_R"], launch_["BLOCK_C"]),
+            dict(num_warps=launch_["num_warps"], num_stages=launch_["num_stages"]))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # 16-bit operands: their own dtype (the option unused)
+
+
+@functools.cache
+def _forward_plan(shape, strides, dtype, sets, heads, head_dim, rows, eps, norm, has_w, has_b, has_bias):
+    """``_kv_fwd_kernel`` on x of ``shape`` [L, M, C] and (layer, row) ``strides``, with the key and value blocks'
+    first rows ``rows`` (``forward``): (grid, args, options, the shapes of kv [L, T, 2, H, P, D] and of mean/rstd
+    [L, M])."""
+    L, M, C = shape
+    R, P = 2 * heads * head_dim, M // sets
+    blocks, options = _options("fwd")
+    args = (M, C, R, *rows, P, head_dim, eps, strides[0], strides[1], norm, has_w, has_b, has_bias, _precision(dtype),
+            *blocks)
+    grid = (L, cdiv(M, blocks[0]), cdiv(R, blocks[1]))
+    return grid, args, options, (L, sets, 2, heads, P, head_dim), (L, M)
+
+
+@functools.cache
+def _backward_plan(shape, strides, dtype, sets, heads, head_dim, weight_rows, norm, has_w):
+    """``_kv_bwd_kernel``: (grid, args, options)."""
+    L, M, C = shape
+    blocks, options = _options("bwd")
+    args = (M, C, 2 * heads * head_dim, *weight_rows, M // sets, head_dim, strides[0], strides[1], norm, has_w,
+            _precision(dtype), *blocks)
+    return (L, cdiv(M, blocks[0])), args, options
+
+
+def forward(x: torch.Tensor, table: torch.Tensor, sets: int, heads: int, head_dim: int,
+            rows: tuple[int, int, int, int], eps: float | None, has_w: bool, has_b: bool, has_bias: bool):
+    """kv [L, sets, 2, heads, P, head_dim] in x's dtype, and mean, rstd [L, M] fp32 (None without a norm: ``eps``
+    None) of x [L, M, C] (M = sets * P; unit stride on C) through the layers of ``table`` (``weight_table``), whose
+    key and value blocks start at rows ``rows`` (of the key weight, the value weight, the key bias, the value
+    bias)."""
+    norm = eps is not None
+    grid, args, options, kv_shape, stats_shape = _forward_plan(
+        x.shape, x.stride()[:2], x.dtype, sets, heads, head_dim, rows, eps if norm else 0.0, norm, has_w, has_b,
+        has_bias)
+    device = x.device
+    kv = torch.empty(kv_shape, dtype=x.dtype, device=device)
+    mean = torch.empty(stats_shape, dtype=torch.float32, device=device) if norm else None
+    rstd = torch.empty(stats_shape, dtype=torch.float32, device=device) if norm else None
+    launch(_kv_fwd_kernel, grid, (x, table), (kv, mean, rstd), args, options)
+    return kv, mean, rstd
+
+
+def backward(grad: torch.Tensor, x: torch.Tensor, table: torch.Tensor, mean: torch.Tensor | None,
+             rstd: torch.Tensor | None, has_w: bool, rows: tuple[int, int, int, int]) -> torch.Tensor:
+    """dx [L, M, C] contiguous, in x's dtype, of grad ([L, sets, 2, heads, P, head_dim], made contiguous) through
+    ``forward``'s layers."""
+    L, sets, _, heads, _, head_dim = grad.shape
+    grid, args, options = _backward_plan(x.shape, x.stride()[:2], x.dtype, sets, heads, head_dim, rows[:2],
+                                         mean is not None, has_w)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launch(_kv_bwd_kernel, grid, (grad.contiguous(), x, table, mean, rstd), (dx,), args, options)
+    return dx

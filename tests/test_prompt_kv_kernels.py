@@ -1,0 +1,207 @@
+"""The prompt K/V kernels (``tcpa_kernels/ops/_prompt_kv_kernels.py``): every layer's prompt keys/values and the
+prompt parameters' gradients on the triton backend against an fp64 computation from the definition (each layer's
+LayerNorm and the K/V rows of its linear), and the cases that stay on the torch ops."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+
+import tcpa_kernels as tk
+from tcpa_kernels import _prompt_kv
+from tcpa_kernels._backend import kernels
+from tcpa_kernels.vit import state_of
+from tests._helpers import TIMM_FAMILIES
+
+POOLS = dict(pool_size_cls=3, pool_size_img=5, topk_cls=2, topk_img=3, prompt_len_cls=2, prompt_len_img=1)
+FAMILIES = {  # the K/V rows of one packed qkv per layer: with and without its bias, pre-norm and post-norm blocks
+    "pre_norm": dict(),
+    "no_qkv_bias": dict(qkv_bias=False),
+    "post_norm": dict(block_fn=ResPostBlock),
+}
+TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+def prompted(family="pre_norm", dtype=torch.float32, **config):
+    """A small timm ViT with TCPA on the triton backend, random norm affines and linear biases (timm makes them
+    ones and zeros: so that they matter), in ``dtype``."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=7,
+                              **FAMILIES[family])
+    for module in model.modules():
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.Linear)) and module.bias is not None:
+            torch.nn.init.normal_(module.bias)
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.weight)
+    config = dict(POOLS, backend="triton", prompt_dropout=0.0) | config
+    return tk.apply_tcpa(model, **config).to(dtype).train()
+
+
+def reference_kv(model) -> list[torch.Tensor]:
+    """Per layer [2, H, P, D] in fp64 from the definition: the layer's prompt tokens (CLS pool then image pool)
+    through its pre-attention LayerNorm (none after a post-norm block) and the K and V rows of its qkv linear."""
+    kv = []
+    for blk in model.blocks:
+        tokens = torch.cat([blk.tcpa.prompts_cls.flatten(0, 1), blk.tcpa.prompts_img.flatten(0, 1)]).double()
+        if not isinstance(blk, ResPostBlock):
+            norm = blk.norm1
+            tokens = F.layer_norm(tokens, norm.normalized_shape, norm.weight.double(), norm.bias.double(), norm.eps)
+        qkv, C = blk.attn.qkv, tokens.shape[-1]
+        bias = None if qkv.bias is None else qkv.bias[C:].double()
+        out = F.linear(tokens, qkv.weight[C:].double(), bias)  # [P, 2C]: keys, then values
+        kv.append(out.unflatten(-1, (2, blk.attn.num_heads, -1)).movedim(0, -2))  # [2, H, P, D]
+    return kv
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The prompt K/V kernels' forward launches (a list, one entry each)."""
+    module, calls = kernels("_prompt_kv_kernels"), []
+    forward = module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_kv_and_gradients_match_fp64(family, dtype, launches):
+    """Training: one forward launch makes every layer's K/V, and the backward gives each prompt parameter its
+    gradient of sum(kv * g); both equal the fp64 definition."""
+    model = prompted(family, dtype)
+    params = _prompt_kv.prompt_parameters(state_of(model))
+    kv = _prompt_kv.all_layers_kv(state_of(model), 2)
+    assert len(launches) == 1
+    ref = reference_kv(model)
+    torch.manual_seed(1)
+    weights = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
+    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
+    for k, r in zip(kv, ref):
+        assert k.dtype == dtype and k.shape == r.shape and k.is_contiguous()
+        torch.testing.assert_close(k.double(), r, **TOLERANCE[dtype])
+    for g, rg in zip(grads, ref_grads):
+        scale = float(rg.abs().max())  # (the fp64 gradient, cast back to the parameter's dtype by autograd)
+        torch.testing.assert_close(g.double() / scale, rg.double() / scale, **TOLERANCE[dtype])
+
+
+def test_evaluation_and_per_sample_sets_match_fp64(launches):
+    """Without a gradient (evaluation) one launch and no graph; with a dropout mask per sample (p = 0 here), the
+    [L, B, P, C] tokens as B sets of P rows, each sample's K/V [B, 2, H, P, D]."""
+    model = prompted().eval()
+    with torch.no_grad():
+        kv = _prompt_kv.all_layers_kv(state_of(model), 2)
+    ref = reference_kv(model)
+    for k, r in zip(kv, ref):
+        assert k.grad_fn is None
+        torch.testing.assert_close(k.double(), r, **TOLERANCE[torch.float32])
+    model = prompted(prompt_dropout_per_sample=True)
+    state = state_of(model)
+    state.config.prompt_dropout = 0.5
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        kv = _prompt_kv.all_layers_kv(state, 2)
+    assert len(launches) == 2 and kv[0].shape == (2, *ref[0].shape)
+    with torch.random.fork_rng():  # the same masks through the torch ops
+        torch.manual_seed(3)
+        state.config.backend = "torch"
+        torch_kv = _prompt_kv.all_layers_kv(state, 2)
+    for k, t in zip(kv, torch_kv):
+        torch.testing.assert_close(k, t, **TOLERANCE[torch.float32])
+
+
+def test_prompt_dropout_inside_the_node_matches_the_torch_ops(launches):
+    """One dropout mask for the batch, drawn inside the kernels' node: with the same random state, the K/V and the
+    prompt gradients of the torch ops."""
+    results = []
+    for backend in ("triton", "torch"):
+        model = prompted(prompt_dropout=0.3, backend=backend)
+        params = _prompt_kv.prompt_parameters(state_of(model))
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            kv = _prompt_kv.all_layers_kv(state_of(model), 2)
+        loss = sum((k * torch.linspace(-1, 1, k.numel()).view(k.shape)).sum() for k in kv)
+        results.append((kv, torch.autograd.grad(loss, params)))
+    assert len(launches) == 1
+    (kv, grads), (torch_kv, torch_grads) = results
+    for a, b in zip([*kv, *grads], [*torch_kv, *torch_grads]):
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("case", ["trainable_qkv", "trainable_norm", "bf16_off_cuda"])
+def test_what_the_kernels_do_not_take_runs_on_the_torch_ops(case, launches):
+    """A trainable norm or qkv weight (the kernels compute no gradient for them) and bf16 off CUDA (the
+    interpreter's bf16 dots are wrong) run the torch ops; the trainable weight gets its gradient."""
+    model = prompted(dtype=torch.bfloat16 if case == "bf16_off_cuda" else torch.float32)
+    trainable = {"trainable_qkv": model.blocks[1].attn.qkv.weight, "trainable_norm": model.blocks[1].norm1.weight,
+                 "bf16_off_cuda": None}[case]
+    if trainable is not None:
+        trainable.requires_grad_(True)
+    kv = _prompt_kv.all_layers_kv(state_of(model), 2)
+    assert launches == []
+    for k, r in zip(kv, reference_kv(model)):
+        torch.testing.assert_close(k.double(), r, atol=0.05 if case == "bf16_off_cuda" else 2e-5, rtol=0.02)
+    if trainable is not None:
+        (grad,) = torch.autograd.grad(kv[1].sum(), [trainable])
+        assert grad.abs().sum() > 0
+
+
+def test_weights_are_read_at_each_launch(launches):
+    """The kernels read the weights through a table of their addresses, made once per set of addresses: a frozen
+    weight changed in place, and a weight replaced by another tensor, are what the next forward reads."""
+    model = prompted()
+    state = state_of(model)
+    _prompt_kv.all_layers_kv(state, 2)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.mul_(1.5)
+    changed = _prompt_kv.all_layers_kv(state, 2)
+    torch.testing.assert_close(changed[0].double(), reference_kv(model)[0], **TOLERANCE[torch.float32])
+    qkv = model.blocks[2].attn.qkv
+    qkv.weight = torch.nn.Parameter(torch.randn_like(qkv.weight), requires_grad=False)
+    replaced = _prompt_kv.all_layers_kv(state, 2)
+    torch.testing.assert_close(replaced[2].double(), reference_kv(model)[2], **TOLERANCE[torch.float32])
+    assert len(launches) == 3
+
+
+def hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=16, patch_size=4, num_labels=7))
+
+
+@pytest.mark.parametrize("family", ["eva02", "eva_fused_qkv_registers", "eva_post_norm", "hf_vit"])
+def test_separate_key_value_weights_and_biases_match_fp64(family, launches):
+    """Families whose key and value rows come from two weights (EVA-02's k/v projections, Hugging Face's key and
+    value linears) or whose biases are separate tensors (a fused-qkv Eva's q/v biases and zero k bias): the kernels
+    against each layer's own norm and K/V projection evaluated in fp64."""
+    torch.manual_seed(0)
+    model = hf_vit() if family == "hf_vit" else TIMM_FAMILIES[family]()
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("bias", "norm.weight", "norm1.weight", "layernorm_before.weight")):
+                t.normal_()
+    model = tk.apply_tcpa(model, **POOLS, backend="triton", prompt_dropout=0.0).train()
+    state = state_of(model)
+    params = _prompt_kv.prompt_parameters(state)
+    kv = _prompt_kv.all_layers_kv(state, 2)
+    assert len(launches) == 1
+    reference = copy.deepcopy(model).double()
+    ref_state = state_of(reference)
+    ref_params = _prompt_kv.prompt_parameters(ref_state)
+    tokens = torch.cat([t.flatten(0, 1) for t in ref_params]).view(len(kv), -1, ref_params[0].shape[-1])  # [L, P, C]
+    ref = [_prompt_kv.layer_kv(p, t) for p, t in zip(ref_state.projections, tokens.unbind(0))]
+    weights = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
+    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), ref_params)
+    for k, r in zip(kv, ref):
+        torch.testing.assert_close(k.double(), r, **TOLERANCE[torch.float32])
+    for g, rg in zip(grads, ref_grads):
+        scale = float(rg.abs().max())
+        torch.testing.assert_close(g.double() / scale, rg / scale, **TOLERANCE[torch.float32])
