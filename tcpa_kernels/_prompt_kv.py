@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tcpa_kernels._backend import autocast_off, interpreter_enabled, kernels, resolve_backend
+from tcpa_kernels._backend import autocast_off, kernels, resolve_backend
 from tcpa_kernels._patch import any_shard
 from tcpa_kernels.integrations.prompt_tokens import forward_tokens
 from tcpa_kernels.ops._function import traced
@@ -390,9 +390,8 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
     first = projections[0]
     dtype = x.dtype if isinstance(x, Tensor) else x.parts[0].dtype
     device = first.weights[0].whole().device
-    if dtype not in _KERNEL_DTYPES or traced() or not (device.type == "cuda" or (
-            interpreter_enabled() and dtype != torch.bfloat16)):
-        return None
+    if dtype not in _KERNEL_DTYPES or traced() or (dtype == torch.bfloat16 and device.type != "cuda"):
+        return None  # (off CUDA the triton backend runs the interpreter: ``resolve_backend`` checks it)
     blocks = [p.kv_blocks for p in projections]
     starts = None if blocks[0] is None else tuple(start for _, start in blocks[0])
     if starts is None or any(b is None or tuple(start for _, start in b) != starts for b in blocks):

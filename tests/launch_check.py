@@ -28,12 +28,14 @@ import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 
 import tcpa_kernels as tk  # noqa: E402
-from tcpa_kernels.ops import _attention_kernels, _launch, _match_kernels  # noqa: E402
+from tcpa_kernels.ops import _attention_kernels, _launch, _match_kernels, _prompt_kv_kernels  # noqa: E402
 
-LAUNCHING_MODULES = (_attention_kernels, _match_kernels)
+LAUNCHING_MODULES = (_attention_kernels, _match_kernels, _prompt_kv_kernels)
 # per kernel, an input whose dtype is not fixed by the launch plan: the prompt K/V (fp32 or the tokens' dtype),
-# the CLS keys (parameters: fp32 whatever x's dtype)
-DTYPE_PROBES = {"_fwd_kernel": 3, "_bwd_kernel": 3, "_match_fwd_kernel": 1, "_match_bwd_kernel": 1}
+# the CLS keys (parameters: fp32 whatever x's dtype); the prompt K/V pass's plans hold x's dtype, whose pointer
+# type Triton specialises on all the same (its prompt tokens; the gradient)
+DTYPE_PROBES = {"_fwd_kernel": 3, "_bwd_kernel": 3, "_match_fwd_kernel": 1, "_match_bwd_kernel": 1,
+                "_kv_fwd_kernel": 0, "_kv_bwd_kernel": 0}
 failures = []
 
 
