@@ -22,8 +22,9 @@ forward, divided by L); the key-gradient partials' sum. Assumptions (the §6 set
   backward casts the gradients back and forth at those casts (fp32 dh for norm1 | matching).
 - the no-prompt backward packs FA2's dq, dk, dv into qkv's gradient (unbind's stack, then a copy for the reshape);
   TCPA's attention writes it in place. Its prompt-gradient partials' batch sum is in the attention's figures.
-- the prompt K/V projection runs in fp32 outside autocast (``_prompt_kv.py``): fp32 GEMMs on CUDA cores (torch's
-  default, TF32 off); no prompt dropout. The weight stack copies [L, 3C, C] in the forward and again backward.
+- the prompt K/V projection runs in fp32 outside autocast (``_prompt_kv.py``), as the triton backend runs it: one
+  kernel each way for all layers (``ops/_prompt_kv_kernels.py``: 3xTF32 dots, the weights read in place; the
+  backward reads them twice, once per pass over C); no prompt dropout.
 - bytes: every operand read once, every result written once; fp32 scratch (the attention's) left out, as in L2.
 - time: a roofline per kernel, max(tensor-core time, CUDA-core time, exp2 time, HBM time) at the H100 SXM5 peak
   rates below, plus a fixed cost per launch, summed. A model, not a measurement: real kernels reach a fraction of
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 
 from tcpa_kernels.ops import _attention_kernels as kernels  # noqa: E402
 from tcpa_kernels.ops import _match_kernels as match_kernels  # noqa: E402
+from tcpa_kernels.ops import _prompt_kv_kernels as prompt_kv_kernels  # noqa: E402
 from tcpa_kernels.ops.selection import max_topk  # noqa: E402
 
 MMAS_PER_TILE_PAIR = {"fwd": 2, "bwd": 5}  # fwd: S = QK^T, PV; bwd: S, dP = dO V^T, dV, dK, dQ (both sides)
@@ -286,22 +288,28 @@ def backbone(s: LayerShape, prompted: bool) -> dict[str, Component]:
 
 
 def prompt_kv(s: LayerShape) -> Component:
-    """The prompt K/V of all L layers, once per forward (fp32, outside autocast: ``_prompt_kv._batched_kv``), per
-    layer: cat of the prompt tokens [L, P, C], LayerNorm, stacks of the norms' weights and biases, the affine
-    (addcmul), stacks of the qkv biases and of the qkv weights [L, 3C, C], the batched GEMM -> [L, P, 2C]; backward:
-    the layers' K/V gradients stacked and made contiguous, the weight stack again, the input-gradient GEMM, the
-    affine's and the norm's backward."""
-    L, P, C = s.L, s.P, s.C
-    tokens = L * P * C * FP32  # one [L, P, C] tensor
-    stack_weights = Kernel(hbm_bytes=2 * L * 3 * C * C * FP32)
-    fwd = [Kernel(hbm_bytes=2 * tokens), layer_norm(L * P, C, affine=False),
-           Kernel(hbm_bytes=2 * 2 * L * C * FP32, launches=2), Kernel(hbm_bytes=2 * tokens + 2 * L * C * FP32),
-           Kernel(hbm_bytes=2 * L * 3 * C * FP32), stack_weights,
-           gemm(P, 2 * C, C, FP32, batch=L, bias=True, unit="cuda")]  # [L, P, C] @ [L, C, 2C]
-    bwd = [Kernel(hbm_bytes=2 * 2 * 2 * tokens, launches=2), stack_weights,
-           gemm(P, C, 2 * C, FP32, batch=L, unit="cuda"),  # [L, P, 2C] @ [L, 2C, C]
-           Kernel(hbm_bytes=2 * tokens + L * C * FP32), layer_norm(L * P, C, backward=True, affine=False)]
-    return {"fwd": [k.scaled(1 / L) for k in fwd], "bwd": [k.scaled(1 / L) for k in bwd]}
+    """The prompt K/V of all L layers, once per forward (fp32, outside autocast: ``_prompt_kv._kernel_kv``): the cat
+    of the prompt tokens [L, P, C], then ``_kv_fwd_kernel`` (each layer's norm and the GEMM with its K/V rows
+    [2C, C], read in place, 3xTF32 over tiles padded as launched) -> K/V [L, P, 2C], mean and rstd; backward: the
+    layers' K/V gradients stacked (the unbind's backward), then ``_kv_bwd_kernel`` (the GEMM with the K/V rows in
+    both of its passes over C, the norm's backward) -> the tokens' gradient [L, P, C]."""
+    L, P, C, R = s.L, s.P, s.C, 2 * s.C
+    tokens, kv, stats = L * P * C * FP32, L * P * R * FP32, 2 * L * P * FP32
+    weights = L * R * C * FP32  # the layers' K/V rows
+    work = {}
+    for direction, passes in (("fwd", 1), ("bwd", 2)):
+        launch = prompt_kv_kernels.LAUNCH[direction]
+        padded = L * _ceil_to(P, launch["BLOCK_M"]) * _ceil_to(R, launch["BLOCK_R"]) * _ceil_to(C, launch["BLOCK_C"])
+        mma = Kernel(tf32=passes * 3 * 2 * padded)
+        if direction == "fwd":  # tokens, weights, norm weight + bias, bias -> K/V, mean, rstd
+            work[direction] = [Kernel(hbm_bytes=2 * tokens),
+                               Kernel(tf32=mma.tf32, hbm_bytes=tokens + weights + 2 * L * C * FP32 + L * R * FP32
+                                      + kv + stats)]
+        else:  # K/V gradients, tokens, weights (each pass), norm weight, mean, rstd -> the tokens' gradient
+            work[direction] = [Kernel(hbm_bytes=2 * kv),
+                               Kernel(tf32=mma.tf32, hbm_bytes=kv + tokens + passes * weights + L * C * FP32 + stats
+                                      + tokens)]
+    return {d: [k.scaled(1 / L) for k in kernels_] for d, kernels_ in work.items()}
 
 
 def reductions(s: LayerShape) -> Component:

@@ -100,17 +100,20 @@ def test_layer_bookkeeping_small_shape():
     # the no-prompt norm1: the same bytes less the matching's
     assert base["norm1 | matching"]["fwd"][0].hbm_bytes == 1280 + 1280 + 80 + 256
     assert base["norm1 | matching"]["bwd"][0].hbm_bytes == 3 * 1280 + 80 + 128
-    # the key-gradient partials' sum: 1 partial read, the gradient written; the prompt K/V GEMM per layer (fp32)
+    # the key-gradient partials' sum: 1 partial read, the gradient written; the prompt K/V kernel per layer: 6
+    # prompt rows in a 32-row block, 2C = 64 columns, C = 32 channels (a 64-channel tile backward), 3xTF32 (twice
+    # in the backward)
     assert ours["reductions"]["bwd"][0].hbm_bytes == 2 * 6 * 32 * 4
-    assert ours["prompt K/V (model / L)"]["fwd"][-1].cuda == 2 * 2 * 6 * 64 * 32 / 2
+    prompt_fwd, prompt_bwd = ours["prompt K/V (model / L)"]["fwd"][-1], ours["prompt K/V (model / L)"]["bwd"][-1]
+    assert (prompt_fwd.tf32, prompt_bwd.tf32) == (3 * 2 * 32 * 64 * 32, 2 * 3 * 2 * 32 * 64 * 64)
     # launches: norm1 | matching 1, attention 1, GEMMs 4, casts 2 + 8, residual adds 2, norm2 1, GELU 1; TCPA
-    # also the prompt K/V (8) and the loss terms' stack + sum (2) per model. Backward: norm1 | matching 1,
-    # attention 3 (FA2) + 2 (dqkv packing) | 2 (TCPA + prompt-gradient sum), GEMMs 4, casts 4, GELU 1, norm2 1,
-    # adds 2 (TCPA: 1); TCPA also the prompt K/V's 6 per model and the key-gradient sum
+    # also the prompt K/V's cat and kernel and the loss terms' stack + sum (4) per model. Backward: norm1 | matching
+    # 1, attention 3 (FA2) + 2 (dqkv packing) | 2 (TCPA + prompt-gradient sum), GEMMs 4, casts 4, GELU 1, norm2 1,
+    # adds 2 (TCPA: 1); TCPA also the prompt K/V's stack and kernel per model and the key-gradient sum
     launches = {(p, d): sum(k.launches for k in work_model.layer_kernels(m, d))
                 for p, m in (("tcpa", ours), ("base", base)) for d in ("fwd", "bwd")}
-    assert launches == {("base", "fwd"): 20, ("tcpa", "fwd"): 20 + 10 / 2, ("base", "bwd"): 18,
-                        ("tcpa", "bwd"): 14 + 6 / 2 + 1}
+    assert launches == {("base", "fwd"): 20, ("tcpa", "fwd"): 20 + 4 / 2, ("base", "bwd"): 18,
+                        ("tcpa", "bwd"): 14 + 2 / 2 + 1}
 
 
 def test_roofline():
@@ -140,6 +143,26 @@ def test_matching_model_counts_executed_dots(dtype):
     for direction, executed in (("fwd", forward), ("bwd", backward)):
         (kernel,) = model[direction]
         assert executed["mma_flops"] == kernel.tc16 + kernel.tf32 / 3, direction
+
+
+def test_prompt_kv_model_counts_executed_dots():
+    """The prompt K/V kernels' tensor-core FLOPs as the interpreter executes their dots (fp32: one tf32x3 dot, 3 TF32
+    MMAs on a GPU): 9 prompt rows, C = 40 (padded channel tiles), 2 layers."""
+    from tcpa_kernels.ops import _prompt_kv_kernels as kernels
+
+    s = work_model.LayerShape(B=1, H=2, N=1, C=40, D=20, pool_cls=4, pool_img=5, topk=2, L=2)
+    g = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(3 * s.C, s.C, generator=g),) * 2 + (torch.randn(s.C, generator=g),) * 2
+              + (torch.randn(3 * s.C, generator=g),) * 2 for _ in range(s.L)]
+    table = kernels.weight_table(torch.float32, s.C, (3 * s.C,) * 4, layers)
+    x = torch.randn(s.L, s.P, s.C, generator=g)
+    with executed_work() as forward:
+        kv, mean, rstd = kernels.forward(x, table, 1, s.H, s.D, (s.C, 2 * s.C, s.C, 2 * s.C), 1e-6, True, True, True)
+    with executed_work() as backward:
+        kernels.backward(torch.randn_like(kv), x, table, mean, rstd, True, (s.C, 2 * s.C, s.C, 2 * s.C))
+    model = work_model.prompt_kv(s)
+    for direction, executed in (("fwd", forward), ("bwd", backward)):
+        assert executed["mma_flops"] * s.L ** -1 == model[direction][-1].tf32 / 3, direction
 
 
 def test_matching_within_gemm_budget():
