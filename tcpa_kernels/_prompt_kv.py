@@ -10,11 +10,14 @@ are at that call (nothing is kept between forwards):
   sample -> ``[L, B, P, C]``) and the prompt transform (VFPT's Fourier prompts). In the common case (one mask, no
   transform, a gradient to compute) the ``cat`` and the dropout run inside the projection's node below
   (:class:`PromptParts`), so they add no autograd nodes of their own;
-- when every layer's norm is a LayerNorm with one eps and every layer the same projection shape (a ViT's blocks): one
-  layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the prompts, and one batched
-  GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to the L*P prompt rows, not
-  folded into the weights: folding would write a ``[L, 2*C_kv, C]`` product every forward, ~40x the prompt rows at
-  ViT-B/16 (P = 36 of C = 768). With the norms and weights frozen and a gradient to compute, norm, affine and GEMM
+- when every layer's norm is a LayerNorm with one eps and every layer the same projection shape (a ViT's blocks), on
+  the triton backend where every layer's key and value rows are blocks of rows of its weights and the norms and
+  weights are frozen: one Triton kernel each way for all layers (``ops/_prompt_kv_kernels.py``, ``_kernel_inputs``),
+  which reads the weights in place and writes each layer's K/V as the contiguous [.., 2, H, P, D] the attention
+  reads. Otherwise one layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the
+  prompts, and one batched GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to
+  the L*P prompt rows, not folded into the weights: folding would write a ``[L, 2*C_kv, C]`` product every forward,
+  ~40x the prompt rows at ViT-B/16 (P = 36 of C = 768). With the norms and weights frozen and a gradient to compute, norm, affine and GEMM
   are one autograd node (``_FrozenNormLinear``: one Python node each way, a host cost of every step; without a
   gradient, plain ops). Otherwise one norm + linear per layer.
 
@@ -390,7 +393,8 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
     first = projections[0]
     dtype = x.dtype if isinstance(x, Tensor) else x.parts[0].dtype
     device = first.weights[0].whole().device
-    if dtype not in _KERNEL_DTYPES or traced() or (dtype == torch.bfloat16 and device.type != "cuda"):
+    if (dtype not in _KERNEL_DTYPES or traced() or (dtype == torch.bfloat16 and device.type != "cuda")
+            or (isinstance(x, Tensor) and x.stride(-1) != 1)):
         return None  # (off CUDA the triton backend runs the interpreter: ``resolve_backend`` checks it)
     blocks = [p.kv_blocks for p in projections]
     starts = None if blocks[0] is None else tuple(start for _, start in blocks[0])

@@ -38,7 +38,8 @@ LAUNCH = {"fwd": dict(BLOCK_M=32, BLOCK_R=64, BLOCK_C=32, num_warps=8, num_stage
           "bwd": dict(BLOCK_M=32, BLOCK_R=32, BLOCK_C=64, num_warps=8, num_stages=2)}
 TABLE_COLUMNS = 6  # key weight, value weight, norm weight, norm bias, key bias, value bias
 _MAX_TABLES = 64  # distinct address sets kept (a model's parameters do not move between steps)
-_tables: dict = {}
+_tables: dict = {}  # (device, dtype, C, rows, addresses) -> table or None
+_UNSEEN = object()
 
 
 @triton.jit
@@ -187,15 +188,17 @@ def weight_table(dtype: torch.dtype, C: int, rows: tuple[int, int, int, int],
     addresses = tuple(0 if t is None else t.data_ptr() for layer in layers for t in layer)
     device = layers[0][0].device
     key = (device, dtype, C, rows, addresses)
-    if key not in _tables:
-        if len(_tables) >= _MAX_TABLES:
-            _tables.clear()
+    table = _tables.get(key, _UNSEEN)  # (one read: another thread may clear the dict)
+    if table is _UNSEEN:
         least = ((rows[0], C), (rows[1], C), (C,), (C,), (rows[2],), (rows[3],))  # what each column needs at least
         ok = all(t is None or (t.dtype == dtype and t.device == device and t.dim() == len(need)
                                and t.shape[0] >= need[0] and t.shape[1:] == need[1:] and t.is_contiguous())
                  for layer in layers for t, need in zip(layer, least))
-        _tables[key] = torch.tensor(addresses, dtype=torch.int64).view(-1, TABLE_COLUMNS).to(device) if ok else None
-    return _tables[key]
+        table = torch.tensor(addresses, dtype=torch.int64).view(-1, TABLE_COLUMNS).to(device) if ok else None
+        if len(_tables) >= _MAX_TABLES:
+            _tables.clear()
+        _tables[key] = table
+    return table
 
 
 def forget_plans():
