@@ -17,9 +17,9 @@ are at that call (nothing is kept between forwards):
   reads. Otherwise one layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the
   prompts, and one batched GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to
   the L*P prompt rows, not folded into the weights: folding would write a ``[L, 2*C_kv, C]`` product every forward,
-  ~40x the prompt rows at ViT-B/16 (P = 36 of C = 768). With the norms and weights frozen and a gradient to compute, norm, affine and GEMM
-  are one autograd node (``_FrozenNormLinear``: one Python node each way, a host cost of every step; without a
-  gradient, plain ops). Otherwise one norm + linear per layer.
+  ~40x the prompt rows at ViT-B/16 (P = 36 of C = 768). With the norms and weights frozen and a gradient to
+  compute, norm, affine and GEMM are one autograd node (``_FrozenNormLinear``: one Python node each way, a host cost
+  of every step; without a gradient, plain ops). Otherwise one norm + linear per layer.
 
 A block family says how one of its blocks projects prompts (``BlockFamily.kv_projection``, a :class:`KVProjection`)
 or that it cannot (several attentions per block): then every block's attention projects the prompt tokens itself.
