@@ -66,8 +66,8 @@ class LayerBank(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class BankCall:
-    """A prompt bank's forward: each sample's task (int [B]), per layer the bank's key sets (a module with
-    ``keys_cls [T, Pc, C]`` and ``keys_img [T, Pi, C]``), every layer's prompt tokens of every task (``prompts
+    """A prompt bank's forward: each sample's task (int [B]), per layer the bank's key sets (a list of modules
+    with ``keys_cls [T, Pc, C]`` and ``keys_img [T, Pi, C]``), every layer's prompt tokens of every task (``prompts
     [L, T, P, C]``), and the tasks whose prompt K/V the forward computes: ``present`` (int [T'], the tasks of the
     batch, in order) with each sample's row among them (``prompt_tasks``), or None and the tasks themselves (every
     task's), or with ``per_sample`` (a prompt-dropout mask per sample) ``present`` the tasks themselves: each
@@ -83,7 +83,7 @@ class BankCall:
     per_sample: bool = False
 
     def layer(self, index: int) -> LayerBank:
-        params = self.layers[index]._parameters  # dict reads: a block asks at every call
+        params = self.layers[index]._parameters  # a list and dict reads: a block asks at every call
         prompt_tasks = None if self.per_sample else self.tasks if self.prompt_tasks is None else self.prompt_tasks
         return LayerBank(params["keys_cls"], params["keys_img"], self.tasks, prompt_tasks, self.layouts)
 

@@ -239,7 +239,7 @@ class PromptBank(nn.Module):
         if isinstance(tasks, Tensor):
             index = self.task_index(tasks, batch_size, device)
             layouts = None if self.task_layouts is None else self.task_layouts[index]  # [B, 6]
-            return BankCall(index, self.layers, self.prompts, index if per_sample else None, layouts=layouts,
+            return BankCall(index, list(self.layers), self.prompts, index if per_sample else None, layouts=layouts,
                             per_sample=per_sample)
         numbers = self._task_numbers(tasks, batch_size)
         present = sorted(set(numbers))
@@ -252,7 +252,8 @@ class PromptBank(nn.Module):
         packed = flat.split_with_sizes(list(map(len, parts))) if len(parts) > 1 else (flat,)
         layouts = None if self.task_layouts is None else packed[-1].view(batch_size, len(_LAYOUT_FIELDS))
         present, rows = (packed[0] if per_sample else None, None) if every else packed[1:3]
-        return BankCall(packed[0], self.layers, self.prompts, present, rows, layouts=layouts, per_sample=per_sample)
+        return BankCall(packed[0], list(self.layers), self.prompts, present, rows, layouts=layouts,
+                        per_sample=per_sample)
 
     def matching_loss(self, output: BankOutput | BankFeatures) -> Tensor:
         """The sum over the tasks of the forward that gave ``output`` (the last one) of each task's matching loss

@@ -156,7 +156,7 @@ def sum_per_task(values: torch.Tensor, tasks: torch.Tensor, num_tasks: int) -> t
     prompt set of a bank: contiguous [num_tasks, ...], sample b's added to set tasks[b]. One GEMM with the one-hot
     [num_tasks, B] matrix of the tasks (``task_one_hot``): deterministic, no atomics, and a set without samples gets
     zeros."""
-    return (task_one_hot(tasks, num_tasks, values.dtype) @ values.flatten(1)).view(num_tasks, *values.shape[1:])
+    return torch.mm(task_one_hot(tasks, num_tasks, values.dtype), values.flatten(1)).view(num_tasks, *values.shape[1:])
 
 
 def check_tasks(tasks, B, T, device) -> None:
