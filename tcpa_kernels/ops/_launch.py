@@ -5,7 +5,8 @@
 specialises each one (dtype, 16-byte alignment, integer properties), hashes the specialisation into a cache key,
 looks the compiled kernel up, checks the globals the kernel read and builds launch metadata, then calls the compiled
 kernel's launcher. That is host time of every launch (~17 us a launch on the development machine, measured with the
-CUDA driver faked: ``benchmarks/fake_driver.py``), and a TCPA train step makes four launches per layer.
+CUDA driver faked: ``benchmarks/fake_driver.py``), and a TCPA train step makes four launches per layer and two for
+the prompt K/V pass of all layers.
 
 ``launch`` does that work once. The launchers pass each launch as (inputs, outputs, scalars, meta): the kernel's
 tensor (or None) arguments, the caller's tensors first, then the outputs the launcher allocated for this launch,
