@@ -354,7 +354,7 @@ class _PromptKV(torch.autograd.Function):
         mask = None
         if dropout is not None:
             x, mask = _prompt_tokens(ctx, parts, dropout)
-        kv, mean, rstd = kernels("_prompt_kv_kernels").forward(x, *inputs.launch)
+        kv, mean, rstd = kernels("_prompt_kv_kernels").forward(x, inputs.layers)
         ctx.save_for_backward(x, mean, rstd, mask)
         ctx.spec = spec
         return kv
@@ -363,8 +363,7 @@ class _PromptKV(torch.autograd.Function):
     def backward(ctx, grad):  # grad [L, T, 2, H, P, D]
         x, mean, rstd, mask = ctx.saved_tensors
         inputs, dropout = ctx.spec
-        table, _, _, _, rows, _, has_w = inputs.launch[:7]
-        grad_x = kernels("_prompt_kv_kernels").backward(grad, x, table, mean, rstd, has_w, rows)
+        grad_x = kernels("_prompt_kv_kernels").backward(grad, x, mean, rstd, inputs.layers)
         if dropout is None:
             return grad_x, None
         return None, None, *_part_grads(ctx, grad_x, mask, dropout[1])
@@ -372,11 +371,10 @@ class _PromptKV(torch.autograd.Function):
 
 @dataclasses.dataclass(frozen=True)
 class _KernelInputs:
-    """What the prompt K/V kernels take besides x: ``launch``, the arguments of ``_prompt_kv_kernels.forward``
-    after x (table, sets, heads, head_dim, first rows, eps, has_w, has_b, has_bias), and the frozen tensors the
-    table points to (kept alive by the node)."""
+    """What the prompt K/V kernels take besides x: ``layers`` (a ``_prompt_kv_kernels.KVLayers``), and the frozen
+    tensors its table points to (kept alive by the node)."""
 
-    launch: tuple
+    layers: tuple
     tensors: tuple[Tensor, ...]
 
 
@@ -413,12 +411,13 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
     heads, head_dim = first.kv_heads, first.head_dim
     half = heads * head_dim
     starts = starts if has_bias else (*starts, 0, 0)
-    table = kernels("_prompt_kv_kernels").weight_table(dtype, x.shape[-1], tuple(s + half for s in starts), layers)
+    module = kernels("_prompt_kv_kernels")
+    table = module.weight_table(dtype, x.shape[-1], tuple(s + half for s in starts), layers)
     if table is None:
         return None
-    has_w, has_b = layers[0][2] is not None, layers[0][3] is not None
     eps = None if first.norm is None else first.norm.eps
-    return _KernelInputs((table, sets, heads, head_dim, starts, eps, has_w, has_b, has_bias), tensors)
+    return _KernelInputs(module.KVLayers(table, sets, heads, head_dim, starts, eps, layers[0][2] is not None,
+                                         layers[0][3] is not None, has_bias), tensors)
 
 
 def _kernel_kv(inputs: _KernelInputs, x: Tensor | PromptParts) -> Tensor:
@@ -428,7 +427,7 @@ def _kernel_kv(inputs: _KernelInputs, x: Tensor | PromptParts) -> Tensor:
         return _PromptKV.apply(None, (inputs, (x.shape, x.p)), *x.parts)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PromptKV.apply(x, (inputs, None))
-    return kernels("_prompt_kv_kernels").forward(x, *inputs.launch)[0]
+    return kernels("_prompt_kv_kernels").forward(x, inputs.layers)[0]
 
 
 def _batched_kv(projections: list[KVProjection], tokens: Tensor | PromptParts, backend: str) -> list[Tensor]:

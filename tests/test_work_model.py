@@ -156,10 +156,11 @@ def test_prompt_kv_model_counts_executed_dots():
               + (torch.randn(3 * s.C, generator=g),) * 2 for _ in range(s.L)]
     table = kernels.weight_table(torch.float32, s.C, (3 * s.C,) * 4, layers)
     x = torch.randn(s.L, s.P, s.C, generator=g)
+    layers = kernels.KVLayers(table, 1, s.H, s.D, (s.C, 2 * s.C, s.C, 2 * s.C), 1e-6, True, True, True)
     with executed_work() as forward:
-        kv, mean, rstd = kernels.forward(x, table, 1, s.H, s.D, (s.C, 2 * s.C, s.C, 2 * s.C), 1e-6, True, True, True)
+        kv, mean, rstd = kernels.forward(x, layers)
     with executed_work() as backward:
-        kernels.backward(torch.randn_like(kv), x, table, mean, rstd, True, (s.C, 2 * s.C, s.C, 2 * s.C))
+        kernels.backward(torch.randn_like(kv), x, mean, rstd, layers)
     model = work_model.prompt_kv(s)
     for direction, executed in (("fwd", forward), ("bwd", backward)):
         assert executed["mma_flops"] * s.L ** -1 == model[direction][-1].tf32 / 3, direction

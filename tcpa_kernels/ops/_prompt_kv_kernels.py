@@ -22,6 +22,7 @@ norm's statistics are fp32, the variance from a second pass over the rows (x - m
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -241,31 +242,44 @@ def _backward_plan(shape, strides, dtype, sets, heads, head_dim, weight_rows, no
     return (L, cdiv(M, blocks[0])), args, options
 
 
-def forward(x: torch.Tensor, table: torch.Tensor, sets: int, heads: int, head_dim: int,
-            rows: tuple[int, int, int, int], eps: float | None, has_w: bool, has_b: bool, has_bias: bool):
-    """kv [L, sets, 2, heads, P, head_dim] in x's dtype, and mean, rstd [L, M] fp32 (None without a norm: ``eps``
-    None) of x [L, M, C] (M = sets * P; unit stride on C) through the layers of ``table`` (``weight_table``), whose
-    key and value blocks start at rows ``rows`` (of the key weight, the value weight, the key bias, the value
-    bias)."""
-    norm = eps is not None
+class KVLayers(NamedTuple):
+    """The layers the kernels project through: ``table`` (``weight_table``), the prompt sets per layer (M = sets * P
+    rows of x), the K/V heads and head dim, the key and value blocks' first rows ``rows`` (of the key weight, the
+    value weight, the key bias, the value bias), the norm's eps (None: no norm) and whether the norm has a weight and
+    a bias and the projection a bias."""
+
+    table: torch.Tensor
+    sets: int
+    heads: int
+    head_dim: int
+    rows: tuple[int, int, int, int]
+    eps: float | None
+    has_w: bool
+    has_b: bool
+    has_bias: bool
+
+
+def forward(x: torch.Tensor, layers: KVLayers):
+    """kv [L, sets, 2, heads, P, head_dim] in x's dtype, and mean, rstd [L, M] fp32 (None without a norm) of x
+    [L, M, C] (M = sets * P; unit stride on C) through ``layers``."""
+    norm = layers.eps is not None
     grid, args, options, kv_shape, stats_shape = _forward_plan(
-        x.shape, x.stride()[:2], x.dtype, sets, heads, head_dim, rows, eps if norm else 0.0, norm, has_w, has_b,
-        has_bias)
+        x.shape, x.stride()[:2], x.dtype, layers.sets, layers.heads, layers.head_dim, layers.rows,
+        layers.eps if norm else 0.0, norm, layers.has_w, layers.has_b, layers.has_bias)
     device = x.device
     kv = torch.empty(kv_shape, dtype=x.dtype, device=device)
     mean = torch.empty(stats_shape, dtype=torch.float32, device=device) if norm else None
     rstd = torch.empty(stats_shape, dtype=torch.float32, device=device) if norm else None
-    launch(_kv_fwd_kernel, grid, (x, table), (kv, mean, rstd), args, options)
+    launch(_kv_fwd_kernel, grid, (x, layers.table), (kv, mean, rstd), args, options)
     return kv, mean, rstd
 
 
-def backward(grad: torch.Tensor, x: torch.Tensor, table: torch.Tensor, mean: torch.Tensor | None,
-             rstd: torch.Tensor | None, has_w: bool, rows: tuple[int, int, int, int]) -> torch.Tensor:
+def backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor | None,
+             layers: KVLayers) -> torch.Tensor:
     """dx [L, M, C] contiguous, in x's dtype, of grad ([L, sets, 2, heads, P, head_dim], made contiguous) through
-    ``forward``'s layers."""
-    L, sets, _, heads, _, head_dim = grad.shape
-    grid, args, options = _backward_plan(x.shape, x.stride()[:2], x.dtype, sets, heads, head_dim, rows[:2],
-                                         mean is not None, has_w)
+    ``forward``'s ``layers`` (mean and rstd: its)."""
+    grid, args, options = _backward_plan(x.shape, x.stride()[:2], x.dtype, layers.sets, layers.heads,
+                                         layers.head_dim, layers.rows[:2], mean is not None, layers.has_w)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    launch(_kv_bwd_kernel, grid, (grad.contiguous(), x, table, mean, rstd), (dx,), args, options)
+    launch(_kv_bwd_kernel, grid, (grad.contiguous(), x, layers.table, mean, rstd), (dx,), args, options)
     return dx
