@@ -241,13 +241,10 @@ def test_prompt_kv_kernels_match_fp64_at_vit_b(dtype):
 
     from tcpa_kernels import _prompt_kv
     from tcpa_kernels.vit import state_of
-    from tests.test_prompt_kv_kernels import reference_kv
+    from tests.test_prompt_kv_kernels import random_affines, reference_kv
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.LayerNorm, torch.nn.Linear)) and module.bias is not None:
-            torch.nn.init.normal_(module.bias, std=0.1)
+    model = random_affines(timm.create_model("vit_base_patch16_224", pretrained=False))
     model = tk.apply_tcpa(model, backend="triton", prompt_dropout=0.0).to("cuda", dtype).train()
     params = _prompt_kv.prompt_parameters(state_of(model))
     kv = _prompt_kv.all_layers_kv(state_of(model), 8)

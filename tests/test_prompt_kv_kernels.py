@@ -24,17 +24,22 @@ FAMILIES = {  # the K/V rows of one packed qkv per layer: with and without its b
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
 
 
-def prompted(family="pre_norm", dtype=torch.float32, **config):
-    """A small timm ViT with TCPA on the triton backend, random norm affines and linear biases (timm makes them
-    ones and zeros: so that they matter), in ``dtype``."""
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=7,
-                              **FAMILIES[family])
+def random_affines(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with random norm weights and norm and linear biases (timm makes them ones and zeros: so that they
+    matter)."""
     for module in model.modules():
         if isinstance(module, (torch.nn.LayerNorm, torch.nn.Linear)) and module.bias is not None:
             torch.nn.init.normal_(module.bias)
         if isinstance(module, torch.nn.LayerNorm):
             torch.nn.init.normal_(module.weight)
+    return model
+
+
+def prompted(family="pre_norm", dtype=torch.float32, **config):
+    """A small timm ViT (``random_affines``) with TCPA on the triton backend, in ``dtype``."""
+    torch.manual_seed(0)
+    model = random_affines(VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                                             num_classes=7, **FAMILIES[family]))
     config = dict(POOLS, backend="triton", prompt_dropout=0.0) | config
     return tk.apply_tcpa(model, **config).to(dtype).train()
 
