@@ -157,12 +157,16 @@ def test_what_the_kernels_do_not_take_runs_on_the_torch_ops(case, launches):
         assert grad.abs().sum() > 0
 
 
-def test_weights_are_read_at_each_launch(launches):
-    """The kernels read the weights through a table of their addresses, made once per set of addresses: a frozen
-    weight changed in place, and a weight replaced by another tensor, are what the next forward reads."""
+def test_weights_are_read_at_each_launch(launches, monkeypatch):
+    """The kernels read the weights through a table of their addresses, made once per set of addresses (made under
+    inference_mode too, a plain tensor: it outlives the forward): a frozen weight changed in place, and a weight
+    replaced by another tensor, are what the next forward reads."""
+    monkeypatch.setattr(kernels("_prompt_kv_kernels"), "_tables", {})  # no table made by an earlier test
     model = prompted()
     state = state_of(model)
-    _prompt_kv.all_layers_kv(state, 2)
+    with torch.inference_mode():
+        _prompt_kv.all_layers_kv(state, 2)
+    assert not any(t.is_inference() for t in kernels("_prompt_kv_kernels")._tables.values() if t is not None)
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight.mul_(1.5)
     changed = _prompt_kv.all_layers_kv(state, 2)

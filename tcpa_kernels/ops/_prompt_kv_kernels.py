@@ -195,7 +195,8 @@ def weight_table(dtype: torch.dtype, C: int, rows: tuple[int, int, int, int],
         ok = all(t is None or (t.dtype == dtype and t.device == device and t.dim() == len(need)
                                and t.shape[0] >= need[0] and t.shape[1:] == need[1:] and t.is_contiguous())
                  for layer in layers for t, need in zip(layer, least))
-        table = torch.tensor(addresses, dtype=torch.int64).view(-1, TABLE_COLUMNS).to(device) if ok else None
+        with torch.inference_mode(False):  # kept across forwards: never an inference tensor
+            table = torch.tensor(addresses, dtype=torch.int64).view(-1, TABLE_COLUMNS).to(device) if ok else None
         if len(_tables) >= _MAX_TABLES:
             _tables.clear()
         _tables[key] = table
