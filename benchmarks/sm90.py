@@ -47,8 +47,9 @@ def compile_attention(kernel, dtype, constexprs, num_warps, num_stages, aligned=
 
 def compile_fn(fn, pointers, constexprs, num_warps=4, num_stages=3, aligned=True):
     """Compile a @triton.jit function for sm_90: ``pointers`` maps pointer arguments to types ('*bf16', ...);
-    other arguments are constexprs or i32 scalars (fp32 for the softmax scales, loss weights and eps)."""
-    scalars = dict.fromkeys(("qk_scale", "sm_scale", "w_cls", "w_img", "eps"), "fp32")
+    other arguments are constexprs or i32 scalars (fp32 for the softmax scales, loss weights, eps and the dropout
+    probability)."""
+    scalars = dict.fromkeys(("qk_scale", "sm_scale", "w_cls", "w_img", "eps", "p_drop"), "fp32")
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, scalars.get(name, "i32"))
                  for name in fn.arg_names}
     aligned_args = (set(pointers) | _ALIGNED_INTS) if aligned else set()

@@ -7,15 +7,18 @@ They depend on the parameters only, so one forward computes them for all layers 
 are at that call (nothing is kept between forwards):
 
 - the prompt tokens of all layers: one ``cat``, one dropout draw (one mask for the batch -> ``[L, P, C]``, or one per
-  sample -> ``[L, B, P, C]``) and the prompt transform (VFPT's Fourier prompts). In the common case (one mask, no
-  transform, a gradient to compute) the ``cat`` and the dropout run inside the projection's node below
-  (:class:`PromptParts`), so they add no autograd nodes of their own;
+  sample -> ``[L, B, P, C]``; a prompt bank's: one mask over its prompt sets) and the prompt transform (VFPT's
+  Fourier prompts). In the common case (one mask, no transform, a gradient to compute) the ``cat`` and the dropout
+  run inside the projection's node below (:class:`PromptParts`), so they add no autograd nodes of their own; in the
+  prompt K/V kernels the dropout is drawn inside the kernels themselves (Philox from one seed, redrawn by the
+  backward: no mask op, no mask kept);
 - when every layer's norm is a LayerNorm with one eps and every layer the same projection shape (a ViT's blocks), on
   the triton backend where every layer's key and value rows are blocks of rows of its weights and the norms and
   weights are frozen: one Triton kernel each way for all layers (``ops/_prompt_kv_kernels.py``, ``_kernel_inputs``),
   which reads the weights in place and writes each layer's K/V as the contiguous [.., 2, H, P, D] the attention
-  reads. Otherwise one layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the
-  prompts, and one batched GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to
+  reads (under torch.compile and dispatch modes as the kernel ops ``prompt_kv_fwd`` / ``prompt_kv_bwd``).
+  Otherwise one layer norm without affine over all layers, the per-layer affine as one ``addcmul`` on the prompts,
+  and one batched GEMM with the layers' K/V rows stacked, ``[L, 2*C_kv, C]``. The affine is applied to
   the L*P prompt rows, not folded into the weights: folding would write a ``[L, 2*C_kv, C]`` product every forward,
   ~40x the prompt rows at ViT-B/16 (P = 36 of C = 768). With the norms and weights frozen and a gradient to
   compute, norm, affine and GEMM are one autograd node (``_FrozenNormLinear``: one Python node each way, a host cost
@@ -39,7 +42,8 @@ from torch import Tensor, nn
 from tcpa_kernels._backend import autocast_off, kernels, resolve_backend
 from tcpa_kernels._patch import any_shard
 from tcpa_kernels.integrations.prompt_tokens import forward_tokens
-from tcpa_kernels.ops._function import traced
+from tcpa_kernels.ops import _prompt_kv_table
+from tcpa_kernels.ops._function import kernel_op, traced
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,33 +135,40 @@ def prompt_parameters(state) -> list[Tensor]:
 
 @dataclasses.dataclass(frozen=True)
 class PromptParts:
-    """Every layer's prompt parameters as the prompt tokens ``[L, P, C]`` they make, one dropout mask for all of
-    them (``p``, 0: none), not yet concatenated: the projection node concatenates and drops them out itself
-    (``_FrozenNormLinear``); ``tensor()`` makes them with plain ops."""
+    """Every layer's prompt parameters as the prompt tokens they make (``shape``: [L, P, C], or a prompt bank's
+    [L, T', P, C]), one dropout mask for all of them (``p``, 0: none), not yet concatenated: the projection node
+    concatenates them and drops them out itself (``_PromptKV``: inside the kernels; ``_FrozenNormLinear``);
+    ``tensor()`` makes them with plain ops."""
 
-    parts: list[Tensor]  # [prompts_cls_0, prompts_img_0, ...], to concatenate on dim 0 (``layer_tokens``)
-    shape: tuple[int, int, int]  # [L, P, C]
+    parts: list[Tensor]  # [prompts_cls_0, prompts_img_0, ...] (a bank's: its prompt sets), concatenated on dim 0
+    shape: tuple[int, ...]  # [L, P, C] or [L, T', P, C]
     p: float  # dropout probability, 0 <= p < 1
     requires_grad: ClassVar[bool] = True  # ``layer_tokens`` makes them only where a part requires grad
 
     def tensor(self) -> Tensor:
-        tokens = torch.cat(self.parts).view(self.shape)
+        tokens = _cat(self.parts).reshape(self.shape)
         return F.dropout(tokens, self.p) if self.p else tokens
 
 
-def layer_tokens(state, parts: list[Tensor], batch_size: int) -> Tensor | PromptParts:
+def layer_tokens(state, parts: list[Tensor], batch_size: int, bank=None) -> Tensor | PromptParts:
     """Prompt tokens of every layer for this forward from their parameters (``prompt_parameters``): [L, P, C], or
-    [L, B, P, C] with a dropout mask per sample; as ``PromptParts`` where a gradient flows to them, one mask serves
-    the batch and no transform follows."""
+    [L, B, P, C] with a dropout mask per sample; with a prompt ``bank`` (a ``_forward.BankCall``) its prompt sets
+    for the forward, [L, T', P, C] (or [L, B, P, C], per sample already), one mask over all of them. As
+    ``PromptParts`` where a gradient flows to them, one mask serves them all and no transform follows."""
     config = state.config
-    if config.prompt_len_cls != config.prompt_len_img:  # else [Pc, L, C] and [Pi, L, C] stack on their first dim
-        parts = [p.flatten(0, 1) for p in parts]
-    shape = (len(state.blocks), config.num_prompts, parts[0].shape[-1])
     p = config.prompt_dropout if state.training else 0.0
-    if (torch.is_grad_enabled() and config.prompt_transform == "none" and p < 1
-            and not (p and config.prompt_dropout_per_sample) and any(t.requires_grad for t in parts)):
+    if bank is None:
+        if config.prompt_len_cls != config.prompt_len_img:  # else [Pc, L, C] and [Pi, L, C] stack on their first dim
+            parts = [t.flatten(0, 1) for t in parts]
+        shape = (len(state.blocks), config.num_prompts, parts[0].shape[-1])
+        per_sample = p and config.prompt_dropout_per_sample
+    else:
+        parts = [bank.prompt_sets()]
+        shape, per_sample, batch_size = tuple(parts[0].shape), False, None
+    if (torch.is_grad_enabled() and config.prompt_transform == "none" and p < 1 and not per_sample
+            and any(t.requires_grad for t in parts)):
         return PromptParts(parts, shape, p)
-    prompts = torch.cat(parts).view(shape)  # [L, P, C], one cat
+    prompts = _cat(parts).reshape(shape)  # [L, P, C] (one cat) or a bank's sets
     return forward_tokens(prompts, config, state.training, batch_size)
 
 
@@ -277,16 +288,21 @@ class _FrozenNormLinear(torch.autograd.Function):
         return None, None, None, None, grad_bias, *([None] * weights), *parts
 
 
+def _joined(ctx, parts: tuple[Tensor, ...], shape: tuple[int, int, int]) -> Tensor:
+    """Inside a node's forward: the prompt tokens [L, M, C] (``shape``) the prompt parameters ``parts`` make (one
+    cat; one part: itself), keeping on ``ctx`` what ``_part_grads`` needs."""
+    ctx.sizes = [t.shape[0] for t in parts]  # the cat's gradient: split back along dim 0
+    x = _cat(list(parts))
+    ctx.cat_shape = x.shape
+    return x.reshape(shape)
+
+
 def _prompt_tokens(ctx, parts: tuple[Tensor, ...], dropout: tuple[tuple[int, int, int], float]) -> tuple[Tensor,
                                                                                                         Tensor | None]:
-    """Inside a node's forward: (the prompt tokens [L, P, C] the prompt parameters ``parts`` make, one cat then
-    one dropout mask (``dropout``: (shape, p)), what the dropout's backward needs or None), keeping on ``ctx`` what
-    ``_part_grads`` needs."""
+    """Inside a node's forward: (the prompt tokens [L, M, C] of ``_joined``, then one dropout mask (``dropout``:
+    (shape, p)), what the dropout's backward needs or None)."""
     shape, p = dropout
-    ctx.sizes = [t.shape[0] for t in parts]  # the cat's gradient: split back along dim 0
-    x = torch.cat(parts)
-    ctx.cat_shape = x.shape
-    x = x.view(shape)
+    x = _joined(ctx, parts, shape)
     return _dropout(x, p) if p else (x, None)
 
 
@@ -343,39 +359,59 @@ def _tensor(x: Tensor | PromptParts) -> Tensor:
 
 class _PromptKV(torch.autograd.Function):
     """The triton backend's prompt K/V pass as one node: ``apply(x, spec, *parts)`` with x [L, M, C] (or None: the
-    prompt parameters ``parts`` make it, ``_prompt_tokens``), ``spec = (kernel inputs, dropout)`` (``_kernel_inputs``;
+    prompt parameters ``parts`` make it, ``_joined``), ``spec = (kernel inputs, dropout)`` (``_kernel_inputs``;
     dropout: (shape, p) with parts, else None) -> kv [L, T, 2, H, P, D] (``_prompt_kv_kernels``: one launch each
-    way). Differentiable in x (or the parts); the norms, weights and biases are frozen, read by the kernels through
-    the table of their addresses (the node keeps the tensors alive until its backward)."""
+    way, the prompt dropout inside them). Differentiable in x (or the parts); the norms, weights and biases are
+    frozen, read by the kernels through the table of their addresses (the node keeps the tensors alive until its
+    backward)."""
 
     @staticmethod
     def forward(ctx, x, spec, *parts):
         inputs, dropout = spec
-        mask = None
-        if dropout is not None:
-            x, mask = _prompt_tokens(ctx, parts, dropout)
-        kv, mean, rstd = kernels("_prompt_kv_kernels").forward(x, inputs.layers)
-        ctx.save_for_backward(x, mean, rstd, mask)
+        seed, p = None, 0.0
+        if dropout is not None:  # x from the prompt parameters: one cat; the kernels drop it out
+            shape, p = dropout
+            x = _joined(ctx, parts, shape)
+            seed = _prompt_kv_table.dropout_seed(x.device) if p else None
+        kv, mean, rstd = _forward_launch(inputs, x, seed, p)
+        ctx.save_for_backward(x, mean, rstd, seed)
         ctx.spec = spec
         return kv
 
     @staticmethod
     def backward(ctx, grad):  # grad [L, T, 2, H, P, D]
-        x, mean, rstd, mask = ctx.saved_tensors
+        x, mean, rstd, seed = ctx.saved_tensors
         inputs, dropout = ctx.spec
-        grad_x = kernels("_prompt_kv_kernels").backward(grad, x, mean, rstd, inputs.layers)
+        p = 0.0 if dropout is None else dropout[1]
+        if inputs.plan is not None:
+            grad_x = kernels("_prompt_kv_kernels").backward(grad, x, mean, rstd, inputs.plan, seed, p)
+        else:
+            grad_x = prompt_kv_bwd(grad, x, mean, rstd, *inputs.op_args(), seed, p)
         if dropout is None:
             return grad_x, None
-        return None, None, *_part_grads(ctx, grad_x, mask, dropout[1])
+        return None, None, *_part_grads(ctx, grad_x, None, p)
 
 
 @dataclasses.dataclass(frozen=True)
 class _KernelInputs:
-    """What the prompt K/V kernels take besides x: ``layers`` (a ``_prompt_kv_kernels.KVLayers``), and the frozen
-    tensors its table points to (kept alive by the node)."""
+    """What the prompt K/V kernels take besides x: per layer the tensors of their address table (``layers``: key
+    weight, value weight, norm weight, norm bias, key bias, value bias, None where absent; kept alive by the node),
+    the prompt sets per layer, the heads and head dim, the key and value blocks' first rows and the norm's eps
+    (``_prompt_kv_table.KVLayers``), and ``plan``, the kernels' ``KVLayers`` with its table, or None while tracing
+    (the kernel ops make it at their launch)."""
 
-    layers: tuple
-    tensors: tuple[Tensor, ...]
+    layers: list[tuple]
+    sets: int
+    heads: int
+    head_dim: int
+    rows: tuple[int, int, int, int]
+    eps: float | None
+    plan: tuple | None
+
+    def op_args(self) -> tuple:
+        """The kernel ops' arguments after x (and the backward's gradient, statistics): tensors, shape, eps."""
+        return ([t for layer in self.layers for t in layer], self.sets, self.heads, self.head_dim, list(self.rows),
+                self.eps)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -386,12 +422,12 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
     the kernels do not apply and the torch ops run: a layer whose key or value rows are not one block of a weight
     (``KVProjection.kv_blocks``), or not at the same rows in every layer, a norm, weight or bias that requires grad,
     a tensor that is not x's dtype (fp32, fp16 or bf16; bf16 off CUDA: the interpreter's bf16 dots are wrong) or
-    not contiguous (checked once per set of addresses: ``_prompt_kv_kernels.weight_table``), or tracing
-    (torch.compile, a dispatch mode: the torch ops are what they trace)."""
+    not contiguous (``_prompt_kv_table.readable``; in eager mode checked once per set of addresses, with the
+    table made: ``weight_table``)."""
     first = projections[0]
     dtype = x.dtype if isinstance(x, Tensor) else x.parts[0].dtype
     device = first.weights[0].whole().device
-    if (dtype not in _KERNEL_DTYPES or traced() or (dtype == torch.bfloat16 and device.type != "cuda")
+    if (dtype not in _KERNEL_DTYPES or (dtype == torch.bfloat16 and device.type != "cuda")
             or (isinstance(x, Tensor) and x.stride(-1) != 1)):
         return None  # (off CUDA the triton backend runs the interpreter: ``resolve_backend`` checks it)
     blocks = [p.kv_blocks for p in projections]
@@ -405,19 +441,73 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
         weights = [rows.whole() for rows, _ in b]
         layers.append((weights[0], weights[1], norm.get("weight"), norm.get("bias"),
                        *(weights[2:] if has_bias else (None, None))))
-    tensors = tuple(t for layer in layers for t in layer if t is not None)
-    if any(t.requires_grad for t in tensors):
+    if any(t is not None and t.requires_grad for layer in layers for t in layer):
         return None
-    heads, head_dim = first.kv_heads, first.head_dim
-    half = heads * head_dim
     starts = starts if has_bias else (*starts, 0, 0)
-    module = kernels("_prompt_kv_kernels")
-    table = module.weight_table(dtype, x.shape[-1], tuple(s + half for s in starts), layers)
-    if table is None:
-        return None
-    eps = None if first.norm is None else first.norm.eps
-    return _KernelInputs(module.KVLayers(table, sets, heads, head_dim, starts, eps, layers[0][2] is not None,
-                                         layers[0][3] is not None, has_bias), tensors)
+    C = x.shape[-1]
+    shape = (sets, first.kv_heads, first.head_dim, starts, None if first.norm is None else first.norm.eps)
+    if traced():  # torch.compile, a dispatch mode: the kernel ops, which make the table at their launch
+        half = first.kv_heads * first.head_dim
+        readable = _prompt_kv_table.readable(dtype, C, tuple(start + half for start in starts), layers)
+        return _KernelInputs(layers, *shape, None) if readable else None
+    plan = _prompt_kv_table.kv_layers(dtype, C, layers, *shape)
+    return None if plan is None else _KernelInputs(layers, *shape, plan)
+
+
+def _forward_launch(inputs: _KernelInputs, x: Tensor, seed: Tensor | None = None,
+                    p: float = 0.0) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(kv, mean, rstd) of ``_prompt_kv_kernels.forward``: its launcher in eager mode, the kernel op while
+    tracing."""
+    if inputs.plan is not None:
+        return kernels("_prompt_kv_kernels").forward(x, inputs.plan, seed, p)
+    kv, mean, rstd = prompt_kv_fwd(x, *inputs.op_args(), seed, p)
+    return (kv, None, None) if inputs.eps is None else (kv, mean, rstd)
+
+
+def _plan_of(x: Tensor, tensors: list[Tensor | None], sets: int, heads: int, head_dim: int, rows: list[int],
+             eps: float | None):
+    """The ``KVLayers`` the kernel ops launch with (made at the launch: a table of addresses)."""
+    columns = _prompt_kv_table.TABLE_COLUMNS
+    layers = [tuple(tensors[i:i + columns]) for i in range(0, len(tensors), columns)]
+    plan = _prompt_kv_table.kv_layers(x.dtype, x.shape[-1], layers, sets, heads, head_dim, tuple(rows), eps)
+    if plan is None:
+        raise ValueError("prompt_kv: the weights are not readable by the prompt K/V kernels (dtype, device, shape or "
+                         "contiguity changed since the trace)")
+    return plan
+
+
+@kernel_op("tcpa_kernels::prompt_kv_fwd")
+def prompt_kv_fwd(x: Tensor, tensors: list[Tensor | None], sets: int, heads: int, head_dim: int, rows: list[int],
+                  eps: float | None, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One launch of the prompt K/V forward kernel (``_prompt_kv_kernels.forward``; ``_KernelInputs.op_args``):
+    (kv [L, sets, 2, heads, P, head_dim], mean, rstd [L, M] fp32, or [0] each without a norm)."""
+    kv, mean, rstd = kernels("_prompt_kv_kernels").forward(x, _plan_of(x, tensors, sets, heads, head_dim, rows, eps),
+                                                           seed, p)
+    if mean is None:
+        return kv, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    return kv, mean, rstd
+
+
+@prompt_kv_fwd.register_fake
+def _(x, tensors, sets, heads, head_dim, rows, eps, seed, p):
+    L, M, _ = x.shape
+    stats = (0,) if eps is None else (L, M)
+    return (x.new_empty((L, sets, 2, heads, M // sets, head_dim)), x.new_empty(stats, dtype=torch.float32),
+            x.new_empty(stats, dtype=torch.float32))
+
+
+@kernel_op("tcpa_kernels::prompt_kv_bwd")
+def prompt_kv_bwd(grad: Tensor, x: Tensor, mean: Tensor | None, rstd: Tensor | None,
+                  tensors: list[Tensor | None], sets: int, heads: int, head_dim: int, rows: list[int],
+                  eps: float | None, seed: Tensor | None, p: float) -> Tensor:
+    """One launch of the prompt K/V backward kernel (``_prompt_kv_kernels.backward``): dx [L, M, C]."""
+    return kernels("_prompt_kv_kernels").backward(grad, x, mean, rstd,
+                                                  _plan_of(x, tensors, sets, heads, head_dim, rows, eps), seed, p)
+
+
+@prompt_kv_bwd.register_fake
+def _(grad, x, mean, rstd, tensors, sets, heads, head_dim, rows, eps, seed, p):
+    return x.new_empty(x.shape)
 
 
 def _kernel_kv(inputs: _KernelInputs, x: Tensor | PromptParts) -> Tensor:
@@ -427,16 +517,18 @@ def _kernel_kv(inputs: _KernelInputs, x: Tensor | PromptParts) -> Tensor:
         return _PromptKV.apply(None, (inputs, (x.shape, x.p)), *x.parts)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PromptKV.apply(x, (inputs, None))
-    return kernels("_prompt_kv_kernels").forward(x, inputs.layers)[0]
+    return _forward_launch(inputs, x)[0]
 
 
 def _batched_kv(projections: list[KVProjection], tokens: Tensor | PromptParts, backend: str) -> list[Tensor]:
     """One layer norm and one batched GEMM for all layers (on the triton backend, where ``_kernel_inputs`` allows:
-    one kernel each way): tokens [L, ..., P, C] (or the ``PromptParts`` of [L, P, C]) -> per layer
+    one kernel each way): tokens [L, ..., P, C] (or their ``PromptParts``) -> per layer
     [..., 2, H, P, D]."""
     L, C = tokens.shape[0], tokens.shape[-1]
-    flat = tokens if len(tokens.shape) == 3 else tokens.reshape(L, -1, C)  # [L, M, C]: M = P or B*P
     sets = 1 if len(tokens.shape) == 3 else tokens.shape[1]
+    flat_shape = (L, sets * tokens.shape[-2], C)  # [L, M, C]: M = P or sets * P
+    flat = (tokens.reshape(flat_shape) if isinstance(tokens, Tensor)
+            else dataclasses.replace(tokens, shape=flat_shape))
     inputs = _kernel_inputs(projections, flat, sets) if backend == "triton" else None
     if inputs is not None:
         kv = _kernel_kv(inputs, flat)  # [L, sets, 2, H, P, D]
@@ -466,10 +558,8 @@ def all_layers_kv(state, batch_size: int, bank=None) -> list[Tensor | None]:
             raise ValueError("model: a prompt bank does not run on FSDP2 shards (its blocks would project the "
                              "backbone's own prompts); run it unsharded")
         return [None] * len(projections)
-    if bank is None:
-        tokens = layer_tokens(state, parts, batch_size)  # [L, P, C] or [L, B, P, C]
-    else:  # the batch's tasks', [L, T', P, C], or each sample's task's, [L, B, P, C]: one mask over all of them
-        tokens = forward_tokens(bank.prompt_sets(), state.config, state.training, None)
+    # [L, P, C] or [L, B, P, C]; a bank's: the batch's tasks', [L, T', P, C], or each sample's task's, [L, B, P, C]
+    tokens = layer_tokens(state, parts, batch_size, bank)
     with autocast_off(parts[0].device.type):
         if _batchable(projections):
             return _batched_kv(projections, tokens, resolve_backend(state.config.backend, parts[0].device))

@@ -76,15 +76,17 @@ def main(variants):
         if figures["spill_ops"] or figures["shared_bytes"] > SM90_MAX_SHARED or not figures["mma"]:
             rejected.append(line)
     # the prompt K/V pass (every layer's norm and K/V rows, one launch each way), fp32 (3xTF32) and bf16 weights,
-    # with the norm (its weight and bias, and the qkv bias) and without (post-norm blocks): dots on tensor cores
-    for (name, kernel), norm, dtype in itertools.product(
+    # with the norm (its weight and bias, and the qkv bias) and without (post-norm blocks), with and without the
+    # prompt dropout drawn inside: dots on tensor cores
+    for (name, kernel), norm, dtype, dropout in itertools.product(
             (("fwd", _prompt_kv_kernels._kv_fwd_kernel), ("bwd", _prompt_kv_kernels._kv_bwd_kernel)), (True, False),
-            ("fp32", "bf16")):
-        pointers = dict.fromkeys(("X", "OUT", "G", "DX"), f"*{dtype}") | {"TABLE": "*i64", "MEAN": "*fp32",
-                                                                          "RSTD": "*fp32"}
+            ("fp32", "bf16"), (False, True)):
+        pointers = dict.fromkeys(("X", "OUT", "G", "DX"), f"*{dtype}") | {"TABLE": "*i64", "SEED": "*i64",
+                                                                          "MEAN": "*fp32", "RSTD": "*fp32"}
         launch = dict(_prompt_kv_kernels.LAUNCH[name])
         num_warps, num_stages = launch.pop("num_warps"), launch.pop("num_stages")
-        flags = dict(NORM=norm, HAS_W=norm) | (dict(HAS_B=norm, HAS_BIAS=True) if name == "fwd" else {})
+        flags = dict(NORM=norm, HAS_W=norm, DROPOUT=dropout) | (dict(HAS_B=norm, HAS_BIAS=True) if name == "fwd"
+                                                                   else {})
         constexprs = launch | flags | dict(PRECISION=_prompt_kv_kernels._precision(DTYPES[dtype]))
         figures = sm90.compile_fn(kernel, pointers, constexprs, num_warps, num_stages)
         line = f"prompt_kv_{name} {dtype} {constexprs} warps={num_warps} stages={num_stages} {figures}"

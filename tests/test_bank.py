@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 import tcpa_kernels as tk
 from tcpa_kernels.checkpoint import read_checkpoint, write_folder
 from tests._helpers import TIMM_FAMILIES
+from tests._philox import philox_multipliers, recorded_seeds
 
 POOLS = dict(pool_size_cls=3, pool_size_img=4, topk_cls=2, topk_img=2, prompt_len_cls=2, prompt_len_img=1,
              prompt_dropout=0.0)
@@ -520,7 +521,7 @@ def test_fourier_tasks_of_different_pool_sizes_are_refused(tmp_path):
 
 @pytest.mark.parametrize("backend, layouts, form", [("torch", "shared", "names"), ("torch", "different", "numbers"),
                                                     ("triton", "different", "names")])
-def test_prompt_dropout_per_sample_equals_each_sample_alone(tmp_path, backend, layouts, form):
+def test_prompt_dropout_per_sample_equals_each_sample_alone(tmp_path, backend, layouts, form, monkeypatch):
     """Tasks saved with a prompt-dropout mask per sample (the published code's): in training each sample attends to
     its task's prompts under its own mask, ``[L, B, P, C]`` drawn in one call. Each sample's logits, and every
     task's gradients, equal its task's model alone on that sample with its prompts multiplied by that sample's
@@ -530,10 +531,15 @@ def test_prompt_dropout_per_sample_equals_each_sample_alone(tmp_path, backend, l
                          options=LAYOUTS[layouts])
     bank, x, tasks = bank_of(folders, backend, dtype).train(), images(dtype=dtype), ORDERS["mixed"]
     labels = torch.tensor([b % 3 for b in range(5)])
+    seeds = recorded_seeds(monkeypatch)  # the triton backend's: the prompt K/V kernels draw the masks
     torch.manual_seed(7)
     out = bank(x, tasks if form == "names" else torch.tensor([bank.task_names.index(t) for t in tasks]))
-    torch.manual_seed(7)  # the bank's one draw: every layer's prompt rows of every sample
-    masks = torch.nn.functional.dropout(torch.ones(bank.prompts.shape[0], 5, *bank.prompts.shape[2:], dtype=dtype), p)
+    shape = (bank.prompts.shape[0], 5, *bank.prompts.shape[2:])  # the bank's one draw: every layer's prompt rows
+    if backend == "triton":  # of every sample, [L, B, P, C]
+        masks = philox_multipliers(seeds[0], shape, p).to(dtype)
+    else:
+        torch.manual_seed(7)
+        masks = torch.nn.functional.dropout(torch.ones(shape, dtype=dtype), p)
     assert not torch.equal(masks[:, 0], masks[:, 2])  # two samples of one task: their own masks
     grads = torch.autograd.grad(bank.loss(out, labels), [bank.prompts, bank.head_bias])
     atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-3)

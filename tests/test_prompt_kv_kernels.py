@@ -12,8 +12,10 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 import tcpa_kernels as tk
 from tcpa_kernels import _prompt_kv
 from tcpa_kernels._backend import kernels
+from tcpa_kernels.ops import _prompt_kv_table
 from tcpa_kernels.vit import state_of
 from tests._helpers import TIMM_FAMILIES
+from tests._philox import philox_multipliers, recorded_seeds
 
 POOLS = dict(pool_size_cls=3, pool_size_img=5, topk_cls=2, topk_img=3, prompt_len_cls=2, prompt_len_img=1)
 FAMILIES = {  # the K/V rows of one packed qkv per layer: with and without its bias, pre-norm and post-norm blocks
@@ -44,12 +46,15 @@ def prompted(family="pre_norm", dtype=torch.float32, **config):
     return tk.apply_tcpa(model, **config).to(dtype).train()
 
 
-def reference_kv(model) -> list[torch.Tensor]:
-    """Per layer [2, H, P, D] in fp64 from the definition: the layer's prompt tokens (CLS pool then image pool)
-    through its pre-attention LayerNorm (none after a post-norm block) and the K and V rows of its qkv linear."""
+def reference_kv(model, multipliers: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per layer [2, H, P, D] in fp64 from the definition: the layer's prompt tokens (CLS pool then image pool;
+    times ``multipliers[l]`` [P, C], prompt dropout's, if given) through its pre-attention LayerNorm (none after a
+    post-norm block) and the K and V rows of its qkv linear."""
     kv = []
-    for blk in model.blocks:
+    for i, blk in enumerate(model.blocks):
         tokens = torch.cat([blk.tcpa.prompts_cls.flatten(0, 1), blk.tcpa.prompts_img.flatten(0, 1)]).double()
+        if multipliers is not None:
+            tokens = tokens * multipliers[i]
         if not isinstance(blk, ResPostBlock):
             norm = blk.norm1
             tokens = F.layer_norm(tokens, norm.normalized_shape, norm.weight.double(), norm.bias.double(), norm.eps)
@@ -121,22 +126,46 @@ def test_evaluation_and_per_sample_sets_match_fp64(launches):
         torch.testing.assert_close(k, t, **TOLERANCE[torch.float32])
 
 
-def test_prompt_dropout_inside_the_node_matches_the_torch_ops(launches):
-    """One dropout mask for the batch, drawn inside the kernels' node: with the same random state, the K/V and the
-    prompt gradients of the torch ops."""
-    results = []
-    for backend in ("triton", "torch"):
-        model = prompted(prompt_dropout=0.3, backend=backend)
-        params = _prompt_kv.prompt_parameters(state_of(model))
-        with torch.random.fork_rng():
-            torch.manual_seed(5)
-            kv = _prompt_kv.all_layers_kv(state_of(model), 2)
-        loss = sum((k * torch.linspace(-1, 1, k.numel()).view(k.shape)).sum() for k in kv)
-        results.append((kv, torch.autograd.grad(loss, params)))
-    assert len(launches) == 1
-    (kv, grads), (torch_kv, torch_grads) = results
-    for a, b in zip([*kv, *grads], [*torch_kv, *torch_grads]):
-        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+@pytest.fixture(params=["default", "small"])
+def tiles(request, monkeypatch):
+    """The kernels' tiles: LAUNCH's, or (``small``) 16 rows, columns and channels, so that several tiles of each
+    cover the prompt rows and channels of ``prompted(pool_size_img=12)`` (P = 18, C = 32)."""
+    module = kernels("_prompt_kv_kernels")
+    if request.param == "small":
+        small = dict(BLOCK_M=16, BLOCK_R=16, BLOCK_C=16, num_warps=4, num_stages=1)
+        monkeypatch.setattr(module, "LAUNCH", {"fwd": small, "bwd": small})
+        module.forget_plans()
+    yield request.param
+    module.forget_plans()
+
+
+@pytest.mark.parametrize("family", ["pre_norm", "post_norm"])
+def test_prompt_dropout_inside_the_kernels_matches_fp64(family, tiles, launches, monkeypatch):
+    """One dropout mask for the batch, drawn by the kernels themselves from a seed the node draws (element i of
+    x [L, P, C] kept iff Philox(seed, i) >= p): the K/V and the prompt gradients equal the fp64 definition with
+    those multipliers, the backward redrawing the forward's; the same seed gives the same K/V, the next forward
+    another mask."""
+    p = 0.3
+    model = prompted(family, prompt_dropout=p, pool_size_img=12)
+    params = _prompt_kv.prompt_parameters(state_of(model))
+    seeds = recorded_seeds(monkeypatch)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        kv = _prompt_kv.all_layers_kv(state_of(model), 2)
+        again = _prompt_kv.all_layers_kv(state_of(model), 2)
+        torch.manual_seed(5)
+        same = _prompt_kv.all_layers_kv(state_of(model), 2)
+    assert len(launches) == 3 and len(seeds) == 3 and not torch.equal(again[0], kv[0])
+    assert all(torch.equal(a, b) for a, b in zip(same, kv))
+    multipliers = philox_multipliers(seeds[0], (len(kv), *kv[0].shape[-2:-1], model.embed_dim), p)  # [L, P, C]
+    assert 0.6 < multipliers.ne(0).double().mean() < 0.8
+    ref = reference_kv(model, multipliers)
+    torch.manual_seed(1)
+    weights = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
+    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
+    for a, b in zip([*kv, *grads], [*ref, *ref_grads]):
+        torch.testing.assert_close(a.double(), b.double(), **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("case", ["trainable_qkv", "trainable_norm", "bf16_off_cuda"])
@@ -161,12 +190,12 @@ def test_weights_are_read_at_each_launch(launches, monkeypatch):
     """The kernels read the weights through a table of their addresses, made once per set of addresses (made under
     inference_mode too, a plain tensor: it outlives the forward): a frozen weight changed in place, and a weight
     replaced by another tensor, are what the next forward reads."""
-    monkeypatch.setattr(kernels("_prompt_kv_kernels"), "_tables", {})  # no table made by an earlier test
+    monkeypatch.setattr(_prompt_kv_table, "_tables", {})  # no table made by an earlier test
     model = prompted()
     state = state_of(model)
     with torch.inference_mode():
         _prompt_kv.all_layers_kv(state, 2)
-    assert not any(t.is_inference() for t in kernels("_prompt_kv_kernels")._tables.values() if t is not None)
+    assert not any(t.is_inference() for t in _prompt_kv_table._tables.values() if t is not None)
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight.mul_(1.5)
     changed = _prompt_kv.all_layers_kv(state, 2)

@@ -149,14 +149,15 @@ def test_prompt_kv_model_counts_executed_dots():
     """The prompt K/V kernels' tensor-core FLOPs as the interpreter executes their dots (fp32: one tf32x3 dot, 3 TF32
     MMAs on a GPU): 9 prompt rows, C = 40 (padded channel tiles), 2 layers."""
     from tcpa_kernels.ops import _prompt_kv_kernels as kernels
+    from tcpa_kernels.ops import _prompt_kv_table
 
     s = work_model.LayerShape(B=1, H=2, N=1, C=40, D=20, pool_cls=4, pool_img=5, topk=2, L=2)
     g = torch.Generator().manual_seed(0)
     layers = [(torch.randn(3 * s.C, s.C, generator=g),) * 2 + (torch.randn(s.C, generator=g),) * 2
               + (torch.randn(3 * s.C, generator=g),) * 2 for _ in range(s.L)]
-    table = kernels.weight_table(torch.float32, s.C, (3 * s.C,) * 4, layers)
+    table = _prompt_kv_table.weight_table(torch.float32, s.C, (3 * s.C,) * 4, layers)
     x = torch.randn(s.L, s.P, s.C, generator=g)
-    layers = kernels.KVLayers(table, 1, s.H, s.D, (s.C, 2 * s.C, s.C, 2 * s.C), 1e-6, True, True, True)
+    layers = _prompt_kv_table.KVLayers(table, 1, s.H, s.D, (s.C, 2 * s.C, s.C, 2 * s.C), 1e-6, True, True, True)
     with executed_work() as forward:
         kv, mean, rstd = kernels.forward(x, layers)
     with executed_work() as backward:

@@ -12,17 +12,22 @@ layer's frozen LayerNorm and the K/V rows of its frozen packed input projection,
 
 The layers' weights are separate tensors: the kernels read them through a table of their addresses (int64
 [L, 6]: the key rows' and the value rows' weights, the norm's weight and bias, the key and value biases; 0 where
-absent), so no
-stacked copy of the weights is made (the batched GEMM of the torch path copies the layers' whole packed weights,
-[L, 3C, C], every forward and again every backward). The table depends on the addresses only and is made once per
-set of addresses (``weight_table``): it holds no values, and the kernels read the weights as they are at the launch.
+absent; ``_prompt_kv_table``), so no stacked copy of the weights is made (the batched GEMM of the torch path copies
+the layers' whole packed weights, [L, 3C, C], every forward and again every backward). The table depends on the
+addresses only and is made once per set of addresses: it holds no values, and the kernels read the weights as they
+are at the launch.
 
 Dot products on tensor cores with fp32 accumulation: fp32 operands as 3xTF32, 16-bit operands in their dtype. The
 norm's statistics are fp32, the variance from a second pass over the rows (x - mean, as ``_match_kernels``).
+
+Prompt dropout runs inside both kernels: element (l, m, c) of x is kept, times 1 / (1 - p), where Philox
+``tl.rand(seed, (l * M + m) * C + c) >= p`` (its flat index in [L, M, C], int64 offsets; ``seed`` an int64 tensor
+the kernels load, ``dropout_seed``), else zeroed. The backward draws the same numbers again, so no mask is drawn by
+a separate op, stored or read back (the torch path's dropout: a Bernoulli draw, a product each way and an [L, M, C]
+mask kept for the backward).
 """
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -30,17 +35,15 @@ import triton.language as tl
 
 from tcpa_kernels._backend import cdiv
 from tcpa_kernels.ops._launch import launch
+from tcpa_kernels.ops._prompt_kv_table import KVLayers
 
 # Rows, output columns and channels per block, warps, stages: chosen offline from the sm_90 compile report (fp32
-# and bf16, with and without the norm: tiles ptxas fits without spilling; with 4 warps the fp32 tiles spilled). The
+# and bf16, with and without the norm and the dropout: tiles ptxas fits without spilling; with 4 warps the fp32 tiles
+# spilled, and so did the fp32 backward with the dropout at 2 stages: 255 registers without it, 243 at 1 stage). The
 # backward's programs take the norm's row sums over all of C in a first pass and recompute the small GEMM in the
 # second rather than keep a [BLOCK_M, C] gradient. Not timed on a GPU yet; tests/compile_sm90.py checks them.
 LAUNCH = {"fwd": dict(BLOCK_M=32, BLOCK_R=64, BLOCK_C=32, num_warps=8, num_stages=2),
-          "bwd": dict(BLOCK_M=32, BLOCK_R=32, BLOCK_C=64, num_warps=8, num_stages=2)}
-TABLE_COLUMNS = 6  # key weight, value weight, norm weight, norm bias, key bias, value bias
-_MAX_TABLES = 64  # distinct address sets kept (a model's parameters do not move between steps)
-_tables: dict = {}  # (device, dtype, C, rows, addresses) -> table or None
-_UNSEEN = object()
+          "bwd": dict(BLOCK_M=32, BLOCK_R=32, BLOCK_C=64, num_warps=8, num_stages=1)}
 
 
 @triton.jit
@@ -59,20 +62,38 @@ def _kv_rows(TABLE, l, first: tl.constexpr, o_r, half, k_row0, v_row0, stride, l
 
 
 @triton.jit
-def _row_stats(p_x, m_m, C, eps, BLOCK_C: tl.constexpr):
-    """(mean, rstd) [BLOCK_M] fp32 of the rows p_x (C channels at unit stride): the variance from a second pass."""
+def _dropout_scale(SEED, l, M, C, o_m, o_c, p_drop):
+    """Prompt dropout's multipliers [BLOCK_M, BLOCK_C] of rows o_m, channels o_c of layer l: 1 / (1 - p_drop) where
+    ``tl.rand(seed, i) >= p_drop`` for the element's flat index i = (l * M + m) * C + c in x [L, M, C] (int64), else
+    0 (module docstring, 'Prompt dropout')."""
+    offsets = (l.to(tl.int64) * M + o_m[:, None]) * C + o_c[None, :]
+    return tl.where(tl.rand(tl.load(SEED), offsets) >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
+
+
+@triton.jit
+def _load_x(p_x, SEED, l, M, C, o_m, m_m, o_c, m_c, p_drop, DROPOUT: tl.constexpr):
+    """x [BLOCK_M, BLOCK_C] fp32 of rows p_x (channels o_c at unit stride; 0 outside the masks), dropped out with
+    DROPOUT (``_dropout_scale``)."""
+    b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_m[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+    if DROPOUT:
+        b_x *= _dropout_scale(SEED, l, M, C, o_m, o_c, p_drop)
+    return b_x
+
+
+@triton.jit
+def _row_stats(p_x, SEED, l, M, C, o_m, m_m, eps, p_drop, DROPOUT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, rstd) [BLOCK_M] fp32 of the rows p_x (``_load_x``): the variance from a second pass."""
     b_sum = tl.zeros([p_x.shape[0]], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
-        b_sum += tl.sum(tl.load(p_x[:, None] + o_c[None, :], mask=m_m[:, None] & (o_c < C)[None, :],
-                                other=0.0).to(tl.float32), 1)
+        b_sum += tl.sum(_load_x(p_x, SEED, l, M, C, o_m, m_m, o_c, o_c < C, p_drop, DROPOUT), 1)
     b_mean = b_sum / C
     b_var = tl.zeros([p_x.shape[0]], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
-        m_mc = m_m[:, None] & (o_c < C)[None, :]
-        b_d = tl.where(m_mc, tl.load(p_x[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
-                       - b_mean[:, None], 0.0)
+        m_c = o_c < C
+        b_d = tl.where(m_m[:, None] & m_c[None, :],
+                       _load_x(p_x, SEED, l, M, C, o_m, m_m, o_c, m_c, p_drop, DROPOUT) - b_mean[:, None], 0.0)
         b_var += tl.sum(b_d * b_d, 1)
     return b_mean, 1.0 / tl.sqrt(b_var / C + eps)
 
@@ -84,12 +105,14 @@ def _kv_offsets(o_m, o_r, M, R, P, D, l):
 
 
 @triton.jit
-def _kv_fwd_kernel(X, TABLE, OUT, MEAN, RSTD, M, C, R, k_row0, v_row0, kb_row0, vb_row0, P, D, eps, stride_xl,
-                   stride_xm,
+def _kv_fwd_kernel(X, TABLE, SEED, OUT, MEAN, RSTD, M, C, R, k_row0, v_row0, kb_row0, vb_row0, P, D, eps, p_drop,
+                   stride_xl, stride_xm,
                    NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (l, i_m, i_r): kv rows i_m, columns i_r of layer l (module docstring); with NORM the program of
-    column block 0 also writes the rows' mean and rstd ([L, M] fp32)."""
+                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """Program (l, i_m, i_r): kv rows i_m, columns i_r of layer l (module docstring) of x dropped out with DROPOUT
+    (``_dropout_scale``); with NORM the program of column block 0 also writes the rows' mean and rstd ([L, M] fp32)
+    of the dropped-out x."""
     l = tl.program_id(0)
     o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -97,7 +120,7 @@ def _kv_fwd_kernel(X, TABLE, OUT, MEAN, RSTD, M, C, R, k_row0, v_row0, kb_row0, 
     p_x = X + l * stride_xl + o_m * stride_xm  # [BLOCK_M] row pointers
     p_w = _kv_rows(TABLE, l, 0, o_r, R // 2, k_row0, v_row0, C, X)  # [BLOCK_R] row starts
     if NORM:
-        b_mean, b_rstd = _row_stats(p_x, m_m, C, eps, BLOCK_C)
+        b_mean, b_rstd = _row_stats(p_x, SEED, l, M, C, o_m, m_m, eps, p_drop, DROPOUT, BLOCK_C)
         if tl.program_id(2) == 0:
             tl.store(MEAN + l * M + o_m, b_mean, mask=m_m)
             tl.store(RSTD + l * M + o_m, b_rstd, mask=m_m)
@@ -105,7 +128,7 @@ def _kv_fwd_kernel(X, TABLE, OUT, MEAN, RSTD, M, C, R, k_row0, v_row0, kb_row0, 
     for c0 in range(0, C, BLOCK_C):
         o_c = c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < C
-        b_h = tl.load(p_x[:, None] + o_c[None, :], mask=m_m[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+        b_h = _load_x(p_x, SEED, l, M, C, o_m, m_m, o_c, m_c, p_drop, DROPOUT)
         if NORM:
             b_h = (b_h - b_mean[:, None]) * b_rstd[:, None]
             if HAS_W:
@@ -137,12 +160,13 @@ def _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, P
 
 
 @triton.jit
-def _kv_bwd_kernel(G, X, TABLE, MEAN, RSTD, DX, M, C, R, k_row0, v_row0, P, D, stride_xl, stride_xm,
-                   NORM: tl.constexpr, HAS_W: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _kv_bwd_kernel(G, X, TABLE, SEED, MEAN, RSTD, DX, M, C, R, k_row0, v_row0, P, D, p_drop, stride_xl, stride_xm,
+                   NORM: tl.constexpr, HAS_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (l, i_m): dx ([L, M, C] contiguous) of rows i_m of layer l. With NORM, a first pass over C takes the
     row sums of dn = dh * w and dn * xhat that the norm's backward needs, a second recomputes dn and writes
-    dx = rstd * (dn - (sum dn + xhat * sum dn * xhat) / C); without, dx = dh."""
+    dx = rstd * (dn - (sum dn + xhat * sum dn * xhat) / C); without, dx = dh. With DROPOUT, x is the forward's
+    dropped-out x (the same multipliers, ``_dropout_scale``) and dx is multiplied by them."""
     l = tl.program_id(0)
     o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
@@ -159,7 +183,7 @@ def _kv_bwd_kernel(G, X, TABLE, MEAN, RSTD, DX, M, C, R, k_row0, v_row0, P, D, s
             b_dn = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION, BLOCK_R)
             if HAS_W:
                 b_dn *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-            b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_m[:, None] & m_c[None, :], other=0.0).to(tl.float32)
+            b_x = _load_x(p_x, SEED, l, M, C, o_m, m_m, o_c, m_c, p_drop, DROPOUT)
             b_dsum += tl.sum(b_dn, 1)
             b_dxsum += tl.sum(b_dn * (b_x - b_mean[:, None]) * b_rstd[:, None], 1)
     for c0 in range(0, C, BLOCK_C):
@@ -167,40 +191,22 @@ def _kv_bwd_kernel(G, X, TABLE, MEAN, RSTD, DX, M, C, R, k_row0, v_row0, P, D, s
         m_c = o_c < C
         m_mc = m_m[:, None] & m_c[None, :]
         b_dx = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION, BLOCK_R)
+        if DROPOUT:
+            b_scale = _dropout_scale(SEED, l, M, C, o_m, o_c, p_drop)
         if NORM:
             if HAS_W:
                 b_dx *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-            b_xhat = (tl.load(p_x[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
-                      - b_mean[:, None]) * b_rstd[:, None]
+            b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
+            if DROPOUT:
+                b_x *= b_scale
+            b_xhat = (b_x - b_mean[:, None]) * b_rstd[:, None]
             b_dx = b_rstd[:, None] * (b_dx - (b_dsum[:, None] + b_xhat * b_dxsum[:, None]) / C)
+        if DROPOUT:
+            b_dx *= b_scale
         tl.store(p_dx[:, None] + o_c[None, :], b_dx.to(DX.dtype.element_ty), mask=m_mc)
 
 
 # ------------------------------------------------------------------------------------------- launchers
-
-
-def weight_table(dtype: torch.dtype, C: int, rows: tuple[int, int, int, int],
-                 layers: list[tuple]) -> torch.Tensor | None:
-    """int64 [L, 6] on the tensors' device: per layer (``layers``: (key weight, value weight, norm weight, norm
-    bias, key bias, value bias), None where absent) their addresses, 0 for None; None unless every tensor is
-    ``dtype`` on one device and contiguous, each weight [>= rows, C] and each bias [>= rows] (``rows``: the rows the
-    key and value blocks need of the weights and of the biases), each norm parameter [C]. Made and checked once per
-    set of addresses (the table holds no values: the kernels read the tensors as they are at each launch)."""
-    addresses = tuple(0 if t is None else t.data_ptr() for layer in layers for t in layer)
-    device = layers[0][0].device
-    key = (device, dtype, C, rows, addresses)
-    table = _tables.get(key, _UNSEEN)  # (one read: another thread may clear the dict)
-    if table is _UNSEEN:
-        least = ((rows[0], C), (rows[1], C), (C,), (C,), (rows[2],), (rows[3],))  # what each column needs at least
-        ok = all(t is None or (t.dtype == dtype and t.device == device and t.dim() == len(need)
-                               and t.shape[0] >= need[0] and t.shape[1:] == need[1:] and t.is_contiguous())
-                 for layer in layers for t, need in zip(layer, least))
-        with torch.inference_mode(False):  # kept across forwards: never an inference tensor
-            table = torch.tensor(addresses, dtype=torch.int64).view(-1, TABLE_COLUMNS).to(device) if ok else None
-        if len(_tables) >= _MAX_TABLES:
-            _tables.clear()
-        _tables[key] = table
-    return table
 
 
 def forget_plans():
@@ -220,67 +226,52 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def _forward_plan(shape, strides, dtype, sets, heads, head_dim, rows, eps, norm, has_w, has_b, has_bias):
+def _forward_plan(shape, strides, dtype, sets, heads, head_dim, rows, eps, norm, has_w, has_b, has_bias, p_drop):
     """``_kv_fwd_kernel`` on x of ``shape`` [L, M, C] and (layer, row) ``strides``, with the key and value blocks'
-    first rows ``rows`` (``forward``): (grid, args, options, the shapes of kv [L, T, 2, H, P, D] and of mean/rstd
-    [L, M])."""
+    first rows ``rows`` (``forward``) and prompt dropout ``p_drop`` (0: none): (grid, args, options, the shapes of kv
+    [L, T, 2, H, P, D] and of mean/rstd [L, M])."""
     L, M, C = shape
     R, P = 2 * heads * head_dim, M // sets
     blocks, options = _options("fwd")
-    args = (M, C, R, *rows, P, head_dim, eps, strides[0], strides[1], norm, has_w, has_b, has_bias, _precision(dtype),
-            *blocks)
+    args = (M, C, R, *rows, P, head_dim, eps, p_drop, strides[0], strides[1], norm, has_w, has_b, has_bias,
+            p_drop > 0, _precision(dtype), *blocks)
     grid = (L, cdiv(M, blocks[0]), cdiv(R, blocks[1]))
     return grid, args, options, (L, sets, 2, heads, P, head_dim), (L, M)
 
 
 @functools.cache
-def _backward_plan(shape, strides, dtype, sets, heads, head_dim, weight_rows, norm, has_w):
+def _backward_plan(shape, strides, dtype, sets, heads, head_dim, weight_rows, norm, has_w, p_drop):
     """``_kv_bwd_kernel``: (grid, args, options)."""
     L, M, C = shape
     blocks, options = _options("bwd")
-    args = (M, C, 2 * heads * head_dim, *weight_rows, M // sets, head_dim, strides[0], strides[1], norm, has_w,
-            _precision(dtype), *blocks)
+    args = (M, C, 2 * heads * head_dim, *weight_rows, M // sets, head_dim, p_drop, strides[0], strides[1], norm,
+            has_w, p_drop > 0, _precision(dtype), *blocks)
     return (L, cdiv(M, blocks[0])), args, options
 
 
-class KVLayers(NamedTuple):
-    """The layers the kernels project through: ``table`` (``weight_table``), the prompt sets per layer (M = sets * P
-    rows of x), the K/V heads and head dim, the key and value blocks' first rows ``rows`` (of the key weight, the
-    value weight, the key bias, the value bias), the norm's eps (None: no norm) and whether the norm has a weight and
-    a bias and the projection a bias."""
-
-    table: torch.Tensor
-    sets: int
-    heads: int
-    head_dim: int
-    rows: tuple[int, int, int, int]
-    eps: float | None
-    has_w: bool
-    has_b: bool
-    has_bias: bool
-
-
-def forward(x: torch.Tensor, layers: KVLayers):
+def forward(x: torch.Tensor, layers: KVLayers, seed: torch.Tensor | None = None, p_drop: float = 0.0):
     """kv [L, sets, 2, heads, P, head_dim] in x's dtype, and mean, rstd [L, M] fp32 (None without a norm) of x
-    [L, M, C] (M = sets * P; unit stride on C) through ``layers``."""
+    [L, M, C] (M = sets * P; unit stride on C) through ``layers``, x dropped out with probability ``p_drop`` (> 0:
+    with the multipliers of ``seed``, ``dropout_seed``; module docstring, 'Prompt dropout')."""
     norm = layers.eps is not None
     grid, args, options, kv_shape, stats_shape = _forward_plan(
         x.shape, x.stride()[:2], x.dtype, layers.sets, layers.heads, layers.head_dim, layers.rows,
-        layers.eps if norm else 0.0, norm, layers.has_w, layers.has_b, layers.has_bias)
+        layers.eps if norm else 0.0, norm, layers.has_w, layers.has_b, layers.has_bias, p_drop)
     device = x.device
     kv = torch.empty(kv_shape, dtype=x.dtype, device=device)
     mean = torch.empty(stats_shape, dtype=torch.float32, device=device) if norm else None
     rstd = torch.empty(stats_shape, dtype=torch.float32, device=device) if norm else None
-    launch(_kv_fwd_kernel, grid, (x, layers.table), (kv, mean, rstd), args, options)
+    launch(_kv_fwd_kernel, grid, (x, layers.table, seed if p_drop else None), (kv, mean, rstd), args, options)
     return kv, mean, rstd
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor | None,
-             layers: KVLayers) -> torch.Tensor:
+             layers: KVLayers, seed: torch.Tensor | None = None, p_drop: float = 0.0) -> torch.Tensor:
     """dx [L, M, C] contiguous, in x's dtype, of grad ([L, sets, 2, heads, P, head_dim], made contiguous) through
-    ``forward``'s ``layers`` (mean and rstd: its)."""
+    ``forward``'s ``layers`` (mean, rstd, seed and p_drop: its): the gradient of x itself (before the dropout)."""
     grid, args, options = _backward_plan(x.shape, x.stride()[:2], x.dtype, layers.sets, layers.heads,
-                                         layers.head_dim, layers.rows[:2], mean is not None, layers.has_w)
+                                         layers.head_dim, layers.rows[:2], mean is not None, layers.has_w, p_drop)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    launch(_kv_bwd_kernel, grid, (grad.contiguous(), x, layers.table, mean, rstd), (dx,), args, options)
+    launch(_kv_bwd_kernel, grid, (grad.contiguous(), x, layers.table, seed if p_drop else None, mean, rstd), (dx,),
+           args, options)
     return dx
