@@ -28,8 +28,12 @@ imports the kernel modules), with ``TRITON_INTERPRET=1`` set before triton is im
 ``__getitem__(grid)`` returns a no-op. The CPU-only checks that CUDA tensors never reach are replaced by no-ops too:
 ``tcpa_kernels._backend._check_interpreter`` (is the interpreter on?) and, wherever it is bound,
 ``refuse_interpreter_bf16`` (the interpreter's bf16 dots are wrong; reached under ``--dtype bf16`` only). A stubbed
-kernel leaves its outputs uninitialised: the figures are times, the values are meaningless. The stubs count their
-calls: the table's "launches per step" is the number of Triton launches a GPU step would make.
+kernel leaves its outputs uninitialised: the figures are times, the values are meaningless. Inside the stubs,
+denormal floats flush to zero (``torch.set_flush_denormal``): the torch ops that read a stubbed kernel's output
+read whatever the memory held (up to 7% denormals in a prompt bank's per-sample prompt-gradient buffers), and the
+CPU's slow path for denormals made their arithmetic, host work a GPU does not do, slower (one run each, this CPU:
+``benchmarks/bank.py``'s mixed step 5.25 ms without, 5.08 with; the single-task step 4.78 and 4.73). The stubs
+count their calls: the table's "launches per step" is the number of Triton launches a GPU step would make.
 
 ``--launch driver`` keeps Triton's own dispatch in the figure, which the stubs leave out: Triton runs with its CUDA
 driver replaced by a stand-in (``benchmarks/fake_driver.py``; the interpreter off), so each launch goes through
@@ -118,8 +122,8 @@ def _project_modules():
 @contextlib.contextmanager
 def kernels_stubbed(kernels: bool = True):
     """Inside: every Triton kernel of the loaded ``tcpa_kernels*`` modules launches nothing (``kernels``; else they
-    launch as they would: ``--launch driver``), and the CPU-only interpreter checks pass. Yields the number of
-    kernels stubbed (attributes, counted once per kernel object)."""
+    launch as they would: ``--launch driver``), the CPU-only interpreter checks pass and denormals flush to zero
+    (module docstring). Yields the number of kernels stubbed (attributes, counted once per kernel object)."""
     import triton
 
     saved = []
@@ -131,9 +135,11 @@ def kernels_stubbed(kernels: bool = True):
                 saved.append((module, name, value, _no_op))
     for module, name, _, stub in saved:
         setattr(module, name, stub)
+    torch.set_flush_denormal(True)  # the unwritten outputs' denormals (module docstring)
     try:
         yield len({id(value) for _, _, value, stub in saved if isinstance(stub, _NoLaunch)})
     finally:
+        torch.set_flush_denormal(False)
         for module, name, value, _ in saved:
             setattr(module, name, value)
 
