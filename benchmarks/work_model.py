@@ -24,7 +24,8 @@ forward, divided by L); the key-gradient partials' sum. Assumptions (the §6 set
   TCPA's attention writes it in place. Its prompt-gradient partials' batch sum is in the attention's figures.
 - the prompt K/V projection runs in fp32 outside autocast (``_prompt_kv.py``), as the triton backend runs it: one
   kernel each way for all layers (``ops/_prompt_kv_kernels.py``: 3xTF32 dots, the weights read in place; the
-  backward reads them twice, once per pass over C); no prompt dropout.
+  backward reads them twice, once per pass over C); no prompt dropout (drawn inside those kernels, it adds
+  Philox arithmetic on CUDA cores to them and no traffic).
 - bytes: every operand read once, every result written once; fp32 scratch (the attention's) left out, as in L2.
 - time: a roofline per kernel, max(tensor-core time, CUDA-core time, exp2 time, HBM time) at the H100 SXM5 peak
   rates below, plus a fixed cost per launch, summed. A model, not a measurement: real kernels reach a fraction of

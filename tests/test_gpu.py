@@ -233,22 +233,28 @@ def test_prompt_bank_of_different_pools_triton_equals_torch(tmp_path, autocast):
         torch.testing.assert_close(g.float(), rg.float(), atol=atol * float(rg.abs().max()), rtol=rtol)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_prompt_kv_kernels_match_fp64_at_vit_b(dtype):
+def test_prompt_kv_kernels_match_fp64_at_vit_b(dtype, p, monkeypatch):
     """The prompt K/V pass's kernels (one launch each way) at ViT-B/16's width, 12 layers and 36 prompts, in bf16
-    (which the interpreter cannot run) and fp32 (3xTF32), against fp64 from the definition."""
+    (which the interpreter cannot run) and fp32 (3xTF32), with and without the prompt dropout they draw themselves
+    (compiled Philox), against fp64 from the definition."""
     import timm
 
     from tcpa_kernels import _prompt_kv
     from tcpa_kernels.vit import state_of
+    from tests._philox import philox_multipliers, recorded_seeds
     from tests.test_prompt_kv_kernels import random_affines, reference_kv
 
     torch.manual_seed(0)
     model = random_affines(timm.create_model("vit_base_patch16_224", pretrained=False))
-    model = tk.apply_tcpa(model, backend="triton", prompt_dropout=0.0).to("cuda", dtype).train()
+    model = tk.apply_tcpa(model, backend="triton", prompt_dropout=p).to("cuda", dtype).train()
     params = _prompt_kv.prompt_parameters(state_of(model))
+    seeds = recorded_seeds(monkeypatch)
     kv = _prompt_kv.all_layers_kv(state_of(model), 8)
-    ref = reference_kv(model)
+    assert len(seeds) == (1 if p else 0)
+    ref = reference_kv(model, philox_multipliers(seeds[0], (len(kv), kv[0].shape[-2], model.embed_dim), p) if p
+                     else None)
     weights = [torch.randn(r.shape, dtype=torch.float64, device="cuda") for r in ref]
     grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
     ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
