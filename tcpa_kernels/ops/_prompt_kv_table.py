@@ -8,7 +8,10 @@ from typing import NamedTuple
 import torch
 
 TABLE_COLUMNS = 6  # key weight, value weight, norm weight, norm bias, key bias, value bias
-_MAX_TABLES = 64  # distinct address sets kept (a model's parameters do not move between steps)
+# Distinct address sets kept (a model's parameters do not move between steps). A table is never dropped before
+# that many: a step captured in CUDA graphs (torch.compile, mode="reduce-overhead") reads the table it was
+# captured with at every replay, so it must outlive the graph; a table is L * 6 int64s.
+_MAX_TABLES = 4096
 _tables: dict = {}  # (device, dtype, C, rows, addresses) -> table or None
 _UNSEEN = object()
 
