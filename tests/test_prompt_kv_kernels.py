@@ -243,3 +243,27 @@ def test_separate_key_value_weights_and_biases_match_fp64(family, launches):
     for g, rg in zip(grads, ref_grads):
         scale = float(rg.abs().max())
         torch.testing.assert_close(g.double() / scale, rg / scale, **TOLERANCE[torch.float32])
+
+
+def test_compiled_step_runs_the_kernels_and_draws_the_eager_masks(launches):
+    """Under torch.compile (fullgraph; aot_eager, which keeps eager's random stream) the prompt K/V pass is the
+    kernel ops: a train step with prompt dropout launches the kernels and gives eager's loss and every gradient from
+    the same seed."""
+    torch._dynamo.reset()
+    model = prompted(prompt_dropout=0.3)
+    params = tk.trainable_parameters(model)
+    x = torch.randn(2, 3, 16, 16)
+
+    def step(images):
+        return model(images).square().mean() + tk.get_matching_loss(model)
+
+    results = []
+    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(3)
+        loss = run(x)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    assert len(launches) == 2  # a forward launch in each step, the compiled one through the kernel op
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, loss)
+    for g, compiled_g in zip(grads, compiled_grads):
+        torch.testing.assert_close(compiled_g, g)
