@@ -130,11 +130,14 @@ def test_save_load_round_trip(tmp_path):
         tk.load_prompts(other, path)
 
 
-def test_grad_checkpointing_same_gradients():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_checkpointing_same_gradients(backend):
+    """Prompt dropout on (its default, 0.1): the checkpointed recomputation replays the forward's masks (triton: the
+    prompt K/V kernels' seed, redrawn from the restored random state)."""
     x = images()
     grads = []
     for checkpointing in (False, True):
-        model = tk.apply_tcpa(small_vit(), backend="torch", **TCPA_KW)
+        model = tk.apply_tcpa(small_vit(), backend=backend, **TCPA_KW)
         model.set_grad_checkpointing(checkpointing)
         model.train()
         torch.manual_seed(3)  # prompt dropout: the recomputation must replay the same mask
