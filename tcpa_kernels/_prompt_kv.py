@@ -11,7 +11,8 @@ are at that call (nothing is kept between forwards):
   Fourier prompts). In the common case (one mask, no transform, a gradient to compute) the ``cat`` and the dropout
   run inside the projection's node below (:class:`PromptParts`), so they add no autograd nodes of their own; in the
   prompt K/V kernels the dropout is drawn inside the kernels themselves (Philox from one seed, redrawn by the
-  backward: no mask op, no mask kept);
+  backward: no mask op, no mask kept), a mask per sample too (the kernels read the ``[L, P, C]`` tokens once per
+  sample: no ``[L, B, P, C]`` copy);
 - when every layer's norm is a LayerNorm with one eps and every layer the same projection shape (a ViT's blocks), on
   the triton backend where every layer's key and value rows are blocks of rows of its weights and the norms and
   weights are frozen: one Triton kernel each way for all layers (``ops/_prompt_kv_kernels.py``, ``_kernel_inputs``),
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 
 from tcpa_kernels._backend import autocast_off, kernels, resolve_backend
 from tcpa_kernels._patch import any_shard
-from tcpa_kernels.integrations.prompt_tokens import forward_tokens
+from tcpa_kernels.integrations.prompt_tokens import drop_prompts, forward_tokens
 from tcpa_kernels.ops import _prompt_kv_table
 from tcpa_kernels.ops._function import kernel_op, traced
 
@@ -138,14 +139,20 @@ class PromptParts:
     """Every layer's prompt parameters as the prompt tokens they make (``shape``: [L, P, C], or a prompt bank's
     [L, T', P, C]), one dropout mask for all of them (``p``, 0: none), not yet concatenated: the projection node
     concatenates them and drops them out itself (``_PromptKV``: inside the kernels; ``_FrozenNormLinear``);
-    ``tensor()`` makes them with plain ops."""
+    ``tensor()`` makes them with plain ops. ``shared``: the parameters' [L, P, C] tokens for each of the B samples
+    of ``shape`` [L, B, P, C], a dropout mask per sample (the published per-sample dropout; only the kernels'
+    node takes them so, ``tensor()`` expands them)."""
 
     parts: list[Tensor]  # [prompts_cls_0, prompts_img_0, ...] (a bank's: its prompt sets), concatenated on dim 0
-    shape: tuple[int, ...]  # [L, P, C] or [L, T', P, C]
+    shape: tuple[int, ...]  # [L, P, C] or [L, T', P, C] ([L, B, P, C] shared)
     p: float  # dropout probability, 0 <= p < 1
+    shared: bool = False
     requires_grad: ClassVar[bool] = True  # ``layer_tokens`` makes them only where a part requires grad
 
     def tensor(self) -> Tensor:
+        if self.shared:
+            L, B, P, C = self.shape
+            return drop_prompts(_cat(self.parts).reshape(L, P, C), self.p, True, B)
         tokens = _cat(self.parts).reshape(self.shape)
         return F.dropout(tokens, self.p) if self.p else tokens
 
@@ -154,7 +161,7 @@ def layer_tokens(state, parts: list[Tensor], batch_size: int, bank=None) -> Tens
     """Prompt tokens of every layer for this forward from their parameters (``prompt_parameters``): [L, P, C], or
     [L, B, P, C] with a dropout mask per sample; with a prompt ``bank`` (a ``_forward.BankCall``) its prompt sets
     for the forward, [L, T', P, C] (or [L, B, P, C], per sample already), one mask over all of them. As
-    ``PromptParts`` where a gradient flows to them, one mask serves them all and no transform follows."""
+    ``PromptParts`` where a gradient flows to them and no transform follows (``shared`` with a mask per sample)."""
     config = state.config
     p = config.prompt_dropout if state.training else 0.0
     if bank is None:
@@ -165,9 +172,10 @@ def layer_tokens(state, parts: list[Tensor], batch_size: int, bank=None) -> Tens
     else:
         parts = [bank.prompt_sets()]
         shape, per_sample, batch_size = tuple(parts[0].shape), False, None
-    if (torch.is_grad_enabled() and config.prompt_transform == "none" and p < 1 and not per_sample
+    if (torch.is_grad_enabled() and config.prompt_transform == "none" and p < 1
             and any(t.requires_grad for t in parts)):
-        return PromptParts(parts, shape, p)
+        return PromptParts(parts, (shape[0], batch_size, *shape[1:]), p, True) if per_sample else PromptParts(
+            parts, shape, p)
     prompts = _cat(parts).reshape(shape)  # [L, P, C] (one cat) or a bank's sets
     return forward_tokens(prompts, config, state.training, batch_size)
 
@@ -397,8 +405,8 @@ class _KernelInputs:
     """What the prompt K/V kernels take besides x: per layer the tensors of their address table (``layers``: key
     weight, value weight, norm weight, norm bias, key bias, value bias, None where absent; kept alive by the node),
     the prompt sets per layer, the heads and head dim, the key and value blocks' first rows and the norm's eps
-    (``_prompt_kv_table.KVLayers``), and ``plan``, the kernels' ``KVLayers`` with its table, or None while tracing
-    (the kernel ops make it at their launch)."""
+    (``_prompt_kv_table.KVLayers``), whether the sets share x's rows, and ``plan``, the kernels' ``KVLayers`` with its
+    table, or None while tracing (the kernel ops make it at their launch)."""
 
     layers: list[tuple]
     sets: int
@@ -406,12 +414,13 @@ class _KernelInputs:
     head_dim: int
     rows: tuple[int, int, int, int]
     eps: float | None
+    shared: bool
     plan: tuple | None
 
     def op_args(self) -> tuple:
-        """The kernel ops' arguments after x (and the backward's gradient, statistics): tensors, shape, eps."""
+        """The kernel ops' arguments after x (and the backward's gradient, statistics): tensors, shape, eps, shared."""
         return ([t for layer in self.layers for t in layer], self.sets, self.heads, self.head_dim, list(self.rows),
-                self.eps)
+                self.eps, self.shared)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -422,12 +431,12 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
     the kernels do not apply and the torch ops run: a layer whose key or value rows are not one block of a weight
     (``KVProjection.kv_blocks``), or not at the same rows in every layer, a norm, weight or bias that requires grad,
     a tensor that is not x's dtype (fp32, fp16 or bf16; bf16 off CUDA: the interpreter's bf16 dots are wrong) or
-    not contiguous (``_prompt_kv_table.readable``; in eager mode checked once per set of addresses, with the
-    table made: ``weight_table``)."""
+    not contiguous (``_prompt_kv_table.readable``; in eager mode checked once per set of addresses, with the table
+    made: ``weight_table``), or no prompt sets (an empty batch's, with a dropout mask per sample)."""
     first = projections[0]
     dtype = x.dtype if isinstance(x, Tensor) else x.parts[0].dtype
     device = first.weights[0].whole().device
-    if (dtype not in _KERNEL_DTYPES or (dtype == torch.bfloat16 and device.type != "cuda")
+    if (dtype not in _KERNEL_DTYPES or (dtype == torch.bfloat16 and device.type != "cuda") or not sets
             or (isinstance(x, Tensor) and x.stride(-1) != 1)):
         return None  # (off CUDA the triton backend runs the interpreter: ``resolve_backend`` checks it)
     blocks = [p.kv_blocks for p in projections]
@@ -445,7 +454,8 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
         return None
     starts = starts if has_bias else (*starts, 0, 0)
     C = x.shape[-1]
-    shape = (sets, first.kv_heads, first.head_dim, starts, None if first.norm is None else first.norm.eps)
+    shared = isinstance(x, PromptParts) and x.shared
+    shape = (sets, first.kv_heads, first.head_dim, starts, None if first.norm is None else first.norm.eps, shared)
     if traced():  # torch.compile, a dispatch mode: the kernel ops, which make the table at their launch
         half = first.kv_heads * first.head_dim
         readable = _prompt_kv_table.readable(dtype, C, tuple(start + half for start in starts), layers)
@@ -465,11 +475,11 @@ def _forward_launch(inputs: _KernelInputs, x: Tensor, seed: Tensor | None = None
 
 
 def _plan_of(x: Tensor, tensors: list[Tensor | None], sets: int, heads: int, head_dim: int, rows: list[int],
-             eps: float | None):
+             eps: float | None, shared: bool):
     """The ``KVLayers`` the kernel ops launch with (made at the launch: a table of addresses)."""
     columns = _prompt_kv_table.TABLE_COLUMNS
     layers = [tuple(tensors[i:i + columns]) for i in range(0, len(tensors), columns)]
-    plan = _prompt_kv_table.kv_layers(x.dtype, x.shape[-1], layers, sets, heads, head_dim, tuple(rows), eps)
+    plan = _prompt_kv_table.kv_layers(x.dtype, x.shape[-1], layers, sets, heads, head_dim, tuple(rows), eps, shared)
     if plan is None:
         raise ValueError("prompt_kv: the weights are not readable by the prompt K/V kernels (dtype, device, shape or "
                          "contiguity changed since the trace)")
@@ -478,19 +488,20 @@ def _plan_of(x: Tensor, tensors: list[Tensor | None], sets: int, heads: int, hea
 
 @kernel_op("tcpa_kernels::prompt_kv_fwd")
 def prompt_kv_fwd(x: Tensor, tensors: list[Tensor | None], sets: int, heads: int, head_dim: int, rows: list[int],
-                  eps: float | None, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
+                  eps: float | None, shared: bool, seed: Tensor | None, p: float) -> tuple[Tensor, Tensor, Tensor]:
     """One launch of the prompt K/V forward kernel (``_prompt_kv_kernels.forward``; ``_KernelInputs.op_args``):
     (kv [L, sets, 2, heads, P, head_dim], mean, rstd [L, M] fp32, or [0] each without a norm)."""
-    kv, mean, rstd = kernels("_prompt_kv_kernels").forward(x, _plan_of(x, tensors, sets, heads, head_dim, rows, eps),
-                                                           seed, p)
+    plan = _plan_of(x, tensors, sets, heads, head_dim, rows, eps, shared)
+    kv, mean, rstd = kernels("_prompt_kv_kernels").forward(x, plan, seed, p)
     if mean is None:
         return kv, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
     return kv, mean, rstd
 
 
 @prompt_kv_fwd.register_fake
-def _(x, tensors, sets, heads, head_dim, rows, eps, seed, p):
-    L, M, _ = x.shape
+def _(x, tensors, sets, heads, head_dim, rows, eps, shared, seed, p):
+    L, x_rows, _ = x.shape
+    M = sets * x_rows if shared else x_rows
     stats = (0,) if eps is None else (L, M)
     return (x.new_empty((L, sets, 2, heads, M // sets, head_dim)), x.new_empty(stats, dtype=torch.float32),
             x.new_empty(stats, dtype=torch.float32))
@@ -499,22 +510,24 @@ def _(x, tensors, sets, heads, head_dim, rows, eps, seed, p):
 @kernel_op("tcpa_kernels::prompt_kv_bwd")
 def prompt_kv_bwd(grad: Tensor, x: Tensor, mean: Tensor | None, rstd: Tensor | None,
                   tensors: list[Tensor | None], sets: int, heads: int, head_dim: int, rows: list[int],
-                  eps: float | None, seed: Tensor | None, p: float) -> Tensor:
+                  eps: float | None, shared: bool, seed: Tensor | None, p: float) -> Tensor:
     """One launch of the prompt K/V backward kernel (``_prompt_kv_kernels.backward``): dx [L, M, C]."""
-    return kernels("_prompt_kv_kernels").backward(grad, x, mean, rstd,
-                                                  _plan_of(x, tensors, sets, heads, head_dim, rows, eps), seed, p)
+    plan = _plan_of(x, tensors, sets, heads, head_dim, rows, eps, shared)
+    return kernels("_prompt_kv_kernels").backward(grad, x, mean, rstd, plan, seed, p)
 
 
 @prompt_kv_bwd.register_fake
-def _(grad, x, mean, rstd, tensors, sets, heads, head_dim, rows, eps, seed, p):
+def _(grad, x, mean, rstd, tensors, sets, heads, head_dim, rows, eps, shared, seed, p):
     return x.new_empty(x.shape)
 
 
 def _kernel_kv(inputs: _KernelInputs, x: Tensor | PromptParts) -> Tensor:
     """kv [L, T, 2, H, P, D] of x [L, M, C] (or its ``PromptParts``) through the prompt K/V kernels: one node where a
     gradient flows back to x, else one launch."""
-    if isinstance(x, PromptParts):
-        return _PromptKV.apply(None, (inputs, (x.shape, x.p)), *x.parts)
+    if isinstance(x, PromptParts):  # x [L, M, C]; shared: the parts make [L, M / sets, C]
+        L, M, C = x.shape
+        shape = (L, M // inputs.sets, C) if x.shared else x.shape
+        return _PromptKV.apply(None, (inputs, (shape, x.p)), *x.parts)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PromptKV.apply(x, (inputs, None))
     return _forward_launch(inputs, x)[0]
@@ -533,6 +546,9 @@ def _batched_kv(projections: list[KVProjection], tokens: Tensor | PromptParts, b
     if inputs is not None:
         kv = _kernel_kv(inputs, flat)  # [L, sets, 2, H, P, D]
         return list((kv.squeeze(1) if len(tokens.shape) == 3 else kv).unbind(0))
+    if isinstance(flat, PromptParts) and flat.shared:  # the torch ops: the parts expanded, a mask per sample
+        tokens = tokens.tensor()
+        flat = tokens.reshape(flat_shape)
     first = projections[0]
     bias = None if first.biases is None else _stacked(*_pieces([r for p in projections for r in p.biases], L), L)
     norms = None if first.norm is None else [p.norm for p in projections]

@@ -101,29 +101,15 @@ def test_prompt_kv_and_gradients_match_fp64(family, dtype, launches):
         torch.testing.assert_close(g.double() / scale, rg.double() / scale, **TOLERANCE[dtype])
 
 
-def test_evaluation_and_per_sample_sets_match_fp64(launches):
-    """Without a gradient (evaluation) one launch and no graph; with a dropout mask per sample (p = 0 here), the
-    [L, B, P, C] tokens as B sets of P rows, each sample's K/V [B, 2, H, P, D]."""
+def test_evaluation_matches_fp64(launches):
+    """Without a gradient (evaluation) one launch and no graph."""
     model = prompted().eval()
     with torch.no_grad():
         kv = _prompt_kv.all_layers_kv(state_of(model), 2)
-    ref = reference_kv(model)
-    for k, r in zip(kv, ref):
+    assert len(launches) == 1
+    for k, r in zip(kv, reference_kv(model)):
         assert k.grad_fn is None
         torch.testing.assert_close(k.double(), r, **TOLERANCE[torch.float32])
-    model = prompted(prompt_dropout_per_sample=True)
-    state = state_of(model)
-    state.config.prompt_dropout = 0.5
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        kv = _prompt_kv.all_layers_kv(state, 2)
-    assert len(launches) == 2 and kv[0].shape == (2, *ref[0].shape)
-    with torch.random.fork_rng():  # the same masks through the torch ops
-        torch.manual_seed(3)
-        state.config.backend = "torch"
-        torch_kv = _prompt_kv.all_layers_kv(state, 2)
-    for k, t in zip(kv, torch_kv):
-        torch.testing.assert_close(k, t, **TOLERANCE[torch.float32])
 
 
 @pytest.fixture(params=["default", "small"])
@@ -243,6 +229,29 @@ def test_separate_key_value_weights_and_biases_match_fp64(family, launches):
     for g, rg in zip(grads, ref_grads):
         scale = float(rg.abs().max())
         torch.testing.assert_close(g.double() / scale, rg / scale, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("family", ["pre_norm", "post_norm"])
+def test_prompt_dropout_per_sample_inside_the_kernels_matches_fp64(family, tiles, launches, monkeypatch):
+    """A dropout mask per sample (the published code's): the kernels read the [L, P, C] prompt rows once per sample,
+    each sample's its own mask (element i of the [L, B * P, C] rows the samples make: Philox(seed, i) >= p), and
+    write each sample's K/V [B, 2, H, P, D]; the backward sums the samples' gradients in the kernel. Both equal the
+    fp64 definition, sample by sample."""
+    p, B = 0.3, 3
+    model = prompted(family, prompt_dropout=p, prompt_dropout_per_sample=True, pool_size_img=12)
+    params = _prompt_kv.prompt_parameters(state_of(model))
+    seeds = recorded_seeds(monkeypatch)
+    kv = _prompt_kv.all_layers_kv(state_of(model), B)
+    assert len(launches) == 1 and len(seeds) == 1 and kv[0].shape[0] == B
+    multipliers = philox_multipliers(seeds[0], (len(kv), B, kv[0].shape[-2], model.embed_dim), p)  # [L, B, P, C]
+    assert not torch.equal(multipliers[:, 0], multipliers[:, 1])
+    ref = [torch.stack(layer) for layer in zip(*(reference_kv(model, multipliers[:, b]) for b in range(B)))]
+    torch.manual_seed(1)
+    weights = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
+    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
+    for a, b in zip([*kv, *grads], [*ref, *ref_grads]):
+        torch.testing.assert_close(a.double(), b.double(), **TOLERANCE[torch.float32])
 
 
 def test_compiled_step_runs_the_kernels_and_draws_the_eager_masks(launches):

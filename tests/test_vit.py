@@ -331,11 +331,13 @@ def test_torch_compile_with_grad_checkpointing():
         torch.testing.assert_close(g, rg)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_an_empty_batch_runs_forward_and_backward(backend):
+def test_an_empty_batch_runs_forward_and_backward(backend, per_sample):
     """A batch of 0 images (the last batch of a split, a filter that keeps nothing): empty logits, a zero matching
-    loss and zero prompt gradients, as the no-prompt model gives empty logits."""
-    model = tk.apply_tcpa(small_vit(), backend=backend, **TCPA_KW)
+    loss and zero prompt gradients, as the no-prompt model gives empty logits; in training, with one prompt-dropout
+    mask for the batch or one per sample (none: no samples)."""
+    model = tk.apply_tcpa(small_vit(), backend=backend, prompt_dropout_per_sample=per_sample, **TCPA_KW).train()
     out = model(torch.randn(0, 3, 16, 16))
     loss = out.sum() + tk.get_matching_loss(model)
     loss.backward()

@@ -157,7 +157,7 @@ def test_prompt_kv_model_counts_executed_dots():
               + (torch.randn(3 * s.C, generator=g),) * 2 for _ in range(s.L)]
     table = _prompt_kv_table.weight_table(torch.float32, s.C, (3 * s.C,) * 4, layers)
     x = torch.randn(s.L, s.P, s.C, generator=g)
-    layers = _prompt_kv_table.KVLayers(table, 1, s.H, s.D, (s.C, 2 * s.C, s.C, 2 * s.C), 1e-6, True, True, True)
+    layers = _prompt_kv_table.KVLayers(table, 1, s.H, s.D, (s.C, 2 * s.C, s.C, 2 * s.C), 1e-6, True, True, True, False)
     with executed_work() as forward:
         kv, mean, rstd = kernels.forward(x, layers)
     with executed_work() as backward:

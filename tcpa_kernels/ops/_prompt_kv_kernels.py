@@ -24,7 +24,10 @@ Prompt dropout runs inside both kernels: element (l, m, c) of x is kept, times 1
 ``tl.rand(seed, (l * M + m) * C + c) >= p`` (its flat index in [L, M, C], int64 offsets; ``seed`` an int64 tensor
 the kernels load, ``dropout_seed``), else zeroed. The backward draws the same numbers again, so no mask is drawn by
 a separate op, stored or read back (the torch path's dropout: a Bernoulli draw, a product each way and an [L, M, C]
-mask kept for the backward).
+mask kept for the backward). With a mask per sample (the published code's), the B samples' sets share x's rows:
+x is [L, P, C] (``KVLayers.shared``), row m of the M = B * P reads x's row m % P under its own multipliers, and the
+backward's program for a block of x's rows adds the samples' dx in order (fp32, deterministic), so neither the
+[L, B, P, C] tokens nor their gradient are made.
 """
 
 import functools
@@ -105,19 +108,20 @@ def _kv_offsets(o_m, o_r, M, R, P, D, l):
 
 
 @triton.jit
-def _kv_fwd_kernel(X, TABLE, SEED, OUT, MEAN, RSTD, M, C, R, k_row0, v_row0, kb_row0, vb_row0, P, D, eps, p_drop,
-                   stride_xl, stride_xm,
+def _kv_fwd_kernel(X, TABLE, SEED, OUT, MEAN, RSTD, M, x_rows, C, R, k_row0, v_row0, kb_row0, vb_row0, P, D, eps,
+                   p_drop, stride_xl, stride_xm,
                    NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_C: tl.constexpr):
     """Program (l, i_m, i_r): kv rows i_m, columns i_r of layer l (module docstring) of x dropped out with DROPOUT
     (``_dropout_scale``); with NORM the program of column block 0 also writes the rows' mean and rstd ([L, M] fp32)
-    of the dropped-out x."""
+    of the dropped-out x. Row m reads x's row m % x_rows (x_rows < M: the sets share x's rows, each set its own
+    mask)."""
     l = tl.program_id(0)
     o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_m, m_r = o_m < M, o_r < R
-    p_x = X + l * stride_xl + o_m * stride_xm  # [BLOCK_M] row pointers
+    p_x = X + l * stride_xl + (o_m % x_rows) * stride_xm  # [BLOCK_M] row pointers
     p_w = _kv_rows(TABLE, l, 0, o_r, R // 2, k_row0, v_row0, C, X)  # [BLOCK_R] row starts
     if NORM:
         b_mean, b_rstd = _row_stats(p_x, SEED, l, M, C, o_m, m_m, eps, p_drop, DROPOUT, BLOCK_C)
@@ -160,50 +164,58 @@ def _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, P
 
 
 @triton.jit
-def _kv_bwd_kernel(G, X, TABLE, SEED, MEAN, RSTD, DX, M, C, R, k_row0, v_row0, P, D, p_drop, stride_xl, stride_xm,
-                   NORM: tl.constexpr, HAS_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+def _kv_bwd_kernel(G, X, TABLE, SEED, MEAN, RSTD, DX, M, x_rows, C, R, k_row0, v_row0, P, D, p_drop, stride_xl,
+                   stride_xm, NORM: tl.constexpr, HAS_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (l, i_m): dx ([L, M, C] contiguous) of rows i_m of layer l. With NORM, a first pass over C takes the
-    row sums of dn = dh * w and dn * xhat that the norm's backward needs, a second recomputes dn and writes
+    """Program (l, i_x): dx ([L, x_rows, C] contiguous) of x's rows i_x of layer l, summed over the M / x_rows rows
+    m that read each (row m reads x's row m % x_rows: one, unless sets share x's rows; the program adds them in
+    order, so the sum is deterministic). Per row m: with NORM, a first pass over C takes the row sums of
+    dn = dh * w and dn * xhat that the norm's backward needs, a second recomputes dn and makes
     dx = rstd * (dn - (sum dn + xhat * sum dn * xhat) / C); without, dx = dh. With DROPOUT, x is the forward's
     dropped-out x (the same multipliers, ``_dropout_scale``) and dx is multiplied by them."""
     l = tl.program_id(0)
-    o_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < M
-    p_x = X + l * stride_xl + o_m * stride_xm
-    p_dx = DX + l * M * C + o_m * C
-    if NORM:
-        b_mean = tl.load(MEAN + l * M + o_m, mask=m_m, other=0.0)
-        b_rstd = tl.load(RSTD + l * M + o_m, mask=m_m, other=0.0)
-        b_dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        b_dxsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    o_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_x < x_rows
+    p_x = X + l * stride_xl + o_x * stride_xm
+    p_dx = DX + l * x_rows * C + o_x * C
+    for t in range(0, M // x_rows):  # the rows m = t * x_rows + o_x that read these rows of x
+        o_m = t * x_rows + o_x
+        if NORM:
+            b_mean = tl.load(MEAN + l * M + o_m, mask=m_m, other=0.0)
+            b_rstd = tl.load(RSTD + l * M + o_m, mask=m_m, other=0.0)
+            b_dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            b_dxsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                o_c = c0 + tl.arange(0, BLOCK_C)
+                m_c = o_c < C
+                b_dn = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION,
+                               BLOCK_R)
+                if HAS_W:
+                    b_dn *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+                b_x = _load_x(p_x, SEED, l, M, C, o_m, m_m, o_c, m_c, p_drop, DROPOUT)
+                b_dsum += tl.sum(b_dn, 1)
+                b_dxsum += tl.sum(b_dn * (b_x - b_mean[:, None]) * b_rstd[:, None], 1)
+        tl.debug_barrier()  # the previous row's dx stores, read back below
         for c0 in range(0, C, BLOCK_C):
             o_c = c0 + tl.arange(0, BLOCK_C)
             m_c = o_c < C
-            b_dn = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION, BLOCK_R)
-            if HAS_W:
-                b_dn *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-            b_x = _load_x(p_x, SEED, l, M, C, o_m, m_m, o_c, m_c, p_drop, DROPOUT)
-            b_dsum += tl.sum(b_dn, 1)
-            b_dxsum += tl.sum(b_dn * (b_x - b_mean[:, None]) * b_rstd[:, None], 1)
-    for c0 in range(0, C, BLOCK_C):
-        o_c = c0 + tl.arange(0, BLOCK_C)
-        m_c = o_c < C
-        m_mc = m_m[:, None] & m_c[None, :]
-        b_dx = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION, BLOCK_R)
-        if DROPOUT:
-            b_scale = _dropout_scale(SEED, l, M, C, o_m, o_c, p_drop)
-        if NORM:
-            if HAS_W:
-                b_dx *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
-            b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
+            m_mc = m_m[:, None] & m_c[None, :]
+            b_dx = _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, PRECISION, BLOCK_R)
             if DROPOUT:
-                b_x *= b_scale
-            b_xhat = (b_x - b_mean[:, None]) * b_rstd[:, None]
-            b_dx = b_rstd[:, None] * (b_dx - (b_dsum[:, None] + b_xhat * b_dxsum[:, None]) / C)
-        if DROPOUT:
-            b_dx *= b_scale
-        tl.store(p_dx[:, None] + o_c[None, :], b_dx.to(DX.dtype.element_ty), mask=m_mc)
+                b_scale = _dropout_scale(SEED, l, M, C, o_m, o_c, p_drop)
+            if NORM:
+                if HAS_W:
+                    b_dx *= tl.load(_pointer(TABLE, l, 2, X) + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+                b_x = tl.load(p_x[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
+                if DROPOUT:
+                    b_x *= b_scale
+                b_xhat = (b_x - b_mean[:, None]) * b_rstd[:, None]
+                b_dx = b_rstd[:, None] * (b_dx - (b_dsum[:, None] + b_xhat * b_dxsum[:, None]) / C)
+            if DROPOUT:
+                b_dx *= b_scale
+            if t > 0:
+                b_dx += tl.load(p_dx[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
+            tl.store(p_dx[:, None] + o_c[None, :], b_dx.to(DX.dtype.element_ty), mask=m_mc)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -226,37 +238,42 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def _forward_plan(shape, strides, dtype, sets, heads, head_dim, rows, eps, norm, has_w, has_b, has_bias, p_drop):
-    """``_kv_fwd_kernel`` on x of ``shape`` [L, M, C] and (layer, row) ``strides``, with the key and value blocks'
-    first rows ``rows`` (``forward``) and prompt dropout ``p_drop`` (0: none): (grid, args, options, the shapes of kv
-    [L, T, 2, H, P, D] and of mean/rstd [L, M])."""
-    L, M, C = shape
+def _forward_plan(shape, strides, dtype, sets, heads, head_dim, rows, eps, norm, has_w, has_b, has_bias, p_drop,
+                  shared):
+    """``_kv_fwd_kernel`` on x of ``shape`` [L, x_rows, C] and (layer, row) ``strides`` (``shared``: the sets share
+    x's rows, M = sets * x_rows; else M = x_rows), with the key and value blocks' first rows ``rows``
+    (``forward``) and prompt dropout ``p_drop`` (0: none): (grid, args, options, the shapes of kv [L, T, 2, H, P, D]
+    and of mean/rstd [L, M])."""
+    L, x_rows, C = shape
+    M = sets * x_rows if shared else x_rows
     R, P = 2 * heads * head_dim, M // sets
     blocks, options = _options("fwd")
-    args = (M, C, R, *rows, P, head_dim, eps, p_drop, strides[0], strides[1], norm, has_w, has_b, has_bias,
+    args = (M, x_rows, C, R, *rows, P, head_dim, eps, p_drop, strides[0], strides[1], norm, has_w, has_b, has_bias,
             p_drop > 0, _precision(dtype), *blocks)
     grid = (L, cdiv(M, blocks[0]), cdiv(R, blocks[1]))
     return grid, args, options, (L, sets, 2, heads, P, head_dim), (L, M)
 
 
 @functools.cache
-def _backward_plan(shape, strides, dtype, sets, heads, head_dim, weight_rows, norm, has_w, p_drop):
+def _backward_plan(shape, strides, dtype, sets, heads, head_dim, weight_rows, norm, has_w, p_drop, shared):
     """``_kv_bwd_kernel``: (grid, args, options)."""
-    L, M, C = shape
+    L, x_rows, C = shape
+    M = sets * x_rows if shared else x_rows
     blocks, options = _options("bwd")
-    args = (M, C, 2 * heads * head_dim, *weight_rows, M // sets, head_dim, p_drop, strides[0], strides[1], norm,
-            has_w, p_drop > 0, _precision(dtype), *blocks)
-    return (L, cdiv(M, blocks[0])), args, options
+    args = (M, x_rows, C, 2 * heads * head_dim, *weight_rows, M // sets, head_dim, p_drop, strides[0], strides[1],
+            norm, has_w, p_drop > 0, _precision(dtype), *blocks)
+    return (L, cdiv(x_rows, blocks[0])), args, options
 
 
 def forward(x: torch.Tensor, layers: KVLayers, seed: torch.Tensor | None = None, p_drop: float = 0.0):
     """kv [L, sets, 2, heads, P, head_dim] in x's dtype, and mean, rstd [L, M] fp32 (None without a norm) of x
-    [L, M, C] (M = sets * P; unit stride on C) through ``layers``, x dropped out with probability ``p_drop`` (> 0:
-    with the multipliers of ``seed``, ``dropout_seed``; module docstring, 'Prompt dropout')."""
+    [L, M, C] (M = sets * P; unit stride on C; with ``layers.shared``, x [L, P, C], the rows every set reads, each
+    set dropped out with its own mask) through ``layers``, x dropped out with probability ``p_drop`` (> 0: with the
+    multipliers of ``seed``, ``dropout_seed``; module docstring, 'Prompt dropout')."""
     norm = layers.eps is not None
     grid, args, options, kv_shape, stats_shape = _forward_plan(
         x.shape, x.stride()[:2], x.dtype, layers.sets, layers.heads, layers.head_dim, layers.rows,
-        layers.eps if norm else 0.0, norm, layers.has_w, layers.has_b, layers.has_bias, p_drop)
+        layers.eps if norm else 0.0, norm, layers.has_w, layers.has_b, layers.has_bias, p_drop, layers.shared)
     device = x.device
     kv = torch.empty(kv_shape, dtype=x.dtype, device=device)
     mean = torch.empty(stats_shape, dtype=torch.float32, device=device) if norm else None
@@ -267,11 +284,14 @@ def forward(x: torch.Tensor, layers: KVLayers, seed: torch.Tensor | None = None,
 
 def backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor | None,
              layers: KVLayers, seed: torch.Tensor | None = None, p_drop: float = 0.0) -> torch.Tensor:
-    """dx [L, M, C] contiguous, in x's dtype, of grad ([L, sets, 2, heads, P, head_dim], made contiguous) through
-    ``forward``'s ``layers`` (mean, rstd, seed and p_drop: its): the gradient of x itself (before the dropout)."""
+    """dx of x's shape, contiguous, in x's dtype, of grad ([L, sets, 2, heads, P, head_dim], made contiguous) through
+    ``forward``'s ``layers`` (mean, rstd, seed and p_drop: its): the gradient of x itself (before the dropout; with
+    ``layers.shared`` summed over the sets, in fp32 in the kernel, then cast)."""
+    shared = layers.shared and layers.sets > 1
     grid, args, options = _backward_plan(x.shape, x.stride()[:2], x.dtype, layers.sets, layers.heads,
-                                         layers.head_dim, layers.rows[:2], mean is not None, layers.has_w, p_drop)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                                         layers.head_dim, layers.rows[:2], mean is not None, layers.has_w, p_drop,
+                                         layers.shared)
+    dx = torch.empty(x.shape, dtype=torch.float32 if shared else x.dtype, device=x.device)
     launch(_kv_bwd_kernel, grid, (grad.contiguous(), x, layers.table, seed if p_drop else None, mean, rstd), (dx,),
            args, options)
-    return dx
+    return dx if dx.dtype == x.dtype else dx.to(x.dtype)

@@ -20,7 +20,8 @@ class KVLayers(NamedTuple):
     """The layers the kernels project through: ``table`` (``weight_table``), the prompt sets per layer (M = sets * P
     rows of x), the K/V heads and head dim, the key and value blocks' first rows ``rows`` (of the key weight, the
     value weight, the key bias, the value bias), the norm's eps (None: no norm) and whether the norm has a weight and
-    a bias and the projection a bias."""
+    a bias and the projection a bias, and whether the sets share x's rows (``shared``: x [L, P, C] read by every set,
+    each with its own dropout mask)."""
 
     table: torch.Tensor
     sets: int
@@ -31,10 +32,11 @@ class KVLayers(NamedTuple):
     has_w: bool
     has_b: bool
     has_bias: bool
+    shared: bool = False
 
 
 def kv_layers(dtype: torch.dtype, C: int, layers: list[tuple], sets: int, heads: int, head_dim: int,
-              rows: tuple[int, int, int, int], eps: float | None) -> KVLayers | None:
+              rows: tuple[int, int, int, int], eps: float | None, shared: bool) -> KVLayers | None:
     """The ``KVLayers`` of ``layers`` (per layer the table's tensors, as ``readable`` takes them) for x of ``dtype``
     with C channels, or None unless ``readable`` (``weight_table``)."""
     half = heads * head_dim
@@ -43,7 +45,7 @@ def kv_layers(dtype: torch.dtype, C: int, layers: list[tuple], sets: int, heads:
         return None
     first = layers[0]
     return KVLayers(table, sets, heads, head_dim, rows, eps, first[2] is not None, first[3] is not None,
-                    first[4] is not None)
+                    first[4] is not None, shared)
 
 
 def dropout_seed(device: torch.device) -> torch.Tensor:
