@@ -65,6 +65,17 @@ def reference_kv(model, multipliers: torch.Tensor | None = None) -> list[torch.T
     return kv
 
 
+def assert_fp32_kv_and_grads_match(kv: list[torch.Tensor], ref: list[torch.Tensor], params: list[torch.Tensor]):
+    """fp32 K/V ``kv`` equal their fp64 definition ``ref``, and so do the gradients of sum(kv * g) (g random) of
+    ``params``."""
+    torch.manual_seed(1)
+    weights = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
+    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
+    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
+    for a, b in zip([*kv, *grads], [*ref, *ref_grads]):
+        torch.testing.assert_close(a.double(), b.double(), **TOLERANCE[torch.float32])
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """The prompt K/V kernels' forward launches (a list, one entry each)."""
@@ -146,12 +157,7 @@ def test_prompt_dropout_inside_the_kernels_matches_fp64(family, tiles, launches,
     multipliers = philox_multipliers(seeds[0], (len(kv), *kv[0].shape[-2:-1], model.embed_dim), p)  # [L, P, C]
     assert 0.6 < multipliers.ne(0).double().mean() < 0.8
     ref = reference_kv(model, multipliers)
-    torch.manual_seed(1)
-    weights = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
-    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
-    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
-    for a, b in zip([*kv, *grads], [*ref, *ref_grads]):
-        torch.testing.assert_close(a.double(), b.double(), **TOLERANCE[torch.float32])
+    assert_fp32_kv_and_grads_match(kv, ref, params)
 
 
 @pytest.mark.parametrize("case", ["trainable_qkv", "trainable_norm", "bf16_off_cuda"])
@@ -246,12 +252,7 @@ def test_prompt_dropout_per_sample_inside_the_kernels_matches_fp64(family, tiles
     multipliers = philox_multipliers(seeds[0], (len(kv), B, kv[0].shape[-2], model.embed_dim), p)  # [L, B, P, C]
     assert not torch.equal(multipliers[:, 0], multipliers[:, 1])
     ref = [torch.stack(layer) for layer in zip(*(reference_kv(model, multipliers[:, b]) for b in range(B)))]
-    torch.manual_seed(1)
-    weights = [torch.randn(r.shape, dtype=torch.float64) for r in ref]
-    grads = torch.autograd.grad(sum((k.double() * w).sum() for k, w in zip(kv, weights)), params)
-    ref_grads = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), params)
-    for a, b in zip([*kv, *grads], [*ref, *ref_grads]):
-        torch.testing.assert_close(a.double(), b.double(), **TOLERANCE[torch.float32])
+    assert_fp32_kv_and_grads_match(kv, ref, params)
 
 
 def test_compiled_step_runs_the_kernels_and_draws_the_eager_masks(launches):
