@@ -242,7 +242,11 @@ def test_prompt_dropout_per_sample_inside_the_kernels_matches_fp64(family, tiles
     """A dropout mask per sample (the published code's): the kernels read the [L, P, C] prompt rows once per sample,
     each sample's its own mask (element i of the [L, B * P, C] rows the samples make: Philox(seed, i) >= p), and
     write each sample's K/V [B, 2, H, P, D]; the backward sums the samples' gradients in the kernel. Both equal the
-    fp64 definition, sample by sample."""
+    fp64 definition, sample by sample. Two backward programs per block of rows (``SET_GROUPS``): one adds samples 0
+    and 2, the other has sample 1, and the launcher adds the two partials."""
+    module = kernels("_prompt_kv_kernels")
+    monkeypatch.setattr(module, "SET_GROUPS", 2)
+    module.forget_plans()  # (the tiles fixture forgets these plans after the test)
     p, B = 0.3, 3
     model = prompted(family, prompt_dropout=p, prompt_dropout_per_sample=True, pool_size_img=12)
     params = _prompt_kv.prompt_parameters(state_of(model))

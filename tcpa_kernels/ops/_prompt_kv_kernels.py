@@ -47,6 +47,11 @@ from tcpa_kernels.ops._prompt_kv_table import KVLayers
 # second rather than keep a [BLOCK_M, C] gradient. Not timed on a GPU yet; tests/compile_sm90.py checks them.
 LAUNCH = {"fwd": dict(BLOCK_M=32, BLOCK_R=64, BLOCK_C=32, num_warps=8, num_stages=2),
           "bwd": dict(BLOCK_M=32, BLOCK_R=32, BLOCK_C=64, num_warps=8, num_stages=1)}
+# Programs per block of prompt rows in the backward when the samples share the prompt rows (a dropout mask per
+# sample): each walks every SET_GROUPS-th sample and writes an fp32 dx partial, the caller sums them. At ViT-B/16
+# (12 layers, 36 prompts: 24 blocks of rows) 8 makes 192 programs, more than an H100's 132 SMs; a fixed number, so
+# the sum's order does not depend on the device. Not timed on a GPU yet.
+SET_GROUPS = 8
 
 
 @triton.jit
@@ -167,18 +172,19 @@ def _grad_h(G, X, TABLE, o_m, m_m, o_c, m_c, M, C, R, k_row0, v_row0, P, D, l, P
 def _kv_bwd_kernel(G, X, TABLE, SEED, MEAN, RSTD, DX, M, x_rows, C, R, k_row0, v_row0, P, D, p_drop, stride_xl,
                    stride_xm, NORM: tl.constexpr, HAS_W: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (l, i_x): dx ([L, x_rows, C] contiguous) of x's rows i_x of layer l, summed over the M / x_rows rows
-    m that read each (row m reads x's row m % x_rows: one, unless sets share x's rows; the program adds them in
-    order, so the sum is deterministic). Per row m: with NORM, a first pass over C takes the row sums of
-    dn = dh * w and dn * xhat that the norm's backward needs, a second recomputes dn and makes
-    dx = rstd * (dn - (sum dn + xhat * sum dn * xhat) / C); without, dx = dh. With DROPOUT, x is the forward's
+    """Program (l, i_x, g): dx ([G, L, x_rows, C] contiguous, G the grid's third size) of x's rows i_x of layer l,
+    summed over the rows m that read each (row m reads x's row m % x_rows: one, unless the sets share x's rows) of
+    the sets t = g, g + G, ... (the program adds them in order, and the caller the G partials: deterministic).
+    Per row m: with NORM, a first pass over C takes the row sums of dn = dh * w and dn * xhat that the norm's
+    backward needs, a second recomputes dn and makes dx = rstd * (dn - (sum dn + xhat * sum dn * xhat) / C);
+    without, dx = dh. With DROPOUT, x is the forward's
     dropped-out x (the same multipliers, ``_dropout_scale``) and dx is multiplied by them."""
-    l = tl.program_id(0)
+    l, g, groups = tl.program_id(0), tl.program_id(2), tl.num_programs(2)
     o_x = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_x < x_rows
     p_x = X + l * stride_xl + o_x * stride_xm
-    p_dx = DX + l * x_rows * C + o_x * C
-    for t in range(0, M // x_rows):  # the rows m = t * x_rows + o_x that read these rows of x
+    p_dx = DX + (g * tl.num_programs(0) + l).to(tl.int64) * x_rows * C + o_x * C
+    for t in range(g, M // x_rows, groups):  # the rows m = t * x_rows + o_x that read these rows of x
         o_m = t * x_rows + o_x
         if NORM:
             b_mean = tl.load(MEAN + l * M + o_m, mask=m_m, other=0.0)
@@ -213,7 +219,7 @@ def _kv_bwd_kernel(G, X, TABLE, SEED, MEAN, RSTD, DX, M, x_rows, C, R, k_row0, v
                 b_dx = b_rstd[:, None] * (b_dx - (b_dsum[:, None] + b_xhat * b_dxsum[:, None]) / C)
             if DROPOUT:
                 b_dx *= b_scale
-            if t > 0:
+            if t > g:
                 b_dx += tl.load(p_dx[:, None] + o_c[None, :], mask=m_mc, other=0.0).to(tl.float32)
             tl.store(p_dx[:, None] + o_c[None, :], b_dx.to(DX.dtype.element_ty), mask=m_mc)
 
@@ -256,13 +262,14 @@ def _forward_plan(shape, strides, dtype, sets, heads, head_dim, rows, eps, norm,
 
 @functools.cache
 def _backward_plan(shape, strides, dtype, sets, heads, head_dim, weight_rows, norm, has_w, p_drop, shared):
-    """``_kv_bwd_kernel``: (grid, args, options)."""
+    """``_kv_bwd_kernel``: (grid, args, options); the grid's third size is the number of dx partials (sets that
+    share x's rows: ``SET_GROUPS`` at most, so that the samples' work spreads over that many times the programs)."""
     L, x_rows, C = shape
     M = sets * x_rows if shared else x_rows
     blocks, options = _options("bwd")
     args = (M, x_rows, C, 2 * heads * head_dim, *weight_rows, M // sets, head_dim, p_drop, strides[0], strides[1],
             norm, has_w, p_drop > 0, _precision(dtype), *blocks)
-    return (L, cdiv(x_rows, blocks[0])), args, options
+    return (L, cdiv(x_rows, blocks[0]), min(sets, SET_GROUPS) if shared else 1), args, options
 
 
 def forward(x: torch.Tensor, layers: KVLayers, seed: torch.Tensor | None = None, p_drop: float = 0.0):
@@ -287,11 +294,12 @@ def backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, rst
     """dx of x's shape, contiguous, in x's dtype, of grad ([L, sets, 2, heads, P, head_dim], made contiguous) through
     ``forward``'s ``layers`` (mean, rstd, seed and p_drop: its): the gradient of x itself (before the dropout; with
     ``layers.shared`` summed over the sets, in fp32 in the kernel, then cast)."""
-    shared = layers.shared and layers.sets > 1
     grid, args, options = _backward_plan(x.shape, x.stride()[:2], x.dtype, layers.sets, layers.heads,
                                          layers.head_dim, layers.rows[:2], mean is not None, layers.has_w, p_drop,
                                          layers.shared)
-    dx = torch.empty(x.shape, dtype=torch.float32 if shared else x.dtype, device=x.device)
+    shared = layers.shared and layers.sets > 1
+    dx = torch.empty((grid[2], *x.shape), dtype=torch.float32 if shared else x.dtype, device=x.device)
     launch(_kv_bwd_kernel, grid, (grad.contiguous(), x, layers.table, seed if p_drop else None, mean, rstd), (dx,),
            args, options)
+    dx = dx.sum(0) if grid[2] > 1 else dx[0]  # the sets' partials, in order
     return dx if dx.dtype == x.dtype else dx.to(x.dtype)
