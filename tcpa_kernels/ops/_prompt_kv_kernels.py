@@ -26,8 +26,8 @@ the kernels load, ``dropout_seed``), else zeroed. The backward draws the same nu
 a separate op, stored or read back (the torch path's dropout: a Bernoulli draw, a product each way and an [L, M, C]
 mask kept for the backward). With a mask per sample (the published code's), the B samples' sets share x's rows:
 x is [L, P, C] (``KVLayers.shared``), row m of the M = B * P reads x's row m % P under its own multipliers, and the
-backward's program for a block of x's rows adds the samples' dx in order (fp32, deterministic), so neither the
-[L, B, P, C] tokens nor their gradient are made.
+backward's programs for a block of x's rows (``SET_GROUPS`` of them) add their samples' dx in order into fp32
+partials the launcher sums (deterministic), so neither the [L, B, P, C] tokens nor their gradient are made.
 """
 
 import functools
