@@ -174,8 +174,9 @@ def layer_tokens(state, parts: list[Tensor], batch_size: int, bank=None) -> Tens
         shape, per_sample, batch_size = tuple(parts[0].shape), False, None
     if (torch.is_grad_enabled() and config.prompt_transform == "none" and p < 1
             and any(t.requires_grad for t in parts)):
-        return PromptParts(parts, (shape[0], batch_size, *shape[1:]), p, True) if per_sample else PromptParts(
-            parts, shape, p)
+        if per_sample:  # the [L, P, C] tokens for each sample: [L, B, P, C]
+            return PromptParts(parts, (shape[0], batch_size, *shape[1:]), p, shared=True)
+        return PromptParts(parts, shape, p)
     prompts = _cat(parts).reshape(shape)  # [L, P, C] (one cat) or a bank's sets
     return forward_tokens(prompts, config, state.training, batch_size)
 
@@ -455,13 +456,12 @@ def _kernel_inputs(projections: list[KVProjection], x: Tensor | PromptParts, set
     starts = starts if has_bias else (*starts, 0, 0)
     C = x.shape[-1]
     shared = isinstance(x, PromptParts) and x.shared
-    shape = (sets, first.kv_heads, first.head_dim, starts, None if first.norm is None else first.norm.eps, shared)
+    config = (sets, first.kv_heads, first.head_dim, starts, None if first.norm is None else first.norm.eps, shared)
     if traced():  # torch.compile, a dispatch mode: the kernel ops, which make the table at their launch
-        half = first.kv_heads * first.head_dim
-        readable = _prompt_kv_table.readable(dtype, C, tuple(start + half for start in starts), layers)
-        return _KernelInputs(layers, *shape, None) if readable else None
-    plan = _prompt_kv_table.kv_layers(dtype, C, layers, *shape)
-    return None if plan is None else _KernelInputs(layers, *shape, plan)
+        needed = _prompt_kv_table.rows_needed(starts, first.kv_heads, first.head_dim)
+        return _KernelInputs(layers, *config, None) if _prompt_kv_table.readable(dtype, C, needed, layers) else None
+    plan = _prompt_kv_table.kv_layers(dtype, C, layers, *config)
+    return None if plan is None else _KernelInputs(layers, *config, plan)
 
 
 def _forward_launch(inputs: _KernelInputs, x: Tensor, seed: Tensor | None = None,

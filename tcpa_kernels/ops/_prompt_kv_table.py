@@ -39,8 +39,7 @@ def kv_layers(dtype: torch.dtype, C: int, layers: list[tuple], sets: int, heads:
               rows: tuple[int, int, int, int], eps: float | None, shared: bool) -> KVLayers | None:
     """The ``KVLayers`` of ``layers`` (per layer the table's tensors, as ``readable`` takes them) for x of ``dtype``
     with C channels, or None unless ``readable`` (``weight_table``)."""
-    half = heads * head_dim
-    table = weight_table(dtype, C, tuple(start + half for start in rows), layers)
+    table = weight_table(dtype, C, rows_needed(rows, heads, head_dim), layers)
     if table is None:
         return None
     first = layers[0]
@@ -53,6 +52,13 @@ def dropout_seed(device: torch.device) -> torch.Tensor:
     ``torch.manual_seed`` replays it, and CUDA graphs draw a new one at each replay), read by the kernels on the
     device (no sync)."""
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def rows_needed(rows: tuple[int, int, int, int], heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """The rows the key weight, value weight, key bias and value bias need at least: each block's first row (``rows``)
+    plus its H * D rows."""
+    half = heads * head_dim
+    return tuple(start + half for start in rows)
 
 
 def readable(dtype: torch.dtype, C: int, rows: tuple[int, int, int, int], layers: list[tuple]) -> bool:
