@@ -113,7 +113,8 @@ def measure_census(tasks: int, batch: int, img: int = 224, dtype=torch.bfloat16,
 
 def measure_host(tasks: int, rounds: int, steps: int, warmup: int, depth: int = 12) -> dict:
     """Host ms per train step (launches stubbed): the bank on ``tasks`` images, one per task, one task's model on as
-    many, and a bank of that one task on them (``depth`` blocks of the ViT-B/16 structure)."""
+    many, and a bank of that one task on them (``depth`` blocks of the ViT-B/16 structure); the ratios are
+    ``host.paired_ratio``'s, round by round."""
     def backbone():
         import timm
 
@@ -159,8 +160,9 @@ def measure_host(tasks: int, rounds: int, steps: int, warmup: int, depth: int = 
     finally:
         torch.set_num_threads(threads)
     medians = {name: statistics.median(values) for name, values in per_round.items()}
-    return {"median_ms": medians, "round_medians_ms": per_round, "ratio": medians["mixed"] / medians["single_task"],
-            "one_task_bank_ratio": medians["one_task_bank"] / medians["single_task"]}
+    return {"median_ms": medians, "round_medians_ms": per_round,
+            "ratio": host.paired_ratio(per_round["mixed"], per_round["single_task"]),
+            "one_task_bank_ratio": host.paired_ratio(per_round["one_task_bank"], per_round["single_task"])}
 
 
 def measure_time(tasks: int, batch: int, device: torch.device, *, img: int = 224, dtype=torch.bfloat16,

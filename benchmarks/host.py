@@ -46,7 +46,9 @@ directly.
 
 Timing: ``torch.set_num_threads(1)``; ``--warmup`` steps per method and mode, then ``--rounds`` rounds, each timing
 ``--steps`` steps of every method and mode in turn; a round's figure is its median step, the reported figure the
-median of the rounds (with the rounds' min and max). ``--compile`` also times every method under
+median of the rounds (with the rounds' min and max). A ratio is the median over the rounds of the two methods'
+figures' ratio in that round (``paired_ratio``): the speed of a shared machine drifts (this one's by up to 1.7x
+between runs minutes apart), and the two figures of a round are taken within a second or two of each other. ``--compile`` also times every method under
 ``torch.compile(model)`` (inductor; where inductor cannot run here, ``backend="aot_eager"``, and the output says so).
 ``--dtype bf16`` runs the step under CPU autocast to bf16. Targets: tcpa <= 1.25x no_prompts and <= vpt_deep.
 
@@ -245,6 +247,11 @@ def _time_steps(step, n):
     return samples
 
 
+def paired_ratio(rounds: list[float], base_rounds: list[float]) -> float:
+    """The median over rounds of one figure over another taken in the same round (module docstring)."""
+    return statistics.median(a / b for a, b in zip(rounds, base_rounds, strict=True))
+
+
 def measure(methods=METHODS, modes=("eager",), *, rounds=7, steps=15, warmup=5, dtype=torch.float32,
             optimizer=False, compile_backend="inductor", depth=12, threads=1, launch="stub") -> dict:
     """Host ms per train step of every method and mode, kernels stubbed (``launch="stub"``) or launched through
@@ -254,8 +261,8 @@ def measure(methods=METHODS, modes=("eager",), *, rounds=7, steps=15, warmup=5, 
     Returns ``{"results": {method: {mode: {"median_ms", "min_ms", "max_ms", "round_medians_ms",
     "launches_per_step"}}}, "ratios":
     {method: {mode: {"vs_no_prompts", "vs_vpt_deep"}}}, "compile_backend": str | None, "notes": [str],
-    "kernels_stubbed": n}``; a ratio is the method's median over the other method's median in the same mode (None
-    where that method was not timed).
+    "kernels_stubbed": n}``; a ratio is the median over the rounds of the method's figure over the other method's in
+    the same mode and round (``paired_ratio``; None where that method was not timed).
     """
     known = METHODS + ABLATIONS + ((DISPATCH_ABLATION,) if launch == "driver" else ())
     if not set(methods) <= set(known) or not set(modes) <= set(MODES) or "eager" not in modes:
@@ -314,7 +321,7 @@ def _measure(methods, modes, rounds, steps, warmup, dtype, optimizer, compile_ba
                    for mode in modes} for m in methods}
 
     def ratio(method, mode, base):
-        return results[method][mode]["median_ms"] / results[base][mode]["median_ms"] if base in results else None
+        return paired_ratio(per_round[method, mode], per_round[base, mode]) if base in results else None
 
     ratios = {m: {mode: {"vs_no_prompts": ratio(m, mode, "no_prompts"), "vs_vpt_deep": ratio(m, mode, "vpt_deep")}
                   for mode in modes} for m in methods}
