@@ -48,9 +48,10 @@ Timing: ``torch.set_num_threads(1)``; ``--warmup`` steps per method and mode, th
 ``--steps`` steps of every method and mode in turn; a round's figure is its median step, the reported figure the
 median of the rounds (with the rounds' min and max). A ratio is the median over the rounds of the two methods'
 figures' ratio in that round (``paired_ratio``): the speed of a shared machine drifts (this one's by up to 1.7x
-between runs minutes apart), and the two figures of a round are taken within a second or two of each other. ``--compile`` also times every method under
-``torch.compile(model)`` (inductor; where inductor cannot run here, ``backend="aot_eager"``, and the output says so).
-``--dtype bf16`` runs the step under CPU autocast to bf16. Targets: tcpa <= 1.25x no_prompts and <= vpt_deep.
+between runs minutes apart), and the two figures of a round are taken within a second or two of each other.
+``--compile`` also times every method under ``torch.compile(model)`` (inductor; where inductor cannot run here,
+``backend="aot_eager"``, and the output says so). ``--dtype bf16`` runs the step under CPU autocast to bf16.
+Targets: tcpa <= 1.25x no_prompts and <= vpt_deep.
 
 These are CPU host times of this machine, a proxy: a GPU's host runs the same Python and dispatcher work, but its
 launches, allocator and CUDA-graph options differ.

@@ -33,7 +33,6 @@ be made and saved for backward otherwise); the attention kernels cast the prompt
 """
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import torch
@@ -87,20 +86,20 @@ class KVProjection:
     def bias(self) -> Tensor | None:
         return None if self.biases is None else _cat([rows.get() for rows in self.biases])
 
-    @functools.cached_property
-    def kv_blocks(self) -> tuple[tuple[Rows, int], ...] | None:
-        """((key weight rows, first row), (value weight rows, first row)[, (key bias, first), (value bias, first)])
-        where the block's key rows and its value rows are each one block of rows of a weight (of one packed weight,
-        or of two) and so are its biases', with neither a k norm nor grouped heads after: what the prompt K/V
-        kernels read (``_kernel_inputs``); else None. Made at the first forward (the block's structure, not its
-        values)."""
+    # ((key weight rows, first row), (value weight rows, first row)[, (key bias, first), (value bias, first)]) where
+    # the block's key rows and its value rows are each one block of rows of a weight (of one packed weight, or of two)
+    # and so are its biases', with neither a k norm nor grouped heads after: what the prompt K/V kernels read
+    # (``_kernel_inputs``); else None. The block's structure, not its values: made with the projection, so a forward
+    # only reads it (a lazily cached property takes a lock in Python 3.11, which torch.compile cannot trace)
+    kv_blocks: tuple[tuple[Rows, int], ...] | None = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
         half = self.kv_heads * self.head_dim
         weights = _key_value_blocks(self.weights, half)
         biases = None if self.biases is None else _key_value_blocks(self.biases, half)
-        if self.k_norm is not None or self.groups != 1 or weights is None or (self.biases is not None and
-                                                                              biases is None):
-            return None
-        return weights + (biases or ())
+        readable = not (self.k_norm is not None or self.groups != 1 or weights is None
+                        or (self.biases is not None and biases is None))
+        object.__setattr__(self, "kv_blocks", weights + (biases or ()) if readable else None)  # (frozen dataclass)
 
 
 def _key_value_blocks(blocks: tuple[Rows, ...], half: int) -> tuple[tuple[Rows, int], tuple[Rows, int]] | None:

@@ -174,6 +174,24 @@ def test_torch_compile_fullgraph_evaluation_under_no_grad(backend):
     torch.testing.assert_close(out, eager)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_before_any_eager_forward(backend):
+    """A model compiled right after it is patched, before any eager forward, is one graph (what the prompt K/V pass
+    reads of the blocks' structure is made with the model, not cached at the first forward: Python 3.11's
+    cached_property takes a lock dynamo cannot trace), and its train step equals eager's."""
+    torch._dynamo.reset()
+    model = tk.apply_tcpa(small_vit(), backend=backend, **TCPA_KW)
+    x = images()
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    loss = out.sum() + tk.get_matching_loss(model)
+    grads = torch.autograd.grad(loss, tk.trainable_parameters(model))
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.sum() + tk.get_matching_loss(model), tk.trainable_parameters(model))
+    torch.testing.assert_close(out, eager)
+    for g, eager_g in zip(grads, eager_grads):
+        torch.testing.assert_close(g, eager_g)
+
+
 def test_topk_bits_op_opcheck():
     """The selection op the random-selection epochs use (the attention and matching ops are opchecked in
     test_packed.py and test_match_select.py)."""
