@@ -10,7 +10,7 @@
 #       the rest of the test suite on CUDA
 #   bash benchmarks/gpu_run.sh run2 [270]   the matching kernels' selection against fp64
 #       (benchmarks/matching_accuracy.py), Nsight Compute on the kernels at the §6 shape, then the launch-
-#       configuration sweep (benchmarks/tune.py: attention and matching kernels)
+#       configuration sweep (benchmarks/tune.py: matching, attention, prompt K/V kernels)
 #   bash benchmarks/gpu_run.sh run3 [540]   every benchmark shape and sweep (pytest benchmarks/ --benchmark-only),
 #       a prompt bank's mixed batch against one task's and separate batches (benchmarks/bank.py --time), then the
 #       profiling CLI's table and PNG

@@ -1,11 +1,13 @@
 """Tune the kernels' launch configurations: the attention kernels' (``LAUNCH_CONFIGS`` in
-tcpa_kernels/ops/_attention_kernels.py) and the matching kernels' (``LAUNCH`` in tcpa_kernels/ops/_match_kernels.py).
+tcpa_kernels/ops/_attention_kernels.py), the matching kernels' (``LAUNCH`` in tcpa_kernels/ops/_match_kernels.py)
+and the prompt K/V kernels' (``LAUNCH`` and ``SET_GROUPS`` in tcpa_kernels/ops/_prompt_kv_kernels.py).
 
   python benchmarks/tune.py --offline   no GPU needed: compile every candidate for sm_90 and report what ptxas made
                                         of it (registers, spills, shared memory, wgmma) -> docs/sm90-resources.*
   python benchmarks/tune.py             on a GPU: time every candidate of every kernel (attention at the shapes
                                         of docs/how-it-works.md, 'Targets', matching fused with the LayerNorm at
-                                        ViT-B/16 shape, beside F.layer_norm of the same rows), check its result
+                                        ViT-B/16 shape, beside F.layer_norm of the same rows, the prompt K/V pass
+                                        at ViT-B/16 shape, one dropout mask or one per sample), check its result
                                         against the current table's, write benchmarks/results/tune-<device>.json
                                         (then edit the tables by hand)
   python benchmarks/tune.py --smoke     the GPU procedure on CPU (interpreter, tiny shapes): checks the script only
@@ -47,6 +49,18 @@ MATCH_FLAGS = {"fwd": dict(HAS_W=True, HAS_B=True, HAS_TASKS=False),
 # (label, B, N, C, pool_cls, pool_img, topk) at which the matching candidates are timed, and the dtypes of x
 MATCH_GPU_SHAPE, MATCH_GPU_DTYPES = ("vit_b_b128_n197_c768_p18+18_k10", 128, 197, 768, 18, 18, 10), ("fp32", "bf16")
 MATCH_SMOKE_SHAPE, MATCH_SMOKE_DTYPES = ("cpu_smoke_b1_n9_c32_p3+4_k2", 1, 9, 32, 3, 4, 2), ("fp32", "fp16")
+# prompt K/V: the keys of a LAUNCH entry, candidate values (the table's entry first), and the backward's SET_GROUPS
+# (programs per block of prompt rows when every sample has its own dropout mask) candidates
+KV_FIELDS = ("BLOCK_M", "BLOCK_R", "BLOCK_C", "num_warps", "num_stages")
+KV_CANDIDATES = {
+    "fwd": [(32, 64, 32, 8, 2), (32, 64, 32, 8, 1), (16, 64, 32, 8, 2), (32, 32, 32, 8, 2), (64, 64, 32, 8, 2),
+            (32, 128, 32, 8, 2), (32, 64, 64, 8, 1)],
+    "bwd": [(32, 32, 64, 8, 1), (16, 32, 64, 8, 1), (32, 64, 64, 8, 1), (32, 32, 32, 8, 1), (64, 32, 64, 8, 1)],
+}
+SET_GROUP_CANDIDATES = (8, 1, 2, 4, 16, 32)
+# (label, L, P, C, H, D, B): layers, prompts per layer, channels, heads, head dim, samples (the per-sample masks')
+KV_GPU_SHAPE = ("vit_b_l12_p36_c768_b128", 12, 36, 768, 12, 64, 128)
+KV_SMOKE_SHAPE = ("cpu_smoke_l2_p4_c32_b3", 2, 4, 32, 2, 16, 3)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks.sm90` when run as a script (compile workers inherit it)
 
@@ -276,8 +290,63 @@ def _tune_matching(shape: tuple, x_dtype: str, smoke: bool, report: dict, save: 
         save()
 
 
-def timed(shapes: list[tuple], match_shape: tuple, match_dtypes: tuple[str, ...], smoke: bool, out_path: Path,
-          only: str | None = None) -> dict:
+def _tune_prompt_kv(shape: tuple, smoke: bool, report: dict, save: Callable[[], None]) -> None:
+    """Time every candidate of the prompt K/V kernels as the model runs them (fp32 prompts, each layer's LayerNorm
+    and the K/V rows of a packed [3C, C] weight with its bias, prompt dropout 0.1) at one shape: forward and
+    backward with one dropout mask for the batch (``shared_mask``, M = P rows), then, with a mask per sample
+    (``per_sample``: the B samples read the same P rows), the forward and the backward's ``SET_GROUPS``; into
+    ``report``, ``save()`` after each kernel."""
+    import torch
+
+    from tcpa_kernels import bench
+    from tcpa_kernels.ops import _prompt_kv_kernels as kernels
+    from tcpa_kernels.ops import _prompt_kv_table
+
+    label, L, P, C, H, D, B = shape
+    device, reps, p_drop = bench.default_device(), 3 if smoke else 20, 0.1
+    torch.manual_seed(0)
+    layers = [(w, w, 1 + 0.1 * torch.randn(C, device=device), 0.1 * torch.randn(C, device=device), b, b)
+              for w, b in ((torch.randn(3 * C, C, device=device) / C**0.5, 0.1 * torch.randn(3 * C, device=device))
+                           for _ in range(L))]  # per layer: the packed weight (K rows from C, V from 2C), norm, bias
+    x = torch.randn(L, P, C, device=device)  # [L, P, C] every layer's prompt tokens
+    seed = _prompt_kv_table.dropout_seed(device)
+
+    def compare(result, baseline) -> dict:
+        error = _relative_error(result, baseline)
+        return {"max_rel_diff": error, "ok": error <= _tolerance(torch.float32)}
+
+    def install_launch(kernel):
+        def install(config):
+            kernels.LAUNCH[kernel] = dict(zip(KV_FIELDS, config))
+            kernels.forget_plans()  # the launch plans read LAUNCH when made
+        return install
+
+    def install_groups(config):
+        kernels.SET_GROUPS = config[0]
+        kernels.forget_plans()  # the backward's plan reads SET_GROUPS when made
+
+    report |= {"shape": label, "dims": dict(L=L, P=P, C=C, H=H, D=D, B=B), "p_drop": p_drop, "kernels": {}}
+    for mode, sets in (("shared_mask", 1), ("per_sample", B)):
+        plan = _prompt_kv_table.kv_layers(torch.float32, C, layers, sets, H, D, (C, 2 * C, C, 2 * C), 1e-6,
+                                          sets > 1)
+        kv, mean, rstd = kernels.forward(x, plan, seed, p_drop)
+        grad = torch.randn_like(kv)  # [L, sets, 2, H, P, D]
+        steps = {"fwd": lambda plan=plan: kernels.forward(x, plan, seed, p_drop),
+                 "bwd": lambda plan=plan, grad=grad, mean=mean, rstd=rstd: (
+                     kernels.backward(grad, x, mean, rstd, plan, seed, p_drop),)}
+        for kernel, step in steps.items():
+            name, current = f"{mode}_{kernel}", tuple(kernels.LAUNCH[kernel][field] for field in KV_FIELDS)
+            candidates, install = KV_CANDIDATES[kernel], install_launch(kernel)
+            if mode == "per_sample" and kernel == "bwd":  # its launch the table's; its number of partials
+                name, current, install = f"{name}_set_groups", (kernels.SET_GROUPS,), install_groups
+                candidates = [(groups,) for groups in SET_GROUP_CANDIDATES]
+            report["kernels"][name] = _sweep(label, name, step, compare, install, current,
+                                             candidates[: 2 if smoke else None], reps)
+            save()
+
+
+def timed(shapes: list[tuple], match_shape: tuple, match_dtypes: tuple[str, ...], kv_shape: tuple, smoke: bool,
+          out_path: Path, only: str | None = None) -> dict:
     import torch
 
     from tcpa_kernels import bench
@@ -286,22 +355,25 @@ def timed(shapes: list[tuple], match_shape: tuple, match_dtypes: tuple[str, ...]
     dtype = torch.float32 if smoke else torch.bfloat16
     candidates = CANDIDATES[operand_class(dtype)][: 2 if smoke else None]
     report = {"environment": bench.environment(bench.default_device()), "dtype": str(dtype), "smoke": smoke,
-              "shapes": [], "matching": []}
+              "shapes": [], "matching": [], "prompt_kv": []}
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every kernel: a run cut short keeps what it timed
         out_path.write_text(json.dumps(report, indent=1))
 
-    for x_dtype in match_dtypes if only != "attention" else ():  # first: the shorter sweep
+    for x_dtype in match_dtypes if only in (None, "matching") else ():  # first: the shorter sweep
         report["matching"].append({})
         _tune_matching(match_shape, x_dtype, smoke, report["matching"][-1], save)
-    for shape in shapes if only != "matching" else ():
+    for shape in shapes if only in (None, "attention") else ():
         report["shapes"].append({})
         _tune_shape(shape, dtype, candidates, smoke, report["shapes"][-1], save)
-    for shape in report["matching"] + report["shapes"]:
+    if only in (None, "prompt_kv"):  # last: ~1% of a step's GPU time (run it alone with --only prompt_kv)
+        report["prompt_kv"].append({})
+        _tune_prompt_kv(kv_shape, smoke, report["prompt_kv"][-1], save)
+    for shape in report["prompt_kv"] + report["matching"] + report["shapes"]:
         for kernel, r in shape["kernels"].items():
             reference = f", F.layer_norm {shape['layer_norm_ms'][kernel]:.3f} ms" if "layer_norm_ms" in shape else ""
-            print(f"{shape['shape']:32s} {shape.get('dtype', ''):4s} {kernel:3s} table {r['table']} -> "
+            print(f"{shape['shape']:32s} {shape.get('dtype', ''):4s} {kernel} table {r['table']} -> "
                   f"best {r['best']} ({r['speedup_over_table'] or 0:.2f}x{reference})")
     return report
 
@@ -311,7 +383,7 @@ def main(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="compile for sm_90 and report resources (no GPU)")
     mode.add_argument("--smoke", action="store_true", help="the timed procedure on CPU at a tiny shape")
-    parser.add_argument("--only", choices=("attention", "matching"), help="time only these kernels")
+    parser.add_argument("--only", choices=("attention", "matching", "prompt_kv"), help="time only these kernels")
     parser.add_argument("--out", type=Path, help="output folder (default: docs/ offline, benchmarks/results/ timed)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compiles (offline)")
     args = parser.parse_args(argv)
@@ -327,8 +399,8 @@ def main(argv=None):
         sys.exit("benchmarks/tune.py times kernels on a GPU: use --offline (compile report) or --smoke here")
     out = (args.out or ROOT / "benchmarks" / "results") / f"tune-{bench.device_slug(device)}.json"
     if args.smoke:
-        return timed(SMOKE_SHAPES, MATCH_SMOKE_SHAPE, MATCH_SMOKE_DTYPES, True, out, args.only)
-    return timed(GPU_SHAPES, MATCH_GPU_SHAPE, MATCH_GPU_DTYPES, False, out, args.only)
+        return timed(SMOKE_SHAPES, MATCH_SMOKE_SHAPE, MATCH_SMOKE_DTYPES, KV_SMOKE_SHAPE, True, out, args.only)
+    return timed(GPU_SHAPES, MATCH_GPU_SHAPE, MATCH_GPU_DTYPES, KV_GPU_SHAPE, False, out, args.only)
 
 
 if __name__ == "__main__":

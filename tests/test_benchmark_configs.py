@@ -4,6 +4,7 @@ session is not spent finding a configuration error; the GPU run's scripts (bench
 benchmarks/kernel_check.py, benchmarks/tune.py) run their whole procedure at their CPU smoke settings. Figures are
 not checked."""
 
+import copy
 import json
 
 import pytest
@@ -69,8 +70,12 @@ def test_gpu_model_runs(model_name, img_size, method):
 
 
 def test_tune_procedure_runs_and_candidates_agree(tmp_path):
-    """benchmarks/tune.py's GPU procedure at its CPU smoke shapes: every candidate of the attention and the matching
-    kernels gives the table's result; the matching has its F.layer_norm reference figures, for each dtype of x."""
+    """benchmarks/tune.py's GPU procedure at its CPU smoke shapes: every candidate of the attention, the matching and
+    the prompt K/V kernels (one dropout mask; one per sample, with the backward's number of partials) gives the
+    table's result; the matching has its F.layer_norm reference figures, for each dtype of x."""
+    from tcpa_kernels.ops import _prompt_kv_kernels
+
+    launch, groups = copy.deepcopy(_prompt_kv_kernels.LAUNCH), _prompt_kv_kernels.SET_GROUPS
     report = tune.main(["--smoke", "--out", str(tmp_path)])
     assert [path.name for path in tmp_path.iterdir()] == [f"tune-{bench.device_slug(CPU)}.json"]
     assert [m["dtype"] for m in report["matching"]] == list(tune.MATCH_SMOKE_DTYPES)
@@ -78,6 +83,12 @@ def test_tune_procedure_runs_and_candidates_agree(tmp_path):
         for kernel in ("fwd", "bwd"):
             rows = kernels[kernel]["candidates"]
             assert len(rows) >= 2 and all(row.get("ok") for row in rows), rows
+    prompt_kv = report["prompt_kv"][0]["kernels"]
+    assert list(prompt_kv) == ["shared_mask_fwd", "shared_mask_bwd", "per_sample_fwd", "per_sample_bwd_set_groups"]
+    for rows in (r["candidates"] for r in prompt_kv.values()):
+        assert len(rows) >= 2 and all(row.get("ok") for row in rows), rows
+    assert [row["config"] for row in prompt_kv["per_sample_bwd_set_groups"]["candidates"]] == [[8], [1]]
+    assert _prompt_kv_kernels.LAUNCH == launch and _prompt_kv_kernels.SET_GROUPS == groups  # the tables restored
     assert all(m["layer_norm_ms"]["fwd"] > 0 and m["layer_norm_ms"]["bwd"] > 0 for m in report["matching"])
 
 

@@ -50,7 +50,7 @@ LAUNCH = {"fwd": dict(BLOCK_M=32, BLOCK_R=64, BLOCK_C=32, num_warps=8, num_stage
 # Programs per block of prompt rows in the backward when the samples share the prompt rows (a dropout mask per
 # sample): each walks every SET_GROUPS-th sample and writes an fp32 dx partial, the caller sums them. At ViT-B/16
 # (12 layers, 36 prompts: 24 blocks of rows) 8 makes 192 programs, more than an H100's 132 SMs; a fixed number, so
-# the sum's order does not depend on the device. Not timed on a GPU yet.
+# the sum's order does not depend on the device. Not timed on a GPU yet (``benchmarks/tune.py`` sweeps it).
 SET_GROUPS = 8
 
 
