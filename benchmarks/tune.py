@@ -174,6 +174,15 @@ def _tolerance(dtype) -> float:  # dtype: torch.dtype
     return 1e-4 if dtype == torch.float32 else 2e-2  # only the summation order differs between configs
 
 
+def _float_check(dtype) -> Callable[[tuple, list], dict]:
+    """``_sweep``'s ``compare`` for results of float tensors: their worst relative error within ``_tolerance``."""
+    def compare(result, baseline) -> dict:
+        error = _relative_error(result, baseline)
+        return {"max_rel_diff": error, "ok": error <= _tolerance(dtype)}
+
+    return compare
+
+
 def _sweep(label: str, kernel: str, step: Callable[[], tuple], compare: Callable[[tuple, list], dict],
            install: Callable[[tuple], None], current: tuple, candidates: list[tuple], reps: int) -> dict:
     """Time ``step()`` at the table's entry ``current`` of ``kernel`` and at every candidate (``install(config)``
@@ -220,9 +229,7 @@ def _tune_shape(shape, dtype, candidates, smoke, report, save):
                                                        (True,) * 5)}
     table = kernels.LAUNCH_CONFIGS[kernels.config_key(D, dtype)]
 
-    def compare(result, baseline) -> dict:
-        error = _relative_error(result, baseline)
-        return {"max_rel_diff": error, "ok": error <= _tolerance(dtype)}
+    compare = _float_check(dtype)
 
     report |= {"shape": label, "dims": dict(B=B, H=H, N=N, P=P, D=D, topk=topk), "kernels": {}}
     for kernel, step in steps.items():
@@ -311,9 +318,7 @@ def _tune_prompt_kv(shape: tuple, smoke: bool, report: dict, save: Callable[[], 
     x = torch.randn(L, P, C, device=device)  # [L, P, C] every layer's prompt tokens
     seed = _prompt_kv_table.dropout_seed(device)
 
-    def compare(result, baseline) -> dict:
-        error = _relative_error(result, baseline)
-        return {"max_rel_diff": error, "ok": error <= _tolerance(torch.float32)}
+    compare = _float_check(torch.float32)
 
     def install_launch(kernel):
         def install(config):
